@@ -1,0 +1,23 @@
+//! What the fedimdb binaries share.
+//!
+//! Follow one review from archive to prediction through these modules, in this order:
+//!
+//! 1. [`reviews`]: the review record and its Parquet format (written by `copier`).
+//! 2. [`layout`]: where every file lives on the shared volume; [`manifest`] describes the data.
+//! 3. [`featurize`]: text → normalised tokens → hashed word n-grams.
+//! 4. [`model`]: the classifier (naive-Bayes-weighted logistic regression over hashed n-grams),
+//!    its config, its forward pass in candle, and its training step.
+//! 5. [`checkpoint`]: models and worker updates as safetensors with metadata.
+//! 6. [`metrics`]: accuracy, F1, log loss and ROC-AUC on the test set.
+//!
+//! [`atomic`] and [`digest`] make every write crash-safe and every read verifiable.
+
+pub mod atomic;
+pub mod digest;
+pub mod layout;
+pub mod logging;
+pub mod manifest;
+pub mod reviews;
+
+/// The version every binary reports and writes into its outputs.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,132 @@
+//! The review record and its Parquet format: what the copier writes and the trainer,
+//! aggregator and server read.
+//!
+//! One row per review, four columns:
+//!
+//! | column | type   | meaning |
+//! |--------|--------|---------|
+//! | id     | string | `train/pos/123`: split, label folder and the number from the file name |
+//! | rating | uint8  | the star rating from the file name (1–4 negative, 7–10 positive) |
+//! | label  | uint8  | 1 positive, 0 negative |
+//! | text   | string | the review as written, UTF-8 |
+
+use std::fs::File;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use polars::prelude::*;
+
+use crate::atomic::write_atomic;
+
+/// Sentiment label of a review.
+pub const POSITIVE: u8 = 1;
+pub const NEGATIVE: u8 = 0;
+
+/// The column names, in file order.
+pub const COLUMNS: [&str; 4] = ["id", "rating", "label", "text"];
+
+/// One labeled review.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Review {
+    pub id: String,
+    pub rating: u8,
+    pub label: u8,
+    pub text: String,
+}
+
+/// Writes reviews as Parquet, atomically (see [`crate::atomic`]).
+pub fn write_parquet(path: &Path, reviews: &[Review]) -> Result<()> {
+    let n = reviews.len();
+    let id = Column::new("id".into(), reviews.iter().map(|r| r.id.as_str()).collect::<Vec<_>>());
+    let rating = Column::new("rating".into(), reviews.iter().map(|r| r.rating).collect::<Vec<u8>>());
+    let label = Column::new("label".into(), reviews.iter().map(|r| r.label).collect::<Vec<u8>>());
+    let text = Column::new("text".into(), reviews.iter().map(|r| r.text.as_str()).collect::<Vec<_>>());
+    let mut df = DataFrame::new(n, vec![id, rating, label, text])?;
+    write_atomic(path, |w| {
+        ParquetWriter::new(w)
+            .with_compression(ParquetCompression::Zstd(None))
+            .with_statistics(StatisticsOptions::empty())
+            .finish(&mut df)?;
+        Ok(())
+    })
+}
+
+/// Reads a review Parquet file, checking its schema. Errors name the file and what is
+/// wrong with it.
+pub fn read_parquet(path: &Path) -> Result<Vec<Review>> {
+    let file = File::open(path).with_context(|| format!("cannot open review file {}", path.display()))?;
+    let df = ParquetReader::new(file)
+        .finish()
+        .with_context(|| format!("{} is not a readable Parquet file (truncated or corrupt?)", path.display()))?;
+    reviews_from_frame(&df).with_context(|| format!("{} does not hold reviews in the fedimdb format", path.display()))
+}
+
+fn reviews_from_frame(df: &DataFrame) -> Result<Vec<Review>> {
+    let names: Vec<&str> = df.get_column_names().iter().map(|s| s.as_str()).collect();
+    ensure!(names == COLUMNS, "columns are {names:?}, expected {COLUMNS:?}");
+    let col = |name: &str, want: DataType| -> Result<&Column> {
+        let c = df.column(name)?;
+        if c.dtype() != &want {
+            bail!("column `{name}` has type {}, expected {want}", c.dtype());
+        }
+        Ok(c)
+    };
+    let id = col("id", DataType::String)?.str()?;
+    let rating = col("rating", DataType::UInt8)?.u8()?;
+    let label = col("label", DataType::UInt8)?.u8()?;
+    let text = col("text", DataType::String)?.str()?;
+    let mut out = Vec::with_capacity(df.height());
+    for i in 0..df.height() {
+        let (Some(id), Some(rating), Some(label), Some(text)) = (id.get(i), rating.get(i), label.get(i), text.get(i))
+        else {
+            bail!("row {i} has a missing (null) value");
+        };
+        ensure!(label == POSITIVE || label == NEGATIVE, "row {i} ({id}) has label {label}, expected 0 or 1");
+        out.push(Review { id: id.to_owned(), rating, label, text: text.to_owned() });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Review> {
+        vec![
+            Review { id: "train/pos/1".into(), rating: 9, label: POSITIVE, text: "Loved it — é".into() },
+            Review { id: "train/neg/2".into(), rating: 2, label: NEGATIVE, text: "Dull.<br />Awful".into() },
+        ]
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.parquet");
+        write_parquet(&p, &sample()).unwrap();
+        assert_eq!(read_parquet(&p).unwrap(), sample());
+    }
+
+    #[test]
+    fn identical_input_gives_identical_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.parquet"), dir.path().join("b.parquet"));
+        write_parquet(&a, &sample()).unwrap();
+        write_parquet(&b, &sample()).unwrap();
+        assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    }
+
+    #[test]
+    fn wrong_schema_and_garbage_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.parquet");
+        let mut df = DataFrame::new(1, vec![Column::new("id".into(), ["x"]), Column::new("stars".into(), [3u8])]).unwrap();
+        ParquetWriter::new(File::create(&p).unwrap()).finish(&mut df).unwrap();
+        let err = format!("{:#}", read_parquet(&p).unwrap_err());
+        assert!(err.contains("bad.parquet") && err.contains("columns are"), "{err}");
+
+        let g = dir.path().join("garbage.parquet");
+        std::fs::write(&g, b"not parquet at all").unwrap();
+        let err = format!("{:#}", read_parquet(&g).unwrap_err());
+        assert!(err.contains("garbage.parquet") && err.contains("not a readable Parquet"), "{err}");
+    }
+}
