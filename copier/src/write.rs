@@ -1,0 +1,280 @@
+//! Writing the shards, the test set and the manifest, and deciding whether to write at all.
+//!
+//! The manifest is the commit point: it is written last, so its presence means every file
+//! it lists is complete. Hence the order of a (re)write:
+//!
+//! 1. delete an existing manifest (so no old manifest ever describes new files),
+//! 2. write the shards and the test set, in parallel, each atomically,
+//! 3. delete shards beyond the new worker count and temporary files of crashed runs,
+//! 4. write the new manifest.
+//!
+//! A failure in 2–4 removes every file this run wrote (and the folders it created), so
+//! the folder holds no manifest and the next run starts over.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, Result, anyhow, bail};
+use fedimdb::atomic::{is_temp_name, sync_dir, write_json_atomic};
+use fedimdb::layout::Layout;
+use fedimdb::manifest::{DataManifest, FileEntry, MANIFEST_VERSION, Partition, SourceInfo};
+use fedimdb::reviews::{POSITIVE, Review, write_parquet};
+
+/// The arguments that determine the output, as recorded in the manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub workers: usize,
+    pub partition: Partition,
+    /// `None` for IID, where alpha means nothing.
+    pub alpha: Option<f64>,
+    pub seed: u64,
+}
+
+impl Settings {
+    /// The settings an existing manifest was made with.
+    pub fn of(m: &DataManifest) -> Self {
+        Self { workers: m.workers, partition: m.partition, alpha: m.alpha, seed: m.seed }
+    }
+
+    /// Human-readable differences from `old` to `self`, e.g. `workers 4 → 5`.
+    pub fn differences(&self, old: &Settings) -> Vec<String> {
+        let mut d = Vec::new();
+        if self.workers != old.workers {
+            d.push(format!("workers {} → {}", old.workers, self.workers));
+        }
+        if self.partition != old.partition {
+            d.push(format!("partition {} → {}", old.partition, self.partition));
+        }
+        if self.alpha != old.alpha {
+            let show = |a: Option<f64>| a.map_or("none".to_owned(), |a| a.to_string());
+            d.push(format!("alpha {} → {}", show(old.alpha), show(self.alpha)));
+        }
+        if self.seed != old.seed {
+            d.push(format!("seed {} → {}", old.seed, self.seed));
+        }
+        d
+    }
+}
+
+/// What is in the output folder before this run, and so what the run must do.
+#[derive(Debug)]
+pub enum Existing {
+    /// No manifest: write everything (shards without a manifest are an interrupted run).
+    Nothing,
+    /// A manifest made with the same settings: compare the source and the files.
+    SameSettings(Box<DataManifest>),
+    /// A manifest that `--force` allows to be replaced.
+    Replace,
+}
+
+/// Reads the existing manifest, if any, and refuses (unless `force`) when it was made
+/// with other settings or cannot be read.
+pub fn inspect(layout: &Layout, settings: &Settings, force: bool) -> Result<Existing> {
+    let path = layout.data_manifest();
+    if !path.exists() {
+        return Ok(Existing::Nothing);
+    }
+    if force {
+        tracing::info!("--force: replacing the data described by {}", path.display());
+        return Ok(Existing::Replace);
+    }
+    let old = DataManifest::read(&path)
+        .with_context(|| format!("the existing manifest cannot be used; pass --force to rewrite {}", layout.data_dir().display()))?;
+    let diff = settings.differences(&Settings::of(&old));
+    if !diff.is_empty() {
+        bail!(
+            "{} already holds data made with other arguments ({}); pass --force to replace it \
+             (workers of a running job would then read the new shards), or choose another --out",
+            layout.data_dir().display(),
+            diff.join(", ")
+        );
+    }
+    Ok(Existing::SameSettings(Box::new(old)))
+}
+
+/// Compares the files an up-to-date manifest lists with what is on disk. Returns the
+/// problems found (a missing file, a changed checksum); empty means nothing to do.
+pub fn verify(layout: &Layout, manifest: &DataManifest) -> Vec<String> {
+    let dir = layout.data_dir();
+    let mut problems = Vec::new();
+    for entry in manifest.shards.iter().chain(std::iter::once(&manifest.test)) {
+        let path = dir.join(&entry.file);
+        match fedimdb::digest::sha256_file(&path) {
+            Ok(sha) if sha == entry.sha256 => {}
+            Ok(sha) => problems.push(format!("{} has sha256 {sha}, the manifest says {}", path.display(), entry.sha256)),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+    }
+    problems
+}
+
+/// Removes what a failed run wrote. Folders are removed only if this run created them
+/// and they are empty.
+struct Cleanup {
+    files: Mutex<Vec<PathBuf>>,
+    /// Folders this run created, deepest first.
+    created_dirs: Vec<PathBuf>,
+    armed: bool,
+}
+
+impl Cleanup {
+    fn wrote(&self, path: PathBuf) {
+        self.files.lock().unwrap_or_else(|e| e.into_inner()).push(path);
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        for f in self.files.get_mut().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = fs::remove_file(f);
+        }
+        for d in &self.created_dirs {
+            let _ = fs::remove_dir(d);
+        }
+    }
+}
+
+/// Writes the shards (`shards[i]` are the reviews of shard i, in file order), the test set
+/// and, last, the manifest. See the module doc for the order and the clean-up on failure.
+pub fn write_all(
+    layout: &Layout,
+    source: SourceInfo,
+    settings: &Settings,
+    shards: Vec<Vec<Review>>,
+    test: Vec<Review>,
+) -> Result<DataManifest> {
+    let dir = layout.data_dir();
+    // The folders create_dir_all will make, deepest first, so a failed run removes them.
+    let created_dirs: Vec<PathBuf> = dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).map(Path::to_path_buf).collect();
+    let mut cleanup = Cleanup { files: Mutex::new(Vec::new()), created_dirs, armed: true };
+    fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the output folder {}; check the --out path and its permissions", dir.display()))?;
+
+    let manifest_path = layout.data_manifest();
+    if manifest_path.exists() {
+        fs::remove_file(&manifest_path)
+            .with_context(|| format!("cannot remove the old manifest {}", manifest_path.display()))?;
+        sync_dir(&dir);
+    }
+
+    // The test set first: it is the largest file, so with few threads it starts early.
+    let mut jobs: Vec<(String, Vec<Review>)> = vec![("test.parquet".to_owned(), test)];
+    jobs.extend(shards.into_iter().enumerate().map(|(i, s)| (Layout::shard_file_name(i), s)));
+    let mut entries = write_files(&dir, &jobs, &cleanup)?;
+    let test_entry = entries.remove(0);
+
+    remove_leftovers(&dir, settings.workers)?;
+
+    let manifest = DataManifest {
+        format_version: MANIFEST_VERSION,
+        tool: format!("copier {}", fedimdb::VERSION),
+        source,
+        workers: settings.workers,
+        partition: settings.partition,
+        alpha: settings.alpha,
+        seed: settings.seed,
+        shards: entries,
+        test: test_entry,
+    };
+    write_json_atomic(&manifest_path, &manifest)?;
+    cleanup.armed = false;
+    Ok(manifest)
+}
+
+/// Writes each job's reviews to `dir/name` on a few threads and hashes the result.
+/// Returns the entries in job order, or the first error (after all threads stopped).
+fn write_files(dir: &Path, jobs: &[(String, Vec<Review>)], cleanup: &Cleanup) -> Result<Vec<FileEntry>> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(jobs.len()).max(1);
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<FileEntry>>>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((name, reviews)) = jobs.get(i) else { break };
+                    let path = dir.join(name);
+                    let result = write_one(&path, name, reviews, cleanup);
+                    let failed = result.is_err();
+                    results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(result);
+                    if failed {
+                        // Stop the other threads from starting more files.
+                        next.store(jobs.len(), Ordering::Relaxed);
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut entries = Vec::with_capacity(jobs.len());
+    let mut skipped = false;
+    for r in results.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        match r {
+            Some(Ok(e)) => entries.push(e),
+            Some(Err(e)) => return Err(e),
+            None => skipped = true,
+        }
+    }
+    if skipped {
+        return Err(anyhow!("a writer thread stopped without a result"));
+    }
+    Ok(entries)
+}
+
+fn write_one(path: &Path, name: &str, reviews: &[Review], cleanup: &Cleanup) -> Result<FileEntry> {
+    write_parquet(path, reviews)?;
+    cleanup.wrote(path.to_path_buf());
+    let sha256 = fedimdb::digest::sha256_file(path)?;
+    let positive = reviews.iter().filter(|r| r.label == POSITIVE).count();
+    tracing::info!("wrote {} ({} reviews)", path.display(), reviews.len());
+    Ok(FileEntry { file: name.to_owned(), rows: reviews.len(), positive, negative: reviews.len() - positive, sha256 })
+}
+
+/// Deletes shard files with an index at or beyond `workers` (from an earlier run with more
+/// workers) and temporary files of our names left by a crashed run.
+fn remove_leftovers(dir: &Path, workers: usize) -> Result<()> {
+    let listing = fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for item in listing {
+        let item = item.with_context(|| format!("cannot list {}", dir.display()))?;
+        let name = item.file_name().to_string_lossy().into_owned();
+        let stale_shard = name.ends_with(".parquet") && Layout::parse_shard_name(&name).is_some_and(|i| i >= workers);
+        let ours = |n: &str| n.starts_with(".shard-") || n.starts_with(".test.parquet") || n.starts_with(".manifest.json");
+        let stale_temp = is_temp_name(&name) && ours(&name);
+        if stale_shard || stale_temp {
+            fs::remove_file(item.path()).with_context(|| format!("cannot remove the stale file {}", item.path().display()))?;
+            tracing::info!("removed stale {}", item.path().display());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn differences_name_each_changed_setting() {
+        let a = Settings { workers: 4, partition: Partition::Iid, alpha: None, seed: 42 };
+        let b = Settings { workers: 5, partition: Partition::Dirichlet, alpha: Some(0.5), seed: 7 };
+        assert!(a.differences(&a).is_empty());
+        assert_eq!(b.differences(&a), ["workers 4 → 5", "partition iid → dirichlet", "alpha none → 0.5", "seed 42 → 7"]);
+    }
+
+    #[test]
+    fn leftovers_beyond_the_worker_count_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet", ".shard-00000.parquet.tmp-1-2", "notes.txt"] {
+            fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        remove_leftovers(dir.path(), 2).unwrap();
+        let mut left: Vec<String> =
+            fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, ["notes.txt", "shard-00000.parquet", "shard-00001.parquet"]);
+    }
+}

@@ -1,0 +1,199 @@
+//! Every kind of bad input fails with a message naming the problem, a non-zero exit code,
+//! and no output: no data files, no manifest, no temporary files.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+/// A temp folder with a valid small archive in it.
+fn setup() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("imdb.tar.gz");
+    write_archive(&archive, &small_dataset());
+    (tmp, archive)
+}
+
+/// Runs the copier from `source` into `root` with `extra` arguments, expects failure with
+/// all `needles` in the message, and checks that `root` received nothing.
+fn refuses(source: &Path, root: &Path, extra: &[&str], needles: &[&str]) {
+    let mut args = vec!["--source", s(source), "--out", s(root)];
+    if !extra.contains(&"--workers") {
+        args.extend(["--workers", "2"]);
+    }
+    args.extend_from_slice(extra);
+    let out = copier(&args);
+    if out.status.code() == Some(2) {
+        panic!("clap rejected the arguments instead of the copier: {}", text(&out));
+    }
+    fails(out, needles);
+    assert_no_output(root);
+}
+
+fn assert_no_output(root: &Path) {
+    let left = names(&root.join("data"));
+    assert!(left.is_empty(), "files left behind in {}: {left:?}", root.display());
+    assert!(!root.join("data").exists(), "data folder left behind");
+}
+
+/// An archive of `entries` in a temp folder.
+fn archive_of(tmp: &Path, name: &str, entries: &[Entry]) -> PathBuf {
+    let p = tmp.join(name);
+    write_archive(&p, entries);
+    p
+}
+
+#[test]
+fn missing_source() {
+    let (tmp, _) = setup();
+    let root = tmp.path().join("run");
+    refuses(&tmp.path().join("nope.tar.gz"), &root, &[], &["nope.tar.gz", "cannot be opened", "copier download"]);
+    assert!(!root.exists());
+}
+
+#[test]
+fn not_gzip() {
+    let (tmp, _) = setup();
+    let src = tmp.path().join("plain.tar.gz");
+    fs::write(&src, b"this is not a gzip file at all").unwrap();
+    refuses(&src, &tmp.path().join("run"), &[], &["plain.tar.gz", "not a gzip file"]);
+    let empty = tmp.path().join("empty.tar.gz");
+    fs::write(&empty, b"").unwrap();
+    refuses(&empty, &tmp.path().join("run"), &[], &["empty.tar.gz", "not a gzip file"]);
+}
+
+#[test]
+fn truncated_archive() {
+    let (tmp, archive) = setup();
+    let bytes = fs::read(&archive).unwrap();
+    // Cut in the middle, and cut only the gzip trailer (CRC and length).
+    for (name, keep) in [("half.tar.gz", bytes.len() / 2), ("no-trailer.tar.gz", bytes.len() - 4)] {
+        let src = tmp.path().join(name);
+        fs::write(&src, &bytes[..keep]).unwrap();
+        refuses(&src, &tmp.path().join("run"), &[], &[name, "truncated or corrupt"]);
+    }
+}
+
+#[test]
+fn corrupt_gzip_data() {
+    let (tmp, archive) = setup();
+    let mut bytes = fs::read(&archive).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0x5a;
+    }
+    let src = tmp.path().join("flipped.tar.gz");
+    fs::write(&src, &bytes).unwrap();
+    refuses(&src, &tmp.path().join("run"), &[], &["flipped.tar.gz", "truncated or corrupt"]);
+}
+
+#[test]
+fn missing_review_folders_are_named() {
+    let (tmp, _) = setup();
+    let entries: Vec<Entry> =
+        small_dataset().into_iter().filter(|(n, _)| !n.starts_with("train/neg/") && !n.starts_with("test/pos/")).collect();
+    let src = archive_of(tmp.path(), "partial.tar.gz", &entries);
+    refuses(&src, &tmp.path().join("run"), &[], &["partial.tar.gz", "no reviews in aclImdb/train/neg, aclImdb/test/pos"]);
+
+    // A gzip tar of something else entirely.
+    let src = archive_of(tmp.path(), "other.tar.gz", &[("notes.txt".into(), b"hello".to_vec())]);
+    refuses(
+        &src,
+        &tmp.path().join("run"),
+        &[],
+        &["aclImdb/train/pos, aclImdb/train/neg, aclImdb/test/pos, aclImdb/test/neg"],
+    );
+
+    // The same check for folders.
+    let folder = tmp.path().join("folder");
+    write_folder(&folder, &entries);
+    refuses(&folder, &tmp.path().join("run"), &[], &["no reviews in aclImdb/train/neg, aclImdb/test/pos"]);
+}
+
+#[test]
+fn invalid_utf8_review_is_named() {
+    let (tmp, _) = setup();
+    let mut entries = small_dataset();
+    entries.push(("train/neg/200_3.txt".into(), b"caf\xe9 latin-1".to_vec()));
+    let src = archive_of(tmp.path(), "latin1.tar.gz", &entries);
+    refuses(&src, &tmp.path().join("run"), &[], &["aclImdb/train/neg/200_3.txt", "not valid UTF-8"]);
+    let folder = tmp.path().join("folder");
+    write_folder(&folder, &entries);
+    refuses(&folder, &tmp.path().join("run"), &[], &["train/neg/200_3.txt", "not valid UTF-8"]);
+}
+
+#[test]
+fn bad_ratings_and_names_are_named() {
+    let (tmp, _) = setup();
+    for (i, (file, needle)) in [
+        ("train/pos/300_3.txt", "rating 3 in a pos/ folder"),
+        ("test/neg/300_9.txt", "rating 9 in a neg/ folder"),
+        ("train/neg/300_0.txt", "outside 1..=10"),
+        ("train/pos/review.txt", "ID_RATING.txt"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut entries = small_dataset();
+        entries.push((file.into(), b"text".to_vec()));
+        let src = archive_of(tmp.path(), &format!("bad{i}.tar.gz"), &entries);
+        refuses(&src, &tmp.path().join("run"), &[], &[&format!("aclImdb/{file}"), needle]);
+    }
+}
+
+#[test]
+fn bad_worker_counts() {
+    let (tmp, archive) = setup();
+    let root = tmp.path().join("run");
+    refuses(&archive, &root, &["--workers", "0"], &["--workers must be at least 1"]);
+    refuses(&archive, &root, &["--workers", "27"], &["--workers 27 is more than the 26 training reviews"]);
+    refuses(&archive, &root, &["--workers", "27", "--partition", "dirichlet"], &["more than the 26 training reviews"]);
+}
+
+#[test]
+fn bad_alphas() {
+    let (tmp, archive) = setup();
+    let root = tmp.path().join("run");
+    for a in ["0", "-1", "NaN", "inf"] {
+        refuses(&archive, &root, &["--partition", "dirichlet", &format!("--alpha={a}")], &["--alpha must be a positive finite number"]);
+    }
+    // A Dirichlet draw that cannot fill every shard.
+    refuses(&archive, &root, &["--workers", "26", "--partition", "dirichlet", "--alpha", "0.001"], &["raise --alpha", "lower --workers"]);
+}
+
+#[test]
+fn unwritable_output() {
+    let (tmp, archive) = setup();
+    // --out below a regular file.
+    let file = tmp.path().join("a-file");
+    fs::write(&file, b"x").unwrap();
+    let out = copier(&["--source", s(&archive), "--out", s(&file.join("run")), "--workers", "2"]);
+    fails(out, &["cannot create the output folder", "a-file"]);
+    assert_eq!(fs::read(&file).unwrap(), b"x");
+
+    // data/ exists as a file.
+    let root = tmp.path().join("run");
+    fs::create_dir(&root).unwrap();
+    fs::write(root.join("data"), b"x").unwrap();
+    fails(copier(&["--source", s(&archive), "--out", s(&root), "--workers", "2"]), &["cannot create the output folder"]);
+    assert_eq!(names(&root), ["data"]);
+
+    // Fails part-way: a shard name is taken by a folder, so that shard cannot be renamed
+    // into place after the test set and other shards were written. They must be removed.
+    let root = tmp.path().join("run2");
+    fs::create_dir_all(root.join("data/shard-00001.parquet/inside")).unwrap();
+    let out = copier(&["--source", s(&archive), "--out", s(&root), "--workers", "3"]);
+    fails(out, &["shard-00001.parquet"]);
+    assert_eq!(names(&root.join("data")), ["shard-00001.parquet"], "written files were not removed");
+}
+
+#[test]
+fn bad_input_does_not_create_the_output_folder() {
+    let (tmp, archive) = setup();
+    let fresh = tmp.path().join("x/y/z");
+    refuses(&tmp.path().join("missing.tar.gz"), &fresh, &[], &["cannot be opened"]);
+    refuses(&archive, &fresh, &["--workers", "0"], &["at least 1"]);
+    assert!(!tmp.path().join("x").exists());
+}
