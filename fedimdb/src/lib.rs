@@ -13,11 +13,18 @@
 //! [`atomic`] and [`digest`] make every write crash-safe and every read verifiable.
 
 pub mod atomic;
+pub mod checkpoint;
+pub mod dataset;
 pub mod digest;
+pub mod featurize;
 pub mod layout;
 pub mod logging;
 pub mod manifest;
+pub mod metrics;
+pub mod model;
+pub mod report;
 pub mod reviews;
+pub mod train;
 
 /// The version every binary reports and writes into its outputs.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
-use polars::prelude::*;
+use polars::prelude::{Column, DataFrame, DataType, ParquetCompression, ParquetReader, ParquetWriter, SerReader, StatisticsOptions};
 
 use crate::atomic::write_atomic;
 

@@ -1,1 +1,87 @@
-fn main() {}
+//! `pipeline`: runs the whole batch workflow — copier, then rounds of trainers and the
+//! aggregator — as local processes on a local folder.
+
+mod local;
+mod procs;
+
+use std::path::PathBuf;
+
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use fedimdb::train::defaults;
+
+/// Run the fedimdb workflow.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every step as a local process on a local folder.
+    Local(LocalArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PartitionArg {
+    Iid,
+    Dirichlet,
+}
+
+/// Flags of `pipeline local`.
+#[derive(Debug, ClapArgs)]
+pub struct LocalArgs {
+    /// The IMDB archive or unpacked folder. Default: ../shared/data/aclImdb-labeled.tar.gz
+    /// when present, else ROOT/download/aclImdb_v1.tar.gz, downloaded if missing.
+    #[arg(long, env = "FEDIMDB_SOURCE")]
+    pub source: Option<PathBuf>,
+    /// Root folder of the run (created if missing).
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Number of workers (shards); 1 is centralized training.
+    #[arg(long, default_value_t = 5)]
+    pub workers: usize,
+    /// Training rounds after the statistics round.
+    #[arg(long, default_value_t = defaults::ROUNDS)]
+    pub rounds: u32,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = defaults::EPOCHS)]
+    pub epochs: u32,
+    /// Reviews per SGD step.
+    #[arg(long, default_value_t = defaults::BATCH)]
+    pub batch: usize,
+    /// SGD learning rate.
+    #[arg(long, default_value_t = defaults::LR)]
+    pub lr: f32,
+    /// How reviews are spread over shards.
+    #[arg(long, value_enum, default_value = "iid")]
+    pub partition: PartitionArg,
+    /// Dirichlet concentration (with --partition dirichlet): smaller is more skewed.
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f64,
+    /// Seed of sharding and training.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Trainers run at once (default: the number of CPU cores).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Write a JSON report of the run here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Hash buckets are 2^BITS.
+    #[arg(long, default_value_t = fedimdb::featurize::FeaturizerConfig::default().hash_bits)]
+    pub hash_bits: u32,
+    /// Longest word n-gram.
+    #[arg(long, default_value_t = fedimdb::featurize::FeaturizerConfig::default().max_ngram)]
+    pub max_ngram: u32,
+    /// Replace existing data under ROOT if it was sharded with other arguments.
+    #[arg(long)]
+    pub force: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    fedimdb::logging::run_main(|| match Cli::parse().command {
+        Command::Local(args) => local::run(&args),
+    })
+}

@@ -1,1 +1,100 @@
-fn main() {}
+//! `trainer`: one federated worker. Trains the model on its shard, starting from the
+//! current global model, and writes its update to the shared volume.
+//!
+//! Round 0 is the statistics round: the worker counts, per hash bucket, the positive and
+//! negative reviews of its shard; the aggregator sums these counts into the naive-Bayes
+//! ratio of the first global model. Later rounds train that model's weights locally.
+
+mod device;
+mod run;
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::Parser;
+use fedimdb::train::defaults;
+
+/// Train the fedimdb model on one shard.
+///
+/// Volume form: `trainer --root ROOT --round R --shard I`. Original form:
+/// `trainer --data SHARD --epoch E --batch B --savemodel OUT [--init GLOBAL]`.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Args {
+    /// Root folder of the shared volume (layout in docs/VOLUME.md).
+    #[arg(long, conflicts_with_all = ["data", "savemodel"])]
+    pub root: Option<PathBuf>,
+    /// Round to train; 0 gathers feature statistics.
+    #[arg(long, requires = "root")]
+    pub round: Option<u32>,
+    /// Shard index (0-based). Defaults to $JOB_COMPLETION_INDEX, as set by a Kubernetes
+    /// Indexed Job.
+    #[arg(long, env = "JOB_COMPLETION_INDEX")]
+    pub shard: Option<usize>,
+    /// Passes over the shard per round.
+    #[arg(long, visible_alias = "epoch", default_value_t = defaults::EPOCHS)]
+    pub epochs: u32,
+    /// Reviews per SGD step.
+    #[arg(long, default_value_t = defaults::BATCH)]
+    pub batch: usize,
+    /// SGD learning rate.
+    #[arg(long, default_value_t = defaults::LR)]
+    pub lr: f32,
+    /// Seed of the shuffling; combined with round and shard.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Where to train: `cpu`, or `cuda` (needs a build with `--features cuda` and a GPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Hash buckets are 2^BITS (round 0 and the original form only; later rounds take the
+    /// config from the global model).
+    #[arg(long, default_value_t = fedimdb::featurize::FeaturizerConfig::default().hash_bits)]
+    pub hash_bits: u32,
+    /// Longest word n-gram (round 0 and the original form only).
+    #[arg(long, default_value_t = fedimdb::featurize::FeaturizerConfig::default().max_ngram)]
+    pub max_ngram: u32,
+    /// Original form: the shard file to train on.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Original form: where to write the trained model.
+    #[arg(long, requires = "data")]
+    pub savemodel: Option<PathBuf>,
+    /// Original form: the global model to start from (default: a naive-Bayes model of the
+    /// shard itself).
+    #[arg(long, requires = "data")]
+    pub init: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    fedimdb::logging::run_main(|| {
+        let args = Args::parse();
+        check(&args)?;
+        let device = device::select(&args.device)?;
+        if let Some(root) = &args.root {
+            let Some(round) = args.round else { bail!("--root needs --round R") };
+            let Some(shard) = args.shard else {
+                bail!("no shard index: pass --shard I or set JOB_COMPLETION_INDEX")
+            };
+            run::volume(root, round, shard, &args, &device)
+        } else if let (Some(data), Some(out)) = (&args.data, &args.savemodel) {
+            run::original(data, out, args.init.as_deref(), &args, &device)
+        } else {
+            bail!("say what to train: --root ROOT --round R --shard I, or --data SHARD --savemodel OUT")
+        }
+    })
+}
+
+fn check(args: &Args) -> Result<()> {
+    if args.epochs == 0 {
+        bail!("--epochs must be at least 1");
+    }
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if !(args.lr > 0.0 && args.lr.is_finite()) {
+        bail!("--lr must be a positive number, got {}", args.lr);
+    }
+    let fc = fedimdb::featurize::FeaturizerConfig { hash_bits: args.hash_bits, max_ngram: args.max_ngram };
+    fc.validate().map_err(|e| anyhow::anyhow!("--hash-bits/--max-ngram: {e}"))?;
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! Weighted averaging of updates, one file at a time.
+//!
+//! The running sum is kept in f64 and each update is dropped as soon as it is added, so
+//! memory stays at about two models whatever the number of workers.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Result, ensure};
+use fedimdb::checkpoint::Checkpoint;
+
+/// Running sample-weighted sum of same-shaped tensors.
+#[derive(Debug, Default)]
+pub struct WeightedSum {
+    sums: BTreeMap<String, Vec<f64>>,
+    total_weight: f64,
+    count: usize,
+}
+
+impl WeightedSum {
+    /// Adds every tensor of `ck` with weight `weight`. The first checkpoint fixes names and
+    /// shapes; later ones must match.
+    pub fn add(&mut self, ck: &Checkpoint, weight: f64) -> Result<()> {
+        ensure!(weight > 0.0, "an update with {weight} samples cannot be averaged");
+        if self.sums.is_empty() {
+            for (name, v) in &ck.tensors {
+                self.sums.insert(name.clone(), vec![0.0; v.len()]);
+            }
+        }
+        let names: Vec<&String> = ck.tensors.keys().collect();
+        let expect: Vec<&String> = self.sums.keys().collect();
+        ensure!(names == expect, "tensors {names:?} differ from the first update's {expect:?}");
+        for (name, v) in &ck.tensors {
+            let sum = self.sums.get_mut(name).expect("names checked");
+            ensure!(sum.len() == v.len(), "tensor `{name}` has {} values, the first update's has {}", v.len(), sum.len());
+            for (s, &x) in sum.iter_mut().zip(v) {
+                *s += weight * x as f64;
+            }
+        }
+        self.total_weight += weight;
+        self.count += 1;
+        Ok(())
+    }
+
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The weighted mean of each tensor.
+    pub fn mean(self) -> BTreeMap<String, Vec<f32>> {
+        let w = self.total_weight;
+        self.sums.into_iter().map(|(k, v)| (k, v.into_iter().map(|s| (s / w) as f32).collect())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedimdb::checkpoint::{Header, Kind};
+    use fedimdb::model::ModelConfig;
+
+    fn ck(w: f32) -> Checkpoint {
+        let mut c = ModelConfig::default();
+        c.featurizer.hash_bits = 10;
+        Checkpoint {
+            header: Header::new(Kind::Update, c, 1),
+            tensors: BTreeMap::from([("linear.bias".into(), vec![w]), ("linear.weight".into(), vec![w; 1024])]),
+            sha256: String::new(),
+        }
+    }
+
+    #[test]
+    fn weights_by_sample_count() {
+        let mut s = WeightedSum::default();
+        s.add(&ck(1.0), 1.0).unwrap();
+        s.add(&ck(4.0), 3.0).unwrap();
+        let m = s.mean();
+        assert_eq!(m["linear.bias"], vec![3.25]);
+        assert!(m["linear.weight"].iter().all(|&x| x == 3.25));
+    }
+
+    #[test]
+    fn refuses_other_shapes() {
+        let mut s = WeightedSum::default();
+        s.add(&ck(1.0), 1.0).unwrap();
+        let mut other = ck(1.0);
+        other.tensors.get_mut("linear.weight").unwrap().pop();
+        assert!(format!("{:#}", s.add(&other, 1.0).unwrap_err()).contains("1023 values"));
+    }
+}

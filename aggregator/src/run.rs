@@ -1,0 +1,234 @@
+//! The aggregator's two forms: a round on the shared volume (`--root`) and a folder of
+//! loose model files (the original `--dir … --savefile …`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use fedimdb::atomic::{is_temp_name, write_bytes_atomic, write_json_atomic};
+use fedimdb::checkpoint::{Checkpoint, Header, Kind, ModelCard, RoundPoint};
+use fedimdb::dataset::{featurize_all, load_reviews};
+use fedimdb::layout::Layout;
+use fedimdb::manifest::DataManifest;
+use fedimdb::metrics::Metrics;
+use fedimdb::model::{ClassCounts, Model, ModelConfig};
+use fedimdb::report::{LatestCard, RoundReport, utc_now};
+use tracing::info;
+
+use crate::Args;
+use crate::average::WeightedSum;
+use crate::evaluate::evaluate;
+
+/// The update files of a round's folder, by shard index. Anything else in the folder
+/// (reports, temporary files of writers still at work) is ignored.
+fn list_updates(dir: &Path) -> Result<BTreeMap<usize, PathBuf>> {
+    let mut out = BTreeMap::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_temp_name(&name) || !name.ends_with(".safetensors") {
+            continue;
+        }
+        let Some(shard) = Layout::parse_shard_name(&name) else {
+            bail!("{} is not a worker update name (expected shard-NNNNN.safetensors); remove it", entry.path().display());
+        };
+        out.insert(shard, entry.path());
+    }
+    Ok(out)
+}
+
+/// Volume form: aggregate round `round` and publish the result.
+pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
+    let start = Instant::now();
+    let layout = Layout::new(root);
+    let manifest = DataManifest::read(&layout.data_manifest())
+        .with_context(|| format!("no complete data under {}: run the copier first", root.display()))?;
+    let expect = args.expect.unwrap_or(manifest.workers);
+    ensure!(
+        expect <= manifest.workers,
+        "--expect {expect} is more than the {} shards in the data manifest",
+        manifest.workers
+    );
+    let dir = layout.updates_dir(round);
+    let updates = list_updates(&dir)?;
+    if updates.is_empty() {
+        bail!("no worker updates in {} (empty or missing folder): run the round's trainers first", dir.display());
+    }
+    if let Some((&extra, path)) = updates.iter().find(|(s, _)| **s >= manifest.workers) {
+        bail!("{} is for shard {extra}, but the data has only {} shards", path.display(), manifest.workers);
+    }
+    let missing: Vec<usize> = (0..manifest.workers).filter(|s| !updates.contains_key(s)).collect();
+    if updates.len() < expect {
+        let names: Vec<String> = missing.iter().map(|&s| layout.update(round, s).display().to_string()).collect();
+        bail!(
+            "round {round} has {} of {expect} expected worker updates; missing: {}",
+            updates.len(),
+            names.join(", ")
+        );
+    }
+
+    let base = match layout.input_model(round) {
+        Some(p) => Some(Checkpoint::load_kind(&p, Kind::Model).with_context(|| {
+            format!("cannot aggregate round {round}: the global model of round {} is missing or damaged", round - 1)
+        })?),
+        None => None,
+    };
+    let want_kind = if round == 0 { Kind::Stats } else { Kind::Update };
+    let mut config: Option<ModelConfig> = base.as_ref().map(|b| b.header.config);
+    let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut sum = WeightedSum::default();
+    let mut counts: Option<ClassCounts> = None;
+    let mut samples = Vec::new();
+    for (&shard, path) in &updates {
+        let ck = Checkpoint::load_kind(path, want_kind)?;
+        let h = &ck.header;
+        let why = |msg: String| anyhow::anyhow!("refusing {}: {msg}", path.display());
+        if h.round != round {
+            return Err(why(format!("it is an update of round {}, not round {round}", h.round)));
+        }
+        if h.shard != Some(shard) {
+            return Err(why(format!("its header says shard {:?}, its name says shard {shard}", h.shard)));
+        }
+        if let Some(first) = seen.insert(ck.sha256.clone(), path.clone()) {
+            return Err(why(format!("it is a duplicate of {} (same bytes)", first.display())));
+        }
+        match config {
+            Some(c) if c != h.config => {
+                return Err(why(format!("its model config {:?} differs from the round's {:?}", h.config, c)));
+            }
+            _ => config = Some(h.config),
+        }
+        let rows = manifest.shards[shard].rows as u64;
+        if h.samples != rows {
+            return Err(why(format!("it was trained on {} reviews, the manifest's shard has {rows}", h.samples)));
+        }
+        if let Some(b) = &base
+            && h.base_sha256.as_deref() != Some(b.sha256.as_str())
+        {
+            return Err(why(format!("it was trained from another global model than {}", layout.input_model(round).unwrap().display())));
+        }
+        if round == 0 {
+            let c = ck.to_counts().map_err(|e| why(e.to_string()))?;
+            match &mut counts {
+                Some(total) => total.add(&c),
+                None => counts = Some(c),
+            }
+        } else {
+            sum.add(&ck, h.samples as f64).map_err(|e| why(e.to_string()))?;
+        }
+        samples.push(h.samples);
+        info!(shard, samples = h.samples, "update accepted");
+    }
+    let config = config.expect("at least one update");
+
+    let model = match (&base, counts) {
+        (None, Some(total)) => Model::from_counts(config, &total)?,
+        (Some(b), _) => {
+            let mut ck = b.clone();
+            for (name, v) in sum.mean() {
+                ck.tensors.insert(name, v);
+            }
+            ck.to_model()?
+        }
+        (None, None) => unreachable!("round 0 sums counts"),
+    };
+
+    let test = load_reviews(&layout.test_set(), Some(&manifest.test))?;
+    let metrics = evaluate(&model.scorer()?, &featurize_all(&test, config.featurizer));
+    info!(round, accuracy = format!("{:.4}", metrics.accuracy), "evaluated on the test set");
+
+    let mut history = base.as_ref().and_then(|b| b.header.card.as_ref()).map(|c| c.history.clone()).unwrap_or_default();
+    history.push(RoundPoint { round, test_accuracy: metrics.accuracy });
+    let card = ModelCard {
+        workers: manifest.workers,
+        partition: manifest.partition.to_string(),
+        alpha: manifest.alpha,
+        train_samples: samples.iter().sum(),
+        history,
+        metrics: metrics.to_map(),
+    };
+    let mut header = Header::new(Kind::Model, config, round);
+    header.samples = card.train_samples;
+    header.card = Some(card.clone());
+    let bytes = Checkpoint::from_model(&model, header)?.to_bytes()?;
+    let sha = fedimdb::digest::sha256_bytes(&bytes);
+    write_bytes_atomic(&layout.global_model(round), &bytes)?;
+    let report = RoundReport {
+        round,
+        strategy: format!("{:?}", args.strategy).to_lowercase(),
+        shards: updates.keys().copied().collect(),
+        samples,
+        test: metrics,
+        seconds: start.elapsed().as_secs_f64(),
+        model_sha256: sha.clone(),
+        version: fedimdb::VERSION.to_owned(),
+    };
+    write_json_atomic(&layout.round_report(round), &report)?;
+    publish(&layout, &bytes, LatestCard { round, sha256: sha, trained_at: utc_now(), card })?;
+    info!(round, seconds = format!("{:.2}", report.seconds), "global model written and published");
+    Ok(())
+}
+
+/// Publishes a global model as the latest: the model first, then its card, each atomic.
+/// A server watching the card therefore never sees a card for a model not yet in place.
+fn publish(layout: &Layout, bytes: &[u8], card: LatestCard) -> Result<()> {
+    write_bytes_atomic(&layout.latest_model(), bytes)?;
+    write_json_atomic(&layout.latest_card(), &card)
+}
+
+/// Original form: the sample-weighted mean of every tensor of the model files in `dir`.
+pub fn original(dir: &Path, out: &Path, test: Option<&Path>) -> Result<()> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.ends_with(".safetensors") && !is_temp_name(&n)
+        })
+        .map(|e| e.path())
+        .filter(|p| p != out)
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("no model files (*.safetensors) in {}", dir.display());
+    }
+    let mut sum = WeightedSum::default();
+    let (mut first, mut total, mut round): (Option<Header>, u64, u32) = (None, 0, 0);
+    let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for path in &files {
+        let ck = Checkpoint::load_kind(path, Kind::Model)?;
+        if let Some(dup) = seen.insert(ck.sha256.clone(), path.clone()) {
+            bail!("refusing {}: it is a duplicate of {} (same bytes)", path.display(), dup.display());
+        }
+        if let Some(f) = &first
+            && f.config != ck.header.config
+        {
+            bail!("refusing {}: its model config differs from {}'s", path.display(), files[0].display());
+        }
+        ensure!(ck.header.samples > 0, "refusing {}: it records no training samples", path.display());
+        sum.add(&ck, ck.header.samples as f64).with_context(|| format!("refusing {}", path.display()))?;
+        total += ck.header.samples;
+        round = round.max(ck.header.round);
+        first.get_or_insert(ck.header);
+    }
+    let mut header = first.expect("at least one file");
+    header.round = round;
+    header.samples = total;
+    header.shard = None;
+    let ck = Checkpoint { header, tensors: sum.mean(), sha256: String::new() };
+    ck.save(out)?;
+    info!(files = files.len(), path = %out.display(), "averaged model written");
+    if let Some(test) = test {
+        let model = ck.to_model()?;
+        let reviews = load_reviews(test, None)?;
+        let m: Metrics = evaluate(&model.scorer()?, &featurize_all(&reviews, model.config.featurizer));
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    }
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! Model and update files: safetensors with a JSON header.
+//!
+//! Three kinds of file share one format:
+//!
+//! | kind     | written by              | tensors |
+//! |----------|-------------------------|---------|
+//! | `stats`  | trainer, round 0        | `stats.pos`, `stats.neg`: per-bucket document counts |
+//! | `update` | trainer, rounds ≥ 1     | `linear.weight`, `linear.bias`: the locally trained weights |
+//! | `model`  | aggregator              | `linear.weight`, `linear.bias`, `nb.ratio` |
+//!
+//! All tensors are little-endian f32. Everything else lives in one safetensors metadata
+//! entry, `fedimdb`, holding a JSON [`Header`] (one entry, so the bytes are deterministic:
+//! safetensors writes its metadata map in hash order). Loading checks the kind, shapes,
+//! dtypes and that every value is finite, and names the file when something is wrong.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use candle_core::{Device, Tensor};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::atomic::write_bytes_atomic;
+use crate::digest::sha256_bytes;
+use crate::model::{BIAS, ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
+
+/// Version of the file format; bumped when a reader could misread older files.
+pub const FORMAT_VERSION: u32 = 1;
+/// The metadata key holding the [`Header`].
+pub const METADATA_KEY: &str = "fedimdb";
+pub const STATS_POS: &str = "stats.pos";
+pub const STATS_NEG: &str = "stats.neg";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Stats,
+    Update,
+    Model,
+}
+
+impl Kind {
+    /// The tensor names a file of this kind holds, in file order.
+    pub fn tensor_names(self) -> &'static [&'static str] {
+        match self {
+            Kind::Stats => &[STATS_NEG, STATS_POS],
+            Kind::Update => &[BIAS, WEIGHT],
+            Kind::Model => &[BIAS, WEIGHT, NB_RATIO],
+        }
+    }
+}
+
+/// One point of a model's training history, for the model card.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundPoint {
+    pub round: u32,
+    pub test_accuracy: f64,
+}
+
+/// What a person or program wants to know about a trained model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ModelCard {
+    pub workers: usize,
+    pub partition: String,
+    pub alpha: Option<f64>,
+    pub train_samples: u64,
+    /// Test accuracy after each training round.
+    pub history: Vec<RoundPoint>,
+    /// Test-set metrics of this model.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// The JSON header of every file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Header {
+    pub kind: Kind,
+    pub format_version: u32,
+    /// fedimdb version that wrote the file.
+    pub version: String,
+    pub config: ModelConfig,
+    /// The round that produced the file.
+    pub round: u32,
+    /// The worker's shard (updates and stats).
+    pub shard: Option<usize>,
+    /// Training reviews behind the file: a worker's shard size, or the total for a model.
+    pub samples: u64,
+    /// For stats: how many of `samples` are positive.
+    pub positive: Option<u64>,
+    pub seed: Option<u64>,
+    /// SHA-256 of the global model an update started from, so the aggregator can refuse
+    /// an update trained from the wrong model.
+    pub base_sha256: Option<String>,
+    /// Training hyper-parameters, as JSON (updates).
+    pub train: Option<serde_json::Value>,
+    /// The model card (models).
+    pub card: Option<ModelCard>,
+}
+
+impl Header {
+    pub fn new(kind: Kind, config: ModelConfig, round: u32) -> Self {
+        Self {
+            kind,
+            format_version: FORMAT_VERSION,
+            version: crate::VERSION.to_owned(),
+            config,
+            round,
+            shard: None,
+            samples: 0,
+            positive: None,
+            seed: None,
+            base_sha256: None,
+            train: None,
+            card: None,
+        }
+    }
+}
+
+/// A loaded file: its header, its f32 tensors by name, and the SHA-256 of its bytes.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub header: Header,
+    pub tensors: BTreeMap<String, Vec<f32>>,
+    pub sha256: String,
+}
+
+impl Checkpoint {
+    /// Serialises to safetensors bytes. Tensors must be the kind's names with the config's
+    /// shapes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        self.check_tensors().context("refusing to write an inconsistent checkpoint")?;
+        let bytes: Vec<(&str, Vec<u8>)> = self
+            .tensors
+            .iter()
+            .map(|(name, v)| (name.as_str(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+            .collect();
+        let views = bytes
+            .iter()
+            .map(|(name, b)| Ok((*name, TensorView::new(Dtype::F32, vec![b.len() / 4], b)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let meta = HashMap::from([(METADATA_KEY.to_owned(), serde_json::to_string(&self.header)?)]);
+        Ok(safetensors::serialize(views, Some(meta))?)
+    }
+
+    /// Writes the file atomically; returns its SHA-256.
+    pub fn save(&self, path: &Path) -> Result<String> {
+        let bytes = self.to_bytes()?;
+        write_bytes_atomic(path, &bytes)?;
+        Ok(sha256_bytes(&bytes))
+    }
+
+    /// Parses and validates safetensors bytes; `origin` names the file in errors.
+    pub fn from_bytes(bytes: &[u8], origin: &Path) -> Result<Self> {
+        let what = origin.display();
+        let st = SafeTensors::deserialize(bytes)
+            .with_context(|| format!("{what} is not a readable safetensors file (truncated or corrupt?)"))?;
+        let (_, meta) = SafeTensors::read_metadata(bytes)?;
+        let header_json = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(METADATA_KEY))
+            .with_context(|| format!("{what} has no `{METADATA_KEY}` metadata: it was not written by fedimdb"))?;
+        let header: Header = serde_json::from_str(header_json)
+            .with_context(|| format!("{what} has an unreadable `{METADATA_KEY}` header"))?;
+        ensure!(
+            header.format_version == FORMAT_VERSION,
+            "{what} has format_version {}, this build reads {FORMAT_VERSION}",
+            header.format_version
+        );
+        header.config.featurizer.validate().map_err(|e| anyhow::anyhow!("{what}: bad featurizer config: {e}"))?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            ensure!(view.dtype() == Dtype::F32, "{what}: tensor `{name}` has dtype {:?}, expected F32", view.dtype());
+            let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            tensors.insert(name, data);
+        }
+        let ck = Self { header, tensors, sha256: sha256_bytes(bytes) };
+        ck.check_tensors().with_context(|| format!("{what} is not a valid {:?} file", ck.header.kind))?;
+        Ok(ck)
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Reads a file and checks it is of the expected kind.
+    pub fn load_kind(path: &Path, kind: Kind) -> Result<Self> {
+        let ck = Self::load(path)?;
+        ensure!(
+            ck.header.kind == kind,
+            "{} is a {:?} file, expected kind {kind:?}",
+            path.display(),
+            ck.header.kind
+        );
+        Ok(ck)
+    }
+
+    fn check_tensors(&self) -> Result<()> {
+        let want = self.header.kind.tensor_names();
+        let have: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        let mut want_sorted = want.to_vec();
+        want_sorted.sort_unstable();
+        ensure!(have == want_sorted, "tensors are {have:?}, expected {want_sorted:?}");
+        let dim = self.header.config.dim();
+        for (name, v) in &self.tensors {
+            let expect = if name == BIAS { 1 } else { dim };
+            ensure!(v.len() == expect, "tensor `{name}` has {} values, expected {expect} for the config", v.len());
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                bail!("tensor `{name}` holds a non-finite value ({}) at index {i}", v[i]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The f32 values of tensor `name` (present after validation).
+    pub fn tensor(&self, name: &str) -> &[f32] {
+        &self.tensors[name]
+    }
+
+    /// A model file from a model.
+    pub fn from_model(model: &Model, mut header: Header) -> Result<Self> {
+        header.kind = Kind::Model;
+        header.config = model.config;
+        let cpu = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?) };
+        let tensors = BTreeMap::from([
+            (WEIGHT.to_owned(), cpu(&model.weight)?),
+            (BIAS.to_owned(), cpu(&model.bias)?),
+            (NB_RATIO.to_owned(), cpu(&model.nb_ratio)?),
+        ]);
+        Ok(Self { header, tensors, sha256: String::new() })
+    }
+
+    /// The model in a model file, on the CPU.
+    pub fn to_model(&self) -> Result<Model> {
+        ensure!(self.header.kind == Kind::Model, "a {:?} file holds no model", self.header.kind);
+        let dim = self.header.config.dim();
+        let t = |name: &str, n: usize| Tensor::from_slice(self.tensor(name), n, &Device::Cpu);
+        Ok(Model { config: self.header.config, weight: t(WEIGHT, dim)?, bias: t(BIAS, 1)?, nb_ratio: t(NB_RATIO, dim)? })
+    }
+
+    /// A stats file from a worker's counts.
+    pub fn from_counts(counts: &ClassCounts, mut header: Header) -> Self {
+        header.kind = Kind::Stats;
+        header.samples = counts.n_pos + counts.n_neg;
+        header.positive = Some(counts.n_pos);
+        let tensors = BTreeMap::from([(STATS_POS.to_owned(), counts.pos.clone()), (STATS_NEG.to_owned(), counts.neg.clone())]);
+        Self { header, tensors, sha256: String::new() }
+    }
+
+    /// The counts in a stats file.
+    pub fn to_counts(&self) -> Result<ClassCounts> {
+        ensure!(self.header.kind == Kind::Stats, "a {:?} file holds no statistics", self.header.kind);
+        let n_pos = self.header.positive.context("stats header lacks `positive`")?;
+        ensure!(n_pos <= self.header.samples, "stats header says {n_pos} positive of {} samples", self.header.samples);
+        Ok(ClassCounts {
+            pos: self.tensor(STATS_POS).to_vec(),
+            neg: self.tensor(STATS_NEG).to_vec(),
+            n_pos,
+            n_neg: self.header.samples - n_pos,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::featurize::FeaturizerConfig;
+
+    fn cfg() -> ModelConfig {
+        ModelConfig { featurizer: FeaturizerConfig { hash_bits: 10, max_ngram: 2 }, nb_smoothing: 1.0 }
+    }
+
+    fn model() -> Model {
+        let docs = vec![vec![1, 2], vec![3, 4]];
+        Model::from_counts(cfg(), &ClassCounts::count(cfg().dim(), &docs, &[1, 0])).unwrap()
+    }
+
+    #[test]
+    fn model_round_trips_with_identical_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        let ck = Checkpoint::from_model(&model(), Header::new(Kind::Model, cfg(), 3)).unwrap();
+        let sha = ck.save(&p).unwrap();
+        let back = Checkpoint::load_kind(&p, Kind::Model).unwrap();
+        assert_eq!(back.sha256, sha);
+        assert_eq!(back.header.round, 3);
+        assert_eq!(back.to_bytes().unwrap(), std::fs::read(&p).unwrap());
+        let m = back.to_model().unwrap();
+        assert_eq!(m.nb_ratio.to_vec1::<f32>().unwrap(), model().nb_ratio.to_vec1::<f32>().unwrap());
+    }
+
+    #[test]
+    fn bad_files_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        let mut ck = Checkpoint::from_model(&model(), Header::new(Kind::Model, cfg(), 1)).unwrap();
+        ck.save(&p).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+
+        std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
+        let e = format!("{:#}", Checkpoint::load(&p).unwrap_err());
+        assert!(e.contains("m.safetensors") && e.contains("truncated"), "{e}");
+
+        std::fs::write(&p, &bytes).unwrap();
+        let e = format!("{:#}", Checkpoint::load_kind(&p, Kind::Update).unwrap_err());
+        assert!(e.contains("expected kind Update"), "{e}");
+
+        ck.tensors.get_mut(WEIGHT).unwrap()[5] = f32::NAN;
+        let e = format!("{:#}", ck.to_bytes().unwrap_err());
+        assert!(e.contains("non-finite") && e.contains("index 5"), "{e}");
+    }
+}

@@ -1,0 +1,82 @@
+//! The JSON reports trainers and the aggregator leave beside their outputs, read by the
+//! pipeline for its tables and by people.
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Metrics;
+use crate::train::{EpochStats, TrainConfig};
+
+/// `rounds/round-R/updates/shard-I.json`: what one worker did in one round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpdateReport {
+    pub round: u32,
+    pub shard: usize,
+    /// `stats` for round 0, `update` after.
+    pub kind: String,
+    pub samples: usize,
+    pub positive: usize,
+    pub device: String,
+    pub train: Option<TrainConfig>,
+    pub epochs: Vec<EpochStats>,
+    /// Seconds from start to the update being on disk.
+    pub seconds: f64,
+    pub sha256: String,
+    pub version: String,
+}
+
+/// `rounds/round-R/report.json`: the aggregator's account of a round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoundReport {
+    pub round: u32,
+    pub strategy: String,
+    /// Shards whose updates were combined, and their sample counts.
+    pub shards: Vec<usize>,
+    pub samples: Vec<u64>,
+    /// Test-set metrics of the new global model.
+    pub test: Metrics,
+    pub seconds: f64,
+    pub model_sha256: String,
+    pub version: String,
+}
+
+/// `model/latest.json`: the published model's card, with when and from which round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LatestCard {
+    pub round: u32,
+    pub sha256: String,
+    pub trained_at: String,
+    #[serde(flatten)]
+    pub card: crate::checkpoint::ModelCard,
+}
+
+/// The current time as RFC 3339 UTC (`2026-11-21T22:16:00Z`).
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    format_utc(secs)
+}
+
+/// Formats seconds since the Unix epoch as RFC 3339 UTC (civil-from-days conversion).
+pub fn format_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_known_instants() {
+        assert_eq!(super::format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::format_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::format_utc(1_795_299_360), "2026-11-21T22:16:00Z");
+    }
+}

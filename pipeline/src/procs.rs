@@ -1,0 +1,118 @@
+//! Starting the other binaries as child processes and waiting for them.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Where the sibling binaries (copier, trainer, aggregator) are: `$FEDIMDB_BIN_DIR`, else
+/// the folder of this executable (where `cargo build` and the images put them).
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("FEDIMDB_BIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe().context("cannot locate the pipeline executable")?;
+    Ok(exe.parent().context("the pipeline executable has no folder")?.to_path_buf())
+}
+
+/// A command for sibling binary `name`, checked to exist.
+pub fn command(name: &str) -> Result<Command> {
+    let path = bin_dir()?.join(name);
+    if !path.is_file() {
+        bail!(
+            "cannot find the `{name}` binary at {}: build the workspace (`cargo build --release`) or set FEDIMDB_BIN_DIR",
+            path.display()
+        );
+    }
+    Ok(Command::new(path))
+}
+
+/// One step of the workflow: a command whose stderr goes to a log file.
+pub struct Step {
+    pub name: String,
+    pub command: Command,
+    pub log: PathBuf,
+}
+
+struct Running {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+/// The last `n` lines of a log, for error messages.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn spawn(mut step: Step) -> Result<Running> {
+    if let Some(dir) = step.log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let log = File::create(&step.log).with_context(|| format!("cannot create log {}", step.log.display()))?;
+    let child = step
+        .command
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", step.name))?;
+    Ok(Running { name: step.name, child, log: step.log })
+}
+
+/// Runs the steps with at most `jobs` at once. On the first failure the others are
+/// stopped and the error shows the failed step's last log lines.
+pub fn run_all(steps: Vec<Step>, jobs: usize) -> Result<()> {
+    let mut pending = steps.into_iter();
+    let mut running: Vec<Running> = Vec::new();
+    let mut failure: Option<String> = None;
+    loop {
+        while failure.is_none() && running.len() < jobs.max(1) {
+            match pending.next() {
+                Some(step) => running.push(spawn(step)?),
+                None => break,
+            }
+        }
+        if running.is_empty() {
+            break;
+        }
+        let start = Instant::now();
+        let mut i = 0;
+        while i < running.len() {
+            match running[i].child.try_wait()? {
+                Some(status) => {
+                    let r = running.swap_remove(i);
+                    if !status.success() && failure.is_none() {
+                        failure = Some(format!(
+                            "{} failed ({status}); last lines of {}:\n{}",
+                            r.name,
+                            r.log.display(),
+                            tail(&r.log, 12)
+                        ));
+                        for other in &mut running {
+                            let _ = other.child.kill();
+                        }
+                    }
+                }
+                None => i += 1,
+            }
+        }
+        if start.elapsed() < Duration::from_millis(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    match failure {
+        Some(f) => bail!(f),
+        None => Ok(()),
+    }
+}
+
+/// Runs one step to completion.
+pub fn run_one(step: Step) -> Result<()> {
+    run_all(vec![step], 1)
+}
