@@ -37,7 +37,18 @@ pub fn download(to: &Path, url: &str, sha256: &str) -> Result<Outcome> {
         expected.len() == 64 && expected.bytes().all(|b| b.is_ascii_hexdigit()),
         "--sha256 must be 64 hexadecimal digits, got {sha256:?}"
     );
+    let created = !to.exists();
     std::fs::create_dir_all(to).with_context(|| format!("cannot create the download folder {}", to.display()))?;
+    let result = fetch(to, url, &expected);
+    if result.is_err() && created {
+        // Leave no empty folder behind from a failed download.
+        let _ = std::fs::remove_dir(to);
+    }
+    result
+}
+
+/// [`download`] once the hash is checked and the folder exists.
+fn fetch(to: &Path, url: &str, expected: &str) -> Result<Outcome> {
     let dest = to.join(FILE_NAME);
     if dest.exists() {
         let have = sha256_file(&dest)?;

@@ -293,8 +293,8 @@ fn read_archive(path: &Path) -> Result<(Vec<Parsed>, String)> {
         );
     }
     let file = File::open(path).with_context(|| format!("cannot open source {}", path.display()))?;
-    let pb = fedimdb::logging::progress(len, "reading");
     tracing::info!("reading {} ({:.1} MB)", path.display(), len as f64 / 1e6);
+    let pb = fedimdb::logging::progress(len, "reading");
 
     let (tx, rx) = mpsc::sync_channel::<Vec<RawEntry>>(16);
     let origin = path.to_path_buf();

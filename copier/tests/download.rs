@@ -58,8 +58,12 @@ fn downloads_checks_and_skips_a_second_time() {
     let sha = fedimdb::digest::sha256_bytes(&body);
     let url = format!("{}/archive.tar.gz", serve(body.clone()));
     let to = tmp.path().join("downloads");
+    // A damaged earlier download under the final name is replaced.
+    std::fs::create_dir(&to).unwrap();
+    std::fs::write(to.join("aclImdb_v1.tar.gz"), b"half a file").unwrap();
 
     let log = ok(copier(&["download", "--to", s(&to), "--url", &url, "--sha256", &sha]));
+    assert!(log.contains("downloading it again"), "{log}");
     assert!(log.contains("downloaded") && log.contains("sha256 verified"), "{log}");
     assert_eq!(names(&to), ["aclImdb_v1.tar.gz"]);
     assert_eq!(std::fs::read(to.join("aclImdb_v1.tar.gz")).unwrap(), body);
@@ -82,7 +86,7 @@ fn wrong_hash_keeps_nothing() {
     let url = format!("{}/archive.tar.gz", serve(body));
     let to = tmp.path().join("downloads");
     fails(copier(&["download", "--to", s(&to), "--url", &url, "--sha256", &expected]), &[&actual, &expected, "not kept"]);
-    assert!(names(&to).is_empty(), "left behind: {:?}", names(&to));
+    assert!(!to.exists(), "left behind: {:?}", names(&to));
 }
 
 #[test]
@@ -94,7 +98,7 @@ fn http_404_is_reported() {
         copier(&["download", "--to", s(&to), "--url", &url, "--sha256", download_sha_placeholder()]),
         &["HTTP 404", "missing.tar.gz"],
     );
-    assert!(names(&to).is_empty(), "left behind: {:?}", names(&to));
+    assert!(!to.exists(), "left behind: {:?}", names(&to));
 }
 
 fn download_sha_placeholder() -> &'static str {
