@@ -450,10 +450,11 @@ fn read_folder(path: &Path) -> Result<(Vec<Parsed>, String)> {
         if !dir.is_dir() {
             continue; // reported by Collector::finish with the other missing folders
         }
-        let listing = fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
-        let pb = fedimdb::logging::progress(0, folder);
+        let listing: Vec<fs::DirEntry> = fs::read_dir(&dir)
+            .and_then(|rd| rd.collect::<io::Result<_>>())
+            .with_context(|| format!("cannot list {}", dir.display()))?;
+        let pb = fedimdb::logging::progress(listing.len() as u64, folder);
         for item in listing {
-            let item = item.with_context(|| format!("cannot list {}", dir.display()))?;
             let file = item.file_name();
             let Some(file) = file.to_str() else {
                 bail!("{}: file name is not valid UTF-8; is this the IMDB dataset?", item.path().display());

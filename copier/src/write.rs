@@ -47,7 +47,7 @@ impl Settings {
         if self.partition != old.partition {
             d.push(format!("partition {} → {}", old.partition, self.partition));
         }
-        if self.alpha != old.alpha {
+        if !same_alpha(self.alpha, old.alpha) {
             let show = |a: Option<f64>| a.map_or("none".to_owned(), |a| a.to_string());
             d.push(format!("alpha {} → {}", show(old.alpha), show(self.alpha)));
         }
@@ -55,6 +55,15 @@ impl Settings {
             d.push(format!("seed {} → {}", old.seed, self.seed));
         }
         d
+    }
+}
+
+/// Alphas compare with a relative tolerance of 1e-12: the old one went through JSON, and
+/// serde_json's default float parsing may be one unit in the last place off.
+fn same_alpha(a: Option<f64>, b: Option<f64>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a == b || (a - b).abs() <= 1e-12 * a.abs().max(b.abs()),
+        (a, b) => a.is_none() && b.is_none(),
     }
 }
 
@@ -263,6 +272,10 @@ mod tests {
         let b = Settings { workers: 5, partition: Partition::Dirichlet, alpha: Some(0.5), seed: 7 };
         assert!(a.differences(&a).is_empty());
         assert_eq!(b.differences(&a), ["workers 4 → 5", "partition iid → dirichlet", "alpha none → 0.5", "seed 42 → 7"]);
+        let c = Settings { alpha: Some(0.5 + 1e-16), ..b.clone() };
+        assert!(c.differences(&b).is_empty());
+        let d = Settings { alpha: Some(0.6), ..b.clone() };
+        assert_eq!(d.differences(&b), ["alpha 0.5 → 0.6"]);
     }
 
     #[test]
