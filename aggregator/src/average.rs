@@ -13,7 +13,6 @@ use fedimdb::checkpoint::Checkpoint;
 pub struct WeightedSum {
     sums: BTreeMap<String, Vec<f64>>,
     total_weight: f64,
-    count: usize,
 }
 
 impl WeightedSum {
@@ -37,12 +36,7 @@ impl WeightedSum {
             }
         }
         self.total_weight += weight;
-        self.count += 1;
         Ok(())
-    }
-
-    pub fn count(&self) -> usize {
-        self.count
     }
 
     /// The weighted mean of each tensor.

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use fedimdb::atomic::{is_temp_name, write_bytes_atomic, write_json_atomic};
 use fedimdb::checkpoint::{Checkpoint, Header, Kind, ModelCard, RoundPoint};
-use fedimdb::dataset::{featurize_all, load_reviews};
+use fedimdb::dataset::{Featurized, featurize_all, load_reviews};
 use fedimdb::layout::Layout;
 use fedimdb::manifest::DataManifest;
 use fedimdb::metrics::Metrics;
@@ -80,70 +80,87 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
         None => None,
     };
     let want_kind = if round == 0 { Kind::Stats } else { Kind::Update };
-    let mut config: Option<ModelConfig> = base.as_ref().map(|b| b.header.config);
-    let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
-    let mut sum = WeightedSum::default();
-    let mut counts: Option<ClassCounts> = None;
-    let mut samples = Vec::new();
-    for (&shard, path) in &updates {
-        let ck = Checkpoint::load_kind(path, want_kind)?;
-        let h = &ck.header;
-        let why = |msg: String| anyhow::anyhow!("refusing {}: {msg}", path.display());
-        if h.round != round {
-            return Err(why(format!("it is an update of round {}, not round {round}", h.round)));
+    let test_path = layout.test_set();
+    // The test set is featurised on its own threads while the updates are read and summed.
+    let (model, metrics, samples) = std::thread::scope(|scope| -> Result<_> {
+        let mut test_job = None;
+        let start_test = |config: ModelConfig| {
+            let (path, entry) = (&test_path, &manifest.test);
+            scope.spawn(move || -> Result<Featurized> { Ok(featurize_all(&load_reviews(path, Some(entry))?, config.featurizer)) })
+        };
+        let mut config: Option<ModelConfig> = base.as_ref().map(|b| b.header.config);
+        if let Some(c) = config {
+            test_job = Some(start_test(c));
         }
-        if h.shard != Some(shard) {
-            return Err(why(format!("its header says shard {:?}, its name says shard {shard}", h.shard)));
-        }
-        if let Some(first) = seen.insert(ck.sha256.clone(), path.clone()) {
-            return Err(why(format!("it is a duplicate of {} (same bytes)", first.display())));
-        }
-        match config {
-            Some(c) if c != h.config => {
-                return Err(why(format!("its model config {:?} differs from the round's {:?}", h.config, c)));
+        let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
+        let mut sum = WeightedSum::default();
+        let mut counts: Option<ClassCounts> = None;
+        let mut samples = Vec::new();
+        for (&shard, path) in &updates {
+            let ck = Checkpoint::load_kind(path, want_kind)?;
+            let h = &ck.header;
+            let why = |msg: String| anyhow::anyhow!("refusing {}: {msg}", path.display());
+            if let Some(first) = seen.insert(ck.sha256.clone(), path.clone()) {
+                return Err(why(format!("it is a duplicate of {} (same bytes)", first.display())));
             }
-            _ => config = Some(h.config),
-        }
-        let rows = manifest.shards[shard].rows as u64;
-        if h.samples != rows {
-            return Err(why(format!("it was trained on {} reviews, the manifest's shard has {rows}", h.samples)));
-        }
-        if let Some(b) = &base
-            && h.base_sha256.as_deref() != Some(b.sha256.as_str())
-        {
-            return Err(why(format!("it was trained from another global model than {}", layout.input_model(round).unwrap().display())));
-        }
-        if round == 0 {
-            let c = ck.to_counts().map_err(|e| why(e.to_string()))?;
-            match &mut counts {
-                Some(total) => total.add(&c),
-                None => counts = Some(c),
+            if h.round != round {
+                return Err(why(format!("it is an update of round {}, not round {round}", h.round)));
             }
-        } else {
-            sum.add(&ck, h.samples as f64).map_err(|e| why(e.to_string()))?;
-        }
-        samples.push(h.samples);
-        info!(shard, samples = h.samples, "update accepted");
-    }
-    let config = config.expect("at least one update");
-
-    let model = match (&base, counts) {
-        (None, Some(total)) => Model::from_counts(config, &total)?,
-        (Some(b), _) => {
-            let mut ck = b.clone();
-            for (name, v) in sum.mean() {
-                ck.tensors.insert(name, v);
+            if h.shard != Some(shard) {
+                return Err(why(format!("its header says shard {:?}, its name says shard {shard}", h.shard)));
             }
-            ck.to_model()?
+            match config {
+                Some(c) if c != h.config => {
+                    return Err(why(format!("its model config {:?} differs from the round's {:?}", h.config, c)));
+                }
+                Some(_) => {}
+                None => {
+                    config = Some(h.config);
+                    test_job = Some(start_test(h.config));
+                }
+            }
+            let rows = manifest.shards[shard].rows as u64;
+            if h.samples != rows {
+                return Err(why(format!("it was trained on {} reviews, the manifest's shard has {rows}", h.samples)));
+            }
+            if let Some(b) = &base
+                && h.base_sha256.as_deref() != Some(b.sha256.as_str())
+            {
+                return Err(why(format!(
+                    "it was trained from another global model than {}",
+                    layout.input_model(round).unwrap().display()
+                )));
+            }
+            if round == 0 {
+                let c = ck.to_counts().map_err(|e| why(e.to_string()))?;
+                match &mut counts {
+                    Some(total) => total.add(&c),
+                    None => counts = Some(c),
+                }
+            } else {
+                sum.add(&ck, h.samples as f64).map_err(|e| why(e.to_string()))?;
+            }
+            samples.push(h.samples);
+            info!(shard, samples = h.samples, "update accepted");
         }
-        (None, None) => unreachable!("round 0 sums counts"),
-    };
-
-    let test = load_reviews(&layout.test_set(), Some(&manifest.test))?;
-    let metrics = evaluate(&model.scorer()?, &featurize_all(&test, config.featurizer));
+        let config = config.expect("at least one update");
+        let model = match (base, counts) {
+            (None, Some(total)) => Checkpoint::from_model(&Model::from_counts(config, &total)?, Header::new(Kind::Model, config, round))?,
+            (Some(mut ck), _) => {
+                for (name, v) in sum.mean() {
+                    ck.tensors.insert(name, v);
+                }
+                ck
+            }
+            (None, None) => unreachable!("round 0 sums counts"),
+        };
+        let test = test_job.expect("started with the config").join().expect("test featurizer panicked")?;
+        let metrics = evaluate(&model.scorer()?, &test);
+        Ok((model, metrics, samples))
+    })?;
     info!(round, accuracy = format!("{:.4}", metrics.accuracy), "evaluated on the test set");
 
-    let mut history = base.as_ref().and_then(|b| b.header.card.as_ref()).map(|c| c.history.clone()).unwrap_or_default();
+    let mut history = model.header.card.as_ref().map(|c| c.history.clone()).unwrap_or_default();
     history.push(RoundPoint { round, test_accuracy: metrics.accuracy });
     let card = ModelCard {
         workers: manifest.workers,
@@ -153,10 +170,10 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
         history,
         metrics: metrics.to_map(),
     };
-    let mut header = Header::new(Kind::Model, config, round);
+    let mut header = Header::new(Kind::Model, model.header.config, round);
     header.samples = card.train_samples;
     header.card = Some(card.clone());
-    let bytes = Checkpoint::from_model(&model, header)?.to_bytes()?;
+    let bytes = Checkpoint { header, ..model }.to_bytes()?;
     let sha = fedimdb::digest::sha256_bytes(&bytes);
     write_bytes_atomic(&layout.global_model(round), &bytes)?;
     let report = RoundReport {
@@ -225,9 +242,8 @@ pub fn original(dir: &Path, out: &Path, test: Option<&Path>) -> Result<()> {
     ck.save(out)?;
     info!(files = files.len(), path = %out.display(), "averaged model written");
     if let Some(test) = test {
-        let model = ck.to_model()?;
         let reviews = load_reviews(test, None)?;
-        let m: Metrics = evaluate(&model.scorer()?, &featurize_all(&reviews, model.config.featurizer));
+        let m: Metrics = evaluate(&ck.scorer()?, &featurize_all(&reviews, ck.header.config.featurizer));
         println!("{}", serde_json::to_string_pretty(&m)?);
     }
     Ok(())

@@ -51,6 +51,39 @@ fn main() {
         let base = Model::from_counts(mc, &counts).unwrap();
         let acc = |m: &Model| { let s = m.scorer().unwrap(); xte.iter().zip(&yte).filter(|(x, y)| (s.logit(x) >= 0.0) == (**y == 1)).count() as f64 / yte.len() as f64 };
         println!("bits {hb} NB only: {:.4}", acc(&base));
+        if let Ok(w) = std::env::var("FED") {
+            let workers: usize = w.parse().unwrap();
+            let rounds: u32 = std::env::var("ROUNDS").map(|s| s.parse().unwrap()).unwrap_or(4);
+            let epochs: u32 = std::env::var("EPOCHS").map(|s| s.parse().unwrap()).unwrap_or(2);
+            for lr in std::env::var("LRS").unwrap().split(',').map(|x| x.parse::<f32>().unwrap()) {
+                let decay: f32 = std::env::var("DECAY").map(|s| s.parse().unwrap()).unwrap_or(0.0);
+                // IID: interleave by position (train is grouped by label, so stride keeps balance)
+                let parts: Vec<Vec<usize>> = (0..workers).map(|k| (k..xtr.len()).step_by(workers).collect()).collect();
+                let mut global = base.clone();
+                let mut line = format!("fed {workers} lr {lr} decay {decay}:");
+                for r in 1..=rounds {
+                    let lr_r = lr / (1.0 + decay * (r - 1) as f32);
+                    let mut sum_w = vec![0f64; mc.dim()];
+                    let mut sum_b = 0f64;
+                    for (k, part) in parts.iter().enumerate() {
+                        let xs: Vec<Vec<u32>> = part.iter().map(|&i| xtr[i].clone()).collect();
+                        let ys: Vec<u8> = part.iter().map(|&i| ytr[i]).collect();
+                        let mut sgd = SparseSgd::new(&global).unwrap();
+                        sgd.train(&xs, &ys, &TrainConfig { epochs, batch: 1, lr: lr_r, seed: 42 + (r as u64) * 100 + k as u64 }, |_| {});
+                        let wk = part.len() as f64;
+                        for (s, &x) in sum_w.iter_mut().zip(&sgd.weight) { *s += wk * x as f64; }
+                        sum_b += wk * sgd.bias as f64;
+                    }
+                    let n = xtr.len() as f64;
+                    let w: Vec<f32> = sum_w.iter().map(|s| (s / n) as f32).collect();
+                    global.weight = candle_core::Tensor::from_vec(w, mc.dim(), &candle_core::Device::Cpu).unwrap();
+                    global.bias = candle_core::Tensor::new(&[(sum_b / n) as f32], &candle_core::Device::Cpu).unwrap();
+                    line += &format!(" r{r}={:.4}", acc(&global));
+                }
+                println!("{line}");
+            }
+            continue;
+        }
         let lrs: Vec<f32> = std::env::var("LRS").map(|s| s.split(',').map(|x| x.parse().unwrap()).collect()).unwrap_or(vec![0.1, 0.3, 1.0]);
         let batches: Vec<usize> = std::env::var("BATCHES").map(|s| s.split(',').map(|x| x.parse().unwrap()).collect()).unwrap_or(vec![1, 32]);
         let epochs: u32 = std::env::var("EPOCHS").map(|s| s.parse().unwrap()).unwrap_or(6);

@@ -129,14 +129,13 @@ impl Checkpoint {
     /// shapes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         self.check_tensors().context("refusing to write an inconsistent checkpoint")?;
-        let bytes: Vec<(&str, Vec<u8>)> = self
+        // Safetensors stores little-endian values; on a little-endian machine (every target
+        // we build for) the f32 memory is already that byte layout, so it is viewed, not copied.
+        const _: () = assert!(cfg!(target_endian = "little"), "checkpoints assume a little-endian machine");
+        let views = self
             .tensors
             .iter()
-            .map(|(name, v)| (name.as_str(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
-            .collect();
-        let views = bytes
-            .iter()
-            .map(|(name, b)| Ok((*name, TensorView::new(Dtype::F32, vec![b.len() / 4], b)?)))
+            .map(|(name, v)| Ok((name.as_str(), TensorView::new(Dtype::F32, vec![v.len()], bytemuck::cast_slice(v))?)))
             .collect::<Result<Vec<_>>>()?;
         let meta = HashMap::from([(METADATA_KEY.to_owned(), serde_json::to_string(&self.header)?)]);
         Ok(safetensors::serialize(views, Some(meta))?)
@@ -171,7 +170,11 @@ impl Checkpoint {
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
             ensure!(view.dtype() == Dtype::F32, "{what}: tensor `{name}` has dtype {:?}, expected F32", view.dtype());
-            let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let raw = view.data();
+            let data: Vec<f32> = match bytemuck::try_cast_slice::<u8, f32>(raw) {
+                Ok(aligned) => aligned.to_vec(),
+                Err(_) => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            };
             tensors.insert(name, data);
         }
         let ck = Self { header, tensors, sha256: sha256_bytes(bytes) };
@@ -219,6 +222,11 @@ impl Checkpoint {
         &self.tensors[name]
     }
 
+    /// Takes tensor `name` out of the checkpoint without copying it.
+    pub fn take_tensor(&mut self, name: &str) -> Result<Vec<f32>> {
+        self.tensors.remove(name).with_context(|| format!("checkpoint has no tensor `{name}`"))
+    }
+
     /// A model file from a model.
     pub fn from_model(model: &Model, mut header: Header) -> Result<Self> {
         header.kind = Kind::Model;
@@ -238,6 +246,12 @@ impl Checkpoint {
         let dim = self.header.config.dim();
         let t = |name: &str, n: usize| Tensor::from_slice(self.tensor(name), n, &Device::Cpu);
         Ok(Model { config: self.header.config, weight: t(WEIGHT, dim)?, bias: t(BIAS, 1)?, nb_ratio: t(NB_RATIO, dim)? })
+    }
+
+    /// A fast CPU scorer for the model in a model file.
+    pub fn scorer(&self) -> Result<crate::model::Scorer> {
+        ensure!(self.header.kind == Kind::Model, "a {:?} file holds no model", self.header.kind);
+        Ok(crate::model::Scorer::new(self.header.config, self.tensor(WEIGHT), self.tensor(BIAS)[0], self.tensor(NB_RATIO)))
     }
 
     /// A stats file from a worker's counts.

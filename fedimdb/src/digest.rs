@@ -45,7 +45,7 @@ impl<R: Read> HashingReader<R> {
         Self { inner, hasher: Sha256::new(), bytes: 0 }
     }
     /// Bytes read so far.
-    pub fn bytes(&self) -> u64 {
+    pub fn bytes_read(&self) -> u64 {
         self.bytes
     }
     /// Hex SHA-256 of the bytes read so far.
@@ -75,7 +75,7 @@ mod tests {
         );
         let mut r = HashingReader::new(&b"abc"[..]);
         io::copy(&mut r, &mut io::sink()).unwrap();
-        assert_eq!(r.bytes(), 3);
+        assert_eq!(r.bytes_read(), 3);
         assert_eq!(r.finish(), sha256_bytes(b"abc"));
     }
 }

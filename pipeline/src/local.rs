@@ -43,7 +43,7 @@ struct RunReport {
     test: Metrics,
     seconds_total: f64,
     seconds_copier: f64,
-    /// Round 0 is the statistics round (its model is plain naive Bayes).
+    /// Round 0 is the statistics round (its model is untrained: zero weights).
     rounds: Vec<RoundSummary>,
     model: PathBuf,
 }
@@ -179,7 +179,7 @@ fn trainer_step(args: &LocalArgs, round: u32, shard: usize, logs: &Path) -> Resu
 }
 
 fn print_round(layout: &Layout, round: u32, workers: usize, report: &RoundReport, seconds: f64) -> Result<()> {
-    let what = if round == 0 { "statistics (naive Bayes)" } else { "training" };
+    let what = if round == 0 { "statistics (untrained model)" } else { "training" };
     println!("\nround {round}: {what}, {seconds:.1} s");
     println!("  {:>5}  {:>7}  {:>8}  {:>9}  {:>7}", "shard", "reviews", "loss", "local acc", "seconds");
     for shard in 0..workers {

@@ -13,7 +13,7 @@ use fedimdb::dataset::{Featurized, featurize_all, load_reviews};
 use fedimdb::featurize::FeaturizerConfig;
 use fedimdb::layout::Layout;
 use fedimdb::manifest::DataManifest;
-use fedimdb::model::{BIAS, ClassCounts, Model, ModelConfig, WEIGHT};
+use fedimdb::model::{BIAS, ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
 use fedimdb::report::UpdateReport;
 use fedimdb::train::{EpochStats, SparseSgd, TrainConfig, train_candle};
 use tracing::info;
@@ -62,17 +62,19 @@ pub fn volume(root: &Path, round: u32, shard: usize, args: &Args, device: &Devic
             base.header.round,
             round - 1
         );
-        let mut model = base.to_model()?;
-        let data = featurize_all(&reviews, model.config.featurizer);
+        let config = base.header.config;
+        let base_sha256 = base.sha256.clone();
+        let data = featurize_all(&reviews, config.featurizer);
         let tc = TrainConfig { epochs: args.epochs, batch: args.batch, lr: args.lr, seed };
-        let epochs = train(&mut model, &data, &tc, device)?;
-        let mut header = Header::new(Kind::Update, model.config, round);
+        let trained = train(base, &data, &tc, device)?;
+        let mut header = Header::new(Kind::Update, config, round);
         header.shard = Some(shard);
         header.samples = data.len() as u64;
         header.seed = Some(seed);
-        header.base_sha256 = Some(base.sha256.clone());
+        header.base_sha256 = Some(base_sha256);
         header.train = Some(serde_json::to_value(tc)?);
-        (update_checkpoint(&model, header)?, data, Some(tc), epochs)
+        let tensors = BTreeMap::from([(WEIGHT.to_owned(), trained.weight), (BIAS.to_owned(), vec![trained.bias])]);
+        (Checkpoint { header, tensors, sha256: String::new() }, data, Some(tc), trained.epochs)
     };
     let sha256 = ck.save(&out)?;
     let report = UpdateReport {
@@ -97,59 +99,77 @@ pub fn volume(root: &Path, round: u32, shard: usize, args: &Args, device: &Devic
 /// aggregator form (`--dir`) averages.
 pub fn original(data_path: &Path, out: &Path, init: Option<&Path>, args: &Args, device: &Device) -> Result<()> {
     let reviews = load_reviews(data_path, None)?;
-    let (mut model, round) = match init {
+    let (base, data) = match init {
         Some(p) => {
             let base = Checkpoint::load_kind(p, Kind::Model)?;
-            (base.to_model()?, base.header.round + 1)
+            let data = featurize_all(&reviews, base.header.config.featurizer);
+            (base, data)
         }
         None => {
             let config = model_config(args);
             let data = featurize_all(&reviews, config.featurizer);
             let counts = ClassCounts::count(config.dim(), &data.features, &data.labels);
-            (Model::from_counts(config, &counts)?, 1)
+            let model = Model::from_counts(config, &counts)?;
+            (Checkpoint::from_model(&model, Header::new(Kind::Model, config, 0))?, data)
         }
     };
-    let data = featurize_all(&reviews, model.config.featurizer);
-    let tc = TrainConfig { epochs: args.epochs, batch: args.batch, lr: args.lr, seed: args.seed };
-    train(&mut model, &data, &tc, device)?;
-    let mut header = Header::new(Kind::Model, model.config, round);
+    let mut header = base.header.clone();
+    header.round += 1;
     header.samples = data.len() as u64;
     header.seed = Some(args.seed);
+    header.shard = None;
+    header.card = None;
+    let ratio = base.tensor(NB_RATIO).to_vec();
+    let tc = TrainConfig { epochs: args.epochs, batch: args.batch, lr: args.lr, seed: args.seed };
     header.train = Some(serde_json::to_value(tc)?);
-    Checkpoint::from_model(&model, header)?.save(out)?;
+    let trained = train(base, &data, &tc, device)?;
+    let tensors = BTreeMap::from([
+        (WEIGHT.to_owned(), trained.weight),
+        (BIAS.to_owned(), vec![trained.bias]),
+        (NB_RATIO.to_owned(), ratio),
+    ]);
+    Checkpoint { header, tensors, sha256: String::new() }.save(out)?;
     info!(path = %out.display(), "model written");
     Ok(())
 }
 
-/// Trains in place on the chosen device; refuses to return a diverged model.
-fn train(model: &mut Model, data: &Featurized, tc: &TrainConfig, device: &Device) -> Result<Vec<EpochStats>> {
+/// The outcome of local training.
+struct Trained {
+    weight: Vec<f32>,
+    bias: f32,
+    epochs: Vec<EpochStats>,
+}
+
+/// Trains the model of `base` on the chosen device; refuses to return a diverged model.
+/// On the CPU the checkpoint's vectors are trained in place (no copies of the tables).
+fn train(mut base: Checkpoint, data: &Featurized, tc: &TrainConfig, device: &Device) -> Result<Trained> {
     let pb = fedimdb::logging::progress(tc.epochs as u64, "epochs");
     let log = |s: &EpochStats| {
         pb.inc(1);
         info!(epoch = s.epoch, loss = format!("{:.4}", s.loss), accuracy = format!("{:.4}", s.accuracy), seconds = format!("{:.2}", s.seconds), "epoch done");
     };
-    let stats = if device.is_cpu() {
-        let mut sgd = SparseSgd::new(model)?;
-        let stats = sgd.train(&data.features, &data.labels, tc, log);
-        sgd.write_into(model)?;
-        stats
+    let trained = if device.is_cpu() {
+        let bias = base.tensor(BIAS)[0];
+        let mut sgd = SparseSgd::from_parts(base.take_tensor(WEIGHT)?, bias, base.take_tensor(NB_RATIO)?);
+        let epochs = sgd.train(&data.features, &data.labels, tc, log);
+        Trained { weight: sgd.weight, bias: sgd.bias, epochs }
     } else {
-        train_candle(model, &data.features, &data.labels, tc, device, log)?
+        let mut model = base.to_model()?;
+        let epochs = train_candle(&mut model, &data.features, &data.labels, tc, device, log)?;
+        Trained {
+            weight: model.weight.to_device(&Device::Cpu)?.to_vec1()?,
+            bias: model.bias.to_device(&Device::Cpu)?.to_vec1::<f32>()?[0],
+            epochs,
+        }
     };
     pb.finish_and_clear();
-    if let Some(s) = stats.iter().find(|s| !s.loss.is_finite()) {
+    if let Some(s) = trained.epochs.iter().find(|s| !s.loss.is_finite()) {
         bail!("training diverged: the loss became {} in epoch {}; nothing was written. Lower --lr (now {})", s.loss, s.epoch, tc.lr);
     }
-    Ok(stats)
-}
-
-fn update_checkpoint(model: &Model, header: Header) -> Result<Checkpoint> {
-    let weight: Vec<f32> = model.weight.to_device(&Device::Cpu)?.to_vec1()?;
-    let bias: Vec<f32> = model.bias.to_device(&Device::Cpu)?.to_vec1()?;
-    if weight.iter().chain(&bias).any(|x| !x.is_finite()) {
-        bail!("training diverged: the weights hold NaN or infinity; nothing was written. Lower --lr");
+    if trained.weight.iter().any(|x| !x.is_finite()) || !trained.bias.is_finite() {
+        bail!("training diverged: the weights hold NaN or infinity; nothing was written. Lower --lr (now {})", tc.lr);
     }
-    Ok(Checkpoint { header, tensors: BTreeMap::from([(WEIGHT.to_owned(), weight), (BIAS.to_owned(), bias)]), sha256: String::new() })
+    Ok(trained)
 }
 
 fn device_name(device: &Device) -> String {

@@ -1,0 +1,42 @@
+# fedimdb: one batch workflow (copier -> rounds of trainers -> aggregator) and a server.
+# `make run` trains on this machine; `make test` runs the test suite.
+
+CARGO   ?= cargo
+ROOT    ?= runs/local
+WORKERS ?= 5
+BIN     := target/release
+
+.PHONY: all build run test bench bench-copier bench-train clippy fmt clean
+
+all: build
+
+build:
+	$(CARGO) build --release --workspace
+
+## The main job: shard the archive, train WORKERS workers by federated averaging, evaluate.
+run: build
+	$(BIN)/pipeline local --root $(ROOT) --workers $(WORKERS) --report $(ROOT)/report.json
+
+## The test suite (what CI runs).
+test:
+	$(CARGO) test --release --workspace
+
+## Benchmarks: speed and accuracy figures recorded in docs/BENCHMARKS.md.
+bench: bench-copier bench-train
+
+bench-copier: build
+	bash copier/bench.sh
+
+bench-train: build
+	bash tests/bench/train.sh
+
+clippy:
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## Removes build outputs and local runs (not the shared data).
+clean:
+	$(CARGO) clean
+	rm -rf runs

@@ -1,0 +1,142 @@
+//! The whole workflow on a reduced dataset: pipeline local drives copier, trainers and
+//! aggregator as processes; the result is checked file by file and number by number.
+
+mod common;
+
+use std::path::Path;
+
+use common::{bin, real_subset, run, synthetic, temp_files, write_archive};
+use fedimdb::checkpoint::{Checkpoint, Kind};
+use fedimdb::dataset::{featurize_all, load_reviews};
+use fedimdb::layout::Layout;
+use fedimdb::metrics::Metrics;
+use serde_json::Value;
+
+/// A few thousand real reviews when the shared archive is here, made-up ones otherwise;
+/// returns the archive, its number of training reviews and the accuracy the run must beat.
+fn small_archive(dir: &Path) -> (std::path::PathBuf, u64, f64) {
+    let path = dir.join("small.tar.gz");
+    match real_subset(750) {
+        Some(entries) => {
+            write_archive(&path, &entries);
+            (path, 1500, 0.75)
+        }
+        None => {
+            eprintln!("note: shared archive absent; using synthetic reviews");
+            write_archive(&path, &synthetic(200));
+            (path, 400, 0.95)
+        }
+    }
+}
+
+#[test]
+fn reduced_pipeline_run_learns_and_publishes_a_consistent_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (archive, train_reviews, floor) = small_archive(dir.path());
+    let root = dir.path().join("vol");
+    let report_path = dir.path().join("report.json");
+    let (out, log) = run(bin("pipeline")
+        .args(["local", "--workers", "3", "--rounds", "2", "--epochs", "4", "--hash-bits", "18", "--jobs", "2"])
+        .arg("--source")
+        .arg(&archive)
+        .arg("--root")
+        .arg(&root)
+        .arg("--report")
+        .arg(&report_path));
+    assert!(out.status.success(), "pipeline failed:\n{log}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("round 2: training") && stdout.contains("global model: test accuracy"), "{stdout}");
+
+    let report: Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let rounds = report["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3, "statistics round + 2 training rounds: {report}");
+    let first = rounds[0]["test_accuracy"].as_f64().unwrap();
+    let last = report["test_accuracy"].as_f64().unwrap();
+    assert_eq!(first, 0.5, "the untrained model of round 0 predicts one class on a balanced test set");
+    assert!(last > floor, "final test accuracy {last} is not above {floor}");
+    assert_eq!(last, rounds[2]["test_accuracy"].as_f64().unwrap());
+    assert!(report["seconds_total"].as_f64().unwrap() > 0.0);
+
+    let layout = Layout::new(&root);
+    for f in [layout.shard(0), layout.shard(2), layout.test_set(), layout.data_manifest(), layout.global_model(2), layout.round_report(2)] {
+        assert!(f.is_file(), "{} missing", f.display());
+    }
+    assert!(!layout.shard(3).exists());
+    assert!(temp_files(&root).is_empty(), "temporary files left: {:?}", temp_files(&root));
+
+    // The published model is the round-2 global model, its card says so, and scoring the
+    // test set with it here reproduces the aggregator's figure exactly.
+    let latest = Checkpoint::load_kind(&layout.latest_model(), Kind::Model).unwrap();
+    let global = Checkpoint::load_kind(&layout.global_model(2), Kind::Model).unwrap();
+    assert_eq!(latest.sha256, global.sha256);
+    let card: Value = serde_json::from_slice(&std::fs::read(layout.latest_card()).unwrap()).unwrap();
+    assert_eq!(card["round"], 2);
+    assert_eq!(card["sha256"], latest.sha256.as_str());
+    assert_eq!(card["history"].as_array().unwrap().len(), 3);
+    let model = latest.to_model().unwrap();
+    let test = load_reviews(&layout.test_set(), None).unwrap();
+    let data = featurize_all(&test, model.config.featurizer);
+    let scorer = model.scorer().unwrap();
+    let probs: Vec<f32> = data.features.iter().map(|f| scorer.probability(f)).collect();
+    let m = Metrics::compute(&probs, &data.labels);
+    assert_eq!(m.accuracy, last);
+    assert_eq!(latest.header.samples, train_reviews, "the model counts every training review once");
+}
+
+#[test]
+fn original_forms_train_loose_files_and_average_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("s.tar.gz");
+    write_archive(&archive, &synthetic(60));
+    let root = dir.path().join("vol");
+    let (out, log) = run(bin("copier").arg("--n_container").arg("2").arg("--source").arg(&archive).arg("--savedir").arg(&root));
+    assert!(out.status.success(), "{log}");
+    let layout = Layout::new(&root);
+    let workers = dir.path().join("workers");
+    for i in 0..2 {
+        let (out, log) = run(bin("trainer")
+            .arg("--data")
+            .arg(layout.shard(i))
+            .args(["--epoch", "3", "--batch", "1", "--hash-bits", "14"])
+            .arg("--savemodel")
+            .arg(workers.join(format!("w{i}.safetensors"))));
+        assert!(out.status.success(), "{log}");
+    }
+    let avg = dir.path().join("avg.safetensors");
+    let (out, log) = run(bin("aggregator").arg("--dir").arg(&workers).arg("--savefile").arg(&avg).arg("--test").arg(layout.test_set()));
+    assert!(out.status.success(), "{log}");
+    let metrics: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(metrics["accuracy"].as_f64().unwrap() > 0.9, "{metrics}");
+    let ck = Checkpoint::load_kind(&avg, Kind::Model).unwrap();
+    assert_eq!(ck.header.samples, 240, "both shards' samples are counted");
+}
+
+#[test]
+fn same_seed_gives_byte_identical_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("s.tar.gz");
+    write_archive(&archive, &synthetic(40));
+    let root = dir.path().join("vol");
+    assert!(run(bin("copier").args(["--workers", "2", "--source"]).arg(&archive).arg("--out").arg(&root)).0.status.success());
+    let layout = Layout::new(&root);
+    let train = |round: u32, shard: usize| {
+        let (out, log) = run(bin("trainer").arg("--root").arg(&root).args(["--round", &round.to_string(), "--hash-bits", "12"]).env("JOB_COMPLETION_INDEX", shard.to_string()));
+        assert!(out.status.success(), "{log}");
+    };
+    let aggregate = |round: u32| {
+        let (out, log) = run(bin("aggregator").arg("--root").arg(&root).args(["--round", &round.to_string()]));
+        assert!(out.status.success(), "{log}");
+    };
+    train(0, 0);
+    train(0, 1);
+    aggregate(0);
+    train(1, 1);
+    let first = std::fs::read(layout.update(1, 1)).unwrap();
+    train(1, 1);
+    assert_eq!(first, std::fs::read(layout.update(1, 1)).unwrap());
+    train(1, 0);
+    aggregate(1);
+    let g1 = std::fs::read(layout.global_model(1)).unwrap();
+    aggregate(1);
+    assert_eq!(g1, std::fs::read(layout.global_model(1)).unwrap(), "aggregation is deterministic");
+}
