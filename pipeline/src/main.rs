@@ -52,7 +52,7 @@ pub struct LocalArgs {
     #[arg(long, default_value_t = defaults::BATCH)]
     pub batch: usize,
     /// SGD learning rate.
-    #[arg(long, default_value_t = defaults::LR)]
+    #[arg(long, default_value_t = defaults::LR, allow_negative_numbers = true)]
     pub lr: f32,
     /// How reviews are spread over shards.
     #[arg(long, value_enum, default_value = "iid")]

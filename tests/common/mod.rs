@@ -55,7 +55,8 @@ pub fn real_subset(per_folder: usize) -> Option<Vec<Entry>> {
         let mut e = e.unwrap();
         let path = e.path().unwrap().to_string_lossy().into_owned();
         let parts: Vec<&str> = path.split('/').collect();
-        if parts.len() != 4 || !matches!(parts[1], "train" | "test") || !matches!(parts[2], "pos" | "neg") {
+        let is_review = parts.len() == 4 && parts[3].ends_with(".txt");
+        if !is_review || !matches!(parts[1], "train" | "test") || !matches!(parts[2], "pos" | "neg") {
             continue;
         }
         let key = format!("{}/{}", parts[1], parts[2]);

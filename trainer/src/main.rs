@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long, default_value_t = defaults::BATCH)]
     pub batch: usize,
     /// SGD learning rate.
-    #[arg(long, default_value_t = defaults::LR)]
+    #[arg(long, default_value_t = defaults::LR, allow_negative_numbers = true)]
     pub lr: f32,
     /// Seed of the shuffling; combined with round and shard.
     #[arg(long, default_value_t = 42)]
