@@ -6,7 +6,7 @@ ROOT    ?= runs/local
 WORKERS ?= 5
 BIN     := target/release
 
-.PHONY: all build run test bench bench-copier bench-train clippy fmt clean
+.PHONY: all build run serve test bench bench-copier bench-train clippy fmt clean
 
 all: build
 
@@ -16,6 +16,13 @@ build:
 ## The main job: shard the archive, train WORKERS workers by federated averaging, evaluate.
 run: build
 	$(BIN)/pipeline local --root $(ROOT) --workers $(WORKERS) --report $(ROOT)/report.json
+	@echo "Serving the model just trained at http://localhost:8080 (Ctrl-C stops the server)"
+	$(BIN)/server --root $(ROOT)
+
+## Serves the model of an existing run folder at http://localhost:8080.
+serve: build
+	@echo "Serving $(ROOT) at http://localhost:8080 (Ctrl-C stops the server)"
+	$(BIN)/server --root $(ROOT)
 
 ## The test suite (what CI runs).
 test:

@@ -1,0 +1,248 @@
+//! The Open Inference Protocol (KServe v2) over REST: health, metadata and inference, so
+//! KServe tooling and Triton's HTTP client can call the model unchanged.
+//!
+//! One model, `fedimdb`, version = the training round of the served model. It takes one
+//! input, `text`: a BYTES tensor of reviews, shape `[N]` or `[N, 1]`, and returns one
+//! output, `probability`: FP32, the same shape, the probability that each review is
+//! positive. Errors are `{"error": "..."}` with a 4xx status for the client's mistakes.
+//! JSON only: the binary tensor extension is refused with a 400 that says so.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::api::{MODEL_NAME, check_texts, not_ready};
+use crate::error::{ApiError, V2JsonBody};
+
+pub const INPUT_NAME: &str = "text";
+pub const OUTPUT_NAME: &str = "probability";
+
+/// `GET /v2/health/live`: the process answers.
+pub async fn live() -> Json<Value> {
+    Json(json!({ "live": true }))
+}
+
+fn readiness(state: &AppState) -> (bool, Value) {
+    let m = state.models.current();
+    let body = json!({
+        "ready": m.is_some(),
+        "model_version": m.as_ref().map(|m| m.version.clone()),
+        "model_sha256": m.as_ref().map(|m| m.sha256.clone()),
+        "last_reload_error": state.models.last_error(),
+    });
+    (m.is_some(), body)
+}
+
+/// `GET /v2/health/ready`: 200 while a model serves (also while a newer one failed to load:
+/// the old one still answers, and the body's `last_reload_error` says what failed); 503
+/// before any model has loaded.
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let (ok, body) = readiness(&state);
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+/// `GET /v2`: server metadata.
+pub async fn server_metadata() -> Json<Value> {
+    Json(json!({ "name": "fedimdb-server", "version": env!("CARGO_PKG_VERSION"), "extensions": [] }))
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    if name == MODEL_NAME {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!("unknown model {name:?}: this server serves {MODEL_NAME:?}")))
+    }
+}
+
+/// The served model if `version` (when given) is its version.
+fn check_version(state: &AppState, version: Option<&str>) -> Result<Arc<crate::state::LoadedModel>, ApiError> {
+    let m = state.models.current().ok_or_else(|| not_ready(state))?;
+    match version {
+        Some(v) if v != m.version => {
+            Err(ApiError::not_found(format!("model {MODEL_NAME:?} has no version {v:?}: version {:?} is served", m.version)))
+        }
+        _ => Ok(m),
+    }
+}
+
+fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Value>, ApiError> {
+    check_name(name)?;
+    let m = check_version(state, version)?;
+    Ok(Json(json!({
+        "name": MODEL_NAME,
+        "versions": [m.version],
+        "platform": "fedimdb_nblr",
+        "inputs": [{ "name": INPUT_NAME, "datatype": "BYTES", "shape": [-1] }],
+        "outputs": [{ "name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1] }],
+    })))
+}
+
+/// `GET /v2/models/{name}`: model metadata.
+pub async fn model_metadata(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    metadata(&state, &name, None)
+}
+
+/// `GET /v2/models/{name}/versions/{version}`.
+pub async fn model_metadata_version(
+    State(state): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    metadata(&state, &name, Some(&version))
+}
+
+fn model_readiness(state: &AppState, name: &str, version: Option<&str>) -> Result<Response, ApiError> {
+    check_name(name)?;
+    if let Some(v) = version {
+        check_version(state, Some(v))?;
+    }
+    let (ok, _) = readiness(state);
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    Ok((status, Json(json!({ "name": MODEL_NAME, "ready": ok })))).into_response())
+}
+
+/// `GET /v2/models/{name}/ready`.
+pub async fn model_ready(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    model_readiness(&state, &name, None)
+}
+
+/// `GET /v2/models/{name}/versions/{version}/ready`.
+pub async fn model_ready_version(
+    State(state): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    model_readiness(&state, &name, Some(&version))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InferRequest {
+    pub id: Option<String>,
+    pub parameters: Option<serde_json::Map<String, Value>>,
+    pub inputs: Vec<InferInput>,
+    pub outputs: Option<Vec<RequestedOutput>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct InferInput {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub datatype: String,
+    pub parameters: Option<serde_json::Map<String, Value>>,
+    pub data: Value,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestedOutput {
+    pub name: String,
+    pub parameters: Option<serde_json::Map<String, Value>>,
+}
+
+fn wants_binary(params: Option<&serde_json::Map<String, Value>>, key: &str) -> bool {
+    params.and_then(|p| p.get(key)).and_then(Value::as_bool).unwrap_or(false)
+}
+
+/// Checks an inference request and returns its texts and shape.
+pub fn parse_infer(req: InferRequest) -> Result<(Vec<String>, Vec<i64>), ApiError> {
+    const BINARY: &str = "the binary tensor extension is not supported: send the data as JSON (Triton client: binary_data=False)";
+    if wants_binary(req.parameters.as_ref(), "binary_data_output") {
+        return Err(ApiError::bad_request(BINARY));
+    }
+    for o in req.outputs.iter().flatten() {
+        if o.name != OUTPUT_NAME {
+            return Err(ApiError::bad_request(format!("unknown output {:?}: this model has one output, {OUTPUT_NAME:?}", o.name)));
+        }
+        if wants_binary(o.parameters.as_ref(), "binary_data") {
+            return Err(ApiError::bad_request(BINARY));
+        }
+    }
+    let [input] = <[InferInput; 1]>::try_from(req.inputs).map_err(|v| {
+        ApiError::bad_request(format!("{} inputs given: this model takes exactly one, {INPUT_NAME:?}", v.len()))
+    })?;
+    if input.name != INPUT_NAME {
+        return Err(ApiError::bad_request(format!("unknown input {:?}: this model takes one input, {INPUT_NAME:?}", input.name)));
+    }
+    if input.datatype != "BYTES" {
+        return Err(ApiError::bad_request(format!("input {INPUT_NAME:?} has datatype {:?}, expected \"BYTES\"", input.datatype)));
+    }
+    if input.parameters.as_ref().and_then(|p| p.get("binary_data_size")).is_some() {
+        return Err(ApiError::bad_request(BINARY));
+    }
+    let n = match input.shape.as_slice() {
+        [n] | [n, 1] if *n >= 0 => *n as usize,
+        s => return Err(ApiError::bad_request(format!("input {INPUT_NAME:?} has shape {s:?}, expected [N] or [N, 1]"))),
+    };
+    let Value::Array(items) = input.data else {
+        return Err(ApiError::bad_request(format!("input {INPUT_NAME:?}: \"data\" must be an array of strings")));
+    };
+    // Data may be flat or nested to the shape ([[s], [s]] for [N, 1]).
+    let mut texts = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let item = match item {
+            Value::Array(mut inner) if inner.len() == 1 && input.shape.len() == 2 => inner.pop().unwrap_or(Value::Null),
+            other => other,
+        };
+        match item {
+            Value::String(s) => texts.push(s),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "input {INPUT_NAME:?}: element {i} is {}, expected a string",
+                    match other {
+                        Value::Null => "null",
+                        Value::Bool(_) => "a boolean",
+                        Value::Number(_) => "a number",
+                        Value::Array(_) => "an array",
+                        Value::Object(_) => "an object",
+                        Value::String(_) => "a string",
+                    }
+                )));
+            }
+        }
+    }
+    if texts.len() != n {
+        return Err(ApiError::bad_request(format!(
+            "input {INPUT_NAME:?} has shape {:?} but {} elements in \"data\"",
+            input.shape,
+            texts.len()
+        )));
+    }
+    Ok((texts, input.shape))
+}
+
+async fn infer_inner(state: Arc<AppState>, name: &str, version: Option<&str>, req: InferRequest) -> Result<Json<Value>, ApiError> {
+    check_name(name)?;
+    check_version(&state, version)?;
+    let id = req.id.clone();
+    let (texts, shape) = parse_infer(req)?;
+    check_texts(&state, &texts)?;
+    let scored = state.batcher.score(texts, None, &state.metrics).await?;
+    let data: Vec<f32> = scored.predictions.iter().map(|p| p.probability).collect();
+    let mut out = json!({
+        "model_name": MODEL_NAME,
+        "model_version": scored.model.version,
+        "outputs": [{ "name": OUTPUT_NAME, "shape": shape, "datatype": "FP32", "data": data }],
+    });
+    if let Some(id) = id {
+        out["id"] = Value::String(id);
+    }
+    Ok(Json(out))
+}
+
+/// `POST /v2/models/{name}/infer`.
+pub async fn infer(State(state): State<Arc<AppState>>, Path(name): Path<String>, V2JsonBody(req): V2JsonBody<InferRequest>) -> Result<Json<Value>, ApiError> {
+    infer_inner(state, &name, None, req).await
+}
+
+/// `POST /v2/models/{name}/versions/{version}/infer`.
+pub async fn infer_version(
+    State(state): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+    V2JsonBody(req): V2JsonBody<InferRequest>,
+) -> Result<Json<Value>, ApiError> {
+    infer_inner(state, &name, Some(&version), req).await
+}

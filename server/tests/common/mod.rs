@@ -1,0 +1,210 @@
+//! Helpers for the server tests: small models on a temporary volume, an in-process server on
+//! 127.0.0.1:0, and a tiny HTTP/1.1 client over `TcpStream` (full control over bytes,
+//! headers and timing, which the bad-input tests need; no client crate required).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use fedimdb::checkpoint::{Checkpoint, Header, Kind, ModelCard, RoundPoint};
+use fedimdb::featurize::{Featurizer, FeaturizerConfig};
+use fedimdb::layout::Layout;
+use fedimdb::model::{BIAS, ClassCounts, ModelConfig, NB_RATIO, WEIGHT};
+use fedimdb::report::LatestCard;
+use fedimdb::reviews::Review;
+use serde_json::Value;
+
+pub const POSITIVE: &str = "A wonderful, moving film. I loved the great acting and the superb story!";
+pub const NEGATIVE: &str = "An awful, boring film. I hated the terrible acting and the dull story.";
+
+fn config() -> ModelConfig {
+    ModelConfig { featurizer: FeaturizerConfig { hash_bits: 14, max_ngram: 2 }, nb_smoothing: 1.0 }
+}
+
+/// A small naive-Bayes model (weights `scale`) counted from made-up reviews, as a model
+/// file of round `round`.
+pub fn tiny_model(round: u32, scale: f32) -> Checkpoint {
+    let cfg = config();
+    let mut f = Featurizer::new(cfg.featurizer);
+    let pos = ["wonderful great film loved it", "superb moving story great acting", "loved this brilliant film"];
+    let neg = ["awful boring film hated it", "terrible dull story bad acting", "hated this waste of a film"];
+    let docs: Vec<Vec<u32>> = pos.iter().chain(&neg).map(|t| f.features(t)).collect();
+    let labels = [1, 1, 1, 0, 0, 0];
+    let counts = ClassCounts::count(cfg.dim(), &docs, &labels);
+    let mut header = Header::new(Kind::Model, cfg, round);
+    header.samples = 6;
+    header.card = Some(card(round));
+    let tensors = BTreeMap::from([
+        (WEIGHT.to_owned(), vec![scale; cfg.dim()]),
+        (BIAS.to_owned(), vec![0.0]),
+        (NB_RATIO.to_owned(), counts.nb_ratio(cfg.nb_smoothing)),
+    ]);
+    Checkpoint { header, tensors, sha256: String::new() }
+}
+
+pub fn card(round: u32) -> ModelCard {
+    ModelCard {
+        workers: 2,
+        partition: "iid".into(),
+        alpha: None,
+        train_samples: 6,
+        history: (1..=round.max(1)).map(|r| RoundPoint { round: r, test_accuracy: 0.7 + 0.01 * r as f64 }).collect(),
+        metrics: BTreeMap::from([("accuracy".to_owned(), 0.7 + 0.01 * round as f64)]),
+    }
+}
+
+/// Publishes a model the way the aggregator does: the model file, then the card naming its
+/// sha256, both written atomically.
+pub fn publish(root: &Path, ck: &Checkpoint) -> String {
+    let layout = Layout::new(root);
+    std::fs::create_dir_all(layout.model_dir()).unwrap();
+    let sha = ck.save(&layout.latest_model()).unwrap();
+    let card = LatestCard { round: ck.header.round, sha256: sha.clone(), trained_at: "2026-01-02T03:04:05Z".into(), card: card(ck.header.round) };
+    fedimdb::atomic::write_json_atomic(&layout.latest_card(), &card).unwrap();
+    sha
+}
+
+/// Writes a small test set for `/api/sample`.
+pub fn write_test_set(root: &Path) {
+    let layout = Layout::new(root);
+    std::fs::create_dir_all(layout.data_dir()).unwrap();
+    let reviews = vec![
+        Review { id: "test/pos/1_9".into(), rating: 9, label: 1, text: POSITIVE.into() },
+        Review { id: "test/neg/2_2".into(), rating: 2, label: 0, text: NEGATIVE.into() },
+    ];
+    fedimdb::reviews::write_parquet(&layout.test_set(), &reviews).unwrap();
+}
+
+/// A server running in-process on 127.0.0.1:0 over a temporary root.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub root: tempfile::TempDir,
+    server: Option<server::Server>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl TestServer {
+    /// A root holding a published tiny model (round 1) and a test set, served with
+    /// `adjust` applied to the default config.
+    pub fn start(adjust: impl FnOnce(&mut server::Config)) -> Self {
+        let root = tempfile::tempdir().unwrap();
+        publish(root.path(), &tiny_model(1, 1.0));
+        write_test_set(root.path());
+        Self::start_on(root, adjust)
+    }
+
+    pub fn start_on(root: tempfile::TempDir, adjust: impl FnOnce(&mut server::Config)) -> Self {
+        let mut config = server::Config::new(server::ModelSource::Root(root.path().to_path_buf()));
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.workers = 2;
+        config.poll_interval = Duration::from_millis(50);
+        adjust(&mut config);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let server = rt.block_on(server::start(config)).expect("server starts");
+        Self { addr: server.addr, root, server: Some(server), rt }
+    }
+
+    pub fn state(&self) -> &std::sync::Arc<server::AppState> {
+        &self.server.as_ref().unwrap().state
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        request(self.addr, "GET", path, &[], b"")
+    }
+
+    pub fn post_json(&self, path: &str, body: &Value) -> Resp {
+        request(self.addr, "POST", path, &[("Content-Type", "application/json")], body.to_string().as_bytes())
+    }
+
+    pub fn post_raw(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        request(self.addr, "POST", path, headers, body)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            let _ = self.rt.block_on(s.stop());
+        }
+    }
+}
+
+/// A response: status, lower-cased headers, body.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("status {} body is not JSON ({e}): {}", self.status, self.text()))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+    /// The `error` message of a JSON error body (asserting there is one).
+    pub fn error(&self) -> String {
+        let v = self.json();
+        v["error"].as_str().unwrap_or_else(|| panic!("no error message in {v}")).to_owned()
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`).
+pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    head += "\r\n";
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    read_response(&mut s)
+}
+
+/// Reads a whole response from a connection the server closes after it.
+pub fn read_response(s: &mut TcpStream) -> Resp {
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    parse_response(&raw)
+}
+
+pub fn parse_response(raw: &[u8]) -> Resp {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[end + 4..].to_vec();
+    if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")) {
+        body = dechunk(&body);
+    }
+    Resp { status, headers, body }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else { break };
+        let size_text = String::from_utf8_lossy(&b[..nl]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + size]);
+        b = &b[nl + 2 + size + 2..];
+    }
+    out
+}
