@@ -18,7 +18,8 @@ use indicatif::ProgressBar;
 /// Where the dataset's authors publish it.
 pub const OFFICIAL_URL: &str = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz";
 /// SHA-256 of the official `aclImdb_v1.tar.gz`.
-pub const OFFICIAL_SHA256: &str = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe";
+pub const OFFICIAL_SHA256: &str =
+    "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe";
 /// The name the archive is kept under in the target folder.
 pub const FILE_NAME: &str = "aclImdb_v1.tar.gz";
 
@@ -38,7 +39,8 @@ pub fn download(to: &Path, url: &str, sha256: &str) -> Result<Outcome> {
         "--sha256 must be 64 hexadecimal digits, got {sha256:?}"
     );
     let created = !to.exists();
-    std::fs::create_dir_all(to).with_context(|| format!("cannot create the download folder {}", to.display()))?;
+    std::fs::create_dir_all(to)
+        .with_context(|| format!("cannot create the download folder {}", to.display()))?;
     let result = fetch(to, url, &expected);
     if result.is_err() && created {
         // Leave no empty folder behind from a failed download.
@@ -55,7 +57,10 @@ fn fetch(to: &Path, url: &str, expected: &str) -> Result<Outcome> {
         if have == expected {
             return Ok(Outcome::AlreadyPresent(dest));
         }
-        tracing::warn!("{} has sha256 {have}, expected {expected}; downloading it again", dest.display());
+        tracing::warn!(
+            "{} has sha256 {have}, expected {expected}; downloading it again",
+            dest.display()
+        );
     }
 
     tracing::info!("downloading {url}");
@@ -77,8 +82,12 @@ fn fetch(to: &Path, url: &str, expected: &str) -> Result<Outcome> {
 
     let mut mismatch: Option<String> = None;
     let written = write_atomic(&dest, |w| {
-        let mut reader = HashingReader::new(ProgressRead { inner: body.into_reader(), pb: pb.clone() });
-        io::copy(&mut reader, w).with_context(|| format!("the download from {url} was interrupted"))?;
+        let mut reader = HashingReader::new(ProgressRead {
+            inner: body.into_reader(),
+            pb: pb.clone(),
+        });
+        io::copy(&mut reader, w)
+            .with_context(|| format!("the download from {url} was interrupted"))?;
         let got = reader.finish();
         if got != expected {
             mismatch = Some(got);
@@ -120,7 +129,9 @@ mod tests {
     #[test]
     fn malformed_hash_is_refused_before_any_network_access() {
         let dir = tempfile::tempdir().unwrap();
-        let err = download(dir.path(), "http://127.0.0.1:9/x", "abc").unwrap_err().to_string();
+        let err = download(dir.path(), "http://127.0.0.1:9/x", "abc")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("64 hexadecimal digits"), "{err}");
     }
 

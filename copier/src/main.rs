@@ -99,9 +99,14 @@ fn main() -> std::process::ExitCode {
 fn run_download(args: DownloadArgs) -> Result<()> {
     match download::download(&args.to, &args.url, &args.sha256)? {
         download::Outcome::AlreadyPresent(p) => {
-            println!("{} is already present with the expected sha256; nothing to download", p.display())
+            println!(
+                "{} is already present with the expected sha256; nothing to download",
+                p.display()
+            )
         }
-        download::Outcome::Downloaded(p) => println!("downloaded {} (sha256 verified)", p.display()),
+        download::Outcome::Downloaded(p) => {
+            println!("downloaded {} (sha256 verified)", p.display())
+        }
     }
     Ok(())
 }
@@ -176,7 +181,13 @@ fn run_shard(args: ShardArgs) -> Result<()> {
     let n_test = data.test.len();
     let manifest = write::write_all(&layout, data.source, &settings, shards, data.test)?;
     for s in &manifest.shards {
-        tracing::info!("{}: {} reviews ({} positive, {} negative)", s.file, s.rows, s.positive, s.negative);
+        tracing::info!(
+            "{}: {} reviews ({} positive, {} negative)",
+            s.file,
+            s.rows,
+            s.positive,
+            s.negative
+        );
     }
     println!(
         "wrote {} {} shards ({n_train} training reviews) and test.parquet ({n_test} reviews) to {}",
@@ -192,6 +203,10 @@ fn take_shards(train: Vec<Review>, indices: &[Vec<usize>]) -> Vec<Vec<Review>> {
     let mut slots: Vec<Option<Review>> = train.into_iter().map(Some).collect();
     indices
         .iter()
-        .map(|idx| idx.iter().map(|&i| slots[i].take().expect("partition places each review once")).collect())
+        .map(|idx| {
+            idx.iter()
+                .map(|&i| slots[i].take().expect("partition places each review once"))
+                .collect()
+        })
         .collect()
 }

@@ -24,15 +24,23 @@ use rand_distr::{Beta, Distribution, Gamma};
 pub enum PartitionError {
     #[error("--workers must be at least 1 (one shard per worker)")]
     NoWorkers,
-    #[error("--workers {workers} is more than the {reviews} training reviews; every shard needs at least one review, so lower --workers")]
+    #[error(
+        "--workers {workers} is more than the {reviews} training reviews; every shard needs at least one review, so lower --workers"
+    )]
     TooManyWorkers { workers: usize, reviews: usize },
-    #[error("--alpha must be a positive finite number (got {0}); typical values are 0.1 (strong label skew) to 10 (nearly IID)")]
+    #[error(
+        "--alpha must be a positive finite number (got {0}); typical values are 0.1 (strong label skew) to 10 (nearly IID)"
+    )]
     BadAlpha(f64),
     #[error(
         "the Dirichlet partition left at least one of the {workers} shards empty in all {attempts} draws with alpha {alpha}; \
          raise --alpha (less skew) or lower --workers"
     )]
-    EmptyShard { workers: usize, alpha: f64, attempts: usize },
+    EmptyShard {
+        workers: usize,
+        alpha: f64,
+        attempts: usize,
+    },
 }
 
 /// How many Dirichlet draws are tried before giving up on finding one with no empty shard.
@@ -44,14 +52,21 @@ fn check(n: usize, workers: usize) -> Result<(), PartitionError> {
         return Err(PartitionError::NoWorkers);
     }
     if workers > n {
-        return Err(PartitionError::TooManyWorkers { workers, reviews: n });
+        return Err(PartitionError::TooManyWorkers {
+            workers,
+            reviews: n,
+        });
     }
     Ok(())
 }
 
 /// Checks `--alpha`: positive and finite (NaN fails the comparison).
 pub fn check_alpha(alpha: f64) -> Result<(), PartitionError> {
-    if alpha > 0.0 && alpha.is_finite() && alpha.is_normal() { Ok(()) } else { Err(PartitionError::BadAlpha(alpha)) }
+    if alpha > 0.0 && alpha.is_finite() && alpha.is_normal() {
+        Ok(())
+    } else {
+        Err(PartitionError::BadAlpha(alpha))
+    }
 }
 
 /// Indices of each label value, ascending by label, each list in canonical order.
@@ -148,7 +163,11 @@ pub fn counts_from_proportions(m: usize, p: &[f64]) -> Vec<usize> {
     let (mut cum, mut prev) = (0.0, 0usize);
     for (k, x) in p.iter().enumerate() {
         cum += x;
-        let bound = if k + 1 == p.len() { m } else { ((m as f64 * cum).round() as usize).clamp(prev, m) };
+        let bound = if k + 1 == p.len() {
+            m
+        } else {
+            ((m as f64 * cum).round() as usize).clamp(prev, m)
+        };
         counts.push(bound - prev);
         prev = bound;
     }
@@ -162,7 +181,12 @@ pub fn counts_from_proportions(m: usize, p: &[f64]) -> Vec<usize> {
 /// cut into consecutive runs of those sizes. A draw that leaves a shard with no items at
 /// all is discarded and the next draw from the same generator is tried (so the result is
 /// still a function of the seed), up to [`MAX_ATTEMPTS`]. Each shard is finally shuffled.
-pub fn dirichlet(labels: &[u8], workers: usize, alpha: f64, seed: u64) -> Result<Vec<Vec<usize>>, PartitionError> {
+pub fn dirichlet(
+    labels: &[u8],
+    workers: usize,
+    alpha: f64,
+    seed: u64,
+) -> Result<Vec<Vec<usize>>, PartitionError> {
     check(labels.len(), workers)?;
     check_alpha(alpha)?;
     let mut rng = StdRng::seed_from_u64(seed);
@@ -179,7 +203,10 @@ pub fn dirichlet(labels: &[u8], workers: usize, alpha: f64, seed: u64) -> Result
                 break;
             };
             let mut rest = group.as_slice();
-            for (shard, count) in shards.iter_mut().zip(counts_from_proportions(group.len(), &p)) {
+            for (shard, count) in shards
+                .iter_mut()
+                .zip(counts_from_proportions(group.len(), &p))
+            {
                 let (head, tail) = rest.split_at(count);
                 shard.extend_from_slice(head);
                 rest = tail;
@@ -192,7 +219,11 @@ pub fn dirichlet(labels: &[u8], workers: usize, alpha: f64, seed: u64) -> Result
             return Ok(shards);
         }
     }
-    Err(PartitionError::EmptyShard { workers, alpha, attempts: MAX_ATTEMPTS })
+    Err(PartitionError::EmptyShard {
+        workers,
+        alpha,
+        attempts: MAX_ATTEMPTS,
+    })
 }
 
 #[cfg(test)]
@@ -209,7 +240,10 @@ mod tests {
         for &i in shards.iter().flatten() {
             seen[i] += 1;
         }
-        assert!(seen.iter().all(|&c| c == 1), "some item is missing or repeated");
+        assert!(
+            seen.iter().all(|&c| c == 1),
+            "some item is missing or repeated"
+        );
     }
 
     fn spread(xs: impl Iterator<Item = usize>) -> usize {
@@ -219,14 +253,27 @@ mod tests {
 
     #[test]
     fn iid_sizes_and_label_counts_are_within_one() {
-        for (n, pos_every, workers) in [(1000, 2, 5), (1003, 3, 7), (10, 2, 10), (17, 5, 4), (1, 1, 1), (25, 1, 4)] {
+        for (n, pos_every, workers) in [
+            (1000, 2, 5),
+            (1003, 3, 7),
+            (10, 2, 10),
+            (17, 5, 4),
+            (1, 1, 1),
+            (25, 1, 4),
+        ] {
             let l = labels(n, pos_every);
             let shards = iid(&l, workers, 42).unwrap();
             assert_eq!(shards.len(), workers);
             assert_exactly_once(&shards, n);
             assert!(spread(shards.iter().map(Vec::len)) <= 1, "{n} {workers}");
             for label in [0, 1] {
-                assert!(spread(shards.iter().map(|s| s.iter().filter(|&&i| l[i] == label).count())) <= 1);
+                assert!(
+                    spread(
+                        shards
+                            .iter()
+                            .map(|s| s.iter().filter(|&&i| l[i] == label).count())
+                    ) <= 1
+                );
             }
         }
     }
@@ -237,7 +284,10 @@ mod tests {
         assert_eq!(iid(&l, 4, 7).unwrap(), iid(&l, 4, 7).unwrap());
         assert_ne!(iid(&l, 4, 7).unwrap(), iid(&l, 4, 8).unwrap());
         let shard = &iid(&l, 1, 7).unwrap()[0];
-        assert!(shard.windows(2).any(|w| w[0] > w[1]), "shard rows are not shuffled");
+        assert!(
+            shard.windows(2).any(|w| w[0] > w[1]),
+            "shard rows are not shuffled"
+        );
         // Labels are mixed within a shard, not all negatives then all positives.
         let first_half_pos = shard[..250].iter().filter(|&&i| l[i] == 1).count();
         assert!((60..190).contains(&first_half_pos), "{first_half_pos}");
@@ -247,22 +297,47 @@ mod tests {
     fn bad_worker_counts_and_alphas_are_refused() {
         let l = labels(10, 2);
         assert_eq!(iid(&l, 0, 1), Err(PartitionError::NoWorkers));
-        assert_eq!(iid(&l, 11, 1), Err(PartitionError::TooManyWorkers { workers: 11, reviews: 10 }));
-        assert_eq!(dirichlet(&l, 11, 0.5, 1), Err(PartitionError::TooManyWorkers { workers: 11, reviews: 10 }));
+        assert_eq!(
+            iid(&l, 11, 1),
+            Err(PartitionError::TooManyWorkers {
+                workers: 11,
+                reviews: 10
+            })
+        );
+        assert_eq!(
+            dirichlet(&l, 11, 0.5, 1),
+            Err(PartitionError::TooManyWorkers {
+                workers: 11,
+                reviews: 10
+            })
+        );
         for a in [0.0, -1.0, f64::INFINITY, 1e-320] {
             assert_eq!(dirichlet(&l, 2, a, 1), Err(PartitionError::BadAlpha(a)));
         }
-        assert!(matches!(dirichlet(&l, 2, f64::NAN, 1), Err(PartitionError::BadAlpha(_))));
+        assert!(matches!(
+            dirichlet(&l, 2, f64::NAN, 1),
+            Err(PartitionError::BadAlpha(_))
+        ));
     }
 
     #[test]
     fn dirichlet_covers_exactly_once_without_empty_shards_and_is_deterministic() {
-        for (n, workers, alpha) in [(2000, 5, 0.5), (2000, 10, 0.1), (300, 3, 0.05), (50, 1, 0.5), (40, 20, 1.0), (1000, 4, 100.0)] {
+        for (n, workers, alpha) in [
+            (2000, 5, 0.5),
+            (2000, 10, 0.1),
+            (300, 3, 0.05),
+            (50, 1, 0.5),
+            (40, 20, 1.0),
+            (1000, 4, 100.0),
+        ] {
             let l = labels(n, 2);
             let shards = dirichlet(&l, workers, alpha, 42).unwrap();
             assert_eq!(shards.len(), workers);
             assert_exactly_once(&shards, n);
-            assert!(shards.iter().all(|s| !s.is_empty()), "{n} {workers} {alpha}");
+            assert!(
+                shards.iter().all(|s| !s.is_empty()),
+                "{n} {workers} {alpha}"
+            );
             assert_eq!(shards, dirichlet(&l, workers, alpha, 42).unwrap());
             assert_ne!(shards, dirichlet(&l, workers, alpha, 43).unwrap());
         }
@@ -281,21 +356,37 @@ mod tests {
                 })
                 .fold(0.0, f64::max)
         };
-        assert!(max_imbalance(0.1) > 0.3, "alpha 0.1 should give label-skewed shards");
-        assert!(max_imbalance(1000.0) < 0.05, "alpha 1000 should be nearly balanced");
+        assert!(
+            max_imbalance(0.1) > 0.3,
+            "alpha 0.1 should give label-skewed shards"
+        );
+        assert!(
+            max_imbalance(1000.0) < 0.05,
+            "alpha 1000 should be nearly balanced"
+        );
     }
 
     #[test]
     fn impossible_dirichlet_fails_with_advice() {
         let l = labels(30, 2);
         let err = dirichlet(&l, 30, 0.001, 1).unwrap_err();
-        assert_eq!(err, PartitionError::EmptyShard { workers: 30, alpha: 0.001, attempts: MAX_ATTEMPTS });
+        assert_eq!(
+            err,
+            PartitionError::EmptyShard {
+                workers: 30,
+                alpha: 0.001,
+                attempts: MAX_ATTEMPTS
+            }
+        );
         assert!(err.to_string().contains("raise --alpha"));
     }
 
     #[test]
     fn cumulative_rounding_sums_exactly() {
-        assert_eq!(counts_from_proportions(10, &[0.25, 0.25, 0.5]), vec![3, 2, 5]);
+        assert_eq!(
+            counts_from_proportions(10, &[0.25, 0.25, 0.5]),
+            vec![3, 2, 5]
+        );
         assert_eq!(counts_from_proportions(7, &[1.0]), vec![7]);
         assert_eq!(counts_from_proportions(3, &[0.0, 0.0, 1.0]), vec![0, 0, 3]);
         let p = [0.1234, 0.3, 0.0001, 0.5765];

@@ -66,7 +66,11 @@ pub fn kind_of(path: &Path) -> Result<SourceKind> {
             path.display()
         )
     })?;
-    Ok(if meta.is_dir() { SourceKind::Folder } else { SourceKind::Archive })
+    Ok(if meta.is_dir() {
+        SourceKind::Folder
+    } else {
+        SourceKind::Archive
+    })
 }
 
 /// The SHA-256 that identifies a source in the manifest, without parsing it: for an
@@ -90,8 +94,16 @@ pub fn read(path: &Path) -> Result<Dataset> {
         SourceKind::Folder => read_folder(path)?,
     };
     let (train, test) = split(entries);
-    let source = SourceInfo { path: path.display().to_string(), kind: kind.name().to_owned(), sha256 };
-    Ok(Dataset { train, test, source })
+    let source = SourceInfo {
+        path: path.display().to_string(),
+        kind: kind.name().to_owned(),
+        sha256,
+    };
+    Ok(Dataset {
+        train,
+        test,
+        source,
+    })
 }
 
 /// The two splits of the dataset, in canonical order.
@@ -136,7 +148,11 @@ struct Parsed {
 /// Where a path lies in the dataset layout.
 enum Place<'a> {
     /// In `{train,test}/{pos,neg}/`: a review file.
-    Review { split: Split, label: u8, file: &'a str },
+    Review {
+        split: Split,
+        label: u8,
+        file: &'a str,
+    },
     /// Anything else (README, vocabulary, `train/unsup/`, `*.feat`, folders): skipped.
     Other,
 }
@@ -146,7 +162,10 @@ enum Place<'a> {
 /// the `aclImdb/` contents (`train/pos/123_9.txt`). Hidden files (`._123_9.txt` from
 /// macOS tar, `.DS_Store`) are skipped.
 fn place(path: &str) -> Place<'_> {
-    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
     let n = parts.len();
     if n < 3 || (n > 3 && parts[n - 4] != "aclImdb") {
         return Place::Other;
@@ -171,7 +190,13 @@ fn place(path: &str) -> Place<'_> {
 /// Turns a raw entry into a review, checking its name, rating and encoding. `origin` is
 /// the source path, named in every error together with the entry.
 fn parse(raw: RawEntry, origin: &Path) -> Result<Parsed> {
-    let RawEntry { name, split, label, file, bytes } = raw;
+    let RawEntry {
+        name,
+        split,
+        label,
+        file,
+        bytes,
+    } = raw;
     let bad_name = || {
         anyhow!(
             "{name} in {}: a review file name must be ID_RATING.txt (e.g. 123_9.txt); \
@@ -181,7 +206,8 @@ fn parse(raw: RawEntry, origin: &Path) -> Result<Parsed> {
     };
     let stem = file.strip_suffix(".txt").ok_or_else(bad_name)?;
     let (number, rating) = stem.split_once('_').ok_or_else(bad_name)?;
-    let all_digits = |s: &str| !s.is_empty() && s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit());
+    let all_digits =
+        |s: &str| !s.is_empty() && s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit());
     if !all_digits(number) || !all_digits(rating) {
         return Err(bad_name());
     }
@@ -214,10 +240,26 @@ fn parse(raw: RawEntry, origin: &Path) -> Result<Parsed> {
             e.utf8_error().valid_up_to()
         )
     })?;
-    let split_name = if split == Split::Train { "train" } else { "test" };
+    let split_name = if split == Split::Train {
+        "train"
+    } else {
+        "test"
+    };
     let folder = if label == POSITIVE { "pos" } else { "neg" };
-    let review = Review { id: format!("{split_name}/{folder}/{number}"), rating, label, text };
-    Ok(Parsed { key: Key { split, label, number }, review })
+    let review = Review {
+        id: format!("{split_name}/{folder}/{number}"),
+        rating,
+        label,
+        text,
+    };
+    Ok(Parsed {
+        key: Key {
+            split,
+            label,
+            number,
+        },
+        review,
+    })
 }
 
 /// Collects parsed reviews, rejecting duplicates, and checks at the end that all four
@@ -230,7 +272,11 @@ struct Collector<'a> {
 
 impl<'a> Collector<'a> {
     fn new(origin: &'a Path) -> Self {
-        Self { origin, parsed: Vec::with_capacity(50_000), seen: HashSet::with_capacity(50_000) }
+        Self {
+            origin,
+            parsed: Vec::with_capacity(50_000),
+            seen: HashSet::with_capacity(50_000),
+        }
     }
 
     fn add(&mut self, raw: RawEntry) -> Result<()> {
@@ -267,7 +313,10 @@ impl<'a> Collector<'a> {
 }
 
 fn split(parsed: Vec<Parsed>) -> (Vec<Review>, Vec<Review>) {
-    let n_test = parsed.iter().take_while(|p| p.key.split == Split::Test).count();
+    let n_test = parsed
+        .iter()
+        .take_while(|p| p.key.split == Split::Test)
+        .count();
     let mut test: Vec<Review> = parsed.into_iter().map(|p| p.review).collect();
     let train = test.split_off(n_test);
     (train, test)
@@ -281,10 +330,12 @@ const BATCH: usize = 256;
 /// into review entries; this thread validates them. Returns the reviews and the archive's
 /// SHA-256.
 fn read_archive(path: &Path) -> Result<(Vec<Parsed>, String)> {
-    let mut file = File::open(path).with_context(|| format!("cannot open source {}", path.display()))?;
+    let mut file =
+        File::open(path).with_context(|| format!("cannot open source {}", path.display()))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut magic = [0u8; 2];
-    let got = read_up_to(&mut file, &mut magic).with_context(|| format!("cannot read source {}", path.display()))?;
+    let got = read_up_to(&mut file, &mut magic)
+        .with_context(|| format!("cannot read source {}", path.display()))?;
     if got < 2 || magic != [0x1f, 0x8b] {
         bail!(
             "source {} is not a gzip file (it does not start with the gzip signature 1f 8b); \
@@ -292,7 +343,8 @@ fn read_archive(path: &Path) -> Result<(Vec<Parsed>, String)> {
             path.display()
         );
     }
-    let file = File::open(path).with_context(|| format!("cannot open source {}", path.display()))?;
+    let file =
+        File::open(path).with_context(|| format!("cannot open source {}", path.display()))?;
     tracing::info!("reading {} ({:.1} MB)", path.display(), len as f64 / 1e6);
     let pb = fedimdb::logging::progress(len, "reading");
 
@@ -319,7 +371,9 @@ fn read_archive(path: &Path) -> Result<(Vec<Parsed>, String)> {
     }
     // Dropping the receiver makes the untar thread's next send fail, so it stops early.
     drop(rx);
-    let untarred = untar.join().map_err(|_| anyhow!("the untar thread panicked"))?;
+    let untarred = untar
+        .join()
+        .map_err(|_| anyhow!("the untar thread panicked"))?;
     pb.finish_and_clear();
     if let Some(e) = parse_error {
         return Err(e);
@@ -345,7 +399,13 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 /// The untar thread: streams `file` through SHA-256 and gunzip, sends review entries in
 /// batches, then checks the gzip trailer and hashes any remaining bytes. Returns the
 /// file's SHA-256. Stops quietly if the receiver is gone (the parser found an error).
-fn untar(file: File, len: u64, pb: ProgressBar, origin: &Path, tx: mpsc::SyncSender<Vec<RawEntry>>) -> Result<String> {
+fn untar(
+    file: File,
+    len: u64,
+    pb: ProgressBar,
+    origin: &Path,
+    tx: mpsc::SyncSender<Vec<RawEntry>>,
+) -> Result<String> {
     let corrupt = |what: String| {
         format!(
             "cannot read {} {what}: the archive is truncated or corrupt; download it again \
@@ -378,10 +438,22 @@ fn untar(file: File, len: u64, pb: ProgressBar, origin: &Path, tx: mpsc::SyncSen
             origin.display()
         );
         let mut bytes = Vec::with_capacity(entry.size() as usize);
-        entry.read_to_end(&mut bytes).with_context(|| corrupt(format!("at entry {name}")))?;
-        batch.push(RawEntry { name: name.clone(), split, label, file, bytes });
+        entry
+            .read_to_end(&mut bytes)
+            .with_context(|| corrupt(format!("at entry {name}")))?;
+        batch.push(RawEntry {
+            name: name.clone(),
+            split,
+            label,
+            file,
+            bytes,
+        });
         last = name;
-        if batch.len() == BATCH && tx.send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).is_err() {
+        if batch.len() == BATCH
+            && tx
+                .send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
+                .is_err()
+        {
             return Ok(String::new());
         }
     }
@@ -410,7 +482,13 @@ struct ProgressReader<R> {
 
 impl<R> ProgressReader<R> {
     fn new(inner: R, len: u64, pb: ProgressBar) -> Self {
-        Self { inner, len, done: 0, next_log: len / 4, pb }
+        Self {
+            inner,
+            len,
+            done: 0,
+            next_log: len / 4,
+            pb,
+        }
     }
 }
 
@@ -433,7 +511,11 @@ impl<R: Read> Read for ProgressReader<R> {
 /// The folder holding `train/` and `test/`: `path` itself or its `aclImdb/` subfolder.
 fn dataset_root(path: &Path) -> PathBuf {
     let inner = path.join("aclImdb");
-    if inner.is_dir() { inner } else { path.to_path_buf() }
+    if inner.is_dir() {
+        inner
+    } else {
+        path.to_path_buf()
+    }
 }
 
 /// Reads an unpacked folder. Its identity for the manifest is the SHA-256 over the review
@@ -457,15 +539,25 @@ fn read_folder(path: &Path) -> Result<(Vec<Parsed>, String)> {
         for item in listing {
             let file = item.file_name();
             let Some(file) = file.to_str() else {
-                bail!("{}: file name is not valid UTF-8; is this the IMDB dataset?", item.path().display());
+                bail!(
+                    "{}: file name is not valid UTF-8; is this the IMDB dataset?",
+                    item.path().display()
+                );
             };
             if file.starts_with('.') || item.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 continue;
             }
             let full = item.path();
-            let bytes = fs::read(&full).with_context(|| format!("cannot read review {}", full.display()))?;
+            let bytes = fs::read(&full)
+                .with_context(|| format!("cannot read review {}", full.display()))?;
             let rel = format!("{folder}/{file}");
-            let raw = RawEntry { name: rel.clone(), split, label, file: file.to_owned(), bytes };
+            let raw = RawEntry {
+                name: rel.clone(),
+                split,
+                label,
+                file: file.to_owned(),
+                bytes,
+            };
             collector.add(raw)?;
             let key = collector.parsed.last().map(|p| p.key).expect("just added");
             rel_names.push((key, rel));
@@ -491,13 +583,26 @@ mod tests {
     use super::*;
 
     fn raw(name: &str, bytes: &[u8]) -> RawEntry {
-        let Place::Review { split, label, file } = place(name) else { panic!("{name} is not a review path") };
-        RawEntry { name: name.into(), split, label, file: file.into(), bytes: bytes.to_vec() }
+        let Place::Review { split, label, file } = place(name) else {
+            panic!("{name} is not a review path")
+        };
+        RawEntry {
+            name: name.into(),
+            split,
+            label,
+            file: file.into(),
+            bytes: bytes.to_vec(),
+        }
     }
 
     #[test]
     fn places_follow_the_official_layout() {
-        for p in ["aclImdb/train/pos/1_9.txt", "./aclImdb/test/neg/0_2.txt", "train/pos/1_9.txt", "x/aclImdb/train/neg/3_1.txt"] {
+        for p in [
+            "aclImdb/train/pos/1_9.txt",
+            "./aclImdb/test/neg/0_2.txt",
+            "train/pos/1_9.txt",
+            "x/aclImdb/train/neg/3_1.txt",
+        ] {
             assert!(matches!(place(p), Place::Review { .. }), "{p}");
         }
         for p in [
@@ -515,10 +620,25 @@ mod tests {
     #[test]
     fn parse_builds_ids_and_checks_ratings() {
         let o = Path::new("a.tar.gz");
-        let p = parse(raw("aclImdb/train/pos/0123_10.txt", "Très bien".as_bytes()), o).unwrap();
-        assert_eq!(p.review, Review { id: "train/pos/123".into(), rating: 10, label: POSITIVE, text: "Très bien".into() });
+        let p = parse(
+            raw("aclImdb/train/pos/0123_10.txt", "Très bien".as_bytes()),
+            o,
+        )
+        .unwrap();
+        assert_eq!(
+            p.review,
+            Review {
+                id: "train/pos/123".into(),
+                rating: 10,
+                label: POSITIVE,
+                text: "Très bien".into()
+            }
+        );
         let p = parse(raw("aclImdb/test/neg/7_1.txt", b"bad"), o).unwrap();
-        assert_eq!((p.review.id.as_str(), p.review.label), ("test/neg/7", NEGATIVE));
+        assert_eq!(
+            (p.review.id.as_str(), p.review.label),
+            ("test/neg/7", NEGATIVE)
+        );
 
         for (name, needle) in [
             ("aclImdb/train/pos/1_3.txt", "rating 3 in a pos/ folder"),
@@ -530,28 +650,60 @@ mod tests {
             ("aclImdb/train/neg/1_1.text", "ID_RATING.txt"),
         ] {
             let err = format!("{:#}", parse(raw(name, b"x"), o).err().unwrap());
-            assert!(err.contains(needle) && err.contains(name) && err.contains("a.tar.gz"), "{err}");
+            assert!(
+                err.contains(needle) && err.contains(name) && err.contains("a.tar.gz"),
+                "{err}"
+            );
         }
-        let err = format!("{:#}", parse(raw("aclImdb/train/neg/1_1.txt", b"ok \xff\xfe"), o).err().unwrap());
-        assert!(err.contains("not valid UTF-8") && err.contains("offset 3"), "{err}");
+        let err = format!(
+            "{:#}",
+            parse(raw("aclImdb/train/neg/1_1.txt", b"ok \xff\xfe"), o)
+                .err()
+                .unwrap()
+        );
+        assert!(
+            err.contains("not valid UTF-8") && err.contains("offset 3"),
+            "{err}"
+        );
     }
 
     #[test]
     fn collector_sorts_canonically_and_names_missing_folders() {
         let o = Path::new("src");
         let mut c = Collector::new(o);
-        for n in ["train/pos/10_9.txt", "train/pos/9_9.txt", "test/neg/2_1.txt", "train/neg/5_1.txt", "test/pos/1_7.txt"] {
+        for n in [
+            "train/pos/10_9.txt",
+            "train/pos/9_9.txt",
+            "test/neg/2_1.txt",
+            "train/neg/5_1.txt",
+            "test/pos/1_7.txt",
+        ] {
             c.add(raw(n, b"t")).unwrap();
         }
-        let err = c.add(raw("aclImdb/train/pos/9_8.txt", b"t")).unwrap_err().to_string();
+        let err = c
+            .add(raw("aclImdb/train/pos/9_8.txt", b"t"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("second review with id train/pos/9"), "{err}");
         let (train, test) = split(c.finish().unwrap());
         let ids: Vec<_> = train.iter().chain(&test).map(|r| r.id.as_str()).collect();
-        assert_eq!(ids, ["train/neg/5", "train/pos/9", "train/pos/10", "test/neg/2", "test/pos/1"]);
+        assert_eq!(
+            ids,
+            [
+                "train/neg/5",
+                "train/pos/9",
+                "train/pos/10",
+                "test/neg/2",
+                "test/pos/1"
+            ]
+        );
 
         let mut c = Collector::new(o);
         c.add(raw("train/pos/1_9.txt", b"t")).unwrap();
         let err = c.finish().err().unwrap().to_string();
-        assert!(err.contains("aclImdb/train/neg, aclImdb/test/pos, aclImdb/test/neg"), "{err}");
+        assert!(
+            err.contains("aclImdb/train/neg, aclImdb/test/pos, aclImdb/test/neg"),
+            "{err}"
+        );
     }
 }

@@ -35,7 +35,12 @@ pub struct Settings {
 impl Settings {
     /// The settings an existing manifest was made with.
     pub fn of(m: &DataManifest) -> Self {
-        Self { workers: m.workers, partition: m.partition, alpha: m.alpha, seed: m.seed }
+        Self {
+            workers: m.workers,
+            partition: m.partition,
+            alpha: m.alpha,
+            seed: m.seed,
+        }
     }
 
     /// Human-readable differences from `old` to `self`, e.g. `workers 4 → 5`.
@@ -86,11 +91,18 @@ pub fn inspect(layout: &Layout, settings: &Settings, force: bool) -> Result<Exis
         return Ok(Existing::Nothing);
     }
     if force {
-        tracing::info!("--force: replacing the data described by {}", path.display());
+        tracing::info!(
+            "--force: replacing the data described by {}",
+            path.display()
+        );
         return Ok(Existing::Replace);
     }
-    let old = DataManifest::read(&path)
-        .with_context(|| format!("the existing manifest cannot be used; pass --force to rewrite {}", layout.data_dir().display()))?;
+    let old = DataManifest::read(&path).with_context(|| {
+        format!(
+            "the existing manifest cannot be used; pass --force to rewrite {}",
+            layout.data_dir().display()
+        )
+    })?;
     let diff = settings.differences(&Settings::of(&old));
     if !diff.is_empty() {
         bail!(
@@ -108,11 +120,19 @@ pub fn inspect(layout: &Layout, settings: &Settings, force: bool) -> Result<Exis
 pub fn verify(layout: &Layout, manifest: &DataManifest) -> Vec<String> {
     let dir = layout.data_dir();
     let mut problems = Vec::new();
-    for entry in manifest.shards.iter().chain(std::iter::once(&manifest.test)) {
+    for entry in manifest
+        .shards
+        .iter()
+        .chain(std::iter::once(&manifest.test))
+    {
         let path = dir.join(&entry.file);
         match fedimdb::digest::sha256_file(&path) {
             Ok(sha) if sha == entry.sha256 => {}
-            Ok(sha) => problems.push(format!("{} has sha256 {sha}, the manifest says {}", path.display(), entry.sha256)),
+            Ok(sha) => problems.push(format!(
+                "{} has sha256 {sha}, the manifest says {}",
+                path.display(),
+                entry.sha256
+            )),
             Err(e) => problems.push(format!("{e:#}")),
         }
     }
@@ -130,7 +150,10 @@ struct Cleanup {
 
 impl Cleanup {
     fn wrote(&self, path: PathBuf) {
-        self.files.lock().unwrap_or_else(|e| e.into_inner()).push(path);
+        self.files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(path);
     }
 }
 
@@ -139,7 +162,12 @@ impl Drop for Cleanup {
         if !self.armed {
             return;
         }
-        for f in self.files.get_mut().unwrap_or_else(|e| e.into_inner()).iter() {
+        for f in self
+            .files
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             let _ = fs::remove_file(f);
         }
         for d in &self.created_dirs {
@@ -159,21 +187,39 @@ pub fn write_all(
 ) -> Result<DataManifest> {
     let dir = layout.data_dir();
     // The folders create_dir_all will make, deepest first, so a failed run removes them.
-    let created_dirs: Vec<PathBuf> = dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).map(Path::to_path_buf).collect();
-    let mut cleanup = Cleanup { files: Mutex::new(Vec::new()), created_dirs, armed: true };
-    fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create the output folder {}; check the --out path and its permissions", dir.display()))?;
+    let created_dirs: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    let mut cleanup = Cleanup {
+        files: Mutex::new(Vec::new()),
+        created_dirs,
+        armed: true,
+    };
+    fs::create_dir_all(&dir).with_context(|| {
+        format!(
+            "cannot create the output folder {}; check the --out path and its permissions",
+            dir.display()
+        )
+    })?;
 
     let manifest_path = layout.data_manifest();
     if manifest_path.exists() {
-        fs::remove_file(&manifest_path)
-            .with_context(|| format!("cannot remove the old manifest {}", manifest_path.display()))?;
+        fs::remove_file(&manifest_path).with_context(|| {
+            format!("cannot remove the old manifest {}", manifest_path.display())
+        })?;
         sync_dir(&dir);
     }
 
     // The test set first: it is the largest file, so with few threads it starts early.
     let mut jobs: Vec<(String, Vec<Review>)> = vec![("test.parquet".to_owned(), test)];
-    jobs.extend(shards.into_iter().enumerate().map(|(i, s)| (Layout::shard_file_name(i), s)));
+    jobs.extend(
+        shards
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| (Layout::shard_file_name(i), s)),
+    );
     let mut entries = write_files(&dir, &jobs, &cleanup)?;
     let test_entry = entries.remove(0);
 
@@ -197,16 +243,26 @@ pub fn write_all(
 
 /// Writes each job's reviews to `dir/name` on a few threads and hashes the result.
 /// Returns the entries in job order, or the first error (after all threads stopped).
-fn write_files(dir: &Path, jobs: &[(String, Vec<Review>)], cleanup: &Cleanup) -> Result<Vec<FileEntry>> {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(jobs.len()).max(1);
+fn write_files(
+    dir: &Path,
+    jobs: &[(String, Vec<Review>)],
+    cleanup: &Cleanup,
+) -> Result<Vec<FileEntry>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(jobs.len())
+        .max(1);
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<FileEntry>>>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
+    let results: Mutex<Vec<Option<Result<FileEntry>>>> =
+        Mutex::new((0..jobs.len()).map(|_| None).collect());
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((name, reviews)) = jobs.get(i) else { break };
+                    let Some((name, reviews)) = jobs.get(i) else {
+                        break;
+                    };
                     let path = dir.join(name);
                     let result = write_one(&path, name, reviews, cleanup);
                     let failed = result.is_err();
@@ -241,7 +297,13 @@ fn write_one(path: &Path, name: &str, reviews: &[Review], cleanup: &Cleanup) -> 
     let sha256 = fedimdb::digest::sha256_file(path)?;
     let positive = reviews.iter().filter(|r| r.label == POSITIVE).count();
     tracing::info!("wrote {} ({} reviews)", path.display(), reviews.len());
-    Ok(FileEntry { file: name.to_owned(), rows: reviews.len(), positive, negative: reviews.len() - positive, sha256 })
+    Ok(FileEntry {
+        file: name.to_owned(),
+        rows: reviews.len(),
+        positive,
+        negative: reviews.len() - positive,
+        sha256,
+    })
 }
 
 /// Deletes shard files with an index at or beyond `workers` (from an earlier run with more
@@ -251,11 +313,18 @@ fn remove_leftovers(dir: &Path, workers: usize) -> Result<()> {
     for item in listing {
         let item = item.with_context(|| format!("cannot list {}", dir.display()))?;
         let name = item.file_name().to_string_lossy().into_owned();
-        let stale_shard = name.ends_with(".parquet") && Layout::parse_shard_name(&name).is_some_and(|i| i >= workers);
-        let ours = |n: &str| n.starts_with(".shard-") || n.starts_with(".test.parquet") || n.starts_with(".manifest.json");
+        let stale_shard = name.ends_with(".parquet")
+            && Layout::parse_shard_name(&name).is_some_and(|i| i >= workers);
+        let ours = |n: &str| {
+            n.starts_with(".shard-")
+                || n.starts_with(".test.parquet")
+                || n.starts_with(".manifest.json")
+        };
         let stale_temp = is_temp_name(&name) && ours(&name);
         if stale_shard || stale_temp {
-            fs::remove_file(item.path()).with_context(|| format!("cannot remove the stale file {}", item.path().display()))?;
+            fs::remove_file(item.path()).with_context(|| {
+                format!("cannot remove the stale file {}", item.path().display())
+            })?;
             tracing::info!("removed stale {}", item.path().display());
         }
     }
@@ -268,26 +337,61 @@ mod tests {
 
     #[test]
     fn differences_name_each_changed_setting() {
-        let a = Settings { workers: 4, partition: Partition::Iid, alpha: None, seed: 42 };
-        let b = Settings { workers: 5, partition: Partition::Dirichlet, alpha: Some(0.5), seed: 7 };
+        let a = Settings {
+            workers: 4,
+            partition: Partition::Iid,
+            alpha: None,
+            seed: 42,
+        };
+        let b = Settings {
+            workers: 5,
+            partition: Partition::Dirichlet,
+            alpha: Some(0.5),
+            seed: 7,
+        };
         assert!(a.differences(&a).is_empty());
-        assert_eq!(b.differences(&a), ["workers 4 → 5", "partition iid → dirichlet", "alpha none → 0.5", "seed 42 → 7"]);
-        let c = Settings { alpha: Some(0.5 + 1e-16), ..b.clone() };
+        assert_eq!(
+            b.differences(&a),
+            [
+                "workers 4 → 5",
+                "partition iid → dirichlet",
+                "alpha none → 0.5",
+                "seed 42 → 7"
+            ]
+        );
+        let c = Settings {
+            alpha: Some(0.5 + 1e-16),
+            ..b.clone()
+        };
         assert!(c.differences(&b).is_empty());
-        let d = Settings { alpha: Some(0.6), ..b.clone() };
+        let d = Settings {
+            alpha: Some(0.6),
+            ..b.clone()
+        };
         assert_eq!(d.differences(&b), ["alpha 0.5 → 0.6"]);
     }
 
     #[test]
     fn leftovers_beyond_the_worker_count_are_removed() {
         let dir = tempfile::tempdir().unwrap();
-        for n in ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet", ".shard-00000.parquet.tmp-1-2", "notes.txt"] {
+        for n in [
+            "shard-00000.parquet",
+            "shard-00001.parquet",
+            "shard-00002.parquet",
+            ".shard-00000.parquet.tmp-1-2",
+            "notes.txt",
+        ] {
             fs::write(dir.path().join(n), b"x").unwrap();
         }
         remove_leftovers(dir.path(), 2).unwrap();
-        let mut left: Vec<String> =
-            fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         left.sort();
-        assert_eq!(left, ["notes.txt", "shard-00000.parquet", "shard-00001.parquet"]);
+        assert_eq!(
+            left,
+            ["notes.txt", "shard-00000.parquet", "shard-00001.parquet"]
+        );
     }
 }

@@ -26,7 +26,10 @@ fn refuses(source: &Path, root: &Path, extra: &[&str], needles: &[&str]) {
     args.extend_from_slice(extra);
     let out = copier(&args);
     if out.status.code() == Some(2) {
-        panic!("clap rejected the arguments instead of the copier: {}", text(&out));
+        panic!(
+            "clap rejected the arguments instead of the copier: {}",
+            text(&out)
+        );
     }
     fails(out, needles);
     assert_no_output(root);
@@ -34,7 +37,11 @@ fn refuses(source: &Path, root: &Path, extra: &[&str], needles: &[&str]) {
 
 fn assert_no_output(root: &Path) {
     let left = names(&root.join("data"));
-    assert!(left.is_empty(), "files left behind in {}: {left:?}", root.display());
+    assert!(
+        left.is_empty(),
+        "files left behind in {}: {left:?}",
+        root.display()
+    );
     assert!(!root.join("data").exists(), "data folder left behind");
 }
 
@@ -49,7 +56,12 @@ fn archive_of(tmp: &Path, name: &str, entries: &[Entry]) -> PathBuf {
 fn missing_source() {
     let (tmp, _) = setup();
     let root = tmp.path().join("run");
-    refuses(&tmp.path().join("nope.tar.gz"), &root, &[], &["nope.tar.gz", "cannot be opened", "copier download"]);
+    refuses(
+        &tmp.path().join("nope.tar.gz"),
+        &root,
+        &[],
+        &["nope.tar.gz", "cannot be opened", "copier download"],
+    );
     assert!(!root.exists());
 }
 
@@ -58,10 +70,20 @@ fn not_gzip() {
     let (tmp, _) = setup();
     let src = tmp.path().join("plain.tar.gz");
     fs::write(&src, b"this is not a gzip file at all").unwrap();
-    refuses(&src, &tmp.path().join("run"), &[], &["plain.tar.gz", "not a gzip file"]);
+    refuses(
+        &src,
+        &tmp.path().join("run"),
+        &[],
+        &["plain.tar.gz", "not a gzip file"],
+    );
     let empty = tmp.path().join("empty.tar.gz");
     fs::write(&empty, b"").unwrap();
-    refuses(&empty, &tmp.path().join("run"), &[], &["empty.tar.gz", "not a gzip file"]);
+    refuses(
+        &empty,
+        &tmp.path().join("run"),
+        &[],
+        &["empty.tar.gz", "not a gzip file"],
+    );
 }
 
 #[test]
@@ -69,10 +91,18 @@ fn truncated_archive() {
     let (tmp, archive) = setup();
     let bytes = fs::read(&archive).unwrap();
     // Cut in the middle, and cut only the gzip trailer (CRC and length).
-    for (name, keep) in [("half.tar.gz", bytes.len() / 2), ("no-trailer.tar.gz", bytes.len() - 4)] {
+    for (name, keep) in [
+        ("half.tar.gz", bytes.len() / 2),
+        ("no-trailer.tar.gz", bytes.len() - 4),
+    ] {
         let src = tmp.path().join(name);
         fs::write(&src, &bytes[..keep]).unwrap();
-        refuses(&src, &tmp.path().join("run"), &[], &[name, "truncated or corrupt"]);
+        refuses(
+            &src,
+            &tmp.path().join("run"),
+            &[],
+            &[name, "truncated or corrupt"],
+        );
     }
 }
 
@@ -86,19 +116,38 @@ fn corrupt_gzip_data() {
     }
     let src = tmp.path().join("flipped.tar.gz");
     fs::write(&src, &bytes).unwrap();
-    refuses(&src, &tmp.path().join("run"), &[], &["flipped.tar.gz", "truncated or corrupt"]);
+    refuses(
+        &src,
+        &tmp.path().join("run"),
+        &[],
+        &["flipped.tar.gz", "truncated or corrupt"],
+    );
 }
 
 #[test]
 fn missing_review_folders_are_named() {
     let (tmp, _) = setup();
-    let entries: Vec<Entry> =
-        small_dataset().into_iter().filter(|(n, _)| !n.starts_with("train/neg/") && !n.starts_with("test/pos/")).collect();
+    let entries: Vec<Entry> = small_dataset()
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("train/neg/") && !n.starts_with("test/pos/"))
+        .collect();
     let src = archive_of(tmp.path(), "partial.tar.gz", &entries);
-    refuses(&src, &tmp.path().join("run"), &[], &["partial.tar.gz", "no reviews in aclImdb/train/neg, aclImdb/test/pos"]);
+    refuses(
+        &src,
+        &tmp.path().join("run"),
+        &[],
+        &[
+            "partial.tar.gz",
+            "no reviews in aclImdb/train/neg, aclImdb/test/pos",
+        ],
+    );
 
     // A gzip tar of something else entirely.
-    let src = archive_of(tmp.path(), "other.tar.gz", &[("notes.txt".into(), b"hello".to_vec())]);
+    let src = archive_of(
+        tmp.path(),
+        "other.tar.gz",
+        &[("notes.txt".into(), b"hello".to_vec())],
+    );
     refuses(
         &src,
         &tmp.path().join("run"),
@@ -109,7 +158,12 @@ fn missing_review_folders_are_named() {
     // The same check for folders.
     let folder = tmp.path().join("folder");
     write_folder(&folder, &entries);
-    refuses(&folder, &tmp.path().join("run"), &[], &["no reviews in aclImdb/train/neg, aclImdb/test/pos"]);
+    refuses(
+        &folder,
+        &tmp.path().join("run"),
+        &[],
+        &["no reviews in aclImdb/train/neg, aclImdb/test/pos"],
+    );
 }
 
 #[test]
@@ -118,10 +172,20 @@ fn invalid_utf8_review_is_named() {
     let mut entries = small_dataset();
     entries.push(("train/neg/200_3.txt".into(), b"caf\xe9 latin-1".to_vec()));
     let src = archive_of(tmp.path(), "latin1.tar.gz", &entries);
-    refuses(&src, &tmp.path().join("run"), &[], &["aclImdb/train/neg/200_3.txt", "not valid UTF-8"]);
+    refuses(
+        &src,
+        &tmp.path().join("run"),
+        &[],
+        &["aclImdb/train/neg/200_3.txt", "not valid UTF-8"],
+    );
     let folder = tmp.path().join("folder");
     write_folder(&folder, &entries);
-    refuses(&folder, &tmp.path().join("run"), &[], &["train/neg/200_3.txt", "not valid UTF-8"]);
+    refuses(
+        &folder,
+        &tmp.path().join("run"),
+        &[],
+        &["train/neg/200_3.txt", "not valid UTF-8"],
+    );
 }
 
 #[test]
@@ -139,7 +203,12 @@ fn bad_ratings_and_names_are_named() {
         let mut entries = small_dataset();
         entries.push((file.into(), b"text".to_vec()));
         let src = archive_of(tmp.path(), &format!("bad{i}.tar.gz"), &entries);
-        refuses(&src, &tmp.path().join("run"), &[], &[&format!("aclImdb/{file}"), needle]);
+        refuses(
+            &src,
+            &tmp.path().join("run"),
+            &[],
+            &[&format!("aclImdb/{file}"), needle],
+        );
     }
 }
 
@@ -147,9 +216,24 @@ fn bad_ratings_and_names_are_named() {
 fn bad_worker_counts() {
     let (tmp, archive) = setup();
     let root = tmp.path().join("run");
-    refuses(&archive, &root, &["--workers", "0"], &["--workers must be at least 1"]);
-    refuses(&archive, &root, &["--workers", "27"], &["--workers 27 is more than the 26 training reviews"]);
-    refuses(&archive, &root, &["--workers", "27", "--partition", "dirichlet"], &["more than the 26 training reviews"]);
+    refuses(
+        &archive,
+        &root,
+        &["--workers", "0"],
+        &["--workers must be at least 1"],
+    );
+    refuses(
+        &archive,
+        &root,
+        &["--workers", "27"],
+        &["--workers 27 is more than the 26 training reviews"],
+    );
+    refuses(
+        &archive,
+        &root,
+        &["--workers", "27", "--partition", "dirichlet"],
+        &["more than the 26 training reviews"],
+    );
 }
 
 #[test]
@@ -157,10 +241,27 @@ fn bad_alphas() {
     let (tmp, archive) = setup();
     let root = tmp.path().join("run");
     for a in ["0", "-1", "NaN", "inf"] {
-        refuses(&archive, &root, &["--partition", "dirichlet", &format!("--alpha={a}")], &["--alpha must be a positive finite number"]);
+        refuses(
+            &archive,
+            &root,
+            &["--partition", "dirichlet", &format!("--alpha={a}")],
+            &["--alpha must be a positive finite number"],
+        );
     }
     // A Dirichlet draw that cannot fill every shard.
-    refuses(&archive, &root, &["--workers", "26", "--partition", "dirichlet", "--alpha", "0.001"], &["raise --alpha", "lower --workers"]);
+    refuses(
+        &archive,
+        &root,
+        &[
+            "--workers",
+            "26",
+            "--partition",
+            "dirichlet",
+            "--alpha",
+            "0.001",
+        ],
+        &["raise --alpha", "lower --workers"],
+    );
 }
 
 #[test]
@@ -169,7 +270,14 @@ fn unwritable_output() {
     // --out below a regular file.
     let file = tmp.path().join("a-file");
     fs::write(&file, b"x").unwrap();
-    let out = copier(&["--source", s(&archive), "--out", s(&file.join("run")), "--workers", "2"]);
+    let out = copier(&[
+        "--source",
+        s(&archive),
+        "--out",
+        s(&file.join("run")),
+        "--workers",
+        "2",
+    ]);
     fails(out, &["cannot create the output folder", "a-file"]);
     assert_eq!(fs::read(&file).unwrap(), b"x");
 
@@ -177,7 +285,10 @@ fn unwritable_output() {
     let root = tmp.path().join("run");
     fs::create_dir(&root).unwrap();
     fs::write(root.join("data"), b"x").unwrap();
-    fails(copier(&["--source", s(&archive), "--out", s(&root), "--workers", "2"]), &["cannot create the output folder"]);
+    fails(
+        copier(&["--source", s(&archive), "--out", s(&root), "--workers", "2"]),
+        &["cannot create the output folder"],
+    );
     assert_eq!(names(&root), ["data"]);
 
     // Fails part-way: a shard name is taken by a folder, so that shard cannot be renamed
@@ -186,14 +297,23 @@ fn unwritable_output() {
     fs::create_dir_all(root.join("data/shard-00001.parquet/inside")).unwrap();
     let out = copier(&["--source", s(&archive), "--out", s(&root), "--workers", "3"]);
     fails(out, &["shard-00001.parquet"]);
-    assert_eq!(names(&root.join("data")), ["shard-00001.parquet"], "written files were not removed");
+    assert_eq!(
+        names(&root.join("data")),
+        ["shard-00001.parquet"],
+        "written files were not removed"
+    );
 }
 
 #[test]
 fn bad_input_does_not_create_the_output_folder() {
     let (tmp, archive) = setup();
     let fresh = tmp.path().join("x/y/z");
-    refuses(&tmp.path().join("missing.tar.gz"), &fresh, &[], &["cannot be opened"]);
+    refuses(
+        &tmp.path().join("missing.tar.gz"),
+        &fresh,
+        &[],
+        &["cannot be opened"],
+    );
     refuses(&archive, &fresh, &["--workers", "0"], &["at least 1"]);
     assert!(!tmp.path().join("x").exists());
 }

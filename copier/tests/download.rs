@@ -31,13 +31,18 @@ fn serve(body: Vec<u8>) -> String {
                 }
             }
             let path = request_line.split_whitespace().nth(1).unwrap_or("");
-            let (status, payload): (&str, &[u8]) =
-                if path == "/archive.tar.gz" { ("200 OK", &body) } else { ("404 Not Found", b"not found") };
+            let (status, payload): (&str, &[u8]) = if path == "/archive.tar.gz" {
+                ("200 OK", &body)
+            } else {
+                ("404 Not Found", b"not found")
+            };
             let head = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: application/x-gzip\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 payload.len()
             );
-            let _ = stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(payload));
+            let _ = stream
+                .write_all(head.as_bytes())
+                .and_then(|_| stream.write_all(payload));
         }
     });
     format!("http://{addr}")
@@ -62,18 +67,44 @@ fn downloads_checks_and_skips_a_second_time() {
     std::fs::create_dir(&to).unwrap();
     std::fs::write(to.join("aclImdb_v1.tar.gz"), b"half a file").unwrap();
 
-    let log = ok(copier(&["download", "--to", s(&to), "--url", &url, "--sha256", &sha]));
+    let log = ok(copier(&[
+        "download",
+        "--to",
+        s(&to),
+        "--url",
+        &url,
+        "--sha256",
+        &sha,
+    ]));
     assert!(log.contains("downloading it again"), "{log}");
-    assert!(log.contains("downloaded") && log.contains("sha256 verified"), "{log}");
+    assert!(
+        log.contains("downloaded") && log.contains("sha256 verified"),
+        "{log}"
+    );
     assert_eq!(names(&to), ["aclImdb_v1.tar.gz"]);
     assert_eq!(std::fs::read(to.join("aclImdb_v1.tar.gz")).unwrap(), body);
 
-    let log = ok(copier(&["download", "--to", s(&to), "--url", &url, "--sha256", &sha]));
+    let log = ok(copier(&[
+        "download",
+        "--to",
+        s(&to),
+        "--url",
+        &url,
+        "--sha256",
+        &sha,
+    ]));
     assert!(log.contains("already present"), "{log}");
 
     // The download is a valid source.
     let root = tmp.path().join("run");
-    ok(copier(&["--source", s(&to.join("aclImdb_v1.tar.gz")), "--out", s(&root), "--workers", "2"]));
+    ok(copier(&[
+        "--source",
+        s(&to.join("aclImdb_v1.tar.gz")),
+        "--out",
+        s(&root),
+        "--workers",
+        "2",
+    ]));
     assert_eq!(read_output(&root).manifest.source.sha256, sha);
 }
 
@@ -85,7 +116,18 @@ fn wrong_hash_keeps_nothing() {
     let expected = fedimdb::digest::sha256_bytes(b"something else");
     let url = format!("{}/archive.tar.gz", serve(body));
     let to = tmp.path().join("downloads");
-    fails(copier(&["download", "--to", s(&to), "--url", &url, "--sha256", &expected]), &[&actual, &expected, "not kept"]);
+    fails(
+        copier(&[
+            "download",
+            "--to",
+            s(&to),
+            "--url",
+            &url,
+            "--sha256",
+            &expected,
+        ]),
+        &[&actual, &expected, "not kept"],
+    );
     assert!(!to.exists(), "left behind: {:?}", names(&to));
 }
 
@@ -95,7 +137,15 @@ fn http_404_is_reported() {
     let url = format!("{}/missing.tar.gz", serve(Vec::new()));
     let to = tmp.path().join("downloads");
     fails(
-        copier(&["download", "--to", s(&to), "--url", &url, "--sha256", download_sha_placeholder()]),
+        copier(&[
+            "download",
+            "--to",
+            s(&to),
+            "--url",
+            &url,
+            "--sha256",
+            download_sha_placeholder(),
+        ]),
         &["HTTP 404", "missing.tar.gz"],
     );
     assert!(!to.exists(), "left behind: {:?}", names(&to));

@@ -29,7 +29,10 @@ fn expected_ids(prefix: &str) -> BTreeSet<String> {
             if folder != "pos" && folder != "neg" {
                 return None;
             }
-            Some(format!("{prefix}{folder}/{}", file.split('_').next().unwrap()))
+            Some(format!(
+                "{prefix}{folder}/{}",
+                file.split('_').next().unwrap()
+            ))
         })
         .collect()
 }
@@ -40,49 +43,97 @@ fn writes_shards_test_set_and_manifest() {
     let archive = tmp.path().join("imdb.tar.gz");
     write_archive(&archive, &small_dataset());
     let root = tmp.path().join("run");
-    let log = ok(copier(&["--source", s(&archive), "--out", s(&root), "--workers", "3"]));
+    let log = ok(copier(&[
+        "--source",
+        s(&archive),
+        "--out",
+        s(&root),
+        "--workers",
+        "3",
+    ]));
     assert!(log.contains("wrote 3 iid shards"), "{log}");
 
     assert_eq!(
         names(&root.join("data")),
-        ["manifest.json", "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet", "test.parquet"]
+        [
+            "manifest.json",
+            "shard-00000.parquet",
+            "shard-00001.parquet",
+            "shard-00002.parquet",
+            "test.parquet"
+        ]
     );
     let out = read_output(&root);
     let m = &out.manifest;
-    assert_eq!((m.workers, m.partition, m.alpha, m.seed), (3, Partition::Iid, None, 42));
+    assert_eq!(
+        (m.workers, m.partition, m.alpha, m.seed),
+        (3, Partition::Iid, None, 42)
+    );
     assert_eq!(m.tool, format!("copier {}", fedimdb::VERSION));
     assert_eq!(m.source.kind, "archive");
     assert_eq!(m.source.path, s(&archive));
-    assert_eq!(m.source.sha256, fedimdb::digest::sha256_file(&archive).unwrap());
+    assert_eq!(
+        m.source.sha256,
+        fedimdb::digest::sha256_file(&archive).unwrap()
+    );
     let raw = fs::read_to_string(root.join("data/manifest.json")).unwrap();
     assert!(raw.contains("\"alpha\": null"), "{raw}");
 
     // Each entry describes its file.
-    for (entry, reviews) in m.shards.iter().chain([&m.test]).zip(out.shards.iter().chain([&out.test])) {
+    for (entry, reviews) in m
+        .shards
+        .iter()
+        .chain([&m.test])
+        .zip(out.shards.iter().chain([&out.test]))
+    {
         assert_eq!(entry.rows, reviews.len());
-        assert_eq!(entry.positive, reviews.iter().filter(|r| r.label == POSITIVE).count());
-        assert_eq!(entry.negative, reviews.iter().filter(|r| r.label == NEGATIVE).count());
-        assert_eq!(entry.sha256, fedimdb::digest::sha256_file(&root.join("data").join(&entry.file)).unwrap());
+        assert_eq!(
+            entry.positive,
+            reviews.iter().filter(|r| r.label == POSITIVE).count()
+        );
+        assert_eq!(
+            entry.negative,
+            reviews.iter().filter(|r| r.label == NEGATIVE).count()
+        );
+        assert_eq!(
+            entry.sha256,
+            fedimdb::digest::sha256_file(&root.join("data").join(&entry.file)).unwrap()
+        );
     }
     // Sizes within one; labels within one (13 positive, 13 negative training reviews).
     let sizes: Vec<usize> = m.shards.iter().map(|e| e.rows).collect();
     assert_eq!(sizes.iter().sum::<usize>(), SMALL_TRAIN);
-    assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{sizes:?}");
+    assert!(
+        sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1,
+        "{sizes:?}"
+    );
     let pos: Vec<usize> = m.shards.iter().map(|e| e.positive).collect();
-    assert!(pos.iter().max().unwrap() - pos.iter().min().unwrap() <= 1, "{pos:?}");
+    assert!(
+        pos.iter().max().unwrap() - pos.iter().min().unwrap() <= 1,
+        "{pos:?}"
+    );
 
     // Every training review exactly once in the shards, every test review in test only.
     assert_eq!(shard_ids(&out), expected_ids("train/"));
     let test_ids: BTreeSet<String> = out.test.iter().map(|r| r.id.clone()).collect();
     assert_eq!(test_ids, expected_ids("test/"));
-    assert_eq!((m.test.rows, m.test.positive, m.test.negative), (SMALL_TEST, 6, 6));
+    assert_eq!(
+        (m.test.rows, m.test.positive, m.test.negative),
+        (SMALL_TEST, 6, 6)
+    );
 
     // Ratings, labels and text survive, non-ASCII included.
     let all: Vec<_> = out.shards.iter().flatten().chain(&out.test).collect();
     let special = all.iter().find(|r| r.id == "train/pos/12").unwrap();
-    assert_eq!((special.rating, special.label, special.text.as_str()), (10, POSITIVE, "Très bien — 素晴らしい 🎬"));
+    assert_eq!(
+        (special.rating, special.label, special.text.as_str()),
+        (10, POSITIVE, "Très bien — 素晴らしい 🎬")
+    );
     let neg = all.iter().find(|r| r.id == "train/neg/101").unwrap();
-    assert_eq!((neg.rating, neg.label, neg.text.as_str()), (2, NEGATIVE, "awful film 1<br /><br />really"));
+    assert_eq!(
+        (neg.rating, neg.label, neg.text.as_str()),
+        (2, NEGATIVE, "awful film 1<br /><br />really")
+    );
     assert!(all.iter().all(|r| (r.label == POSITIVE) == (r.rating >= 7)));
 }
 
@@ -95,21 +146,47 @@ fn rerun_is_a_no_op_and_other_arguments_need_force() {
     let args = ["--source", s(&archive), "--out", s(&root), "--workers", "3"];
     ok(copier(&args));
     let manifest = root.join("data/manifest.json");
-    let before = (fs::read(&manifest).unwrap(), fs::metadata(&manifest).unwrap().modified().unwrap(), data_bytes(&root));
+    let before = (
+        fs::read(&manifest).unwrap(),
+        fs::metadata(&manifest).unwrap().modified().unwrap(),
+        data_bytes(&root),
+    );
 
     let log = ok(copier(&args));
     assert!(log.contains("already done"), "{log}");
-    let after = (fs::read(&manifest).unwrap(), fs::metadata(&manifest).unwrap().modified().unwrap(), data_bytes(&root));
+    let after = (
+        fs::read(&manifest).unwrap(),
+        fs::metadata(&manifest).unwrap().modified().unwrap(),
+        data_bytes(&root),
+    );
     assert!(before == after, "a no-op run changed files");
 
     // Other settings: refused, naming the differences, nothing changed.
     let log = fails(
-        copier(&["--source", s(&archive), "--out", s(&root), "--workers", "2", "--seed", "7"]),
+        copier(&[
+            "--source",
+            s(&archive),
+            "--out",
+            s(&root),
+            "--workers",
+            "2",
+            "--seed",
+            "7",
+        ]),
         &["workers 3 → 2", "seed 42 → 7", "--force"],
     );
     assert!(!log.contains("wrote"), "{log}");
     let log = fails(
-        copier(&["--source", s(&archive), "--out", s(&root), "--workers", "3", "--partition", "dirichlet"]),
+        copier(&[
+            "--source",
+            s(&archive),
+            "--out",
+            s(&root),
+            "--workers",
+            "3",
+            "--partition",
+            "dirichlet",
+        ]),
         &["partition iid → dirichlet", "alpha none → 0.5"],
     );
     assert!(log.contains("--force"));
@@ -120,11 +197,37 @@ fn rerun_is_a_no_op_and_other_arguments_need_force() {
     other[0].1 = b"a different review".to_vec();
     let archive2 = tmp.path().join("other.tar.gz");
     write_archive(&archive2, &other);
-    fails(copier(&["--source", s(&archive2), "--out", s(&root), "--workers", "3"]), &["another source", "--force"]);
+    fails(
+        copier(&[
+            "--source",
+            s(&archive2),
+            "--out",
+            s(&root),
+            "--workers",
+            "3",
+        ]),
+        &["another source", "--force"],
+    );
 
     // --force with fewer workers: rewritten, the extra shard removed.
-    ok(copier(&["--source", s(&archive), "--out", s(&root), "--workers", "2", "--force"]));
-    assert_eq!(names(&root.join("data")), ["manifest.json", "shard-00000.parquet", "shard-00001.parquet", "test.parquet"]);
+    ok(copier(&[
+        "--source",
+        s(&archive),
+        "--out",
+        s(&root),
+        "--workers",
+        "2",
+        "--force",
+    ]));
+    assert_eq!(
+        names(&root.join("data")),
+        [
+            "manifest.json",
+            "shard-00000.parquet",
+            "shard-00001.parquet",
+            "test.parquet"
+        ]
+    );
     let out = read_output(&root);
     assert_eq!(out.manifest.workers, 2);
     assert_eq!(shard_ids(&out), expected_ids("train/"));
@@ -144,12 +247,24 @@ fn same_seed_gives_identical_bytes_and_other_seeds_differ() {
     };
     let a = run("a", &[]);
     let b = run("b", &[]);
-    assert!(data_bytes(&a) == data_bytes(&b), "same arguments gave different shards");
-    assert_eq!(fs::read(a.join("data/manifest.json")).unwrap(), fs::read(b.join("data/manifest.json")).unwrap());
+    assert!(
+        data_bytes(&a) == data_bytes(&b),
+        "same arguments gave different shards"
+    );
+    assert_eq!(
+        fs::read(a.join("data/manifest.json")).unwrap(),
+        fs::read(b.join("data/manifest.json")).unwrap()
+    );
     let c = run("c", &["--seed", "43"]);
-    assert!(data_bytes(&a) != data_bytes(&c), "another seed gave the same shards");
+    assert!(
+        data_bytes(&a) != data_bytes(&c),
+        "another seed gave the same shards"
+    );
     // The test set does not depend on the seed or the partition.
-    assert_eq!(fs::read(a.join("data/test.parquet")).unwrap(), fs::read(c.join("data/test.parquet")).unwrap());
+    assert_eq!(
+        fs::read(a.join("data/test.parquet")).unwrap(),
+        fs::read(c.join("data/test.parquet")).unwrap()
+    );
 }
 
 #[test]
@@ -168,15 +283,32 @@ fn folder_archive_and_entry_order_give_identical_shards() {
 
     let run = |name: &str, source: &Path| {
         let root = tmp.path().join(name);
-        ok(copier(&["--source", s(source), "--out", s(&root), "--workers", "3", "--partition", "dirichlet", "--alpha", "1"]));
+        ok(copier(&[
+            "--source",
+            s(source),
+            "--out",
+            s(&root),
+            "--workers",
+            "3",
+            "--partition",
+            "dirichlet",
+            "--alpha",
+            "1",
+        ]));
         root
     };
     let a = run("from-archive", &archive);
     let reference = data_bytes(&a);
     assert_eq!(reference.len(), 4);
-    assert!(data_bytes(&run("from-reversed", &archive_rev)) == reference, "archive order changed the shards");
+    assert!(
+        data_bytes(&run("from-reversed", &archive_rev)) == reference,
+        "archive order changed the shards"
+    );
     let f = run("from-folder", &folder);
-    assert!(data_bytes(&f) == reference, "folder and archive gave different shards");
+    assert!(
+        data_bytes(&f) == reference,
+        "folder and archive gave different shards"
+    );
     assert!(data_bytes(&run("from-aclimdb", &folder.join("aclImdb"))) == reference);
 
     let m = read_output(&f).manifest;
@@ -185,7 +317,18 @@ fn folder_archive_and_entry_order_give_identical_shards() {
     assert_eq!((m.partition, m.alpha), (Partition::Dirichlet, Some(1.0)));
 
     // A folder source is also recognised on a re-run (its digest is stable).
-    let log = ok(copier(&["--source", s(&folder), "--out", s(&f), "--workers", "3", "--partition", "dirichlet", "--alpha", "1"]));
+    let log = ok(copier(&[
+        "--source",
+        s(&folder),
+        "--out",
+        s(&f),
+        "--workers",
+        "3",
+        "--partition",
+        "dirichlet",
+        "--alpha",
+        "1",
+    ]));
     assert!(log.contains("already done"), "{log}");
 }
 
@@ -195,9 +338,25 @@ fn dirichlet_shards_cover_everything_once_and_none_is_empty() {
     let archive = tmp.path().join("imdb.tar.gz");
     write_archive(&archive, &small_dataset());
     let root = tmp.path().join("run");
-    ok(copier(&["--source", s(&archive), "--savedir", s(&root), "--n_container", "5", "--partition", "dirichlet", "--alpha", "0.3", "--seed", "1"]));
+    ok(copier(&[
+        "--source",
+        s(&archive),
+        "--savedir",
+        s(&root),
+        "--n_container",
+        "5",
+        "--partition",
+        "dirichlet",
+        "--alpha",
+        "0.3",
+        "--seed",
+        "1",
+    ]));
     let out = read_output(&root);
-    assert_eq!((out.manifest.workers, out.manifest.alpha, out.manifest.seed), (5, Some(0.3), 1));
+    assert_eq!(
+        (out.manifest.workers, out.manifest.alpha, out.manifest.seed),
+        (5, Some(0.3), 1)
+    );
     assert!(out.shards.iter().all(|s| !s.is_empty()));
     assert_eq!(shard_ids(&out), expected_ids("train/"));
 }
@@ -234,7 +393,11 @@ fn source_can_come_from_the_environment() {
     let archive = tmp.path().join("imdb.tar.gz");
     write_archive(&archive, &small_dataset());
     let root = tmp.path().join("run");
-    let out = copier_cmd().env("FEDIMDB_SOURCE", &archive).args(["--out", s(&root), "--workers", "2"]).output().unwrap();
+    let out = copier_cmd()
+        .env("FEDIMDB_SOURCE", &archive)
+        .args(["--out", s(&root), "--workers", "2"])
+        .output()
+        .unwrap();
     ok(out);
     assert_eq!(read_output(&root).manifest.source.path, s(&archive));
 }

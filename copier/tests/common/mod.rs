@@ -23,22 +23,40 @@ pub fn small_dataset() -> Vec<Entry> {
     let ratings_pos = [7, 8, 9, 10];
     let ratings_neg = [1, 2, 3, 4];
     for i in 0..12 {
-        e.push((format!("train/pos/{i}_{}.txt", ratings_pos[i % 4]), format!("great film number {i}").into_bytes()));
-        e.push((format!("train/neg/{}_{}.txt", 100 + i, ratings_neg[i % 4]), format!("awful film {i}<br /><br />really").into_bytes()));
+        e.push((
+            format!("train/pos/{i}_{}.txt", ratings_pos[i % 4]),
+            format!("great film number {i}").into_bytes(),
+        ));
+        e.push((
+            format!("train/neg/{}_{}.txt", 100 + i, ratings_neg[i % 4]),
+            format!("awful film {i}<br /><br />really").into_bytes(),
+        ));
     }
     for i in 0..6 {
-        e.push((format!("test/pos/{i}_{}.txt", ratings_pos[i % 4]), format!("loved test {i}").into_bytes()));
-        e.push((format!("test/neg/{i}_{}.txt", ratings_neg[i % 4]), format!("hated test {i}").into_bytes()));
+        e.push((
+            format!("test/pos/{i}_{}.txt", ratings_pos[i % 4]),
+            format!("loved test {i}").into_bytes(),
+        ));
+        e.push((
+            format!("test/neg/{i}_{}.txt", ratings_neg[i % 4]),
+            format!("hated test {i}").into_bytes(),
+        ));
     }
     // Non-ASCII: accents, CJK, an emoji.
-    e.push(("train/pos/12_10.txt".into(), "Très bien — 素晴らしい 🎬".as_bytes().to_vec()));
+    e.push((
+        "train/pos/12_10.txt".into(),
+        "Très bien — 素晴らしい 🎬".as_bytes().to_vec(),
+    ));
     e.push(("train/neg/112_2.txt".into(), b"meh".to_vec()));
     // Files the copier must skip.
     e.push(("README".into(), b"Large Movie Review Dataset v1.0".to_vec()));
     e.push(("imdb.vocab".into(), b"the\nand\n".to_vec()));
     e.push(("train/labeledBow.feat".into(), b"0:9 1:1\n".to_vec()));
     e.push(("train/unsup/0_0.txt".into(), b"unlabeled".to_vec()));
-    e.push(("train/urls_pos.txt".into(), b"http://www.imdb.com/title/tt0000001/usercomments\n".to_vec()));
+    e.push((
+        "train/urls_pos.txt".into(),
+        b"http://www.imdb.com/title/tt0000001/usercomments\n".to_vec(),
+    ));
     e
 }
 
@@ -73,7 +91,8 @@ pub fn write_archive(path: &Path, entries: &[Entry]) {
         h.set_size(bytes.len() as u64);
         h.set_mode(0o644);
         h.set_cksum();
-        tar.append_data(&mut h, Path::new("aclImdb").join(name), bytes.as_slice()).unwrap();
+        tar.append_data(&mut h, Path::new("aclImdb").join(name), bytes.as_slice())
+            .unwrap();
     }
     tar.into_inner().unwrap().finish().unwrap();
 }
@@ -94,7 +113,15 @@ pub fn copier(args: &[&str]) -> Output {
 
 pub fn copier_cmd() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_copier"));
-    for v in ["FEDIMDB_SOURCE", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+    for v in [
+        "FEDIMDB_SOURCE",
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
         c.env_remove(v);
     }
     c.env("RUST_LOG", "info");
@@ -103,7 +130,11 @@ pub fn copier_cmd() -> Command {
 
 /// stdout and stderr of a run, for assertions and failure messages.
 pub fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// Asserts the run succeeded, showing its output otherwise.
@@ -125,8 +156,12 @@ pub fn fails(out: Output, needles: &[&str]) -> String {
 
 /// Names of the files in a folder (empty if the folder does not exist), sorted.
 pub fn names(dir: &Path) -> Vec<String> {
-    let Ok(rd) = fs::read_dir(dir) else { return Vec::new() };
-    let mut v: Vec<String> = rd.map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<String> = rd
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     v.sort();
     v
 }
@@ -142,9 +177,17 @@ pub struct DataOut {
 pub fn read_output(root: &Path) -> DataOut {
     let data = root.join("data");
     let manifest = DataManifest::read(&data.join("manifest.json")).unwrap();
-    let shards = manifest.shards.iter().map(|s| read_parquet(&data.join(&s.file)).unwrap()).collect();
+    let shards = manifest
+        .shards
+        .iter()
+        .map(|s| read_parquet(&data.join(&s.file)).unwrap())
+        .collect();
     let test = read_parquet(&data.join(&manifest.test.file)).unwrap();
-    DataOut { manifest, shards, test }
+    DataOut {
+        manifest,
+        shards,
+        test,
+    }
 }
 
 /// The bytes of every file in `root/data` except the manifest, by name.
