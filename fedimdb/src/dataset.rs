@@ -34,7 +34,7 @@ impl Featurized {
 
 /// Featurises reviews on all available cores (order preserved).
 pub fn featurize_all(reviews: &[Review], cfg: FeaturizerConfig) -> Featurized {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16).max(1);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16);
     let chunk = reviews.len().div_ceil(threads).max(1);
     let features = std::thread::scope(|s| {
         let handles: Vec<_> = reviews

@@ -99,6 +99,39 @@ impl Csr {
     }
 }
 
+/// The epoch loop both engines share: each epoch visits the documents in a fresh seeded
+/// order, in minibatches of `cfg.batch` row indices handed to `step`, which returns the
+/// batch's summed loss and number correct.
+fn run_epochs<E>(
+    n_docs: usize,
+    cfg: &TrainConfig,
+    mut on_epoch: impl FnMut(&EpochStats),
+    mut step: impl FnMut(&[usize]) -> Result<(f64, usize), E>,
+) -> Result<Vec<EpochStats>, E> {
+    let mut stats = Vec::new();
+    for epoch in 0..cfg.epochs {
+        let start = std::time::Instant::now();
+        let order = shuffled(n_docs, cfg.seed.wrapping_add(epoch as u64));
+        let (mut loss, mut correct) = (0.0, 0);
+        for rows in order.chunks(cfg.batch) {
+            let (l, c) = step(rows)?;
+            loss += l;
+            correct += c;
+        }
+        let n = n_docs.max(1) as f64;
+        let s = EpochStats {
+            epoch: epoch + 1,
+            loss: loss / n,
+            accuracy: correct as f64 / n,
+            samples: n_docs,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        on_epoch(&s);
+        stats.push(s);
+    }
+    Ok(stats)
+}
+
 /// CPU training state: the model's tensors as plain vectors, updated sparsely.
 pub struct SparseSgd {
     pub weight: Vec<f32>,
@@ -169,33 +202,15 @@ impl SparseSgd {
         docs: &[Vec<u32>],
         labels: &[u8],
         cfg: &TrainConfig,
-        mut on_epoch: impl FnMut(&EpochStats),
+        on_epoch: impl FnMut(&EpochStats),
     ) -> Vec<EpochStats> {
         let csr = Csr::new(docs.iter().map(Vec::as_slice), &self.ratio);
-        let mut stats = Vec::new();
         let mut batch_labels = Vec::with_capacity(cfg.batch);
-        for epoch in 0..cfg.epochs {
-            let start = std::time::Instant::now();
-            let order = shuffled(docs.len(), cfg.seed.wrapping_add(epoch as u64));
-            let (mut loss, mut correct) = (0.0, 0);
-            for chunk in order.chunks(cfg.batch) {
-                batch_labels.clear();
-                batch_labels.extend(chunk.iter().map(|&i| labels[i]));
-                let (l, c) = self.step_rows(&csr, chunk, &batch_labels, cfg.lr);
-                loss += l;
-                correct += c;
-            }
-            let n = docs.len().max(1);
-            let s = EpochStats {
-                epoch: epoch + 1,
-                loss: loss / n as f64,
-                accuracy: correct as f64 / n as f64,
-                samples: docs.len(),
-                seconds: start.elapsed().as_secs_f64(),
-            };
-            on_epoch(&s);
-            stats.push(s);
-        }
+        let Ok(stats) = run_epochs(docs.len(), cfg, on_epoch, |rows| {
+            batch_labels.clear();
+            batch_labels.extend(rows.iter().map(|&i| labels[i]));
+            Ok::<_, std::convert::Infallible>(self.step_rows(&csr, rows, &batch_labels, cfg.lr))
+        });
         stats
     }
 
@@ -237,34 +252,16 @@ pub fn train_candle(
     labels: &[u8],
     cfg: &TrainConfig,
     device: &Device,
-    mut on_epoch: impl FnMut(&EpochStats),
+    on_epoch: impl FnMut(&EpochStats),
 ) -> candle_core::Result<Vec<EpochStats>> {
     let weight = Var::from_tensor(&model.weight.to_device(device)?)?;
     let bias = Var::from_tensor(&model.bias.to_device(device)?)?;
     let ratio = model.nb_ratio.to_device(device)?;
-    let mut stats = Vec::new();
-    for epoch in 0..cfg.epochs {
-        let start = std::time::Instant::now();
-        let order = shuffled(docs.len(), cfg.seed.wrapping_add(epoch as u64));
-        let (mut loss, mut correct) = (0.0, 0);
-        for chunk in order.chunks(cfg.batch) {
-            let batch_docs: Vec<&[u32]> = chunk.iter().map(|&i| docs[i].as_slice()).collect();
-            let batch_labels: Vec<u8> = chunk.iter().map(|&i| labels[i]).collect();
-            let (l, c) = candle_step(&weight, &bias, &ratio, &batch_docs, &batch_labels, cfg.lr)?;
-            loss += l;
-            correct += c;
-        }
-        let n = docs.len().max(1);
-        let s = EpochStats {
-            epoch: epoch + 1,
-            loss: loss / n as f64,
-            accuracy: correct as f64 / n as f64,
-            samples: docs.len(),
-            seconds: start.elapsed().as_secs_f64(),
-        };
-        on_epoch(&s);
-        stats.push(s);
-    }
+    let stats = run_epochs(docs.len(), cfg, on_epoch, |rows| {
+        let batch_docs: Vec<&[u32]> = rows.iter().map(|&i| docs[i].as_slice()).collect();
+        let batch_labels: Vec<u8> = rows.iter().map(|&i| labels[i]).collect();
+        candle_step(&weight, &bias, &ratio, &batch_docs, &batch_labels, cfg.lr)
+    })?;
     model.weight = weight.as_tensor().to_device(&Device::Cpu)?;
     model.bias = bias.as_tensor().to_device(&Device::Cpu)?;
     Ok(stats)
@@ -298,6 +295,25 @@ mod tests {
         assert!(dense_w.iter().any(|&x| x != 1.0), "the step changed nothing");
         let db = b.as_tensor().to_vec1::<f32>().unwrap()[0];
         assert!((db - sparse.bias).abs() < 1e-6);
+    }
+
+    #[test]
+    fn both_engines_train_to_the_same_model() {
+        let cfg = ModelConfig { featurizer: FeaturizerConfig { hash_bits: 10, max_ngram: 1 }, nb_smoothing: 1.0 };
+        let docs: Vec<Vec<u32>> = (0..40u32).map(|i| vec![i % 2, 10 + i % 7, 30 + i % 5]).collect();
+        let labels: Vec<u8> = (0..40).map(|i| (i % 2) as u8).collect();
+        let model = Model::from_counts(cfg, &ClassCounts::count(cfg.dim(), &docs, &labels)).unwrap();
+        let tc = TrainConfig { epochs: 3, batch: 4, lr: 0.5, seed: 9 };
+        let mut sparse = SparseSgd::new(&model).unwrap();
+        let s1 = sparse.train(&docs, &labels, &tc, |_| {});
+        let mut dense = model.clone();
+        let s2 = train_candle(&mut dense, &docs, &labels, &tc, &Device::Cpu, |_| {}).unwrap();
+        let w = dense.weight.to_vec1::<f32>().unwrap();
+        let diff = w.iter().zip(&sparse.weight).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 1e-5, "engines differ by {diff}");
+        for (a, b) in s1.iter().zip(&s2) {
+            assert!((a.loss - b.loss).abs() < 1e-5 && a.accuracy == b.accuracy, "{a:?} vs {b:?}");
+        }
     }
 
     #[test]
