@@ -4,7 +4,7 @@
 CARGO   ?= cargo
 ROOT    ?= runs/local
 WORKERS ?= 5
-BIN     := target/release
+BIN     := $(or $(CARGO_TARGET_DIR),target)/release
 
 .PHONY: all build run serve test bench bench-copier bench-train clippy fmt clean
 

@@ -20,7 +20,7 @@ use crate::model::{Model, SparseBatch, doc_scale, forward_with, sigmoid};
 /// `pipeline local --workers 5` reaches its accuracy targets.
 pub mod defaults {
     /// Training rounds after the statistics round (the pipeline's default).
-    pub const ROUNDS: u32 = 6;
+    pub const ROUNDS: u32 = 5;
     pub const EPOCHS: u32 = 8;
     pub const BATCH: usize = 1;
     pub const LR: f32 = 8.0;
