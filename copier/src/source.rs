@@ -416,9 +416,16 @@ fn untar(
     let hashing = HashingReader::new(ProgressReader::new(file, len, pb));
     let mut archive = tar::Archive::new(GzDecoder::new(hashing));
     let mut batch = Vec::with_capacity(BATCH);
-    let mut last = String::from("(start of archive)");
+    // The last entry read, so an error can say where the damage starts.
+    let mut last = String::new();
     for entry in archive.entries().with_context(|| corrupt(String::new()))? {
-        let mut entry = entry.with_context(|| corrupt(format!("after entry {last}")))?;
+        let mut entry = entry.with_context(|| {
+            corrupt(if last.is_empty() {
+                "at its first entry".into()
+            } else {
+                format!("after entry {last}")
+            })
+        })?;
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let (split, label, file) = match place(&name) {
             Place::Review { split, label, file } => (split, label, file.to_owned()),

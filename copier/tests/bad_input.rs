@@ -4,7 +4,11 @@
 mod common;
 
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
 
 use common::*;
 
@@ -104,6 +108,22 @@ fn truncated_archive() {
             &[name, "truncated or corrupt"],
         );
     }
+}
+
+#[test]
+fn gzip_that_is_not_a_tar() {
+    let (tmp, _) = setup();
+    let src = tmp.path().join("text.gz");
+    let mut gz = GzEncoder::new(fs::File::create(&src).unwrap(), Compression::default());
+    gz.write_all(&b"just some text, not a tar archive\n".repeat(40))
+        .unwrap();
+    gz.finish().unwrap();
+    refuses(
+        &src,
+        &tmp.path().join("run"),
+        &[],
+        &["text.gz", "at its first entry", "truncated or corrupt"],
+    );
 }
 
 #[test]
