@@ -408,7 +408,7 @@ fn untar(
 ) -> Result<String> {
     let corrupt = |what: String| {
         format!(
-            "cannot read {} {what}: the archive is truncated or corrupt; download it again \
+            "cannot read {} {what}: the archive is truncated or corrupt (or not a tar); download it again \
              (`copier download`) and check its sha256",
             origin.display()
         )
