@@ -24,8 +24,10 @@ serve: build
 	@echo "Serving $(ROOT) at http://localhost:8080 (Ctrl-C stops the server)"
 	$(BIN)/server --root $(ROOT)
 
-## The test suite (what CI runs).
+## The test suite (what CI runs). The build comes first: the system tests run the binaries,
+## and `cargo test` alone builds only those of packages with integration tests.
 test:
+	$(CARGO) build --release --workspace
 	$(CARGO) test --release --workspace
 
 ## Benchmarks: speed and accuracy figures recorded in docs/BENCHMARKS.md.

@@ -17,7 +17,7 @@ pub fn bin(name: &str) -> Command {
     let path = bin_dir().join(name);
     assert!(
         path.is_file(),
-        "{} is missing: run the tests with `cargo test --release --workspace` so every binary is built",
+        "{} is missing: build the workspace first (`make test` runs `cargo build --release --workspace` before the tests)",
         path.display()
     );
     let mut c = Command::new(path);
