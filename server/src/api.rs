@@ -7,7 +7,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use fedimdb::featurize::{NGram, preprocess};
+use fedimdb::featurize::{self, NGram};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -141,7 +141,7 @@ pub async fn preprocess_handler(state: Arc<AppState>, text: String) -> Result<Js
     let model = state.models.current().ok_or_else(|| not_ready(&state))?;
     let cfg = model.scorer.config.featurizer;
     let out = tokio::task::spawn_blocking(move || {
-        let p = preprocess(&text, &cfg);
+        let p = featurize::preprocess(&text, &cfg);
         let mut buckets: Vec<u32> = p.ngrams.iter().map(|g| g.bucket).collect();
         buckets.sort_unstable();
         buckets.dedup();

@@ -104,7 +104,7 @@ fn model_readiness(state: &AppState, name: &str, version: Option<&str>) -> Resul
     }
     let (ok, _) = readiness(state);
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    Ok((status, Json(json!({ "name": MODEL_NAME, "ready": ok })))).into_response())
+    Ok((status, Json(json!({ "name": MODEL_NAME, "ready": ok }))).into_response())
 }
 
 /// `GET /v2/models/{name}/ready`.

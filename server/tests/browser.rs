@@ -107,7 +107,8 @@ impl Drop for Driver {
 }
 
 fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Value {
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    // WebDriver POSTs always carry a JSON object, if only `{}`.
+    let body = body.map(|b| b.to_string()).unwrap_or_else(|| if method == "POST" { "{}".into() } else { String::new() });
     let headers: &[(&str, &str)] = if body.is_empty() { &[] } else { &[("Content-Type", "application/json")] };
     let r = common::request(addr, method, path, headers, body.as_bytes());
     serde_json::from_slice(&r.body).unwrap_or(Value::Null)

@@ -171,10 +171,31 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &st
     read_response(&mut s)
 }
 
-/// Reads a whole response from a connection the server closes after it.
+/// Reads one whole response: up to its Content-Length, else the end of a chunked body, else
+/// until the peer closes (some servers, e.g. chromedriver, keep the connection open even
+/// after `Connection: close`).
 pub fn read_response(s: &mut TcpStream) -> Resp {
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
+    let mut buf = [0u8; 16384];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let length = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse::<usize>().ok());
+            if let Some(n) = length
+                && raw.len() >= end + 4 + n
+            {
+                break;
+            }
+            if head.contains("transfer-encoding: chunked") && raw[end + 4..].windows(5).any(|w| w == b"0\r\n\r\n") {
+                break;
+            }
+        }
+        let n = s.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
     parse_response(&raw)
 }
 
