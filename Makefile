@@ -49,3 +49,65 @@ fmt:
 clean:
 	$(CARGO) clean
 	rm -rf runs
+
+## ---- Kubernetes (README "Kubernetes", docs/KUBERNETES.md) ----
+## Images are REGISTRY/BINARY:TAG; OVERLAY is local (kind/minikube), gke or gpu.
+REGISTRY  ?= fedimdb
+TAG       ?= 0.1.0
+NAMESPACE ?= fedimdb
+OVERLAY   ?= local
+ROUNDS    ?= 5
+EPOCHS    ?= 8
+BATCH     ?= $(if $(filter gpu,$(OVERLAY)),32,1)
+DOCKER    ?= docker
+KUBECTL   ?= kubectl
+K8S_BINARIES := copier trainer aggregator server pipeline
+# The overlay with the images pointed at REGISTRY/TAG (kustomize's images transformer).
+K8S_DIR   := runs/k8s-$(OVERLAY)
+
+.PHONY: images push deploy status logs port-forward clean-k8s
+
+## Builds one image per binary (and the CUDA trainer with OVERLAY=gpu). Needs Docker (BuildKit).
+images:
+	for b in $(K8S_BINARIES); do \
+	  $(DOCKER) build -f docker/Dockerfile --target $$b -t $(REGISTRY)/$$b:$(TAG) . || exit 1; \
+	done
+	if [ "$(OVERLAY)" = gpu ]; then \
+	  $(DOCKER) build -f docker/Dockerfile.cuda -t $(REGISTRY)/trainer-cuda:$(TAG) . ; \
+	fi
+
+push:
+	for b in $(K8S_BINARIES) $(if $(filter gpu,$(OVERLAY)),trainer-cuda); do \
+	  $(DOCKER) push $(REGISTRY)/$$b:$(TAG) || exit 1; \
+	done
+
+## Applies the overlay (volume, NFS server, server, inspector), then runs the workflow as Jobs.
+deploy: build
+	mkdir -p $(K8S_DIR)
+	printf '%s\n' 'apiVersion: kustomize.config.k8s.io/v1beta1' 'kind: Kustomization' \
+	  'namespace: $(NAMESPACE)' 'resources:' '- ../../manifests/overlays/$(OVERLAY)' 'images:' \
+	  $(foreach b,copier trainer aggregator server trainer-cuda,'- name: fedimdb/$(b)' '  newName: $(REGISTRY)/$(b)' '  newTag: "$(TAG)"') \
+	  > $(K8S_DIR)/kustomization.yaml
+	$(KUBECTL) apply -k $(K8S_DIR)
+	$(KUBECTL) -n $(NAMESPACE) rollout status deployment/fedimdb-nfs --timeout=5m
+	$(BIN)/pipeline k8s --namespace $(NAMESPACE) --overlay $(OVERLAY) --workers $(WORKERS) \
+	  --rounds $(ROUNDS) --epochs $(EPOCHS) --batch $(BATCH) --registry $(REGISTRY) --image-tag $(TAG)
+
+status:
+	$(KUBECTL) -n $(NAMESPACE) get jobs,pods,deployments,services,pvc -o wide
+	$(KUBECTL) get pv fedimdb-data
+
+logs:
+	$(KUBECTL) -n $(NAMESPACE) logs --tail=50 --prefix --all-containers \
+	  -l app.kubernetes.io/managed-by=fedimdb-pipeline --max-log-requests 20
+	$(KUBECTL) -n $(NAMESPACE) logs --tail=50 deployment/fedimdb-server
+
+## The server at http://localhost:8080 (Ctrl-C stops forwarding).
+port-forward:
+	$(KUBECTL) -n $(NAMESPACE) port-forward service/fedimdb-server 8080:80
+
+## Deletes the namespace (Jobs, server, NFS server and its disk) and the volume's PV.
+clean-k8s:
+	$(KUBECTL) delete namespace $(NAMESPACE) --ignore-not-found
+	$(KUBECTL) delete pv fedimdb-data --ignore-not-found
+	rm -rf runs/k8s-*
