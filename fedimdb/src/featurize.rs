@@ -251,6 +251,15 @@ pub struct Preprocessed {
     pub ngrams: Vec<NGram>,
 }
 
+/// Calls `f(n, start, bucket)` for every n-gram occurrence of `text` (tokens numbered as in
+/// `tokenize(&normalize(text))`), without building any string: what [`preprocess`] computes,
+/// at the speed of [`Featurizer`]. The server uses it to explain predictions.
+pub fn for_each_ngram_bucket(text: &str, cfg: &FeaturizerConfig, f: impl FnMut(usize, usize, u32)) {
+    let mut hashes = Vec::new();
+    token_hashes(text, &mut hashes);
+    for_each_ngram(&hashes, cfg, f);
+}
+
 /// Runs the preprocessing stage on one text and keeps every intermediate result.
 pub fn preprocess(text: &str, cfg: &FeaturizerConfig) -> Preprocessed {
     let normalized = normalize(text);
