@@ -13,9 +13,7 @@
 //! it yields exactly `tokenize(normalize(text))` on tricky inputs, so the two cannot drift
 //! apart unnoticed.
 
-use std::collections::HashMap;
-
-use fedimdb::featurize::preprocess;
+use fedimdb::featurize::for_each_ngram_bucket;
 use fedimdb::model::Scorer;
 use serde::Serialize;
 
@@ -48,19 +46,35 @@ pub struct Explanation {
     pub highlight: Option<Vec<Span>>,
 }
 
-/// A token of the original text: its normalised form and byte range.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A token: its byte range in the original text and its character range in the normalised
+/// text (they can differ: `İ` lower-cases to two characters, and a token may end between them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenSpan {
-    pub text: String,
     pub start: usize,
     pub end: usize,
+    pub norm_start: usize,
+    pub norm_end: usize,
+}
+
+/// The tokens of a text, with its normalised characters.
+#[derive(Debug, Clone, Default)]
+pub struct Tokens {
+    pub normalized: Vec<char>,
+    pub spans: Vec<TokenSpan>,
+}
+
+impl Tokens {
+    /// A token's normalised text, as the featurizer sees it.
+    pub fn text(&self, span: TokenSpan) -> String {
+        self.normalized[span.norm_start..span.norm_end].iter().collect()
+    }
 }
 
 const BREAKS: [&str; 3] = ["<br />", "<br/>", "<br>"];
 
-/// The tokens of `text` with their byte ranges in it, by the rules of
+/// The tokens of `text` with their places, by the rules of
 /// `fedimdb::featurize::{normalize, tokenize}`.
-pub fn token_spans(text: &str) -> Vec<TokenSpan> {
+pub fn token_spans(text: &str) -> Tokens {
     // Normalised characters, each with the byte range of the original it came from.
     let mut chars: Vec<(char, usize, usize)> = Vec::with_capacity(text.len());
     let bytes = text.as_bytes();
@@ -75,8 +89,12 @@ pub fn token_spans(text: &str) -> Vec<TokenSpan> {
         }
         let c = text[i..].chars().next().unwrap_or(' ');
         let end = i + c.len_utf8();
-        for l in c.to_lowercase() {
-            chars.push((l, i, end));
+        if c.is_ascii() {
+            chars.push((c.to_ascii_lowercase(), i, end));
+        } else {
+            for l in c.to_lowercase() {
+                chars.push((l, i, end));
+            }
         }
         i = end;
     }
@@ -89,10 +107,10 @@ pub fn token_spans(text: &str) -> Vec<TokenSpan> {
         if word_char {
             match &mut word {
                 Some(w) => {
-                    w.text.push(c);
                     w.end = e;
+                    w.norm_end = k + 1;
                 }
-                None => word = Some(TokenSpan { text: c.to_string(), start: s, end: e }),
+                None => word = Some(TokenSpan { start: s, end: e, norm_start: k, norm_end: k + 1 }),
             }
             continue;
         }
@@ -100,46 +118,88 @@ pub fn token_spans(text: &str) -> Vec<TokenSpan> {
             tokens.push(w);
         }
         if c == '!' || c == '?' {
-            tokens.push(TokenSpan { text: c.to_string(), start: s, end: e });
+            tokens.push(TokenSpan { start: s, end: e, norm_start: k, norm_end: k + 1 });
         }
     }
     tokens.extend(word);
-    tokens
+    Tokens { normalized: chars.into_iter().map(|c| c.0).collect(), spans: tokens }
+}
+
+/// One n-gram occurrence: bucket, length, first token.
+#[derive(Debug, Clone, Copy)]
+struct Occurrence {
+    bucket: u32,
+    n: u32,
+    start: u32,
 }
 
 /// Explains the scorer's logit for `text`: the `top_k` n-grams pushing each way and, if
 /// asked, per-token weights with their code-point ranges in `text`.
+///
+/// Built for speed (it runs on every `/api/predict` by default): n-gram buckets come from
+/// the featurizer's string-free path, the distinct count from the review's features, and
+/// only the few n-grams reported are turned into text.
 pub fn explain(text: &str, scorer: &Scorer, top_k: usize, highlight: bool) -> Explanation {
-    let p = preprocess(text, &scorer.config.featurizer);
-    // Distinct buckets, each with its first n-gram (for its text) and number of occurrences.
-    let mut buckets: HashMap<u32, (usize, u32)> = HashMap::with_capacity(p.ngrams.len());
-    for (i, g) in p.ngrams.iter().enumerate() {
-        buckets.entry(g.bucket).or_insert((i, 0)).1 += 1;
-    }
-    let n_distinct = buckets.len();
+    let cfg = scorer.config.featurizer;
+    let mut occ: Vec<Occurrence> = Vec::with_capacity(text.len() / 2);
+    for_each_ngram_bucket(text, &cfg, |n, start, bucket| occ.push(Occurrence { bucket, n: n as u32, start: start as u32 }));
+    // Distinct buckets: sort a copy of the buckets once.
+    let mut distinct: Vec<u32> = occ.iter().map(|o| o.bucket).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let n_distinct = distinct.len();
     let contribution = |b: u32| scorer.contribution(b, n_distinct);
-    let mut scored: Vec<(f32, usize)> = buckets.iter().map(|(&b, &(first, _))| (contribution(b), first)).collect();
-    // Ties broken by position, so the answer does not depend on hash-map order.
-    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let word = |&(w, i): &(f32, usize)| Word { text: p.ngrams[i].text.clone(), n: p.ngrams[i].n, weight: w };
-    let top_positive = scored.iter().take_while(|s| s.0 > 0.0).take(top_k).map(word).collect();
-    let mut neg: Vec<&(f32, usize)> = scored.iter().rev().take_while(|s| s.0 < 0.0).take(top_k).collect();
-    neg.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    let top_negative = neg.into_iter().map(word).collect();
-    let highlight = highlight.then(|| {
-        let mut weights = vec![0f32; p.tokens.len()];
-        for g in &p.ngrams {
-            let share = contribution(g.bucket) / buckets[&g.bucket].1 as f32 / g.n as f32;
-            for w in &mut weights[g.start..g.start + g.n] {
-                *w += share;
+    let tokens = (top_k > 0 || highlight).then(|| token_spans(text)).unwrap_or_default();
+    let spans = &tokens.spans;
+    let ngram_text = |o: &Occurrence| -> String {
+        let toks = &spans[o.start as usize..(o.start + o.n) as usize];
+        toks.iter().map(|&t| tokens.text(t)).collect::<Vec<_>>().join(" ")
+    };
+    // Top k of each sign: the first occurrence of each bucket, by contribution, ties by
+    // position so the answer is deterministic.
+    let mut pos: Vec<(f32, usize)> = Vec::new();
+    let mut neg: Vec<(f32, usize)> = Vec::new();
+    if top_k > 0 && spans.len() == spans_expected(&occ) {
+        let mut first_seen = std::collections::HashSet::with_capacity(occ.len());
+        for (i, o) in occ.iter().enumerate() {
+            if first_seen.insert(o.bucket) {
+                let c = contribution(o.bucket);
+                if c > 0.0 {
+                    pos.push((c, i));
+                } else if c < 0.0 {
+                    neg.push((c, i));
+                }
             }
         }
-        let spans = token_spans(text);
-        if spans.len() != weights.len() {
+        let by_weight = |a: &(f32, usize), b: &(f32, usize)| b.0.abs().total_cmp(&a.0.abs()).then(a.1.cmp(&b.1));
+        for v in [&mut pos, &mut neg] {
+            if v.len() > top_k {
+                v.select_nth_unstable_by(top_k - 1, by_weight);
+                v.truncate(top_k);
+            }
+            v.sort_by(by_weight);
+        }
+    }
+    let word = |&(w, i): &(f32, usize)| Word { text: ngram_text(&occ[i]), n: occ[i].n as usize, weight: w };
+    let top_positive = pos.iter().map(word).collect();
+    let top_negative = neg.iter().map(word).collect();
+    let highlight = highlight.then(|| {
+        if spans.len() != spans_expected(&occ) {
             // Cannot happen while token_spans follows the featurizer (tested); if it ever
             // does, give no highlight rather than a wrong one.
             tracing::warn!("token spans and featurizer tokens disagree; no highlight");
             return Vec::new();
+        }
+        let mut count: std::collections::HashMap<u32, u32> = std::collections::HashMap::with_capacity(n_distinct);
+        for o in &occ {
+            *count.entry(o.bucket).or_insert(0) += 1;
+        }
+        let mut weights = vec![0f32; spans.len()];
+        for o in &occ {
+            let share = contribution(o.bucket) / count[&o.bucket] as f32 / o.n as f32;
+            for w in &mut weights[o.start as usize..(o.start + o.n) as usize] {
+                *w += share;
+            }
         }
         // Byte offsets to code-point offsets, in one pass over the text.
         let mut cp_at = vec![0usize; text.len() + 1];
@@ -152,6 +212,11 @@ pub fn explain(text: &str, scorer: &Scorer, top_k: usize, highlight: bool) -> Ex
         spans.iter().zip(weights).map(|(s, w)| Span { start: cp_at[s.start], end: cp_at[s.end], weight: w }).collect()
     });
     Explanation { top_positive, top_negative, highlight }
+}
+
+/// The number of tokens the featurizer saw: its unigrams (every token starts one).
+fn spans_expected(occ: &[Occurrence]) -> usize {
+    occ.iter().filter(|o| o.n == 1).count()
 }
 
 #[cfg(test)]
@@ -174,14 +239,14 @@ mod tests {
     #[test]
     fn token_spans_follow_the_featurizer() {
         for t in TRICKY {
-            let spans = token_spans(t);
-            let texts: Vec<&str> = spans.iter().map(|s| s.text.as_str()).collect();
+            let tokens = token_spans(t);
+            let texts: Vec<String> = tokens.spans.iter().map(|&s| tokens.text(s)).collect();
             assert_eq!(texts, tokenize(&normalize(t)), "{t:?}");
-            for s in &spans {
+            for s in &tokens.spans {
                 assert!(t.is_char_boundary(s.start) && t.is_char_boundary(s.end) && s.start < s.end, "{t:?} {s:?}");
             }
         }
-        let s = token_spans("Great<br />FILM!");
+        let s = token_spans("Great<br />FILM!").spans;
         assert_eq!((s[1].start, s[1].end), (11, 15));
         assert_eq!(&"Great<br />FILM!"[s[1].start..s[1].end], "FILM");
     }
@@ -218,6 +283,33 @@ mod tests {
         let total: f32 = spans.iter().map(|s| s.weight).sum();
         let logit = s.logit(&Featurizer::new(s.config.featurizer).features(text));
         assert!((total + s.bias - logit).abs() < 1e-5, "{total} + {} vs {logit}", s.bias);
+    }
+
+    /// The fast path gives what the plain definition over `preprocess` gives.
+    #[test]
+    fn top_words_equal_the_definition_over_preprocess() {
+        let s = scorer();
+        for text in TRICKY.iter().chain(&["Great film. GREAT film! An awful, awful end... great? film film"]) {
+            let p = fedimdb::featurize::preprocess(text, &s.config.featurizer);
+            let mut distinct: Vec<u32> = p.ngrams.iter().map(|g| g.bucket).collect();
+            distinct.sort_unstable();
+            distinct.dedup();
+            let mut seen = std::collections::HashSet::new();
+            let mut all: Vec<(f32, usize)> = p
+                .ngrams
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| seen.insert(g.bucket))
+                .map(|(i, g)| (s.contribution(g.bucket, distinct.len()), i))
+                .collect();
+            all.sort_by(|a, b| b.0.abs().total_cmp(&a.0.abs()).then(a.1.cmp(&b.1)));
+            let want = |positive: bool| -> Vec<String> {
+                all.iter().filter(|x| if positive { x.0 > 0.0 } else { x.0 < 0.0 }).take(3).map(|x| p.ngrams[x.1].text.clone()).collect()
+            };
+            let e = explain(text, &s, 3, false);
+            assert_eq!(e.top_positive.iter().map(|w| w.text.clone()).collect::<Vec<_>>(), want(true), "{text:?}");
+            assert_eq!(e.top_negative.iter().map(|w| w.text.clone()).collect::<Vec<_>>(), want(false), "{text:?}");
+        }
     }
 
     #[test]
