@@ -1,6 +1,7 @@
 //! `pipeline`: runs the whole batch workflow — copier, then rounds of trainers and the
 //! aggregator — as local processes on a local folder.
 
+mod k8s;
 mod local;
 mod procs;
 
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Run every step as a local process on a local folder.
     Local(LocalArgs),
+    /// Run every step as a Kubernetes Job (see manifests/ and the README's Kubernetes section).
+    K8s(k8s::K8sArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -83,5 +86,6 @@ pub struct LocalArgs {
 fn main() -> std::process::ExitCode {
     fedimdb::logging::run_main(|| match Cli::parse().command {
         Command::Local(args) => local::run(&args),
+        Command::K8s(args) => k8s::run(&args),
     })
 }

@@ -1,0 +1,170 @@
+//! `pipeline k8s`: runs the workflow on a Kubernetes cluster. Each step is a Job applied
+//! with server-side apply and waited for in order: the copier, then for round 0..=R the
+//! trainers (an Indexed Job of N pods) and the aggregator. The server Deployment (from
+//! `manifests/`) hot-reloads the new model from the shared volume.
+
+pub mod api;
+pub mod jobs;
+#[cfg(test)]
+mod tests;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, ensure};
+use clap::Args as ClapArgs;
+use fedimdb::train::defaults;
+use kube::{Client, Config};
+
+use jobs::{Overlay, Params};
+
+/// Flags of `pipeline k8s`.
+#[derive(Debug, ClapArgs)]
+pub struct K8sArgs {
+    /// Namespace of the Jobs (where `manifests/` put the volume and the server).
+    #[arg(long, default_value = "fedimdb")]
+    pub namespace: String,
+    /// Number of workers (shards, trainer pods per round).
+    #[arg(long, default_value_t = 5)]
+    pub workers: u32,
+    /// Training rounds after the statistics round.
+    #[arg(long, default_value_t = defaults::ROUNDS)]
+    pub rounds: u32,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = defaults::EPOCHS)]
+    pub epochs: u32,
+    /// Reviews per SGD step.
+    #[arg(long, default_value_t = defaults::BATCH)]
+    pub batch: usize,
+    /// Seed of sharding and training.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Images are REGISTRY/BINARY:TAG.
+    #[arg(long, env = "FEDIMDB_REGISTRY", default_value = "fedimdb")]
+    pub registry: String,
+    /// Tag of the images (pinned; `latest` is refused).
+    #[arg(long, env = "FEDIMDB_TAG", default_value = env!("CARGO_PKG_VERSION"))]
+    pub image_tag: String,
+    /// Cluster flavour: `gpu` runs the trainers on NVIDIA GPUs.
+    #[arg(long, value_enum, default_value = "local")]
+    pub overlay: Overlay,
+    /// The ReadWriteMany claim holding the shared volume.
+    #[arg(long, default_value = "fedimdb-data")]
+    pub claim: String,
+    /// Names the Jobs of this run (default: the current Unix time).
+    #[arg(long)]
+    pub run_id: Option<String>,
+    /// Seconds one step may take before the run gives up.
+    #[arg(long, default_value_t = 3600.0)]
+    pub step_timeout: f64,
+    /// Seconds between two reads of a Job's status.
+    #[arg(long, default_value_t = 2.0)]
+    pub poll: f64,
+    /// Print the Jobs as YAML instead of applying them (needs no cluster).
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// A DNS-1123 label: lowercase letters, digits and '-', starting and ending alphanumeric.
+fn is_dns_label(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+pub fn params(args: &K8sArgs) -> Result<Params> {
+    ensure!(args.workers >= 1, "--workers must be at least 1");
+    ensure!(args.rounds >= 1, "--rounds must be at least 1");
+    ensure!(args.epochs >= 1, "--epochs must be at least 1");
+    ensure!(args.batch >= 1, "--batch must be at least 1");
+    ensure!(
+        args.step_timeout > 0.0 && args.step_timeout.is_finite(),
+        "--step-timeout must be a positive number of seconds"
+    );
+    ensure!(
+        args.poll > 0.0 && args.poll.is_finite(),
+        "--poll must be a positive number of seconds"
+    );
+    ensure!(
+        is_dns_label(&args.namespace, 63),
+        "--namespace {:?} is not a valid namespace (lowercase letters, digits and '-')",
+        args.namespace
+    );
+    ensure!(
+        !args.image_tag.is_empty() && args.image_tag != "latest",
+        "--image-tag must name a pinned tag, not {:?}",
+        args.image_tag
+    );
+    ensure!(!args.registry.is_empty(), "--registry must not be empty");
+    let run_id = match &args.run_id {
+        Some(r) => r.clone(),
+        None => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+            .to_string(),
+    };
+    ensure!(
+        is_dns_label(&run_id, 20),
+        "--run-id {run_id:?} must be at most 20 lowercase letters, digits and '-'"
+    );
+    Ok(Params {
+        namespace: args.namespace.clone(),
+        run_id,
+        workers: args.workers,
+        rounds: args.rounds,
+        epochs: args.epochs,
+        batch: args.batch,
+        seed: args.seed,
+        registry: args.registry.clone(),
+        image_tag: args.image_tag.clone(),
+        overlay: args.overlay,
+        claim: args.claim.clone(),
+        deadline_s: (args.step_timeout.ceil() as i64).max(1),
+    })
+}
+
+pub fn run(args: &K8sArgs) -> Result<()> {
+    let p = params(args)?;
+    let steps = jobs::plan(&p);
+    if args.dry_run {
+        print!("{}", jobs::to_yaml(&steps)?);
+        return Ok(());
+    }
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let client = connect().await?;
+        let orch = api::Orchestrator::new(
+            client,
+            &p.namespace,
+            Duration::from_secs_f64(args.poll),
+            Duration::from_secs_f64(args.step_timeout),
+        );
+        orch.run(&steps).await
+    })
+}
+
+/// A client from the kubeconfig (or the in-cluster service account), checked to reach the
+/// API server, with messages that say what to fix.
+async fn connect() -> Result<Client> {
+    let config = Config::infer().await.map_err(|e| {
+        anyhow::anyhow!(
+            "no usable Kubernetes configuration ({e}); point KUBECONFIG at a kubeconfig \
+             (e.g. `gcloud container clusters get-credentials ...` or `kind create cluster`)"
+        )
+    })?;
+    let url = config.cluster_url.clone();
+    let client =
+        Client::try_from(config).with_context(|| format!("cannot create a client for {url}"))?;
+    match tokio::time::timeout(Duration::from_secs(15), client.apiserver_version()).await {
+        Ok(Ok(_)) => Ok(client),
+        Ok(Err(e)) => Err(anyhow::anyhow!(
+            "cannot reach the Kubernetes API server at {url}: {e}"
+        )),
+        Err(_) => Err(anyhow::anyhow!(
+            "cannot reach the Kubernetes API server at {url}: no answer within 15 s"
+        )),
+    }
+}

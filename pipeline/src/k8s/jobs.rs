@@ -1,0 +1,435 @@
+//! The Jobs of `pipeline k8s`, built as pure functions of [`Params`] (no API calls), so
+//! that `--dry-run` and the tests see exactly what would be applied. They mirror the Jobs
+//! in `manifests/base/` (same security context, volume, resources and failure policy).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyRule,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile,
+    SecurityContext, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// Field manager name used for server-side apply.
+pub const MANAGER: &str = "fedimdb-pipeline";
+/// Where the shared volume is mounted in every pod.
+pub const ROOT: &str = "/data";
+/// The user of the distroless `nonroot` images.
+pub const UID: i64 = 65532;
+
+/// Which cluster flavour the Jobs are built for (the overlays in `manifests/overlays/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Overlay {
+    /// kind or minikube.
+    Local,
+    /// Google Kubernetes Engine, CPU nodes.
+    Gke,
+    /// Trainers on NVIDIA GPUs (`nvidia.com/gpu`, the cuda trainer image, `--device cuda`).
+    Gpu,
+}
+
+/// Everything the Jobs depend on.
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub namespace: String,
+    /// Distinguishes the Jobs of one run from those of earlier runs.
+    pub run_id: String,
+    pub workers: u32,
+    pub rounds: u32,
+    pub epochs: u32,
+    pub batch: usize,
+    pub seed: u64,
+    /// Image names are `REGISTRY/BINARY:TAG` (trainer on GPUs: `REGISTRY/trainer-cuda:TAG`).
+    pub registry: String,
+    pub image_tag: String,
+    pub overlay: Overlay,
+    /// The ReadWriteMany claim holding the volume (docs/VOLUME.md).
+    pub claim: String,
+    /// `activeDeadlineSeconds` of every Job.
+    pub deadline_s: i64,
+}
+
+/// What one step is, for progress messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    Copier,
+    Trainer(u32),
+    Aggregator(u32),
+}
+
+impl std::fmt::Display for StepKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepKind::Copier => write!(f, "copier"),
+            StepKind::Trainer(r) => write!(f, "trainers of round {r}"),
+            StepKind::Aggregator(r) => write!(f, "aggregator of round {r}"),
+        }
+    }
+}
+
+/// One Job to apply and wait for.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub kind: StepKind,
+    pub job: Job,
+}
+
+impl Step {
+    pub fn name(&self) -> &str {
+        self.job.metadata.name.as_deref().unwrap_or_default()
+    }
+    /// Pods that must succeed.
+    pub fn completions(&self) -> i32 {
+        self.job
+            .spec
+            .as_ref()
+            .and_then(|s| s.completions)
+            .unwrap_or(1)
+    }
+}
+
+/// The whole workflow in order: copier; then, for round 0..=R, trainers and aggregator.
+pub fn plan(p: &Params) -> Vec<Step> {
+    let mut steps = vec![Step {
+        kind: StepKind::Copier,
+        job: copier_job(p),
+    }];
+    for r in 0..=p.rounds {
+        steps.push(Step {
+            kind: StepKind::Trainer(r),
+            job: trainer_job(p, r),
+        });
+        steps.push(Step {
+            kind: StepKind::Aggregator(r),
+            job: aggregator_job(p, r),
+        });
+    }
+    steps
+}
+
+/// Name of a Job: `fedimdb-RUN-copier`, `fedimdb-RUN-trainer-rR`, `fedimdb-RUN-aggregator-rR`.
+pub fn job_name(p: &Params, kind: StepKind) -> String {
+    match kind {
+        StepKind::Copier => format!("fedimdb-{}-copier", p.run_id),
+        StepKind::Trainer(r) => format!("fedimdb-{}-trainer-r{r}", p.run_id),
+        StepKind::Aggregator(r) => format!("fedimdb-{}-aggregator-r{r}", p.run_id),
+    }
+}
+
+pub fn image(p: &Params, binary: &str) -> String {
+    format!(
+        "{}/{binary}:{}",
+        p.registry.trim_end_matches('/'),
+        p.image_tag
+    )
+}
+
+fn labels(p: &Params, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "fedimdb".to_string()),
+        (
+            "app.kubernetes.io/part-of".to_string(),
+            "fedimdb".to_string(),
+        ),
+        (
+            "app.kubernetes.io/component".to_string(),
+            component.to_string(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGER.to_string(),
+        ),
+        ("fedimdb/run".to_string(), p.run_id.clone()),
+    ])
+}
+
+fn q(s: &str) -> Quantity {
+    Quantity(s.to_string())
+}
+
+fn resources(cpu: &str, memory: &str, cpu_limit: &str, memory_limit: &str) -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".into(), q(cpu)),
+            ("memory".into(), q(memory)),
+        ])),
+        limits: Some(BTreeMap::from([
+            ("cpu".into(), q(cpu_limit)),
+            ("memory".into(), q(memory_limit)),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// The container security context shared by every fedimdb container.
+pub fn container_security() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(UID),
+        run_as_group: Some(UID),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(UID),
+        run_as_group: Some(UID),
+        fs_group: Some(UID),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn container(name: &str, image: String, args: Vec<String>, res: ResourceRequirements) -> Container {
+    Container {
+        name: name.into(),
+        image: Some(image),
+        image_pull_policy: Some("IfNotPresent".into()),
+        args: Some(args),
+        env: Some(vec![EnvVar {
+            name: "RUST_LOG".into(),
+            value: Some("info".into()),
+            ..Default::default()
+        }]),
+        resources: Some(res),
+        security_context: Some(container_security()),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "data".into(),
+                mount_path: ROOT.into(),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "tmp".into(),
+                mount_path: "/tmp".into(),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    }
+}
+
+fn volumes(p: &Params) -> Vec<Volume> {
+    vec![
+        Volume {
+            name: "data".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: p.claim.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(q("1Gi")),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ]
+}
+
+/// Exit code 2 is a usage error (bad flags): retrying cannot fix it, so the Job fails at
+/// once. Other failures are retried up to the backoff limit. Pod disruptions (node drain,
+/// preemption) are not counted against it.
+fn failure_policy() -> PodFailurePolicy {
+    PodFailurePolicy {
+        rules: vec![
+            PodFailurePolicyRule {
+                action: "FailJob".into(),
+                on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                    container_name: None,
+                    operator: "In".into(),
+                    values: vec![2],
+                }),
+                ..Default::default()
+            },
+            PodFailurePolicyRule {
+                action: "Ignore".into(),
+                on_pod_conditions: Some(vec![
+                    k8s_openapi::api::batch::v1::PodFailurePolicyOnPodConditionsPattern {
+                        type_: "DisruptionTarget".into(),
+                        status: Some("True".into()),
+                    },
+                ]),
+                ..Default::default()
+            },
+        ],
+    }
+}
+
+fn job(p: &Params, kind: StepKind, component: &str, mut pod: PodSpec, mut spec: JobSpec) -> Job {
+    let labels = labels(p, component);
+    pod.restart_policy = Some("Never".into());
+    pod.security_context = Some(pod_security());
+    pod.automount_service_account_token = Some(false);
+    pod.volumes = Some(volumes(p));
+    spec.template = PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels.clone()),
+            ..Default::default()
+        }),
+        spec: Some(pod),
+    };
+    spec.active_deadline_seconds = Some(p.deadline_s);
+    spec.ttl_seconds_after_finished = Some(86_400);
+    spec.pod_failure_policy = Some(failure_policy());
+    Job {
+        metadata: ObjectMeta {
+            name: Some(job_name(p, kind)),
+            namespace: Some(p.namespace.clone()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+/// The copier: an init container downloads the official archive onto the volume (skipped
+/// when already there with the right hash), then the copier shards it into `workers` shards.
+pub fn copier_job(p: &Params) -> Job {
+    let download = format!("{ROOT}/download");
+    let mut init = container(
+        "download",
+        image(p, "copier"),
+        vec!["download".into(), "--to".into(), download.clone()],
+        resources("250m", "256Mi", "1", "512Mi"),
+    );
+    init.name = "download".into();
+    let main = container(
+        "copier",
+        image(p, "copier"),
+        vec![
+            "--source".into(),
+            format!("{download}/aclImdb_v1.tar.gz"),
+            "--out".into(),
+            ROOT.into(),
+            "--workers".into(),
+            p.workers.to_string(),
+            "--seed".into(),
+            p.seed.to_string(),
+        ],
+        resources("1", "1Gi", "2", "2Gi"),
+    );
+    let pod = PodSpec {
+        init_containers: Some(vec![init]),
+        containers: vec![main],
+        ..Default::default()
+    };
+    let spec = JobSpec {
+        backoff_limit: Some(2),
+        ..Default::default()
+    };
+    job(p, StepKind::Copier, "copier", pod, spec)
+}
+
+/// The trainers of one round: an Indexed Job of `workers` pods; pod I trains shard I (the
+/// trainer reads `JOB_COMPLETION_INDEX`).
+pub fn trainer_job(p: &Params, round: u32) -> Job {
+    let gpu = p.overlay == Overlay::Gpu;
+    let mut args = vec![
+        "--root".into(),
+        ROOT.into(),
+        "--round".into(),
+        round.to_string(),
+        "--epochs".into(),
+        p.epochs.to_string(),
+        "--batch".into(),
+        p.batch.to_string(),
+        "--seed".into(),
+        p.seed.to_string(),
+    ];
+    let mut res = resources("1", "2Gi", "2", "4Gi");
+    let mut tolerations = None;
+    let image = if gpu {
+        args.extend(["--device".into(), "cuda".into()]);
+        for map in [res.requests.as_mut(), res.limits.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            map.insert("nvidia.com/gpu".into(), q("1"));
+        }
+        tolerations = Some(vec![Toleration {
+            key: Some("nvidia.com/gpu".into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        }]);
+        image(p, "trainer-cuda")
+    } else {
+        image(p, "trainer")
+    };
+    let pod = PodSpec {
+        containers: vec![container("trainer", image, args, res)],
+        tolerations,
+        ..Default::default()
+    };
+    let n = p.workers as i32;
+    let spec = JobSpec {
+        completion_mode: Some("Indexed".into()),
+        completions: Some(n),
+        parallelism: Some(n),
+        backoff_limit_per_index: Some(2),
+        max_failed_indexes: Some(0),
+        ..Default::default()
+    };
+    job(p, StepKind::Trainer(round), "trainer", pod, spec)
+}
+
+/// The aggregator of one round: averages the `workers` updates into the round's model.
+pub fn aggregator_job(p: &Params, round: u32) -> Job {
+    let args = vec![
+        "--root".into(),
+        ROOT.into(),
+        "--round".into(),
+        round.to_string(),
+        "--expect".into(),
+        p.workers.to_string(),
+    ];
+    let pod = PodSpec {
+        containers: vec![container(
+            "aggregator",
+            image(p, "aggregator"),
+            args,
+            resources("500m", "1Gi", "2", "2Gi"),
+        )],
+        ..Default::default()
+    };
+    let spec = JobSpec {
+        backoff_limit: Some(2),
+        ..Default::default()
+    };
+    job(p, StepKind::Aggregator(round), "aggregator", pod, spec)
+}
+
+/// The YAML of all steps, as `---`-separated documents (what `--dry-run` prints).
+pub fn to_yaml(steps: &[Step]) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for s in steps {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&s.job)?);
+    }
+    Ok(out)
+}

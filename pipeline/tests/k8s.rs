@@ -1,0 +1,350 @@
+//! `pipeline k8s` and the Kubernetes files, without a cluster (none is reachable in CI):
+//! every kustomize overlay and the `--dry-run` output validate against the Kubernetes
+//! schemas (`kubectl kustomize`, `kubernetes-validate --strict`), the Dockerfiles pass
+//! hadolint, and bad input (flags, kubeconfig, unreachable API server) fails clearly.
+//! Tests that need a tool skip with a notice when it is missing; `.ci/run` installs them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const PIPELINE: &str = env!("CARGO_BIN_EXE_pipeline");
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A tool from PATH or from the CI venv ($HOME/.cache/fedimdb/venv/bin).
+fn tool(name: &str) -> Option<PathBuf> {
+    let venv = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/fedimdb/venv/bin"));
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(venv)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn need(name: &str) -> Option<PathBuf> {
+    let t = tool(name);
+    if t.is_none() {
+        eprintln!("SKIPPED: `{name}` is not installed (bash .ci/run installs it)");
+    }
+    t
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Validates a multi-document YAML file strictly against the current Kubernetes schemas.
+fn validate(validator: &Path, yaml: &str, what: &str) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("all.yaml");
+    std::fs::write(&f, yaml).unwrap();
+    let o = Command::new(validator)
+        .arg("--strict")
+        .arg("--quiet")
+        .arg(&f)
+        .output()
+        .unwrap();
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{what} does not validate:\n{}", text(&o)))
+    }
+}
+
+fn kustomize(kubectl: &Path, overlay: &str) -> String {
+    let dir = repo().join("manifests/overlays").join(overlay);
+    let o = Command::new(kubectl)
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        text(&o)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn docs(yaml: &str) -> Vec<serde_yaml::Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
+}
+
+#[test]
+fn every_overlay_renders_and_validates() {
+    let (Some(kubectl), Some(validator)) = (need("kubectl"), need("kubernetes-validate")) else {
+        return;
+    };
+    // The validator must catch a wrong field (else a pass would mean nothing).
+    let bogus = "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: x\nspec:\n  completionz: 1\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: x\n        image: x:1\n";
+    assert!(
+        validate(&validator, bogus, "bogus").is_err(),
+        "kubernetes-validate --strict accepts an unknown field"
+    );
+
+    for overlay in ["local", "gke", "gpu"] {
+        let yaml = kustomize(&kubectl, overlay);
+        validate(&validator, &yaml, overlay).unwrap();
+        let docs = docs(&yaml);
+        let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+        for k in [
+            "Namespace",
+            "Deployment",
+            "Service",
+            "PersistentVolume",
+            "PersistentVolumeClaim",
+            "Job",
+            "Pod",
+        ] {
+            assert!(kinds.contains(&k), "{overlay}: no {k} in {kinds:?}");
+        }
+        assert!(
+            !kinds.contains(&"ConfigMap")
+                || docs
+                    .iter()
+                    .all(|d| d["metadata"]["name"] != "fedimdb-params"),
+            "{overlay}: the local-config parameters must not be applied"
+        );
+        let trainer = docs
+            .iter()
+            .find(|d| d["metadata"]["name"] == "fedimdb-trainer")
+            .unwrap();
+        assert_eq!(trainer["spec"]["completionMode"], "Indexed");
+        assert_eq!(
+            trainer["spec"]["completions"],
+            trainer["spec"]["parallelism"]
+        );
+        assert!(
+            trainer["spec"]["completions"].as_u64().is_some(),
+            "{overlay}: completions must be a number"
+        );
+        let gpu = trainer["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+            == "1";
+        assert_eq!(gpu, overlay == "gpu", "{overlay}: GPU request");
+        let server_svc = docs
+            .iter()
+            .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "fedimdb-server")
+            .unwrap();
+        let want = match overlay {
+            "local" => "NodePort",
+            _ => "LoadBalancer",
+        };
+        assert_eq!(server_svc["spec"]["type"], want, "{overlay}");
+        // Everything but the NFS server runs locked down, with requests and limits.
+        for d in &docs {
+            let spec = match d["kind"].as_str().unwrap() {
+                "Deployment" | "Job" => &d["spec"]["template"]["spec"],
+                "Pod" => &d["spec"],
+                _ => continue,
+            };
+            let name = d["metadata"]["name"].as_str().unwrap();
+            let containers = spec["containers"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .chain(spec["initContainers"].as_sequence().into_iter().flatten());
+            for c in containers {
+                let cname = c["name"].as_str().unwrap();
+                let image = c["image"].as_str().unwrap();
+                assert!(
+                    image.contains(':') && !image.ends_with(":latest"),
+                    "{name}/{cname}: unpinned image {image}"
+                );
+                for k in ["requests", "limits"] {
+                    for r in ["cpu", "memory"] {
+                        assert!(
+                            !c["resources"][k][r].is_null(),
+                            "{overlay} {name}/{cname}: no {k}.{r}"
+                        );
+                    }
+                }
+                if name == "fedimdb-nfs" {
+                    continue; // The documented exception (manifests/base/nfs-server.yaml).
+                }
+                let sc = &c["securityContext"];
+                assert_eq!(sc["runAsNonRoot"], true, "{name}/{cname}");
+                assert_eq!(sc["readOnlyRootFilesystem"], true, "{name}/{cname}");
+                assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}/{cname}");
+                assert_eq!(sc["capabilities"]["drop"][0], "ALL", "{name}/{cname}");
+                assert_eq!(
+                    sc["seccompProfile"]["type"], "RuntimeDefault",
+                    "{name}/{cname}"
+                );
+            }
+            if d["kind"] == "Job" {
+                for k in [
+                    "podFailurePolicy",
+                    "activeDeadlineSeconds",
+                    "ttlSecondsAfterFinished",
+                ] {
+                    assert!(!d["spec"][k].is_null(), "{overlay} {name}: no {k}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dry_run_prints_jobs_that_validate() {
+    for overlay in ["local", "gpu"] {
+        let o = Command::new(PIPELINE)
+            .args([
+                "k8s",
+                "--dry-run",
+                "--workers",
+                "3",
+                "--rounds",
+                "2",
+                "--run-id",
+                "ci",
+                "--overlay",
+                overlay,
+            ])
+            .args([
+                "--registry",
+                "europe-docker.pkg.dev/p/fedimdb",
+                "--image-tag",
+                "1.2.3",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let yaml = String::from_utf8(o.stdout).unwrap();
+        let docs = docs(&yaml);
+        assert_eq!(
+            docs.len(),
+            1 + 2 * 3,
+            "copier + (trainer, aggregator) x rounds 0..=2"
+        );
+        assert_eq!(docs[1]["metadata"]["name"], "fedimdb-ci-trainer-r0");
+        assert_eq!(docs[1]["spec"]["completions"], 3);
+        let image = docs[1]["spec"]["template"]["spec"]["containers"][0]["image"]
+            .as_str()
+            .unwrap();
+        let want = if overlay == "gpu" {
+            "trainer-cuda"
+        } else {
+            "trainer"
+        };
+        assert_eq!(
+            image,
+            format!("europe-docker.pkg.dev/p/fedimdb/{want}:1.2.3")
+        );
+        if let Some(v) = need("kubernetes-validate") {
+            validate(&v, &yaml, "pipeline k8s --dry-run").unwrap();
+        }
+    }
+}
+
+fn pipeline_k8s(args: &[&str], kubeconfig: &Path) -> Output {
+    Command::new(PIPELINE)
+        .arg("k8s")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn bad_flags_fail_clearly() {
+    let none = Path::new("/nonexistent/kubeconfig");
+    for (args, want) in [
+        (&["--workers", "0"][..], "--workers must be at least 1"),
+        (&["--rounds", "0"], "--rounds must be at least 1"),
+        (&["--epochs", "0"], "--epochs must be at least 1"),
+        (&["--image-tag", "latest"], "pinned tag"),
+        (&["--namespace", "Bad_NS"], "not a valid namespace"),
+        (&["--run-id", "UPPER"], "--run-id"),
+        (&["--overlay", "aks"], "invalid value 'aks' for '--overlay"),
+        (&["--frobnicate", "3"], "unexpected argument '--frobnicate'"),
+        (
+            &["--workers", "many"],
+            "invalid value 'many' for '--workers",
+        ),
+    ] {
+        let o = pipeline_k8s(&[args, &["--dry-run"][..]].concat(), none);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(o.stdout.is_empty(), "{args:?} printed YAML");
+        assert!(text(&o).contains(want), "{args:?}: {}", text(&o));
+    }
+}
+
+#[test]
+fn missing_kubeconfig_fails_clearly() {
+    let o = pipeline_k8s(
+        &["--workers", "2", "--rounds", "1"],
+        Path::new("/nonexistent/kubeconfig"),
+    );
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("no usable Kubernetes configuration") && t.contains("KUBECONFIG"),
+        "{t}"
+    );
+}
+
+#[test]
+fn unreachable_api_server_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kc,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:1\n\
+         contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n\
+         users:\n- name: u\n  user:\n    token: t\n",
+    )
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let o = pipeline_k8s(&["--workers", "2", "--rounds", "1"], &kc);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("cannot reach the Kubernetes API server at https://127.0.0.1:1"),
+        "{t}"
+    );
+    assert!(t0.elapsed().as_secs() < 30);
+}
+
+#[test]
+fn dockerfiles_pass_hadolint() {
+    let Some(hadolint) = need("hadolint") else {
+        return;
+    };
+    let files: Vec<PathBuf> = std::fs::read_dir(repo().join("docker"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with("Dockerfile") && !n.ends_with(".dockerignore")
+        })
+        .collect();
+    assert!(!files.is_empty(), "no docker/Dockerfile*");
+    for f in files {
+        let o = Command::new(&hadolint)
+            .arg("--failure-threshold")
+            .arg("info")
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "hadolint {}:\n{}",
+            f.display(),
+            text(&o)
+        );
+    }
+}
