@@ -20,7 +20,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -155,10 +155,7 @@ fn batch_loop(jobs: &Receiver<Job>, to_workers: &SyncSender<Vec<Job>>, max_batch
                     if left.is_zero() {
                         None
                     } else {
-                        match jobs.recv_timeout(left) {
-                            Ok(job) => Some(job),
-                            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-                        }
+                        jobs.recv_timeout(left).ok()
                     }
                 }
             };

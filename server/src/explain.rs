@@ -149,7 +149,7 @@ pub fn explain(text: &str, scorer: &Scorer, top_k: usize, highlight: bool) -> Ex
     distinct.dedup();
     let n_distinct = distinct.len();
     let contribution = |b: u32| scorer.contribution(b, n_distinct);
-    let tokens = (top_k > 0 || highlight).then(|| token_spans(text)).unwrap_or_default();
+    let tokens = if top_k > 0 || highlight { token_spans(text) } else { Tokens::default() };
     let spans = &tokens.spans;
     let ngram_text = |o: &Occurrence| -> String {
         let toks = &spans[o.start as usize..(o.start + o.n) as usize];

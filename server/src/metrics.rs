@@ -115,7 +115,8 @@ impl Metrics {
         let mut out = String::with_capacity(8192);
         out.push_str("# HELP fedimdb_http_requests_total HTTP requests by route template, method and status.\n");
         out.push_str("# TYPE fedimdb_http_requests_total counter\n");
-        let routes: Vec<(String, Vec<((String, u16), u64)>, Arc<Histogram>)> = {
+        type Snapshot = Vec<(String, Vec<((String, u16), u64)>, Arc<Histogram>)>;
+        let routes: Snapshot = {
             let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
             routes.iter().map(|(r, s)| (r.clone(), s.by_status.iter().map(|(k, v)| (k.clone(), *v)).collect(), s.latency.clone())).collect()
         };
