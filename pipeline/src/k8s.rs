@@ -38,6 +38,9 @@ pub struct K8sArgs {
     /// Seed of sharding and training.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Replace data on the volume that was sharded with other arguments (copier --force).
+    #[arg(long)]
+    pub force: bool,
     /// Images are REGISTRY/BINARY:TAG.
     #[arg(long, env = "FEDIMDB_REGISTRY", default_value = "fedimdb")]
     pub registry: String,
@@ -118,6 +121,7 @@ pub fn params(args: &K8sArgs) -> Result<Params> {
         epochs: args.epochs,
         batch: args.batch,
         seed: args.seed,
+        force: args.force,
         registry: args.registry.clone(),
         image_tag: args.image_tag.clone(),
         overlay: args.overlay,

@@ -30,6 +30,8 @@ pub struct Progress {
     pub succeeded: i32,
     pub failed: i32,
     pub active: i32,
+    /// Indexed Jobs: the indices done, as the API writes them (`0,2-4`).
+    pub completed_indexes: Option<String>,
 }
 
 /// The outcome of a Job if it has finished: its `Complete` or `Failed` condition.
@@ -58,6 +60,7 @@ pub fn progress(job: &Job) -> Progress {
         succeeded: s.succeeded.unwrap_or(0),
         failed: s.failed.unwrap_or(0),
         active: s.active.unwrap_or(0),
+        completed_indexes: s.completed_indexes.filter(|c| !c.is_empty()),
     }
 }
 
@@ -150,9 +153,18 @@ impl Orchestrator {
                 .with_context(|| format!("cannot read job {name}"))?;
             let p = progress(&job);
             if last.as_ref() != Some(&p) {
+                let indices = p
+                    .completed_indexes
+                    .as_deref()
+                    .map(|c| format!(" (indices {c})"));
                 self.say(format!(
-                    "  {}: {}/{} done, {} running, {} failed",
-                    step.kind, p.succeeded, total, p.active, p.failed
+                    "  {}: {}/{} done{}, {} running, {} failed",
+                    step.kind,
+                    p.succeeded,
+                    total,
+                    indices.unwrap_or_default(),
+                    p.active,
+                    p.failed
                 ));
                 last = Some(p);
             }

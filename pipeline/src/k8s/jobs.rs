@@ -44,6 +44,8 @@ pub struct Params {
     pub epochs: u32,
     pub batch: usize,
     pub seed: u64,
+    /// Pass `--force` to the copier (reshard data sharded with other arguments).
+    pub force: bool,
     /// Image names are `REGISTRY/BINARY:TAG` (trainer on GPUs: `REGISTRY/trainer-cuda:TAG`).
     pub registry: String,
     pub image_tag: String,
@@ -318,19 +320,23 @@ pub fn copier_job(p: &Params) -> Job {
         resources("250m", "256Mi", "1", "512Mi"),
     );
     init.name = "download".into();
+    let mut args: Vec<String> = vec![
+        "--source".into(),
+        format!("{download}/aclImdb_v1.tar.gz"),
+        "--out".into(),
+        ROOT.into(),
+        "--workers".into(),
+        p.workers.to_string(),
+        "--seed".into(),
+        p.seed.to_string(),
+    ];
+    if p.force {
+        args.push("--force".into());
+    }
     let main = container(
         "copier",
         image(p, "copier"),
-        vec![
-            "--source".into(),
-            format!("{download}/aclImdb_v1.tar.gz"),
-            "--out".into(),
-            ROOT.into(),
-            "--workers".into(),
-            p.workers.to_string(),
-            "--seed".into(),
-            p.seed.to_string(),
-        ],
+        args,
         resources("1", "1Gi", "2", "2Gi"),
     );
     let pod = PodSpec {

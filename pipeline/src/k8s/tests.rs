@@ -22,6 +22,7 @@ fn params(workers: u32, rounds: u32, overlay: Overlay) -> Params {
         epochs: 3,
         batch: 64,
         seed: 7,
+        force: false,
         registry: "example.io/fedimdb".into(),
         image_tag: "0.1.0".into(),
         overlay,
@@ -176,6 +177,12 @@ fn copier_downloads_then_shards_into_workers() {
     let args = pod.containers[0].args.clone().unwrap();
     let w = args.iter().position(|a| a == "--workers").unwrap();
     assert_eq!(args[w + 1], "5");
+    assert!(!args.contains(&"--force".to_string()));
+    let forced = jobs::copier_job(&Params {
+        force: true,
+        ..params(5, 1, Overlay::Local)
+    });
+    assert!(args_of(&forced).ends_with(&["--force".to_string()]));
     let a = jobs::aggregator_job(&params(5, 1, Overlay::Local), 3);
     assert_eq!(
         args_of(&a),
@@ -332,7 +339,13 @@ async fn applies_every_step_in_order_and_waits_for_each() {
                 *k += 1;
                 let j = match *k {
                     1 => job_json(&name, n, 0, 0, n, None),
-                    2 => job_json(&name, n, n / 2, 0, n - n / 2, None),
+                    2 => {
+                        let mut j = job_json(&name, n, n / 2, 0, n - n / 2, None);
+                        if name.contains("trainer") {
+                            j["status"]["completedIndexes"] = json!("1");
+                        }
+                        j
+                    }
                     _ => job_json(&name, n, n, 0, 0, Some(("Complete", "CompletionsReached"))),
                 };
                 (200, j.to_string())
@@ -389,7 +402,7 @@ async fn applies_every_step_in_order_and_waits_for_each() {
     assert!(
         lines
             .iter()
-            .any(|l| l.contains("trainers of round 1: 1/2 done, 1 running")),
+            .any(|l| l.contains("trainers of round 1: 1/2 done (indices 1), 1 running")),
         "{lines:#?}"
     );
     assert!(
