@@ -21,9 +21,19 @@ fn find_program(names: &[&str]) -> Option<PathBuf> {
     names.iter().flat_map(|n| std::env::split_paths(&path).map(move |d| d.join(n))).find(|p| p.is_file())
 }
 
+/// Kills chromedriver however the test ends, even if it fails before a session exists.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Driver {
     addr: SocketAddr,
-    child: Child,
+    _child: KillOnDrop,
     session: String,
     _profile: tempfile::TempDir,
 }
@@ -38,6 +48,7 @@ impl Driver {
             .stderr(Stdio::null())
             .spawn()
             .expect("chromedriver starts");
+        let child = KillOnDrop(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if std::net::TcpStream::connect(addr).is_ok() && call(addr, "GET", "/status", None)["value"]["ready"] == true {
@@ -66,7 +77,7 @@ impl Driver {
             "goog:chromeOptions": { "binary": chromium, "args": args } } } });
         let v = call(addr, "POST", "/session", Some(&caps));
         let session = v["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {v}")).to_owned();
-        Self { addr, child, session, _profile: profile }
+        Self { addr, _child: child, session, _profile: profile }
     }
 
     fn cmd(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
@@ -101,8 +112,7 @@ impl Driver {
 impl Drop for Driver {
     fn drop(&mut self) {
         let _ = call(self.addr, "DELETE", &format!("/session/{}", self.session), None);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // `_child` is killed when it drops, after this.
     }
 }
 
