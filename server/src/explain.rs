@@ -125,6 +125,28 @@ pub fn token_spans(text: &str) -> Tokens {
     Tokens { normalized: chars.into_iter().map(|c| c.0).collect(), spans: tokens }
 }
 
+/// Hashes a bucket id to itself: bucket ids are already uniformly spread hash values, so
+/// hashing them again (SipHash, the std default) only costs time on every request.
+#[derive(Default)]
+struct BucketHasher(u64);
+
+impl std::hash::Hasher for BucketHasher {
+    fn finish(&self) -> u64 {
+        // Spread the bits hashbrown uses for its control bytes (the top 7) as well.
+        self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | b as u64;
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = n as u64;
+    }
+}
+
+type BucketBuild = std::hash::BuildHasherDefault<BucketHasher>;
+
 /// One n-gram occurrence: bucket, length, first token.
 #[derive(Debug, Clone, Copy)]
 struct Occurrence {
@@ -160,7 +182,7 @@ pub fn explain(text: &str, scorer: &Scorer, top_k: usize, highlight: bool) -> Ex
     let mut pos: Vec<(f32, usize)> = Vec::new();
     let mut neg: Vec<(f32, usize)> = Vec::new();
     if top_k > 0 && spans.len() == spans_expected(&occ) {
-        let mut first_seen = std::collections::HashSet::with_capacity(occ.len());
+        let mut first_seen = std::collections::HashSet::with_capacity_and_hasher(occ.len(), BucketBuild::default());
         for (i, o) in occ.iter().enumerate() {
             if first_seen.insert(o.bucket) {
                 let c = contribution(o.bucket);
@@ -190,7 +212,8 @@ pub fn explain(text: &str, scorer: &Scorer, top_k: usize, highlight: bool) -> Ex
             tracing::warn!("token spans and featurizer tokens disagree; no highlight");
             return Vec::new();
         }
-        let mut count: std::collections::HashMap<u32, u32> = std::collections::HashMap::with_capacity(n_distinct);
+        let mut count: std::collections::HashMap<u32, u32, BucketBuild> =
+            std::collections::HashMap::with_capacity_and_hasher(n_distinct, BucketBuild::default());
         for o in &occ {
             *count.entry(o.bucket).or_insert(0) += 1;
         }
