@@ -5,20 +5,26 @@
 //! input, `text`: a BYTES tensor of reviews, shape `[N]` or `[N, 1]`, and returns one
 //! output, `probability`: FP32, the same shape, the probability that each review is
 //! positive. Errors are `{"error": "..."}` with a 4xx status for the client's mistakes.
-//! JSON only: the binary tensor extension is refused with a 400 that says so.
+//!
+//! The binary tensor extension (what Triton's HTTP client sends by default) is supported:
+//! a request whose `Inference-Header-Content-Length` header is N carries N bytes of JSON,
+//! then the raw data of every input whose `parameters.binary_data_size` is set (BYTES
+//! elements as a 4-byte little-endian length and the bytes). Outputs come back raw too when
+//! asked (`binary_data_output` on the request, or `binary_data` on the output): JSON first,
+//! its length in the response's `Inference-Header-Content-Length`, then the little-endian f32s.
 
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::api::{MODEL_NAME, check_texts, not_ready};
-use crate::error::{ApiError, V2JsonBody};
+use crate::error::{ApiError, V2JsonBody, parse_json, read_body};
 
 pub const INPUT_NAME: &str = "text";
 pub const OUTPUT_NAME: &str = "probability";
@@ -134,6 +140,8 @@ pub struct InferInput {
     pub shape: Vec<i64>,
     pub datatype: String,
     pub parameters: Option<serde_json::Map<String, Value>>,
+    /// Absent when the data travels in binary after the JSON.
+    #[serde(default)]
     pub data: Value,
 }
 
@@ -147,18 +155,78 @@ fn wants_binary(params: Option<&serde_json::Map<String, Value>>, key: &str) -> b
     params.and_then(|p| p.get(key)).and_then(Value::as_bool).unwrap_or(false)
 }
 
-/// Checks an inference request and returns its texts and shape.
-pub fn parse_infer(req: InferRequest) -> Result<(Vec<String>, Vec<i64>), ApiError> {
-    const BINARY: &str = "the binary tensor extension is not supported: send the data as JSON (Triton client: binary_data=False)";
-    if wants_binary(req.parameters.as_ref(), "binary_data_output") {
-        return Err(ApiError::bad_request(BINARY));
+/// The name of the header that splits a binary-extension body into JSON and raw data.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// An inference request body: JSON, or JSON followed by raw tensor data (the binary tensor
+/// extension). Read whole, bounded in size and time, before anything is queued.
+pub struct InferBody {
+    pub request: InferRequest,
+    pub binary: axum::body::Bytes,
+}
+
+impl FromRequest<Arc<AppState>> for InferBody {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let Some(len) = req.headers().get(HEADER_LENGTH) else {
+            let V2JsonBody(request) = V2JsonBody::from_request(req, state).await?;
+            return Ok(Self { request, binary: Default::default() });
+        };
+        let len: usize = len
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| ApiError::bad_request(format!("{HEADER_LENGTH} must be a byte count")))?;
+        let bytes = read_body(req, state).await?;
+        if len > bytes.len() {
+            return Err(ApiError::bad_request(format!(
+                "{HEADER_LENGTH} is {len} but the body has only {} bytes",
+                bytes.len()
+            )));
+        }
+        Ok(Self { request: parse_json(&bytes[..len])?, binary: bytes.slice(len..) })
     }
+}
+
+/// Decodes the binary form of a BYTES tensor: each element a 4-byte little-endian length,
+/// then that many bytes of UTF-8.
+fn decode_bytes_tensor(mut raw: &[u8]) -> Result<Vec<String>, ApiError> {
+    let mut out = Vec::new();
+    while !raw.is_empty() {
+        let i = out.len();
+        let Some((len, rest)) = raw.split_first_chunk::<4>() else {
+            return Err(ApiError::bad_request(format!("binary input {INPUT_NAME:?}: element {i} has a truncated length prefix")));
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > rest.len() {
+            return Err(ApiError::bad_request(format!("binary input {INPUT_NAME:?}: element {i} says {len} bytes, {} remain", rest.len())));
+        }
+        let text = std::str::from_utf8(&rest[..len])
+            .map_err(|_| ApiError::bad_request(format!("binary input {INPUT_NAME:?}: element {i} is not valid UTF-8")))?;
+        out.push(text.to_owned());
+        raw = &rest[len..];
+    }
+    Ok(out)
+}
+
+/// What an inference request asks for: its texts, their shape, and whether the output
+/// should come back as raw binary.
+pub struct Parsed {
+    pub texts: Vec<String>,
+    pub shape: Vec<i64>,
+    pub binary_output: bool,
+}
+
+/// Checks an inference request (and its raw data, for the binary extension) and returns
+/// what it asks for.
+pub fn parse_infer(req: InferRequest, binary: &[u8]) -> Result<Parsed, ApiError> {
+    let mut binary_output = wants_binary(req.parameters.as_ref(), "binary_data_output");
     for o in req.outputs.iter().flatten() {
         if o.name != OUTPUT_NAME {
             return Err(ApiError::bad_request(format!("unknown output {:?}: this model has one output, {OUTPUT_NAME:?}", o.name)));
         }
-        if wants_binary(o.parameters.as_ref(), "binary_data") {
-            return Err(ApiError::bad_request(BINARY));
+        if let Some(b) = o.parameters.as_ref().and_then(|p| p.get("binary_data")).and_then(Value::as_bool) {
+            binary_output = b;
         }
     }
     let [input] = <[InferInput; 1]>::try_from(req.inputs).map_err(|v| {
@@ -170,13 +238,34 @@ pub fn parse_infer(req: InferRequest) -> Result<(Vec<String>, Vec<i64>), ApiErro
     if input.datatype != "BYTES" {
         return Err(ApiError::bad_request(format!("input {INPUT_NAME:?} has datatype {:?}, expected \"BYTES\"", input.datatype)));
     }
-    if input.parameters.as_ref().and_then(|p| p.get("binary_data_size")).is_some() {
-        return Err(ApiError::bad_request(BINARY));
-    }
+    let binary_size = input.parameters.as_ref().and_then(|p| p.get("binary_data_size"));
     let n = match input.shape.as_slice() {
         [n] | [n, 1] if *n >= 0 => *n as usize,
         s => return Err(ApiError::bad_request(format!("input {INPUT_NAME:?} has shape {s:?}, expected [N] or [N, 1]"))),
     };
+    if let Some(size) = binary_size {
+        let size = size.as_u64().map(|s| s as usize).filter(|&s| s == binary.len()).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "input {INPUT_NAME:?}: binary_data_size {size} does not match the {} bytes after the JSON",
+                binary.len()
+            ))
+        })?;
+        let texts = decode_bytes_tensor(&binary[..size])?;
+        if texts.len() != n {
+            return Err(ApiError::bad_request(format!(
+                "input {INPUT_NAME:?} has shape {:?} but {} elements in its binary data",
+                input.shape,
+                texts.len()
+            )));
+        }
+        return Ok(Parsed { texts, shape: input.shape, binary_output });
+    }
+    if !binary.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "{} bytes follow the JSON but no input sets parameters.binary_data_size",
+            binary.len()
+        )));
+    }
     let Value::Array(items) = input.data else {
         return Err(ApiError::bad_request(format!("input {INPUT_NAME:?}: \"data\" must be an array of strings")));
     };
@@ -211,38 +300,49 @@ pub fn parse_infer(req: InferRequest) -> Result<(Vec<String>, Vec<i64>), ApiErro
             texts.len()
         )));
     }
-    Ok((texts, input.shape))
+    Ok(Parsed { texts, shape: input.shape, binary_output })
 }
 
-async fn infer_inner(state: Arc<AppState>, name: &str, version: Option<&str>, req: InferRequest) -> Result<Json<Value>, ApiError> {
+async fn infer_inner(state: Arc<AppState>, name: &str, version: Option<&str>, body: InferBody) -> Result<Response, ApiError> {
     check_name(name)?;
     check_version(&state, version)?;
-    let id = req.id.clone();
-    let (texts, shape) = parse_infer(req)?;
+    let id = body.request.id.clone();
+    let Parsed { texts, shape, binary_output } = parse_infer(body.request, &body.binary)?;
     check_texts(&state, &texts)?;
     let scored = state.batcher.score(texts, None, &state.metrics).await?;
     let data: Vec<f32> = scored.predictions.iter().map(|p| p.probability).collect();
-    let mut out = json!({
-        "model_name": MODEL_NAME,
-        "model_version": scored.model.version,
-        "outputs": [{ "name": OUTPUT_NAME, "shape": shape, "datatype": "FP32", "data": data }],
-    });
+    let output = if binary_output {
+        json!({ "name": OUTPUT_NAME, "shape": shape, "datatype": "FP32", "parameters": { "binary_data_size": data.len() * 4 } })
+    } else {
+        json!({ "name": OUTPUT_NAME, "shape": shape, "datatype": "FP32", "data": data })
+    };
+    let mut out = json!({ "model_name": MODEL_NAME, "model_version": scored.model.version, "outputs": [output] });
     if let Some(id) = id {
         out["id"] = Value::String(id);
     }
-    Ok(Json(out))
+    if !binary_output {
+        return Ok(Json(out).into_response());
+    }
+    let mut bytes = serde_json::to_vec(&out).map_err(|e| ApiError::internal(e.to_string()))?;
+    let json_len = bytes.len();
+    bytes.extend(data.iter().flat_map(|p| p.to_le_bytes()));
+    let mut resp = bytes.into_response();
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(HEADER_LENGTH, HeaderValue::from(json_len));
+    Ok(resp)
 }
 
 /// `POST /v2/models/{name}/infer`.
-pub async fn infer(State(state): State<Arc<AppState>>, Path(name): Path<String>, V2JsonBody(req): V2JsonBody<InferRequest>) -> Result<Json<Value>, ApiError> {
-    infer_inner(state, &name, None, req).await
+pub async fn infer(State(state): State<Arc<AppState>>, Path(name): Path<String>, body: InferBody) -> Result<Response, ApiError> {
+    infer_inner(state, &name, None, body).await
 }
 
 /// `POST /v2/models/{name}/versions/{version}/infer`.
 pub async fn infer_version(
     State(state): State<Arc<AppState>>,
     Path((name, version)): Path<(String, String)>,
-    V2JsonBody(req): V2JsonBody<InferRequest>,
-) -> Result<Json<Value>, ApiError> {
-    infer_inner(state, &name, Some(&version), req).await
+    body: InferBody,
+) -> Result<Response, ApiError> {
+    infer_inner(state, &name, Some(&version), body).await
 }

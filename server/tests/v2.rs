@@ -69,7 +69,6 @@ fn v2_bad_requests() {
         ("two inputs", infer, json!({ "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }, { "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }] }), 400, "exactly one"),
         ("input name", infer, json!({ "inputs": [{ "name": "review", "shape": [1], "datatype": "BYTES", "data": ["a"] }] }), 400, "unknown input"),
         ("output name", infer, json!({ "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }], "outputs": [{ "name": "label" }] }), 400, "unknown output"),
-        ("binary output", infer, json!({ "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }], "parameters": { "binary_data_output": true } }), 400, "binary"),
         ("no inputs field", infer, json!({}), 400, "inputs"),
     ];
     for (what, path, body, status, msg) in cases {
@@ -85,4 +84,121 @@ fn v2_bad_requests() {
     let r = s.post_raw(infer, &[], b"{not json");
     assert_eq!(r.status, 400);
     r.error();
+}
+
+/// A request in the binary tensor extension: JSON header, then the BYTES elements as
+/// 4-byte little-endian lengths and bytes.
+fn binary_request(texts: &[&[u8]], size_override: Option<usize>, binary_output: bool) -> (String, Vec<u8>) {
+    let mut raw = Vec::new();
+    for t in texts {
+        raw.extend((t.len() as u32).to_le_bytes());
+        raw.extend(*t);
+    }
+    let size = size_override.unwrap_or(raw.len());
+    let header = json!({
+        "inputs": [{ "name": "text", "shape": [texts.len()], "datatype": "BYTES", "parameters": { "binary_data_size": size } }],
+        "outputs": [{ "name": "probability", "parameters": { "binary_data": binary_output } }],
+    })
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend(raw);
+    (header.len().to_string(), body)
+}
+
+#[test]
+fn binary_tensor_extension_in_and_out() {
+    let s = TestServer::start(|_| {});
+    let infer = "/v2/models/fedimdb/infer";
+    let (len, body) = binary_request(&[POSITIVE.as_bytes(), NEGATIVE.as_bytes()], None, true);
+    let r = s.post_raw(infer, &[("Content-Type", "application/octet-stream"), ("Inference-Header-Content-Length", &len)], &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let json_len: usize = r.header("inference-header-content-length").expect("binary response header").parse().unwrap();
+    let head: serde_json::Value = serde_json::from_slice(&r.body[..json_len]).unwrap();
+    assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 8);
+    assert!(head["outputs"][0].get("data").is_none());
+    let p: Vec<f32> = r.body[json_len..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert!(p.len() == 2 && p[0] > 0.5 && p[1] < 0.5, "{p:?}");
+
+    // Binary in, JSON out: the same probabilities as an all-JSON request.
+    let (len, body) = binary_request(&[POSITIVE.as_bytes(), NEGATIVE.as_bytes()], None, false);
+    let r = s.post_raw(infer, &[("Inference-Header-Content-Length", &len)], &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let json_p: Vec<f32> = r.json()["outputs"][0]["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    assert_eq!(json_p, p);
+
+    let cases: Vec<(&str, String, Vec<u8>, &str)> = vec![
+        {
+            let (l, b) = binary_request(&[b"good"], Some(3), false);
+            ("size mismatch", l, b, "does not match")
+        },
+        {
+            let (l, mut b) = binary_request(&[b"good"], None, false);
+            let n = b.len();
+            b[n - 4..].copy_from_slice(&[0xff, 0xfe, 0xfd, 0xfc]);
+            ("invalid UTF-8", l, b, "not valid UTF-8")
+        },
+        {
+            let (_, b) = binary_request(&[b"good"], None, false);
+            ("header past the end", "100000".to_owned(), b, "has only")
+        },
+        {
+            let (_, b) = binary_request(&[b"good"], None, false);
+            ("header not a number", "lots".to_owned(), b, "byte count")
+        },
+        {
+            // The element says 9 bytes, 4 follow (binary_data_size matches what was sent).
+            let mut raw = 9u32.to_le_bytes().to_vec();
+            raw.extend(b"good");
+            let head = json!({ "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "parameters": { "binary_data_size": raw.len() } }] }).to_string();
+            let len = head.len().to_string();
+            let mut b = head.into_bytes();
+            b.extend(raw);
+            ("truncated element", len, b, "says 9 bytes, 4 remain")
+        },
+    ];
+    for (what, len, body, msg) in cases {
+        let r = s.post_raw(infer, &[("Inference-Header-Content-Length", &len)], &body);
+        assert_eq!(r.status, 400, "{what}: {}", r.text());
+        assert!(r.error().contains(msg), "{what}: {}", r.error());
+    }
+}
+
+/// Triton's own HTTP client (PyPI `tritonclient[http]`), with its defaults (binary tensors)
+/// and with JSON. `.ci/run` installs it in `$HOME/.cache/fedimdb/venv`; elsewhere the test
+/// skips with a notice unless `FEDIMDB_PYTHON` names a Python that has it.
+#[test]
+fn triton_http_client_works_unchanged() {
+    let python = std::env::var_os("FEDIMDB_PYTHON")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache/fedimdb/venv/bin/python")))
+        .filter(|p| p.is_file());
+    let has_client = python.as_ref().is_some_and(|p| {
+        std::process::Command::new(p).args(["-c", "import tritonclient.http"]).output().is_ok_and(|o| o.status.success())
+    });
+    let (true, Some(python)) = (has_client, python) else {
+        eprintln!("notice: tritonclient[http] not installed; skipping the Triton client test (.ci/run installs it)");
+        return;
+    };
+    let s = TestServer::start(|_| {});
+    let script = format!(
+        r#"
+import numpy as np, tritonclient.http as http
+c = http.InferenceServerClient("{addr}")
+assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("fedimdb")
+texts = np.array([{pos:?}.encode(), {neg:?}.encode()], dtype=np.object_)
+for binary in (True, False):
+    inp = http.InferInput("text", [2], "BYTES"); inp.set_data_from_numpy(texts, binary_data=binary)
+    r = c.infer("fedimdb", [inp], outputs=[http.InferRequestedOutput("probability", binary_data=binary)])
+    p = r.as_numpy("probability"); assert p.shape == (2,) and p[0] > 0.5 > p[1], p
+inp = http.InferInput("text", [2], "BYTES"); inp.set_data_from_numpy(texts)
+p = c.infer("fedimdb", [inp]).as_numpy("probability"); assert p[0] > 0.5 > p[1], p
+print("ok", p)
+"#,
+        addr = s.addr,
+        pos = POSITIVE,
+        neg = NEGATIVE
+    );
+    let out = std::process::Command::new(python).args(["-c", &script]).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && log.contains("ok"), "Triton client failed:\n{log}");
 }
