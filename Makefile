@@ -25,9 +25,11 @@ serve: build
 	$(BIN)/server --root $(ROOT)
 
 ## The test suite (what CI runs). The build comes first: the system tests run the binaries,
-## and `cargo test` alone builds only those of packages with integration tests.
+## and `cargo test` alone builds only those of packages with integration tests. It builds all
+## targets so that dev-dependencies shape the features once: the tests then reuse every crate
+## instead of compiling polars and candle a second time with other features.
 test:
-	$(CARGO) build --release --workspace
+	$(CARGO) build --release --workspace --all-targets
 	$(CARGO) test --release --workspace
 
 ## Benchmarks: speed and accuracy figures recorded in docs/BENCHMARKS.md.
