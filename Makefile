@@ -6,7 +6,7 @@ ROOT    ?= runs/local
 WORKERS ?= 5
 BIN     := $(or $(CARGO_TARGET_DIR),target)/release
 
-.PHONY: all build run serve test bench bench-copier bench-train clippy fmt clean
+.PHONY: all build run serve test bench bench-copier bench-train bench-server clippy fmt clean
 
 all: build
 
@@ -33,13 +33,18 @@ test:
 	$(CARGO) test --release --workspace
 
 ## Benchmarks: speed and accuracy figures recorded in docs/BENCHMARKS.md.
-bench: bench-copier bench-train
+bench: bench-copier bench-train bench-server
 
 bench-copier: build
 	bash copier/bench.sh
 
 bench-train: build
 	bash tests/bench/train.sh
+
+## Serves the model under $(ROOT) (trained by the pipeline if missing) under load from wrk.
+bench-server: build
+	test -f $(ROOT)/model/latest.safetensors || $(BIN)/pipeline local --root $(ROOT) --workers $(WORKERS)
+	bash server/bench.sh $(ROOT)
 
 clippy:
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
