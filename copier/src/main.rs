@@ -167,9 +167,20 @@ fn run_shard(args: ShardArgs) -> Result<()> {
         }
     }
 
+    // The test set's encoding starts as soon as the archive moves on to training reviews,
+    // so that it overlaps with reading them (see `source::TestReadEarly`).
+    let mut early_test: Option<(usize, std::thread::JoinHandle<Result<write::Encoded>>)> = None;
     let data = match dataset {
         Some(d) => d,
-        None => source::read(&source_path)?,
+        None => source::read(&source_path, &mut |test| {
+            let rows = test.len();
+            tracing::debug!("the test set looks complete ({rows} reviews); encoding it early");
+            let encoding = std::thread::Builder::new()
+                .name("encode-test".into())
+                .spawn(move || write::encode(&test));
+            // Without a thread the test set is simply encoded later with the shards.
+            early_test = encoding.ok().map(|h| (rows, h));
+        })?,
     };
     let labels: Vec<u8> = data.train.iter().map(|r| r.label).collect();
     let shard_indices = match settings.partition {
@@ -179,7 +190,21 @@ fn run_shard(args: ShardArgs) -> Result<()> {
     let shards = take_shards(data.train, &shard_indices);
     let n_train: usize = shards.iter().map(Vec::len).sum();
     let n_test = data.test.len();
-    let manifest = write::write_all(&layout, data.source, &settings, shards, data.test)?;
+    let test = match early_test {
+        Some((rows, encoding)) if rows == n_test => write::Content::Encoding(encoding),
+        // More test reviews came later: the early encoding is stale (its thread is left to
+        // finish on its own) and the full test set is encoded with the shards.
+        early => {
+            if let Some((rows, _)) = early {
+                tracing::debug!(
+                    "{} test reviews came after the first {rows}; encoding again",
+                    n_test - rows
+                );
+            }
+            write::Content::Reviews(data.test)
+        }
+    };
+    let manifest = write::write_all(&layout, data.source, &settings, shards, test)?;
     for s in &manifest.shards {
         tracing::info!(
             "{}: {} reviews ({} positive, {} negative)",

@@ -80,17 +80,27 @@ pub fn identify(path: &Path) -> Result<(String, Option<Dataset>)> {
     match kind_of(path)? {
         SourceKind::Archive => Ok((fedimdb::digest::sha256_file(path)?, None)),
         SourceKind::Folder => {
-            let data = read(path)?;
+            let data = read(path, &mut |_| {})?;
             Ok((data.source.sha256.clone(), Some(data)))
         }
     }
 }
 
-/// Reads and validates every labeled review of the source at `path`.
-pub fn read(path: &Path) -> Result<Dataset> {
+/// Called with the test reviews, in canonical order, when an archive moves on from its
+/// test entries to training entries: the test set then looks complete, and the caller may
+/// start encoding it while the training reviews are still being read. It is a guess (an
+/// archive could hold more test entries later), so the caller must check that the final
+/// test set has as many reviews as it was given: reviews are only ever added, so equal
+/// counts mean identical sets.
+pub type TestReadEarly<'a> = dyn FnMut(Vec<Review>) + 'a;
+
+/// Reads and validates every labeled review of the source at `path`. `test_read_early`
+/// is called at most once, and only for archives whose test entries come first (as in the
+/// official and the repacked archive).
+pub fn read(path: &Path, test_read_early: &mut TestReadEarly) -> Result<Dataset> {
     let kind = kind_of(path)?;
     let (entries, sha256) = match kind {
-        SourceKind::Archive => read_archive(path)?,
+        SourceKind::Archive => read_archive(path, test_read_early)?,
         SourceKind::Folder => read_folder(path)?,
     };
     let (train, test) = split(entries);
@@ -292,6 +302,17 @@ impl<'a> Collector<'a> {
         Ok(())
     }
 
+    /// Copies of the reviews of `split` read so far, in canonical order.
+    fn snapshot(&self, split: Split) -> Vec<Review> {
+        let mut v: Vec<&Parsed> = self
+            .parsed
+            .iter()
+            .filter(|p| p.key.split == split)
+            .collect();
+        v.sort_unstable_by_key(|p| p.key);
+        v.into_iter().map(|p| p.review.clone()).collect()
+    }
+
     /// The reviews in canonical order, or an error naming the missing folders.
     fn finish(mut self) -> Result<Vec<Parsed>> {
         let missing: Vec<String> = FOLDERS
@@ -329,7 +350,7 @@ const BATCH: usize = 256;
 /// Reads a gzip tar as a stream. The untar thread hashes, decompresses and cuts the stream
 /// into review entries; this thread validates them. Returns the reviews and the archive's
 /// SHA-256.
-fn read_archive(path: &Path) -> Result<(Vec<Parsed>, String)> {
+fn read_archive(path: &Path, test_read_early: &mut TestReadEarly) -> Result<(Vec<Parsed>, String)> {
     let mut file =
         File::open(path).with_context(|| format!("cannot open source {}", path.display()))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -358,8 +379,14 @@ fn read_archive(path: &Path) -> Result<(Vec<Parsed>, String)> {
 
     let mut collector = Collector::new(path);
     let mut parse_error = None;
+    let (mut previous, mut announced) = (None, false);
     for batch in rx.iter() {
         for raw in batch {
+            if !announced && previous == Some(Split::Test) && raw.split == Split::Train {
+                test_read_early(collector.snapshot(Split::Test));
+                announced = true;
+            }
+            previous = Some(raw.split);
             if let Err(e) = collector.add(raw) {
                 parse_error = Some(e);
                 break;

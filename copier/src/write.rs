@@ -10,17 +10,21 @@
 //!
 //! A failure in 2–4 removes every file this run wrote (and the folders it created), so
 //! the folder holds no manifest and the next run starts over.
+//!
+//! Files are encoded to memory, hashed there, then written: no second read for the
+//! checksum, and the test set can be encoded before writing starts (see [`Content`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
 
 use anyhow::{Context, Result, anyhow, bail};
-use fedimdb::atomic::{is_temp_name, sync_dir, write_json_atomic};
+use fedimdb::atomic::{is_temp_name, sync_dir, write_bytes_atomic, write_json_atomic};
 use fedimdb::layout::Layout;
 use fedimdb::manifest::{DataManifest, FileEntry, MANIFEST_VERSION, Partition, SourceInfo};
-use fedimdb::reviews::{POSITIVE, Review, write_parquet};
+use fedimdb::reviews::{POSITIVE, Review, encode_parquet};
 
 /// The arguments that determine the output, as recorded in the manifest.
 #[derive(Debug, Clone, PartialEq)]
@@ -176,6 +180,47 @@ impl Drop for Cleanup {
     }
 }
 
+/// A Parquet file in memory, with the counts its manifest entry needs.
+#[derive(Debug)]
+pub struct Encoded {
+    rows: usize,
+    positive: usize,
+    bytes: Vec<u8>,
+}
+
+/// Encodes reviews as a Parquet file in memory.
+pub fn encode(reviews: &[Review]) -> Result<Encoded> {
+    // Zstd-compressed text is about 40% of its size.
+    let text: usize = reviews.iter().map(|r| r.text.len()).sum();
+    let mut bytes = Vec::with_capacity(text / 2 + 4096);
+    encode_parquet(&mut bytes, reviews)?;
+    Ok(Encoded {
+        rows: reviews.len(),
+        positive: reviews.iter().filter(|r| r.label == POSITIVE).count(),
+        bytes,
+    })
+}
+
+/// What a file is made from.
+pub enum Content {
+    /// Reviews still to encode, in file order.
+    Reviews(Vec<Review>),
+    /// An encoding already under way on another thread (the test set, started while the
+    /// archive was still being read).
+    Encoding(JoinHandle<Result<Encoded>>),
+}
+
+impl Content {
+    fn encoded(self) -> Result<Encoded> {
+        match self {
+            Content::Reviews(reviews) => encode(&reviews),
+            Content::Encoding(handle) => handle
+                .join()
+                .map_err(|_| anyhow!("the thread encoding the test set panicked"))?,
+        }
+    }
+}
+
 /// Writes the shards (`shards[i]` are the reviews of shard i, in file order), the test set
 /// and, last, the manifest. See the module doc for the order and the clean-up on failure.
 pub fn write_all(
@@ -183,7 +228,7 @@ pub fn write_all(
     source: SourceInfo,
     settings: &Settings,
     shards: Vec<Vec<Review>>,
-    test: Vec<Review>,
+    test: Content,
 ) -> Result<DataManifest> {
     let dir = layout.data_dir();
     // The folders create_dir_all will make, deepest first, so a failed run removes them.
@@ -213,14 +258,14 @@ pub fn write_all(
     }
 
     // The test set first: it is the largest file, so with few threads it starts early.
-    let mut jobs: Vec<(String, Vec<Review>)> = vec![("test.parquet".to_owned(), test)];
+    let mut jobs: Vec<(String, Content)> = vec![("test.parquet".to_owned(), test)];
     jobs.extend(
         shards
             .into_iter()
             .enumerate()
-            .map(|(i, s)| (Layout::shard_file_name(i), s)),
+            .map(|(i, s)| (Layout::shard_file_name(i), Content::Reviews(s))),
     );
-    let mut entries = write_files(&dir, &jobs, &cleanup)?;
+    let mut entries = write_files(&dir, jobs, &cleanup)?;
     let test_entry = entries.remove(0);
 
     remove_leftovers(&dir, settings.workers)?;
@@ -241,35 +286,41 @@ pub fn write_all(
     Ok(manifest)
 }
 
-/// Writes each job's reviews to `dir/name` on a few threads and hashes the result.
-/// Returns the entries in job order, or the first error (after all threads stopped).
+/// Encodes each job to `dir/name` on a few threads, hashing the bytes before they are
+/// written. Returns the entries in job order, or the first error (after all threads
+/// stopped).
 fn write_files(
     dir: &Path,
-    jobs: &[(String, Vec<Review>)],
+    jobs: Vec<(String, Content)>,
     cleanup: &Cleanup,
 ) -> Result<Vec<FileEntry>> {
+    let n = jobs.len();
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
-        .min(jobs.len())
+        .min(n)
         .max(1);
+    let jobs: Vec<Mutex<Option<(String, Content)>>> =
+        jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<FileEntry>>>> =
-        Mutex::new((0..jobs.len()).map(|_| None).collect());
+    let results: Mutex<Vec<Option<Result<FileEntry>>>> = Mutex::new((0..n).map(|_| None).collect());
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((name, reviews)) = jobs.get(i) else {
+                    let Some(job) = jobs.get(i) else {
                         break;
                     };
-                    let path = dir.join(name);
-                    let result = write_one(&path, name, reviews, cleanup);
+                    let taken = job.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    let Some((name, content)) = taken else {
+                        break;
+                    };
+                    let result = write_one(dir, &name, content, cleanup);
                     let failed = result.is_err();
                     results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(result);
                     if failed {
                         // Stop the other threads from starting more files.
-                        next.store(jobs.len(), Ordering::Relaxed);
+                        next.store(n, Ordering::Relaxed);
                         break;
                     }
                 }
@@ -291,18 +342,20 @@ fn write_files(
     Ok(entries)
 }
 
-fn write_one(path: &Path, name: &str, reviews: &[Review], cleanup: &Cleanup) -> Result<FileEntry> {
-    write_parquet(path, reviews)?;
-    cleanup.wrote(path.to_path_buf());
-    let sha256 = fedimdb::digest::sha256_file(path)?;
-    let positive = reviews.iter().filter(|r| r.label == POSITIVE).count();
-    tracing::info!("wrote {} ({} reviews)", path.display(), reviews.len());
+fn write_one(dir: &Path, name: &str, content: Content, cleanup: &Cleanup) -> Result<FileEntry> {
+    let path = dir.join(name);
+    let encoded = content
+        .encoded()
+        .with_context(|| format!("cannot encode {}", path.display()))?;
+    write_bytes_atomic(&path, &encoded.bytes)?;
+    cleanup.wrote(path.clone());
+    tracing::info!("wrote {} ({} reviews)", path.display(), encoded.rows);
     Ok(FileEntry {
         file: name.to_owned(),
-        rows: reviews.len(),
-        positive,
-        negative: reviews.len() - positive,
-        sha256,
+        rows: encoded.rows,
+        positive: encoded.positive,
+        negative: encoded.rows - encoded.positive,
+        sha256: fedimdb::digest::sha256_bytes(&encoded.bytes),
     })
 }
 

@@ -278,6 +278,17 @@ fn folder_archive_and_entry_order_give_identical_shards() {
     reversed.reverse();
     let archive_rev = tmp.path().join("reversed.tar.gz");
     write_archive(&archive_rev, &reversed);
+    // Test entries, then training entries, then more test entries: the test set looks
+    // complete after the first block (the copier starts encoding it then) but is not.
+    let (test, train): (Vec<Entry>, Vec<Entry>) = entries
+        .iter()
+        .cloned()
+        .partition(|(n, _)| n.starts_with("test/"));
+    let mut interleaved = test[..4].to_vec();
+    interleaved.extend(train);
+    interleaved.extend_from_slice(&test[4..]);
+    let archive_mixed = tmp.path().join("interleaved.tar.gz");
+    write_archive(&archive_mixed, &interleaved);
     let folder = tmp.path().join("unpacked");
     write_folder(&folder, &entries);
 
@@ -299,6 +310,10 @@ fn folder_archive_and_entry_order_give_identical_shards() {
     };
     let a = run("from-archive", &archive);
     let reference = data_bytes(&a);
+    assert!(
+        data_bytes(&run("from-interleaved", &archive_mixed)) == reference,
+        "a test split interrupted by training entries changed the output"
+    );
     assert_eq!(reference.len(), 4);
     assert!(
         data_bytes(&run("from-reversed", &archive_rev)) == reference,

@@ -36,19 +36,23 @@ pub struct Review {
 
 /// Writes reviews as Parquet, atomically (see [`crate::atomic`]).
 pub fn write_parquet(path: &Path, reviews: &[Review]) -> Result<()> {
+    write_atomic(path, |w| encode_parquet(w, reviews))
+}
+
+/// Encodes reviews as Parquet into any writer: a file, or memory, where the copier hashes
+/// the bytes before writing them and encodes the test set while the archive is still read.
+pub fn encode_parquet<W: std::io::Write>(w: W, reviews: &[Review]) -> Result<()> {
     let n = reviews.len();
     let id = Column::new("id".into(), reviews.iter().map(|r| r.id.as_str()).collect::<Vec<_>>());
     let rating = Column::new("rating".into(), reviews.iter().map(|r| r.rating).collect::<Vec<u8>>());
     let label = Column::new("label".into(), reviews.iter().map(|r| r.label).collect::<Vec<u8>>());
     let text = Column::new("text".into(), reviews.iter().map(|r| r.text.as_str()).collect::<Vec<_>>());
     let mut df = DataFrame::new(n, vec![id, rating, label, text])?;
-    write_atomic(path, |w| {
-        ParquetWriter::new(w)
-            .with_compression(ParquetCompression::Zstd(None))
-            .with_statistics(StatisticsOptions::empty())
-            .finish(&mut df)?;
-        Ok(())
-    })
+    ParquetWriter::new(w)
+        .with_compression(ParquetCompression::Zstd(None))
+        .with_statistics(StatisticsOptions::empty())
+        .finish(&mut df)?;
+    Ok(())
 }
 
 /// Reads a review Parquet file, checking its schema. Errors name the file and what is
