@@ -63,7 +63,8 @@ impl<'a> NormChars<'a> {
     }
 }
 
-const BREAKS: [&str; 3] = ["<br />", "<br/>", "<br>"];
+/// The HTML line breaks IMDB reviews contain, matched case-insensitively and read as a space.
+pub const BREAKS: [&str; 3] = ["<br />", "<br/>", "<br>"];
 
 impl Iterator for NormChars<'_> {
     type Item = char;

@@ -89,16 +89,6 @@ impl Model {
         forward_with(&self.weight, &self.bias, &self.nb_ratio, batch)
     }
 
-    /// Moves the tensors to `device`.
-    pub fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
-        Ok(Self {
-            config: self.config,
-            weight: self.weight.to_device(device)?,
-            bias: self.bias.to_device(device)?,
-            nb_ratio: self.nb_ratio.to_device(device)?,
-        })
-    }
-
     /// A fast CPU scorer for this model.
     pub fn scorer(&self) -> candle_core::Result<Scorer> {
         let w = self.weight.to_device(&Device::Cpu)?.to_vec1::<f32>()?;

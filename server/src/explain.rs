@@ -13,7 +13,7 @@
 //! it yields exactly `tokenize(normalize(text))` on tricky inputs, so the two cannot drift
 //! apart unnoticed.
 
-use fedimdb::featurize::for_each_ngram_bucket;
+use fedimdb::featurize::{BREAKS, for_each_ngram_bucket};
 use fedimdb::model::Scorer;
 use serde::Serialize;
 
@@ -69,8 +69,6 @@ impl Tokens {
         self.normalized[span.norm_start..span.norm_end].iter().collect()
     }
 }
-
-const BREAKS: [&str; 3] = ["<br />", "<br/>", "<br>"];
 
 /// The tokens of `text` with their places, by the rules of
 /// `fedimdb::featurize::{normalize, tokenize}`.
