@@ -1,20 +1,28 @@
 //! `aggregator`: combines the workers' updates of a round into the next global model
-//! (FedAvg, weighted by sample count), evaluates it on the test set, and publishes it.
+//! (FedAvg, weighted by sample count, or a robust rule: coordinate-wise median or trimmed
+//! mean), evaluates it on the test set, and publishes it.
 
 mod average;
 mod evaluate;
 mod run;
+mod strategy;
 
 use std::path::PathBuf;
 
 use anyhow::bail;
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
+use strategy::{DEFAULT_TRIM, Strategy};
 
-/// How updates are combined.
+/// How updates are combined (rounds ≥ 1; round 0 always sums its statistics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Strategy {
+pub enum StrategyName {
     /// Federated averaging: the mean of the workers' weights, weighted by sample count.
     Fedavg,
+    /// Coordinate-wise median of the workers' weights, unweighted (Flower's FedMedian).
+    Median,
+    /// Coordinate-wise mean after cutting the fraction --trim of values from each end,
+    /// unweighted (Flower's FedTrimmedAvg).
+    TrimmedMean,
 }
 
 /// Aggregate one round of worker updates.
@@ -32,9 +40,17 @@ pub struct Args {
     pub round: Option<u32>,
     /// How to combine updates.
     #[arg(long, value_enum, default_value = "fedavg")]
-    pub strategy: Strategy,
-    /// Number of updates to expect (default: the number of shards in the data manifest).
-    #[arg(long)]
+    pub strategy: StrategyName,
+    /// With --strategy trimmed-mean: the fraction of values cut from each end of every
+    /// coordinate, at least 0 and below 0.5 [default: 0.2].
+    #[arg(long, value_name = "F", value_parser = strategy::parse_trim)]
+    pub trim: Option<f64>,
+    /// Quorum: aggregate when at least M of the shards' updates are present, naming the
+    /// missing ones (default: the number of shards in the data manifest, i.e. all).
+    #[arg(long, value_name = "M", value_parser = parse_min_workers)]
+    pub min_workers: Option<usize>,
+    /// Old name of --min-workers.
+    #[arg(long, hide = true, value_name = "M", conflicts_with = "min_workers")]
     pub expect: Option<usize>,
     /// Original form: folder of worker model files (`*.safetensors`) to average.
     #[arg(long)]
@@ -47,9 +63,42 @@ pub struct Args {
     pub test: Option<PathBuf>,
 }
 
+impl Args {
+    /// The combination rule the flags ask for; `--trim` goes with trimmed-mean only.
+    pub fn strategy(&self) -> Result<Strategy, String> {
+        match (self.strategy, self.trim) {
+            (StrategyName::Fedavg, None) => Ok(Strategy::FedAvg),
+            (StrategyName::Median, None) => Ok(Strategy::Median),
+            (StrategyName::TrimmedMean, trim) => Ok(Strategy::TrimmedMean { trim: trim.unwrap_or(DEFAULT_TRIM) }),
+            (other, Some(_)) => Err(format!(
+                "--trim only applies to --strategy trimmed-mean, not {}",
+                other.to_possible_value().expect("no skipped variants").get_name()
+            )),
+        }
+    }
+
+    /// The quorum asked for, with the flag that asked for it (`--min-workers`, or its old
+    /// name `--expect`), so that messages name what the user typed.
+    pub fn min_workers(&self) -> Option<(usize, &'static str)> {
+        self.min_workers.map(|m| (m, "--min-workers")).or(self.expect.map(|m| (m, "--expect")))
+    }
+}
+
+/// Parses `--min-workers`: a whole number, at least 1.
+fn parse_min_workers(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("the quorum must be at least 1 update".into()),
+        Ok(m) => Ok(m),
+        Err(_) => Err(format!("`{s}` is not a whole number")),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     fedimdb::logging::run_main(|| {
         let args = Args::parse();
+        if let Err(e) = args.strategy() {
+            Args::command().error(clap::error::ErrorKind::ArgumentConflict, e).exit();
+        }
         if let Some(root) = &args.root {
             let Some(round) = args.round else { bail!("--root needs --round R") };
             if args.expect == Some(0) {
@@ -57,7 +106,7 @@ fn main() -> std::process::ExitCode {
             }
             run::volume(root, round, &args)
         } else if let (Some(dir), Some(out)) = (&args.dir, &args.savefile) {
-            run::original(dir, out, args.test.as_deref())
+            run::original(dir, out, args.test.as_deref(), args.strategy().map_err(anyhow::Error::msg)?)
         } else {
             bail!("say what to aggregate: --root ROOT --round R, or --dir WORKERS_DIR --savefile OUT")
         }

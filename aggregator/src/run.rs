@@ -14,11 +14,11 @@ use fedimdb::manifest::DataManifest;
 use fedimdb::metrics::Metrics;
 use fedimdb::model::{ClassCounts, Model, ModelConfig};
 use fedimdb::report::{LatestCard, RoundReport, utc_now};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::Args;
-use crate::average::WeightedSum;
 use crate::evaluate::evaluate;
+use crate::strategy::{Combiner, Strategy};
 
 /// The update files of a round's folder, by shard index. Anything else in the folder
 /// (reports, temporary files of writers still at work) is ignored.
@@ -49,10 +49,11 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
     let layout = Layout::new(root);
     let manifest = DataManifest::read(&layout.data_manifest())
         .with_context(|| format!("no complete data under {}: run the copier first", root.display()))?;
-    let expect = args.expect.unwrap_or(manifest.workers);
+    let strategy = args.strategy().map_err(anyhow::Error::msg)?;
+    let (quorum, flag) = args.min_workers().unwrap_or((manifest.workers, "--min-workers"));
     ensure!(
-        expect <= manifest.workers,
-        "--expect {expect} is more than the {} shards in the data manifest",
+        quorum <= manifest.workers,
+        "{flag} {quorum} is more than the {} shards in the data manifest",
         manifest.workers
     );
     let dir = layout.updates_dir(round);
@@ -64,13 +65,26 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
         bail!("{} is for shard {extra}, but the data has only {} shards", path.display(), manifest.workers);
     }
     let missing: Vec<usize> = (0..manifest.workers).filter(|s| !updates.contains_key(s)).collect();
-    if updates.len() < expect {
-        let names: Vec<String> = missing.iter().map(|&s| layout.update(round, s).display().to_string()).collect();
+    let missing_names = || missing.iter().map(|&s| layout.update(round, s).display().to_string()).collect::<Vec<_>>().join(", ");
+    if updates.len() < quorum {
         bail!(
-            "round {round} has {} of {expect} expected worker updates; missing: {}",
+            "round {round} has {} of {} expected worker updates, fewer than the quorum of {quorum} ({flag}); missing: {}",
             updates.len(),
-            names.join(", ")
+            manifest.workers,
+            missing_names()
         );
+    }
+    if !missing.is_empty() {
+        warn!(
+            "round {round}: aggregating {} of {} worker updates (quorum {quorum}); missing: {}",
+            updates.len(),
+            manifest.workers,
+            missing_names()
+        );
+    }
+    if round == 0 && strategy != Strategy::FedAvg {
+        // A count sum is not an average: robust statistics of counts is future work.
+        info!(%strategy, "round 0 sums the workers' feature counts whatever the strategy; it applies from round 1");
     }
 
     let base = match layout.input_model(round) {
@@ -93,7 +107,7 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
             test_job = Some(start_test(c));
         }
         let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
-        let mut sum = WeightedSum::default();
+        let mut sum = Combiner::new(strategy);
         let mut counts: Option<ClassCounts> = None;
         let mut samples = Vec::new();
         for (&shard, path) in &updates {
@@ -147,7 +161,7 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
         let model = match (base, counts) {
             (None, Some(total)) => Checkpoint::from_model(&Model::from_counts(config, &total)?, Header::new(Kind::Model, config, round))?,
             (Some(mut ck), _) => {
-                for (name, v) in sum.mean() {
+                for (name, v) in sum.combine()? {
                     ck.tensors.insert(name, v);
                 }
                 ck
@@ -178,8 +192,9 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
     write_bytes_atomic(&layout.global_model(round), &bytes)?;
     let report = RoundReport {
         round,
-        strategy: format!("{:?}", args.strategy).to_lowercase(),
+        strategy: if round == 0 { "sum".to_owned() } else { strategy.to_string() },
         shards: updates.keys().copied().collect(),
+        missing,
         samples,
         test: metrics,
         seconds: start.elapsed().as_secs_f64(),
@@ -199,8 +214,9 @@ fn publish(layout: &Layout, bytes: &[u8], card: LatestCard) -> Result<()> {
     write_json_atomic(&layout.latest_card(), &card)
 }
 
-/// Original form: the sample-weighted mean of every tensor of the model files in `dir`.
-pub fn original(dir: &Path, out: &Path, test: Option<&Path>) -> Result<()> {
+/// Original form: every tensor of the model files in `dir` combined with `strategy` (by
+/// default the sample-weighted mean).
+pub fn original(dir: &Path, out: &Path, test: Option<&Path>, strategy: Strategy) -> Result<()> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
         .filter_map(|e| e.ok())
@@ -215,7 +231,7 @@ pub fn original(dir: &Path, out: &Path, test: Option<&Path>) -> Result<()> {
     if files.is_empty() {
         bail!("no model files (*.safetensors) in {}", dir.display());
     }
-    let mut sum = WeightedSum::default();
+    let mut sum = Combiner::new(strategy);
     let (mut first, mut total, mut round): (Option<Header>, u64, u32) = (None, 0, 0);
     let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
     for path in &files {
@@ -238,9 +254,9 @@ pub fn original(dir: &Path, out: &Path, test: Option<&Path>) -> Result<()> {
     header.round = round;
     header.samples = total;
     header.shard = None;
-    let ck = Checkpoint { header, tensors: sum.mean(), sha256: String::new() };
+    let ck = Checkpoint { header, tensors: sum.combine()?, sha256: String::new() };
     ck.save(out)?;
-    info!(files = files.len(), path = %out.display(), "averaged model written");
+    info!(files = files.len(), %strategy, path = %out.display(), "combined model written");
     if let Some(test) = test {
         let reviews = load_reviews(test, None)?;
         let m: Metrics = evaluate(&ck.scorer()?, &featurize_all(&reviews, ck.header.config.featurizer));

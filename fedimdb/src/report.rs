@@ -31,6 +31,10 @@ pub struct RoundReport {
     pub strategy: String,
     /// Shards whose updates were combined, and their sample counts.
     pub shards: Vec<usize>,
+    /// Shards of the data manifest with no update this round (aggregated under a quorum,
+    /// `--min-workers`); empty when every shard's update was combined.
+    #[serde(default)]
+    pub missing: Vec<usize>,
     pub samples: Vec<u64>,
     /// Test-set metrics of the new global model.
     pub test: Metrics,

@@ -1,0 +1,328 @@
+//! How a round's updates are combined into the next global model: FedAvg, or one of two
+//! robust rules, the coordinate-wise median and the coordinate-wise trimmed mean (Flower's
+//! `FedMedian` and `FedTrimmedAvg`).
+//!
+//! FedAvg streams: each update is added to a running f64 sum and dropped (see
+//! [`WeightedSum`]), so memory stays at about two models whatever the number of workers.
+//! The robust rules need every update's value of a coordinate at once, so they hold all the
+//! updates: `workers × 2^hash_bits × 4` bytes, 16 MiB per worker at the default 2^22
+//! buckets (80 MiB for 5 workers, 1.6 GiB for 100). That is fine for the handful of workers
+//! this project runs; a large federation would read the updates in column blocks instead.
+//!
+//! The robust rules are unweighted, like Flower's: a worker's sample count is the one thing
+//! it could lie about most cheaply, and weighting by it would hand a poisoner the vote.
+//! Their output is deterministic: the values of a coordinate are sorted with
+//! [`f32::total_cmp`] (a total order, so the sorted sequence does not depend on the order of
+//! the updates or of the threads), averages are taken in f64 in that order, and the median of
+//! an even count is the mean of the two middle values, as `numpy.median` computes it.
+//! Inputs are finite (checkpoints holding NaN or infinity are refused when read), so the
+//! results are finite too: every result lies between the smallest and largest input.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use anyhow::{Result, ensure};
+use fedimdb::checkpoint::Checkpoint;
+
+use crate::average::WeightedSum;
+
+/// Flower's default `beta` for `FedTrimmedAvg`, the fraction cut from each end.
+pub const DEFAULT_TRIM: f64 = 0.2;
+
+/// A combination rule with its parameter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Strategy {
+    /// Sample-weighted mean of every tensor (FedAvg).
+    FedAvg,
+    /// Coordinate-wise median, unweighted (FedMedian).
+    Median,
+    /// Coordinate-wise mean after cutting `floor(trim · n)` values from each end, unweighted
+    /// (FedTrimmedAvg with `beta = trim`).
+    TrimmedMean { trim: f64 },
+}
+
+impl fmt::Display for Strategy {
+    /// The name written into round reports: `fedavg`, `median`, `trimmed-mean(0.2)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Strategy::FedAvg => f.write_str("fedavg"),
+            Strategy::Median => f.write_str("median"),
+            Strategy::TrimmedMean { trim } => write!(f, "trimmed-mean({trim})"),
+        }
+    }
+}
+
+/// Checks a `--trim` value: a fraction cut from each end, at least 0 and below 0.5 (so at
+/// least one value is always left). Used as clap's value parser.
+pub fn parse_trim(s: &str) -> std::result::Result<f64, String> {
+    let f: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !(0.0..0.5).contains(&f) {
+        return Err(format!("the fraction cut from each end must be at least 0 and below 0.5, got {f}"));
+    }
+    Ok(f)
+}
+
+/// How many of `n` values a trimmed mean cuts from each end: `floor(trim · n)`, as Flower's
+/// `FedTrimmedAvg` (and `scipy.stats.trim_mean`) count. Below 0.5 this always leaves at least
+/// one value.
+pub fn trim_count(n: usize, trim: f64) -> usize {
+    (trim * n as f64).floor() as usize
+}
+
+/// The median of `values`, reordering them; the mean of the two middle values (in f64) when
+/// their number is even. `values` must be non-empty and finite.
+pub fn median(values: &mut [f32]) -> f32 {
+    debug_assert!(!values.is_empty());
+    values.sort_unstable_by(f32::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 { values[n / 2] } else { ((f64::from(values[n / 2 - 1]) + f64::from(values[n / 2])) / 2.0) as f32 }
+}
+
+/// The mean of `values` without the `cut` smallest and the `cut` largest, reordering them;
+/// summed in f64 in ascending order. Needs `2 · cut < values.len()`.
+pub fn trimmed_mean(values: &mut [f32], cut: usize) -> f32 {
+    debug_assert!(2 * cut < values.len());
+    values.sort_unstable_by(f32::total_cmp);
+    let kept = &values[cut..values.len() - cut];
+    (kept.iter().map(|&x| f64::from(x)).sum::<f64>() / kept.len() as f64) as f32
+}
+
+/// Collects a round's updates and combines them with a [`Strategy`].
+#[derive(Debug)]
+pub enum Combiner {
+    /// FedAvg: a running weighted sum, one update in memory at a time.
+    Streaming(WeightedSum),
+    /// Median and trimmed mean: every update's tensors, in the order they were added.
+    Holding { strategy: Strategy, updates: Vec<BTreeMap<String, Vec<f32>>> },
+}
+
+impl Combiner {
+    pub fn new(strategy: Strategy) -> Self {
+        match strategy {
+            Strategy::FedAvg => Combiner::Streaming(WeightedSum::default()),
+            _ => Combiner::Holding { strategy, updates: Vec::new() },
+        }
+    }
+
+    /// Adds every tensor of `ck`; `weight` (its sample count) counts for FedAvg only. The
+    /// first update fixes the tensor names and shapes; later ones must match.
+    pub fn add(&mut self, ck: &Checkpoint, weight: f64) -> Result<()> {
+        match self {
+            Combiner::Streaming(sum) => sum.add(ck, weight),
+            Combiner::Holding { updates, .. } => {
+                ensure!(weight > 0.0, "an update with {weight} samples cannot be combined");
+                if let Some(first) = updates.first() {
+                    let names: Vec<&String> = ck.tensors.keys().collect();
+                    let expect: Vec<&String> = first.keys().collect();
+                    ensure!(names == expect, "tensors {names:?} differ from the first update's {expect:?}");
+                    for (name, v) in &ck.tensors {
+                        let n = first[name].len();
+                        ensure!(v.len() == n, "tensor `{name}` has {} values, the first update's has {n}", v.len());
+                    }
+                }
+                updates.push(ck.tensors.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// The combined value of every tensor.
+    pub fn combine(self) -> Result<BTreeMap<String, Vec<f32>>> {
+        match self {
+            Combiner::Streaming(sum) => Ok(sum.mean()),
+            Combiner::Holding { strategy, updates } => {
+                let n = updates.len();
+                ensure!(n > 0, "no updates to combine");
+                let rule = match strategy {
+                    Strategy::Median => Rule::Median,
+                    Strategy::TrimmedMean { trim } => {
+                        let cut = trim_count(n, trim);
+                        ensure!(2 * cut < n, "--trim {trim} cuts {cut} of {n} values from each end and leaves none; use a smaller --trim");
+                        Rule::Trimmed(cut)
+                    }
+                    Strategy::FedAvg => unreachable!("FedAvg streams"),
+                };
+                let names: Vec<String> = updates[0].keys().cloned().collect();
+                Ok(names
+                    .into_iter()
+                    .map(|name| {
+                        let columns: Vec<&[f32]> = updates.iter().map(|u| u[&name].as_slice()).collect();
+                        let out = coordinate_wise(&columns, rule);
+                        (name, out)
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Rule {
+    Median,
+    Trimmed(usize),
+}
+
+/// Applies `rule` to every coordinate of same-length slices, on all cores. Each output value
+/// depends only on its coordinate's values, so the split over threads cannot change it.
+fn coordinate_wise(inputs: &[&[f32]], rule: Rule) -> Vec<f32> {
+    let len = inputs[0].len();
+    let mut out = vec![0f32; len];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = len.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (c, part) in out.chunks_mut(chunk).enumerate() {
+            s.spawn(move || {
+                let offset = c * chunk;
+                let mut scratch = vec![0f32; inputs.len()];
+                for (i, o) in part.iter_mut().enumerate() {
+                    for (x, input) in scratch.iter_mut().zip(inputs) {
+                        *x = input[offset + i];
+                    }
+                    *o = match rule {
+                        Rule::Median => median(&mut scratch),
+                        Rule::Trimmed(cut) => trimmed_mean(&mut scratch, cut),
+                    };
+                }
+            });
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedimdb::checkpoint::{Header, Kind};
+    use fedimdb::model::ModelConfig;
+
+    fn ck(bias: f32, weight: impl Fn(usize) -> f32) -> Checkpoint {
+        let mut c = ModelConfig::default();
+        c.featurizer.hash_bits = 10;
+        Checkpoint {
+            header: Header::new(Kind::Update, c, 1),
+            tensors: BTreeMap::from([("linear.bias".into(), vec![bias]), ("linear.weight".into(), (0..1024).map(weight).collect())]),
+            sha256: String::new(),
+        }
+    }
+
+    fn combine(strategy: Strategy, cks: &[Checkpoint], weights: &[f64]) -> BTreeMap<String, Vec<f32>> {
+        let mut c = Combiner::new(strategy);
+        for (ck, &w) in cks.iter().zip(weights) {
+            c.add(ck, w).unwrap();
+        }
+        c.combine().unwrap()
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&mut [3.0]), 3.0);
+        assert_eq!(median(&mut [5.0, -1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 100.0, 2.0]), 3.0, "mean of the two middle values");
+        assert_eq!(median(&mut [1.0, 2.0]), 1.5);
+        assert_eq!(median(&mut [7.0, 7.0, 7.0, -7.0]), 7.0);
+        // The two middle values are averaged in f64: in f32, (a + b) / 2 overflows.
+        assert_eq!(median(&mut [f32::MAX, f32::MAX, 0.0, f32::MAX]), f32::MAX);
+        // f32::total_cmp puts -0.0 before 0.0: a fixed order, so the result does not depend
+        // on the input order.
+        assert_eq!(median(&mut [0.0, -0.0, 1.0]).to_bits(), 0f32.to_bits());
+        assert_eq!(median(&mut [-0.0, 0.0, -1.0]).to_bits(), (-0f32).to_bits());
+    }
+
+    #[test]
+    fn trimmed_mean_cuts_floor_of_trim_times_n_from_each_end() {
+        assert_eq!(trim_count(5, 0.2), 1);
+        assert_eq!(trim_count(4, 0.2), 0, "0.8 values: nothing is cut, the plain mean");
+        assert_eq!(trim_count(10, 0.25), 2);
+        assert_eq!(trim_count(3, 0.49), 1);
+        assert_eq!(trim_count(1, 0.49), 0);
+        assert_eq!(trimmed_mean(&mut [1.0, 100.0, 2.0, 3.0, -50.0], 1), 2.0);
+        assert_eq!(trimmed_mean(&mut [1.0, 2.0, 3.0, 10.0], 0), 4.0);
+        assert_eq!(trimmed_mean(&mut [1.0, 2.0, 4.0, 10.0], 1), 3.0);
+        assert_eq!(trimmed_mean(&mut [9.0, 1.0, 5.0], 1), 5.0, "one value left");
+        // Summed in f64: the f32 sum of these would overflow.
+        assert_eq!(trimmed_mean(&mut [f32::MAX, f32::MAX, f32::MAX], 0), f32::MAX);
+    }
+
+    #[test]
+    fn trim_must_be_a_fraction_below_one_half() {
+        assert_eq!(parse_trim("0"), Ok(0.0));
+        assert_eq!(parse_trim("0.2"), Ok(0.2));
+        assert_eq!(parse_trim("0.499"), Ok(0.499));
+        for bad in ["0.5", "0.7", "-0.1", "1", "NaN", "inf", "x", ""] {
+            assert!(parse_trim(bad).is_err(), "{bad} accepted");
+        }
+        // Below 0.5 at least one value is left, whatever the count.
+        for n in 1..200 {
+            for trim in [0.0, 0.1, 0.2, 0.25, 0.33, 0.4, 0.49, 0.4999999] {
+                assert!(2 * trim_count(n, trim) < n, "n {n} trim {trim}");
+            }
+        }
+    }
+
+    #[test]
+    fn strategies_combine_every_tensor_coordinate_wise() {
+        // Five updates; the fifth is an outlier in every coordinate.
+        let cks: Vec<Checkpoint> =
+            [1.0f32, 2.0, 3.0, 4.0, 1000.0].iter().map(|&b| ck(b, move |i| if i % 2 == 0 { b } else { -b * i as f32 })).collect();
+        let w = [1.0, 1.0, 1.0, 1.0, 1.0];
+
+        let avg = combine(Strategy::FedAvg, &cks, &w);
+        assert_eq!(avg["linear.bias"], vec![202.0]);
+
+        let med = combine(Strategy::Median, &cks, &w);
+        assert_eq!(med["linear.bias"], vec![3.0]);
+        assert_eq!(med["linear.weight"][0], 3.0);
+        assert_eq!(med["linear.weight"][7], -21.0);
+
+        let tm = combine(Strategy::TrimmedMean { trim: 0.2 }, &cks, &w);
+        assert_eq!(tm["linear.bias"], vec![3.0]);
+        assert_eq!(tm["linear.weight"][9], -27.0);
+
+        // With four updates the median is the mean of the middle two, the 0.2-trimmed mean
+        // cuts nothing (floor(0.8) = 0), the 0.25-trimmed mean cuts one from each end.
+        let med4 = combine(Strategy::Median, &cks[1..], &w[1..]);
+        assert_eq!(med4["linear.bias"], vec![3.5]);
+        let tm4 = combine(Strategy::TrimmedMean { trim: 0.2 }, &cks[1..], &w[1..]);
+        assert_eq!(tm4["linear.bias"], vec![252.25]);
+        let tm4 = combine(Strategy::TrimmedMean { trim: 0.25 }, &cks[1..], &w[1..]);
+        assert_eq!(tm4["linear.bias"], vec![3.5]);
+
+        // One update: every strategy returns it.
+        for s in [Strategy::FedAvg, Strategy::Median, Strategy::TrimmedMean { trim: 0.4 }] {
+            assert_eq!(combine(s, &cks[2..3], &[5.0])["linear.weight"], cks[2].tensors["linear.weight"], "{s}");
+        }
+    }
+
+    #[test]
+    fn robust_strategies_ignore_sample_counts_and_input_order() {
+        let cks: Vec<Checkpoint> = [5.0f32, -1.0, 2.0].iter().map(|&b| ck(b, move |i| b + i as f32)).collect();
+        let a = combine(Strategy::Median, &cks, &[1.0, 1.0, 1.0]);
+        let b = combine(Strategy::Median, &[cks[2].clone(), cks[0].clone(), cks[1].clone()], &[1000.0, 1.0, 7.0]);
+        assert_eq!(a, b);
+        assert_eq!(a["linear.bias"], vec![2.0]);
+        // FedAvg does weight by sample count.
+        assert_eq!(combine(Strategy::FedAvg, &cks, &[1.0, 2.0, 1.0])["linear.bias"], vec![1.25]);
+    }
+
+    #[test]
+    fn refuses_mismatched_updates() {
+        let mut c = Combiner::new(Strategy::Median);
+        c.add(&ck(1.0, |_| 1.0), 1.0).unwrap();
+        let mut short = ck(1.0, |_| 1.0);
+        short.tensors.get_mut("linear.weight").unwrap().pop();
+        assert!(format!("{:#}", c.add(&short, 1.0).unwrap_err()).contains("1023 values"));
+        let mut renamed = ck(1.0, |_| 1.0);
+        let v = renamed.tensors.remove("linear.bias").unwrap();
+        renamed.tensors.insert("other".into(), v);
+        assert!(format!("{:#}", c.add(&renamed, 1.0).unwrap_err()).contains("differ from the first update's"));
+        assert!(Combiner::new(Strategy::Median).combine().is_err());
+    }
+
+    #[test]
+    fn names_for_reports() {
+        assert_eq!(Strategy::FedAvg.to_string(), "fedavg");
+        assert_eq!(Strategy::Median.to_string(), "median");
+        assert_eq!(Strategy::TrimmedMean { trim: 0.2 }.to_string(), "trimmed-mean(0.2)");
+        assert_eq!(Strategy::TrimmedMean { trim: 0.0 }.to_string(), "trimmed-mean(0)");
+    }
+}
