@@ -56,6 +56,7 @@ where
     let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     write(&mut out).with_context(|| format!("while writing {}", path.display()))?;
+    crate::fault::write_point(path);
     let file = out
         .into_inner()
         .map_err(|e| e.into_error())
@@ -71,7 +72,17 @@ where
 
 /// [`write_atomic`] for bytes already in memory.
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic(path, |w| Ok(w.write_all(bytes)?))
+    write_atomic(path, |w| {
+        // Two halves, so that the crash tests' `write:` fault point (see [`crate::fault`])
+        // finds a genuinely half-written temporary file.
+        let (first, rest) = bytes.split_at(bytes.len() / 2);
+        w.write_all(first)?;
+        if std::env::var_os(crate::fault::ENV).is_some() {
+            w.flush()?;
+            crate::fault::write_point(path);
+        }
+        Ok(w.write_all(rest)?)
+    })
 }
 
 /// [`write_atomic`] for a value serialised as pretty JSON with a trailing newline.

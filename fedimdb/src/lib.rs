@@ -10,12 +10,16 @@
 //! 5. [`checkpoint`]: models and worker updates as safetensors with metadata.
 //! 6. [`metrics`]: accuracy, F1, log loss and ROC-AUC on the test set.
 //!
-//! [`atomic`] and [`digest`] make every write crash-safe and every read verifiable.
+//! [`atomic`] and [`digest`] make every write crash-safe and every read verifiable;
+//! [`verify`] checks what a step finds on the volume against the checksums its writers
+//! recorded, which is also how a re-run knows what is already done. [`fault`] is the
+//! crash tests' way to kill a binary at a chosen point.
 
 pub mod atomic;
 pub mod checkpoint;
 pub mod dataset;
 pub mod digest;
+pub mod fault;
 pub mod featurize;
 pub mod layout;
 pub mod logging;
@@ -25,6 +29,7 @@ pub mod model;
 pub mod report;
 pub mod reviews;
 pub mod train;
+pub mod verify;
 
 /// The version every binary reports and writes into its outputs.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -20,8 +20,18 @@ pub struct UpdateReport {
     pub epochs: Vec<EpochStats>,
     /// Seconds from start to the update being on disk.
     pub seconds: f64,
+    /// SHA-256 of the update file: readers check it before using the update.
     pub sha256: String,
     pub version: String,
+    /// SHA-256 of the shard it was trained on (from the data manifest).
+    #[serde(default)]
+    pub data_sha256: String,
+    /// SHA-256 of the global model it started from (rounds ≥ 1).
+    #[serde(default)]
+    pub base_sha256: Option<String>,
+    /// The model config (round 0 chooses it; later rounds inherit it).
+    #[serde(default)]
+    pub config: Option<crate::model::ModelConfig>,
 }
 
 /// `rounds/round-R/report.json`: the aggregator's account of a round.
@@ -39,8 +49,15 @@ pub struct RoundReport {
     /// Test-set metrics of the new global model.
     pub test: Metrics,
     pub seconds: f64,
+    /// SHA-256 of `global.safetensors`: readers check it before using the model.
     pub model_sha256: String,
     pub version: String,
+    /// SHA-256 of the global model of the round before (rounds ≥ 1).
+    #[serde(default)]
+    pub base_sha256: Option<String>,
+    /// SHA-256 of each combined update, in the order of `shards`.
+    #[serde(default)]
+    pub update_sha256: Vec<String>,
 }
 
 /// `model/latest.json`: the published model's card, with when and from which round.

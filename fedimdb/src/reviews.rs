@@ -14,6 +14,7 @@ use std::fs::File;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
+use polars::io::mmap::MmapBytesReader;
 use polars::prelude::{Column, DataFrame, DataType, ParquetCompression, ParquetReader, ParquetWriter, SerReader, StatisticsOptions};
 
 use crate::atomic::write_atomic;
@@ -59,10 +60,30 @@ pub fn encode_parquet<W: std::io::Write>(w: W, reviews: &[Review]) -> Result<()>
 /// wrong with it.
 pub fn read_parquet(path: &Path) -> Result<Vec<Review>> {
     let file = File::open(path).with_context(|| format!("cannot open review file {}", path.display()))?;
-    let df = ParquetReader::new(file)
-        .finish()
-        .with_context(|| format!("{} is not a readable Parquet file (truncated or corrupt?)", path.display()))?;
-    reviews_from_frame(&df).with_context(|| format!("{} does not hold reviews in the fedimdb format", path.display()))
+    decode(file, &path.display())
+}
+
+/// Decodes review Parquet data held in memory, checking its schema, as [`read_parquet`]
+/// does for a file (the fuzzer's entry point).
+pub fn decode_parquet(bytes: &[u8]) -> Result<Vec<Review>> {
+    decode(std::io::Cursor::new(bytes), &"the review data")
+}
+
+/// Decodes Parquet from `reader`; `what` names the source in errors. A panic inside polars
+/// on corrupt input becomes an error too, so a damaged file is reported by name like any
+/// other unreadable one.
+fn decode<R: MmapBytesReader>(reader: R, what: &dyn std::fmt::Display) -> Result<Vec<Review>> {
+    let unreadable = || format!("{what} is not a readable Parquet file (truncated or corrupt?)");
+    let df = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ParquetReader::new(reader).finish()))
+        .map_err(|panic| anyhow::anyhow!("the Parquet reader failed: {}", panic_message(&*panic)))
+        .with_context(unreadable)?
+        .with_context(unreadable)?;
+    reviews_from_frame(&df).with_context(|| format!("{what} does not hold reviews in the fedimdb format"))
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("panic")
 }
 
 fn reviews_from_frame(df: &DataFrame) -> Result<Vec<Review>> {

@@ -35,6 +35,11 @@ pub struct TrainConfig {
     pub seed: u64,
 }
 
+/// A worker's seed for one round: distinct per round and shard, fixed by the run's seed.
+pub fn worker_seed(seed: u64, round: u32, shard: usize) -> u64 {
+    seed ^ (round as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (shard as u64 + 1).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+}
+
 /// What one epoch of local training measured.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EpochStats {

@@ -53,6 +53,10 @@ pub struct Args {
     /// Longest word n-gram (round 0 and the original form only).
     #[arg(long, default_value_t = fedimdb::featurize::FeaturizerConfig::default().max_ngram)]
     pub max_ngram: u32,
+    /// Keep an update already on disk if it verifies and was computed from the same inputs
+    /// and arguments (how a resumed pipeline skips finished work); otherwise train.
+    #[arg(long, requires = "root")]
+    pub resume: bool,
     /// Original form: the shard file to train on.
     #[arg(long)]
     pub data: Option<PathBuf>,

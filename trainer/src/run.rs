@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use fedimdb::atomic::write_json_atomic;
 use fedimdb::checkpoint::{Checkpoint, Header, Kind};
@@ -15,15 +15,11 @@ use fedimdb::layout::Layout;
 use fedimdb::manifest::DataManifest;
 use fedimdb::model::{BIAS, ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
 use fedimdb::report::UpdateReport;
-use fedimdb::train::{EpochStats, SparseSgd, TrainConfig, train_candle};
+use fedimdb::train::{EpochStats, SparseSgd, TrainConfig, train_candle, worker_seed};
+use fedimdb::verify::{UpdateWant, check_update, load_global};
 use tracing::info;
 
 use crate::Args;
-
-/// A worker's seed for one round: distinct per round and shard, fixed by `--seed`.
-fn worker_seed(seed: u64, round: u32, shard: usize) -> u64 {
-    seed ^ (round as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (shard as u64 + 1).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
-}
 
 fn model_config(args: &Args) -> ModelConfig {
     ModelConfig {
@@ -33,50 +29,72 @@ fn model_config(args: &Args) -> ModelConfig {
 }
 
 /// Volume form: round 0 writes the shard's statistics, later rounds a trained update.
+///
+/// With `resume`, an update already on disk that verifies and was computed from exactly
+/// these inputs and arguments is kept, and the trainer exits without work.
 pub fn volume(root: &Path, round: u32, shard: usize, args: &Args, device: &Device) -> Result<()> {
     let start = Instant::now();
     let layout = Layout::new(root);
     let manifest = DataManifest::read(&layout.data_manifest())
         .with_context(|| format!("no complete data under {}: run the copier first", root.display()))?;
     let entry = manifest.shard(shard)?;
-    let reviews = load_reviews(&layout.shard(shard), Some(entry))?;
     let seed = worker_seed(args.seed, round, shard);
     let out = layout.update(round, shard);
+    // The starting point, verified against the checksum its aggregator recorded.
+    let base = match round.checked_sub(1) {
+        None => None,
+        Some(prev) => Some(
+            load_global(&layout, prev)
+                .with_context(|| format!("cannot start round {round}: the global model of round {prev} is missing or damaged"))?
+                .0,
+        ),
+    };
+    let config = base.as_ref().map_or_else(|| model_config(args), |b| b.header.config);
+    let tc = TrainConfig { epochs: args.epochs, batch: args.batch, lr: args.lr, seed };
+    let want = UpdateWant {
+        data_sha256: entry.sha256.clone(),
+        config: Some(config),
+        base_sha256: base.as_ref().map(|b| b.sha256.clone()),
+        train: base.is_some().then_some(tc),
+    };
+    if args.resume {
+        match check_update(&layout, round, shard, &want) {
+            Ok(_) => {
+                info!(round, shard, path = %out.display(), "up to date: the update on disk verifies and was made from the same inputs; nothing to do");
+                return Ok(());
+            }
+            Err(why) => info!(round, shard, "computing the update: {why:#}"),
+        }
+    }
+    let reviews = load_reviews(&layout.shard(shard), Some(entry))?;
     info!(round, shard, reviews = reviews.len(), "training worker started");
 
-    let (ck, data, train, epochs) = if round == 0 {
-        let config = model_config(args);
-        let data = featurize_all(&reviews, config.featurizer);
-        let counts = ClassCounts::count(config.dim(), &data.features, &data.labels);
-        let mut header = Header::new(Kind::Stats, config, 0);
-        header.shard = Some(shard);
-        (Checkpoint::from_counts(&counts, header), data, None, Vec::new())
-    } else {
-        let input = layout.input_model(round).expect("round > 0 has an input model");
-        let base = Checkpoint::load_kind(&input, Kind::Model)
-            .with_context(|| format!("cannot start round {round}: the global model of round {} is missing or damaged", round - 1))?;
-        ensure!(
-            base.header.round == round - 1,
-            "{} says it is the model of round {}, expected round {}",
-            input.display(),
-            base.header.round,
-            round - 1
-        );
-        let config = base.header.config;
-        let base_sha256 = base.sha256.clone();
-        let data = featurize_all(&reviews, config.featurizer);
-        let tc = TrainConfig { epochs: args.epochs, batch: args.batch, lr: args.lr, seed };
-        let trained = train(base, &data, &tc, device)?;
-        let mut header = Header::new(Kind::Update, config, round);
-        header.shard = Some(shard);
-        header.samples = data.len() as u64;
-        header.seed = Some(seed);
-        header.base_sha256 = Some(base_sha256);
-        header.train = Some(serde_json::to_value(tc)?);
-        let tensors = BTreeMap::from([(WEIGHT.to_owned(), trained.weight), (BIAS.to_owned(), vec![trained.bias])]);
-        (Checkpoint { header, tensors, sha256: String::new() }, data, Some(tc), trained.epochs)
+    let (ck, data, train, epochs) = match base {
+        None => {
+            let data = featurize_all(&reviews, config.featurizer);
+            let counts = ClassCounts::count(config.dim(), &data.features, &data.labels);
+            let mut header = Header::new(Kind::Stats, config, 0);
+            header.shard = Some(shard);
+            (Checkpoint::from_counts(&counts, header), data, None, Vec::new())
+        }
+        Some(base) => {
+            let base_sha256 = base.sha256.clone();
+            let data = featurize_all(&reviews, config.featurizer);
+            let trained = train(base, &data, &tc, device)?;
+            let mut header = Header::new(Kind::Update, config, round);
+            header.shard = Some(shard);
+            header.samples = data.len() as u64;
+            header.seed = Some(seed);
+            header.base_sha256 = Some(base_sha256);
+            header.train = Some(serde_json::to_value(tc)?);
+            let tensors = BTreeMap::from([(WEIGHT.to_owned(), trained.weight), (BIAS.to_owned(), vec![trained.bias])]);
+            (Checkpoint { header, tensors, sha256: String::new() }, data, Some(tc), trained.epochs)
+        }
     };
+    // The update first, then its report with the update's checksum: a reader finding an
+    // update without a report knows its trainer did not finish.
     let sha256 = ck.save(&out)?;
+    fedimdb::fault::point(&format!("trainer:{round}:{shard}:update-written"));
     let report = UpdateReport {
         round,
         shard,
@@ -89,6 +107,9 @@ pub fn volume(root: &Path, round: u32, shard: usize, args: &Args, device: &Devic
         seconds: start.elapsed().as_secs_f64(),
         sha256,
         version: fedimdb::VERSION.to_owned(),
+        data_sha256: want.data_sha256,
+        base_sha256: want.base_sha256,
+        config: Some(config),
     };
     write_json_atomic(&layout.update_report(round, shard), &report)?;
     info!(path = %out.display(), seconds = format!("{:.2}", report.seconds), "update written");

@@ -1,0 +1,281 @@
+//! Verification of what is on the shared volume, against the checksums its writers recorded.
+//!
+//! Every file a step consumes has its SHA-256 written down by the step that made it, in a
+//! file written after it:
+//!
+//! | file                                   | checksum recorded in                 |
+//! |----------------------------------------|--------------------------------------|
+//! | `data/shard-*.parquet`, `test.parquet` | `data/manifest.json`                 |
+//! | `rounds/round-R/updates/shard-I.safetensors` | `updates/shard-I.json` (its [`UpdateReport`]) |
+//! | `rounds/round-R/global.safetensors`    | `rounds/round-R/report.json` ([`RoundReport`]) |
+//! | `model/latest.safetensors`             | `model/latest.json` ([`LatestCard`]) |
+//!
+//! Readers go through [`load_update`], [`load_global`] (and the manifest check in
+//! [`crate::dataset::load_reviews`]), so a truncated, corrupted or swapped file is refused
+//! with its name and the record it contradicts, and never consumed. The same checks tell a
+//! re-run which steps are already done: [`check_update`] and [`check_round`] accept a
+//! step's outputs only if they verify *and* were computed from exactly the inputs and
+//! arguments the re-run would use (the chain of `base_sha256` links each round to the one
+//! before).
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::atomic::read_json;
+use crate::checkpoint::{Checkpoint, Kind};
+use crate::digest::sha256_file;
+use crate::layout::Layout;
+use crate::model::ModelConfig;
+use crate::report::{LatestCard, RoundReport, UpdateReport};
+use crate::train::TrainConfig;
+
+/// Fails unless `sha` (of `path`) is `recorded` (as written in `record`).
+pub fn ensure_sha(path: &Path, sha: &str, recorded: &str, record: &Path) -> Result<()> {
+    ensure!(
+        sha == recorded,
+        "{} does not match its checksum: its sha256 is {sha}, {} records {recorded}. The file was \
+         truncated, damaged or replaced after it was written; re-run the step that writes it",
+        path.display(),
+        record.display()
+    );
+    Ok(())
+}
+
+/// The report of worker `shard` in `round`, checked to be about that round and shard.
+pub fn read_update_report(layout: &Layout, round: u32, shard: usize) -> Result<UpdateReport> {
+    let path = layout.update_report(round, shard);
+    let report: UpdateReport = read_json(&path).with_context(|| {
+        format!(
+            "the update of shard {shard} in round {round} has no readable report, so it cannot be \
+             verified (its trainer may have died before finishing); re-run that trainer"
+        )
+    })?;
+    ensure!(
+        report.round == round && report.shard == shard,
+        "{} is the report of round {} shard {}, not of round {round} shard {shard}: files were moved \
+         or swapped; re-run the trainer",
+        path.display(),
+        report.round,
+        report.shard
+    );
+    Ok(report)
+}
+
+/// Loads worker `shard`'s update of `round`, verified against the checksum in its report.
+pub fn load_update(layout: &Layout, round: u32, shard: usize, kind: Kind) -> Result<(Checkpoint, UpdateReport)> {
+    let report = read_update_report(layout, round, shard)?;
+    let path = layout.update(round, shard);
+    let ck = Checkpoint::load_kind(&path, kind)?;
+    ensure_sha(&path, &ck.sha256, &report.sha256, &layout.update_report(round, shard))?;
+    Ok((ck, report))
+}
+
+/// The aggregator's report of `round`, checked to be about that round.
+pub fn read_round_report(layout: &Layout, round: u32) -> Result<RoundReport> {
+    let path = layout.round_report(round);
+    let report: RoundReport = read_json(&path).with_context(|| {
+        format!("round {round} has no readable report, so its global model cannot be verified; re-run its aggregator")
+    })?;
+    ensure!(
+        report.round == round,
+        "{} is the report of round {}, not round {round}: files were moved or swapped; re-run the aggregator",
+        path.display(),
+        report.round
+    );
+    Ok(report)
+}
+
+/// Loads the global model of `round`, verified against the checksum in the round report.
+pub fn load_global(layout: &Layout, round: u32) -> Result<(Checkpoint, RoundReport)> {
+    let report = read_round_report(layout, round)?;
+    let path = layout.global_model(round);
+    let ck = Checkpoint::load_kind(&path, Kind::Model)?;
+    ensure_sha(&path, &ck.sha256, &report.model_sha256, &layout.round_report(round))?;
+    ensure!(
+        ck.header.round == round,
+        "{} says it is the model of round {}, expected round {round}",
+        path.display(),
+        ck.header.round
+    );
+    Ok((ck, report))
+}
+
+/// What a worker's update must have been computed from to count as done.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateWant {
+    /// SHA-256 of the shard, from the data manifest.
+    pub data_sha256: String,
+    /// Round 0: the model config asked for. Later rounds inherit the global model's.
+    pub config: Option<ModelConfig>,
+    /// Rounds ≥ 1: the verified global model of the round before, and the training asked for.
+    pub base_sha256: Option<String>,
+    pub train: Option<TrainConfig>,
+}
+
+/// `Ok` if worker `shard`'s update of `round` is on disk, matches its checksum, and was
+/// computed from what `want` describes; otherwise the reason it must be (re)computed.
+/// Hashes the update file; does not parse it.
+pub fn check_update(layout: &Layout, round: u32, shard: usize, want: &UpdateWant) -> Result<UpdateReport> {
+    let path = layout.update(round, shard);
+    if !path.exists() {
+        bail!("{} is missing", path.display());
+    }
+    let report = read_update_report(layout, round, shard)?;
+    ensure_sha(&path, &sha256_file(&path)?, &report.sha256, &layout.update_report(round, shard))?;
+    let differs = |what: &str| anyhow::anyhow!("{} was computed from another {what}", path.display());
+    if report.data_sha256 != want.data_sha256 {
+        return Err(differs("shard (the data was re-sharded)"));
+    }
+    if want.config.is_some() && report.config != want.config {
+        return Err(differs("model config"));
+    }
+    if report.base_sha256 != want.base_sha256 {
+        return Err(differs("global model"));
+    }
+    if report.train != want.train {
+        return Err(differs("training configuration"));
+    }
+    Ok(report)
+}
+
+/// `Ok` if the global model of `round` is on disk, matches the checksum in its report, was
+/// made from the model `base_sha256` (rounds ≥ 1), and the updates it combined are still
+/// the ones on disk. Otherwise the reason the round's aggregation must be (re)run.
+/// (Whether it used the strategy asked for is the aggregator's check.)
+pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Result<RoundReport> {
+    let path = layout.global_model(round);
+    if !path.exists() {
+        bail!("{} is missing", path.display());
+    }
+    let report = read_round_report(layout, round)?;
+    ensure_sha(&path, &sha256_file(&path)?, &report.model_sha256, &layout.round_report(round))?;
+    ensure!(
+        report.base_sha256.as_deref() == base_sha256,
+        "{} was made from another global model of round {}",
+        path.display(),
+        round.saturating_sub(1)
+    );
+    ensure!(
+        report.update_sha256.len() == report.shards.len(),
+        "{} does not list the checksums of the updates it combined (written by an older version)",
+        layout.round_report(round).display()
+    );
+    for (&shard, sha) in report.shards.iter().zip(&report.update_sha256) {
+        let now = read_update_report(layout, round, shard)
+            .map(|r| r.sha256)
+            .unwrap_or_default();
+        ensure!(
+            &now == sha,
+            "{} was made from an update of shard {shard} that has since changed or gone",
+            path.display()
+        );
+    }
+    Ok(report)
+}
+
+/// `Ok` with the card if `model/latest.safetensors` matches the checksum in `latest.json`.
+pub fn check_latest(layout: &Layout) -> Result<LatestCard> {
+    let card_path = layout.latest_card();
+    let card: LatestCard = read_json(&card_path)?;
+    let path = layout.latest_model();
+    ensure_sha(&path, &sha256_file(&path)?, &card.sha256, &card_path)?;
+    Ok(card)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::atomic::{write_bytes_atomic, write_json_atomic};
+    use crate::checkpoint::Header;
+    use crate::metrics::Metrics;
+
+    fn small_config() -> ModelConfig {
+        let mut c = ModelConfig::default();
+        c.featurizer.hash_bits = 10;
+        c
+    }
+
+    fn global(round: u32) -> Checkpoint {
+        let c = small_config();
+        let dim = c.dim();
+        Checkpoint {
+            header: Header::new(Kind::Model, c, round),
+            tensors: [("linear.bias", vec![0.5]), ("linear.weight", vec![0.25; dim]), ("nb.ratio", vec![1.0; dim])]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+            sha256: String::new(),
+        }
+    }
+
+    fn write_round(layout: &Layout, round: u32) -> String {
+        let bytes = global(round).to_bytes().unwrap();
+        let sha = crate::digest::sha256_bytes(&bytes);
+        write_bytes_atomic(&layout.global_model(round), &bytes).unwrap();
+        let report = RoundReport {
+            round,
+            strategy: "fedavg".into(),
+            shards: vec![],
+            missing: vec![],
+            samples: vec![],
+            test: Metrics::compute(&[0.9, 0.2], &[1, 0]),
+            seconds: 0.0,
+            model_sha256: sha.clone(),
+            version: crate::VERSION.into(),
+            base_sha256: None,
+            update_sha256: vec![],
+        };
+        write_json_atomic(&layout.round_report(round), &report).unwrap();
+        sha
+    }
+
+    #[test]
+    fn a_verified_global_loads_and_a_damaged_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let sha = write_round(&layout, 0);
+        let (ck, _) = load_global(&layout, 0).unwrap();
+        assert_eq!(ck.sha256, sha);
+        check_round(&layout, 0, None).unwrap();
+
+        // Same length, one value changed: still a valid safetensors file, but not the one
+        // the report records.
+        let path = layout.global_model(0);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n - 3] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        for err in [load_global(&layout, 0).unwrap_err(), check_round(&layout, 0, None).unwrap_err()] {
+            let msg = format!("{err:#}");
+            assert!(msg.contains("global.safetensors does not match its checksum"), "{msg}");
+            assert!(msg.contains("report.json records"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn swapped_rounds_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        write_round(&layout, 0);
+        write_round(&layout, 1);
+        let (a, b) = (layout.global_model(0), layout.global_model(1));
+        let tmp = dir.path().join("swap");
+        std::fs::rename(&a, &tmp).unwrap();
+        std::fs::rename(&b, &a).unwrap();
+        std::fs::rename(&tmp, &b).unwrap();
+        let msg = format!("{:#}", load_global(&layout, 1).unwrap_err());
+        assert!(msg.contains("round-0001/global.safetensors does not match its checksum"), "{msg}");
+    }
+
+    #[test]
+    fn a_round_made_from_another_base_is_not_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        write_round(&layout, 1);
+        let msg = format!("{:#}", check_round(&layout, 1, Some("abc")).unwrap_err());
+        assert!(msg.contains("made from another global model of round 0"), "{msg}");
+        let msg = format!("{:#}", check_round(&layout, 2, None).unwrap_err());
+        assert!(msg.contains("round-0002/global.safetensors is missing"), "{msg}");
+    }
+}
