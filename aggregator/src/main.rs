@@ -52,6 +52,10 @@ pub struct Args {
     /// Old name of --min-workers.
     #[arg(long, hide = true, value_name = "M", conflicts_with = "min_workers")]
     pub expect: Option<usize>,
+    /// Keep the round's global model if it verifies and was made from the same inputs and
+    /// arguments (how a resumed pipeline skips finished work); otherwise aggregate.
+    #[arg(long, requires = "root")]
+    pub resume: bool,
     /// Original form: folder of worker model files (`*.safetensors`) to average.
     #[arg(long)]
     pub dir: Option<PathBuf>,

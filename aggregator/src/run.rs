@@ -14,14 +14,15 @@ use fedimdb::manifest::DataManifest;
 use fedimdb::metrics::Metrics;
 use fedimdb::model::{ClassCounts, Model, ModelConfig};
 use fedimdb::report::{LatestCard, RoundReport, utc_now};
+use fedimdb::verify::{check_latest, check_round, ensure_sha, load_global, load_update};
 use tracing::{info, warn};
 
 use crate::Args;
 use crate::evaluate::evaluate;
 use crate::strategy::{Combiner, Strategy};
 
-/// The update files of a round's folder, by shard index. Anything else in the folder
-/// (reports, temporary files of writers still at work) is ignored.
+/// The finished update files of a round's folder, by shard index. Anything else in the
+/// folder (reports, temporary files of writers still at work) is ignored.
 fn list_updates(dir: &Path) -> Result<BTreeMap<usize, PathBuf>> {
     let mut out = BTreeMap::new();
     let entries = match std::fs::read_dir(dir) {
@@ -38,6 +39,12 @@ fn list_updates(dir: &Path) -> Result<BTreeMap<usize, PathBuf>> {
         let Some(shard) = Layout::parse_shard_name(&name) else {
             bail!("{} is not a worker update name (expected shard-NNNNN.safetensors); remove it", entry.path().display());
         };
+        // The trainer writes its report (holding the update's checksum) after the update:
+        // an update without one is from a trainer that died, and cannot be verified.
+        if !entry.path().with_extension("json").exists() {
+            warn!("{} has no report next to it (its trainer did not finish); not using it", entry.path().display());
+            continue;
+        }
         out.insert(shard, entry.path());
     }
     Ok(out)
@@ -87,16 +94,23 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
         info!(%strategy, "round 0 sums the workers' feature counts whatever the strategy; it applies from round 1");
     }
 
-    let base = match layout.input_model(round) {
-        Some(p) => Some(Checkpoint::load_kind(&p, Kind::Model).with_context(|| {
-            format!("cannot aggregate round {round}: the global model of round {} is missing or damaged", round - 1)
-        })?),
+    let base = match round.checked_sub(1) {
+        Some(prev) => Some(
+            load_global(&layout, prev)
+                .with_context(|| format!("cannot aggregate round {round}: the global model of round {prev} is missing or damaged"))?
+                .0,
+        ),
         None => None,
     };
+    let label = if round == 0 { "sum".to_owned() } else { strategy.to_string() };
+    if args.resume && up_to_date(&layout, round, base.as_ref().map(|b| b.sha256.as_str()), &label, &updates)? {
+        return Ok(());
+    }
     let want_kind = if round == 0 { Kind::Stats } else { Kind::Update };
     let test_path = layout.test_set();
     // The test set is featurised on its own threads while the updates are read and summed.
-    let (model, metrics, samples) = std::thread::scope(|scope| -> Result<_> {
+    let base_sha256 = base.as_ref().map(|b| b.sha256.clone());
+    let (model, metrics, samples, update_sha256) = std::thread::scope(|scope| -> Result<_> {
         let mut test_job = None;
         let start_test = |config: ModelConfig| {
             let (path, entry) = (&test_path, &manifest.test);
@@ -110,8 +124,9 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
         let mut sum = Combiner::new(strategy);
         let mut counts: Option<ClassCounts> = None;
         let mut samples = Vec::new();
+        let mut update_sha256 = Vec::new();
         for (&shard, path) in &updates {
-            let ck = Checkpoint::load_kind(path, want_kind)?;
+            let (ck, _) = load_update(&layout, round, shard, want_kind)?;
             let h = &ck.header;
             let why = |msg: String| anyhow::anyhow!("refusing {}: {msg}", path.display());
             if let Some(first) = seen.insert(ck.sha256.clone(), path.clone()) {
@@ -155,6 +170,7 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
                 sum.add(&ck, h.samples as f64).map_err(|e| why(e.to_string()))?;
             }
             samples.push(h.samples);
+            update_sha256.push(ck.sha256.clone());
             info!(shard, samples = h.samples, "update accepted");
         }
         let config = config.expect("at least one update");
@@ -170,7 +186,7 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
         };
         let test = test_job.expect("started with the config").join().expect("test featurizer panicked")?;
         let metrics = evaluate(&model.scorer()?, &test);
-        Ok((model, metrics, samples))
+        Ok((model, metrics, samples, update_sha256))
     })?;
     info!(round, accuracy = format!("{:.4}", metrics.accuracy), "evaluated on the test set");
 
@@ -189,7 +205,10 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
     header.card = Some(card.clone());
     let bytes = Checkpoint { header, ..model }.to_bytes()?;
     let sha = fedimdb::digest::sha256_bytes(&bytes);
+    // The model, then the report holding its checksum, then the published copy: a reader
+    // checks each file against the record written after it.
     write_bytes_atomic(&layout.global_model(round), &bytes)?;
+    fedimdb::fault::point(&format!("aggregator:{round}:global-written"));
     let report = RoundReport {
         round,
         strategy: if round == 0 { "sum".to_owned() } else { strategy.to_string() },
@@ -200,8 +219,11 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
         seconds: start.elapsed().as_secs_f64(),
         model_sha256: sha.clone(),
         version: fedimdb::VERSION.to_owned(),
+        base_sha256,
+        update_sha256,
     };
     write_json_atomic(&layout.round_report(round), &report)?;
+    fedimdb::fault::point(&format!("aggregator:{round}:report-written"));
     publish(&layout, &bytes, LatestCard { round, sha256: sha, trained_at: utc_now(), card })?;
     info!(round, seconds = format!("{:.2}", report.seconds), "global model written and published");
     Ok(())
@@ -211,7 +233,53 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
 /// A server watching the card therefore never sees a card for a model not yet in place.
 fn publish(layout: &Layout, bytes: &[u8], card: LatestCard) -> Result<()> {
     write_bytes_atomic(&layout.latest_model(), bytes)?;
+    fedimdb::fault::point(&format!("aggregator:{}:latest-model-written", card.round));
     write_json_atomic(&layout.latest_card(), &card)
+}
+
+/// `--resume`: true if round `round`'s global model on disk verifies, was made from the
+/// current base model with `strategy` out of exactly the finished updates now in the
+/// folder. Then it is only published again if the published model is damaged, missing or
+/// of an earlier round (a resumed run walks through finished rounds in order, and the
+/// server must not step back to an older model meanwhile).
+fn up_to_date(
+    layout: &Layout,
+    round: u32,
+    base_sha256: Option<&str>,
+    strategy: &str,
+    updates: &BTreeMap<usize, PathBuf>,
+) -> Result<bool> {
+    let report = match check_round(layout, round, base_sha256) {
+        Ok(r) => r,
+        Err(why) => {
+            info!(round, "aggregating: {why:#}");
+            return Ok(false);
+        }
+    };
+    if report.strategy != strategy {
+        info!(round, "aggregating: the global model on disk was made with {}, not {strategy}", report.strategy);
+        return Ok(false);
+    }
+    let now: Vec<usize> = updates.keys().copied().collect();
+    if report.shards != now {
+        info!(round, "aggregating: the global model on disk combined shards {:?}, the finished updates now are {now:?}", report.shards);
+        return Ok(false);
+    }
+    match check_latest(layout) {
+        Ok(card) if card.round >= round => {}
+        published => {
+            let why = published.map_or_else(|e| format!("{e:#}"), |c| format!("it is the model of round {}", c.round));
+            info!(round, "publishing the model of round {round} again: {why}");
+            let bytes = std::fs::read(layout.global_model(round))
+                .with_context(|| format!("cannot read {}", layout.global_model(round).display()))?;
+            let ck = Checkpoint::from_bytes(&bytes, &layout.global_model(round))?;
+            let card = ck.header.card.clone().unwrap_or_default();
+            ensure_sha(&layout.global_model(round), &ck.sha256, &report.model_sha256, &layout.round_report(round))?;
+            publish(layout, &bytes, LatestCard { round, sha256: ck.sha256, trained_at: utc_now(), card })?;
+        }
+    }
+    info!(round, path = %layout.global_model(round).display(), "up to date: the global model on disk verifies and was made from the same inputs; nothing to do");
+    Ok(true)
 }
 
 /// Original form: every tensor of the model files in `dir` combined with `strategy` (by
