@@ -2,9 +2,14 @@
 //! with server-side apply and waited for in order: the copier, then for round 0..=R the
 //! trainers (an Indexed Job of N pods) and the aggregator. The server Deployment (from
 //! `manifests/`) hot-reloads the new model from the shared volume.
+//!
+//! Re-running resumes: the trainers and aggregators of rounds below `--from-round` (all, by
+//! default) get `--resume` and exit at once when their outputs already exist and verify. A
+//! Lease per claim (`lock.rs`) keeps two drivers from writing into one volume at once.
 
 pub mod api;
 pub mod jobs;
+pub mod lock;
 #[cfg(test)]
 mod tests;
 
@@ -62,6 +67,14 @@ pub struct K8sArgs {
     /// Seconds between two reads of a Job's status.
     #[arg(long, default_value_t = 2.0)]
     pub poll: f64,
+    /// Recompute from this round on (0: every round; the copier's output is checked
+    /// anyway). Default: every step whose outputs exist and verify is skipped.
+    #[arg(long, value_name = "R")]
+    pub from_round: Option<u32>,
+    /// Go on with a round when at least M of its trainers succeeded (the aggregator
+    /// averages the updates present). Default: all workers.
+    #[arg(long, value_name = "M")]
+    pub min_workers: Option<u32>,
     /// Print the Jobs as YAML instead of applying them (needs no cluster).
     #[arg(long)]
     pub dry_run: bool,
@@ -101,6 +114,28 @@ pub fn params(args: &K8sArgs) -> Result<Params> {
         args.image_tag
     );
     ensure!(!args.registry.is_empty(), "--registry must not be empty");
+    if let Some(r) = args.from_round {
+        ensure!(
+            r <= args.rounds,
+            "--from-round {r} is past the last round ({}, see --rounds)",
+            args.rounds
+        );
+    }
+    if let Some(m) = args.min_workers {
+        ensure!(
+            m >= 1 && m <= args.workers,
+            "--min-workers must be between 1 and --workers ({}), not {m}",
+            args.workers
+        );
+    }
+    let lease = lock::lease_name(&args.claim);
+    ensure!(
+        !args.claim.is_empty()
+            && lease.len() <= 253
+            && lease.split('.').all(|l| is_dns_label(l, 63)),
+        "--claim {:?} is not a valid claim name (lowercase letters, digits, '-' and '.')",
+        args.claim
+    );
     let run_id = match &args.run_id {
         Some(r) => r.clone(),
         None => SystemTime::now()
@@ -127,6 +162,8 @@ pub fn params(args: &K8sArgs) -> Result<Params> {
         overlay: args.overlay,
         claim: args.claim.clone(),
         deadline_s: (args.step_timeout.ceil() as i64).max(1),
+        from_round: args.from_round,
+        min_workers: args.min_workers,
     })
 }
 
@@ -146,8 +183,33 @@ pub fn run(args: &K8sArgs) -> Result<()> {
             Duration::from_secs_f64(args.poll),
             Duration::from_secs_f64(args.step_timeout),
         );
-        orch.run(&steps).await
+        let lock = lock::LockConfig::new(&p.claim, &p.run_id);
+        orch.run_locked(&steps, lock, shutdown_signal()).await
     })
+}
+
+/// Resolves with the signal's name on SIGINT (Ctrl-C) or SIGTERM (the pod running the
+/// driver is deleted), so that the run can release its lock before exiting.
+async fn shutdown_signal() -> String {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => "SIGINT".to_string(),
+            _ = term.recv() => "SIGTERM".to_string(),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C".to_string()
+    }
 }
 
 /// A client from the kubeconfig (or the in-cluster service account), checked to reach the

@@ -1,17 +1,21 @@
-//! The one module that talks to the Kubernetes API: server-side-applies each step's Job,
-//! waits for it to complete or fail while showing progress, and on failure collects the
-//! last log lines of the failed pods.
+//! The module that talks to the Kubernetes API (with `lock.rs`): takes the lock on the
+//! volume, server-side-applies each step's Job, waits for it to complete or fail while
+//! showing progress, and on failure collects the last log lines of the failed pods.
 
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::{Api, ListParams, LogParams, Patch, PatchParams};
 
 use super::jobs::{MANAGER, Step};
+use super::lock::{Lock, LockConfig};
 
 /// How a finished Job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +36,33 @@ pub struct Progress {
     pub active: i32,
     /// Indexed Jobs: the indices done, as the API writes them (`0,2-4`).
     pub completed_indexes: Option<String>,
+    /// Indexed Jobs with `backoffLimitPerIndex`: the indices that failed for good.
+    pub failed_indexes: Option<String>,
+}
+
+impl Progress {
+    /// Pods (indices, for an Indexed Job) that succeeded.
+    pub fn done(&self) -> i32 {
+        match &self.completed_indexes {
+            Some(c) => count_indexes(c) as i32,
+            None => self.succeeded,
+        }
+    }
+}
+
+/// How many indices an index set as the API writes it (`0,2-4`) holds.
+pub fn count_indexes(set: &str) -> usize {
+    set.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('-') {
+            Some((a, b)) => match (a.trim().parse::<usize>(), b.trim().parse::<usize>()) {
+                (Ok(a), Ok(b)) if b >= a => b - a + 1,
+                _ => 1,
+            },
+            None => 1,
+        })
+        .sum()
 }
 
 /// The outcome of a Job if it has finished: its `Complete` or `Failed` condition.
@@ -61,13 +92,37 @@ pub fn progress(job: &Job) -> Progress {
         failed: s.failed.unwrap_or(0),
         active: s.active.unwrap_or(0),
         completed_indexes: s.completed_indexes.filter(|c| !c.is_empty()),
+        failed_indexes: s.failed_indexes.filter(|c| !c.is_empty()),
     }
+}
+
+/// Whether a Job belongs to another run of the pipeline on the same claim and is still
+/// running (no `Complete` or `Failed` condition).
+fn active_job_of_other_run<'a>(job: &'a Job, run_id: &str, claim: &str) -> Option<&'a str> {
+    let run = job.metadata.labels.as_ref()?.get("fedimdb/run")?;
+    if run == run_id || outcome(job).is_some() {
+        return None;
+    }
+    let uses_claim = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.volumes.as_ref())
+        .is_some_and(|vs| {
+            vs.iter().any(|v| {
+                v.persistent_volume_claim
+                    .as_ref()
+                    .is_some_and(|c| c.claim_name == claim)
+            })
+        });
+    uses_claim.then_some(run.as_str())
 }
 
 /// Applies and waits for Jobs in one namespace.
 pub struct Orchestrator {
     jobs: Api<Job>,
     pods: Api<Pod>,
+    leases: Api<Lease>,
     /// How often a Job's status is read.
     pub poll: Duration,
     /// How long one step may take before the run gives up.
@@ -82,7 +137,8 @@ impl Orchestrator {
     pub fn new(client: Client, namespace: &str, poll: Duration, timeout: Duration) -> Self {
         Orchestrator {
             jobs: Api::namespaced(client.clone(), namespace),
-            pods: Api::namespaced(client, namespace),
+            pods: Api::namespaced(client.clone(), namespace),
+            leases: Api::namespaced(client, namespace),
             poll,
             timeout,
             tail_lines: 20,
@@ -93,6 +149,68 @@ impl Orchestrator {
     fn say(&self, line: String) {
         eprintln!("{line}");
         self.lines.lock().unwrap().push(line);
+    }
+
+    /// Takes the lock on the volume, runs every step, and releases the lock however the run
+    /// ends: done, failed, lock lost, or `shutdown` resolving (SIGINT/SIGTERM; its output
+    /// names the signal).
+    pub async fn run_locked(
+        &self,
+        steps: &[Step],
+        lock: LockConfig,
+        shutdown: impl Future<Output = String>,
+    ) -> Result<()> {
+        let run_id = lock.run_id.clone();
+        let claim = lock.claim.clone();
+        let say = |l: String| self.say(l);
+        let lock = Lock::acquire(self.leases.clone(), lock, &say).await?;
+        self.note_other_runs(&run_id, &claim).await;
+        let ns = self.jobs_namespace();
+        let result = tokio::select! {
+            r = self.run(steps) => r,
+            why = lock.lost() => Err(anyhow!(
+                "{why}; stopping without applying more Jobs (those applied keep running: \
+                 `kubectl -n {ns} get jobs -l fedimdb/run={run_id}`)"
+            )),
+            sig = shutdown => Err(anyhow!(
+                "interrupted by {sig}; the Jobs of this run keep running in the cluster \
+                 (`kubectl -n {ns} delete jobs -l fedimdb/run={run_id}` stops them); run \
+                 `pipeline k8s` again to resume"
+            )),
+        };
+        lock.release(&say).await;
+        result
+    }
+
+    /// Says which Jobs of other runs on the same claim are still active (a driver that died
+    /// leaves its Jobs running). Best effort.
+    async fn note_other_runs(&self, run_id: &str, claim: &str) {
+        let lp = ListParams::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+        let jobs = match self.jobs.list(&lp).await {
+            Ok(l) => l.items,
+            Err(e) => {
+                self.say(format!("  (cannot list the Jobs of other runs: {e})"));
+                return;
+            }
+        };
+        let mut by_run: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for j in &jobs {
+            if let Some(run) = active_job_of_other_run(j, run_id, claim) {
+                by_run
+                    .entry(run.to_string())
+                    .or_default()
+                    .push(j.metadata.name.clone().unwrap_or_default());
+            }
+        }
+        let ns = self.jobs_namespace();
+        for (run, names) in by_run {
+            self.say(format!(
+                "  note: Jobs of run {run} are still active on claim {claim}: {}; they may still write \
+                 to the volume (what they write is verified before use; \
+                 `kubectl -n {ns} delete jobs -l fedimdb/run={run}` stops them)",
+                names.join(", ")
+            ));
+        }
     }
 
     /// Runs every step in order; stops at the first that does not complete.
@@ -175,10 +293,33 @@ impl Orchestrator {
                         step.kind,
                         started.elapsed().as_secs_f64()
                     ));
+                    self.show_up_to_date(step).await;
                     return Ok(());
                 }
                 Some(Outcome::Failed { reason, message }) => {
                     self.show_failed_pods(name).await;
+                    let p = progress(&job);
+                    let (done, quorum) = (p.done(), step.quorum());
+                    let failed = p
+                        .failed_indexes
+                        .as_deref()
+                        .map(|f| format!(" (failed indices {f})"))
+                        .unwrap_or_default();
+                    if quorum < total {
+                        if done >= quorum {
+                            self.say(format!(
+                                "  warning: job {name} failed ({reason}){failed}, but {done} of {total} \
+                                 succeeded, at least --min-workers {quorum}: going on with {done}"
+                            ));
+                            self.show_up_to_date(step).await;
+                            return Ok(());
+                        }
+                        bail!(
+                            "job {name} ({}) failed: {reason}: {message}{failed}; {done} of {total} \
+                             succeeded, fewer than --min-workers {quorum}",
+                            step.kind
+                        );
+                    }
                     bail!("job {name} ({}) failed: {reason}: {message}", step.kind);
                 }
                 None => {}
@@ -195,6 +336,54 @@ impl Orchestrator {
             }
             tokio::time::sleep(self.poll).await;
         }
+    }
+
+    /// Says whether a step that may skip work did (its pods' logs say "up to date", or for
+    /// the copier "nothing to do"). Best effort: says nothing when the logs cannot be read.
+    async fn show_up_to_date(&self, step: &Step) {
+        if !step.may_be_up_to_date() {
+            return;
+        }
+        let name = step.name();
+        let lp = ListParams::default().labels(&format!("batch.kubernetes.io/job-name={name}"));
+        let Ok(pods) = self.pods.list(&lp).await else {
+            return;
+        };
+        let mut succeeded = 0;
+        let mut fresh = 0;
+        for pod in &pods.items {
+            if pod.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Succeeded") {
+                continue;
+            }
+            let lp = LogParams {
+                container: step.container().map(str::to_string),
+                tail_lines: Some(self.tail_lines),
+                ..Default::default()
+            };
+            let pname = pod.metadata.name.clone().unwrap_or_default();
+            let Ok(text) = self.pods.logs(&pname, &lp).await else {
+                return;
+            };
+            succeeded += 1;
+            let t = text.to_lowercase();
+            if t.contains("up to date") || t.contains("nothing to do") {
+                fresh += 1;
+            }
+        }
+        if succeeded == 0 {
+            return;
+        }
+        let what = if fresh == succeeded {
+            "up to date, nothing recomputed".to_string()
+        } else if fresh == 0 {
+            "computed".to_string()
+        } else {
+            format!(
+                "{fresh} of {succeeded} pods up to date, {} computed",
+                succeeded - fresh
+            )
+        };
+        self.say(format!("  {}: {what}", step.kind));
     }
 
     /// Prints the last log lines of the Job's failed pods (best effort: errors are shown,

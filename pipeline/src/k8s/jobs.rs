@@ -54,6 +54,26 @@ pub struct Params {
     pub claim: String,
     /// `activeDeadlineSeconds` of every Job.
     pub deadline_s: i64,
+    /// Rounds below this one pass `--resume` to the trainers and the aggregator (a step
+    /// whose outputs exist and verify exits without work); this round and later ones
+    /// recompute. `None`: every round resumes.
+    pub from_round: Option<u32>,
+    /// The aggregator averages the updates present when at least this many arrived, and the
+    /// trainers' Job lets `workers - M` indexes fail. `None`: all workers are needed.
+    pub min_workers: Option<u32>,
+}
+
+impl Params {
+    /// Whether the Jobs of `round` pass `--resume` (see [`Params::from_round`]).
+    pub fn resumes(&self, round: u32) -> bool {
+        self.from_round.is_none_or(|r| round < r)
+    }
+    /// Trainers of a round that must succeed for the aggregator to run.
+    pub fn quorum(&self) -> u32 {
+        self.min_workers
+            .unwrap_or(self.workers)
+            .clamp(1, self.workers)
+    }
 }
 
 /// What one step is, for progress messages.
@@ -92,6 +112,41 @@ impl Step {
             .as_ref()
             .and_then(|s| s.completions)
             .unwrap_or(1)
+    }
+    /// Indexes that must succeed for the run to go on: `completions - maxFailedIndexes`
+    /// (the trainers with `--min-workers`), else all of them.
+    pub fn quorum(&self) -> i32 {
+        let failable = self
+            .job
+            .spec
+            .as_ref()
+            .and_then(|s| s.max_failed_indexes)
+            .unwrap_or(0);
+        (self.completions() - failable).max(1)
+    }
+    /// The main container's arguments.
+    pub fn args(&self) -> &[String] {
+        self.job
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.containers.first())
+            .and_then(|c| c.args.as_deref())
+            .unwrap_or_default()
+    }
+    /// The main container's name (whose log tells whether the step was up to date).
+    pub fn container(&self) -> Option<&str> {
+        self.job
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.containers.first())
+            .map(|c| c.name.as_str())
+    }
+    /// Whether the step was told to skip work that is up to date (`--resume`; the copier
+    /// always does).
+    pub fn may_be_up_to_date(&self) -> bool {
+        self.kind == StepKind::Copier || self.args().iter().any(|a| a == "--resume")
     }
 }
 
@@ -352,7 +407,10 @@ pub fn copier_job(p: &Params) -> Job {
 }
 
 /// The trainers of one round: an Indexed Job of `workers` pods; pod I trains shard I (the
-/// trainer reads `JOB_COMPLETION_INDEX`).
+/// trainer reads `JOB_COMPLETION_INDEX`). Each index is retried twice; with `--min-workers
+/// M`, up to `workers - M` indexes may fail without stopping the others (the Job then ends
+/// `Failed` with reason `FailedIndexes` once every index has finished, and the run goes on
+/// if at least M succeeded); without it the first failed index fails the Job.
 pub fn trainer_job(p: &Params, round: u32) -> Job {
     let gpu = p.overlay == Overlay::Gpu;
     let mut args = vec![
@@ -367,6 +425,9 @@ pub fn trainer_job(p: &Params, round: u32) -> Job {
         "--seed".into(),
         p.seed.to_string(),
     ];
+    if p.resumes(round) {
+        args.push("--resume".into());
+    }
     let mut res = resources("1", "2Gi", "2", "4Gi");
     let mut tolerations = None;
     let image = if gpu {
@@ -398,15 +459,16 @@ pub fn trainer_job(p: &Params, round: u32) -> Job {
         completions: Some(n),
         parallelism: Some(n),
         backoff_limit_per_index: Some(2),
-        max_failed_indexes: Some(0),
+        max_failed_indexes: Some((p.workers - p.quorum()) as i32),
         ..Default::default()
     };
     job(p, StepKind::Trainer(round), "trainer", pod, spec)
 }
 
-/// The aggregator of one round: averages the `workers` updates into the round's model.
+/// The aggregator of one round: averages the `workers` updates into the round's model
+/// (with `--min-workers M`, those present when at least M arrived).
 pub fn aggregator_job(p: &Params, round: u32) -> Job {
-    let args = vec![
+    let mut args = vec![
         "--root".into(),
         ROOT.into(),
         "--round".into(),
@@ -414,6 +476,12 @@ pub fn aggregator_job(p: &Params, round: u32) -> Job {
         "--expect".into(),
         p.workers.to_string(),
     ];
+    if let Some(m) = p.min_workers {
+        args.extend(["--min-workers".into(), m.to_string()]);
+    }
+    if p.resumes(round) {
+        args.push("--resume".into());
+    }
     let pod = PodSpec {
         containers: vec![container(
             "aggregator",

@@ -10,8 +10,12 @@ use kube::Client;
 use kube::client::Body;
 use serde_json::{Value, json};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
 use super::api::{Orchestrator, Outcome, outcome};
 use super::jobs::{self, Overlay, Params, StepKind};
+use super::lock::{self, LockConfig};
 
 fn params(workers: u32, rounds: u32, overlay: Overlay) -> Params {
     Params {
@@ -28,6 +32,8 @@ fn params(workers: u32, rounds: u32, overlay: Overlay) -> Params {
         overlay,
         claim: "fedimdb-data".into(),
         deadline_s: 600,
+        from_round: None,
+        min_workers: None,
     }
 }
 
@@ -75,6 +81,11 @@ fn trainer_is_an_indexed_job_of_workers_pods() {
     assert_eq!(spec.completions, Some(4));
     assert_eq!(spec.parallelism, Some(4));
     assert!(spec.backoff_limit_per_index.is_some());
+    assert_eq!(
+        spec.max_failed_indexes,
+        Some(0),
+        "every trainer is needed by default"
+    );
     assert!(spec.pod_failure_policy.is_some());
     assert_eq!(spec.active_deadline_seconds, Some(600));
     assert!(spec.ttl_seconds_after_finished.is_some());
@@ -82,7 +93,8 @@ fn trainer_is_an_indexed_job_of_workers_pods() {
     assert_eq!(
         args,
         [
-            "--root", "/data", "--round", "1", "--epochs", "3", "--batch", "64", "--seed", "7"
+            "--root", "/data", "--round", "1", "--epochs", "3", "--batch", "64", "--seed", "7",
+            "--resume"
         ]
     );
     assert!(
@@ -186,7 +198,9 @@ fn copier_downloads_then_shards_into_workers() {
     let a = jobs::aggregator_job(&params(5, 1, Overlay::Local), 3);
     assert_eq!(
         args_of(&a),
-        ["--root", "/data", "--round", "3", "--expect", "5"]
+        [
+            "--root", "/data", "--round", "3", "--expect", "5", "--resume"
+        ]
     );
 }
 
@@ -248,6 +262,15 @@ fn job_json(
         "spec": { "completions": completions, "template": { "spec": { "containers": [] } } },
         "status": status,
     })
+}
+
+/// A PodList of pods `(name, phase)`.
+fn pod_list(pods: &[(&str, &str)]) -> String {
+    let items: Vec<Value> = pods
+        .iter()
+        .map(|(n, phase)| json!({ "metadata": { "name": n }, "status": { "phase": phase } }))
+        .collect();
+    json!({ "apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items }).to_string()
 }
 
 fn status_json(code: u16, reason: &str, message: &str) -> Value {
@@ -330,6 +353,9 @@ async fn applies_every_step_in_order_and_waits_for_each() {
         .collect();
     let mut reads: HashMap<String, i32> = HashMap::new();
     let (client, seen) = mock(Box::new(move |r| {
+        if r.uri.starts_with("/api/v1/namespaces/fedimdb/pods?") {
+            return (200, pod_list(&[]));
+        }
         let name = job_name_of(&r.uri);
         let n = completions[&name];
         match r.method.as_str() {
@@ -434,6 +460,7 @@ async fn a_failed_job_shows_pod_logs_and_stops_the_run() {
                 200,
                 "reading shard 1\nerror: shard ROOT/data/shard-00001.parquet is missing\n".into(),
             ),
+            "GET" if r.uri.contains("job-name%3Dfedimdb-t1-copier") => (200, pod_list(&[])),
             "GET" if r.uri.starts_with("/api/v1/namespaces/fedimdb/pods?") => {
                 assert!(
                     r.uri.contains(
@@ -574,6 +601,690 @@ async fn other_api_errors_are_reported() {
     );
     assert!(
         err.contains("cannot apply job fedimdb-t1-copier") && err.contains("not found"),
+        "{err}"
+    );
+}
+
+// ---- resume and quorum (pure) ----
+
+fn has_resume(job: &k8s_openapi::api::batch::v1::Job) -> bool {
+    args_of(job).iter().any(|a| a == "--resume")
+}
+
+#[test]
+fn rounds_below_from_round_resume_and_the_rest_recompute() {
+    let by_round = |from_round: Option<u32>| -> Vec<(StepKind, bool)> {
+        let p = Params {
+            from_round,
+            ..params(2, 3, Overlay::Local)
+        };
+        jobs::plan(&p)
+            .iter()
+            .filter(|s| s.kind != StepKind::Copier)
+            .map(|s| (s.kind, has_resume(&s.job)))
+            .collect()
+    };
+    // Default: every trainer and aggregator resumes.
+    assert!(
+        by_round(None).iter().all(|(_, r)| *r),
+        "{:?}",
+        by_round(None)
+    );
+    // --from-round 2: rounds 0 and 1 resume, 2 and 3 recompute.
+    for (kind, resumes) in by_round(Some(2)) {
+        let round = match kind {
+            StepKind::Trainer(r) | StepKind::Aggregator(r) => r,
+            StepKind::Copier => unreachable!(),
+        };
+        assert_eq!(resumes, round < 2, "{kind}");
+    }
+    // --from-round 0: everything after the copier recomputes.
+    assert!(by_round(Some(0)).iter().all(|(_, r)| !*r));
+    // The copier never gets the flag (it is idempotent by itself).
+    let p = Params {
+        from_round: Some(1),
+        ..params(2, 3, Overlay::Local)
+    };
+    assert!(!has_resume(&jobs::copier_job(&p)));
+    // --device cuda stays last on the GPU trainer.
+    let g = jobs::trainer_job(&params(2, 1, Overlay::Gpu), 0);
+    assert!(args_of(&g).ends_with(&["--resume".into(), "--device".into(), "cuda".into()]));
+}
+
+#[test]
+fn min_workers_lets_indexes_fail_and_reaches_the_aggregator() {
+    let p = Params {
+        min_workers: Some(3),
+        ..params(5, 1, Overlay::Local)
+    };
+    let steps = jobs::plan(&p);
+    let t = &steps[1];
+    let spec = t.job.spec.as_ref().unwrap();
+    assert_eq!(spec.backoff_limit_per_index, Some(2));
+    assert_eq!(
+        spec.max_failed_indexes,
+        Some(2),
+        "the other indexes keep running when up to workers - M fail"
+    );
+    assert_eq!(t.quorum(), 3);
+    assert_eq!(steps[2].quorum(), 1);
+    assert_eq!(
+        args_of(&steps[2].job),
+        [
+            "--root",
+            "/data",
+            "--round",
+            "0",
+            "--expect",
+            "5",
+            "--min-workers",
+            "3",
+            "--resume"
+        ]
+    );
+    // The usage-error rule still fails the whole Job; the others retry per index.
+    let rules = &spec.pod_failure_policy.as_ref().unwrap().rules;
+    assert_eq!(rules[0].action, "FailJob");
+    assert_eq!(rules[0].on_exit_codes.as_ref().unwrap().values, vec![2]);
+    assert_eq!(jobs::plan(&params(5, 1, Overlay::Local))[1].quorum(), 5);
+}
+
+#[test]
+fn index_sets_are_counted() {
+    use super::api::count_indexes;
+    assert_eq!(count_indexes(""), 0);
+    assert_eq!(count_indexes("3"), 1);
+    assert_eq!(count_indexes("0,2-4"), 4);
+    assert_eq!(count_indexes("0-9,11"), 11);
+}
+
+// ---- a fake cluster: Jobs, pods and the lock Lease ----
+
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/fedimdb/leases";
+const LEASE: &str =
+    "/apis/coordination.k8s.io/v1/namespaces/fedimdb/leases/fedimdb-pipeline-fedimdb-data";
+const ME: &str = "test-host pid 1 run t1";
+
+fn lock_config(renew_ms: u64) -> LockConfig {
+    LockConfig {
+        name: lock::lease_name("fedimdb-data"),
+        holder: ME.into(),
+        run_id: "t1".into(),
+        claim: "fedimdb-data".into(),
+        duration_s: 60,
+        renew_every: Duration::from_millis(renew_ms),
+    }
+}
+
+/// A Lease held by `holder`, last renewed `ago` seconds ago.
+fn lease_json(holder: &str, ago: i64, rv: &str, transitions: i32) -> Value {
+    let renewed = Timestamp::now() - SignedDuration::from_secs(ago);
+    let renewed = MicroTime(renewed);
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": { "name": "fedimdb-pipeline-fedimdb-data", "namespace": "fedimdb",
+                      "resourceVersion": rv, "uid": "lease-uid-1" },
+        "spec": { "holderIdentity": holder, "leaseDurationSeconds": 60,
+                  "acquireTime": renewed, "renewTime": renewed, "leaseTransitions": transitions },
+    })
+}
+
+/// How the fake cluster behaves.
+struct Fake {
+    /// The Lease as stored (None: no lock).
+    lease: Option<Value>,
+    /// Every Job completes on this read (`usize::MAX`: never).
+    complete_on_read: usize,
+    /// Status of the trainer Jobs when they finish (default: complete).
+    trainer_status: Option<Value>,
+    /// Log of every pod.
+    log: String,
+    /// Jobs listed by `managed-by` (other runs).
+    other_jobs: Vec<Value>,
+    /// At this PUT of the Lease (1-based), another holder ("thief") takes it first.
+    stolen_at_put: Option<usize>,
+}
+
+impl Default for Fake {
+    fn default() -> Self {
+        Fake {
+            lease: None,
+            complete_on_read: 1,
+            trainer_status: None,
+            log: "working\n".into(),
+            other_jobs: Vec::new(),
+            stolen_at_put: None,
+        }
+    }
+}
+
+fn rv_of(v: &Value) -> String {
+    v["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn fake(mut f: Fake, workers: i32) -> Handler {
+    let mut reads: HashMap<String, usize> = HashMap::new();
+    let mut puts = 0;
+    let mut next_rv = 100;
+    Box::new(move |r| {
+        let path = r.uri.split('?').next().unwrap().to_string();
+        let mut bump = |v: &mut Value| {
+            next_rv += 1;
+            v["metadata"]["resourceVersion"] = json!(next_rv.to_string());
+            v["metadata"]["uid"] = json!("lease-uid-1");
+        };
+        match (r.method.as_str(), path.as_str()) {
+            ("POST", LEASES) => match &f.lease {
+                Some(_) => (
+                    409,
+                    status_json(409, "AlreadyExists", "leases \"x\" already exists").to_string(),
+                ),
+                None => {
+                    let mut l: Value = serde_json::from_str(&r.body).unwrap();
+                    bump(&mut l);
+                    f.lease = Some(l.clone());
+                    (201, l.to_string())
+                }
+            },
+            ("GET", LEASE) => match &f.lease {
+                Some(l) => (200, l.to_string()),
+                None => (404, status_json(404, "NotFound", "not found").to_string()),
+            },
+            ("PUT", LEASE) => {
+                puts += 1;
+                if f.stolen_at_put == Some(puts) {
+                    f.lease = Some(lease_json("thief pid 9 run 77", 0, "999", 9));
+                }
+                let mut l: Value = serde_json::from_str(&r.body).unwrap();
+                match &f.lease {
+                    Some(old) if rv_of(old) == rv_of(&l) => {
+                        bump(&mut l);
+                        f.lease = Some(l.clone());
+                        (200, l.to_string())
+                    }
+                    Some(_) => (
+                        409,
+                        status_json(409, "Conflict", "the object has been modified").to_string(),
+                    ),
+                    None => (404, status_json(404, "NotFound", "not found").to_string()),
+                }
+            }
+            ("DELETE", LEASE) => {
+                let dp: Value = serde_json::from_str(&r.body).unwrap();
+                let want = dp["preconditions"]["resourceVersion"].as_str().unwrap();
+                match &f.lease {
+                    Some(l) if rv_of(l) == want => {
+                        f.lease = None;
+                        (
+                            200,
+                            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"})
+                                .to_string(),
+                        )
+                    }
+                    Some(_) => (
+                        409,
+                        status_json(409, "Conflict", "Precondition failed").to_string(),
+                    ),
+                    None => (404, status_json(404, "NotFound", "not found").to_string()),
+                }
+            }
+            ("GET", "/apis/batch/v1/namespaces/fedimdb/jobs") => {
+                assert!(
+                    r.uri.contains(
+                        "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dfedimdb-pipeline"
+                    ),
+                    "{}",
+                    r.uri
+                );
+                let list = json!({ "apiVersion": "batch/v1", "kind": "JobList", "metadata": {},
+                                   "items": f.other_jobs });
+                (200, list.to_string())
+            }
+            ("PATCH", _) => {
+                let name = job_name_of(&r.uri);
+                (200, job_json(&name, 1, 0, 0, 0, None).to_string())
+            }
+            ("GET", p) if p.starts_with("/apis/batch/v1/namespaces/fedimdb/jobs/") => {
+                let name = job_name_of(&r.uri);
+                let n = if name.contains("trainer") { workers } else { 1 };
+                let k = reads.entry(name.clone()).or_default();
+                *k += 1;
+                if *k < f.complete_on_read {
+                    return (200, job_json(&name, n, 0, 0, n, None).to_string());
+                }
+                let mut j = job_json(&name, n, n, 0, 0, Some(("Complete", "CompletionsReached")));
+                if name.contains("trainer") {
+                    j["spec"]["completionMode"] = json!("Indexed");
+                    j["status"]["completedIndexes"] = json!(format!("0-{}", n - 1));
+                    if let Some(s) = &f.trainer_status {
+                        j["status"] = s.clone();
+                    }
+                }
+                (200, j.to_string())
+            }
+            ("GET", "/api/v1/namespaces/fedimdb/pods") => {
+                let job = r.uri.split("job-name%3D").nth(1).unwrap().to_string();
+                let n = if job.contains("trainer") { workers } else { 1 };
+                let pods: Vec<(String, &str)> = (0..n)
+                    .map(|i| (format!("{job}-{i}-x"), "Succeeded"))
+                    .collect();
+                let pods: Vec<(&str, &str)> = pods.iter().map(|(a, b)| (a.as_str(), *b)).collect();
+                (200, pod_list(&pods))
+            }
+            ("GET", p) if p.ends_with("/log") => (200, f.log.clone()),
+            (m, _) => panic!("unexpected {m} {}", r.uri),
+        }
+    })
+}
+
+fn methods_on(seen: &[Seen], path: &str) -> Vec<String> {
+    seen.iter()
+        .filter(|s| s.uri.split('?').next().unwrap() == path)
+        .map(|s| s.method.clone())
+        .collect()
+}
+
+/// No lock held: the Lease is created before the first Job and deleted after the last.
+#[tokio::test]
+async fn a_free_lock_is_taken_and_released() {
+    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let (client, seen) = mock(fake(Fake::default(), 2));
+    let orch = orchestrator(client, 10_000);
+    orch.run_locked(&steps, lock_config(60_000), std::future::pending())
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen[0].method, "POST");
+    assert!(seen[0].uri.starts_with(LEASES), "{}", seen[0].uri);
+    let sent: Value = serde_json::from_str(&seen[0].body).unwrap();
+    assert_eq!(sent["spec"]["holderIdentity"], ME);
+    assert_eq!(sent["spec"]["leaseDurationSeconds"], 60);
+    assert!(sent["spec"]["renewTime"].is_string());
+    assert_eq!(sent["metadata"]["labels"]["fedimdb/run"], "t1");
+    assert_eq!(
+        sent["metadata"]["annotations"]["fedimdb/claim"],
+        "fedimdb-data"
+    );
+    let last = seen.last().unwrap();
+    assert_eq!(
+        (last.method.as_str(), last.uri.split('?').next().unwrap()),
+        ("DELETE", LEASE)
+    );
+    let dp: Value = serde_json::from_str(&last.body).unwrap();
+    assert_eq!(
+        dp["preconditions"]["resourceVersion"], "101",
+        "deletes only our version"
+    );
+    let applied = seen.iter().filter(|s| s.method == "PATCH").count();
+    assert_eq!(applied, steps.len());
+    let lines = orch.lines.lock().unwrap().join("\n");
+    assert!(
+        lines.contains("locked the volume of claim fedimdb-data"),
+        "{lines}"
+    );
+    assert!(
+        lines.contains("released the lock fedimdb/fedimdb-pipeline-fedimdb-data"),
+        "{lines}"
+    );
+}
+
+/// A lock renewed 5 s ago by another driver: a clear error, and nothing is applied.
+#[tokio::test]
+async fn a_fresh_lock_of_another_driver_stops_the_run() {
+    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let f = Fake {
+        lease: Some(lease_json("laptop pid 4242 run 1700000000", 5, "7", 0)),
+        ..Default::default()
+    };
+    let (client, seen) = mock(fake(f, 2));
+    let orch = orchestrator(client, 10_000);
+    let err = format!(
+        "{:#}",
+        orch.run_locked(&steps, lock_config(60_000), std::future::pending())
+            .await
+            .unwrap_err()
+    );
+    assert!(err.contains("locked by another pipeline"), "{err}");
+    assert!(err.contains("\"laptop pid 4242 run 1700000000\""), "{err}");
+    assert!(
+        err.contains("s ago") && err.contains("last renewed 20"),
+        "{err}"
+    );
+    assert!(
+        err.contains("kubectl -n fedimdb delete lease fedimdb-pipeline-fedimdb-data"),
+        "{err}"
+    );
+    let seen = seen.lock().unwrap().clone();
+    let methods: Vec<_> = seen.iter().map(|s| s.method.as_str()).collect();
+    assert_eq!(
+        methods,
+        ["POST", "GET"],
+        "no Job applied, the lock left alone"
+    );
+}
+
+/// A lock not renewed for 10 minutes: its holder died. The run takes it over (conditioned
+/// on the resourceVersion it read), says it found an interrupted run, and proceeds.
+#[tokio::test]
+async fn a_stale_lock_is_taken_over_and_the_run_resumes() {
+    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let mut orphan = job_json("fedimdb-99-trainer-r1", 2, 1, 0, 1, None);
+    orphan["metadata"]["labels"] = json!({ "fedimdb/run": "99" });
+    orphan["spec"]["template"]["spec"]["volumes"] =
+        json!([{ "name": "data", "persistentVolumeClaim": { "claimName": "fedimdb-data" } }]);
+    let mut finished = orphan.clone();
+    finished["metadata"]["name"] = json!("fedimdb-99-aggregator-r0");
+    finished["status"]["conditions"] =
+        json!([{ "type": "Complete", "status": "True", "reason": "CompletionsReached" }]);
+    let mut elsewhere = orphan.clone();
+    elsewhere["metadata"]["name"] = json!("fedimdb-55-trainer-r0");
+    elsewhere["metadata"]["labels"] = json!({ "fedimdb/run": "55" });
+    elsewhere["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] =
+        json!("other-claim");
+    let f = Fake {
+        lease: Some(lease_json("fedimdb-driver-abc pid 1 run 99", 600, "7", 2)),
+        other_jobs: vec![orphan, finished, elsewhere],
+        ..Default::default()
+    };
+    let (client, seen) = mock(fake(f, 2));
+    let orch = orchestrator(client, 10_000);
+    orch.run_locked(&steps, lock_config(60_000), std::future::pending())
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let put = seen.iter().find(|s| s.method == "PUT").unwrap();
+    assert_eq!(put.uri.split('?').next().unwrap(), LEASE);
+    let sent: Value = serde_json::from_str(&put.body).unwrap();
+    assert_eq!(
+        sent["metadata"]["resourceVersion"], "7",
+        "conditioned on what was read"
+    );
+    assert_eq!(sent["spec"]["holderIdentity"], ME);
+    assert_eq!(sent["spec"]["leaseTransitions"], 3);
+    let first_patch = seen.iter().position(|s| s.method == "PATCH").unwrap();
+    let put_at = seen.iter().position(|s| s.method == "PUT").unwrap();
+    assert!(put_at < first_patch);
+    assert_eq!(
+        seen.iter().filter(|s| s.method == "PATCH").count(),
+        steps.len()
+    );
+    assert_eq!(methods_on(&seen, LEASE).last().unwrap(), "DELETE");
+    let lines = orch.lines.lock().unwrap().join("\n");
+    assert!(
+        lines.contains(
+            "found an interrupted run: lock fedimdb/fedimdb-pipeline-fedimdb-data held by \"fedimdb-driver-abc pid 1 run 99\", last renewed 20"
+        ),
+        "{lines}"
+    );
+    assert!(
+        lines.contains("(600 s ago)") && lines.contains("resuming"),
+        "{lines}"
+    );
+    assert!(
+        lines.contains(
+            "Jobs of run 99 are still active on claim fedimdb-data: fedimdb-99-trainer-r1;"
+        ),
+        "{lines}"
+    );
+    assert!(
+        !lines.contains("fedimdb-99-aggregator-r0"),
+        "finished: {lines}"
+    );
+    assert!(!lines.contains("run 55"), "another claim: {lines}");
+    assert!(lines.contains("released the lock"), "{lines}");
+}
+
+/// Two drivers resume at once: the one whose takeover gets 409 stops, naming the winner.
+#[tokio::test]
+async fn a_conflict_on_takeover_is_an_error() {
+    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let f = Fake {
+        lease: Some(lease_json("dead pid 1 run 98", 600, "7", 0)),
+        stolen_at_put: Some(1),
+        ..Default::default()
+    };
+    let (client, seen) = mock(fake(f, 2));
+    let orch = orchestrator(client, 10_000);
+    let err = format!(
+        "{:#}",
+        orch.run_locked(&steps, lock_config(60_000), std::future::pending())
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        err.contains("another pipeline is resuming the same volume"),
+        "{err}"
+    );
+    assert!(err.contains("\"thief pid 9 run 77\""), "{err}");
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.iter().any(|s| s.method == "PATCH"), "no Job applied");
+    assert!(
+        !seen.iter().any(|s| s.method == "DELETE"),
+        "the winner's lock is left alone"
+    );
+}
+
+/// The lock is renewed while the run goes on; when another holder takes it, the run stops
+/// and leaves the new holder's lock alone.
+#[tokio::test]
+async fn the_lock_is_renewed_and_a_lost_lock_stops_the_run() {
+    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let f = Fake {
+        complete_on_read: usize::MAX,
+        stolen_at_put: Some(3),
+        ..Default::default()
+    };
+    let (client, seen) = mock(fake(f, 2));
+    let orch = orchestrator(client, 10_000);
+    let err = format!(
+        "{:#}",
+        orch.run_locked(&steps, lock_config(5), std::future::pending())
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        err.contains("lost the lock fedimdb/fedimdb-pipeline-fedimdb-data: it is now held by \"thief pid 9 run 77\""),
+        "{err}"
+    );
+    assert!(err.contains("stopping without applying more Jobs"), "{err}");
+    let seen = seen.lock().unwrap().clone();
+    let puts: Vec<Value> = seen
+        .iter()
+        .filter(|s| s.method == "PUT")
+        .map(|s| serde_json::from_str(&s.body).unwrap())
+        .collect();
+    assert_eq!(puts.len(), 3);
+    assert_eq!(puts[0]["metadata"]["resourceVersion"], "101");
+    assert_eq!(
+        puts[1]["metadata"]["resourceVersion"], "102",
+        "each renewal builds on the last"
+    );
+    assert_ne!(puts[0]["spec"]["renewTime"], puts[1]["spec"]["renewTime"]);
+    let lines = orch.lines.lock().unwrap().join("\n");
+    assert!(
+        lines.contains("is now held by \"thief pid 9 run 77\"; left alone"),
+        "{lines}"
+    );
+}
+
+/// Ctrl-C (or SIGTERM) ends the run and releases the lock.
+#[tokio::test]
+async fn an_interrupt_releases_the_lock() {
+    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let f = Fake {
+        complete_on_read: usize::MAX,
+        ..Default::default()
+    };
+    let (client, seen) = mock(fake(f, 2));
+    let orch = orchestrator(client, 10_000);
+    let signal = async {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        "SIGINT".to_string()
+    };
+    let err = format!(
+        "{:#}",
+        orch.run_locked(&steps, lock_config(60_000), signal)
+            .await
+            .unwrap_err()
+    );
+    assert!(err.contains("interrupted by SIGINT"), "{err}");
+    assert!(
+        err.contains("kubectl -n fedimdb delete jobs -l fedimdb/run=t1"),
+        "{err}"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(methods_on(&seen, LEASE), ["DELETE"]);
+    assert_eq!(seen.last().unwrap().method, "DELETE");
+}
+
+/// Steps whose pods log "up to date" are reported as such.
+#[tokio::test]
+async fn steps_that_were_up_to_date_are_reported() {
+    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let f = Fake {
+        log: "INFO trainer: rounds/round-0/updates/shard-00001: up to date\n".into(),
+        ..Default::default()
+    };
+    let (client, seen) = mock(fake(f, 2));
+    let orch = orchestrator(client, 10_000);
+    orch.run_locked(&steps, lock_config(60_000), std::future::pending())
+        .await
+        .unwrap();
+    let lines = orch.lines.lock().unwrap().join("\n");
+    for k in ["trainers of round 0", "aggregator of round 1", "copier"] {
+        assert!(
+            lines.contains(&format!("  {k}: up to date, nothing recomputed")),
+            "{lines}"
+        );
+    }
+    let seen = seen.lock().unwrap();
+    let log = seen.iter().find(|s| s.uri.contains("/log")).unwrap();
+    assert!(log.uri.contains("container="), "{}", log.uri);
+    // Without --resume nothing is looked up for the trainers and aggregators.
+    drop(seen);
+    let p = Params {
+        from_round: Some(0),
+        ..params(2, 1, Overlay::Local)
+    };
+    let (client, seen) = mock(fake(Fake::default(), 2));
+    let orch = orchestrator(client, 10_000);
+    orch.run_locked(&jobs::plan(&p), lock_config(60_000), std::future::pending())
+        .await
+        .unwrap();
+    let logs = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.uri.contains("/log"))
+        .count();
+    assert_eq!(logs, 1, "only the copier's log is read");
+    let lines = orch.lines.lock().unwrap().join("\n");
+    assert!(lines.contains("  copier: computed"), "{lines}");
+}
+
+fn failed_trainers(completed: &str, failed: &str, succeeded: i32) -> Value {
+    json!({
+        "succeeded": succeeded, "failed": 3, "active": 0,
+        "completedIndexes": completed, "failedIndexes": failed,
+        "conditions": [{ "type": "Failed", "status": "True", "reason": "FailedIndexes",
+                         "message": "Job has failed indexes" }],
+    })
+}
+
+/// With --min-workers 3 of 4, trainers of which 3 succeeded are enough: a warning naming
+/// the failed index, then the aggregator runs.
+#[tokio::test]
+async fn a_partly_failed_round_with_a_quorum_goes_on() {
+    let p = Params {
+        min_workers: Some(3),
+        ..params(4, 1, Overlay::Local)
+    };
+    let steps = jobs::plan(&p);
+    let f = Fake {
+        trainer_status: Some(failed_trainers("0,2-3", "1", 3)),
+        ..Default::default()
+    };
+    let (client, seen) = mock(fake(f, 4));
+    let orch = orchestrator(client, 10_000);
+    orch.run_locked(&steps, lock_config(60_000), std::future::pending())
+        .await
+        .unwrap();
+    let lines = orch.lines.lock().unwrap().join("\n");
+    assert!(
+        lines.contains(
+            "warning: job fedimdb-t1-trainer-r0 failed (FailedIndexes) (failed indices 1), but 3 of 4 succeeded, at least --min-workers 3"
+        ),
+        "{lines}"
+    );
+    let applied: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.method == "PATCH")
+        .map(|s| job_name_of(&s.uri))
+        .collect();
+    assert_eq!(applied.len(), steps.len(), "{applied:?}");
+}
+
+/// Below the quorum the run stops after the trainers, saying how many succeeded.
+#[tokio::test]
+async fn a_round_below_the_quorum_fails() {
+    let p = Params {
+        min_workers: Some(3),
+        ..params(4, 1, Overlay::Local)
+    };
+    let steps = jobs::plan(&p);
+    let f = Fake {
+        trainer_status: Some(failed_trainers("0,2", "1,3", 2)),
+        ..Default::default()
+    };
+    let (client, seen) = mock(fake(f, 4));
+    let orch = orchestrator(client, 10_000);
+    let err = format!(
+        "{:#}",
+        orch.run_locked(&steps, lock_config(60_000), std::future::pending())
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        err.contains("job fedimdb-t1-trainer-r0 (trainers of round 0) failed: FailedIndexes"),
+        "{err}"
+    );
+    assert!(
+        err.contains("(failed indices 1,3); 2 of 4 succeeded, fewer than --min-workers 3"),
+        "{err}"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s.method == "PATCH" && s.uri.contains("aggregator")),
+        "no aggregator below the quorum"
+    );
+    assert_eq!(
+        methods_on(&seen, LEASE).last().unwrap(),
+        "DELETE",
+        "lock released on failure"
+    );
+    // Without --min-workers the same Job fails the run as before.
+    let steps = jobs::plan(&params(4, 1, Overlay::Local));
+    let f = Fake {
+        trainer_status: Some(failed_trainers("0,2-3", "1", 3)),
+        ..Default::default()
+    };
+    let (client, _seen) = mock(fake(f, 4));
+    let err = format!(
+        "{:#}",
+        orchestrator(client, 10_000)
+            .run_locked(&steps, lock_config(60_000), std::future::pending())
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        err.ends_with("failed: FailedIndexes: Job has failed indexes"),
         "{err}"
     );
 }
