@@ -275,6 +275,112 @@ fn dry_run_prints_jobs_that_validate() {
     }
 }
 
+/// `--from-round` and `--min-workers` change the Jobs' arguments and the trainers' failure
+/// budget, and the Jobs still validate.
+#[test]
+fn dry_run_with_from_round_and_min_workers() {
+    let o = Command::new(PIPELINE)
+        .args([
+            "k8s",
+            "--dry-run",
+            "--workers",
+            "3",
+            "--rounds",
+            "2",
+            "--run-id",
+            "ci",
+        ])
+        .args(["--from-round", "1", "--min-workers", "2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let yaml = String::from_utf8(o.stdout).unwrap();
+    let docs = docs(&yaml);
+    let args = |i: usize| -> Vec<String> {
+        docs[i]["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let resume = |i: usize| args(i).iter().any(|a| a == "--resume");
+    // copier, then (trainer, aggregator) of rounds 0, 1, 2.
+    assert!(!resume(0), "the copier is idempotent without it");
+    assert!(resume(1) && resume(2), "round 0 resumes");
+    for i in 3..7 {
+        assert!(
+            !resume(i),
+            "{:?}: rounds from 1 on recompute",
+            docs[i]["metadata"]["name"]
+        );
+    }
+    for i in [1, 3, 5] {
+        assert_eq!(docs[i]["spec"]["maxFailedIndexes"], 1);
+        assert_eq!(docs[i]["spec"]["backoffLimitPerIndex"], 2);
+    }
+    let agg = args(2);
+    let m = agg.iter().position(|a| a == "--min-workers").unwrap();
+    assert_eq!(agg[m + 1], "2");
+    if let Some(v) = need("kubernetes-validate") {
+        validate(
+            &v,
+            &yaml,
+            "pipeline k8s --dry-run --from-round --min-workers",
+        )
+        .unwrap();
+    }
+}
+
+/// The Role in manifests/ grants every verb the driver uses.
+#[test]
+fn the_pipeline_role_grants_what_the_driver_uses() {
+    let Some(kubectl) = kubectl_with_kustomize_5() else {
+        return;
+    };
+    let docs = docs(&kustomize(&kubectl, "local"));
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "fedimdb-pipeline")
+        .expect("a Role fedimdb-pipeline");
+    let granted = |group: &str, resource: &str, verb: &str| {
+        role["rules"].as_sequence().unwrap().iter().any(|r| {
+            let has = |k: &str, v: &str| {
+                r[k].as_sequence()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x.as_str() == Some(v))
+            };
+            has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+        })
+    };
+    for (group, resource, verbs) in [
+        ("batch", "jobs", &["get", "list", "create", "patch"][..]),
+        ("", "pods", &["get", "list"]),
+        ("", "pods/log", &["get"]),
+        (
+            "coordination.k8s.io",
+            "leases",
+            &["get", "create", "update", "delete"],
+        ),
+    ] {
+        for v in verbs {
+            assert!(granted(group, resource, v), "{v} {resource}.{group}");
+        }
+    }
+    let binding = docs
+        .iter()
+        .find(|d| d["kind"] == "RoleBinding" && d["metadata"]["name"] == "fedimdb-pipeline")
+        .unwrap();
+    assert_eq!(binding["roleRef"]["name"], "fedimdb-pipeline");
+    assert_eq!(binding["subjects"][0]["name"], "fedimdb-pipeline");
+    assert_eq!(binding["subjects"][0]["namespace"], "fedimdb");
+    assert!(
+        docs.iter()
+            .any(|d| d["kind"] == "ServiceAccount" && d["metadata"]["name"] == "fedimdb-pipeline")
+    );
+}
+
 fn pipeline_k8s(args: &[&str], kubeconfig: &Path) -> Output {
     Command::new(PIPELINE)
         .arg("k8s")
@@ -296,6 +402,19 @@ fn bad_flags_fail_clearly() {
         (&["--image-tag", "latest"], "pinned tag"),
         (&["--namespace", "Bad_NS"], "not a valid namespace"),
         (&["--run-id", "UPPER"], "--run-id"),
+        (
+            &["--rounds", "2", "--from-round", "3"],
+            "--from-round 3 is past the last round (2",
+        ),
+        (
+            &["--min-workers", "0"],
+            "--min-workers must be between 1 and --workers (5), not 0",
+        ),
+        (
+            &["--workers", "3", "--min-workers", "4"],
+            "--min-workers must be between 1 and --workers (3), not 4",
+        ),
+        (&["--claim", "Bad Claim"], "not a valid claim name"),
         (&["--overlay", "aks"], "invalid value 'aks' for '--overlay"),
         (&["--frobnicate", "3"], "unexpected argument '--frobnicate'"),
         (
