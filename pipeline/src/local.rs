@@ -5,15 +5,22 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
-use fedimdb::atomic::{read_json, write_json_atomic};
+use clap::ValueEnum;
+use fedimdb::atomic::{is_temp_name, read_json, write_json_atomic};
+use fedimdb::featurize::FeaturizerConfig;
+use fedimdb::manifest::DataManifest;
+use fedimdb::model::ModelConfig;
+use fedimdb::train::{TrainConfig, worker_seed};
+use fedimdb::verify::{UpdateWant, check_latest, check_round, check_update};
 use fedimdb::layout::Layout;
 use fedimdb::metrics::Metrics;
 use fedimdb::report::{RoundReport, UpdateReport};
 use serde::Serialize;
 use tracing::info;
 
-use crate::procs::{Step, command, run_all, run_one};
-use crate::{LocalArgs, PartitionArg};
+use crate::lock::{Previous, RootLock};
+use crate::procs::{Step, command, run_one, run_tolerating};
+use crate::{LocalArgs, PartitionArg, StrategyArg};
 
 /// The shared archive, looked up relative to the working folder.
 const SHARED_ARCHIVE: &str = "../shared/data/aclImdb-labeled.tar.gz";
@@ -25,6 +32,8 @@ struct RoundSummary {
     test_accuracy: f64,
     seconds: f64,
     test: Metrics,
+    /// False when the round's outputs on disk verified and were kept (a resumed run).
+    recomputed: bool,
 }
 
 /// The JSON report of a run (`--report FILE`).
@@ -46,6 +55,8 @@ struct RunReport {
     /// Round 0 is the statistics round (its model is untrained: zero weights).
     rounds: Vec<RoundSummary>,
     model: PathBuf,
+    /// True when the run continued a partial or interrupted one.
+    resumed: bool,
 }
 
 fn check(args: &LocalArgs) -> Result<()> {
@@ -56,6 +67,20 @@ fn check(args: &LocalArgs) -> Result<()> {
     ensure!(args.lr > 0.0 && args.lr.is_finite(), "--lr must be a positive number, got {}", args.lr);
     ensure!(args.alpha > 0.0 && args.alpha.is_finite(), "--alpha must be a positive number, got {}", args.alpha);
     ensure!(args.jobs != Some(0), "--jobs must be at least 1");
+    if let Some(m) = args.min_workers {
+        ensure!(
+            (1..=args.workers).contains(&m),
+            "--min-workers must be between 1 and --workers ({}), got {m}",
+            args.workers
+        );
+    }
+    if let Some(r) = args.from_round {
+        ensure!(r <= args.rounds, "--from-round {r} is beyond the last round ({})", args.rounds);
+    }
+    if let Some(t) = args.trim {
+        ensure!(args.strategy == StrategyArg::TrimmedMean, "--trim only applies to --strategy trimmed-mean");
+        ensure!((0.0..0.5).contains(&t), "--trim must be at least 0 and below 0.5, got {t}");
+    }
     Ok(())
 }
 
@@ -85,10 +110,18 @@ pub fn run(args: &LocalArgs) -> Result<()> {
     let t0 = Instant::now();
     let layout = Layout::new(&args.root);
     std::fs::create_dir_all(&args.root).with_context(|| format!("cannot create {}", args.root.display()))?;
+    let (_lock, previous) = RootLock::acquire(&args.root)?;
+    if let Previous::Interrupted(holder) = &previous {
+        let who = holder.as_ref().map_or_else(|| "a pipeline".to_owned(), |h| format!("the pipeline with {h}"));
+        println!("found an interrupted run: {who} did not finish (killed, or its machine stopped); resuming it");
+    }
+    sweep_temp_files(&args.root)?;
     let logs = args.root.join("logs");
     let source = resolve_source(args, &logs)?;
     let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
 
+    // The copier checks data already on disk against its manifest and rewrites it only if
+    // it is missing, damaged or was made with other arguments.
     let mut copier = command("copier")?;
     copier
         .arg("--source")
@@ -108,28 +141,92 @@ pub fn run(args: &LocalArgs) -> Result<()> {
     }
     run_one(Step { name: "copier".into(), command: copier, log: logs.join("copier.log") })?;
     let seconds_copier = t0.elapsed().as_secs_f64();
+    let manifest = DataManifest::read(&layout.data_manifest())?;
     println!("data: {} shards from {} ({seconds_copier:.1} s)", args.workers, source.display());
 
+    let config = ModelConfig {
+        featurizer: FeaturizerConfig { hash_bits: args.hash_bits, max_ngram: args.max_ngram },
+        ..ModelConfig::default()
+    };
+    let quorum = args.min_workers.unwrap_or(args.workers);
     let mut rounds = Vec::new();
+    let mut base_sha256: Option<String> = None;
+    let mut computed_any = false;
     for round in 0..=args.rounds {
         let r0 = Instant::now();
-        // A re-run recomputes the round from scratch: stale updates (say, of more workers)
-        // must not be mixed in.
-        let dir = layout.round_dir(round);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+        let forced = args.from_round.is_some_and(|f| round >= f);
+        remove_foreign_updates(&layout, round, args.workers)?;
+        // Each worker's update is kept if it verifies and was computed from exactly what
+        // this run would compute it from; the others are (re)computed.
+        let mut kept = Vec::new();
+        let mut steps = Vec::new();
+        for shard in 0..args.workers {
+            let want = UpdateWant {
+                data_sha256: manifest.shards[shard].sha256.clone(),
+                config: Some(config),
+                base_sha256: base_sha256.clone(),
+                train: (round > 0).then(|| TrainConfig {
+                    epochs: args.epochs,
+                    batch: args.batch,
+                    lr: args.lr,
+                    seed: worker_seed(args.seed, round, shard),
+                }),
+            };
+            match (forced, check_update(&layout, round, shard, &want)) {
+                (false, Ok(_)) => kept.push(shard),
+                (true, _) => steps.push(trainer_step(args, round, shard, &logs)?),
+                (false, Err(why)) => {
+                    if layout.update(round, shard).exists() {
+                        info!("round {round} shard {shard}: {why:#}");
+                    }
+                    steps.push(trainer_step(args, round, shard, &logs)?);
+                }
+            }
         }
-        let steps = (0..args.workers)
-            .map(|shard| trainer_step(args, round, shard, &logs))
-            .collect::<Result<Vec<_>>>()?;
-        run_all(steps, jobs)?;
+        if !kept.is_empty() && !steps.is_empty() {
+            println!("\nround {round}: kept the verified updates of shards {kept:?}, computing the other {}", steps.len());
+        }
+        let ran = steps.len();
+        let failed = run_tolerating(steps, jobs, (kept.len() + ran).saturating_sub(quorum).min(ran))?;
+        for f in &failed {
+            eprintln!("warning: going on with a quorum of {quorum} workers: {f}");
+        }
+        // The aggregator keeps a verified global model made from these very updates, unless
+        // this round is to be recomputed.
         let mut agg = command("aggregator")?;
         agg.arg("--root").arg(&args.root).arg("--round").arg(round.to_string());
+        agg.args(["--min-workers", &quorum.to_string()]);
+        agg.args(["--strategy", args.strategy.to_possible_value().expect("no skipped variants").get_name()]);
+        if let Some(trim) = args.trim {
+            agg.args(["--trim", &trim.to_string()]);
+        }
+        if !forced {
+            agg.arg("--resume");
+        }
+        let before = std::fs::read(layout.round_report(round)).ok();
         run_one(Step { name: format!("aggregator round {round}"), command: agg, log: logs.join(format!("round-{round:04}-aggregator.log")) })?;
+        let report = check_round(&layout, round, base_sha256.as_deref())
+            .with_context(|| format!("the aggregator of round {round} ended but its output does not verify"))?;
+        let recomputed = ran > 0 || before.as_deref() != std::fs::read(layout.round_report(round)).ok().as_deref();
+        computed_any |= recomputed;
+        base_sha256 = Some(report.model_sha256.clone());
         let seconds = r0.elapsed().as_secs_f64();
-        let report: RoundReport = read_json(&layout.round_report(round))?;
-        print_round(&layout, round, args.workers, &report, seconds)?;
-        rounds.push(RoundSummary { round, test_accuracy: report.test.accuracy, seconds, test: report.test });
+        print_round(&layout, round, args.workers, &report, seconds, recomputed)?;
+        rounds.push(RoundSummary { round, test_accuracy: report.test.accuracy, seconds, test: report.test, recomputed });
+    }
+
+    // The published model must be this run's last global model (a longer earlier run in
+    // the same root may have published a later round).
+    let last = base_sha256.expect("at least one round");
+    if check_latest(&layout).map(|c| c.sha256).ok().as_deref() != Some(last.as_str()) {
+        let mut agg = command("aggregator")?;
+        agg.arg("--root").arg(&args.root).arg("--round").arg(args.rounds.to_string());
+        agg.args(["--min-workers", &quorum.to_string()]);
+        agg.args(["--strategy", args.strategy.to_possible_value().expect("no skipped variants").get_name()]);
+        if let Some(trim) = args.trim {
+            agg.args(["--trim", &trim.to_string()]);
+        }
+        run_one(Step { name: "publish".into(), command: agg, log: logs.join("publish.log") })?;
     }
 
     let last = rounds.last().expect("at least one round");
@@ -147,6 +244,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
         seconds_total: t0.elapsed().as_secs_f64(),
         seconds_copier,
         model: layout.latest_model(),
+        resumed: previous != Previous::Clean || !computed_any || rounds.iter().any(|r| !r.recomputed),
         rounds,
     };
     println!(
@@ -158,6 +256,53 @@ pub fn run(args: &LocalArgs) -> Result<()> {
     );
     if let Some(path) = &args.report {
         write_json_atomic(path, &report)?;
+    }
+    Ok(())
+}
+
+/// Removes temporary files (`.NAME.tmp-*`) under the root: they are what writers killed
+/// mid-write left, and no writer is at work while this pipeline holds the lock.
+fn sweep_temp_files(root: &Path) -> Result<()> {
+    fn walk(dir: &Path, removed: &mut Vec<PathBuf>) -> Result<()> {
+        let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+        for entry in entries {
+            let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type()?.is_dir() {
+                if name != "logs" && name != "download" {
+                    walk(&path, removed)?;
+                }
+            } else if is_temp_name(&name) {
+                std::fs::remove_file(&path).with_context(|| format!("cannot remove the stale temporary file {}", path.display()))?;
+                removed.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut removed = Vec::new();
+    walk(root, &mut removed)?;
+    for p in &removed {
+        info!("removed {}, left by a writer that was killed mid-write", p.display());
+    }
+    if !removed.is_empty() {
+        println!("removed {} half-written temporary file(s) left by killed writers", removed.len());
+    }
+    Ok(())
+}
+
+/// Removes updates of shards the data no longer has (it was re-sharded into fewer shards
+/// with --force): they were computed from data that is gone, and the aggregator refuses them.
+fn remove_foreign_updates(layout: &Layout, round: u32, workers: usize) -> Result<()> {
+    let dir = layout.updates_dir(round);
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if Layout::parse_shard_name(&name).is_some_and(|s| s >= workers) {
+            std::fs::remove_file(entry.path()).with_context(|| format!("cannot remove {}", entry.path().display()))?;
+            println!("removed {}: the data now has {workers} shards", entry.path().display());
+        }
     }
     Ok(())
 }
@@ -178,11 +323,16 @@ fn trainer_step(args: &LocalArgs, round: u32, shard: usize, logs: &Path) -> Resu
     })
 }
 
-fn print_round(layout: &Layout, round: u32, workers: usize, report: &RoundReport, seconds: f64) -> Result<()> {
+fn print_round(layout: &Layout, round: u32, workers: usize, report: &RoundReport, seconds: f64, recomputed: bool) -> Result<()> {
     let what = if round == 0 { "statistics (untrained model)" } else { "training" };
-    println!("\nround {round}: {what}, {seconds:.1} s");
+    let how = if recomputed { format!("{seconds:.1} s") } else { "verified on disk, kept".to_owned() };
+    println!("\nround {round}: {what}, {how}");
     println!("  {:>5}  {:>7}  {:>8}  {:>9}  {:>7}", "shard", "reviews", "loss", "local acc", "seconds");
     for shard in 0..workers {
+        if !report.shards.contains(&shard) {
+            println!("  {shard:>5}  {:>7}  (no update: left out under the quorum)", "-");
+            continue;
+        }
         let u: UpdateReport = read_json(&layout.update_report(round, shard))?;
         match u.epochs.last() {
             Some(e) => println!("  {shard:>5}  {:>7}  {:>8.4}  {:>9.4}  {:>7.2}", u.samples, e.loss, e.accuracy, u.seconds),
@@ -191,8 +341,8 @@ fn print_round(layout: &Layout, round: u32, workers: usize, report: &RoundReport
     }
     let t = &report.test;
     println!(
-        "  global model: test accuracy {:.4}  F1 {:.4}  ROC-AUC {:.4}  log loss {:.4}",
-        t.accuracy, t.f1, t.roc_auc, t.log_loss
+        "  global model ({}): test accuracy {:.4}  F1 {:.4}  ROC-AUC {:.4}  log loss {:.4}",
+        report.strategy, t.accuracy, t.f1, t.roc_auc, t.log_loss
     );
     if t.accuracy.is_nan() {
         bail!("round {round} produced no test accuracy");

@@ -3,6 +3,7 @@
 
 mod k8s;
 mod local;
+mod lock;
 mod procs;
 
 use std::path::PathBuf;
@@ -30,6 +31,17 @@ enum Command {
 pub enum PartitionArg {
     Iid,
     Dirichlet,
+}
+
+/// The aggregator's `--strategy` (see `aggregator --help`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StrategyArg {
+    /// Sample-weighted mean (FedAvg).
+    Fedavg,
+    /// Coordinate-wise median.
+    Median,
+    /// Coordinate-wise trimmed mean (--trim).
+    TrimmedMean,
 }
 
 /// Flags of `pipeline local`.
@@ -81,6 +93,20 @@ pub struct LocalArgs {
     /// Replace existing data under ROOT if it was sharded with other arguments.
     #[arg(long)]
     pub force: bool,
+    /// Recompute from this round on, even where outputs on disk verify (0: everything after
+    /// the data). Without it, a re-run keeps every verified step and continues from the
+    /// first missing or invalid one.
+    #[arg(long, value_name = "R")]
+    pub from_round: Option<u32>,
+    /// Quorum: a round goes on when at least M trainers succeeded (default: all).
+    #[arg(long, value_name = "M")]
+    pub min_workers: Option<usize>,
+    /// How the aggregator combines updates.
+    #[arg(long, value_enum, default_value = "fedavg")]
+    pub strategy: StrategyArg,
+    /// With --strategy trimmed-mean: fraction cut from each end (aggregator default 0.2).
+    #[arg(long, value_name = "F")]
+    pub trim: Option<f64>,
 }
 
 fn main() -> std::process::ExitCode {

@@ -68,11 +68,19 @@ fn spawn(mut step: Step) -> Result<Running> {
 /// Runs the steps with at most `jobs` at once. On the first failure the others are
 /// stopped and the error shows the failed step's last log lines.
 pub fn run_all(steps: Vec<Step>, jobs: usize) -> Result<()> {
+    run_tolerating(steps, jobs, 0).map(|_| ())
+}
+
+/// [`run_all`], going on through up to `tolerate` failed steps (a quorum of trainers is
+/// enough). Returns the failures it tolerated, each with its step's last log lines; one
+/// more failure stops the others and is the error.
+pub fn run_tolerating(steps: Vec<Step>, jobs: usize, tolerate: usize) -> Result<Vec<String>> {
     let mut pending = steps.into_iter();
     let mut running: Vec<Running> = Vec::new();
-    let mut failure: Option<String> = None;
+    let mut failures: Vec<String> = Vec::new();
+    let too_many = |f: &Vec<String>| f.len() > tolerate;
     loop {
-        while failure.is_none() && running.len() < jobs.max(1) {
+        while !too_many(&failures) && running.len() < jobs.max(1) {
             match pending.next() {
                 Some(step) => running.push(spawn(step)?),
                 None => break,
@@ -87,15 +95,17 @@ pub fn run_all(steps: Vec<Step>, jobs: usize) -> Result<()> {
             match running[i].child.try_wait()? {
                 Some(status) => {
                     let r = running.swap_remove(i);
-                    if !status.success() && failure.is_none() {
-                        failure = Some(format!(
+                    if !status.success() && !too_many(&failures) {
+                        failures.push(format!(
                             "{} failed ({status}); last lines of {}:\n{}",
                             r.name,
                             r.log.display(),
                             tail(&r.log, 12)
                         ));
-                        for other in &mut running {
-                            let _ = other.child.kill();
+                        if too_many(&failures) {
+                            for other in &mut running {
+                                let _ = other.child.kill();
+                            }
                         }
                     }
                 }
@@ -106,10 +116,10 @@ pub fn run_all(steps: Vec<Step>, jobs: usize) -> Result<()> {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    match failure {
-        Some(f) => bail!(f),
-        None => Ok(()),
+    if too_many(&failures) {
+        bail!(failures.pop().expect("one failure too many"));
     }
+    Ok(failures)
 }
 
 /// Runs one step to completion.
