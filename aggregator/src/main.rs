@@ -43,7 +43,7 @@ pub struct Args {
     pub strategy: StrategyName,
     /// With --strategy trimmed-mean: the fraction of values cut from each end of every
     /// coordinate, at least 0 and below 0.5 [default: 0.2].
-    #[arg(long, value_name = "F", value_parser = strategy::parse_trim)]
+    #[arg(long, value_name = "F", value_parser = strategy::parse_trim, allow_negative_numbers = true)]
     pub trim: Option<f64>,
     /// Quorum: aggregate when at least M of the shards' updates are present, naming the
     /// missing ones (default: the number of shards in the data manifest, i.e. all).
