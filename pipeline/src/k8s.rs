@@ -188,25 +188,27 @@ pub fn run(args: &K8sArgs) -> Result<()> {
     })
 }
 
-/// Resolves with the signal's name on SIGINT (Ctrl-C) or SIGTERM (the pod running the
-/// driver is deleted), so that the run can release its lock before exiting.
-async fn shutdown_signal() -> String {
+/// Listens for SIGINT (Ctrl-C) and SIGTERM (the pod running the driver is deleted) from
+/// now on (so that a signal while the lock is being taken is not lost); the future resolves
+/// with the signal's name, and the run then releases its lock before exiting.
+fn shutdown_signal() -> impl std::future::Future<Output = String> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = int.recv() => "SIGINT".to_string(),
-            _ = term.recv() => "SIGTERM".to_string(),
+        let int = signal(SignalKind::interrupt());
+        let term = signal(SignalKind::terminate());
+        async move {
+            match (int, term) {
+                (Ok(mut int), Ok(mut term)) => tokio::select! {
+                    _ = int.recv() => "SIGINT".to_string(),
+                    _ = term.recv() => "SIGTERM".to_string(),
+                },
+                _ => std::future::pending().await,
+            }
         }
     }
     #[cfg(not(unix))]
-    {
+    async {
         let _ = tokio::signal::ctrl_c().await;
         "Ctrl-C".to_string()
     }

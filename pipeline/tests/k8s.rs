@@ -494,3 +494,245 @@ fn dockerfiles_pass_hadolint() {
         );
     }
 }
+
+/// The arguments of every Job parse in the real binaries (built next to `pipeline` by
+/// `make test`): each fails for want of data on an empty volume, never with a usage error
+/// (exit status 2, which the Jobs' podFailurePolicy turns into an immediate failure).
+#[test]
+fn the_jobs_arguments_parse_in_the_binaries() {
+    let bin_dir = Path::new(PIPELINE).parent().unwrap();
+    let missing: Vec<_> = ["copier", "trainer", "aggregator"]
+        .into_iter()
+        .filter(|b| !bin_dir.join(b).is_file())
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "SKIPPED: {missing:?} not built in {} (make test builds them)",
+            bin_dir.display()
+        );
+        return;
+    }
+    let o = Command::new(PIPELINE)
+        .args([
+            "k8s",
+            "--dry-run",
+            "--workers",
+            "2",
+            "--rounds",
+            "1",
+            "--run-id",
+            "ci",
+        ])
+        .args(["--from-round", "1", "--min-workers", "1", "--force"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let volume = tempfile::tempdir().unwrap();
+    let root = volume.path().to_str().unwrap();
+    for d in docs(&String::from_utf8(o.stdout).unwrap()) {
+        let pod = &d["spec"]["template"]["spec"];
+        let containers = pod["initContainers"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .chain(pod["containers"].as_sequence().unwrap());
+        for c in containers {
+            let image = c["image"].as_str().unwrap();
+            let binary = image.rsplit('/').next().unwrap().split(':').next().unwrap();
+            let args: Vec<String> = c["args"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().replace("/data", root))
+                .collect();
+            if args.first().map(String::as_str) == Some("download") {
+                continue; // would download the archive
+            }
+            let o = Command::new(bin_dir.join(binary))
+                .args(&args)
+                .env("JOB_COMPLETION_INDEX", "0")
+                .output()
+                .unwrap();
+            let name = d["metadata"]["name"].as_str().unwrap();
+            assert_ne!(
+                o.status.code(),
+                Some(2),
+                "{name}: {binary} {args:?} is a usage error:\n{}",
+                text(&o)
+            );
+            assert!(!o.status.success(), "{name}: succeeded on an empty volume");
+        }
+    }
+}
+
+/// A minimal Kubernetes API server over plain HTTP, enough for `pipeline k8s` to take its
+/// lock and apply a first Job that never finishes. Records `METHOD path` of each request.
+fn fake_api_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::{Arc, Mutex};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut out = conn;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut parts = line.split_whitespace();
+                    let method = parts.next().unwrap_or_default().to_string();
+                    let path = parts
+                        .next()
+                        .unwrap_or_default()
+                        .split('?')
+                        .next()
+                        .unwrap()
+                        .to_string();
+                    let mut length = 0;
+                    loop {
+                        let mut h = String::new();
+                        reader.read_line(&mut h).unwrap();
+                        if h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = h.split_once(':')
+                            && k.eq_ignore_ascii_case("content-length")
+                        {
+                            length = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    log.lock().unwrap().push(format!("{method} {path}"));
+                    let job = |name: &str| {
+                        serde_json::json!({ "apiVersion": "batch/v1", "kind": "Job",
+                            "metadata": { "name": name, "namespace": "fedimdb" },
+                            "status": { "active": 1 } })
+                    };
+                    let (code, reply) = match (method.as_str(), path.as_str()) {
+                        ("GET", "/version") => (
+                            200,
+                            serde_json::json!({ "major": "1", "minor": "33", "gitVersion": "v1.33.0",
+                                "gitCommit": "x", "gitTreeState": "clean", "buildDate": "2025-01-01T00:00:00Z",
+                                "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64" }),
+                        ),
+                        ("POST", p) if p.ends_with("/leases") => {
+                            let mut l: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                            l["metadata"]["resourceVersion"] = "1".into();
+                            (201, l)
+                        }
+                        ("DELETE", p) if p.contains("/leases/") => (
+                            200,
+                            serde_json::json!({ "kind": "Status", "apiVersion": "v1",
+                                                "metadata": {}, "status": "Success" }),
+                        ),
+                        ("GET", "/apis/batch/v1/namespaces/fedimdb/jobs") => (
+                            200,
+                            serde_json::json!({ "apiVersion": "batch/v1", "kind": "JobList",
+                                                "metadata": {}, "items": [] }),
+                        ),
+                        ("PATCH" | "GET", p) if p.contains("/jobs/") => {
+                            (200, job(p.rsplit('/').next().unwrap()))
+                        }
+                        _ => (
+                            404,
+                            serde_json::json!({ "kind": "Status", "apiVersion": "v1", "metadata": {},
+                                "status": "Failure", "reason": "NotFound", "code": 404, "message": "not here" }),
+                        ),
+                    };
+                    let reply = reply.to_string();
+                    let head = format!(
+                        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        reply.len()
+                    );
+                    if out.write_all(head.as_bytes()).is_err()
+                        || out.write_all(reply.as_bytes()).is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+/// Ctrl-C (SIGINT) of a running `pipeline k8s` releases its lock before it exits.
+#[cfg(unix)]
+#[test]
+fn sigint_releases_the_lock() {
+    let (url, seen) = fake_api_server();
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {url}\n\
+             contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n\
+             users:\n- name: u\n  user: {{}}\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(PIPELINE)
+        .args([
+            "k8s",
+            "--workers",
+            "2",
+            "--rounds",
+            "1",
+            "--run-id",
+            "sig",
+            "--poll",
+            "0.05",
+        ])
+        .env("KUBECONFIG", &kc)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|r| r.starts_with("GET ") && r.contains("/jobs/fedimdb-sig-copier"))
+    {
+        if t0.elapsed().as_secs() > 30 {
+            let _ = child.kill();
+            panic!(
+                "the run never waited for its first Job: {:?}\n{}",
+                seen.lock().unwrap(),
+                text(&child.wait_with_output().unwrap())
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains("interrupted by SIGINT"), "{t}");
+    assert!(
+        t.contains("released the lock fedimdb/fedimdb-pipeline-fedimdb-data"),
+        "{t}"
+    );
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen.last().unwrap(),
+        "DELETE /apis/coordination.k8s.io/v1/namespaces/fedimdb/leases/fedimdb-pipeline-fedimdb-data",
+        "{seen:?}"
+    );
+}

@@ -17,6 +17,10 @@ use kube::api::{Api, ListParams, LogParams, Patch, PatchParams};
 use super::jobs::{MANAGER, Step};
 use super::lock::{Lock, LockConfig};
 
+/// How long releasing the lock may take before the run ends without (an unreachable API
+/// server must not hold up the exit; the lock then expires by itself).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// How a finished Job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -178,7 +182,16 @@ impl Orchestrator {
                  `pipeline k8s` again to resume"
             )),
         };
-        lock.release(&say).await;
+        if tokio::time::timeout(RELEASE_TIMEOUT, lock.release(&say))
+            .await
+            .is_err()
+        {
+            self.say(format!(
+                "could not release the lock within {} s; it expires by itself {} s after its last renewal",
+                RELEASE_TIMEOUT.as_secs(),
+                super::lock::DURATION_S
+            ));
+        }
         result
     }
 

@@ -465,16 +465,15 @@ pub fn trainer_job(p: &Params, round: u32) -> Job {
     job(p, StepKind::Trainer(round), "trainer", pod, spec)
 }
 
-/// The aggregator of one round: averages the `workers` updates into the round's model
-/// (with `--min-workers M`, those present when at least M arrived).
+/// The aggregator of one round: averages the updates of all shards of the data manifest
+/// (`workers`) into the round's model, or with `--min-workers M` those present when at
+/// least M arrived.
 pub fn aggregator_job(p: &Params, round: u32) -> Job {
     let mut args = vec![
         "--root".into(),
         ROOT.into(),
         "--round".into(),
         round.to_string(),
-        "--expect".into(),
-        p.workers.to_string(),
     ];
     if let Some(m) = p.min_workers {
         args.extend(["--min-workers".into(), m.to_string()]);
