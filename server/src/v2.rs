@@ -168,24 +168,28 @@ pub struct InferBody {
 impl FromRequest<Arc<AppState>> for InferBody {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        let Some(len) = req.headers().get(HEADER_LENGTH) else {
+        let Some(len) = req.headers().get(HEADER_LENGTH).cloned() else {
             let V2JsonBody(request) = V2JsonBody::from_request(req, state).await?;
             return Ok(Self { request, binary: Default::default() });
         };
-        let len: usize = len
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| ApiError::bad_request(format!("{HEADER_LENGTH} must be a byte count")))?;
         let bytes = read_body(req, state).await?;
-        if len > bytes.len() {
-            return Err(ApiError::bad_request(format!(
-                "{HEADER_LENGTH} is {len} but the body has only {} bytes",
-                bytes.len()
-            )));
-        }
-        Ok(Self { request: parse_json(&bytes[..len])?, binary: bytes.slice(len..) })
+        split_infer_body(&len, bytes)
     }
+}
+
+/// Splits a binary-extension body, read whole, into its JSON request and the raw data after
+/// it, at the `Inference-Header-Content-Length` header's value `len`. A plain function, so
+/// tests and the fuzzer reach it without a server.
+pub fn split_infer_body(len: &HeaderValue, bytes: axum::body::Bytes) -> Result<InferBody, ApiError> {
+    let len: usize = len
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| ApiError::bad_request(format!("{HEADER_LENGTH} must be a byte count")))?;
+    if len > bytes.len() {
+        return Err(ApiError::bad_request(format!("{HEADER_LENGTH} is {len} but the body has only {} bytes", bytes.len())));
+    }
+    Ok(InferBody { request: parse_json(&bytes[..len])?, binary: bytes.slice(len..) })
 }
 
 /// Decodes the binary form of a BYTES tensor: each element a 4-byte little-endian length,
