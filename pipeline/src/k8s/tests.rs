@@ -1153,11 +1153,16 @@ async fn steps_that_were_up_to_date_are_reported() {
             "{lines}"
         );
     }
-    let seen = seen.lock().unwrap();
-    let log = seen.iter().find(|s| s.uri.contains("/log")).unwrap();
-    assert!(log.uri.contains("container="), "{}", log.uri);
+    let log = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|s| s.uri.contains("/log"))
+        .unwrap()
+        .uri
+        .clone();
+    assert!(log.contains("container="), "{log}");
     // Without --resume nothing is looked up for the trainers and aggregators.
-    drop(seen);
     let p = Params {
         from_round: Some(0),
         ..params(2, 1, Overlay::Local)
