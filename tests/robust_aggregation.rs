@@ -58,7 +58,7 @@ impl std::fmt::Display for Poison {
 const POISONS: [Poison; 4] = [Poison::Clean, Poison::Scale(100.0), Poison::Scale(-100.0), Poison::Random(100.0)];
 const STRATEGIES: [&[&str]; 3] = [&["--strategy", "fedavg"], &["--strategy", "median"], &["--strategy", "trimmed-mean", "--trim", "0.2"]];
 
-/// A volume whose round [`ROUND`] has every worker's clean update and nothing aggregated.
+/// A volume on which the binaries run.
 struct Volume {
     root: PathBuf,
     layout: Layout,
@@ -66,17 +66,28 @@ struct Volume {
 }
 
 impl Volume {
-    fn prepare(archive: &Path, root: &Path, hash_bits: u32) -> Self {
+    /// Runs the copier, then rounds 0..=`last`: the trainers of each, and the aggregator
+    /// (FedAvg) of each but the last training round (round 0's always runs).
+    fn prepare(archive: &Path, root: &Path, hash_bits: u32, last: u32) -> Self {
         let (out, log) = run(bin("copier").args(["--workers", &WORKERS.to_string(), "--source"]).arg(archive).arg("--out").arg(root));
         assert!(out.status.success(), "copier failed:\n{log}");
         let v = Volume { root: root.to_path_buf(), layout: Layout::new(root), hash_bits: hash_bits.to_string() };
-        for round in 0..=ROUND {
+        for round in 0..=last {
             v.train(round);
-            if round < ROUND {
+            if round < last || last == 0 {
                 v.aggregate(round, &[]);
             }
         }
         v
+    }
+
+    /// A new volume at `root` with `self`'s data and round 0 (the statistics), to train
+    /// rounds 1… again in another way.
+    fn fork(&self, root: &Path) -> Volume {
+        let layout = Layout::new(root);
+        copy_dir(&self.layout.data_dir(), &layout.data_dir());
+        copy_dir(&self.layout.round_dir(0), &layout.round_dir(0));
+        Volume { root: root.to_path_buf(), layout, hash_bits: self.hash_bits.clone() }
     }
 
     /// Runs the round's trainers as parallel processes.
@@ -113,9 +124,9 @@ impl Volume {
         (accuracy, report, std::fs::read(self.layout.global_model(round)).unwrap())
     }
 
-    /// Replaces worker `shard`'s update of [`ROUND`] with a poisoned but valid one, and its
+    /// Replaces worker `shard`'s update of `round` with a poisoned but valid one, and its
     /// report's checksum with the new file's. `honest` is the worker's own update.
-    fn poison(&self, shard: usize, honest: &Checkpoint, poison: Poison) {
+    fn poison(&self, round: u32, shard: usize, honest: &Checkpoint, poison: Poison) {
         let mut ck = honest.clone();
         match poison {
             Poison::Clean => {}
@@ -127,11 +138,23 @@ impl Volume {
                 ck.tensors.values_mut().flatten().for_each(|x| *x = (m * rms * rng.next()) as f32);
             }
         }
-        let sha = ck.save(&self.layout.update(ROUND, shard)).unwrap();
-        let sidecar = self.layout.update_report(ROUND, shard);
+        let sha = ck.save(&self.layout.update(round, shard)).unwrap();
+        let sidecar = self.layout.update_report(round, shard);
         let mut report: Value = serde_json::from_slice(&std::fs::read(&sidecar).unwrap()).unwrap();
         report["sha256"] = sha.into();
         std::fs::write(&sidecar, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
     }
 }
 
@@ -189,7 +212,7 @@ fn measure(v: &Volume) -> Table {
     let honest = Checkpoint::load_kind(&update, Kind::Update).unwrap();
     let mut table = Table { accuracy: Vec::new(), log_loss: Vec::new() };
     for poison in POISONS {
-        v.poison(POISONED, &honest, poison);
+        v.poison(ROUND, POISONED, &honest, poison);
         let poisoned = Checkpoint::load_kind(&update, Kind::Update).unwrap();
         assert_eq!(poisoned.header, honest.header, "the poisoned update keeps the honest header");
         let (mut acc, mut loss) = ([0.0; 3], [0.0; 3]);
@@ -223,7 +246,7 @@ fn one_poisoned_update_wrecks_fedavg_but_not_median_or_trimmed_mean() {
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("subset.tar.gz");
     write_archive(&archive, &entries);
-    let v = Volume::prepare(&archive, &dir.path().join("vol"), 18);
+    let v = Volume::prepare(&archive, &dir.path().join("vol"), 18, ROUND);
     let t = measure(&v);
     t.print();
 
@@ -258,9 +281,42 @@ fn full_data_figures() {
     let dir = tempfile::tempdir().unwrap();
     let root = keep.unwrap_or_else(|| dir.path().join("vol"));
     let start = std::time::Instant::now();
-    let v = Volume::prepare(&archive, &root, 22);
+    let v = Volume::prepare(&archive, &root, 22, ROUND);
     eprintln!("prepared in {:.1} s", start.elapsed().as_secs_f64());
     let t = measure(&v);
     t.print();
+    eprintln!("total {:.1} s", start.elapsed().as_secs_f64());
+}
+
+/// A second table of docs/BENCHMARKS.md: each strategy used in every round of a 5-round run
+/// on the whole archive, with every worker honest, and with worker [`POISONED`] sending its
+/// update ×−100 in every round. Run with
+/// `cargo test --release -p system-tests --test robust_aggregation full_data_every_round -- --ignored --nocapture`.
+#[test]
+#[ignore = "full data: about three minutes; prints a table of docs/BENCHMARKS.md"]
+fn full_data_every_round() {
+    let archive = shared_archive().expect("the shared archive");
+    let dir = tempfile::tempdir().unwrap();
+    let start = std::time::Instant::now();
+    let base = Volume::prepare(&archive, &dir.path().join("base"), 22, 0);
+    eprintln!("| strategy, every round | update of worker {POISONED} | round 1 | 2 | 3 | 4 | 5 |");
+    eprintln!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (s, args) in STRATEGIES.iter().enumerate() {
+        for poison in [Poison::Clean, Poison::Scale(-100.0)] {
+            let v = base.fork(&dir.path().join(format!("run-{s}-{poison:?}")));
+            let mut cells = Vec::new();
+            for round in 1..=5 {
+                v.train(round);
+                if poison != Poison::Clean {
+                    let honest = Checkpoint::load_kind(&v.layout.update(round, POISONED), Kind::Update).unwrap();
+                    v.poison(round, POISONED, &honest, poison);
+                }
+                let (accuracy, _, _) = v.aggregate(round, args);
+                cells.push(format!("{:.2}", 100.0 * accuracy));
+            }
+            eprintln!("| {} | {poison} | {} |", args[1], cells.join(" | "));
+            std::fs::remove_dir_all(&v.root).unwrap();
+        }
+    }
     eprintln!("total {:.1} s", start.elapsed().as_secs_f64());
 }
