@@ -45,7 +45,7 @@ fn reduced_pipeline_run_learns_and_publishes_a_consistent_model() {
         .arg(&report_path));
     assert!(out.status.success(), "pipeline failed:\n{log}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("round 2: training") && stdout.contains("global model: test accuracy"), "{stdout}");
+    assert!(stdout.contains("round 2: training") && stdout.contains("global model (fedavg): test accuracy"), "{stdout}");
 
     let report: Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
     let rounds = report["rounds"].as_array().unwrap();

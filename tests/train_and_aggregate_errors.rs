@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use common::{bin, run, synthetic, temp_files, write_archive};
 use fedimdb::checkpoint::{Checkpoint, Kind};
+use fedimdb::digest::sha256_file;
 use fedimdb::layout::Layout;
+use serde_json::Value;
 
 /// A volume with 2 shards of made-up reviews, round 0 aggregated (so round 1 can train).
 struct Volume {
@@ -41,6 +43,26 @@ impl Volume {
 
     fn aggregator(&self, round: u32, extra: &[&str]) -> (std::process::Output, String) {
         run(bin("aggregator").arg("--root").arg(&self.root).args(["--round", &round.to_string()]).args(extra))
+    }
+
+    /// Records the current checksum of worker `shard`'s update in its report, as a worker
+    /// that writes a bad update *consistently* would: the checks behind the checksum
+    /// must catch it then.
+    fn reseal_update(&self, round: u32, shard: usize) {
+        let path = self.layout.update_report(round, shard);
+        let mut report: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        report["sha256"] = sha256_file(&self.layout.update(round, shard)).unwrap().into();
+        std::fs::write(&path, serde_json::to_vec(&report).unwrap()).unwrap();
+    }
+
+    /// The same for a global model and its round report (made from round 0's if missing).
+    fn reseal_global(&self, round: u32) {
+        let path = self.layout.round_report(round);
+        let from = if path.exists() { path.clone() } else { self.layout.round_report(0) };
+        let mut report: Value = serde_json::from_slice(&std::fs::read(from).unwrap()).unwrap();
+        report["round"] = round.into();
+        report["model_sha256"] = sha256_file(&self.layout.global_model(round)).unwrap().into();
+        std::fs::write(&path, serde_json::to_vec(&report).unwrap()).unwrap();
     }
 
     fn ok(&self, (out, log): (std::process::Output, String)) {
@@ -125,6 +147,8 @@ fn trainer_names_a_missing_damaged_or_mismatched_global_model() {
     std::fs::write(&global, &good).unwrap();
     v.ok(v.trainer(1, 0, &[]));
     std::fs::copy(v.layout.update(1, 0), v.layout.global_model(1)).unwrap();
+    v.fails(v.trainer(2, 0, &[]), &["round 1 has no readable report", "re-run its aggregator"]);
+    v.reseal_global(1);
     v.fails(v.trainer(2, 0, &[]), &["round-0001/global.safetensors is a Update file, expected kind Model"]);
 }
 
@@ -155,6 +179,8 @@ fn aggregator_refuses_duplicates_foreign_and_non_finite_updates() {
     let good1 = std::fs::read(&u1).unwrap();
 
     std::fs::copy(&u0, &u1).unwrap();
+    v.fails(v.aggregator(1, &[]), &["shard-00001.safetensors does not match its checksum", "shard-00001.json records"]);
+    v.reseal_update(1, 1);
     v.fails(v.aggregator(1, &[]), &["refusing", "shard-00001.safetensors", "duplicate of", "shard-00000.safetensors"]);
 
     // An update whose values are not finite: patch the last f32 of the file to NaN.
@@ -162,14 +188,18 @@ fn aggregator_refuses_duplicates_foreign_and_non_finite_updates() {
     let n = nan.len();
     nan[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
     std::fs::write(&u1, &nan).unwrap();
+    v.reseal_update(1, 1);
     v.fails(v.aggregator(1, &[]), &["shard-00001.safetensors", "non-finite"]);
 
     // An update trained from another global model.
     std::fs::write(&u1, &good1).unwrap();
+    v.reseal_update(1, 1);
     let global = v.layout.global_model(0);
     let mut g = Checkpoint::load_kind(&global, Kind::Model).unwrap();
     g.tensors.get_mut("linear.bias").unwrap()[0] += 1.0;
     g.save(&global).unwrap();
+    v.fails(v.aggregator(1, &[]), &["round-0000/global.safetensors does not match its checksum"]);
+    v.reseal_global(0);
     v.fails(v.aggregator(1, &[]), &["refusing", "trained from another global model", "round-0000/global.safetensors"]);
     assert!(!v.layout.global_model(1).exists());
 }
