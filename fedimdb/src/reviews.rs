@@ -140,6 +140,38 @@ mod tests {
         assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
     }
 
+    /// A 264-byte file found by the fuzzer (`fuzz/`, target `shard_reader`) on which polars
+    /// 0.55 panics while reading the footer ("thrift bool field"), hex-encoded.
+    const POLARS_PANICS: &str = concat!(
+        "151426f6021c15150c16021654167826fe01264152414167000050415231001c020000504152310000504152",
+        "31001c0200005041523141414541414941414142705a41413d001806506f010000001901ffffffffff415231",
+        "523141414541414941414142705a41413d001806506f6c4541414941414142705a41413d001806506f6c6172",
+        "73190100005041523141414541414941414142727319010000504152316c6172731901000050415231000050",
+        "41523141414541411100000000000000010000504152316c6172010001000050415231190100005041523141",
+        "41454141494141414272731901000050415231000000000000010000504152316c6172010001000050415231",
+    );
+
+    #[test]
+    fn a_file_polars_panics_on_is_an_error_naming_it() {
+        let bytes = hex::decode(POLARS_PANICS).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fuzzed.parquet");
+        std::fs::write(&p, &bytes).unwrap();
+        let err = format!("{:#}", read_parquet(&p).unwrap_err());
+        assert!(err.contains("fuzzed.parquet") && err.contains("not a readable Parquet"), "{err}");
+        let err = format!("{:#}", decode_parquet(&bytes).unwrap_err());
+        assert!(err.contains("the review data is not a readable Parquet"), "{err}");
+    }
+
+    #[test]
+    fn decodes_from_memory() {
+        let mut bytes = Vec::new();
+        encode_parquet(&mut bytes, &sample()).unwrap();
+        assert_eq!(decode_parquet(&bytes).unwrap(), sample());
+        let err = format!("{:#}", decode_parquet(&bytes[..bytes.len() / 2]).unwrap_err());
+        assert!(err.contains("not a readable Parquet"), "{err}");
+    }
+
     #[test]
     fn wrong_schema_and_garbage_are_named() {
         let dir = tempfile::tempdir().unwrap();
