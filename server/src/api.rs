@@ -25,8 +25,11 @@ pub const DEFAULT_TOP_K: usize = 5;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PredictRequest {
+    #[serde(default, deserialize_with = "crate::error::not_null")]
     pub text: Option<String>,
+    #[serde(default, deserialize_with = "crate::error::not_null")]
     pub texts: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "crate::error::not_null")]
     pub top_k: Option<usize>,
     #[serde(default)]
     pub highlight: bool,

@@ -144,11 +144,64 @@ async fn read_json<T: DeserializeOwned>(req: Request, state: &AppState, require_
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| ApiError::bad_request(format!("request body is not valid UTF-8 (at byte {})", e.valid_up_to())))?;
-    serde_json::from_str(text).map_err(|e| {
+    serde_json::from_str::<Object<T>>(text).map(|o| o.0).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
             Category::Data => ApiError::bad_request(format!("request does not match the schema: {e}")),
             _ => ApiError::bad_request(format!("request body is not valid JSON: {e}")),
         }
     })
+}
+
+/// For `#[serde(default, deserialize_with = "error::not_null")]` on an optional field: the
+/// field may be left out, but an explicit `null` is refused like any other wrong type (the
+/// OpenAPI document declares these fields non-nullable, and a client that sends
+/// `{"text": "…", "texts": null}` has made a mistake worth naming).
+pub fn not_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// `T` read from a JSON object only. A derived `Deserialize` also takes a struct from an
+/// array of its field values in order (`["a review"]` as `{"text": "a review"}`, and with
+/// defaulted fields even a shorter array), which the OpenAPI document does not allow; every
+/// request body and every object inside one is read through this instead.
+pub struct Object<T>(pub T);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData)).map(Object)
+    }
+}
+
+/// For `#[serde(deserialize_with = "error::objects")]` on a list of structs: each a JSON
+/// object (see [`Object`]).
+pub fn objects<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    Ok(<Vec<Object<T>> as serde::Deserialize>::deserialize(d)?.into_iter().map(|o| o.0).collect())
+}
+
+/// [`not_null`] and [`objects`] together, for an optional list of structs.
+pub fn not_null_objects<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    objects(d).map(Some)
 }

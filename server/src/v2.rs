@@ -105,10 +105,12 @@ pub async fn model_metadata_version(
 
 fn model_readiness(state: &AppState, name: &str, version: Option<&str>) -> Result<Response, ApiError> {
     check_name(name)?;
-    if let Some(v) = version {
+    let (ok, _) = readiness(state);
+    // Before the first model loads no version exists, and the answer is still a readiness
+    // body (503, ready false), as for the unversioned route, not a 503 error body.
+    if let (true, Some(v)) = (ok, version) {
         check_version(state, Some(v))?;
     }
-    let (ok, _) = readiness(state);
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     Ok((status, Json(json!({ "name": MODEL_NAME, "ready": ok }))).into_response())
 }
@@ -128,9 +130,13 @@ pub async fn model_ready_version(
 
 #[derive(Debug, Deserialize)]
 pub struct InferRequest {
+    #[serde(default, deserialize_with = "crate::error::not_null")]
     pub id: Option<String>,
+    #[serde(default, deserialize_with = "crate::error::not_null")]
     pub parameters: Option<serde_json::Map<String, Value>>,
+    #[serde(deserialize_with = "crate::error::objects")]
     pub inputs: Vec<InferInput>,
+    #[serde(default, deserialize_with = "crate::error::not_null_objects")]
     pub outputs: Option<Vec<RequestedOutput>>,
 }
 
@@ -139,6 +145,7 @@ pub struct InferInput {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: String,
+    #[serde(default, deserialize_with = "crate::error::not_null")]
     pub parameters: Option<serde_json::Map<String, Value>>,
     /// Absent when the data travels in binary after the JSON.
     #[serde(default)]
@@ -148,6 +155,7 @@ pub struct InferInput {
 #[derive(Debug, Deserialize)]
 pub struct RequestedOutput {
     pub name: String,
+    #[serde(default, deserialize_with = "crate::error::not_null")]
     pub parameters: Option<serde_json::Map<String, Value>>,
 }
 
@@ -273,11 +281,12 @@ pub fn parse_infer(req: InferRequest, binary: &[u8]) -> Result<Parsed, ApiError>
     let Value::Array(items) = input.data else {
         return Err(ApiError::bad_request(format!("input {INPUT_NAME:?}: \"data\" must be an array of strings")));
     };
-    // Data may be flat or nested to the shape ([[s], [s]] for [N, 1]).
+    // Data may be flat or nested ([[s], [s]]), whatever the shape says: as Triton does, the
+    // elements are counted after flattening, so [N] with nested data is accepted too.
     let mut texts = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let item = match item {
-            Value::Array(mut inner) if inner.len() == 1 && input.shape.len() == 2 => inner.pop().unwrap_or(Value::Null),
+            Value::Array(mut inner) if inner.len() == 1 => inner.pop().unwrap_or(Value::Null),
             other => other,
         };
         match item {

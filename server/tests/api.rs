@@ -142,6 +142,51 @@ fn openapi_matches_the_router() {
     assert_eq!(documented, routed);
 }
 
+/// The document's rule for a non-blank text (a character outside Unicode White_Space, which
+/// is what `str::trim` strips and the server refuses with 400) names exactly Rust's
+/// whitespace, so generated "valid" texts are never refused as blank and blank ones never
+/// pass as valid (found by schemathesis: `minLength: 1` alone let " " count as valid).
+#[test]
+fn openapi_non_blank_pattern_is_rusts_whitespace() {
+    let doc: Value = serde_json::from_str(include_str!("../static/openapi.json")).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let pattern = schemas["PredictRequest"]["properties"]["text"]["pattern"].as_str().unwrap();
+    for p in [
+        &schemas["PredictRequest"]["properties"]["texts"]["items"]["pattern"],
+        &schemas["PreprocessRequest"]["properties"]["text"]["pattern"],
+        &schemas["InferInput"]["properties"]["data"]["items"]["oneOf"][0]["pattern"],
+    ] {
+        assert_eq!(p.as_str(), Some(pattern));
+    }
+    // The pattern is one negated class of escapes, single characters and ranges.
+    let class = pattern.strip_prefix("[^").and_then(|p| p.strip_suffix(']')).expect("a negated character class");
+    let mut chars = Vec::new();
+    let mut rest = class;
+    while !rest.is_empty() {
+        let (c, tail) = match rest.strip_prefix('\\') {
+            Some(esc) if esc.starts_with('u') => (char::from_u32(u32::from_str_radix(&esc[1..5], 16).unwrap()).unwrap(), &esc[5..]),
+            Some(esc) => ([('t', '\t'), ('n', '\n'), ('f', '\x0c'), ('r', '\r')].iter().find(|(k, _)| esc.starts_with(*k)).unwrap().1, &esc[1..]),
+            None => (rest.chars().next().unwrap(), &rest[rest.chars().next().unwrap().len_utf8()..]),
+        };
+        chars.push(c);
+        rest = tail;
+        if let Some(tail) = rest.strip_prefix('-') {
+            let end = tail.strip_prefix("\\u").map(|h| char::from_u32(u32::from_str_radix(&h[..4], 16).unwrap()).unwrap()).unwrap();
+            chars.extend((c as u32 + 1..=end as u32).filter_map(char::from_u32));
+            rest = &tail[6..];
+        }
+    }
+    chars.sort_unstable();
+    let whitespace: Vec<char> = (0..=0x10ffff).filter_map(char::from_u32).filter(|c| c.is_whitespace()).collect();
+    assert_eq!(chars, whitespace);
+    // And the exactly-one-of rule for text/texts is stated.
+    assert_eq!(schemas["PredictRequest"]["oneOf"], json!([{ "required": ["text"] }, { "required": ["texts"] }]));
+    // Binary tensor extension answers are documented.
+    for path in ["/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"] {
+        assert!(doc["paths"][path]["post"]["responses"]["200"]["content"]["application/octet-stream"].is_object(), "{path}");
+    }
+}
+
 #[test]
 fn bad_inputs_get_4xx_json_errors() {
     let s = TestServer::start(|c| {
@@ -159,7 +204,13 @@ fn bad_inputs_get_4xx_json_errors() {
         ("wrong type", json!({ "text": 5 }), 400, "schema"),
         ("unknown field", json!({ "txt": "a" }), 400, "unknown field"),
         ("top_k too big", json!({ "text": "a", "top_k": 51 }), 400, "top_k"),
-        ("not an object", json!(["a"]), 400, "schema"),
+        ("not an object", json!(["a"]), 400, "expected a JSON object"),
+        ("fields as an array", json!(["a", null, 5, false]), 400, "expected a JSON object"),
+        // Optional fields may be left out but not null (the OpenAPI document does not allow
+        // null; schemathesis found `{"text": "…", "texts": null}` accepted).
+        ("null texts", json!({ "text": "a", "texts": null }), 400, "invalid type: null"),
+        ("null text", json!({ "text": null, "texts": ["a"] }), 400, "invalid type: null"),
+        ("null top_k", json!({ "text": "a", "top_k": null }), 400, "invalid type: null"),
     ];
     for (what, body, status, msg) in cases {
         let r = s.post_json("/api/predict", &body);
@@ -227,6 +278,12 @@ fn root_without_a_model_starts_unready_then_serves_what_is_published() {
     assert!(r.error().contains("no model"));
     assert_eq!(s.get("/api/model").status, 503);
     assert_eq!(s.get("/api/sample").status, 404);
+    // Model readiness answers its own body (ready: false) with or without a version, as the
+    // OpenAPI document says; schemathesis found the versioned route answering an error body.
+    for path in ["/v2/models/fedimdb/ready", "/v2/models/fedimdb/versions/3/ready"] {
+        let r = s.get(path);
+        assert_eq!((r.status, r.json()), (503, json!({ "name": "fedimdb", "ready": false })), "{path}");
+    }
 
     common::publish(s.root.path(), &common::tiny_model(3, 1.0));
     let deadline = Instant::now() + Duration::from_secs(10);
