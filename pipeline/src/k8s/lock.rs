@@ -372,7 +372,12 @@ async fn renew(
 ) {
     let ns = api.namespace().unwrap_or("default").to_string();
     let name = cfg.name.clone();
-    let limit = Duration::from_secs(cfg.duration_s.max(1) as u64);
+    // Give up while others still see the lock as alive: a renewal period before it expires.
+    let duration = Duration::from_secs(cfg.duration_s.max(1) as u64);
+    let limit = duration
+        .saturating_sub(cfg.renew_every)
+        .max(cfg.renew_every);
+    let answer_within = cfg.renew_every.max(Duration::from_secs(1));
     let mut last_ok = Instant::now();
     let mut last_error = String::new();
     let mut wait = true;
@@ -390,12 +395,12 @@ async fn renew(
             ..Default::default()
         };
         let gone = |why: String| format!("lost the lock {ns}/{name}: {why}");
-        match api.replace(&name, &pp, &lease).await {
-            Ok(l) => {
+        match tokio::time::timeout(answer_within, api.replace(&name, &pp, &lease)).await {
+            Ok(Ok(l)) => {
                 *current.lock().unwrap() = l;
                 last_ok = Instant::now();
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => match api.get_opt(&name).await {
+            Ok(Err(kube::Error::Api(s))) if s.code == 409 => match api.get_opt(&name).await {
                 Ok(Some(l)) if holder_of(&l).as_deref() == Some(cfg.holder.as_str()) => {
                     // Changed by someone (a label?) but still ours: renew that version now.
                     *current.lock().unwrap() = l;
@@ -414,16 +419,20 @@ async fn renew(
                 }
                 Err(e) => last_error = e.to_string(),
             },
-            Err(kube::Error::Api(s)) if s.code == 404 => {
+            Ok(Err(kube::Error::Api(s))) if s.code == 404 => {
                 let _ = lost.send(Some(gone("the Lease was deleted".into())));
                 return;
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 last_error = e.to_string();
                 eprintln!("  warning: cannot renew the lock {ns}/{name}: {e}");
             }
+            Err(_) => {
+                last_error = format!("no answer within {} s", answer_within.as_secs());
+                eprintln!("  warning: cannot renew the lock {ns}/{name}: {last_error}");
+            }
         }
-        if last_ok.elapsed() > limit {
+        if last_ok.elapsed() >= limit {
             let _ = lost.send(Some(gone(format!(
                 "not renewed for {} s (last error: {last_error}), so another pipeline may have taken it",
                 last_ok.elapsed().as_secs()

@@ -736,6 +736,8 @@ struct Fake {
     other_jobs: Vec<Value>,
     /// At this PUT of the Lease (1-based), another holder ("thief") takes it first.
     stolen_at_put: Option<usize>,
+    /// Every PUT of the Lease fails with 500 (an API server in trouble).
+    renewals_fail: bool,
 }
 
 impl Default for Fake {
@@ -747,6 +749,7 @@ impl Default for Fake {
             log: "working\n".into(),
             other_jobs: Vec::new(),
             stolen_at_put: None,
+            renewals_fail: false,
         }
     }
 }
@@ -786,6 +789,10 @@ fn fake(mut f: Fake, workers: i32) -> Handler {
                 Some(l) => (200, l.to_string()),
                 None => (404, status_json(404, "NotFound", "not found").to_string()),
             },
+            ("PUT", LEASE) if f.renewals_fail => (
+                500,
+                status_json(500, "InternalError", "etcdserver: request timed out").to_string(),
+            ),
             ("PUT", LEASE) => {
                 puts += 1;
                 if f.stolen_at_put == Some(puts) {
@@ -1100,6 +1107,49 @@ async fn the_lock_is_renewed_and_a_lost_lock_stops_the_run() {
     assert!(
         lines.contains("is now held by \"thief pid 9 run 77\"; left alone"),
         "{lines}"
+    );
+}
+
+/// A driver that cannot renew its lock stops before the lock could expire (others would
+/// then take it over), and still tries to release it.
+#[tokio::test]
+async fn a_lock_that_cannot_be_renewed_stops_the_run() {
+    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let f = Fake {
+        complete_on_read: usize::MAX,
+        renewals_fail: true,
+        ..Default::default()
+    };
+    let (client, seen) = mock(fake(f, 2));
+    let orch = orchestrator(client, 60_000);
+    let cfg = LockConfig {
+        duration_s: 2,
+        renew_every: Duration::from_millis(400),
+        ..lock_config(0)
+    };
+    let t = std::time::Instant::now();
+    let err = format!(
+        "{:#}",
+        orch.run_locked(&steps, cfg, std::future::pending())
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        err.contains("lost the lock fedimdb/fedimdb-pipeline-fedimdb-data: not renewed for 1 s")
+            && err.contains("etcdserver: request timed out"),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(2000),
+        "stopped before the lock expired: {:?}",
+        t.elapsed()
+    );
+    let seen = seen.lock().unwrap().clone();
+    let methods = methods_on(&seen, LEASE);
+    assert_eq!(methods.last().unwrap(), "DELETE", "{methods:?}");
+    assert!(
+        methods.len() >= 3 && methods[..methods.len() - 1].iter().all(|m| m == "PUT"),
+        "{methods:?}"
     );
 }
 
