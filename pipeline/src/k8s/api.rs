@@ -316,19 +316,19 @@ impl Orchestrator {
                     let failed = p
                         .failed_indexes
                         .as_deref()
-                        .map(|f| format!(" (failed indices {f})"))
+                        .map(|f| format!(", failed indices {f}"))
                         .unwrap_or_default();
                     if quorum < total {
                         if done >= quorum {
                             self.say(format!(
-                                "  warning: job {name} failed ({reason}){failed}, but {done} of {total} \
+                                "  warning: job {name} failed ({reason}{failed}), but {done} of {total} \
                                  succeeded, at least --min-workers {quorum}: going on with {done}"
                             ));
                             self.show_up_to_date(step).await;
                             return Ok(());
                         }
                         bail!(
-                            "job {name} ({}) failed: {reason}: {message}{failed}; {done} of {total} \
+                            "job {name} ({}) failed: {reason}: {message}{failed}: {done} of {total} \
                              succeeded, fewer than --min-workers {quorum}",
                             step.kind
                         );

@@ -1263,7 +1263,7 @@ async fn a_partly_failed_round_with_a_quorum_goes_on() {
     let lines = orch.lines.lock().unwrap().join("\n");
     assert!(
         lines.contains(
-            "warning: job fedimdb-t1-trainer-r0 failed (FailedIndexes) (failed indices 1), but 3 of 4 succeeded, at least --min-workers 3"
+            "warning: job fedimdb-t1-trainer-r0 failed (FailedIndexes, failed indices 1), but 3 of 4 succeeded, at least --min-workers 3"
         ),
         "{lines}"
     );
@@ -1302,7 +1302,7 @@ async fn a_round_below_the_quorum_fails() {
         "{err}"
     );
     assert!(
-        err.contains("(failed indices 1,3); 2 of 4 succeeded, fewer than --min-workers 3"),
+        err.contains("Job has failed indexes, failed indices 1,3: 2 of 4 succeeded, fewer than --min-workers 3"),
         "{err}"
     );
     let seen = seen.lock().unwrap().clone();
