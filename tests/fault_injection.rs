@@ -62,14 +62,20 @@ fn outputs(root: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
-#[test]
-fn killed_trainers_and_aggregators_resume_to_the_uninterrupted_result() {
+/// A folder with the small archive, and the outputs of an uninterrupted run on it.
+fn uninterrupted_run() -> (tempfile::TempDir, PathBuf, BTreeMap<String, String>) {
     let dir = tempfile::tempdir().unwrap();
     let archive = archive(dir.path());
     let clean = dir.path().join("clean");
     let (out, log) = run(&mut pipeline(&archive, &clean));
     assert!(out.status.success(), "uninterrupted run failed:\n{log}");
     let want = outputs(&clean);
+    (dir, archive, want)
+}
+
+#[test]
+fn killed_trainers_and_aggregators_resume_to_the_uninterrupted_result() {
+    let (dir, archive, want) = uninterrupted_run();
 
     // Points in the order a run reaches them: each resumed run keeps what verifies and
     // dies at the next point. `write:` points die with half the file in its temporary.
@@ -136,12 +142,7 @@ fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn a_killed_pipeline_is_reported_and_resumed_and_a_live_one_is_not_disturbed() {
-    let dir = tempfile::tempdir().unwrap();
-    let archive = archive(dir.path());
-    let clean = dir.path().join("clean");
-    let (out, log) = run(&mut pipeline(&archive, &clean));
-    assert!(out.status.success(), "uninterrupted run failed:\n{log}");
-    let want = outputs(&clean);
+    let (dir, archive, want) = uninterrupted_run();
 
     let root = dir.path().join("killed");
     let layout = Layout::new(&root);

@@ -193,18 +193,8 @@ pub fn run(args: &LocalArgs) -> Result<()> {
         }
         // The aggregator keeps a verified global model made from these very updates, unless
         // this round is to be recomputed.
-        let mut agg = command("aggregator")?;
-        agg.arg("--root").arg(&args.root).arg("--round").arg(round.to_string());
-        agg.args(["--min-workers", &quorum.to_string()]);
-        agg.args(["--strategy", args.strategy.to_possible_value().expect("no skipped variants").get_name()]);
-        if let Some(trim) = args.trim {
-            agg.args(["--trim", &trim.to_string()]);
-        }
-        if !forced {
-            agg.arg("--resume");
-        }
         let before = std::fs::read(layout.round_report(round)).ok();
-        run_one(Step { name: format!("aggregator round {round}"), command: agg, log: logs.join(format!("round-{round:04}-aggregator.log")) })?;
+        run_one(aggregator_step(args, round, !forced, logs.join(format!("round-{round:04}-aggregator.log")))?)?;
         let report = check_round(&layout, round, base_sha256.as_deref())
             .with_context(|| format!("the aggregator of round {round} ended but its output does not verify"))?;
         let recomputed = ran > 0 || before.as_deref() != std::fs::read(layout.round_report(round)).ok().as_deref();
@@ -219,14 +209,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
     // the same root may have published a later round).
     let last = base_sha256.expect("at least one round");
     if check_latest(&layout).map(|c| c.sha256).ok().as_deref() != Some(last.as_str()) {
-        let mut agg = command("aggregator")?;
-        agg.arg("--root").arg(&args.root).arg("--round").arg(args.rounds.to_string());
-        agg.args(["--min-workers", &quorum.to_string()]);
-        agg.args(["--strategy", args.strategy.to_possible_value().expect("no skipped variants").get_name()]);
-        if let Some(trim) = args.trim {
-            agg.args(["--trim", &trim.to_string()]);
-        }
-        run_one(Step { name: "publish".into(), command: agg, log: logs.join("publish.log") })?;
+        run_one(aggregator_step(args, args.rounds, false, logs.join("publish.log"))?)?;
     }
 
     let last = rounds.last().expect("at least one round");
@@ -320,6 +303,26 @@ fn trainer_step(args: &LocalArgs, round: u32, shard: usize, logs: &Path) -> Resu
         name: format!("trainer round {round} shard {shard}"),
         command: cmd,
         log: logs.join(format!("round-{round:04}-trainer-{shard:05}.log")),
+    })
+}
+
+/// The aggregator of `round`; with `resume` it keeps a verified global model made from the
+/// same updates.
+fn aggregator_step(args: &LocalArgs, round: u32, resume: bool, log: PathBuf) -> Result<Step> {
+    let mut cmd = command("aggregator")?;
+    cmd.arg("--root").arg(&args.root).args(["--round", &round.to_string()]);
+    cmd.args(["--min-workers", &args.min_workers.unwrap_or(args.workers).to_string()]);
+    cmd.args(["--strategy", args.strategy.to_possible_value().expect("no skipped variants").get_name()]);
+    if let Some(trim) = args.trim {
+        cmd.args(["--trim", &trim.to_string()]);
+    }
+    if resume {
+        cmd.arg("--resume");
+    }
+    Ok(Step {
+        name: format!("aggregator round {round}"),
+        command: cmd,
+        log,
     })
 }
 
