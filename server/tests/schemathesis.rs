@@ -5,9 +5,10 @@
 //! request accepted, no valid one refused.
 //!
 //! `.ci/run` installs schemathesis in `$HOME/.cache/fedimdb/venv`; elsewhere the tests skip
-//! with a notice unless `FEDIMDB_PYTHON` names a Python that has it. `FEDIMDB_SCHEMATHESIS_EXAMPLES`
-//! (default 100 per operation and phase) and `FEDIMDB_SCHEMATHESIS_SEED` (default 1) change
-//! the run; the seed is fixed so that CI is reproducible.
+//! with a notice unless `FEDIMDB_PYTHON` names a Python that has it.
+//! `FEDIMDB_SCHEMATHESIS_EXAMPLES` (default 300 per operation and phase, a fifth of that in the
+//! run without a model) and `FEDIMDB_SCHEMATHESIS_SEED` (default 1) change the run; the seed
+//! is fixed so that CI is reproducible (about a minute on two cores).
 
 mod common;
 #[path = "common/process.rs"]
@@ -205,7 +206,7 @@ fn schemathesis_finds_nothing_against_a_serving_model() {
         &python,
         root.path(),
         CONFIG,
-        env_or("FEDIMDB_SCHEMATHESIS_EXAMPLES", 100),
+        env_or("FEDIMDB_SCHEMATHESIS_EXAMPLES", 300),
         true,
     );
 }
@@ -214,7 +215,7 @@ fn schemathesis_finds_nothing_against_a_serving_model() {
 fn schemathesis_finds_nothing_before_a_model_is_published() {
     let Some(python) = python() else { return };
     let root = tempfile::tempdir().unwrap();
-    let examples = env_or("FEDIMDB_SCHEMATHESIS_EXAMPLES", 100).div_ceil(5);
+    let examples = env_or("FEDIMDB_SCHEMATHESIS_EXAMPLES", 300).div_ceil(5);
     run(
         &python,
         root.path(),
