@@ -321,7 +321,7 @@ fn client(
         latencies_us: Vec::new(),
     };
     let json_ct = [("Content-Type", "application/json")];
-    let batch: Vec<bool> = (0..8).map(|j| (i + j) % 3 != 0).collect();
+    let batch: Vec<bool> = (0..8).map(|j| !(i + j).is_multiple_of(3)).collect();
     let text = |pos: bool| if pos { POSITIVE } else { NEGATIVE };
     let mut n = 0usize;
     while !stop.load(Ordering::Relaxed) {
@@ -329,7 +329,7 @@ fn client(
         let t = Instant::now();
         let (result, expect): (Result<Resp, String>, Vec<bool>) = match kind {
             Kind::Predict => {
-                let pos = n % 2 == 0;
+                let pos = n.is_multiple_of(2);
                 (
                     conn.send(
                         "POST",
@@ -342,7 +342,7 @@ fn client(
                 )
             }
             Kind::PredictBatch => {
-                let body = json!({ "texts": batch.iter().map(|p| text(*p)).collect::<Vec<_>>(), "top_k": 0, "highlight": n % 4 == 0 });
+                let body = json!({ "texts": batch.iter().map(|p| text(*p)).collect::<Vec<_>>(), "top_k": 0, "highlight": n.is_multiple_of(4) });
                 (
                     conn.send(
                         "POST",
@@ -355,7 +355,7 @@ fn client(
                 )
             }
             Kind::InferJson => {
-                let expect = vec![true, false, n % 2 == 0, true];
+                let expect = vec![true, false, n.is_multiple_of(2), true];
                 let data: Vec<&str> = expect.iter().map(|p| text(*p)).collect();
                 let body = json!({ "id": format!("soak-{i}-{n}"), "inputs": [{ "name": "text", "shape": [4], "datatype": "BYTES", "data": data }] });
                 (
@@ -370,7 +370,7 @@ fn client(
                 )
             }
             Kind::InferBinary => {
-                let expect = vec![n % 2 == 1, n % 2 == 0];
+                let expect = vec![!n.is_multiple_of(2), n.is_multiple_of(2)];
                 let mut raw = Vec::new();
                 for p in &expect {
                     raw.extend((text(*p).len() as u32).to_le_bytes());
