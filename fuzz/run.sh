@@ -67,7 +67,7 @@ fi
 # cargo-fuzz itself (a cargo subcommand, into the default cargo bin folder) when missing.
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "fuzz: installing cargo-fuzz (cargo install cargo-fuzz --locked)" >&2
-  cargo install cargo-fuzz --version '^0.13' --locked
+  cargo install cargo-fuzz --version '^0.13' --locked --target-dir "$target_dir/install"
 fi
 
 # One build of every target. --sanitizer none: see fuzz/README.md ("Why no sanitizer");
@@ -100,14 +100,9 @@ mkdir -p "$logs"
 run_target() {
   local t=$1
   local work="$target_dir/corpus/$t"
-  local malloc_mb=$FUZZ_MALLOC_MB
-  # polars' Parquet footer/page-header reader reserves a thrift string's claimed length (up
-  # to 4 GiB, a u32) before reading it: a fallible reservation that is never touched and fails
-  # cleanly where memory is short (README.md, "Findings"). Only larger single allocations count.
-  if [ "$t" = shard_reader ] && [ "$malloc_mb" -lt 4097 ]; then malloc_mb=4097; fi
   mkdir -p "$work" "$ROOT/fuzz/artifacts/$t"
   "$bin_dir/$t" "$work" "$ROOT/fuzz/corpus/$t" \
-    -max_total_time="$FUZZ_SECONDS" -rss_limit_mb="$FUZZ_RSS_MB" -malloc_limit_mb="$malloc_mb" \
+    -max_total_time="$FUZZ_SECONDS" -rss_limit_mb="$FUZZ_RSS_MB" -malloc_limit_mb="$FUZZ_MALLOC_MB" \
     -timeout="$FUZZ_TIMEOUT" -artifact_prefix="$ROOT/fuzz/artifacts/$t/" -print_final_stats=1 \
     >"$logs/$t.log" 2>&1
 }

@@ -10,12 +10,12 @@
 //! | label  | uint8  | 1 positive, 0 negative |
 //! | text   | string | the review as written, UTF-8 |
 
-use std::fs::File;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
-use polars::io::mmap::MmapBytesReader;
 use polars::prelude::{Column, DataFrame, DataType, ParquetCompression, ParquetReader, ParquetWriter, SerReader, StatisticsOptions};
+use polars_parquet::parquet::page::CompressedPage;
+use polars_parquet::parquet::read::PageReader;
 
 use crate::atomic::write_atomic;
 
@@ -59,26 +59,84 @@ pub fn encode_parquet<W: std::io::Write>(w: W, reviews: &[Review]) -> Result<()>
 /// Reads a review Parquet file, checking its schema. Errors name the file and what is
 /// wrong with it.
 pub fn read_parquet(path: &Path) -> Result<Vec<Review>> {
-    let file = File::open(path).with_context(|| format!("cannot open review file {}", path.display()))?;
-    decode(file, &path.display())
+    let bytes = std::fs::read(path).with_context(|| format!("cannot open review file {}", path.display()))?;
+    decode(&bytes, &path.display())
 }
 
 /// Decodes review Parquet data held in memory, checking its schema, as [`read_parquet`]
 /// does for a file (the fuzzer's entry point).
 pub fn decode_parquet(bytes: &[u8]) -> Result<Vec<Review>> {
-    decode(std::io::Cursor::new(bytes), &"the review data")
+    decode(bytes, &"the review data")
 }
 
-/// Decodes Parquet from `reader`; `what` names the source in errors. A panic inside polars
-/// on corrupt input becomes an error too, so a damaged file is reported by name like any
-/// other unreadable one.
-fn decode<R: MmapBytesReader>(reader: R, what: &dyn std::fmt::Display) -> Result<Vec<Review>> {
-    let unreadable = || format!("{what} is not a readable Parquet file (truncated or corrupt?)");
-    let df = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ParquetReader::new(reader).finish()))
-        .map_err(|panic| anyhow::anyhow!("the Parquet reader failed: {}", panic_message(&*panic)))
-        .with_context(unreadable)?
-        .with_context(unreadable)?;
+/// Decodes Parquet bytes; `what` names the source in errors.
+///
+/// Corrupt input must give an error, never end the process, and polars (0.55) does not
+/// guarantee that (found by fuzzing, see fuzz/README.md): it panics on some corrupt footers,
+/// which is caught here, and it trusts the value counts of the file, reserving memory for
+/// them before decoding (a page header's negative count becomes 2^64 values), a failed
+/// allocation that aborts the process and cannot be caught. So the counts are checked first,
+/// in the footer and in every page header: every review costs at least a byte of the file
+/// (ids are distinct), so more rows or values than bytes means a corrupt file.
+fn decode(bytes: &[u8], what: &dyn std::fmt::Display) -> Result<Vec<Review>> {
+    let read = || -> Result<DataFrame> {
+        check_counts(bytes)?;
+        Ok(ParquetReader::new(std::io::Cursor::new(bytes)).finish()?)
+    };
+    let df = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
+        .unwrap_or_else(|panic| Err(anyhow::anyhow!("the Parquet reader failed: {}", panic_message(&*panic))))
+        .with_context(|| format!("{what} is not a readable Parquet file (truncated or corrupt?)"))?;
     reviews_from_frame(&df).with_context(|| format!("{what} does not hold reviews in the fedimdb format"))
+}
+
+/// Checks that the footer and every page header of a Parquet file claim no more rows or
+/// values than the file has bytes (see [`decode`]).
+fn check_counts(bytes: &[u8]) -> Result<()> {
+    let size = bytes.len() as u64;
+    let plausible = |n: u64| n <= size;
+    check_footer(bytes)?;
+    let mut reader = ParquetReader::new(std::io::Cursor::new(bytes));
+    let meta = reader.get_metadata()?;
+    ensure!(plausible(meta.num_rows as u64), "its footer claims {} rows in {size} bytes", meta.num_rows);
+    let file = polars_buffer::Buffer::from(bytes.to_vec());
+    for (i, rg) in meta.row_groups.iter().enumerate() {
+        ensure!(plausible(rg.num_rows() as u64), "row group {i} claims {} rows in {size} bytes", rg.num_rows());
+        for column in rg.parquet_columns() {
+            let n = column.num_values();
+            ensure!(u64::try_from(n).is_ok_and(plausible), "row group {i} claims {n} values in a column in {size} bytes");
+            let range = column.byte_range();
+            ensure!(range.start <= range.end && range.end <= size, "row group {i} has a column at bytes {range:?} of {size}");
+            let chunk = file.clone().sliced(range.start as usize..range.end as usize);
+            // The page headers, not the pages: nothing is decompressed. The size limit bounds
+            // what the header reader may allocate, which polars leaves unbounded.
+            let pages = PageReader::new(std::io::Cursor::new(chunk), column, Vec::new(), bytes.len());
+            for page in pages {
+                if let CompressedPage::Data(page) = page? {
+                    let n = page.num_values();
+                    ensure!(plausible(n as u64), "row group {i} has a page claiming {n} values in {size} bytes");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses the footer with the budgeted Thrift reader first: polars' own footer reader
+/// allocates whatever a list length claims (a kilobyte file claimed 109 GB, an allocation
+/// failure that aborts), while this one refuses lists and strings larger than the budget. A
+/// list element takes at least a byte of the footer, counted as 8 by the budget, once per
+/// level of nesting (at most 4 in Parquet's footer): 64 bytes of budget per footer byte.
+fn check_footer(bytes: &[u8]) -> Result<()> {
+    use polars_parquet_format::thrift::protocol::TCompactInputProtocol;
+    let n = bytes.len();
+    ensure!(n >= 12 && bytes.ends_with(b"PAR1"), "no Parquet footer at its end");
+    let len = u32::from_le_bytes(bytes[n - 8..n - 4].try_into().expect("4 bytes")) as usize;
+    ensure!(len <= n - 8, "its footer claims {len} bytes of {n}");
+    let footer = &bytes[n - 8 - len..n - 8];
+    let mut prot = TCompactInputProtocol::new(footer, 64 * len + 4096);
+    polars_parquet_format::FileMetaData::read_from_in_protocol(&mut prot)
+        .map_err(|e| anyhow::anyhow!("its footer is corrupt: {e}"))?;
+    Ok(())
 }
 
 /// The message of a caught panic.
@@ -114,6 +172,8 @@ fn reviews_from_frame(df: &DataFrame) -> Result<Vec<Review>> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
+
     use super::*;
 
     fn sample() -> Vec<Review> {
@@ -161,6 +221,35 @@ mod tests {
         assert!(err.contains("fuzzed.parquet") && err.contains("not a readable Parquet"), "{err}");
         let err = format!("{:#}", decode_parquet(&bytes).unwrap_err());
         assert!(err.contains("the review data is not a readable Parquet"), "{err}");
+    }
+
+    /// A 298-byte file found by the fuzzer whose page header claims a negative number of
+    /// values: polars 0.55 reserves memory for 2^64 of them, a failed allocation that aborts
+    /// the process. Hex-encoded.
+    const NEGATIVE_PAGE_COUNT: &str = concat!(
+        "65672f371500151015222c1503151015061506000028b52ffd2008410000020000001502195c4804726f6f74",
+        "150800150c25021802696425004c1c000000150225021806726174696e6725164cac13081200000015022502",
+        "18056c6162656c251600150c250218047465787425004c1c0000001602191c194c26e0011c150c1935000610",
+        "1918026964150c1602166a168e01265226080016c60615140026f6021c15021935000610191806726174696e",
+        "67150c16021654167826fe0126ca010016da0615160026ac041c150219350006101918056c6162656c150c16",
+        "021654167826b4032680030016f0061516002698071c150c193500061019180474657874150c160216b00116",
+        "d40126c40526b4040016860715160016c20316024500001c00000001000050415231",
+    );
+
+    #[test]
+    fn a_page_claiming_more_values_than_bytes_is_refused_before_decoding() {
+        let bytes = hex::decode(NEGATIVE_PAGE_COUNT).unwrap();
+        let err = format!("{:#}", decode_parquet(&bytes).unwrap_err());
+        assert!(err.contains("not a readable Parquet") && err.contains("page claiming"), "{err}");
+    }
+
+    /// 14 bytes found by the fuzzer: a footer whose list claims so many elements that
+    /// polars 0.55 asks for 195 GB at once, a failed allocation that aborts the process.
+    #[test]
+    fn a_footer_claiming_a_huge_list_is_refused_before_decoding() {
+        let bytes = b"\x2a\xf3\xf3\xf3\xff\xff\x06\x00\x00\x00PAR1";
+        let err = format!("{:#}", decode_parquet(bytes).unwrap_err());
+        assert!(err.contains("not a readable Parquet") && err.contains("footer is corrupt"), "{err}");
     }
 
     #[test]

@@ -20,6 +20,11 @@ use libfuzzer_sys::fuzz_target;
 static DECODING: AtomicBool = AtomicBool::new(false);
 
 fn init() {
+    // One polars thread: columns decode in parallel otherwise, and which of two corrupt
+    // columns fails first (an error, or a huge allocation) would vary from run to run, so a
+    // crash found would not always reproduce.
+    // SAFETY: no other thread runs yet (polars starts its pool on first use).
+    unsafe { std::env::set_var("POLARS_MAX_THREADS", "1") };
     fedimdb_fuzz::init("shard_reader");
     if std::env::var_os("FEDIMDB_FUZZ_POLARS_PANICS").is_some() {
         return;
