@@ -31,6 +31,14 @@ serve: build
 test:
 	$(CARGO) build --release --workspace --all-targets
 	$(CARGO) test --release --workspace
+	$(MAKE) fuzz
+
+## Bounded fuzzing (fuzz/README.md): builds the cargo-fuzz targets (installing cargo-fuzz when
+## missing) and runs each for FUZZ_SECONDS; a crash fails it and names the reproducer.
+FUZZ_SECONDS ?= 60
+.PHONY: fuzz
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash fuzz/run.sh
 
 ## Benchmarks: speed and accuracy figures recorded in docs/BENCHMARKS.md.
 bench: bench-copier bench-train bench-server
