@@ -12,7 +12,7 @@
 # Settings (environment): FUZZ_SECONDS (60), FUZZ_JOBS (targets run at once: the number of
 # cores, at most 2), FUZZ_RSS_MB (2048: -rss_limit_mb), FUZZ_MALLOC_MB (1024: -malloc_limit_mb,
 # the largest single allocation), FUZZ_TIMEOUT (20: seconds one input may take),
-# FUZZ_TOOLCHAIN (default nightly when rustup has it, else stable with RUSTC_BOOTSTRAP=1),
+# FUZZ_SEED (1: libFuzzer's -seed; 0 picks a random one), FUZZ_TOOLCHAIN (default nightly when rustup has it, else stable with RUSTC_BOOTSTRAP=1),
 # FUZZ_TARGET_DIR (default ${CARGO_TARGET_DIR:-target}/fuzz: its own folder, so it neither
 # shares nor waits on the main build's lock).
 set -euo pipefail
@@ -24,6 +24,10 @@ FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 FUZZ_RSS_MB=${FUZZ_RSS_MB:-2048}
 FUZZ_MALLOC_MB=${FUZZ_MALLOC_MB:-1024}
 FUZZ_TIMEOUT=${FUZZ_TIMEOUT:-20}
+# A fixed seed by default: the same commit explores the same inputs in the same order, so a
+# CI run is repeatable and a faster machine only goes further along the same path. FUZZ_SEED=0
+# lets libFuzzer pick a new seed each run (for longer runs by hand).
+FUZZ_SEED=${FUZZ_SEED:-1}
 cores=$(nproc 2>/dev/null || echo 1)
 FUZZ_JOBS=${FUZZ_JOBS:-$((cores < 2 ? 1 : 2))}
 target_dir=${FUZZ_TARGET_DIR:-${CARGO_TARGET_DIR:-target}/fuzz}
@@ -103,7 +107,7 @@ run_target() {
   mkdir -p "$work" "$ROOT/fuzz/artifacts/$t"
   "$bin_dir/$t" "$work" "$ROOT/fuzz/corpus/$t" \
     -max_total_time="$FUZZ_SECONDS" -rss_limit_mb="$FUZZ_RSS_MB" -malloc_limit_mb="$FUZZ_MALLOC_MB" \
-    -timeout="$FUZZ_TIMEOUT" -artifact_prefix="$ROOT/fuzz/artifacts/$t/" -print_final_stats=1 \
+    -timeout="$FUZZ_TIMEOUT" -seed="$FUZZ_SEED" -artifact_prefix="$ROOT/fuzz/artifacts/$t/" -print_final_stats=1 \
     >"$logs/$t.log" 2>&1
 }
 
