@@ -36,18 +36,7 @@ pub fn lease_name(claim: &str) -> String {
 
 /// Who holds the lock: the host (the pod's name in a cluster), the process and the run.
 pub fn holder_identity(run_id: &str) -> String {
-    let host = ["POD_NAME", "HOSTNAME"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok().filter(|h| !h.trim().is_empty()))
-        .or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-                .ok()
-                .map(|h| h.trim().to_string())
-                .filter(|h| !h.is_empty())
-        })
-        .unwrap_or_else(|| "unknown-host".into());
-    format!("{host} pid {} run {run_id}", std::process::id())
+    format!("{} pid {} run {run_id}", crate::lock::host_name(), std::process::id())
 }
 
 /// What the lock is and who takes it.
