@@ -6,7 +6,7 @@ ROOT    ?= runs/local
 WORKERS ?= 5
 BIN     := $(or $(CARGO_TARGET_DIR),target)/release
 
-.PHONY: all build run serve test bench bench-copier bench-train bench-server clippy fmt clean
+.PHONY: all build run serve test bench bench-copier bench-train bench-server clippy fmt clean check-cuda
 
 all: build
 
@@ -59,6 +59,21 @@ clippy:
 
 fmt:
 	$(CARGO) fmt --all
+
+## Checks that the trainer compiles with candle's CUDA backend (docs/CHECK_CUDA.md); kept out of
+## CI because it is long: installs Debian's nvidia-cuda-toolkit (contrib non-free) when nvcc is missing.
+## CUDA_COMPUTE_CAP: the GPU the kernels are built for (candle-kernels asks nvidia-smi otherwise);
+## 80, as 90 becomes sm_90a, which Debian's CUDA 11.8 rejects.
+CUDA_SOURCES     ?= /etc/apt/sources.list.d/debian-contrib-non-free.sources
+CUDA_COMPUTE_CAP ?= 80
+check-cuda:
+	command -v nvcc >/dev/null || { \
+	  test -f $(CUDA_SOURCES) || printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' \
+	    'Suites: bookworm bookworm-updates' 'Components: contrib non-free' \
+	    'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' > $(CUDA_SOURCES); \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nvidia-cuda-toolkit; }
+	nvcc --version
+	CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) $(CARGO) check -p trainer --features cuda
 
 ## Removes build outputs and local runs (not the shared data).
 clean:

@@ -12,7 +12,6 @@ use common::{bin, real_subset, run, synthetic, write_archive};
 use fedimdb::digest::sha256_file;
 use fedimdb::layout::Layout;
 
-
 struct Volume {
     _dir: tempfile::TempDir,
     archive: PathBuf,
@@ -23,23 +22,44 @@ struct Volume {
 impl Volume {
     fn pipeline(&self) -> Command {
         let mut c = bin("pipeline");
-        c.args(["local", "--workers", "3", "--rounds", "2", "--epochs", "2", "--hash-bits", "16", "--jobs", "2"])
-            .arg("--source")
-            .arg(&self.archive)
-            .arg("--root")
-            .arg(&self.root);
+        c.args([
+            "local",
+            "--workers",
+            "3",
+            "--rounds",
+            "2",
+            "--epochs",
+            "2",
+            "--hash-bits",
+            "16",
+            "--jobs",
+            "2",
+        ])
+        .arg("--source")
+        .arg(&self.archive)
+        .arg("--root")
+        .arg(&self.root);
         c
     }
 
     fn trainer(&self, round: u32, shard: usize) -> Command {
         let mut c = bin("trainer");
-        c.arg("--root").arg(&self.root).args(["--round", &round.to_string(), "--shard", &shard.to_string(), "--epochs", "2"]);
+        c.arg("--root").arg(&self.root).args([
+            "--round",
+            &round.to_string(),
+            "--shard",
+            &shard.to_string(),
+            "--epochs",
+            "2",
+        ]);
         c
     }
 
     fn aggregator(&self, round: u32) -> Command {
         let mut c = bin("aggregator");
-        c.arg("--root").arg(&self.root).args(["--round", &round.to_string()]);
+        c.arg("--root")
+            .arg(&self.root)
+            .args(["--round", &round.to_string()]);
         c
     }
 
@@ -56,7 +76,10 @@ impl Volume {
                         stack.push(p);
                     }
                 } else if name.ends_with(".safetensors") || name.ends_with(".parquet") {
-                    out.insert(p.strip_prefix(&self.root).unwrap().to_path_buf(), sha256_file(&p).unwrap());
+                    out.insert(
+                        p.strip_prefix(&self.root).unwrap().to_path_buf(),
+                        sha256_file(&p).unwrap(),
+                    );
                 }
             }
         }
@@ -67,9 +90,17 @@ impl Volume {
 fn volume() -> Volume {
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("small.tar.gz");
-    write_archive(&archive, &real_subset(300).unwrap_or_else(|| synthetic(150)));
+    write_archive(
+        &archive,
+        &real_subset(300).unwrap_or_else(|| synthetic(150)),
+    );
     let root = dir.path().join("vol");
-    let v = Volume { layout: Layout::new(&root), _dir: dir, archive, root };
+    let v = Volume {
+        layout: Layout::new(&root),
+        _dir: dir,
+        archive,
+        root,
+    };
     let (out, log) = run(&mut v.pipeline());
     assert!(out.status.success(), "the first run failed:\n{log}");
     v
@@ -80,11 +111,18 @@ fn volume() -> Volume {
 fn refused(v: &Volume, cmd: &mut Command, needles: &[&str]) {
     let before = v.snapshot();
     let (out, log) = run(cmd);
-    assert!(!out.status.success(), "a damaged input was consumed without complaint:\n{log}");
+    assert!(
+        !out.status.success(),
+        "a damaged input was consumed without complaint:\n{log}"
+    );
     for n in needles {
         assert!(log.contains(n), "the error does not mention {n:?}:\n{log}");
     }
-    assert_eq!(v.snapshot(), before, "a step that refused its input still changed the volume");
+    assert_eq!(
+        v.snapshot(),
+        before,
+        "a step that refused its input still changed the volume"
+    );
 }
 
 fn flip_byte_near_end(path: &Path) {
@@ -129,24 +167,53 @@ fn damaged_files_are_named_and_never_consumed() {
     let update = l.update(1, 0);
     let good = std::fs::read(&update).unwrap();
     flip_byte_near_end(&update);
-    refused(&v, &mut v.aggregator(1), &["round-0001/updates/shard-00000.safetensors does not match its checksum", "shard-00000.json records"]);
+    refused(
+        &v,
+        &mut v.aggregator(1),
+        &[
+            "round-0001/updates/shard-00000.safetensors does not match its checksum",
+            "shard-00000.json records",
+        ],
+    );
     std::fs::write(&update, &good).unwrap();
 
     // Two workers' updates swapped, and two workers' reports swapped.
     swap(&l.update(1, 0), &l.update(1, 1));
-    refused(&v, &mut v.aggregator(1), &["shard-00000.safetensors does not match its checksum"]);
+    refused(
+        &v,
+        &mut v.aggregator(1),
+        &["shard-00000.safetensors does not match its checksum"],
+    );
     swap(&l.update(1, 0), &l.update(1, 1));
     swap(&l.update_report(1, 0), &l.update_report(1, 1));
-    refused(&v, &mut v.aggregator(1), &["shard-00000.json is the report of round 1 shard 1, not of round 1 shard 0"]);
+    refused(
+        &v,
+        &mut v.aggregator(1),
+        &["shard-00000.json is the report of round 1 shard 1, not of round 1 shard 0"],
+    );
     swap(&l.update_report(1, 0), &l.update_report(1, 1));
 
     // A truncated global model: the next round's trainers refuse to start from it.
     truncate(&l.global_model(1));
-    refused(&v, &mut v.trainer(2, 0), &["global model of round 1 is missing or damaged", "round-0001/global.safetensors"]);
+    refused(
+        &v,
+        &mut v.trainer(2, 0),
+        &[
+            "global model of round 1 is missing or damaged",
+            "round-0001/global.safetensors",
+        ],
+    );
     // Global models of two rounds swapped: caught by the report's checksum.
     let good = std::fs::read(l.global_model(0)).unwrap();
     std::fs::write(l.global_model(1), &good).unwrap();
-    refused(&v, &mut v.trainer(2, 0), &["round-0001/global.safetensors does not match its checksum", "round-0001/report.json records"]);
+    refused(
+        &v,
+        &mut v.trainer(2, 0),
+        &[
+            "round-0001/global.safetensors does not match its checksum",
+            "round-0001/report.json records",
+        ],
+    );
 }
 
 #[test]
@@ -162,10 +229,27 @@ fn a_rerun_repairs_exactly_the_damaged_steps() {
     let (out, log) = run(&mut v.pipeline());
     assert!(out.status.success(), "{log}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("round 0: statistics (untrained model), verified on disk, kept"), "{stdout}");
-    assert!(!stdout.contains("round 1: training, verified on disk, kept"), "round 1 was not aggregated again:\n{stdout}");
-    assert!(stdout.contains("round 2: kept the verified updates of shards [0, 2], computing the other 1"), "{stdout}");
-    assert_eq!(v.snapshot(), want, "the repaired volume differs from the original");
+    assert!(
+        stdout.contains("round 0: statistics (untrained model), verified on disk, kept"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("round 1: training, verified on disk, kept"),
+        "round 1 was not aggregated again:\n{stdout}"
+    );
+    assert!(
+        stdout
+            .contains("round 2: kept the verified updates of shards [0, 2], computing the other 1"),
+        "{stdout}"
+    );
+    assert_eq!(
+        v.snapshot(),
+        want,
+        "the repaired volume differs from the original"
+    );
     let copier_log = std::fs::read_to_string(v.root.join("logs/copier.log")).unwrap();
-    assert!(copier_log.contains("shard-00002.parquet has sha256"), "the copier did not say what it found:\n{copier_log}");
+    assert!(
+        copier_log.contains("shard-00002.parquet has sha256"),
+        "the copier did not say what it found:\n{copier_log}"
+    );
 }

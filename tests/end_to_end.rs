@@ -36,7 +36,19 @@ fn reduced_pipeline_run_learns_and_publishes_a_consistent_model() {
     let root = dir.path().join("vol");
     let report_path = dir.path().join("report.json");
     let (out, log) = run(bin("pipeline")
-        .args(["local", "--workers", "3", "--rounds", "2", "--epochs", "4", "--hash-bits", "18", "--jobs", "2"])
+        .args([
+            "local",
+            "--workers",
+            "3",
+            "--rounds",
+            "2",
+            "--epochs",
+            "4",
+            "--hash-bits",
+            "18",
+            "--jobs",
+            "2",
+        ])
         .arg("--source")
         .arg(&archive)
         .arg("--root")
@@ -45,31 +57,57 @@ fn reduced_pipeline_run_learns_and_publishes_a_consistent_model() {
         .arg(&report_path));
     assert!(out.status.success(), "pipeline failed:\n{log}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("round 2: training") && stdout.contains("global model (fedavg): test accuracy"), "{stdout}");
+    assert!(
+        stdout.contains("round 2: training")
+            && stdout.contains("global model (fedavg): test accuracy"),
+        "{stdout}"
+    );
 
     let report: Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
     let rounds = report["rounds"].as_array().unwrap();
-    assert_eq!(rounds.len(), 3, "statistics round + 2 training rounds: {report}");
+    assert_eq!(
+        rounds.len(),
+        3,
+        "statistics round + 2 training rounds: {report}"
+    );
     let first = rounds[0]["test_accuracy"].as_f64().unwrap();
     let last = report["test_accuracy"].as_f64().unwrap();
-    assert_eq!(first, 0.5, "the untrained model of round 0 predicts one class on a balanced test set");
-    assert!(last > floor, "final test accuracy {last} is not above {floor}");
+    assert_eq!(
+        first, 0.5,
+        "the untrained model of round 0 predicts one class on a balanced test set"
+    );
+    assert!(
+        last > floor,
+        "final test accuracy {last} is not above {floor}"
+    );
     assert_eq!(last, rounds[2]["test_accuracy"].as_f64().unwrap());
     assert!(report["seconds_total"].as_f64().unwrap() > 0.0);
 
     let layout = Layout::new(&root);
-    for f in [layout.shard(0), layout.shard(2), layout.test_set(), layout.data_manifest(), layout.global_model(2), layout.round_report(2)] {
+    for f in [
+        layout.shard(0),
+        layout.shard(2),
+        layout.test_set(),
+        layout.data_manifest(),
+        layout.global_model(2),
+        layout.round_report(2),
+    ] {
         assert!(f.is_file(), "{} missing", f.display());
     }
     assert!(!layout.shard(3).exists());
-    assert!(temp_files(&root).is_empty(), "temporary files left: {:?}", temp_files(&root));
+    assert!(
+        temp_files(&root).is_empty(),
+        "temporary files left: {:?}",
+        temp_files(&root)
+    );
 
     // The published model is the round-2 global model, its card says so, and scoring the
     // test set with it here reproduces the aggregator's figure exactly.
     let latest = Checkpoint::load_kind(&layout.latest_model(), Kind::Model).unwrap();
     let global = Checkpoint::load_kind(&layout.global_model(2), Kind::Model).unwrap();
     assert_eq!(latest.sha256, global.sha256);
-    let card: Value = serde_json::from_slice(&std::fs::read(layout.latest_card()).unwrap()).unwrap();
+    let card: Value =
+        serde_json::from_slice(&std::fs::read(layout.latest_card()).unwrap()).unwrap();
     assert_eq!(card["round"], 2);
     assert_eq!(card["sha256"], latest.sha256.as_str());
     assert_eq!(card["history"].as_array().unwrap().len(), 3);
@@ -77,10 +115,17 @@ fn reduced_pipeline_run_learns_and_publishes_a_consistent_model() {
     let test = load_reviews(&layout.test_set(), None).unwrap();
     let data = featurize_all(&test, model.config.featurizer);
     let scorer = model.scorer().unwrap();
-    let probs: Vec<f32> = data.features.iter().map(|f| scorer.probability(f)).collect();
+    let probs: Vec<f32> = data
+        .features
+        .iter()
+        .map(|f| scorer.probability(f))
+        .collect();
     let m = Metrics::compute(&probs, &data.labels);
     assert_eq!(m.accuracy, last);
-    assert_eq!(latest.header.samples, train_reviews, "the model counts every training review once");
+    assert_eq!(
+        latest.header.samples, train_reviews,
+        "the model counts every training review once"
+    );
 }
 
 #[test]
@@ -89,7 +134,13 @@ fn original_forms_train_loose_files_and_average_them() {
     let archive = dir.path().join("s.tar.gz");
     write_archive(&archive, &synthetic(60));
     let root = dir.path().join("vol");
-    let (out, log) = run(bin("copier").arg("--n_container").arg("2").arg("--source").arg(&archive).arg("--savedir").arg(&root));
+    let (out, log) = run(bin("copier")
+        .arg("--n_container")
+        .arg("2")
+        .arg("--source")
+        .arg(&archive)
+        .arg("--savedir")
+        .arg(&root));
     assert!(out.status.success(), "{log}");
     let layout = Layout::new(&root);
     let workers = dir.path().join("workers");
@@ -103,7 +154,13 @@ fn original_forms_train_loose_files_and_average_them() {
         assert!(out.status.success(), "{log}");
     }
     let avg = dir.path().join("avg.safetensors");
-    let (out, log) = run(bin("aggregator").arg("--dir").arg(&workers).arg("--savefile").arg(&avg).arg("--test").arg(layout.test_set()));
+    let (out, log) = run(bin("aggregator")
+        .arg("--dir")
+        .arg(&workers)
+        .arg("--savefile")
+        .arg(&avg)
+        .arg("--test")
+        .arg(layout.test_set()));
     assert!(out.status.success(), "{log}");
     let metrics: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(metrics["accuracy"].as_f64().unwrap() > 0.9, "{metrics}");
@@ -117,14 +174,30 @@ fn same_seed_gives_byte_identical_updates() {
     let archive = dir.path().join("s.tar.gz");
     write_archive(&archive, &synthetic(40));
     let root = dir.path().join("vol");
-    assert!(run(bin("copier").args(["--workers", "2", "--source"]).arg(&archive).arg("--out").arg(&root)).0.status.success());
+    assert!(
+        run(bin("copier")
+            .args(["--workers", "2", "--source"])
+            .arg(&archive)
+            .arg("--out")
+            .arg(&root))
+        .0
+        .status
+        .success()
+    );
     let layout = Layout::new(&root);
     let train = |round: u32, shard: usize| {
-        let (out, log) = run(bin("trainer").arg("--root").arg(&root).args(["--round", &round.to_string(), "--hash-bits", "12"]).env("JOB_COMPLETION_INDEX", shard.to_string()));
+        let (out, log) = run(bin("trainer")
+            .arg("--root")
+            .arg(&root)
+            .args(["--round", &round.to_string(), "--hash-bits", "12"])
+            .env("JOB_COMPLETION_INDEX", shard.to_string()));
         assert!(out.status.success(), "{log}");
     };
     let aggregate = |round: u32| {
-        let (out, log) = run(bin("aggregator").arg("--root").arg(&root).args(["--round", &round.to_string()]));
+        let (out, log) = run(bin("aggregator")
+            .arg("--root")
+            .arg(&root)
+            .args(["--round", &round.to_string()]));
         assert!(out.status.success(), "{log}");
     };
     train(0, 0);
@@ -138,5 +211,9 @@ fn same_seed_gives_byte_identical_updates() {
     aggregate(1);
     let g1 = std::fs::read(layout.global_model(1)).unwrap();
     aggregate(1);
-    assert_eq!(g1, std::fs::read(layout.global_model(1)).unwrap(), "aggregation is deterministic");
+    assert_eq!(
+        g1,
+        std::fs::read(layout.global_model(1)).unwrap(),
+        "aggregation is deterministic"
+    );
 }

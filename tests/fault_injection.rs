@@ -31,11 +31,23 @@ fn archive(dir: &Path) -> PathBuf {
 
 fn pipeline(archive: &Path, root: &Path) -> Command {
     let mut c = bin("pipeline");
-    c.args(["local", "--workers", "3", "--rounds", "2", "--epochs", "2", "--hash-bits", "16", "--jobs", "2"])
-        .arg("--source")
-        .arg(archive)
-        .arg("--root")
-        .arg(root);
+    c.args([
+        "local",
+        "--workers",
+        "3",
+        "--rounds",
+        "2",
+        "--epochs",
+        "2",
+        "--hash-bits",
+        "16",
+        "--jobs",
+        "2",
+    ])
+    .arg("--source")
+    .arg(archive)
+    .arg("--root")
+    .arg(root);
     c
 }
 
@@ -95,36 +107,70 @@ fn killed_trainers_and_aggregators_resume_to_the_uninterrupted_result() {
     let layout = Layout::new(&root);
     for point in points {
         let (out, log) = run(pipeline(&archive, &root).env("FEDIMDB_FAULT", point));
-        assert!(!out.status.success(), "the run with FEDIMDB_FAULT={point} did not fail:\n{log}");
-        assert!(log.contains("failed (signal: 9 (SIGKILL))"), "FEDIMDB_FAULT={point}: no step was killed:\n{log}");
+        assert!(
+            !out.status.success(),
+            "the run with FEDIMDB_FAULT={point} did not fail:\n{log}"
+        );
+        assert!(
+            log.contains("failed (signal: 9 (SIGKILL))"),
+            "FEDIMDB_FAULT={point}: no step was killed:\n{log}"
+        );
         if point.starts_with("write:") {
-            assert!(!temp_files(&root).is_empty(), "{point}: no half-written file was left to test with");
+            assert!(
+                !temp_files(&root).is_empty(),
+                "{point}: no half-written file was left to test with"
+            );
         }
         // Nothing after the killed step ran: the last round's global model only appears
         // when the run gets there.
-        assert!(!layout.global_model(ROUNDS).exists() || point == "aggregator:2:latest-model-written", "{point}: the run went on");
+        assert!(
+            !layout.global_model(ROUNDS).exists() || point == "aggregator:2:latest-model-written",
+            "{point}: the run went on"
+        );
     }
     let (out, log) = run(&mut pipeline(&archive, &root));
     assert!(out.status.success(), "the final resumed run failed:\n{log}");
-    assert!(temp_files(&root).is_empty(), "temporary files left: {:?}", temp_files(&root));
-    assert_eq!(outputs(&root), want, "the resumed run's outputs differ from the uninterrupted run's");
-    let card: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.latest_card()).unwrap()).unwrap();
+    assert!(
+        temp_files(&root).is_empty(),
+        "temporary files left: {:?}",
+        temp_files(&root)
+    );
+    assert_eq!(
+        outputs(&root),
+        want,
+        "the resumed run's outputs differ from the uninterrupted run's"
+    );
+    let card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.latest_card()).unwrap()).unwrap();
     assert_eq!(card["round"], ROUNDS);
-    assert_eq!(card["sha256"].as_str(), Some(want["model/latest.safetensors"].as_str()));
+    assert_eq!(
+        card["sha256"].as_str(),
+        Some(want["model/latest.safetensors"].as_str())
+    );
 
     // A run over a complete root verifies everything and recomputes nothing.
     let (out, log) = run(&mut pipeline(&archive, &root));
     assert!(out.status.success(), "{log}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(stdout.matches("verified on disk, kept").count(), ROUNDS as usize + 1, "a round was recomputed:\n{stdout}");
+    assert_eq!(
+        stdout.matches("verified on disk, kept").count(),
+        ROUNDS as usize + 1,
+        "a round was recomputed:\n{stdout}"
+    );
     assert_eq!(outputs(&root), want);
 
     // --from-round 2 recomputes the last round, to the same bytes.
     let (out, log) = run(pipeline(&archive, &root).args(["--from-round", "2"]));
     assert!(out.status.success(), "{log}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("round 1: training, verified on disk, kept"), "{stdout}");
-    assert!(!stdout.contains("round 2: training, verified on disk, kept"), "{stdout}");
+    assert!(
+        stdout.contains("round 1: training, verified on disk, kept"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("round 2: training, verified on disk, kept"),
+        "{stdout}"
+    );
     assert_eq!(outputs(&root), want);
 }
 
@@ -146,16 +192,29 @@ fn a_killed_pipeline_is_reported_and_resumed_and_a_live_one_is_not_disturbed() {
 
     let root = dir.path().join("killed");
     let layout = Layout::new(&root);
-    let mut child = pipeline(&archive, &root).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = pipeline(&archive, &root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     // Kill it once round 1 is under way: the data and round 0 are done, round 1 is not.
-    let started = wait_for(Duration::from_secs(120), || layout.update_report(1, 0).exists() || layout.update_report(1, 1).exists());
+    let started = wait_for(Duration::from_secs(120), || {
+        layout.update_report(1, 0).exists() || layout.update_report(1, 1).exists()
+    });
     assert!(started, "the pipeline never reached round 1");
 
     // While it runs, a second pipeline on the same root is refused, naming the holder.
     let (out, log) = run(&mut pipeline(&archive, &root));
     if !layout.global_model(ROUNDS).exists() {
-        assert!(!out.status.success(), "a second pipeline ran on a locked root:\n{log}");
-        assert!(log.contains("is in use by another pipeline") && log.contains(&format!("pid {}", child.id())), "{log}");
+        assert!(
+            !out.status.success(),
+            "a second pipeline ran on a locked root:\n{log}"
+        );
+        assert!(
+            log.contains("is in use by another pipeline")
+                && log.contains(&format!("pid {}", child.id())),
+            "{log}"
+        );
     }
 
     child.kill().unwrap(); // SIGKILL
@@ -166,9 +225,20 @@ fn a_killed_pipeline_is_reported_and_resumed_and_a_live_one_is_not_disturbed() {
     let (out, log) = run(&mut pipeline(&archive, &root));
     assert!(out.status.success(), "the resumed run failed:\n{log}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("found an interrupted run") && stdout.contains(&format!("pid {}", child.id())), "{stdout}");
-    assert!(stdout.contains("round 0: statistics (untrained model), verified on disk, kept"), "{stdout}");
-    assert_eq!(outputs(&root), want, "the resumed run's outputs differ from the uninterrupted run's");
+    assert!(
+        stdout.contains("found an interrupted run")
+            && stdout.contains(&format!("pid {}", child.id())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("round 0: statistics (untrained model), verified on disk, kept"),
+        "{stdout}"
+    );
+    assert_eq!(
+        outputs(&root),
+        want,
+        "the resumed run's outputs differ from the uninterrupted run's"
+    );
 
     // A run that ended normally leaves no interruption behind.
     let (out, _) = run(&mut pipeline(&archive, &root));

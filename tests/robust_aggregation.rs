@@ -55,8 +55,17 @@ impl std::fmt::Display for Poison {
     }
 }
 
-const POISONS: [Poison; 4] = [Poison::Clean, Poison::Scale(100.0), Poison::Scale(-100.0), Poison::Random(100.0)];
-const STRATEGIES: [&[&str]; 3] = [&["--strategy", "fedavg"], &["--strategy", "median"], &["--strategy", "trimmed-mean", "--trim", "0.2"]];
+const POISONS: [Poison; 4] = [
+    Poison::Clean,
+    Poison::Scale(100.0),
+    Poison::Scale(-100.0),
+    Poison::Random(100.0),
+];
+const STRATEGIES: [&[&str]; 3] = [
+    &["--strategy", "fedavg"],
+    &["--strategy", "median"],
+    &["--strategy", "trimmed-mean", "--trim", "0.2"],
+];
 
 /// A volume on which the binaries run.
 struct Volume {
@@ -69,9 +78,17 @@ impl Volume {
     /// Runs the copier, then rounds 0..=`last`: the trainers of each, and the aggregator
     /// (FedAvg) of each but the last training round (round 0's always runs).
     fn prepare(archive: &Path, root: &Path, hash_bits: u32, last: u32) -> Self {
-        let (out, log) = run(bin("copier").args(["--workers", &WORKERS.to_string(), "--source"]).arg(archive).arg("--out").arg(root));
+        let (out, log) = run(bin("copier")
+            .args(["--workers", &WORKERS.to_string(), "--source"])
+            .arg(archive)
+            .arg("--out")
+            .arg(root));
         assert!(out.status.success(), "copier failed:\n{log}");
-        let v = Volume { root: root.to_path_buf(), layout: Layout::new(root), hash_bits: hash_bits.to_string() };
+        let v = Volume {
+            root: root.to_path_buf(),
+            layout: Layout::new(root),
+            hash_bits: hash_bits.to_string(),
+        };
         for round in 0..=last {
             v.train(round);
             if round < last || last == 0 {
@@ -87,7 +104,11 @@ impl Volume {
         let layout = Layout::new(root);
         copy_dir(&self.layout.data_dir(), &layout.data_dir());
         copy_dir(&self.layout.round_dir(0), &layout.round_dir(0));
-        Volume { root: root.to_path_buf(), layout, hash_bits: self.hash_bits.clone() }
+        Volume {
+            root: root.to_path_buf(),
+            layout,
+            hash_bits: self.hash_bits.clone(),
+        }
     }
 
     /// Runs the round's trainers as parallel processes.
@@ -100,7 +121,14 @@ impl Volume {
                 let child = bin("trainer")
                     .arg("--root")
                     .arg(&self.root)
-                    .args(["--round", &round.to_string(), "--shard", &shard.to_string(), "--hash-bits", &self.hash_bits])
+                    .args([
+                        "--round",
+                        &round.to_string(),
+                        "--shard",
+                        &shard.to_string(),
+                        "--hash-bits",
+                        &self.hash_bits,
+                    ])
                     .stdout(Stdio::null())
                     .stderr(File::create(&log).unwrap())
                     .spawn()
@@ -110,18 +138,34 @@ impl Volume {
             .collect();
         for (mut child, log) in children {
             let status = child.wait().unwrap();
-            assert!(status.success(), "trainer failed:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+            assert!(
+                status.success(),
+                "trainer failed:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         }
     }
 
     /// Aggregates `round`; returns its test accuracy (from the round report), the report and
     /// the global model's bytes.
     fn aggregate(&self, round: u32, args: &[&str]) -> (f64, Value, Vec<u8>) {
-        let (out, log) = run(bin("aggregator").arg("--root").arg(&self.root).args(["--round", &round.to_string()]).args(args));
+        let (out, log) = run(bin("aggregator")
+            .arg("--root")
+            .arg(&self.root)
+            .args(["--round", &round.to_string()])
+            .args(args));
         assert!(out.status.success(), "aggregator {args:?} failed:\n{log}");
-        let report: Value = serde_json::from_slice(&std::fs::read(self.layout.round_report(round)).unwrap()).unwrap();
-        let accuracy = report["test"]["accuracy"].as_f64().expect("report has test.accuracy");
-        (accuracy, report, std::fs::read(self.layout.global_model(round)).unwrap())
+        let report: Value =
+            serde_json::from_slice(&std::fs::read(self.layout.round_report(round)).unwrap())
+                .unwrap();
+        let accuracy = report["test"]["accuracy"]
+            .as_f64()
+            .expect("report has test.accuracy");
+        (
+            accuracy,
+            report,
+            std::fs::read(self.layout.global_model(round)).unwrap(),
+        )
     }
 
     /// Replaces worker `shard`'s update of `round` with a poisoned but valid one, and its
@@ -133,9 +177,14 @@ impl Volume {
             Poison::Scale(s) => ck.tensors.values_mut().flatten().for_each(|x| *x *= s),
             Poison::Random(m) => {
                 let w = &honest.tensors["linear.weight"];
-                let rms = (w.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / w.len() as f64).sqrt();
+                let rms = (w.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>()
+                    / w.len() as f64)
+                    .sqrt();
                 let mut rng = Gauss::new(0x5eed_0000 + shard as u64);
-                ck.tensors.values_mut().flatten().for_each(|x| *x = (m * rms * rng.next()) as f32);
+                ck.tensors
+                    .values_mut()
+                    .flatten()
+                    .for_each(|x| *x = (m * rms * rng.next()) as f32);
             }
         }
         let sha = ck.save(&self.layout.update(round, shard)).unwrap();
@@ -196,8 +245,15 @@ impl Table {
         eprintln!("| update of worker {POISONED} | fedavg | median | trimmed-mean(0.2) |");
         eprintln!("| --- | --- | --- | --- |");
         for (i, p) in POISONS.iter().enumerate() {
-            let cells: Vec<String> =
-                (0..3).map(|s| format!("{:.2}% (log loss {:.3})", 100.0 * self.accuracy[i][s], self.log_loss[i][s])).collect();
+            let cells: Vec<String> = (0..3)
+                .map(|s| {
+                    format!(
+                        "{:.2}% (log loss {:.3})",
+                        100.0 * self.accuracy[i][s],
+                        self.log_loss[i][s]
+                    )
+                })
+                .collect();
             eprintln!("| {p} | {} |", cells.join(" | "));
         }
     }
@@ -208,13 +264,22 @@ impl Table {
 fn measure(v: &Volume) -> Table {
     let update = v.layout.update(ROUND, POISONED);
     let sidecar = v.layout.update_report(ROUND, POISONED);
-    let (honest_bytes, honest_report) = (std::fs::read(&update).unwrap(), std::fs::read(&sidecar).unwrap());
+    let (honest_bytes, honest_report) = (
+        std::fs::read(&update).unwrap(),
+        std::fs::read(&sidecar).unwrap(),
+    );
     let honest = Checkpoint::load_kind(&update, Kind::Update).unwrap();
-    let mut table = Table { accuracy: Vec::new(), log_loss: Vec::new() };
+    let mut table = Table {
+        accuracy: Vec::new(),
+        log_loss: Vec::new(),
+    };
     for poison in POISONS {
         v.poison(ROUND, POISONED, &honest, poison);
         let poisoned = Checkpoint::load_kind(&update, Kind::Update).unwrap();
-        assert_eq!(poisoned.header, honest.header, "the poisoned update keeps the honest header");
+        assert_eq!(
+            poisoned.header, honest.header,
+            "the poisoned update keeps the honest header"
+        );
         let (mut acc, mut loss) = ([0.0; 3], [0.0; 3]);
         for (s, args) in STRATEGIES.iter().enumerate() {
             let (a, report, model) = v.aggregate(ROUND, args);
@@ -226,7 +291,10 @@ fn measure(v: &Volume) -> Table {
             if s > 0 && matches!(poison, Poison::Clean | Poison::Random(_)) {
                 // Same updates, same arguments: byte-identical global model.
                 let (_, _, again) = v.aggregate(ROUND, args);
-                assert!(again == model, "{name} on the {poison} round gave two different models");
+                assert!(
+                    again == model,
+                    "{name} on the {poison} round gave two different models"
+                );
             }
         }
         table.accuracy.push(acc);
@@ -255,16 +323,26 @@ fn one_poisoned_update_wrecks_fedavg_but_not_median_or_trimmed_mean() {
     // The two attacks that wreck FedAvg: at least 10 points lost.
     for p in [Poison::Scale(-100.0), Poison::Random(100.0)] {
         let fedavg = t.get(p, 0);
-        assert!(fedavg < clean - 0.10, "FedAvg with {p} kept {fedavg} (clean {clean})");
+        assert!(
+            fedavg < clean - 0.10,
+            "FedAvg with {p} kept {fedavg} (clean {clean})"
+        );
     }
     // Scaling by +100 costs FedAvg little accuracy: the scaled model still points the right way.
     let scaled = t.get(Poison::Scale(100.0), 0);
-    assert!(scaled > clean - 0.05, "FedAvg with weights ×100: {scaled} (clean {clean})");
+    assert!(
+        scaled > clean - 0.05,
+        "FedAvg with weights ×100: {scaled} (clean {clean})"
+    );
     // Median and trimmed mean shrug every poison off: within half a point of clean FedAvg.
     for p in POISONS {
         for s in [1, 2] {
             let a = t.get(p, s);
-            assert!((a - clean).abs() <= 0.005, "strategy {:?} with {p}: {a}, clean FedAvg {clean}", STRATEGIES[s]);
+            assert!(
+                (a - clean).abs() <= 0.005,
+                "strategy {:?} with {p}: {a}, clean FedAvg {clean}",
+                STRATEGIES[s]
+            );
         }
     }
 }
@@ -308,7 +386,9 @@ fn full_data_every_round() {
             for round in 1..=5 {
                 v.train(round);
                 if poison != Poison::Clean {
-                    let honest = Checkpoint::load_kind(&v.layout.update(round, POISONED), Kind::Update).unwrap();
+                    let honest =
+                        Checkpoint::load_kind(&v.layout.update(round, POISONED), Kind::Update)
+                            .unwrap();
                     v.poison(round, POISONED, &honest, poison);
                 }
                 let (accuracy, _, _) = v.aggregate(round, args);

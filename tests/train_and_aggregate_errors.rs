@@ -24,9 +24,17 @@ impl Volume {
         let archive = dir.path().join("s.tar.gz");
         write_archive(&archive, &synthetic(30));
         let root = dir.path().join("vol");
-        let (out, log) = run(bin("copier").args(["--workers", "2", "--source"]).arg(&archive).arg("--out").arg(&root));
+        let (out, log) = run(bin("copier")
+            .args(["--workers", "2", "--source"])
+            .arg(&archive)
+            .arg("--out")
+            .arg(&root));
         assert!(out.status.success(), "{log}");
-        let v = Volume { layout: Layout::new(&root), root, _dir: dir };
+        let v = Volume {
+            layout: Layout::new(&root),
+            root,
+            _dir: dir,
+        };
         v.ok(v.trainer(0, 0, &[]));
         v.ok(v.trainer(0, 1, &[]));
         v.ok(v.aggregator(0, &[]));
@@ -37,12 +45,23 @@ impl Volume {
         run(bin("trainer")
             .arg("--root")
             .arg(&self.root)
-            .args(["--round", &round.to_string(), "--shard", &shard.to_string(), "--hash-bits", "12"])
+            .args([
+                "--round",
+                &round.to_string(),
+                "--shard",
+                &shard.to_string(),
+                "--hash-bits",
+                "12",
+            ])
             .args(extra))
     }
 
     fn aggregator(&self, round: u32, extra: &[&str]) -> (std::process::Output, String) {
-        run(bin("aggregator").arg("--root").arg(&self.root).args(["--round", &round.to_string()]).args(extra))
+        run(bin("aggregator")
+            .arg("--root")
+            .arg(&self.root)
+            .args(["--round", &round.to_string()])
+            .args(extra))
     }
 
     /// Records the current checksum of worker `shard`'s update in its report, as a worker
@@ -51,17 +70,25 @@ impl Volume {
     fn reseal_update(&self, round: u32, shard: usize) {
         let path = self.layout.update_report(round, shard);
         let mut report: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        report["sha256"] = sha256_file(&self.layout.update(round, shard)).unwrap().into();
+        report["sha256"] = sha256_file(&self.layout.update(round, shard))
+            .unwrap()
+            .into();
         std::fs::write(&path, serde_json::to_vec(&report).unwrap()).unwrap();
     }
 
     /// The same for a global model and its round report (made from round 0's if missing).
     fn reseal_global(&self, round: u32) {
         let path = self.layout.round_report(round);
-        let from = if path.exists() { path.clone() } else { self.layout.round_report(0) };
+        let from = if path.exists() {
+            path.clone()
+        } else {
+            self.layout.round_report(0)
+        };
         let mut report: Value = serde_json::from_slice(&std::fs::read(from).unwrap()).unwrap();
         report["round"] = round.into();
-        report["model_sha256"] = sha256_file(&self.layout.global_model(round)).unwrap().into();
+        report["model_sha256"] = sha256_file(&self.layout.global_model(round))
+            .unwrap()
+            .into();
         std::fs::write(&path, serde_json::to_vec(&report).unwrap()).unwrap();
     }
 
@@ -71,23 +98,49 @@ impl Volume {
 
     /// Asserts failure with a message containing every `needle`, and no temporary files.
     fn fails(&self, (out, log): (std::process::Output, String), needles: &[&str]) {
-        assert!(!out.status.success(), "expected failure, got success:\n{log}");
-        assert_eq!(out.status.code(), Some(if log.contains("Usage:") { 2 } else { 1 }), "{log}");
+        assert!(
+            !out.status.success(),
+            "expected failure, got success:\n{log}"
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(if log.contains("Usage:") { 2 } else { 1 }),
+            "{log}"
+        );
         for n in needles {
             assert!(log.contains(n), "message lacks {n:?}:\n{log}");
         }
-        assert!(temp_files(&self.root).is_empty(), "temporary files left: {:?}", temp_files(&self.root));
+        assert!(
+            temp_files(&self.root).is_empty(),
+            "temporary files left: {:?}",
+            temp_files(&self.root)
+        );
     }
 }
 
 #[test]
 fn trainer_refuses_bad_hyper_parameters_and_writes_nothing() {
     let v = Volume::new();
-    v.fails(v.trainer(1, 0, &["--epochs", "0"]), &["--epochs must be at least 1"]);
-    v.fails(v.trainer(1, 0, &["--batch", "0"]), &["--batch must be at least 1"]);
-    v.fails(v.trainer(1, 0, &["--lr", "0"]), &["--lr must be a positive number"]);
-    v.fails(v.trainer(1, 0, &["--lr", "-2"]), &["--lr must be a positive number"]);
-    v.fails(v.trainer(1, 0, &["--device", "tpu"]), &["unknown --device `tpu`"]);
+    v.fails(
+        v.trainer(1, 0, &["--epochs", "0"]),
+        &["--epochs must be at least 1"],
+    );
+    v.fails(
+        v.trainer(1, 0, &["--batch", "0"]),
+        &["--batch must be at least 1"],
+    );
+    v.fails(
+        v.trainer(1, 0, &["--lr", "0"]),
+        &["--lr must be a positive number"],
+    );
+    v.fails(
+        v.trainer(1, 0, &["--lr", "-2"]),
+        &["--lr must be a positive number"],
+    );
+    v.fails(
+        v.trainer(1, 0, &["--device", "tpu"]),
+        &["unknown --device `tpu`"],
+    );
     assert!(!v.layout.update(1, 0).exists());
 }
 
@@ -95,14 +148,23 @@ fn trainer_refuses_bad_hyper_parameters_and_writes_nothing() {
 #[test]
 fn trainer_says_what_cuda_needs() {
     let v = Volume::new();
-    v.fails(v.trainer(1, 0, &["--device", "cuda"]), &["built without the `cuda` feature", "--features cuda"]);
+    v.fails(
+        v.trainer(1, 0, &["--device", "cuda"]),
+        &["built without the `cuda` feature", "--features cuda"],
+    );
 }
 
 #[test]
 fn trainer_refuses_a_shard_outside_the_manifest_or_a_missing_index() {
     let v = Volume::new();
-    v.fails(v.trainer(1, 2, &[]), &["shard index 2 is outside the manifest", "2 shards"]);
-    let (out, log) = run(bin("trainer").arg("--root").arg(&v.root).args(["--round", "1"]));
+    v.fails(
+        v.trainer(1, 2, &[]),
+        &["shard index 2 is outside the manifest", "2 shards"],
+    );
+    let (out, log) = run(bin("trainer")
+        .arg("--root")
+        .arg(&v.root)
+        .args(["--round", "1"]));
     v.fails((out, log), &["no shard index", "JOB_COMPLETION_INDEX"]);
 }
 
@@ -114,7 +176,10 @@ fn trainer_names_a_damaged_or_missing_shard() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&shard, &bytes).unwrap();
-    v.fails(v.trainer(1, 1, &[]), &["shard-00001.parquet", "does not match the data manifest"]);
+    v.fails(
+        v.trainer(1, 1, &[]),
+        &["shard-00001.parquet", "does not match the data manifest"],
+    );
     std::fs::remove_file(&shard).unwrap();
     v.fails(v.trainer(1, 1, &[]), &["shard-00001.parquet"]);
     assert!(!v.layout.update(1, 1).exists());
@@ -125,10 +190,24 @@ fn trainer_refuses_a_review_file_of_the_wrong_schema() {
     use polars::prelude::{Column, DataFrame, ParquetWriter};
     let v = Volume::new();
     let bad = v.root.join("wrong.parquet");
-    let mut df = DataFrame::new(1, vec![Column::new("review".into(), ["great"]), Column::new("stars".into(), [9u8])]).unwrap();
-    ParquetWriter::new(std::fs::File::create(&bad).unwrap()).finish(&mut df).unwrap();
+    let mut df = DataFrame::new(
+        1,
+        vec![
+            Column::new("review".into(), ["great"]),
+            Column::new("stars".into(), [9u8]),
+        ],
+    )
+    .unwrap();
+    ParquetWriter::new(std::fs::File::create(&bad).unwrap())
+        .finish(&mut df)
+        .unwrap();
     let out = v.root.join("m.safetensors");
-    let (o, log) = run(bin("trainer").arg("--data").arg(&bad).arg("--savemodel").arg(&out).args(["--hash-bits", "12"]));
+    let (o, log) = run(bin("trainer")
+        .arg("--data")
+        .arg(&bad)
+        .arg("--savemodel")
+        .arg(&out)
+        .args(["--hash-bits", "12"]));
     v.fails((o, log), &["wrong.parquet", "columns are"]);
     assert!(!out.exists());
 }
@@ -136,26 +215,44 @@ fn trainer_refuses_a_review_file_of_the_wrong_schema() {
 #[test]
 fn trainer_names_a_missing_damaged_or_mismatched_global_model() {
     let v = Volume::new();
-    v.fails(v.trainer(2, 0, &[]), &["global model of round 1 is missing or damaged", "round-0001"]);
+    v.fails(
+        v.trainer(2, 0, &[]),
+        &[
+            "global model of round 1 is missing or damaged",
+            "round-0001",
+        ],
+    );
 
     let global = v.layout.global_model(0);
     let good = std::fs::read(&global).unwrap();
     std::fs::write(&global, &good[..good.len() / 2]).unwrap();
-    v.fails(v.trainer(1, 0, &[]), &["round-0000/global.safetensors", "truncated or corrupt"]);
+    v.fails(
+        v.trainer(1, 0, &[]),
+        &["round-0000/global.safetensors", "truncated or corrupt"],
+    );
 
     // A worker update where the global model should be.
     std::fs::write(&global, &good).unwrap();
     v.ok(v.trainer(1, 0, &[]));
     std::fs::copy(v.layout.update(1, 0), v.layout.global_model(1)).unwrap();
-    v.fails(v.trainer(2, 0, &[]), &["round 1 has no readable report", "re-run its aggregator"]);
+    v.fails(
+        v.trainer(2, 0, &[]),
+        &["round 1 has no readable report", "re-run its aggregator"],
+    );
     v.reseal_global(1);
-    v.fails(v.trainer(2, 0, &[]), &["round-0001/global.safetensors is a Update file, expected kind Model"]);
+    v.fails(
+        v.trainer(2, 0, &[]),
+        &["round-0001/global.safetensors is a Update file, expected kind Model"],
+    );
 }
 
 #[test]
 fn trainer_fails_on_divergence_and_never_writes_a_nan_model() {
     let v = Volume::new();
-    v.fails(v.trainer(1, 0, &["--lr", "3e38"]), &["training diverged", "Lower --lr"]);
+    v.fails(
+        v.trainer(1, 0, &["--lr", "3e38"]),
+        &["training diverged", "Lower --lr"],
+    );
     assert!(!v.layout.update(1, 0).exists());
     assert!(!v.layout.update_report(1, 0).exists());
 }
@@ -163,11 +260,24 @@ fn trainer_fails_on_divergence_and_never_writes_a_nan_model() {
 #[test]
 fn aggregator_names_missing_updates_and_empty_rounds() {
     let v = Volume::new();
-    v.fails(v.aggregator(1, &[]), &["no worker updates in", "round-0001/updates"]);
+    v.fails(
+        v.aggregator(1, &[]),
+        &["no worker updates in", "round-0001/updates"],
+    );
     v.ok(v.trainer(1, 0, &[]));
-    v.fails(v.aggregator(1, &[]), &["round 1 has 1 of 2 expected worker updates", "missing", "shard-00001.safetensors"]);
+    v.fails(
+        v.aggregator(1, &[]),
+        &[
+            "round 1 has 1 of 2 expected worker updates",
+            "missing",
+            "shard-00001.safetensors",
+        ],
+    );
     assert!(!v.layout.global_model(1).exists());
-    v.fails(v.aggregator(1, &["--expect", "3"]), &["--expect 3 is more than the 2 shards"]);
+    v.fails(
+        v.aggregator(1, &["--expect", "3"]),
+        &["--expect 3 is more than the 2 shards"],
+    );
 }
 
 #[test]
@@ -179,9 +289,23 @@ fn aggregator_refuses_duplicates_foreign_and_non_finite_updates() {
     let good1 = std::fs::read(&u1).unwrap();
 
     std::fs::copy(&u0, &u1).unwrap();
-    v.fails(v.aggregator(1, &[]), &["shard-00001.safetensors does not match its checksum", "shard-00001.json records"]);
+    v.fails(
+        v.aggregator(1, &[]),
+        &[
+            "shard-00001.safetensors does not match its checksum",
+            "shard-00001.json records",
+        ],
+    );
     v.reseal_update(1, 1);
-    v.fails(v.aggregator(1, &[]), &["refusing", "shard-00001.safetensors", "duplicate of", "shard-00000.safetensors"]);
+    v.fails(
+        v.aggregator(1, &[]),
+        &[
+            "refusing",
+            "shard-00001.safetensors",
+            "duplicate of",
+            "shard-00000.safetensors",
+        ],
+    );
 
     // An update whose values are not finite: patch the last f32 of the file to NaN.
     let mut nan = good1.clone();
@@ -189,7 +313,10 @@ fn aggregator_refuses_duplicates_foreign_and_non_finite_updates() {
     nan[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
     std::fs::write(&u1, &nan).unwrap();
     v.reseal_update(1, 1);
-    v.fails(v.aggregator(1, &[]), &["shard-00001.safetensors", "non-finite"]);
+    v.fails(
+        v.aggregator(1, &[]),
+        &["shard-00001.safetensors", "non-finite"],
+    );
 
     // An update trained from another global model.
     std::fs::write(&u1, &good1).unwrap();
@@ -198,24 +325,53 @@ fn aggregator_refuses_duplicates_foreign_and_non_finite_updates() {
     let mut g = Checkpoint::load_kind(&global, Kind::Model).unwrap();
     g.tensors.get_mut("linear.bias").unwrap()[0] += 1.0;
     g.save(&global).unwrap();
-    v.fails(v.aggregator(1, &[]), &["round-0000/global.safetensors does not match its checksum"]);
+    v.fails(
+        v.aggregator(1, &[]),
+        &["round-0000/global.safetensors does not match its checksum"],
+    );
     v.reseal_global(0);
-    v.fails(v.aggregator(1, &[]), &["refusing", "trained from another global model", "round-0000/global.safetensors"]);
+    v.fails(
+        v.aggregator(1, &[]),
+        &[
+            "refusing",
+            "trained from another global model",
+            "round-0000/global.safetensors",
+        ],
+    );
     assert!(!v.layout.global_model(1).exists());
 }
 
 #[test]
 fn aggregator_refuses_updates_of_another_config() {
     let v = Volume::new();
-    let (out, log) = run(bin("trainer").arg("--root").arg(&v.root).args(["--round", "0", "--shard", "1", "--hash-bits", "13"]));
+    let (out, log) = run(bin("trainer").arg("--root").arg(&v.root).args([
+        "--round",
+        "0",
+        "--shard",
+        "1",
+        "--hash-bits",
+        "13",
+    ]));
     assert!(out.status.success(), "{log}");
-    v.fails(v.aggregator(0, &[]), &["refusing", "shard-00001.safetensors", "model config", "differs"]);
+    v.fails(
+        v.aggregator(0, &[]),
+        &[
+            "refusing",
+            "shard-00001.safetensors",
+            "model config",
+            "differs",
+        ],
+    );
 }
 
 #[test]
 fn aggregator_original_form_refuses_an_empty_folder() {
     let dir = tempfile::tempdir().unwrap();
-    let (out, log) = run(bin("aggregator").arg("--dir").arg(dir.path()).arg("--savefile").arg(dir.path().join("o.safetensors")));
+    let (out, log) = run(bin("aggregator")
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("--savefile")
+        .arg(dir.path().join("o.safetensors")));
     assert!(!out.status.success());
     assert!(log.contains("no model files"), "{log}");
     assert!(!Path::new(&dir.path().join("o.safetensors")).exists());
@@ -224,8 +380,20 @@ fn aggregator_original_form_refuses_an_empty_folder() {
 #[test]
 fn volume_commands_without_data_say_to_run_the_copier() {
     let dir = tempfile::tempdir().unwrap();
-    let (out, log) = run(bin("trainer").arg("--root").arg(dir.path()).args(["--round", "0", "--shard", "0"]));
-    assert!(!out.status.success() && log.contains("run the copier first"), "{log}");
-    let (out, log) = run(bin("aggregator").arg("--root").arg(dir.path()).args(["--round", "0"]));
-    assert!(!out.status.success() && log.contains("run the copier first"), "{log}");
+    let (out, log) = run(bin("trainer")
+        .arg("--root")
+        .arg(dir.path())
+        .args(["--round", "0", "--shard", "0"]));
+    assert!(
+        !out.status.success() && log.contains("run the copier first"),
+        "{log}"
+    );
+    let (out, log) = run(bin("aggregator")
+        .arg("--root")
+        .arg(dir.path())
+        .args(["--round", "0"]));
+    assert!(
+        !out.status.success() && log.contains("run the copier first"),
+        "{log}"
+    );
 }

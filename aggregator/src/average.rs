@@ -19,7 +19,10 @@ impl WeightedSum {
     /// Adds every tensor of `ck` with weight `weight`. The first checkpoint fixes names and
     /// shapes; later ones must match.
     pub fn add(&mut self, ck: &Checkpoint, weight: f64) -> Result<()> {
-        ensure!(weight > 0.0, "an update with {weight} samples cannot be averaged");
+        ensure!(
+            weight > 0.0,
+            "an update with {weight} samples cannot be averaged"
+        );
         if self.sums.is_empty() {
             for (name, v) in &ck.tensors {
                 self.sums.insert(name.clone(), vec![0.0; v.len()]);
@@ -27,10 +30,18 @@ impl WeightedSum {
         }
         let names: Vec<&String> = ck.tensors.keys().collect();
         let expect: Vec<&String> = self.sums.keys().collect();
-        ensure!(names == expect, "tensors {names:?} differ from the first update's {expect:?}");
+        ensure!(
+            names == expect,
+            "tensors {names:?} differ from the first update's {expect:?}"
+        );
         for (name, v) in &ck.tensors {
             let sum = self.sums.get_mut(name).expect("names checked");
-            ensure!(sum.len() == v.len(), "tensor `{name}` has {} values, the first update's has {}", v.len(), sum.len());
+            ensure!(
+                sum.len() == v.len(),
+                "tensor `{name}` has {} values, the first update's has {}",
+                v.len(),
+                sum.len()
+            );
             for (s, &x) in sum.iter_mut().zip(v) {
                 *s += weight * x as f64;
             }
@@ -42,7 +53,10 @@ impl WeightedSum {
     /// The weighted mean of each tensor.
     pub fn mean(self) -> BTreeMap<String, Vec<f32>> {
         let w = self.total_weight;
-        self.sums.into_iter().map(|(k, v)| (k, v.into_iter().map(|s| (s / w) as f32).collect())).collect()
+        self.sums
+            .into_iter()
+            .map(|(k, v)| (k, v.into_iter().map(|s| (s / w) as f32).collect()))
+            .collect()
     }
 }
 
@@ -57,7 +71,11 @@ mod tests {
         c.featurizer.hash_bits = 10;
         Checkpoint {
             header: Header::new(Kind::Update, c, 1),
-            tensors: BTreeMap::from([("linear.bias".into(), vec![w]), ("linear.weight".into(), vec![w; 1024])]),
+            tensors: BTreeMap::from([
+                ("linear.bias".into(), vec![w]),
+                ("linear.weight".into(), vec![w; 1024]),
+            ]),
+            index: Vec::new(),
             sha256: String::new(),
         }
     }

@@ -12,9 +12,17 @@ pub fn evaluate(scorer: &Scorer, data: &Featurized) -> Metrics {
         let hs: Vec<_> = data
             .features
             .chunks(chunk)
-            .map(|part| s.spawn(move || part.iter().map(|f| scorer.probability(f)).collect::<Vec<_>>()))
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|f| scorer.probability(f))
+                        .collect::<Vec<_>>()
+                })
+            })
             .collect();
-        hs.into_iter().flat_map(|h| h.join().expect("scoring thread panicked")).collect()
+        hs.into_iter()
+            .flat_map(|h| h.join().expect("scoring thread panicked"))
+            .collect()
     });
     Metrics::compute(&probs, &data.labels)
 }

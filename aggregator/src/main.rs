@@ -73,10 +73,15 @@ impl Args {
         match (self.strategy, self.trim) {
             (StrategyName::Fedavg, None) => Ok(Strategy::FedAvg),
             (StrategyName::Median, None) => Ok(Strategy::Median),
-            (StrategyName::TrimmedMean, trim) => Ok(Strategy::TrimmedMean { trim: trim.unwrap_or(DEFAULT_TRIM) }),
+            (StrategyName::TrimmedMean, trim) => Ok(Strategy::TrimmedMean {
+                trim: trim.unwrap_or(DEFAULT_TRIM),
+            }),
             (other, Some(_)) => Err(format!(
                 "--trim only applies to --strategy trimmed-mean, not {}",
-                other.to_possible_value().expect("no skipped variants").get_name()
+                other
+                    .to_possible_value()
+                    .expect("no skipped variants")
+                    .get_name()
             )),
         }
     }
@@ -84,7 +89,9 @@ impl Args {
     /// The quorum asked for, with the flag that asked for it (`--min-workers`, or its old
     /// name `--expect`), so that messages name what the user typed.
     pub fn min_workers(&self) -> Option<(usize, &'static str)> {
-        self.min_workers.map(|m| (m, "--min-workers")).or(self.expect.map(|m| (m, "--expect")))
+        self.min_workers
+            .map(|m| (m, "--min-workers"))
+            .or(self.expect.map(|m| (m, "--expect")))
     }
 }
 
@@ -101,18 +108,29 @@ fn main() -> std::process::ExitCode {
     fedimdb::logging::run_main(|| {
         let args = Args::parse();
         if let Err(e) = args.strategy() {
-            Args::command().error(clap::error::ErrorKind::ArgumentConflict, e).exit();
+            Args::command()
+                .error(clap::error::ErrorKind::ArgumentConflict, e)
+                .exit();
         }
         if let Some(root) = &args.root {
-            let Some(round) = args.round else { bail!("--root needs --round R") };
+            let Some(round) = args.round else {
+                bail!("--root needs --round R")
+            };
             if args.expect == Some(0) {
                 bail!("--expect must be at least 1");
             }
             run::volume(root, round, &args)
         } else if let (Some(dir), Some(out)) = (&args.dir, &args.savefile) {
-            run::original(dir, out, args.test.as_deref(), args.strategy().map_err(anyhow::Error::msg)?)
+            run::original(
+                dir,
+                out,
+                args.test.as_deref(),
+                args.strategy().map_err(anyhow::Error::msg)?,
+            )
         } else {
-            bail!("say what to aggregate: --root ROOT --round R, or --dir WORKERS_DIR --savefile OUT")
+            bail!(
+                "say what to aggregate: --root ROOT --round R, or --dir WORKERS_DIR --savefile OUT"
+            )
         }
     })
 }

@@ -7,14 +7,20 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use fedimdb::atomic::{is_temp_name, write_bytes_atomic, write_json_atomic};
-use fedimdb::checkpoint::{Checkpoint, Header, Kind, ModelCard, RoundPoint};
+use fedimdb::checkpoint::{
+    Checkpoint, GRAD_BIAS, GRAD_WEIGHT, Header, Kind, ModelCard, RoundPoint,
+};
+use fedimdb::control::{Control, initial_gradient, worker_control};
 use fedimdb::dataset::{Featurized, featurize_all, load_reviews};
 use fedimdb::layout::Layout;
 use fedimdb::manifest::DataManifest;
 use fedimdb::metrics::Metrics;
-use fedimdb::model::{ClassCounts, Model, ModelConfig};
+use fedimdb::model::{BIAS, ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
 use fedimdb::report::{LatestCard, RoundReport, utc_now};
-use fedimdb::verify::{check_latest, check_round, ensure_sha, load_global, load_update};
+use fedimdb::train::{Drift, TrainConfig};
+use fedimdb::verify::{
+    check_latest, check_round, ensure_sha, load_control, load_global, load_update,
+};
 use tracing::{info, warn};
 
 use crate::Args;
@@ -37,12 +43,18 @@ fn list_updates(dir: &Path) -> Result<BTreeMap<usize, PathBuf>> {
             continue;
         }
         let Some(shard) = Layout::parse_shard_name(&name) else {
-            bail!("{} is not a worker update name (expected shard-NNNNN.safetensors); remove it", entry.path().display());
+            bail!(
+                "{} is not a worker update name (expected shard-NNNNN.safetensors); remove it",
+                entry.path().display()
+            );
         };
         // The trainer writes its report (holding the update's checksum) after the update:
         // an update without one is from a trainer that died, and cannot be verified.
         if !entry.path().with_extension("json").exists() {
-            warn!("{} has no report next to it (its trainer did not finish); not using it", entry.path().display());
+            warn!(
+                "{} has no report next to it (its trainer did not finish); not using it",
+                entry.path().display()
+            );
             continue;
         }
         out.insert(shard, entry.path());
@@ -50,14 +62,110 @@ fn list_updates(dir: &Path) -> Result<BTreeMap<usize, PathBuf>> {
     Ok(out)
 }
 
-/// Volume form: aggregate round `round` and publish the result.
+/// Volume form: aggregate round `round` and publish the result, as four steps: find the
+/// round's finished updates, combine them (and the control variates) into the next global
+/// model, evaluate it, write and publish the round.
 pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
     let start = Instant::now();
     let layout = Layout::new(root);
-    let manifest = DataManifest::read(&layout.data_manifest())
-        .with_context(|| format!("no complete data under {}: run the copier first", root.display()))?;
+    let manifest = DataManifest::read(&layout.data_manifest()).with_context(|| {
+        format!(
+            "no complete data under {}: run the copier first",
+            root.display()
+        )
+    })?;
     let strategy = args.strategy().map_err(anyhow::Error::msg)?;
-    let (quorum, flag) = args.min_workers().unwrap_or((manifest.workers, "--min-workers"));
+    let (updates, missing) = find_updates(&layout, &manifest, round, args)?;
+    if round == 0 && strategy != Strategy::FedAvg {
+        // A count sum is not an average: robust statistics of counts is future work.
+        info!(%strategy, "round 0 sums the workers' feature counts whatever the strategy; it applies from round 1");
+    }
+    let base = match round.checked_sub(1) {
+        Some(prev) => Some(
+            load_global(&layout, prev)
+                .with_context(|| format!("cannot aggregate round {round}: the global model of round {prev} is missing or damaged"))?
+                .0,
+        ),
+        None => None,
+    };
+    let label = if round == 0 {
+        "sum".to_owned()
+    } else {
+        strategy.to_string()
+    };
+    if args.resume
+        && up_to_date(
+            &layout,
+            round,
+            base.as_ref().map(|b| b.sha256.as_str()),
+            &label,
+            &updates,
+        )?
+    {
+        return Ok(());
+    }
+    let test_path = layout.test_set();
+    // The test set is featurised on its own threads while the updates are read and combined.
+    let base_sha256 = base.as_ref().map(|b| b.sha256.clone());
+    let (combined, test) = std::thread::scope(|scope| -> Result<_> {
+        let mut test_job = None;
+        let mut start_test = |config: ModelConfig| {
+            let (path, entry) = (&test_path, &manifest.test);
+            test_job.get_or_insert_with(|| {
+                scope.spawn(move || -> Result<Featurized> {
+                    Ok(featurize_all(
+                        &load_reviews(path, Some(entry))?,
+                        config.featurizer,
+                    ))
+                })
+            });
+        };
+        let combined = match base {
+            None => combine_statistics(&layout, &manifest, &updates, &mut start_test)?,
+            Some(base) => {
+                start_test(base.header.config);
+                combine_updates(&layout, &manifest, round, base, &updates, strategy)?
+            }
+        };
+        let test = test_job
+            .take()
+            .expect("started with the config")
+            .join()
+            .expect("test featurizer panicked")?;
+        Ok((combined, test))
+    })?;
+    let metrics = evaluate(&combined.model.scorer()?, &test);
+    info!(
+        round,
+        accuracy = format!("{:.4}", metrics.accuracy),
+        "evaluated on the test set"
+    );
+    write_round(
+        &layout,
+        &manifest,
+        round,
+        combined,
+        metrics,
+        RoundFacts {
+            label,
+            missing,
+            base_sha256,
+            start,
+        },
+    )
+}
+
+/// A round's finished updates by shard, and the shards of the manifest without one. Fails
+/// below the quorum, naming the missing files.
+fn find_updates(
+    layout: &Layout,
+    manifest: &DataManifest,
+    round: u32,
+    args: &Args,
+) -> Result<(BTreeMap<usize, PathBuf>, Vec<usize>)> {
+    let (quorum, flag) = args
+        .min_workers()
+        .unwrap_or((manifest.workers, "--min-workers"));
     ensure!(
         quorum <= manifest.workers,
         "{flag} {quorum} is more than the {} shards in the data manifest",
@@ -66,13 +174,28 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
     let dir = layout.updates_dir(round);
     let updates = list_updates(&dir)?;
     if updates.is_empty() {
-        bail!("no worker updates in {} (empty or missing folder): run the round's trainers first", dir.display());
+        bail!(
+            "no worker updates in {} (empty or missing folder): run the round's trainers first",
+            dir.display()
+        );
     }
     if let Some((&extra, path)) = updates.iter().find(|(s, _)| **s >= manifest.workers) {
-        bail!("{} is for shard {extra}, but the data has only {} shards", path.display(), manifest.workers);
+        bail!(
+            "{} is for shard {extra}, but the data has only {} shards",
+            path.display(),
+            manifest.workers
+        );
     }
-    let missing: Vec<usize> = (0..manifest.workers).filter(|s| !updates.contains_key(s)).collect();
-    let missing_names = || missing.iter().map(|&s| layout.update(round, s).display().to_string()).collect::<Vec<_>>().join(", ");
+    let missing: Vec<usize> = (0..manifest.workers)
+        .filter(|s| !updates.contains_key(s))
+        .collect();
+    let missing_names = || {
+        missing
+            .iter()
+            .map(|&s| layout.update(round, s).display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     if updates.len() < quorum {
         bail!(
             "round {round} has {} of {} expected worker updates, fewer than the quorum of {quorum} ({flag}); missing: {}",
@@ -89,109 +212,314 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
             missing_names()
         );
     }
-    if round == 0 && strategy != Strategy::FedAvg {
-        // A count sum is not an average: robust statistics of counts is future work.
-        info!(%strategy, "round 0 sums the workers' feature counts whatever the strategy; it applies from round 1");
-    }
+    Ok((updates, missing))
+}
 
-    let base = match round.checked_sub(1) {
-        Some(prev) => Some(
-            load_global(&layout, prev)
-                .with_context(|| format!("cannot aggregate round {round}: the global model of round {prev} is missing or damaged"))?
-                .0,
-        ),
-        None => None,
-    };
-    let label = if round == 0 { "sum".to_owned() } else { strategy.to_string() };
-    if args.resume && up_to_date(&layout, round, base.as_ref().map(|b| b.sha256.as_str()), &label, &updates)? {
-        return Ok(());
+/// What a round combined: the new global model, the control variate for the next round,
+/// and per combined update its sample count, checksum and size.
+struct Combined {
+    model: Checkpoint,
+    shards: Vec<usize>,
+    control: Control,
+    samples: Vec<u64>,
+    update_sha256: Vec<String>,
+    update_bytes: Vec<u64>,
+}
+
+/// Loads a worker's file of `round`, verified, and refuses one that is not the shard's own
+/// work of this round.
+fn load_checked(
+    layout: &Layout,
+    manifest: &DataManifest,
+    round: u32,
+    shard: usize,
+    kind: Kind,
+    seen: &mut BTreeMap<String, usize>,
+) -> Result<(Checkpoint, u64)> {
+    let path = layout.update(round, shard);
+    let (ck, report) = load_update(layout, round, shard, kind)?;
+    let h = &ck.header;
+    let why = |msg: String| anyhow::anyhow!("refusing {}: {msg}", path.display());
+    if let Some(first) = seen.insert(ck.sha256.clone(), shard) {
+        return Err(why(format!(
+            "it is a duplicate of {} (same bytes)",
+            layout.update(round, first).display()
+        )));
     }
-    let want_kind = if round == 0 { Kind::Stats } else { Kind::Update };
-    let test_path = layout.test_set();
-    // The test set is featurised on its own threads while the updates are read and summed.
-    let base_sha256 = base.as_ref().map(|b| b.sha256.clone());
-    let (model, metrics, samples, update_sha256) = std::thread::scope(|scope| -> Result<_> {
-        let mut test_job = None;
-        let start_test = |config: ModelConfig| {
-            let (path, entry) = (&test_path, &manifest.test);
-            scope.spawn(move || -> Result<Featurized> { Ok(featurize_all(&load_reviews(path, Some(entry))?, config.featurizer)) })
-        };
-        let mut config: Option<ModelConfig> = base.as_ref().map(|b| b.header.config);
-        if let Some(c) = config {
-            test_job = Some(start_test(c));
+    if h.round != round {
+        return Err(why(format!(
+            "it is an update of round {}, not round {round}",
+            h.round
+        )));
+    }
+    if h.shard != Some(shard) {
+        return Err(why(format!(
+            "its header says shard {:?}, its name says shard {shard}",
+            h.shard
+        )));
+    }
+    let rows = manifest.shards[shard].rows as u64;
+    if h.samples != rows {
+        return Err(why(format!(
+            "it was trained on {} reviews, the manifest's shard has {rows}",
+            h.samples
+        )));
+    }
+    Ok((ck, report.bytes))
+}
+
+/// Round 0: the workers' counts summed into the first global model, and the first control
+/// variate (the gradient at that model, from the same counts).
+fn combine_statistics(
+    layout: &Layout,
+    manifest: &DataManifest,
+    updates: &BTreeMap<usize, PathBuf>,
+    start_test: &mut impl FnMut(ModelConfig),
+) -> Result<Combined> {
+    let (mut total, mut config): (Option<ClassCounts>, Option<ModelConfig>) = (None, None);
+    let (mut samples, mut update_sha256, mut update_bytes, mut seen) =
+        (Vec::new(), Vec::new(), Vec::new(), BTreeMap::new());
+    for &shard in updates.keys() {
+        let (ck, bytes) = load_checked(layout, manifest, 0, shard, Kind::Stats, &mut seen)?;
+        let path = layout.update(0, shard);
+        match config {
+            Some(c) if c != ck.header.config => {
+                bail!(
+                    "refusing {}: its model config {:?} differs from the round's {c:?}",
+                    path.display(),
+                    ck.header.config
+                )
+            }
+            Some(_) => {}
+            None => {
+                config = Some(ck.header.config);
+                start_test(ck.header.config);
+            }
         }
-        let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
-        let mut sum = Combiner::new(strategy);
-        let mut counts: Option<ClassCounts> = None;
-        let mut samples = Vec::new();
-        let mut update_sha256 = Vec::new();
-        for (&shard, path) in &updates {
-            let (ck, _) = load_update(&layout, round, shard, want_kind)?;
-            let h = &ck.header;
-            let why = |msg: String| anyhow::anyhow!("refusing {}: {msg}", path.display());
-            if let Some(first) = seen.insert(ck.sha256.clone(), path.clone()) {
-                return Err(why(format!("it is a duplicate of {} (same bytes)", first.display())));
-            }
-            if h.round != round {
-                return Err(why(format!("it is an update of round {}, not round {round}", h.round)));
-            }
-            if h.shard != Some(shard) {
-                return Err(why(format!("its header says shard {:?}, its name says shard {shard}", h.shard)));
-            }
-            match config {
-                Some(c) if c != h.config => {
-                    return Err(why(format!("its model config {:?} differs from the round's {:?}", h.config, c)));
-                }
-                Some(_) => {}
-                None => {
-                    config = Some(h.config);
-                    test_job = Some(start_test(h.config));
-                }
-            }
-            let rows = manifest.shards[shard].rows as u64;
-            if h.samples != rows {
-                return Err(why(format!("it was trained on {} reviews, the manifest's shard has {rows}", h.samples)));
-            }
-            if let Some(b) = &base
-                && h.base_sha256.as_deref() != Some(b.sha256.as_str())
-            {
+        let counts = ck
+            .to_counts()
+            .with_context(|| format!("refusing {}", path.display()))?;
+        match &mut total {
+            Some(t) => t.add(&counts),
+            None => total = Some(counts),
+        }
+        samples.push(ck.header.samples);
+        update_sha256.push(ck.sha256.clone());
+        update_bytes.push(bytes);
+        info!(shard, samples = ck.header.samples, "statistics accepted");
+    }
+    let (total, config) = (
+        total.expect("at least one update"),
+        config.expect("at least one update"),
+    );
+    let model = Model::from_counts(config, &total)?;
+    let ratio = model.nb_ratio.to_vec1::<f32>()?;
+    let (weight, bias) = initial_gradient(&total, &ratio, total.prior());
+    let control = Control {
+        weight,
+        bias,
+        sources: vec![0; manifest.workers],
+        samples: total.n_pos + total.n_neg,
+        positive: total.n_pos,
+    };
+    let model = Checkpoint::from_model(&model, Header::new(Kind::Model, config, 0))?;
+    Ok(Combined {
+        model,
+        shards: updates.keys().copied().collect(),
+        control,
+        samples,
+        update_sha256,
+        update_bytes,
+    })
+}
+
+/// Rounds ≥ 1: each worker's trained weights, completed where its sparse update is silent
+/// by the drift every untouched bucket took ([`Drift`]), combined with `strategy`; and the
+/// control variate as the sample-weighted mean of every shard's newest gradient.
+fn combine_updates(
+    layout: &Layout,
+    manifest: &DataManifest,
+    round: u32,
+    mut base: Checkpoint,
+    updates: &BTreeMap<usize, PathBuf>,
+    strategy: Strategy,
+) -> Result<Combined> {
+    let prev = round - 1;
+    let (prev_control, prev_control_sha) =
+        load_control(layout, prev).with_context(|| format!("cannot aggregate round {round}: the control variate of round {prev} is missing or damaged"))?;
+    let config = base.header.config;
+    let x = base.take_tensor(WEIGHT)?;
+    let ratio = base.tensor(NB_RATIO).to_vec();
+    let n_total = manifest.train_rows() as f64;
+    let mut sum = Combiner::new(strategy);
+    let mut controls = ControlSum::new(config.dim());
+    let (mut samples, mut update_sha256, mut update_bytes, mut seen) =
+        (Vec::new(), Vec::new(), Vec::new(), BTreeMap::new());
+    let mut sources = prev_control.sources.clone();
+    for &shard in updates.keys() {
+        let (ck, bytes) = load_checked(layout, manifest, round, shard, Kind::Update, &mut seen)?;
+        let path = layout.update(round, shard);
+        let why = |msg: String| anyhow::anyhow!("refusing {}: {msg}", path.display());
+        let h = &ck.header;
+        if h.config != config {
+            return Err(why(format!(
+                "its model config {:?} differs from the round's {config:?}",
+                h.config
+            )));
+        }
+        if h.base_sha256.as_deref() != Some(base.sha256.as_str()) {
+            return Err(why(format!(
+                "it was trained from another global model than {}",
+                layout.global_model(prev).display()
+            )));
+        }
+        let tc: TrainConfig = serde_json::from_value(
+            h.train
+                .clone()
+                .ok_or_else(|| why("its header has no training config".into()))?,
+        )
+        .map_err(|e| why(format!("its training config is unreadable: {e}")))?;
+        // The correction the worker applied to every bucket it never read.
+        let d: Option<&[f32]> = match &h.control_sha256 {
+            Some(sha) if *sha == prev_control_sha => Some(&prev_control.weight),
+            Some(_) => {
                 return Err(why(format!(
-                    "it was trained from another global model than {}",
-                    layout.input_model(round).unwrap().display()
+                    "it was corrected with another control variate than {}",
+                    layout.control(prev).display()
                 )));
             }
-            if round == 0 {
-                let c = ck.to_counts().map_err(|e| why(e.to_string()))?;
-                match &mut counts {
-                    Some(total) => total.add(&c),
-                    None => counts = Some(c),
-                }
-            } else {
-                sum.add(&ck, h.samples as f64).map_err(|e| why(e.to_string()))?;
-            }
-            samples.push(h.samples);
-            update_sha256.push(ck.sha256.clone());
-            info!(shard, samples = h.samples, "update accepted");
-        }
-        let config = config.expect("at least one update");
-        let model = match (base, counts) {
-            (None, Some(total)) => Checkpoint::from_model(&Model::from_counts(config, &total)?, Header::new(Kind::Model, config, round))?,
-            (Some(mut ck), _) => {
-                for (name, v) in sum.combine()? {
-                    ck.tensors.insert(name, v);
-                }
-                ck
-            }
-            (None, None) => unreachable!("round 0 sums counts"),
+            None => None,
         };
-        let test = test_job.expect("started with the config").join().expect("test featurizer panicked")?;
-        let metrics = evaluate(&model.scorer()?, &test);
-        Ok((model, metrics, samples, update_sha256))
-    })?;
-    info!(round, accuracy = format!("{:.4}", metrics.accuracy), "evaluated on the test set");
+        let drift = Drift::new(tc.steps_for(h.samples as usize), tc.lr, tc.schedule);
+        let mut weight: Vec<f32> = match d {
+            Some(d) => x
+                .iter()
+                .zip(d)
+                .map(|(&w, &d)| drift.apply(w, d, 0, drift.steps()))
+                .collect(),
+            None => x.clone(),
+        };
+        for (&j, &v) in ck.index.iter().zip(ck.tensor(WEIGHT)) {
+            weight[j as usize] = v;
+        }
+        let dense = Checkpoint::dense(
+            Kind::Update,
+            ck.header.clone(),
+            [(WEIGHT, weight), (BIAS, vec![ck.tensor(BIAS)[0]])],
+        );
+        sum.add(&dense, h.samples as f64)
+            .map_err(|e| why(e.to_string()))?;
+        controls.add_sparse(
+            &ck.index,
+            ck.tensor(GRAD_WEIGHT),
+            ck.tensor(GRAD_BIAS)[0],
+            h.samples as f64 / n_total,
+        );
+        sources[shard] = round;
+        samples.push(h.samples);
+        update_sha256.push(ck.sha256.clone());
+        update_bytes.push(bytes);
+        info!(shard, samples = h.samples, bytes, "update accepted");
+    }
+    // A shard missing from this round keeps its newest gradient in the control variate.
+    for shard in (0..manifest.workers).filter(|s| !updates.contains_key(s)) {
+        let (g, g_bias) = worker_control(layout, &prev_control, shard, &ratio)?;
+        controls.add_dense(&g, g_bias, manifest.shards[shard].rows as f64 / n_total);
+    }
+    let (weight, bias) = controls.finish();
+    let control = Control {
+        weight,
+        bias,
+        sources,
+        samples: prev_control.samples,
+        positive: prev_control.positive,
+    };
+    for (name, v) in sum.combine()? {
+        base.tensors.insert(name, v);
+    }
+    Ok(Combined {
+        model: base,
+        shards: updates.keys().copied().collect(),
+        control,
+        samples,
+        update_sha256,
+        update_bytes,
+    })
+}
 
-    let mut history = model.header.card.as_ref().map(|c| c.history.clone()).unwrap_or_default();
-    history.push(RoundPoint { round, test_accuracy: metrics.accuracy });
+/// A running weighted sum of control variates, in f64.
+struct ControlSum {
+    weight: Vec<f64>,
+    bias: f64,
+}
+
+impl ControlSum {
+    fn new(dim: usize) -> Self {
+        Self {
+            weight: vec![0.0; dim],
+            bias: 0.0,
+        }
+    }
+
+    fn add_sparse(&mut self, index: &[u32], values: &[f32], bias: f32, p: f64) {
+        for (&j, &v) in index.iter().zip(values) {
+            self.weight[j as usize] += p * v as f64;
+        }
+        self.bias += p * bias as f64;
+    }
+
+    fn add_dense(&mut self, values: &[f32], bias: f32, p: f64) {
+        for (s, &v) in self.weight.iter_mut().zip(values) {
+            *s += p * v as f64;
+        }
+        self.bias += p * bias as f64;
+    }
+
+    fn finish(self) -> (Vec<f32>, f32) {
+        (
+            self.weight.into_iter().map(|x| x as f32).collect(),
+            self.bias as f32,
+        )
+    }
+}
+
+/// What the round report says besides what was combined.
+struct RoundFacts {
+    label: String,
+    missing: Vec<usize>,
+    base_sha256: Option<String>,
+    start: Instant,
+}
+
+/// Writes the round: the global model, the control variate, then the report holding both
+/// checksums, then the published copy. A reader checks each file against the record written
+/// after it.
+fn write_round(
+    layout: &Layout,
+    manifest: &DataManifest,
+    round: u32,
+    combined: Combined,
+    metrics: Metrics,
+    facts: RoundFacts,
+) -> Result<()> {
+    let Combined {
+        model,
+        shards,
+        control,
+        samples,
+        update_sha256,
+        update_bytes,
+    } = combined;
+    let mut history = model
+        .header
+        .card
+        .as_ref()
+        .map(|c| c.history.clone())
+        .unwrap_or_default();
+    history.push(RoundPoint {
+        round,
+        test_accuracy: metrics.accuracy,
+    });
     let card = ModelCard {
         workers: manifest.workers,
         partition: manifest.partition.to_string(),
@@ -200,32 +528,49 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
         history,
         metrics: metrics.to_map(),
     };
-    let mut header = Header::new(Kind::Model, model.header.config, round);
+    let config = model.header.config;
+    let mut header = Header::new(Kind::Model, config, round);
     header.samples = card.train_samples;
     header.card = Some(card.clone());
     let bytes = Checkpoint { header, ..model }.to_bytes()?;
     let sha = fedimdb::digest::sha256_bytes(&bytes);
-    // The model, then the report holding its checksum, then the published copy: a reader
-    // checks each file against the record written after it.
     write_bytes_atomic(&layout.global_model(round), &bytes)?;
     fedimdb::fault::point(&format!("aggregator:{round}:global-written"));
+    let control_sha256 = control
+        .to_checkpoint(config, round)
+        .save(&layout.control(round))?;
     let report = RoundReport {
         round,
-        strategy: if round == 0 { "sum".to_owned() } else { strategy.to_string() },
-        shards: updates.keys().copied().collect(),
-        missing,
+        strategy: facts.label,
+        shards,
+        missing: facts.missing,
         samples,
         test: metrics,
-        seconds: start.elapsed().as_secs_f64(),
+        seconds: facts.start.elapsed().as_secs_f64(),
         model_sha256: sha.clone(),
         version: fedimdb::VERSION.to_owned(),
-        base_sha256,
+        base_sha256: facts.base_sha256,
         update_sha256,
+        update_bytes,
+        control_sha256: Some(control_sha256),
     };
     write_json_atomic(&layout.round_report(round), &report)?;
     fedimdb::fault::point(&format!("aggregator:{round}:report-written"));
-    publish(&layout, &bytes, LatestCard { round, sha256: sha, trained_at: utc_now(), card })?;
-    info!(round, seconds = format!("{:.2}", report.seconds), "global model written and published");
+    publish(
+        layout,
+        &bytes,
+        LatestCard {
+            round,
+            sha256: sha,
+            trained_at: utc_now(),
+            card,
+        },
+    )?;
+    info!(
+        round,
+        seconds = format!("{:.2}", report.seconds),
+        "global model written and published"
+    );
     Ok(())
 }
 
@@ -257,25 +602,50 @@ fn up_to_date(
         }
     };
     if report.strategy != strategy {
-        info!(round, "aggregating: the global model on disk was made with {}, not {strategy}", report.strategy);
+        info!(
+            round,
+            "aggregating: the global model on disk was made with {}, not {strategy}",
+            report.strategy
+        );
         return Ok(false);
     }
     let now: Vec<usize> = updates.keys().copied().collect();
     if report.shards != now {
-        info!(round, "aggregating: the global model on disk combined shards {:?}, the finished updates now are {now:?}", report.shards);
+        info!(
+            round,
+            "aggregating: the global model on disk combined shards {:?}, the finished updates now are {now:?}",
+            report.shards
+        );
         return Ok(false);
     }
     match check_latest(layout) {
         Ok(card) if card.round >= round => {}
         published => {
-            let why = published.map_or_else(|e| format!("{e:#}"), |c| format!("it is the model of round {}", c.round));
+            let why = published.map_or_else(
+                |e| format!("{e:#}"),
+                |c| format!("it is the model of round {}", c.round),
+            );
             info!(round, "publishing the model of round {round} again: {why}");
             let bytes = std::fs::read(layout.global_model(round))
                 .with_context(|| format!("cannot read {}", layout.global_model(round).display()))?;
             let ck = Checkpoint::from_bytes(&bytes, &layout.global_model(round))?;
             let card = ck.header.card.clone().unwrap_or_default();
-            ensure_sha(&layout.global_model(round), &ck.sha256, &report.model_sha256, &layout.round_report(round))?;
-            publish(layout, &bytes, LatestCard { round, sha256: ck.sha256, trained_at: utc_now(), card })?;
+            ensure_sha(
+                &layout.global_model(round),
+                &ck.sha256,
+                &report.model_sha256,
+                &layout.round_report(round),
+            )?;
+            publish(
+                layout,
+                &bytes,
+                LatestCard {
+                    round,
+                    sha256: ck.sha256,
+                    trained_at: utc_now(),
+                    card,
+                },
+            )?;
         }
     }
     info!(round, path = %layout.global_model(round).display(), "up to date: the global model on disk verifies and was made from the same inputs; nothing to do");
@@ -305,15 +675,28 @@ pub fn original(dir: &Path, out: &Path, test: Option<&Path>, strategy: Strategy)
     for path in &files {
         let ck = Checkpoint::load_kind(path, Kind::Model)?;
         if let Some(dup) = seen.insert(ck.sha256.clone(), path.clone()) {
-            bail!("refusing {}: it is a duplicate of {} (same bytes)", path.display(), dup.display());
+            bail!(
+                "refusing {}: it is a duplicate of {} (same bytes)",
+                path.display(),
+                dup.display()
+            );
         }
         if let Some(f) = &first
             && f.config != ck.header.config
         {
-            bail!("refusing {}: its model config differs from {}'s", path.display(), files[0].display());
+            bail!(
+                "refusing {}: its model config differs from {}'s",
+                path.display(),
+                files[0].display()
+            );
         }
-        ensure!(ck.header.samples > 0, "refusing {}: it records no training samples", path.display());
-        sum.add(&ck, ck.header.samples as f64).with_context(|| format!("refusing {}", path.display()))?;
+        ensure!(
+            ck.header.samples > 0,
+            "refusing {}: it records no training samples",
+            path.display()
+        );
+        sum.add(&ck, ck.header.samples as f64)
+            .with_context(|| format!("refusing {}", path.display()))?;
         total += ck.header.samples;
         round = round.max(ck.header.round);
         first.get_or_insert(ck.header);
@@ -322,12 +705,20 @@ pub fn original(dir: &Path, out: &Path, test: Option<&Path>, strategy: Strategy)
     header.round = round;
     header.samples = total;
     header.shard = None;
-    let ck = Checkpoint { header, tensors: sum.combine()?, sha256: String::new() };
+    let ck = Checkpoint {
+        header,
+        tensors: sum.combine()?,
+        index: Vec::new(),
+        sha256: String::new(),
+    };
     ck.save(out)?;
     info!(files = files.len(), %strategy, path = %out.display(), "combined model written");
     if let Some(test) = test {
         let reviews = load_reviews(test, None)?;
-        let m: Metrics = evaluate(&ck.scorer()?, &featurize_all(&reviews, ck.header.config.featurizer));
+        let m: Metrics = evaluate(
+            &ck.scorer()?,
+            &featurize_all(&reviews, ck.header.config.featurizer),
+        );
         println!("{}", serde_json::to_string_pretty(&m)?);
     }
     Ok(())

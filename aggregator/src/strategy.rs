@@ -55,9 +55,14 @@ impl fmt::Display for Strategy {
 /// Checks a `--trim` value: a fraction cut from each end, at least 0 and below 0.5 (so at
 /// least one value is always left). Used as clap's value parser.
 pub fn parse_trim(s: &str) -> std::result::Result<f64, String> {
-    let f: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+    let f: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number"))?;
     if !(0.0..0.5).contains(&f) {
-        return Err(format!("the fraction cut from each end must be at least 0 and below 0.5, got {f}"));
+        return Err(format!(
+            "the fraction cut from each end must be at least 0 and below 0.5, got {f}"
+        ));
     }
     Ok(f)
 }
@@ -75,7 +80,11 @@ pub fn median(values: &mut [f32]) -> f32 {
     debug_assert!(!values.is_empty());
     values.sort_unstable_by(f32::total_cmp);
     let n = values.len();
-    if n % 2 == 1 { values[n / 2] } else { ((f64::from(values[n / 2 - 1]) + f64::from(values[n / 2])) / 2.0) as f32 }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        ((f64::from(values[n / 2 - 1]) + f64::from(values[n / 2])) / 2.0) as f32
+    }
 }
 
 /// The mean of `values` without the `cut` smallest and the `cut` largest, reordering them;
@@ -93,14 +102,20 @@ pub enum Combiner {
     /// FedAvg: a running weighted sum, one update in memory at a time.
     Streaming(WeightedSum),
     /// Median and trimmed mean: every update's tensors, in the order they were added.
-    Holding { strategy: Strategy, updates: Vec<BTreeMap<String, Vec<f32>>> },
+    Holding {
+        strategy: Strategy,
+        updates: Vec<BTreeMap<String, Vec<f32>>>,
+    },
 }
 
 impl Combiner {
     pub fn new(strategy: Strategy) -> Self {
         match strategy {
             Strategy::FedAvg => Combiner::Streaming(WeightedSum::default()),
-            _ => Combiner::Holding { strategy, updates: Vec::new() },
+            _ => Combiner::Holding {
+                strategy,
+                updates: Vec::new(),
+            },
         }
     }
 
@@ -110,14 +125,24 @@ impl Combiner {
         match self {
             Combiner::Streaming(sum) => sum.add(ck, weight),
             Combiner::Holding { updates, .. } => {
-                ensure!(weight > 0.0, "an update with {weight} samples cannot be combined");
+                ensure!(
+                    weight > 0.0,
+                    "an update with {weight} samples cannot be combined"
+                );
                 if let Some(first) = updates.first() {
                     let names: Vec<&String> = ck.tensors.keys().collect();
                     let expect: Vec<&String> = first.keys().collect();
-                    ensure!(names == expect, "tensors {names:?} differ from the first update's {expect:?}");
+                    ensure!(
+                        names == expect,
+                        "tensors {names:?} differ from the first update's {expect:?}"
+                    );
                     for (name, v) in &ck.tensors {
                         let n = first[name].len();
-                        ensure!(v.len() == n, "tensor `{name}` has {} values, the first update's has {n}", v.len());
+                        ensure!(
+                            v.len() == n,
+                            "tensor `{name}` has {} values, the first update's has {n}",
+                            v.len()
+                        );
                     }
                 }
                 updates.push(ck.tensors.clone());
@@ -137,7 +162,10 @@ impl Combiner {
                     Strategy::Median => Rule::Median,
                     Strategy::TrimmedMean { trim } => {
                         let cut = trim_count(n, trim);
-                        ensure!(2 * cut < n, "--trim {trim} cuts {cut} of {n} values from each end and leaves none; use a smaller --trim");
+                        ensure!(
+                            2 * cut < n,
+                            "--trim {trim} cuts {cut} of {n} values from each end and leaves none; use a smaller --trim"
+                        );
                         Rule::Trimmed(cut)
                     }
                     Strategy::FedAvg => unreachable!("FedAvg streams"),
@@ -146,7 +174,8 @@ impl Combiner {
                 Ok(names
                     .into_iter()
                     .map(|name| {
-                        let columns: Vec<&[f32]> = updates.iter().map(|u| u[&name].as_slice()).collect();
+                        let columns: Vec<&[f32]> =
+                            updates.iter().map(|u| u[&name].as_slice()).collect();
                         let out = coordinate_wise(&columns, rule);
                         (name, out)
                     })
@@ -200,12 +229,20 @@ mod tests {
         c.featurizer.hash_bits = 10;
         Checkpoint {
             header: Header::new(Kind::Update, c, 1),
-            tensors: BTreeMap::from([("linear.bias".into(), vec![bias]), ("linear.weight".into(), (0..1024).map(weight).collect())]),
+            tensors: BTreeMap::from([
+                ("linear.bias".into(), vec![bias]),
+                ("linear.weight".into(), (0..1024).map(weight).collect()),
+            ]),
+            index: Vec::new(),
             sha256: String::new(),
         }
     }
 
-    fn combine(strategy: Strategy, cks: &[Checkpoint], weights: &[f64]) -> BTreeMap<String, Vec<f32>> {
+    fn combine(
+        strategy: Strategy,
+        cks: &[Checkpoint],
+        weights: &[f64],
+    ) -> BTreeMap<String, Vec<f32>> {
         let mut c = Combiner::new(strategy);
         for (ck, &w) in cks.iter().zip(weights) {
             c.add(ck, w).unwrap();
@@ -217,7 +254,11 @@ mod tests {
     fn median_of_odd_and_even_counts() {
         assert_eq!(median(&mut [3.0]), 3.0);
         assert_eq!(median(&mut [5.0, -1.0, 2.0]), 2.0);
-        assert_eq!(median(&mut [4.0, 1.0, 100.0, 2.0]), 3.0, "mean of the two middle values");
+        assert_eq!(
+            median(&mut [4.0, 1.0, 100.0, 2.0]),
+            3.0,
+            "mean of the two middle values"
+        );
         assert_eq!(median(&mut [1.0, 2.0]), 1.5);
         assert_eq!(median(&mut [7.0, 7.0, 7.0, -7.0]), 7.0);
         // The two middle values are averaged in f64: in f32, (a + b) / 2 overflows.
@@ -231,7 +272,11 @@ mod tests {
     #[test]
     fn trimmed_mean_cuts_floor_of_trim_times_n_from_each_end() {
         assert_eq!(trim_count(5, 0.2), 1);
-        assert_eq!(trim_count(4, 0.2), 0, "0.8 values: nothing is cut, the plain mean");
+        assert_eq!(
+            trim_count(4, 0.2),
+            0,
+            "0.8 values: nothing is cut, the plain mean"
+        );
         assert_eq!(trim_count(10, 0.25), 2);
         assert_eq!(trim_count(3, 0.49), 1);
         assert_eq!(trim_count(1, 0.49), 0);
@@ -240,7 +285,10 @@ mod tests {
         assert_eq!(trimmed_mean(&mut [1.0, 2.0, 4.0, 10.0], 1), 3.0);
         assert_eq!(trimmed_mean(&mut [9.0, 1.0, 5.0], 1), 5.0, "one value left");
         // Summed in f64: the f32 sum of these would overflow.
-        assert_eq!(trimmed_mean(&mut [f32::MAX, f32::MAX, f32::MAX], 0), f32::MAX);
+        assert_eq!(
+            trimmed_mean(&mut [f32::MAX, f32::MAX, f32::MAX], 0),
+            f32::MAX
+        );
     }
 
     #[test]
@@ -262,8 +310,10 @@ mod tests {
     #[test]
     fn strategies_combine_every_tensor_coordinate_wise() {
         // Five updates; the fifth is an outlier in every coordinate.
-        let cks: Vec<Checkpoint> =
-            [1.0f32, 2.0, 3.0, 4.0, 1000.0].iter().map(|&b| ck(b, move |i| if i % 2 == 0 { b } else { -b * i as f32 })).collect();
+        let cks: Vec<Checkpoint> = [1.0f32, 2.0, 3.0, 4.0, 1000.0]
+            .iter()
+            .map(|&b| ck(b, move |i| if i % 2 == 0 { b } else { -b * i as f32 }))
+            .collect();
         let w = [1.0, 1.0, 1.0, 1.0, 1.0];
 
         let avg = combine(Strategy::FedAvg, &cks, &w);
@@ -288,20 +338,38 @@ mod tests {
         assert_eq!(tm4["linear.bias"], vec![3.5]);
 
         // One update: every strategy returns it.
-        for s in [Strategy::FedAvg, Strategy::Median, Strategy::TrimmedMean { trim: 0.4 }] {
-            assert_eq!(combine(s, &cks[2..3], &[5.0])["linear.weight"], cks[2].tensors["linear.weight"], "{s}");
+        for s in [
+            Strategy::FedAvg,
+            Strategy::Median,
+            Strategy::TrimmedMean { trim: 0.4 },
+        ] {
+            assert_eq!(
+                combine(s, &cks[2..3], &[5.0])["linear.weight"],
+                cks[2].tensors["linear.weight"],
+                "{s}"
+            );
         }
     }
 
     #[test]
     fn robust_strategies_ignore_sample_counts_and_input_order() {
-        let cks: Vec<Checkpoint> = [5.0f32, -1.0, 2.0].iter().map(|&b| ck(b, move |i| b + i as f32)).collect();
+        let cks: Vec<Checkpoint> = [5.0f32, -1.0, 2.0]
+            .iter()
+            .map(|&b| ck(b, move |i| b + i as f32))
+            .collect();
         let a = combine(Strategy::Median, &cks, &[1.0, 1.0, 1.0]);
-        let b = combine(Strategy::Median, &[cks[2].clone(), cks[0].clone(), cks[1].clone()], &[1000.0, 1.0, 7.0]);
+        let b = combine(
+            Strategy::Median,
+            &[cks[2].clone(), cks[0].clone(), cks[1].clone()],
+            &[1000.0, 1.0, 7.0],
+        );
         assert_eq!(a, b);
         assert_eq!(a["linear.bias"], vec![2.0]);
         // FedAvg does weight by sample count.
-        assert_eq!(combine(Strategy::FedAvg, &cks, &[1.0, 2.0, 1.0])["linear.bias"], vec![1.25]);
+        assert_eq!(
+            combine(Strategy::FedAvg, &cks, &[1.0, 2.0, 1.0])["linear.bias"],
+            vec![1.25]
+        );
     }
 
     #[test]
@@ -314,7 +382,10 @@ mod tests {
         let mut renamed = ck(1.0, |_| 1.0);
         let v = renamed.tensors.remove("linear.bias").unwrap();
         renamed.tensors.insert("other".into(), v);
-        assert!(format!("{:#}", c.add(&renamed, 1.0).unwrap_err()).contains("differ from the first update's"));
+        assert!(
+            format!("{:#}", c.add(&renamed, 1.0).unwrap_err())
+                .contains("differ from the first update's")
+        );
         assert!(Combiner::new(Strategy::Median).combine().is_err());
     }
 
@@ -322,7 +393,13 @@ mod tests {
     fn names_for_reports() {
         assert_eq!(Strategy::FedAvg.to_string(), "fedavg");
         assert_eq!(Strategy::Median.to_string(), "median");
-        assert_eq!(Strategy::TrimmedMean { trim: 0.2 }.to_string(), "trimmed-mean(0.2)");
-        assert_eq!(Strategy::TrimmedMean { trim: 0.0 }.to_string(), "trimmed-mean(0)");
+        assert_eq!(
+            Strategy::TrimmedMean { trim: 0.2 }.to_string(),
+            "trimmed-mean(0.2)"
+        );
+        assert_eq!(
+            Strategy::TrimmedMean { trim: 0.0 }.to_string(),
+            "trimmed-mean(0)"
+        );
     }
 }

@@ -13,6 +13,7 @@ use fedimdb::digest::sha256_file;
 use fedimdb::layout::Layout;
 use fedimdb::model::{ClassCounts, ModelConfig};
 use fedimdb::reviews::{Review, write_parquet};
+use fedimdb::train::{Algorithm, TrainArgs};
 use serde_json::{Value, json};
 
 const ROWS: [u64; 3] = [2, 3, 5];
@@ -61,8 +62,16 @@ impl Volume {
             "shards": ROWS.iter().enumerate().map(|(i, &r)| entry(&Layout::shard_file_name(i), r, "0".repeat(64))).collect::<Vec<_>>(),
             "test": entry("test.parquet", 4, sha256_file(&layout.test_set()).unwrap()),
         });
-        std::fs::write(layout.data_manifest(), serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
-        let v = Volume { _dir: dir, root, layout };
+        std::fs::write(
+            layout.data_manifest(),
+            serde_json::to_vec_pretty(&manifest).unwrap(),
+        )
+        .unwrap();
+        let v = Volume {
+            _dir: dir,
+            root,
+            layout,
+        };
 
         let dim = config().dim();
         for (shard, &rows) in ROWS.iter().enumerate() {
@@ -70,6 +79,10 @@ impl Volume {
             let counts = ClassCounts {
                 pos: (0..dim).map(|j| ((j + shard) % 3) as f32).collect(),
                 neg: (0..dim).map(|j| ((j + 2 * shard) % 4) as f32).collect(),
+                pos_scaled: (0..dim).map(|j| ((j + shard) % 3) as f32 * 0.5).collect(),
+                neg_scaled: (0..dim)
+                    .map(|j| ((j + 2 * shard) % 4) as f32 * 0.5)
+                    .collect(),
                 n_pos: pos,
                 n_neg: rows - pos,
             };
@@ -78,16 +91,33 @@ impl Volume {
             v.write_update(0, shard, Checkpoint::from_counts(&counts, h));
         }
         ok(v.aggregator(0, &[]));
-        let base = Checkpoint::load_kind(&v.layout.global_model(0), Kind::Model).unwrap().sha256;
+        let base = Checkpoint::load_kind(&v.layout.global_model(0), Kind::Model)
+            .unwrap()
+            .sha256;
         for &shard in shards {
             let mut h = Header::new(Kind::Update, config(), 1);
             h.shard = Some(shard);
             h.samples = ROWS[shard];
             h.base_sha256 = Some(base.clone());
+            // Plain FedAvg workers (no correction) that touched every bucket: the aggregator
+            // combines exactly these weights.
+            h.train = Some(
+                serde_json::to_value(
+                    TrainArgs {
+                        algorithm: Algorithm::FedAvg,
+                        ..Default::default()
+                    }
+                    .config(1, shard),
+                )
+                .unwrap(),
+            );
             let b = BIAS[shard];
-            let tensors =
-                [("linear.bias".to_owned(), vec![b]), ("linear.weight".to_owned(), (0..dim).map(|j| b * (1 + j % 7) as f32).collect())];
-            v.write_update(1, shard, Checkpoint { header: h, tensors: tensors.into_iter().collect(), sha256: String::new() });
+            let weight = (0..dim).map(|j| b * (1 + j % 7) as f32).collect();
+            v.write_update(
+                1,
+                shard,
+                Checkpoint::update(h, (0..dim as u32).collect(), weight, b, vec![0.0; dim], 0.0),
+            );
         }
         v
     }
@@ -100,7 +130,11 @@ impl Volume {
             "samples": ck.header.samples, "positive": ck.header.samples / 2, "device": "cpu",
             "train": null, "epochs": [], "seconds": 0.0, "sha256": sha, "version": fedimdb::VERSION,
         });
-        std::fs::write(self.layout.update_report(round, shard), serde_json::to_vec(&report).unwrap()).unwrap();
+        std::fs::write(
+            self.layout.update_report(round, shard),
+            serde_json::to_vec(&report).unwrap(),
+        )
+        .unwrap();
     }
 
     fn aggregator(&self, round: u32, args: &[&str]) -> (Output, String) {
@@ -147,13 +181,28 @@ fn quorum_aggregates_the_present_updates_and_names_the_missing_ones() {
     assert_eq!(missing, "shard-00001.safetensors");
 
     // All are required unless said otherwise.
-    fails(v.aggregator(1, &[]), 1, &["round 1 has 2 of 3 expected worker updates", "quorum of 3", &missing]);
-    fails(v.aggregator(1, &["--min-workers", "3"]), 1, &["fewer than the quorum of 3 (--min-workers)", &missing]);
+    fails(
+        v.aggregator(1, &[]),
+        1,
+        &[
+            "round 1 has 2 of 3 expected worker updates",
+            "quorum of 3",
+            &missing,
+        ],
+    );
+    fails(
+        v.aggregator(1, &["--min-workers", "3"]),
+        1,
+        &["fewer than the quorum of 3 (--min-workers)", &missing],
+    );
     assert!(!v.layout.global_model(1).exists());
 
     // At least 2: the two present updates, weighted by their own sample counts.
     let log = ok(v.aggregator(1, &["--min-workers", "2"]));
-    assert!(log.contains("aggregating 2 of 3 worker updates") && log.contains(&missing), "{log}");
+    assert!(
+        log.contains("aggregating 2 of 3 worker updates") && log.contains(&missing),
+        "{log}"
+    );
     let report = v.report(1);
     assert_eq!(report["shards"], json!([0, 2]));
     assert_eq!(report["missing"], json!([1]));
@@ -162,18 +211,45 @@ fn quorum_aggregates_the_present_updates_and_names_the_missing_ones() {
     let g = v.global(1);
     let expect = ((2.0 * 1.0 + 5.0 * 30.0) / 7.0) as f32;
     assert_eq!(g.tensor("linear.bias"), [expect]);
-    assert_eq!(g.tensor("linear.weight")[3], ((2.0 * 4.0 + 5.0 * 120.0) / 7.0) as f32);
-    assert_eq!(g.header.samples, 7, "the model counts the reviews behind it");
-    let card: Value = serde_json::from_slice(&std::fs::read(v.layout.latest_card()).unwrap()).unwrap();
+    assert_eq!(
+        g.tensor("linear.weight")[3],
+        ((2.0 * 4.0 + 5.0 * 120.0) / 7.0) as f32
+    );
+    assert_eq!(
+        g.header.samples, 7,
+        "the model counts the reviews behind it"
+    );
+    let card: Value =
+        serde_json::from_slice(&std::fs::read(v.layout.latest_card()).unwrap()).unwrap();
     assert_eq!(card["round"], 1);
 
     // The old name still works, and names itself in messages.
     ok(v.aggregator(1, &["--expect", "2"]));
-    fails(v.aggregator(1, &["--expect", "4"]), 1, &["--expect 4 is more than the 3 shards"]);
-    fails(v.aggregator(1, &["--min-workers", "4"]), 1, &["--min-workers 4 is more than the 3 shards in the data manifest"]);
-    fails(v.aggregator(1, &["--min-workers", "0"]), 2, &["--min-workers", "at least 1"]);
-    fails(v.aggregator(1, &["--min-workers", "two"]), 2, &["--min-workers", "not a whole number"]);
-    fails(v.aggregator(1, &["--min-workers", "2", "--expect", "2"]), 2, &["--expect", "cannot be used with"]);
+    fails(
+        v.aggregator(1, &["--expect", "4"]),
+        1,
+        &["--expect 4 is more than the 3 shards"],
+    );
+    fails(
+        v.aggregator(1, &["--min-workers", "4"]),
+        1,
+        &["--min-workers 4 is more than the 3 shards in the data manifest"],
+    );
+    fails(
+        v.aggregator(1, &["--min-workers", "0"]),
+        2,
+        &["--min-workers", "at least 1"],
+    );
+    fails(
+        v.aggregator(1, &["--min-workers", "two"]),
+        2,
+        &["--min-workers", "not a whole number"],
+    );
+    fails(
+        v.aggregator(1, &["--min-workers", "2", "--expect", "2"]),
+        2,
+        &["--expect", "cannot be used with"],
+    );
 
     // With every update present, nothing is missing.
     let v = Volume::new(&[0, 1, 2]);
@@ -194,35 +270,77 @@ fn strategies_give_their_exact_results_and_say_so_in_the_report() {
         assert_eq!(g.tensor("linear.bias"), [value(1.0) as f32], "{args:?}");
         let w = g.tensor("linear.weight");
         for j in [0, 1, 6, 7, 100, dim - 1] {
-            assert_eq!(w[j], value((1 + j % 7) as f64) as f32, "{args:?} weight {j}");
+            assert_eq!(
+                w[j],
+                value((1 + j % 7) as f64) as f32,
+                "{args:?} weight {j}"
+            );
         }
         // The naive-Bayes ratio of round 0 is carried over unchanged.
         assert_eq!(g.tensor("nb.ratio"), v.global(0).tensor("nb.ratio"));
         std::fs::read(v.layout.global_model(1)).unwrap()
     };
     // FedAvg weights by the shards' 2, 3 and 5 reviews.
-    check(&[], "fedavg", &|k| (2.0 * 1.0 * k + 3.0 * 2.0 * k + 5.0 * 30.0 * k) / 10.0);
+    check(&[], "fedavg", &|k| {
+        (2.0 * 1.0 * k + 3.0 * 2.0 * k + 5.0 * 30.0 * k) / 10.0
+    });
     // The median ignores the outlier 30 and the sample counts.
     let median = check(&["--strategy", "median"], "median", &|k| 2.0 * k);
     // Three values: floor(0.2 · 3) = 0 cut, the plain unweighted mean.
-    check(&["--strategy", "trimmed-mean"], "trimmed-mean(0.2)", &|k| 11.0 * k);
+    check(&["--strategy", "trimmed-mean"], "trimmed-mean(0.2)", &|k| {
+        11.0 * k
+    });
     // floor(0.34 · 3) = 1 cut from each end: the middle value.
-    let trimmed = check(&["--strategy", "trimmed-mean", "--trim", "0.34"], "trimmed-mean(0.34)", &|k| 2.0 * k);
-    check(&["--strategy", "trimmed-mean", "--trim", "0"], "trimmed-mean(0)", &|k| 11.0 * k);
+    let trimmed = check(
+        &["--strategy", "trimmed-mean", "--trim", "0.34"],
+        "trimmed-mean(0.34)",
+        &|k| 2.0 * k,
+    );
+    check(
+        &["--strategy", "trimmed-mean", "--trim", "0"],
+        "trimmed-mean(0)",
+        &|k| 11.0 * k,
+    );
     // Same inputs, same arguments: the same bytes.
-    assert_eq!(check(&["--strategy", "median"], "median", &|k| 2.0 * k), median);
-    assert_eq!(check(&["--strategy", "trimmed-mean", "--trim", "0.34"], "trimmed-mean(0.34)", &|k| 2.0 * k), trimmed);
+    assert_eq!(
+        check(&["--strategy", "median"], "median", &|k| 2.0 * k),
+        median
+    );
+    assert_eq!(
+        check(
+            &["--strategy", "trimmed-mean", "--trim", "0.34"],
+            "trimmed-mean(0.34)",
+            &|k| 2.0 * k
+        ),
+        trimmed
+    );
 }
 
 #[test]
 fn trim_goes_with_trimmed_mean_only_and_must_leave_values() {
     let v = Volume::new(&[0, 1, 2]);
-    fails(v.aggregator(1, &["--trim", "0.1"]), 2, &["--trim only applies to --strategy trimmed-mean, not fedavg"]);
-    fails(v.aggregator(1, &["--strategy", "median", "--trim", "0.1"]), 2, &["not median"]);
+    fails(
+        v.aggregator(1, &["--trim", "0.1"]),
+        2,
+        &["--trim only applies to --strategy trimmed-mean, not fedavg"],
+    );
+    fails(
+        v.aggregator(1, &["--strategy", "median", "--trim", "0.1"]),
+        2,
+        &["not median"],
+    );
     for bad in ["0.5", "0.9", "-0.1", "nan"] {
-        fails(v.aggregator(1, &["--strategy", "trimmed-mean", "--trim", bad]), 2, &["--trim", "below 0.5"]);
+        fails(
+            v.aggregator(1, &["--strategy", "trimmed-mean", "--trim", bad]),
+            2,
+            &["--trim", "below 0.5"],
+        );
     }
-    fails(v.aggregator(1, &["--strategy", "trimmed", "--trim", "0.1"]), 2, &["--strategy", "trimmed-mean"]);
+    fails(
+        v.aggregator(1, &["--strategy", "trimmed", "--trim", "0.1"]),
+        2,
+        &["--strategy", "trimmed-mean"],
+    );
     assert!(!v.layout.global_model(1).exists());
 }
 
@@ -230,10 +348,20 @@ fn trim_goes_with_trimmed_mean_only_and_must_leave_values() {
 fn round_zero_sums_counts_whatever_the_strategy() {
     let v = Volume::new(&[]);
     let summed = std::fs::read(v.layout.global_model(0)).unwrap();
-    for args in [&["--strategy", "median"][..], &["--strategy", "trimmed-mean", "--trim", "0.3"]] {
+    for args in [
+        &["--strategy", "median"][..],
+        &["--strategy", "trimmed-mean", "--trim", "0.3"],
+    ] {
         let log = ok(v.aggregator(0, args));
-        assert!(log.contains("round 0 sums the workers' feature counts"), "{log}");
+        assert!(
+            log.contains("round 0 sums the workers' feature counts"),
+            "{log}"
+        );
         assert_eq!(v.report(0)["strategy"], "sum");
-        assert_eq!(std::fs::read(v.layout.global_model(0)).unwrap(), summed, "{args:?}");
+        assert_eq!(
+            std::fs::read(v.layout.global_model(0)).unwrap(),
+            summed,
+            "{args:?}"
+        );
     }
 }

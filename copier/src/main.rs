@@ -4,7 +4,7 @@
 //! [`write`] (files, idempotence, `--force`) and [`download`].
 
 mod download;
-mod partition;
+use fedimdb::partition;
 mod source;
 mod write;
 
@@ -57,8 +57,13 @@ struct ShardArgs {
     /// Dirichlet concentration (dirichlet only): small = strong label skew.
     #[arg(long, default_value_t = 0.5, value_name = "A")]
     alpha: f64,
+    /// Dirichlet only: the fewest reviews a shard gets. Shards drawn smaller are topped up
+    /// with reviews from the end of the largest shard, which makes the smallest shards a
+    /// little less skewed than drawn (docs: README "Partitions").
+    #[arg(long, default_value_t = fedimdb::partition::DEFAULT_MIN_SHARD, value_name = "N")]
+    min_shard: usize,
     /// Seed of every random choice; the same seed and arguments give byte-identical files.
-    #[arg(long, default_value_t = 42, value_name = "S")]
+    #[arg(long, default_value_t = fedimdb::train::defaults::SEED, value_name = "S")]
     seed: u64,
     /// Replace data made with other arguments (or rewrite data that is up to date).
     #[arg(long)]
@@ -127,6 +132,7 @@ fn run_shard(args: ShardArgs) -> Result<()> {
         workers,
         partition: args.partition,
         alpha: (args.partition == Partition::Dirichlet).then_some(args.alpha),
+        min_shard: (args.partition == Partition::Dirichlet).then_some(args.min_shard),
         seed: args.seed,
     };
     let layout = Layout::new(&out);
@@ -185,7 +191,9 @@ fn run_shard(args: ShardArgs) -> Result<()> {
     let labels: Vec<u8> = data.train.iter().map(|r| r.label).collect();
     let shard_indices = match settings.partition {
         Partition::Iid => partition::iid(&labels, workers, settings.seed)?,
-        Partition::Dirichlet => partition::dirichlet(&labels, workers, args.alpha, settings.seed)?,
+        Partition::Dirichlet => {
+            partition::dirichlet(&labels, workers, args.alpha, args.min_shard, settings.seed)?
+        }
     };
     let shards = take_shards(data.train, &shard_indices);
     let n_train: usize = shards.iter().map(Vec::len).sum();

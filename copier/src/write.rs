@@ -33,6 +33,8 @@ pub struct Settings {
     pub partition: Partition,
     /// `None` for IID, where alpha means nothing.
     pub alpha: Option<f64>,
+    /// `None` for IID, where the floor means nothing.
+    pub min_shard: Option<usize>,
     pub seed: u64,
 }
 
@@ -43,6 +45,7 @@ impl Settings {
             workers: m.workers,
             partition: m.partition,
             alpha: m.alpha,
+            min_shard: m.min_shard,
             seed: m.seed,
         }
     }
@@ -59,6 +62,14 @@ impl Settings {
         if !same_alpha(self.alpha, old.alpha) {
             let show = |a: Option<f64>| a.map_or("none".to_owned(), |a| a.to_string());
             d.push(format!("alpha {} → {}", show(old.alpha), show(self.alpha)));
+        }
+        if self.min_shard != old.min_shard {
+            let show = |m: Option<usize>| m.map_or("none".to_owned(), |m| m.to_string());
+            d.push(format!(
+                "min-shard {} → {}",
+                show(old.min_shard),
+                show(self.min_shard)
+            ));
         }
         if self.seed != old.seed {
             d.push(format!("seed {} → {}", old.seed, self.seed));
@@ -277,6 +288,7 @@ pub fn write_all(
         workers: settings.workers,
         partition: settings.partition,
         alpha: settings.alpha,
+        min_shard: settings.min_shard,
         seed: settings.seed,
         shards: entries,
         test: test_entry,
@@ -394,12 +406,14 @@ mod tests {
             workers: 4,
             partition: Partition::Iid,
             alpha: None,
+            min_shard: None,
             seed: 42,
         };
         let b = Settings {
             workers: 5,
             partition: Partition::Dirichlet,
             alpha: Some(0.5),
+            min_shard: Some(32),
             seed: 7,
         };
         assert!(a.differences(&a).is_empty());
@@ -409,6 +423,7 @@ mod tests {
                 "workers 4 → 5",
                 "partition iid → dirichlet",
                 "alpha none → 0.5",
+                "min-shard none → 32",
                 "seed 42 → 7"
             ]
         );

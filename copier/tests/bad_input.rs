@@ -268,7 +268,7 @@ fn bad_alphas() {
             &["--alpha must be a positive finite number"],
         );
     }
-    // A Dirichlet draw that cannot fill every shard.
+    // Without a floor, a Dirichlet draw that cannot fill every shard.
     refuses(
         &archive,
         &root,
@@ -279,6 +279,8 @@ fn bad_alphas() {
             "dirichlet",
             "--alpha",
             "0.001",
+            "--min-shard",
+            "0",
         ],
         &["raise --alpha", "lower --workers"],
     );

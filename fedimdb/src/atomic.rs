@@ -18,7 +18,10 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// The temporary name used while `path` is being written: hidden, in the same folder,
 /// unique per process and call.
 pub fn temp_path_for(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
@@ -52,7 +55,10 @@ where
     let dir = parent_dir(path);
     fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
     let tmp = temp_path_for(path);
-    let mut guard = TempGuard { path: tmp.clone(), armed: true };
+    let mut guard = TempGuard {
+        path: tmp.clone(),
+        armed: true,
+    };
     let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     write(&mut out).with_context(|| format!("while writing {}", path.display()))?;
@@ -61,7 +67,8 @@ where
         .into_inner()
         .map_err(|e| e.into_error())
         .with_context(|| format!("cannot flush {}", tmp.display()))?;
-    file.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
+    file.sync_all()
+        .with_context(|| format!("cannot sync {}", tmp.display()))?;
     drop(file);
     fs::rename(&tmp, path)
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
@@ -97,7 +104,8 @@ pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<
 /// Reads and parses a JSON file, naming the file in any error.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid JSON of the expected shape", path.display()))
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not valid JSON of the expected shape", path.display()))
 }
 
 fn parent_dir(path: &Path) -> &Path {
@@ -131,7 +139,10 @@ mod tests {
         .unwrap_err();
         assert!(format!("{err:#}").contains("disk on fire"));
         assert_eq!(fs::read(&path).unwrap(), b"old");
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "temporary file left behind: {names:?}");
     }
 

@@ -2,13 +2,17 @@
 //!
 //! Three kinds of file share one format:
 //!
-//! | kind     | written by              | tensors |
-//! |----------|-------------------------|---------|
-//! | `stats`  | trainer, round 0        | `stats.pos`, `stats.neg`: per-bucket document counts |
-//! | `update` | trainer, rounds ≥ 1     | `linear.weight`, `linear.bias`: the locally trained weights |
-//! | `model`  | aggregator              | `linear.weight`, `linear.bias`, `nb.ratio` |
+//! | kind      | written by          | tensors |
+//! |-----------|---------------------|---------|
+//! | `stats`   | trainer, round 0    | `stats.pos`, `stats.neg`: per-bucket document counts; `stats.pos_scaled`, `stats.neg_scaled`: the same sums of each review's scale `1/sqrt(|S|)` (the gradient at the starting model, see [`crate::control`]) |
+//! | `update`  | trainer, rounds ≥ 1 | `update.index`: the buckets the shard touches; `linear.weight`, `grad.weight`: the trained weights and the shard's gradient at those buckets; `linear.bias`, `grad.bias` |
+//! | `model`   | aggregator          | `linear.weight`, `linear.bias`, `nb.ratio` |
+//! | `control` | aggregator          | `control.weight`, `control.bias`: the global control variate (SCAFFOLD) |
 //!
-//! All tensors are little-endian f32. Everything else lives in one safetensors metadata
+//! Updates are sparse: a bucket no review of the shard reads moves in a way the aggregator
+//! can compute itself ([`crate::train::Drift`]), so only the touched buckets are written,
+//! and the update is still lossless. `update.index` is u32; every other tensor is
+//! little-endian f32. Everything else lives in one safetensors metadata
 //! entry, `fedimdb`, holding a JSON [`Header`] (one entry, so the bytes are deterministic:
 //! safetensors writes its metadata map in hash order). Loading checks the kind, shapes,
 //! dtypes and that every value is finite, and names the file when something is wrong.
@@ -31,6 +35,13 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const METADATA_KEY: &str = "fedimdb";
 pub const STATS_POS: &str = "stats.pos";
 pub const STATS_NEG: &str = "stats.neg";
+pub const STATS_POS_SCALED: &str = "stats.pos_scaled";
+pub const STATS_NEG_SCALED: &str = "stats.neg_scaled";
+pub const UPDATE_INDEX: &str = "update.index";
+pub const GRAD_WEIGHT: &str = "grad.weight";
+pub const GRAD_BIAS: &str = "grad.bias";
+pub const CONTROL_WEIGHT: &str = "control.weight";
+pub const CONTROL_BIAS: &str = "control.bias";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -38,16 +49,23 @@ pub enum Kind {
     Stats,
     Update,
     Model,
+    Control,
 }
 
 impl Kind {
-    /// The tensor names a file of this kind holds, in file order.
+    /// The f32 tensor names a file of this kind holds, sorted.
     pub fn tensor_names(self) -> &'static [&'static str] {
         match self {
-            Kind::Stats => &[STATS_NEG, STATS_POS],
-            Kind::Update => &[BIAS, WEIGHT],
+            Kind::Stats => &[STATS_NEG, STATS_NEG_SCALED, STATS_POS, STATS_POS_SCALED],
+            Kind::Update => &[GRAD_BIAS, GRAD_WEIGHT, BIAS, WEIGHT],
             Kind::Model => &[BIAS, WEIGHT, NB_RATIO],
+            Kind::Control => &[CONTROL_BIAS, CONTROL_WEIGHT],
         }
+    }
+
+    /// Whether the file is sparse: its per-bucket tensors hold the buckets of `update.index`.
+    pub fn is_sparse(self) -> bool {
+        matches!(self, Kind::Update | Kind::Stats)
     }
 }
 
@@ -95,6 +113,13 @@ pub struct Header {
     pub train: Option<serde_json::Value>,
     /// The model card (models).
     pub card: Option<ModelCard>,
+    /// Control files: for each shard, the round whose update holds the gradient counted in
+    /// the control variate (0: the shard's statistics of round 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources: Option<Vec<u32>>,
+    /// Updates: SHA-256 of the control file the worker's correction came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_sha256: Option<String>,
 }
 
 impl Header {
@@ -112,15 +137,20 @@ impl Header {
             base_sha256: None,
             train: None,
             card: None,
+            sources: None,
+            control_sha256: None,
         }
     }
 }
 
-/// A loaded file: its header, its f32 tensors by name, and the SHA-256 of its bytes.
+/// A loaded file: its header, its f32 tensors by name, the buckets of a sparse file, and
+/// the SHA-256 of its bytes.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     pub header: Header,
     pub tensors: BTreeMap<String, Vec<f32>>,
+    /// `update.index` of a sparse file (strictly increasing buckets); empty otherwise.
+    pub index: Vec<u32>,
     pub sha256: String,
 }
 
@@ -128,16 +158,38 @@ impl Checkpoint {
     /// Serialises to safetensors bytes. Tensors must be the kind's names with the config's
     /// shapes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        self.check_tensors().context("refusing to write an inconsistent checkpoint")?;
+        self.check_tensors()
+            .context("refusing to write an inconsistent checkpoint")?;
         // Safetensors stores little-endian values; on a little-endian machine (every target
         // we build for) the f32 memory is already that byte layout, so it is viewed, not copied.
-        const _: () = assert!(cfg!(target_endian = "little"), "checkpoints assume a little-endian machine");
-        let views = self
+        const _: () = assert!(
+            cfg!(target_endian = "little"),
+            "checkpoints assume a little-endian machine"
+        );
+        let mut views = self
             .tensors
             .iter()
-            .map(|(name, v)| Ok((name.as_str(), TensorView::new(Dtype::F32, vec![v.len()], bytemuck::cast_slice(v))?)))
+            .map(|(name, v)| {
+                Ok((
+                    name.as_str(),
+                    TensorView::new(Dtype::F32, vec![v.len()], bytemuck::cast_slice(v))?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
-        let meta = HashMap::from([(METADATA_KEY.to_owned(), serde_json::to_string(&self.header)?)]);
+        if self.header.kind.is_sparse() {
+            views.push((
+                UPDATE_INDEX,
+                TensorView::new(
+                    Dtype::U32,
+                    vec![self.index.len()],
+                    bytemuck::cast_slice(&self.index),
+                )?,
+            ));
+        }
+        let meta = HashMap::from([(
+            METADATA_KEY.to_owned(),
+            serde_json::to_string(&self.header)?,
+        )]);
         Ok(safetensors::serialize(views, Some(meta))?)
     }
 
@@ -151,14 +203,17 @@ impl Checkpoint {
     /// Parses and validates safetensors bytes; `origin` names the file in errors.
     pub fn from_bytes(bytes: &[u8], origin: &Path) -> Result<Self> {
         let what = origin.display();
-        let st = SafeTensors::deserialize(bytes)
-            .with_context(|| format!("{what} is not a readable safetensors file (truncated or corrupt?)"))?;
+        let st = SafeTensors::deserialize(bytes).with_context(|| {
+            format!("{what} is not a readable safetensors file (truncated or corrupt?)")
+        })?;
         let (_, meta) = SafeTensors::read_metadata(bytes)?;
         let header_json = meta
             .metadata()
             .as_ref()
             .and_then(|m| m.get(METADATA_KEY))
-            .with_context(|| format!("{what} has no `{METADATA_KEY}` metadata: it was not written by fedimdb"))?;
+            .with_context(|| {
+                format!("{what} has no `{METADATA_KEY}` metadata: it was not written by fedimdb")
+            })?;
         let header: Header = serde_json::from_str(header_json)
             .with_context(|| format!("{what} has an unreadable `{METADATA_KEY}` header"))?;
         ensure!(
@@ -166,25 +221,57 @@ impl Checkpoint {
             "{what} has format_version {}, this build reads {FORMAT_VERSION}",
             header.format_version
         );
-        header.config.featurizer.validate().map_err(|e| anyhow::anyhow!("{what}: bad featurizer config: {e}"))?;
+        header
+            .config
+            .featurizer
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{what}: bad featurizer config: {e}"))?;
         let mut tensors = BTreeMap::new();
+        let mut index = Vec::new();
         for (name, view) in st.tensors() {
-            ensure!(view.dtype() == Dtype::F32, "{what}: tensor `{name}` has dtype {:?}, expected F32", view.dtype());
+            if name == UPDATE_INDEX && header.kind.is_sparse() {
+                ensure!(
+                    view.dtype() == Dtype::U32,
+                    "{what}: tensor `{name}` has dtype {:?}, expected U32",
+                    view.dtype()
+                );
+                index = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                continue;
+            }
+            ensure!(
+                view.dtype() == Dtype::F32,
+                "{what}: tensor `{name}` has dtype {:?}, expected F32",
+                view.dtype()
+            );
             let raw = view.data();
             let data: Vec<f32> = match bytemuck::try_cast_slice::<u8, f32>(raw) {
                 Ok(aligned) => aligned.to_vec(),
-                Err(_) => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                Err(_) => raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
             };
             tensors.insert(name, data);
         }
-        let ck = Self { header, tensors, sha256: sha256_bytes(bytes) };
-        ck.check_tensors().with_context(|| format!("{what} is not a valid {:?} file", ck.header.kind))?;
+        let ck = Self {
+            header,
+            tensors,
+            index,
+            sha256: sha256_bytes(bytes),
+        };
+        ck.check_tensors()
+            .with_context(|| format!("{what} is not a valid {:?} file", ck.header.kind))?;
         Ok(ck)
     }
 
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         Self::from_bytes(&bytes, path)
     }
 
@@ -205,13 +292,42 @@ impl Checkpoint {
         let have: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
         let mut want_sorted = want.to_vec();
         want_sorted.sort_unstable();
-        ensure!(have == want_sorted, "tensors are {have:?}, expected {want_sorted:?}");
+        ensure!(
+            have == want_sorted,
+            "tensors are {have:?}, expected {want_sorted:?}"
+        );
         let dim = self.header.config.dim();
+        let per_bucket = if self.header.kind.is_sparse() {
+            ensure!(
+                self.index.windows(2).all(|w| w[0] < w[1])
+                    && self.index.last().is_none_or(|&j| (j as usize) < dim),
+                "`{UPDATE_INDEX}` must hold strictly increasing buckets below {dim}"
+            );
+            self.index.len()
+        } else {
+            ensure!(
+                self.index.is_empty(),
+                "a {:?} file has no `{UPDATE_INDEX}`",
+                self.header.kind
+            );
+            dim
+        };
         for (name, v) in &self.tensors {
-            let expect = if name == BIAS { 1 } else { dim };
-            ensure!(v.len() == expect, "tensor `{name}` has {} values, expected {expect} for the config", v.len());
+            let expect = if [BIAS, GRAD_BIAS, CONTROL_BIAS].contains(&name.as_str()) {
+                1
+            } else {
+                per_bucket
+            };
+            ensure!(
+                v.len() == expect,
+                "tensor `{name}` has {} values, expected {expect} for the config",
+                v.len()
+            );
             if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                bail!("tensor `{name}` holds a non-finite value ({}) at index {i}", v[i]);
+                bail!(
+                    "tensor `{name}` holds a non-finite value ({}) at index {i}",
+                    v[i]
+                );
             }
         }
         Ok(())
@@ -224,53 +340,161 @@ impl Checkpoint {
 
     /// Takes tensor `name` out of the checkpoint without copying it.
     pub fn take_tensor(&mut self, name: &str) -> Result<Vec<f32>> {
-        self.tensors.remove(name).with_context(|| format!("checkpoint has no tensor `{name}`"))
+        self.tensors
+            .remove(name)
+            .with_context(|| format!("checkpoint has no tensor `{name}`"))
     }
 
     /// A model file from a model.
     pub fn from_model(model: &Model, mut header: Header) -> Result<Self> {
         header.kind = Kind::Model;
         header.config = model.config;
-        let cpu = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?) };
+        let cpu = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+        };
         let tensors = BTreeMap::from([
             (WEIGHT.to_owned(), cpu(&model.weight)?),
             (BIAS.to_owned(), cpu(&model.bias)?),
             (NB_RATIO.to_owned(), cpu(&model.nb_ratio)?),
         ]);
-        Ok(Self { header, tensors, sha256: String::new() })
+        Ok(Self {
+            header,
+            tensors,
+            index: Vec::new(),
+            sha256: String::new(),
+        })
+    }
+
+    /// A dense file of `kind` from its tensors.
+    pub fn dense(
+        kind: Kind,
+        mut header: Header,
+        tensors: impl IntoIterator<Item = (&'static str, Vec<f32>)>,
+    ) -> Self {
+        header.kind = kind;
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        Self {
+            header,
+            tensors,
+            index: Vec::new(),
+            sha256: String::new(),
+        }
     }
 
     /// The model in a model file, on the CPU.
     pub fn to_model(&self) -> Result<Model> {
-        ensure!(self.header.kind == Kind::Model, "a {:?} file holds no model", self.header.kind);
+        ensure!(
+            self.header.kind == Kind::Model,
+            "a {:?} file holds no model",
+            self.header.kind
+        );
         let dim = self.header.config.dim();
         let t = |name: &str, n: usize| Tensor::from_slice(self.tensor(name), n, &Device::Cpu);
-        Ok(Model { config: self.header.config, weight: t(WEIGHT, dim)?, bias: t(BIAS, 1)?, nb_ratio: t(NB_RATIO, dim)? })
+        Ok(Model {
+            config: self.header.config,
+            weight: t(WEIGHT, dim)?,
+            bias: t(BIAS, 1)?,
+            nb_ratio: t(NB_RATIO, dim)?,
+        })
     }
 
     /// A fast CPU scorer for the model in a model file.
     pub fn scorer(&self) -> Result<crate::model::Scorer> {
-        ensure!(self.header.kind == Kind::Model, "a {:?} file holds no model", self.header.kind);
-        Ok(crate::model::Scorer::new(self.header.config, self.tensor(WEIGHT), self.tensor(BIAS)[0], self.tensor(NB_RATIO)))
+        ensure!(
+            self.header.kind == Kind::Model,
+            "a {:?} file holds no model",
+            self.header.kind
+        );
+        Ok(crate::model::Scorer::new(
+            self.header.config,
+            self.tensor(WEIGHT),
+            self.tensor(BIAS)[0],
+            self.tensor(NB_RATIO),
+        ))
     }
 
-    /// A stats file from a worker's counts.
+    /// A sparse update file: the trained weights and the shard's gradient at the buckets of
+    /// `index`, and the bias and its gradient.
+    pub fn update(
+        mut header: Header,
+        index: Vec<u32>,
+        weight: Vec<f32>,
+        bias: f32,
+        grad: Vec<f32>,
+        grad_bias: f32,
+    ) -> Self {
+        header.kind = Kind::Update;
+        let tensors = BTreeMap::from([
+            (WEIGHT.to_owned(), weight),
+            (BIAS.to_owned(), vec![bias]),
+            (GRAD_WEIGHT.to_owned(), grad),
+            (GRAD_BIAS.to_owned(), vec![grad_bias]),
+        ]);
+        Self {
+            header,
+            tensors,
+            index,
+            sha256: String::new(),
+        }
+    }
+
+    /// A sparse stats file from a worker's counts: the buckets its reviews touch.
     pub fn from_counts(counts: &ClassCounts, mut header: Header) -> Self {
         header.kind = Kind::Stats;
         header.samples = counts.n_pos + counts.n_neg;
         header.positive = Some(counts.n_pos);
-        let tensors = BTreeMap::from([(STATS_POS.to_owned(), counts.pos.clone()), (STATS_NEG.to_owned(), counts.neg.clone())]);
-        Self { header, tensors, sha256: String::new() }
+        let index: Vec<u32> = (0..counts.pos.len())
+            .filter(|&j| counts.pos[j] != 0.0 || counts.neg[j] != 0.0)
+            .map(|j| j as u32)
+            .collect();
+        let gather = |v: &[f32]| index.iter().map(|&j| v[j as usize]).collect::<Vec<f32>>();
+        let tensors = BTreeMap::from([
+            (STATS_POS.to_owned(), gather(&counts.pos)),
+            (STATS_NEG.to_owned(), gather(&counts.neg)),
+            (STATS_POS_SCALED.to_owned(), gather(&counts.pos_scaled)),
+            (STATS_NEG_SCALED.to_owned(), gather(&counts.neg_scaled)),
+        ]);
+        Self {
+            header,
+            tensors,
+            index,
+            sha256: String::new(),
+        }
+    }
+
+    /// The dense vector of sparse tensor `name` (zero outside `update.index`).
+    pub fn scatter(&self, name: &str) -> Vec<f32> {
+        let mut out = vec![0.0; self.header.config.dim()];
+        for (&j, &v) in self.index.iter().zip(self.tensor(name)) {
+            out[j as usize] = v;
+        }
+        out
     }
 
     /// The counts in a stats file.
     pub fn to_counts(&self) -> Result<ClassCounts> {
-        ensure!(self.header.kind == Kind::Stats, "a {:?} file holds no statistics", self.header.kind);
-        let n_pos = self.header.positive.context("stats header lacks `positive`")?;
-        ensure!(n_pos <= self.header.samples, "stats header says {n_pos} positive of {} samples", self.header.samples);
+        ensure!(
+            self.header.kind == Kind::Stats,
+            "a {:?} file holds no statistics",
+            self.header.kind
+        );
+        let n_pos = self
+            .header
+            .positive
+            .context("stats header lacks `positive`")?;
+        ensure!(
+            n_pos <= self.header.samples,
+            "stats header says {n_pos} positive of {} samples",
+            self.header.samples
+        );
         Ok(ClassCounts {
-            pos: self.tensor(STATS_POS).to_vec(),
-            neg: self.tensor(STATS_NEG).to_vec(),
+            pos: self.scatter(STATS_POS),
+            neg: self.scatter(STATS_NEG),
+            pos_scaled: self.scatter(STATS_POS_SCALED),
+            neg_scaled: self.scatter(STATS_NEG_SCALED),
             n_pos,
             n_neg: self.header.samples - n_pos,
         })
@@ -283,7 +507,13 @@ mod tests {
     use crate::featurize::FeaturizerConfig;
 
     fn cfg() -> ModelConfig {
-        ModelConfig { featurizer: FeaturizerConfig { hash_bits: 10, max_ngram: 2 }, nb_smoothing: 1.0 }
+        ModelConfig {
+            featurizer: FeaturizerConfig {
+                hash_bits: 10,
+                max_ngram: 2,
+            },
+            nb_smoothing: 1.0,
+        }
     }
 
     fn model() -> Model {
@@ -302,7 +532,10 @@ mod tests {
         assert_eq!(back.header.round, 3);
         assert_eq!(back.to_bytes().unwrap(), std::fs::read(&p).unwrap());
         let m = back.to_model().unwrap();
-        assert_eq!(m.nb_ratio.to_vec1::<f32>().unwrap(), model().nb_ratio.to_vec1::<f32>().unwrap());
+        assert_eq!(
+            m.nb_ratio.to_vec1::<f32>().unwrap(),
+            model().nb_ratio.to_vec1::<f32>().unwrap()
+        );
     }
 
     #[test]
@@ -315,7 +548,10 @@ mod tests {
 
         std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
         let e = format!("{:#}", Checkpoint::load(&p).unwrap_err());
-        assert!(e.contains("m.safetensors") && e.contains("truncated"), "{e}");
+        assert!(
+            e.contains("m.safetensors") && e.contains("truncated"),
+            "{e}"
+        );
 
         std::fs::write(&p, &bytes).unwrap();
         let e = format!("{:#}", Checkpoint::load_kind(&p, Kind::Update).unwrap_err());

@@ -34,7 +34,9 @@ impl Featurized {
 
 /// Featurises reviews on all available cores (order preserved).
 pub fn featurize_all(reviews: &[Review], cfg: FeaturizerConfig) -> Featurized {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 16);
     let chunk = reviews.len().div_ceil(threads).max(1);
     let features = std::thread::scope(|s| {
         let handles: Vec<_> = reviews
@@ -46,9 +48,15 @@ pub fn featurize_all(reviews: &[Review], cfg: FeaturizerConfig) -> Featurized {
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().expect("featurizer thread panicked")).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("featurizer thread panicked"))
+            .collect()
     });
-    Featurized { features, labels: reviews.iter().map(|r| r.label).collect() }
+    Featurized {
+        features,
+        labels: reviews.iter().map(|r| r.label).collect(),
+    }
 }
 
 /// Reads a review file, checking it against its manifest entry (checksum and row count)

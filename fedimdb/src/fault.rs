@@ -23,7 +23,9 @@ pub const ENV: &str = "FEDIMDB_FAULT";
 
 fn armed() -> Option<&'static str> {
     static POINT: OnceLock<Option<String>> = OnceLock::new();
-    POINT.get_or_init(|| std::env::var(ENV).ok().filter(|s| !s.is_empty())).as_deref()
+    POINT
+        .get_or_init(|| std::env::var(ENV).ok().filter(|s| !s.is_empty()))
+        .as_deref()
 }
 
 /// Dies if `FEDIMDB_FAULT` names `name`.
@@ -43,7 +45,10 @@ pub fn write_point(path: &Path) {
 }
 
 fn die(at: &str) -> ! {
-    eprintln!("{ENV}: killing this process (pid {}) at {at}", std::process::id());
+    eprintln!(
+        "{ENV}: killing this process (pid {}) at {at}",
+        std::process::id()
+    );
     // SAFETY: kill(2) on our own pid with a valid signal number has no memory effects.
     unsafe {
         libc::kill(libc::getpid(), libc::SIGKILL);

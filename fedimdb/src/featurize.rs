@@ -23,7 +23,10 @@ pub struct FeaturizerConfig {
 
 impl Default for FeaturizerConfig {
     fn default() -> Self {
-        Self { hash_bits: 22, max_ngram: 3 }
+        Self {
+            hash_bits: 22,
+            max_ngram: 3,
+        }
     }
 }
 
@@ -59,7 +62,10 @@ impl<'a> NormChars<'a> {
     pub fn new(text: &'a str) -> Self {
         let mut pending = 'x'.to_lowercase();
         pending.next();
-        Self { rest: text, pending }
+        Self {
+            rest: text,
+            pending,
+        }
     }
 }
 
@@ -77,7 +83,10 @@ impl Iterator for NormChars<'_> {
         let b = *self.rest.as_bytes().first()?;
         if b < 0x80 {
             if b == b'<'
-                && let Some(t) = BREAKS.iter().find(|t| self.rest.len() >= t.len() && self.rest.as_bytes()[..t.len()].eq_ignore_ascii_case(t.as_bytes()))
+                && let Some(t) = BREAKS.iter().find(|t| {
+                    self.rest.len() >= t.len()
+                        && self.rest.as_bytes()[..t.len()].eq_ignore_ascii_case(t.as_bytes())
+                })
             {
                 self.rest = &self.rest[t.len()..];
                 return Some(' ');
@@ -116,7 +125,8 @@ fn scan(chars: impl Iterator<Item = char>, mut emit: impl FnMut(Event)) {
     let mut chars = chars.peekable();
     let mut in_word = false;
     while let Some(c) = chars.next() {
-        let word_char = c.is_alphanumeric() || (c == '\'' && in_word && chars.peek().is_some_and(|n| n.is_alphanumeric()));
+        let word_char = c.is_alphanumeric()
+            || (c == '\'' && in_word && chars.peek().is_some_and(|n| n.is_alphanumeric()));
         if word_char {
             in_word = true;
             emit(Event::WordChar(c));
@@ -190,7 +200,9 @@ fn for_each_ngram(tokens: &[u64], cfg: &FeaturizerConfig, mut f: impl FnMut(usiz
     for i in 0..tokens.len() {
         let mut h = 0u64;
         for n in 1..=cfg.max_ngram as usize {
-            let Some(&t) = tokens.get(i + n - 1) else { break };
+            let Some(&t) = tokens.get(i + n - 1) else {
+                break;
+            };
             h = mix(h.rotate_left(17) ^ t ^ (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
             f(n, i, (h >> shift) as u32);
         }
@@ -206,7 +218,10 @@ pub struct Featurizer {
 
 impl Featurizer {
     pub fn new(config: FeaturizerConfig) -> Self {
-        Self { config, hashes: Vec::new() }
+        Self {
+            config,
+            hashes: Vec::new(),
+        }
     }
 
     pub fn config(&self) -> &FeaturizerConfig {
@@ -268,9 +283,18 @@ pub fn preprocess(text: &str, cfg: &FeaturizerConfig) -> Preprocessed {
     let hashes: Vec<u64> = tokens.iter().map(|t| token_hash(t)).collect();
     let mut ngrams = Vec::new();
     for_each_ngram(&hashes, cfg, |n, start, bucket| {
-        ngrams.push(NGram { text: tokens[start..start + n].join(" "), n, start, bucket });
+        ngrams.push(NGram {
+            text: tokens[start..start + n].join(" "),
+            n,
+            start,
+            bucket,
+        });
     });
-    Preprocessed { normalized, tokens, ngrams }
+    Preprocessed {
+        normalized,
+        tokens,
+        ngrams,
+    }
 }
 
 #[cfg(test)]
@@ -279,15 +303,19 @@ mod tests {
 
     #[test]
     fn normalises_breaks_and_case() {
-        assert_eq!(normalize("Great<br /><br />FILM<BR/>x<y"), "great  film x<y");
+        assert_eq!(
+            normalize("Great<br /><br />FILM<BR/>x<y"),
+            "great  film x<y"
+        );
         assert_eq!(normalize("ÉPIQUE"), "épique");
     }
 
     #[test]
     fn tokenises_words_apostrophes_and_marks() {
-        assert_eq!(tokenize("don't miss it!! 10/10, 'really'?"), [
-            "don't", "miss", "it", "!", "!", "10", "10", "really", "?"
-        ]);
+        assert_eq!(
+            tokenize("don't miss it!! 10/10, 'really'?"),
+            ["don't", "miss", "it", "!", "!", "10", "10", "really", "?"]
+        );
         assert_eq!(tokenize("café-au-lait"), ["café", "au", "lait"]);
         assert!(tokenize("  ...  ").is_empty());
         assert_eq!(tokenize("it's' 'twas"), ["it's", "twas"]);
@@ -295,7 +323,10 @@ mod tests {
 
     #[test]
     fn features_are_sorted_distinct_and_in_range() {
-        let cfg = FeaturizerConfig { hash_bits: 12, max_ngram: 3 };
+        let cfg = FeaturizerConfig {
+            hash_bits: 12,
+            max_ngram: 3,
+        };
         let mut f = Featurizer::new(cfg);
         let feats = f.features("good good good movie");
         assert!(feats.windows(2).all(|w| w[0] < w[1]));
@@ -311,7 +342,10 @@ mod tests {
         assert_eq!(f.features("Great"), f.features("great"));
         let p = preprocess("not bad", &FeaturizerConfig::default());
         let buckets: Vec<u32> = p.ngrams.iter().map(|g| g.bucket).collect();
-        assert_eq!(p.ngrams.iter().map(|g| g.text.as_str()).collect::<Vec<_>>(), ["not", "not bad", "bad"]);
+        assert_eq!(
+            p.ngrams.iter().map(|g| g.text.as_str()).collect::<Vec<_>>(),
+            ["not", "not bad", "bad"]
+        );
         assert_eq!(buckets, PINNED_NOT_BAD);
     }
 
@@ -329,7 +363,10 @@ mod tests {
         for t in texts {
             let mut fast = Vec::new();
             token_hashes(t, &mut fast);
-            let slow: Vec<u64> = tokenize(&normalize(t)).iter().map(|w| token_hash(w)).collect();
+            let slow: Vec<u64> = tokenize(&normalize(t))
+                .iter()
+                .map(|w| token_hash(w))
+                .collect();
             assert_eq!(fast, slow, "{t}");
         }
     }
@@ -338,7 +375,11 @@ mod tests {
     fn preprocess_agrees_with_features() {
         let cfg = FeaturizerConfig::default();
         let text = "An utterly <br />wonderful film, isn't it?";
-        let mut from_pre: Vec<u32> = preprocess(text, &cfg).ngrams.iter().map(|g| g.bucket).collect();
+        let mut from_pre: Vec<u32> = preprocess(text, &cfg)
+            .ngrams
+            .iter()
+            .map(|g| g.bucket)
+            .collect();
         from_pre.sort_unstable();
         from_pre.dedup();
         assert_eq!(from_pre, Featurizer::new(cfg).features(text));

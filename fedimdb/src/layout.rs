@@ -15,6 +15,7 @@
 //!       updates/shard-00000.safetensors   a worker's output for the round
 //!       updates/shard-00000.json          its training report
 //!       global.safetensors         the aggregator's output: the global model after the round
+//!       control.safetensors        the global control variate for the next round (SCAFFOLD)
 //!       report.json                the aggregator's round report (test metrics)
 //!     round-0001/ …                training rounds
 //!   model/
@@ -84,17 +85,24 @@ impl Layout {
 
     /// The update (weights or statistics) worker `shard` wrote in `round`.
     pub fn update(&self, round: u32, shard: usize) -> PathBuf {
-        self.updates_dir(round).join(format!("shard-{shard:05}.safetensors"))
+        self.updates_dir(round)
+            .join(format!("shard-{shard:05}.safetensors"))
     }
 
     /// The training report worker `shard` wrote in `round`.
     pub fn update_report(&self, round: u32, shard: usize) -> PathBuf {
-        self.updates_dir(round).join(format!("shard-{shard:05}.json"))
+        self.updates_dir(round)
+            .join(format!("shard-{shard:05}.json"))
     }
 
     /// The global model the aggregator produced at the end of `round`.
     pub fn global_model(&self, round: u32) -> PathBuf {
         self.round_dir(round).join("global.safetensors")
+    }
+
+    /// The global control variate (SCAFFOLD) the aggregator wrote at the end of `round`.
+    pub fn control(&self, round: u32) -> PathBuf {
+        self.round_dir(round).join("control.safetensors")
     }
 
     /// The model round `round`'s trainers start from: the global model of the round before.
@@ -145,8 +153,14 @@ mod tests {
         assert_eq!(l.shard(3), Path::new("/vol/data/shard-00003.parquet"));
         assert_eq!(l.test_set(), Path::new("/vol/data/test.parquet"));
         assert_eq!(l.data_manifest(), Path::new("/vol/data/manifest.json"));
-        assert_eq!(l.update(2, 4), Path::new("/vol/rounds/round-0002/updates/shard-00004.safetensors"));
-        assert_eq!(l.global_model(2), Path::new("/vol/rounds/round-0002/global.safetensors"));
+        assert_eq!(
+            l.update(2, 4),
+            Path::new("/vol/rounds/round-0002/updates/shard-00004.safetensors")
+        );
+        assert_eq!(
+            l.global_model(2),
+            Path::new("/vol/rounds/round-0002/global.safetensors")
+        );
         assert_eq!(l.input_model(0), None);
         assert_eq!(l.input_model(3), Some(l.global_model(2)));
         assert_eq!(l.latest_model(), Path::new("/vol/model/latest.safetensors"));
@@ -155,7 +169,10 @@ mod tests {
     #[test]
     fn shard_names_round_trip() {
         for i in [0, 7, 12345] {
-            assert_eq!(Layout::parse_shard_name(&Layout::shard_file_name(i)), Some(i));
+            assert_eq!(
+                Layout::parse_shard_name(&Layout::shard_file_name(i)),
+                Some(i)
+            );
         }
         assert_eq!(Layout::parse_shard_name("shard-00004.safetensors"), Some(4));
         assert_eq!(Layout::parse_shard_name("shard-4.parquet"), None);

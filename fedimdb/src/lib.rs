@@ -17,6 +17,7 @@
 
 pub mod atomic;
 pub mod checkpoint;
+pub mod control;
 pub mod dataset;
 pub mod digest;
 pub mod fault;
@@ -26,6 +27,7 @@ pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+pub mod partition;
 pub mod report;
 pub mod reviews;
 pub mod train;

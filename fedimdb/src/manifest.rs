@@ -65,6 +65,10 @@ pub struct DataManifest {
     pub partition: Partition,
     /// Dirichlet concentration; `None` for IID.
     pub alpha: Option<f64>,
+    /// Dirichlet only: the fewest reviews a shard was given (`--min-shard`); `None` for IID
+    /// and for data sharded before the floor existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_shard: Option<usize>,
     pub seed: u64,
     /// One entry per shard, in index order.
     pub shards: Vec<FileEntry>,

@@ -41,7 +41,10 @@ pub struct ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { featurizer: FeaturizerConfig::default(), nb_smoothing: 1.0 }
+        Self {
+            featurizer: FeaturizerConfig::default(),
+            nb_smoothing: 1.0,
+        }
     }
 }
 
@@ -75,7 +78,7 @@ impl Model {
     pub fn from_counts(config: ModelConfig, counts: &ClassCounts) -> candle_core::Result<Self> {
         let dim = config.dim();
         let ratio = counts.nb_ratio(config.nb_smoothing);
-        let prior = ((counts.n_pos.max(1) as f64) / (counts.n_neg.max(1) as f64)).ln() as f32;
+        let prior = counts.prior();
         Ok(Self {
             config,
             weight: Tensor::zeros(dim, DType::F32, &Device::Cpu)?,
@@ -99,7 +102,12 @@ impl Model {
 }
 
 /// The forward pass over explicit tensors, so training can pass its `Var`s.
-pub fn forward_with(weight: &Tensor, bias: &Tensor, nb_ratio: &Tensor, batch: &SparseBatch) -> candle_core::Result<Tensor> {
+pub fn forward_with(
+    weight: &Tensor,
+    bias: &Tensor,
+    nb_ratio: &Tensor,
+    batch: &SparseBatch,
+) -> candle_core::Result<Tensor> {
     let device = weight.device();
     let idx = batch.indices.to_device(device)?;
     let doc = batch.doc_of.to_device(device)?;
@@ -122,7 +130,11 @@ pub struct SparseBatch {
 impl SparseBatch {
     pub fn new(docs: &[&[u32]]) -> candle_core::Result<Self> {
         let nnz: usize = docs.iter().map(|d| d.len()).sum();
-        let (mut indices, mut doc_of, mut scale) = (Vec::with_capacity(nnz), Vec::with_capacity(nnz), Vec::with_capacity(nnz));
+        let (mut indices, mut doc_of, mut scale) = (
+            Vec::with_capacity(nnz),
+            Vec::with_capacity(nnz),
+            Vec::with_capacity(nnz),
+        );
         for (i, d) in docs.iter().enumerate() {
             let s = doc_scale(d.len());
             indices.extend_from_slice(d);
@@ -141,27 +153,48 @@ impl SparseBatch {
 
 /// Per-class document counts of every bucket: the statistics naive Bayes needs. Workers
 /// count their own shard; the aggregator sums the counts (federated statistics).
+///
+/// Beside the counts, the per-class sums of each review's scale `1/sqrt(|S|)`: with them the
+/// aggregator knows the gradient of the logistic loss at the starting model (zero weights,
+/// the prior as bias, where every review has the same logit) without another pass over the
+/// data, and SCAFFOLD's first round starts corrected (see [`crate::control`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClassCounts {
     pub pos: Vec<f32>,
     pub neg: Vec<f32>,
+    pub pos_scaled: Vec<f32>,
+    pub neg_scaled: Vec<f32>,
     pub n_pos: u64,
     pub n_neg: u64,
 }
 
 impl ClassCounts {
     pub fn zeros(dim: usize) -> Self {
-        Self { pos: vec![0.0; dim], neg: vec![0.0; dim], n_pos: 0, n_neg: 0 }
+        let z = vec![0.0; dim];
+        Self {
+            pos: z.clone(),
+            neg: z.clone(),
+            pos_scaled: z.clone(),
+            neg_scaled: z,
+            n_pos: 0,
+            n_neg: 0,
+        }
     }
 
     /// Counts the documents' buckets by label (1 positive, 0 negative).
     pub fn count(dim: usize, docs: &[Vec<u32>], labels: &[u8]) -> Self {
         let mut c = Self::zeros(dim);
         for (d, &y) in docs.iter().zip(labels) {
-            let (counts, n) = if y == 1 { (&mut c.pos, &mut c.n_pos) } else { (&mut c.neg, &mut c.n_neg) };
+            let (counts, scaled, n) = if y == 1 {
+                (&mut c.pos, &mut c.pos_scaled, &mut c.n_pos)
+            } else {
+                (&mut c.neg, &mut c.neg_scaled, &mut c.n_neg)
+            };
             *n += 1;
+            let s = doc_scale(d.len());
             for &j in d {
                 counts[j as usize] += 1.0;
+                scaled[j as usize] += s;
             }
         }
         c
@@ -169,14 +202,23 @@ impl ClassCounts {
 
     /// Adds another worker's counts.
     pub fn add(&mut self, other: &ClassCounts) {
-        for (a, b) in self.pos.iter_mut().zip(&other.pos) {
-            *a += b;
-        }
-        for (a, b) in self.neg.iter_mut().zip(&other.neg) {
-            *a += b;
+        for (mine, theirs) in [
+            (&mut self.pos, &other.pos),
+            (&mut self.neg, &other.neg),
+            (&mut self.pos_scaled, &other.pos_scaled),
+            (&mut self.neg_scaled, &other.neg_scaled),
+        ] {
+            for (a, b) in mine.iter_mut().zip(theirs) {
+                *a += b;
+            }
         }
         self.n_pos += other.n_pos;
         self.n_neg += other.n_neg;
+    }
+
+    /// The prior log-odds: the bias of the untrained model.
+    pub fn prior(&self) -> f32 {
+        ((self.n_pos.max(1) as f64) / (self.n_neg.max(1) as f64)).ln() as f32
     }
 
     /// The naive-Bayes log-count ratio with additive smoothing `alpha`.
@@ -205,7 +247,11 @@ impl Scorer {
     /// The scorer of a model given as plain slices.
     pub fn new(config: ModelConfig, weight: &[f32], bias: f32, nb_ratio: &[f32]) -> Self {
         let effective = weight.iter().zip(nb_ratio).map(|(w, r)| w * r).collect();
-        Self { config, effective, bias }
+        Self {
+            config,
+            effective,
+            bias,
+        }
     }
 
     /// The logit of one document's buckets.
@@ -242,7 +288,13 @@ mod tests {
     use crate::featurize::FeaturizerConfig;
 
     fn tiny() -> (ModelConfig, Vec<Vec<u32>>, Vec<u8>) {
-        let cfg = ModelConfig { featurizer: FeaturizerConfig { hash_bits: 10, max_ngram: 1 }, nb_smoothing: 1.0 };
+        let cfg = ModelConfig {
+            featurizer: FeaturizerConfig {
+                hash_bits: 10,
+                max_ngram: 1,
+            },
+            nb_smoothing: 1.0,
+        };
         let docs = vec![vec![1, 2, 3], vec![2, 4], vec![5, 6, 7, 8], vec![1, 5]];
         (cfg, docs, vec![1, 1, 0, 0])
     }
@@ -254,18 +306,32 @@ mod tests {
         let r = c.nb_ratio(1.0);
         // bucket 1 is in one positive and one negative review: neutral up to the tiny
         // normalisation offset (the classes hold 5 and 6 feature occurrences)
-        assert!(r[2] > 0.3 && r[6] < -0.3 && r[1].abs() < 1e-2, "{} {} {}", r[2], r[6], r[1]);
-        assert!((r[100] - r[1]).abs() < 1e-6, "unseen buckets weigh like balanced ones");
+        assert!(
+            r[2] > 0.3 && r[6] < -0.3 && r[1].abs() < 1e-2,
+            "{} {} {}",
+            r[2],
+            r[6],
+            r[1]
+        );
+        assert!(
+            (r[100] - r[1]).abs() < 1e-6,
+            "unseen buckets weigh like balanced ones"
+        );
     }
 
     #[test]
     fn candle_forward_matches_scorer() {
         let (cfg, docs, labels) = tiny();
-        let mut m = Model::from_counts(cfg, &ClassCounts::count(cfg.dim(), &docs, &labels)).unwrap();
+        let mut m =
+            Model::from_counts(cfg, &ClassCounts::count(cfg.dim(), &docs, &labels)).unwrap();
         let w: Vec<f32> = (0..cfg.dim()).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect();
         m.weight = Tensor::from_vec(w, cfg.dim(), &Device::Cpu).unwrap();
         let refs: Vec<&[u32]> = docs.iter().map(|d| d.as_slice()).collect();
-        let logits = m.forward(&SparseBatch::new(&refs).unwrap()).unwrap().to_vec1::<f32>().unwrap();
+        let logits = m
+            .forward(&SparseBatch::new(&refs).unwrap())
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let s = m.scorer().unwrap();
         for (d, l) in docs.iter().zip(logits) {
             assert!((s.logit(d) - l).abs() < 1e-5, "{} vs {l}", s.logit(d));

@@ -32,6 +32,12 @@ pub struct UpdateReport {
     /// The model config (round 0 chooses it; later rounds inherit it).
     #[serde(default)]
     pub config: Option<crate::model::ModelConfig>,
+    /// SHA-256 of the control file its correction came from (rounds ≥ 1).
+    #[serde(default)]
+    pub control_sha256: Option<String>,
+    /// Bytes of the update file.
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// `rounds/round-R/report.json`: the aggregator's account of a round.
@@ -58,6 +64,12 @@ pub struct RoundReport {
     /// SHA-256 of each combined update, in the order of `shards`.
     #[serde(default)]
     pub update_sha256: Vec<String>,
+    /// Bytes of each combined update file, in the order of `shards`.
+    #[serde(default)]
+    pub update_bytes: Vec<u64>,
+    /// SHA-256 of `control.safetensors`, the control variate the next round corrects with.
+    #[serde(default)]
+    pub control_sha256: Option<String>,
 }
 
 /// `model/latest.json`: the published model's card, with when and from which round.
@@ -72,7 +84,9 @@ pub struct LatestCard {
 
 /// The current time as RFC 3339 UTC (`2026-11-21T22:16:00Z`).
 pub fn utc_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     format_utc(secs)
 }
 
@@ -89,7 +103,12 @@ pub fn format_utc(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

@@ -13,7 +13,10 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
-use polars::prelude::{Column, DataFrame, DataType, ParquetCompression, ParquetReader, ParquetWriter, SerReader, StatisticsOptions};
+use polars::prelude::{
+    Column, DataFrame, DataType, ParquetCompression, ParquetReader, ParquetWriter, SerReader,
+    StatisticsOptions,
+};
 use polars_parquet::parquet::page::CompressedPage;
 use polars_parquet::parquet::read::PageReader;
 
@@ -44,10 +47,22 @@ pub fn write_parquet(path: &Path, reviews: &[Review]) -> Result<()> {
 /// the bytes before writing them and encodes the test set while the archive is still read.
 pub fn encode_parquet<W: std::io::Write>(w: W, reviews: &[Review]) -> Result<()> {
     let n = reviews.len();
-    let id = Column::new("id".into(), reviews.iter().map(|r| r.id.as_str()).collect::<Vec<_>>());
-    let rating = Column::new("rating".into(), reviews.iter().map(|r| r.rating).collect::<Vec<u8>>());
-    let label = Column::new("label".into(), reviews.iter().map(|r| r.label).collect::<Vec<u8>>());
-    let text = Column::new("text".into(), reviews.iter().map(|r| r.text.as_str()).collect::<Vec<_>>());
+    let id = Column::new(
+        "id".into(),
+        reviews.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+    );
+    let rating = Column::new(
+        "rating".into(),
+        reviews.iter().map(|r| r.rating).collect::<Vec<u8>>(),
+    );
+    let label = Column::new(
+        "label".into(),
+        reviews.iter().map(|r| r.label).collect::<Vec<u8>>(),
+    );
+    let text = Column::new(
+        "text".into(),
+        reviews.iter().map(|r| r.text.as_str()).collect::<Vec<_>>(),
+    );
     let mut df = DataFrame::new(n, vec![id, rating, label, text])?;
     ParquetWriter::new(w)
         .with_compression(ParquetCompression::Zstd(None))
@@ -59,7 +74,8 @@ pub fn encode_parquet<W: std::io::Write>(w: W, reviews: &[Review]) -> Result<()>
 /// Reads a review Parquet file, checking its schema. Errors name the file and what is
 /// wrong with it.
 pub fn read_parquet(path: &Path) -> Result<Vec<Review>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot open review file {}", path.display()))?;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot open review file {}", path.display()))?;
     decode(&bytes, &path.display())
 }
 
@@ -84,9 +100,17 @@ fn decode(bytes: &[u8], what: &dyn std::fmt::Display) -> Result<Vec<Review>> {
         Ok(ParquetReader::new(std::io::Cursor::new(bytes)).finish()?)
     };
     let df = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
-        .unwrap_or_else(|panic| Err(anyhow::anyhow!("the Parquet reader failed: {}", panic_message(&*panic))))
-        .with_context(|| format!("{what} is not a readable Parquet file (truncated or corrupt?)"))?;
-    reviews_from_frame(&df).with_context(|| format!("{what} does not hold reviews in the fedimdb format"))
+        .unwrap_or_else(|panic| {
+            Err(anyhow::anyhow!(
+                "the Parquet reader failed: {}",
+                panic_message(&*panic)
+            ))
+        })
+        .with_context(|| {
+            format!("{what} is not a readable Parquet file (truncated or corrupt?)")
+        })?;
+    reviews_from_frame(&df)
+        .with_context(|| format!("{what} does not hold reviews in the fedimdb format"))
 }
 
 /// Checks that the footer and every page header of a Parquet file claim no more rows or
@@ -97,23 +121,43 @@ fn check_counts(bytes: &[u8]) -> Result<()> {
     check_footer(bytes)?;
     let mut reader = ParquetReader::new(std::io::Cursor::new(bytes));
     let meta = reader.get_metadata()?;
-    ensure!(plausible(meta.num_rows as u64), "its footer claims {} rows in {size} bytes", meta.num_rows);
+    ensure!(
+        plausible(meta.num_rows as u64),
+        "its footer claims {} rows in {size} bytes",
+        meta.num_rows
+    );
     let file = polars_buffer::Buffer::from(bytes.to_vec());
     for (i, rg) in meta.row_groups.iter().enumerate() {
-        ensure!(plausible(rg.num_rows() as u64), "row group {i} claims {} rows in {size} bytes", rg.num_rows());
+        ensure!(
+            plausible(rg.num_rows() as u64),
+            "row group {i} claims {} rows in {size} bytes",
+            rg.num_rows()
+        );
         for column in rg.parquet_columns() {
             let n = column.num_values();
-            ensure!(u64::try_from(n).is_ok_and(plausible), "row group {i} claims {n} values in a column in {size} bytes");
+            ensure!(
+                u64::try_from(n).is_ok_and(plausible),
+                "row group {i} claims {n} values in a column in {size} bytes"
+            );
             let range = column.byte_range();
-            ensure!(range.start <= range.end && range.end <= size, "row group {i} has a column at bytes {range:?} of {size}");
-            let chunk = file.clone().sliced(range.start as usize..range.end as usize);
+            ensure!(
+                range.start <= range.end && range.end <= size,
+                "row group {i} has a column at bytes {range:?} of {size}"
+            );
+            let chunk = file
+                .clone()
+                .sliced(range.start as usize..range.end as usize);
             // The page headers, not the pages: nothing is decompressed. The size limit bounds
             // what the header reader may allocate, which polars leaves unbounded.
-            let pages = PageReader::new(std::io::Cursor::new(chunk), column, Vec::new(), bytes.len());
+            let pages =
+                PageReader::new(std::io::Cursor::new(chunk), column, Vec::new(), bytes.len());
             for page in pages {
                 if let CompressedPage::Data(page) = page? {
                     let n = page.num_values();
-                    ensure!(plausible(n as u64), "row group {i} has a page claiming {n} values in {size} bytes");
+                    ensure!(
+                        plausible(n as u64),
+                        "row group {i} has a page claiming {n} values in {size} bytes"
+                    );
                 }
             }
         }
@@ -129,7 +173,10 @@ fn check_counts(bytes: &[u8]) -> Result<()> {
 fn check_footer(bytes: &[u8]) -> Result<()> {
     use polars_parquet_format::thrift::protocol::TCompactInputProtocol;
     let n = bytes.len();
-    ensure!(n >= 12 && bytes.ends_with(b"PAR1"), "no Parquet footer at its end");
+    ensure!(
+        n >= 12 && bytes.ends_with(b"PAR1"),
+        "no Parquet footer at its end"
+    );
     let len = u32::from_le_bytes(bytes[n - 8..n - 4].try_into().expect("4 bytes")) as usize;
     ensure!(len <= n - 8, "its footer claims {len} bytes of {n}");
     let footer = &bytes[n - 8 - len..n - 8];
@@ -141,12 +188,19 @@ fn check_footer(bytes: &[u8]) -> Result<()> {
 
 /// The message of a caught panic.
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("panic")
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("panic")
 }
 
 fn reviews_from_frame(df: &DataFrame) -> Result<Vec<Review>> {
     let names: Vec<&str> = df.get_column_names().iter().map(|s| s.as_str()).collect();
-    ensure!(names == COLUMNS, "columns are {names:?}, expected {COLUMNS:?}");
+    ensure!(
+        names == COLUMNS,
+        "columns are {names:?}, expected {COLUMNS:?}"
+    );
     let col = |name: &str, want: DataType| -> Result<&Column> {
         let c = df.column(name)?;
         if c.dtype() != &want {
@@ -160,12 +214,21 @@ fn reviews_from_frame(df: &DataFrame) -> Result<Vec<Review>> {
     let text = col("text", DataType::String)?.str()?;
     let mut out = Vec::with_capacity(df.height());
     for i in 0..df.height() {
-        let (Some(id), Some(rating), Some(label), Some(text)) = (id.get(i), rating.get(i), label.get(i), text.get(i))
+        let (Some(id), Some(rating), Some(label), Some(text)) =
+            (id.get(i), rating.get(i), label.get(i), text.get(i))
         else {
             bail!("row {i} has a missing (null) value");
         };
-        ensure!(label == POSITIVE || label == NEGATIVE, "row {i} ({id}) has label {label}, expected 0 or 1");
-        out.push(Review { id: id.to_owned(), rating, label, text: text.to_owned() });
+        ensure!(
+            label == POSITIVE || label == NEGATIVE,
+            "row {i} ({id}) has label {label}, expected 0 or 1"
+        );
+        out.push(Review {
+            id: id.to_owned(),
+            rating,
+            label,
+            text: text.to_owned(),
+        });
     }
     Ok(out)
 }
@@ -178,8 +241,18 @@ mod tests {
 
     fn sample() -> Vec<Review> {
         vec![
-            Review { id: "train/pos/1".into(), rating: 9, label: POSITIVE, text: "Loved it — é".into() },
-            Review { id: "train/neg/2".into(), rating: 2, label: NEGATIVE, text: "Dull.<br />Awful".into() },
+            Review {
+                id: "train/pos/1".into(),
+                rating: 9,
+                label: POSITIVE,
+                text: "Loved it — é".into(),
+            },
+            Review {
+                id: "train/neg/2".into(),
+                rating: 2,
+                label: NEGATIVE,
+                text: "Dull.<br />Awful".into(),
+            },
         ]
     }
 
@@ -218,9 +291,15 @@ mod tests {
         let p = dir.path().join("fuzzed.parquet");
         std::fs::write(&p, &bytes).unwrap();
         let err = format!("{:#}", read_parquet(&p).unwrap_err());
-        assert!(err.contains("fuzzed.parquet") && err.contains("not a readable Parquet"), "{err}");
+        assert!(
+            err.contains("fuzzed.parquet") && err.contains("not a readable Parquet"),
+            "{err}"
+        );
         let err = format!("{:#}", decode_parquet(&bytes).unwrap_err());
-        assert!(err.contains("the review data is not a readable Parquet"), "{err}");
+        assert!(
+            err.contains("the review data is not a readable Parquet"),
+            "{err}"
+        );
     }
 
     /// A 298-byte file found by the fuzzer whose page header claims a negative number of
@@ -240,7 +319,10 @@ mod tests {
     fn a_page_claiming_more_values_than_bytes_is_refused_before_decoding() {
         let bytes = hex::decode(NEGATIVE_PAGE_COUNT).unwrap();
         let err = format!("{:#}", decode_parquet(&bytes).unwrap_err());
-        assert!(err.contains("not a readable Parquet") && err.contains("page claiming"), "{err}");
+        assert!(
+            err.contains("not a readable Parquet") && err.contains("page claiming"),
+            "{err}"
+        );
     }
 
     /// 14 bytes found by the fuzzer: a footer whose list claims so many elements that
@@ -249,7 +331,10 @@ mod tests {
     fn a_footer_claiming_a_huge_list_is_refused_before_decoding() {
         let bytes = b"\x2a\xf3\xf3\xf3\xff\xff\x06\x00\x00\x00PAR1";
         let err = format!("{:#}", decode_parquet(bytes).unwrap_err());
-        assert!(err.contains("not a readable Parquet") && err.contains("footer is corrupt"), "{err}");
+        assert!(
+            err.contains("not a readable Parquet") && err.contains("footer is corrupt"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -257,7 +342,10 @@ mod tests {
         let mut bytes = Vec::new();
         encode_parquet(&mut bytes, &sample()).unwrap();
         assert_eq!(decode_parquet(&bytes).unwrap(), sample());
-        let err = format!("{:#}", decode_parquet(&bytes[..bytes.len() / 2]).unwrap_err());
+        let err = format!(
+            "{:#}",
+            decode_parquet(&bytes[..bytes.len() / 2]).unwrap_err()
+        );
         assert!(err.contains("not a readable Parquet"), "{err}");
     }
 
@@ -265,14 +353,29 @@ mod tests {
     fn wrong_schema_and_garbage_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bad.parquet");
-        let mut df = DataFrame::new(1, vec![Column::new("id".into(), ["x"]), Column::new("stars".into(), [3u8])]).unwrap();
-        ParquetWriter::new(File::create(&p).unwrap()).finish(&mut df).unwrap();
+        let mut df = DataFrame::new(
+            1,
+            vec![
+                Column::new("id".into(), ["x"]),
+                Column::new("stars".into(), [3u8]),
+            ],
+        )
+        .unwrap();
+        ParquetWriter::new(File::create(&p).unwrap())
+            .finish(&mut df)
+            .unwrap();
         let err = format!("{:#}", read_parquet(&p).unwrap_err());
-        assert!(err.contains("bad.parquet") && err.contains("columns are"), "{err}");
+        assert!(
+            err.contains("bad.parquet") && err.contains("columns are"),
+            "{err}"
+        );
 
         let g = dir.path().join("garbage.parquet");
         std::fs::write(&g, b"not parquet at all").unwrap();
         let err = format!("{:#}", read_parquet(&g).unwrap_err());
-        assert!(err.contains("garbage.parquet") && err.contains("not a readable Parquet"), "{err}");
+        assert!(
+            err.contains("garbage.parquet") && err.contains("not a readable Parquet"),
+            "{err}"
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! Local training: minibatch SGD on the logistic loss of [`crate::model`].
+//! Local training: minibatch SGD on the L2-regularised logistic loss of [`crate::model`],
+//! with SCAFFOLD's drift correction.
 //!
 //! Two engines compute the same update:
 //!
@@ -6,47 +7,206 @@
 //!   the gradient of a batch is zero everywhere else. Updating just those buckets costs
 //!   O(non-zeros) per step instead of O(2^22) for a dense gradient over the whole table —
 //!   hundreds of times less work on a CPU.
-//! * [`candle_step`] (any candle device, used for CUDA): the model's candle forward pass,
-//!   autograd and a dense SGD step. On a GPU the dense update is cheap.
+//! * [`train_candle`] (any candle device, used for CUDA): the model's candle forward pass,
+//!   autograd and candle-nn's SGD, dense. On a GPU the dense update is cheap.
 //!
-//! A test checks that both give the same weights after a step.
+//! Tests pin both to the same weights and control variates.
 
 use candle_core::{Device, Tensor, Var};
+use candle_nn::Optimizer;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Model, SparseBatch, doc_scale, forward_with, sigmoid};
 
-/// The defaults of local training, chosen by the sweep in `docs/BENCHMARKS.md` so that
-/// `pipeline local --workers 5` reaches its accuracy targets.
+/// The defaults of federated training, shared by the trainer, the aggregator and both
+/// pipelines. Chosen on a validation split held out of the training reviews over every
+/// worker count and partition of the heterogeneity grid (docs/BENCHMARKS.md), not on the
+/// test set.
 pub mod defaults {
-    /// Training rounds after the statistics round (the pipeline's default).
+    use super::{Algorithm, Schedule};
+    /// The run's seed (copier partition, worker shuffles).
+    pub const SEED: u64 = 42;
+    /// Workers (shards) of a run.
+    pub const WORKERS: usize = 5;
+    /// Training rounds after the statistics round.
     pub const ROUNDS: u32 = 5;
-    pub const EPOCHS: u32 = 8;
+    /// SGD steps each worker takes per round, whatever the size of its shard.
+    pub const STEPS: u64 = 20_000;
     pub const BATCH: usize = 1;
-    pub const LR: f32 = 8.0;
+    pub const LR: f32 = 16.0;
+    pub const SCHEDULE: Schedule = Schedule::Linear;
+    pub const ALGORITHM: Algorithm = Algorithm::Scaffold;
 }
 
-/// Hyper-parameters of one worker's local training.
+/// How workers correct for the drift of their local training (see the README's "How it
+/// learns").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// Plain local SGD, averaged: each worker drifts toward its own shard's optimum.
+    #[value(name = "fedavg")]
+    FedAvg,
+    /// SCAFFOLD (Karimireddy et al., 2020): every local gradient is corrected by the
+    /// difference between the global and the worker's control variate (mean gradients of
+    /// the last round), so local steps follow the global objective.
+    #[default]
+    Scaffold,
+}
+
+impl std::fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Algorithm::FedAvg => "fedavg",
+            Algorithm::Scaffold => "scaffold",
+        })
+    }
+}
+
+impl std::fmt::Display for Schedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Schedule::Constant => "constant",
+            Schedule::Linear => "linear",
+        })
+    }
+}
+
+/// The training flags every binary that starts or runs a worker takes (`trainer`, `pipeline
+/// local`, `pipeline k8s`): declared, defaulted and validated here once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+pub struct TrainArgs {
+    /// How workers correct the drift of local training: `scaffold` (control variates) or
+    /// `fedavg` (none).
+    #[arg(long, value_enum, default_value_t = defaults::ALGORITHM)]
+    pub algorithm: Algorithm,
+    /// SGD steps each worker takes per round, whatever the size of its shard.
+    #[arg(long, default_value_t = defaults::STEPS)]
+    pub steps: u64,
+    /// Passes over the shard per round instead of a step budget (replaces --steps).
+    #[arg(long, visible_alias = "epoch")]
+    pub epochs: Option<u32>,
+    /// Reviews per SGD step.
+    #[arg(long, default_value_t = defaults::BATCH)]
+    pub batch: usize,
+    /// SGD learning rate at the start of each round.
+    #[arg(long, default_value_t = defaults::LR, allow_negative_numbers = true)]
+    pub lr: f32,
+    /// Learning rate over a round: `linear` (down to zero) or `constant`.
+    #[arg(long, value_enum, default_value_t = defaults::SCHEDULE)]
+    pub schedule: Schedule,
+    /// Seed of every random choice (shards, shuffles); the same seed gives the same bytes.
+    #[arg(long, default_value_t = defaults::SEED)]
+    pub seed: u64,
+}
+
+impl Default for TrainArgs {
+    fn default() -> Self {
+        Self {
+            algorithm: defaults::ALGORITHM,
+            steps: defaults::STEPS,
+            epochs: None,
+            batch: defaults::BATCH,
+            lr: defaults::LR,
+            schedule: defaults::SCHEDULE,
+            seed: defaults::SEED,
+        }
+    }
+}
+
+impl TrainArgs {
+    /// Checks the values; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.steps == 0 {
+            return Err("--steps must be at least 1".into());
+        }
+        if self.steps > u32::MAX as u64 {
+            return Err(format!("--steps must be at most {}", u32::MAX));
+        }
+        if self.epochs == Some(0) {
+            return Err("--epochs must be at least 1".into());
+        }
+        if self.batch == 0 {
+            return Err("--batch must be at least 1".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(format!("--lr must be a positive number, got {}", self.lr));
+        }
+        Ok(())
+    }
+
+    /// Worker `shard`'s training config in `round`.
+    pub fn config(&self, round: u32, shard: usize) -> TrainConfig {
+        TrainConfig {
+            algorithm: self.algorithm,
+            steps: if self.epochs.is_some() { 0 } else { self.steps },
+            epochs: self.epochs.unwrap_or(0),
+            batch: self.batch,
+            lr: self.lr,
+            schedule: self.schedule,
+            seed: worker_seed(self.seed, round, shard),
+        }
+    }
+
+    /// The same flags as command-line arguments, for a worker process or a Job.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec!["--algorithm".into(), self.algorithm.to_string()];
+        match self.epochs {
+            Some(e) => a.extend(["--epochs".into(), e.to_string()]),
+            None => a.extend(["--steps".into(), self.steps.to_string()]),
+        }
+        a.extend([
+            "--batch".into(),
+            self.batch.to_string(),
+            "--lr".into(),
+            self.lr.to_string(),
+            "--schedule".into(),
+            self.schedule.to_string(),
+            "--seed".into(),
+            self.seed.to_string(),
+        ]);
+        a
+    }
+}
+
+/// Hyper-parameters of one worker's local training in one round.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
+    pub algorithm: Algorithm,
+    /// SGD steps (minibatches) per round, whatever the shard's size; 0: `epochs` passes.
+    pub steps: u64,
+    /// Passes over the shard per round, when `steps` is 0.
     pub epochs: u32,
     pub batch: usize,
+    /// The learning rate at the start of the round.
     pub lr: f32,
+    pub schedule: Schedule,
     pub seed: u64,
+}
+
+impl TrainConfig {
+    /// The number of SGD steps this config takes on a shard of `n` reviews.
+    pub fn steps_for(&self, n: usize) -> u64 {
+        if self.steps > 0 {
+            self.steps
+        } else {
+            self.epochs as u64 * n.div_ceil(self.batch.max(1)) as u64
+        }
+    }
 }
 
 /// A worker's seed for one round: distinct per round and shard, fixed by the run's seed.
 pub fn worker_seed(seed: u64, round: u32, shard: usize) -> u64 {
-    seed ^ (round as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (shard as u64 + 1).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+    seed ^ (round as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ (shard as u64 + 1).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
 }
 
-/// What one epoch of local training measured.
+/// What one pass over the shard measured.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EpochStats {
     pub epoch: u32,
-    /// Mean logistic loss over the epoch's examples, each measured just before its step.
+    /// Mean logistic loss over the pass's examples, each measured just before its step.
     pub loss: f64,
-    /// Fraction of the epoch's examples classified right just before their step.
+    /// Fraction of the pass's examples classified right just before their step.
     pub accuracy: f64,
     pub samples: usize,
     pub seconds: f64,
@@ -77,6 +237,82 @@ pub fn logistic_loss(z: f32, label: u8) -> f64 {
     z.max(0.0) - z * y + (-z.abs()).exp().ln_1p()
 }
 
+/// SCAFFOLD's drift correction for one worker's round: `c - c_i`, the global control
+/// variate minus the worker's own, added to every local gradient (one value per bucket,
+/// plus the bias).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Correction {
+    pub weight: Vec<f32>,
+    pub bias: f32,
+}
+
+/// What a round of local work returns besides the trained weights.
+#[derive(Debug, Clone)]
+pub struct LocalOutcome {
+    /// One entry per pass over the shard (the last pass may be partial).
+    pub epochs: Vec<EpochStats>,
+    /// The mean data-loss gradient along the local path: SCAFFOLD's next control variate
+    /// of the worker (its "option II"), zero outside the buckets the shard touches.
+    pub mean_grad: Vec<f32>,
+    pub mean_grad_bias: f32,
+}
+
+/// The learning rate over a round's steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// `lr` at every step.
+    Constant,
+    /// From `lr` down to zero over the round's steps, so the round ends on a quiet iterate
+    /// instead of wherever the last noisy steps left it.
+    #[default]
+    Linear,
+}
+
+/// The learning rates of a round and their running sums, and how a weight that no review
+/// reads moves: each step applies `w <- w - lr_t * d` (the constant correction `d`), so
+/// from step `s` to step `t` it moves by `-d * (lr_s + … + lr_(t-1))`. The sparse engine
+/// brings a bucket up to date this way only when a review reads it, so a step stays
+/// O(non-zeros) although the update is dense; the aggregator uses the same function for the
+/// buckets a worker's shard never touches, which its sparse update leaves out.
+#[derive(Debug, Clone)]
+pub struct Drift {
+    /// `sum[t] = lr_0 + … + lr_(t-1)` for `t = 0..=steps`.
+    sum: Vec<f64>,
+}
+
+impl Drift {
+    pub fn new(steps: u64, lr: f32, schedule: Schedule) -> Self {
+        let mut sum = Vec::with_capacity(steps as usize + 1);
+        let mut acc = 0.0f64;
+        sum.push(acc);
+        for t in 0..steps {
+            acc += Self::rate(lr, schedule, t, steps) as f64;
+            sum.push(acc);
+        }
+        Self { sum }
+    }
+
+    /// The learning rate of step `t` of `steps`.
+    pub fn rate(lr: f32, schedule: Schedule, t: u64, steps: u64) -> f32 {
+        match schedule {
+            Schedule::Constant => lr,
+            Schedule::Linear => lr * (1.0 - t as f32 / steps as f32),
+        }
+    }
+
+    /// `w` carried from step `from` to step `to` without being read, with correction `d`.
+    #[inline]
+    pub fn apply(&self, w: f32, d: f32, from: usize, to: usize) -> f32 {
+        (w as f64 - d as f64 * (self.sum[to] - self.sum[from])) as f32
+    }
+
+    /// The number of steps the table covers.
+    pub fn steps(&self) -> usize {
+        self.sum.len() - 1
+    }
+}
+
 /// Documents laid out for fast SGD: for each document, its buckets and their fixed input
 /// values `nb_ratio[j] * scale` side by side (CSR layout). Precomputing the values means a
 /// step reads only the weight table at random places instead of weight and ratio tables.
@@ -95,7 +331,11 @@ impl Csr {
             values.extend(doc.iter().map(|&j| ratio[j as usize] * s));
             offsets.push(indices.len());
         }
-        Self { offsets, indices, values }
+        Self {
+            offsets,
+            indices,
+            values,
+        }
     }
 
     fn row(&self, i: usize) -> (&[u32], &[f32]) {
@@ -104,31 +344,54 @@ impl Csr {
     }
 }
 
-/// The epoch loop both engines share: each epoch visits the documents in a fresh seeded
-/// order, in minibatches of `cfg.batch` row indices handed to `step`, which returns the
-/// batch's summed loss and number correct.
-fn run_epochs<E>(
+/// The sorted distinct buckets of a set of documents: where a worker's update can differ
+/// from what the aggregator predicts for it ([`Drift`]).
+pub fn touched_buckets(docs: &[Vec<u32>], dim: usize) -> Vec<u32> {
+    let mut seen = vec![false; dim];
+    for d in docs {
+        for &j in d {
+            seen[j as usize] = true;
+        }
+    }
+    seen.iter()
+        .enumerate()
+        .filter(|(_, s)| **s)
+        .map(|(j, _)| j as u32)
+        .collect()
+}
+
+/// The step loop both engines share: `cfg.steps_for(n)` minibatches of `cfg.batch` row
+/// indices, visiting the documents in a fresh seeded order each pass, handed to `step`,
+/// which returns the batch's summed loss and number correct.
+fn run_steps<E>(
     n_docs: usize,
     cfg: &TrainConfig,
     mut on_epoch: impl FnMut(&EpochStats),
-    mut step: impl FnMut(&[usize]) -> Result<(f64, usize), E>,
+    mut step: impl FnMut(u32, &[usize]) -> Result<(f64, usize), E>,
 ) -> Result<Vec<EpochStats>, E> {
+    let steps = cfg.steps_for(n_docs);
+    let (mut t, mut pass) = (0u64, 0u32);
     let mut stats = Vec::new();
-    for epoch in 0..cfg.epochs {
+    while t < steps && n_docs > 0 {
         let start = std::time::Instant::now();
-        let order = shuffled(n_docs, cfg.seed.wrapping_add(epoch as u64));
-        let (mut loss, mut correct) = (0.0, 0);
-        for rows in order.chunks(cfg.batch) {
-            let (l, c) = step(rows)?;
+        let order = shuffled(n_docs, cfg.seed.wrapping_add(pass as u64));
+        let (mut loss, mut correct, mut seen) = (0.0, 0, 0);
+        for rows in order.chunks(cfg.batch.max(1)) {
+            if t == steps {
+                break;
+            }
+            let (l, c) = step(t as u32, rows)?;
             loss += l;
             correct += c;
+            seen += rows.len();
+            t += 1;
         }
-        let n = n_docs.max(1) as f64;
+        pass += 1;
         let s = EpochStats {
-            epoch: epoch + 1,
-            loss: loss / n,
-            accuracy: correct as f64 / n,
-            samples: n_docs,
+            epoch: pass,
+            loss: loss / seen.max(1) as f64,
+            accuracy: correct as f64 / seen.max(1) as f64,
+            samples: seen,
             seconds: start.elapsed().as_secs_f64(),
         };
         on_epoch(&s);
@@ -155,68 +418,111 @@ impl SparseSgd {
 
     /// Training state from the plain vectors of a model file, without copying them.
     pub fn from_parts(weight: Vec<f32>, bias: f32, ratio: Vec<f32>) -> Self {
-        assert_eq!(weight.len(), ratio.len(), "weight and ratio have one value per bucket");
-        Self { weight, bias, ratio }
-    }
-
-    /// One SGD step on a minibatch (see [`Self::step_rows`]).
-    pub fn step(&mut self, docs: &[&[u32]], labels: &[u8], lr: f32) -> (f64, usize) {
-        let csr = Csr::new(docs.iter().copied(), &self.ratio);
-        let rows: Vec<usize> = (0..docs.len()).collect();
-        self.step_rows(&csr, &rows, labels, lr)
-    }
-
-    /// One SGD step on the minibatch `rows` of `csr`: all logits are taken with the weights
-    /// before the step, then each document's gradient is applied to its buckets only.
-    /// Returns the batch's summed loss and number correct.
-    fn step_rows(&mut self, csr: &Csr, rows: &[usize], labels: &[u8], lr: f32) -> (f64, usize) {
-        let w = &mut self.weight;
-        let mut logits = [0f32; 64];
-        let mut logits_vec = Vec::new();
-        let logits: &mut [f32] = if rows.len() <= 64 {
-            &mut logits[..rows.len()]
-        } else {
-            logits_vec.resize(rows.len(), 0.0);
-            &mut logits_vec
-        };
-        for (z, &i) in logits.iter_mut().zip(rows) {
-            let (idx, val) = csr.row(i);
-            *z = self.bias + idx.iter().zip(val).map(|(&j, &v)| w[j as usize] * v).sum::<f32>();
+        assert_eq!(
+            weight.len(),
+            ratio.len(),
+            "weight and ratio have one value per bucket"
+        );
+        Self {
+            weight,
+            bias,
+            ratio,
         }
-        let inv_b = 1.0 / rows.len() as f32;
-        let (mut loss, mut correct, mut grad_bias) = (0.0, 0, 0.0f32);
-        for ((&i, &y), &z) in rows.iter().zip(labels).zip(logits.iter()) {
-            loss += logistic_loss(z, y);
-            correct += usize::from((z >= 0.0) == (y == 1));
-            let g = (sigmoid(z) - y as f32) * inv_b;
-            grad_bias += g;
-            let step = lr * g;
-            let (idx, val) = csr.row(i);
-            for (&j, &v) in idx.iter().zip(val) {
-                w[j as usize] -= step * v;
-            }
-        }
-        self.bias -= lr * grad_bias;
-        (loss, correct)
     }
 
-    /// Runs `epochs` epochs of minibatch SGD over the documents, shuffled anew each epoch
-    /// from the seed; calls `on_epoch` after each.
+    /// One round of local work: minibatch SGD on the logistic loss, with every gradient
+    /// corrected by `correction` (SCAFFOLD) when given. Step `t` is
+    ///
+    /// ```text
+    /// w <- w - lr_t * (grad_batch(w) + d)        b <- b - lr_t * (grad_batch(b) + d_b)
+    /// ```
+    ///
+    /// with `lr_t` from the schedule, computed lazily ([`Drift`]): a bucket is brought up to
+    /// date when a review reads it, and all of them at the end. Returns per-pass statistics
+    /// and the mean data-loss gradient along the path.
     pub fn train(
         &mut self,
         docs: &[Vec<u32>],
         labels: &[u8],
         cfg: &TrainConfig,
+        correction: Option<&Correction>,
         on_epoch: impl FnMut(&EpochStats),
-    ) -> Vec<EpochStats> {
+    ) -> LocalOutcome {
         let csr = Csr::new(docs.iter().map(Vec::as_slice), &self.ratio);
-        let mut batch_labels = Vec::with_capacity(cfg.batch);
-        let Ok(stats) = run_epochs(docs.len(), cfg, on_epoch, |rows| {
-            batch_labels.clear();
-            batch_labels.extend(rows.iter().map(|&i| labels[i]));
-            Ok::<_, std::convert::Infallible>(self.step_rows(&csr, rows, &batch_labels, cfg.lr))
+        let dim = self.weight.len();
+        let steps = cfg.steps_for(docs.len());
+        let (d, d_bias) = match correction {
+            Some(c) => {
+                assert_eq!(c.weight.len(), dim, "one correction per bucket");
+                (c.weight.as_slice(), c.bias)
+            }
+            None => (&[][..], 0.0),
+        };
+        // Without a correction a bucket only moves when read: no bookkeeping.
+        let lazy = !d.is_empty();
+        let drift = Drift::new(if lazy { steps } else { 0 }, cfg.lr, cfg.schedule);
+        let mut at = vec![0u32; if lazy { dim } else { 0 }];
+        let (mut grad_sum, mut grad_sum_bias) = (vec![0.0f64; dim], 0.0f64);
+        let mut logits = Vec::with_capacity(cfg.batch);
+        let (w, bias) = (&mut self.weight, &mut self.bias);
+        let Ok(epochs) = run_steps(docs.len(), cfg, on_epoch, |t, rows| {
+            let lr = Drift::rate(cfg.lr, cfg.schedule, t as u64, steps);
+            logits.clear();
+            for &i in rows {
+                let (idx, val) = csr.row(i);
+                let mut z = *bias;
+                for (&j, &v) in idx.iter().zip(val) {
+                    let j = j as usize;
+                    if lazy && at[j] < t {
+                        w[j] = drift.apply(w[j], d[j], at[j] as usize, t as usize);
+                        at[j] = t;
+                    }
+                    z += w[j] * v;
+                }
+                logits.push(z);
+            }
+            // This step's correction on the buckets just read, once each.
+            if lazy {
+                for &i in rows {
+                    for &j in csr.row(i).0 {
+                        let j = j as usize;
+                        if at[j] == t {
+                            w[j] = drift.apply(w[j], d[j], t as usize, t as usize + 1);
+                            at[j] = t + 1;
+                        }
+                    }
+                }
+            }
+            let inv_b = 1.0 / rows.len() as f32;
+            let (mut loss, mut correct, mut grad_bias) = (0.0, 0, 0.0f32);
+            for (&i, &z) in rows.iter().zip(&logits) {
+                let y = labels[i];
+                loss += logistic_loss(z, y);
+                correct += usize::from((z >= 0.0) == (y == 1));
+                let g = (sigmoid(z) - y as f32) * inv_b;
+                grad_bias += g;
+                let step = lr * g;
+                let (idx, val) = csr.row(i);
+                for (&j, &v) in idx.iter().zip(val) {
+                    w[j as usize] -= step * v;
+                    grad_sum[j as usize] += (g * v) as f64;
+                }
+            }
+            *bias -= lr * (grad_bias + d_bias);
+            grad_sum_bias += grad_bias as f64;
+            Ok::<_, std::convert::Infallible>((loss, correct))
         });
-        stats
+        if lazy {
+            for j in 0..dim {
+                w[j] = drift.apply(w[j], d[j], at[j] as usize, steps as usize);
+            }
+        }
+        let k = steps.max(1) as f64;
+        LocalOutcome {
+            epochs,
+            mean_grad: grad_sum.into_iter().map(|g| (g / k) as f32).collect(),
+            mean_grad_bias: (grad_sum_bias / k) as f32,
+        }
     }
 
     /// Writes the trained weights into the model's tensors.
@@ -228,48 +534,78 @@ impl SparseSgd {
     }
 }
 
-/// One dense SGD step with candle autograd on the model's own device: the same update as
-/// [`SparseSgd::step`], computed the way a GPU likes it.
-pub fn candle_step(weight: &Var, bias: &Var, nb_ratio: &Tensor, docs: &[&[u32]], labels: &[u8], lr: f32) -> candle_core::Result<(f64, usize)> {
-    let device = weight.device();
-    let batch = SparseBatch::new(docs)?;
-    let logits = forward_with(weight.as_tensor(), bias.as_tensor(), nb_ratio, &batch)?;
-    let y: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
-    let y = Tensor::from_vec(y, labels.len(), device)?;
-    let loss = candle_nn::loss::binary_cross_entropy_with_logit(&logits, &y)?;
-    let grads = loss.backward()?;
-    for var in [weight, bias] {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            var.set(&(var.as_tensor() - (g * lr as f64)?)?)?;
-        }
-    }
-    let z = logits.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-    let loss_sum: f64 = z.iter().zip(labels).map(|(&z, &l)| logistic_loss(z, l)).sum();
-    let correct = z.iter().zip(labels).filter(|&(&z, &l)| (z >= 0.0) == (l == 1)).count();
-    Ok((loss_sum, correct))
-}
-
-/// Local training with candle autograd on `device` (the CUDA path): the same epochs,
-/// batches and order as [`SparseSgd::train`], with dense steps.
+/// Local training with candle autograd and candle-nn's SGD on `device` (the CUDA path): the
+/// same steps, batches, order and learning rates as [`SparseSgd::train`], dense. The
+/// correction enters the loss (`+ <d, w> + d_b b`), so the optimizer's plain gradient step
+/// is the corrected step.
 pub fn train_candle(
     model: &mut Model,
     docs: &[Vec<u32>],
     labels: &[u8],
     cfg: &TrainConfig,
+    correction: Option<&Correction>,
     device: &Device,
     on_epoch: impl FnMut(&EpochStats),
-) -> candle_core::Result<Vec<EpochStats>> {
+) -> candle_core::Result<LocalOutcome> {
     let weight = Var::from_tensor(&model.weight.to_device(device)?)?;
     let bias = Var::from_tensor(&model.bias.to_device(device)?)?;
     let ratio = model.nb_ratio.to_device(device)?;
-    let stats = run_epochs(docs.len(), cfg, on_epoch, |rows| {
+    let dim = model.config.dim();
+    let (d, d_bias) = match correction {
+        Some(c) => (
+            Some(Tensor::from_slice(&c.weight, dim, device)?),
+            Tensor::new(&[c.bias], device)?,
+        ),
+        None => (None, Tensor::zeros(1, candle_core::DType::F32, device)?),
+    };
+    let mut sgd = candle_nn::SGD::new(vec![weight.clone(), bias.clone()], cfg.lr as f64)?;
+    let mut grad_sum = Tensor::zeros(dim, candle_core::DType::F32, device)?;
+    let mut grad_sum_bias = 0.0f64;
+    let steps = cfg.steps_for(docs.len());
+    let epochs = run_steps(docs.len(), cfg, on_epoch, |t, rows| {
+        sgd.set_learning_rate(Drift::rate(cfg.lr, cfg.schedule, t as u64, steps) as f64);
         let batch_docs: Vec<&[u32]> = rows.iter().map(|&i| docs[i].as_slice()).collect();
         let batch_labels: Vec<u8> = rows.iter().map(|&i| labels[i]).collect();
-        candle_step(&weight, &bias, &ratio, &batch_docs, &batch_labels, cfg.lr)
+        let batch = SparseBatch::new(&batch_docs)?;
+        let logits = forward_with(weight.as_tensor(), bias.as_tensor(), &ratio, &batch)?;
+        let y: Vec<f32> = batch_labels.iter().map(|&l| l as f32).collect();
+        let y = Tensor::from_vec(y, batch_labels.len(), device)?;
+        let data_loss = candle_nn::loss::binary_cross_entropy_with_logit(&logits, &y)?;
+        // The data gradient alone, for the control variate, then the full step.
+        let data_grads = data_loss.backward()?;
+        if let Some(g) = data_grads.get(weight.as_tensor()) {
+            grad_sum = (grad_sum.clone() + g)?;
+        }
+        if let Some(g) = data_grads.get(bias.as_tensor()) {
+            grad_sum_bias += g.to_device(&Device::Cpu)?.to_vec1::<f32>()?[0] as f64;
+        }
+        let mut loss = data_loss.clone();
+        if let Some(d) = &d {
+            loss = (loss + (weight.as_tensor() * d)?.sum_all()?)?;
+            loss = (loss + (bias.as_tensor() * &d_bias)?.sum_all()?)?;
+        }
+        sgd.backward_step(&loss)?;
+        let z = logits.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        let loss_sum: f64 = z
+            .iter()
+            .zip(&batch_labels)
+            .map(|(&z, &l)| logistic_loss(z, l))
+            .sum();
+        let correct = z
+            .iter()
+            .zip(&batch_labels)
+            .filter(|&(&z, &l)| (z >= 0.0) == (l == 1))
+            .count();
+        Ok::<_, candle_core::Error>((loss_sum, correct))
     })?;
     model.weight = weight.as_tensor().to_device(&Device::Cpu)?;
     model.bias = bias.as_tensor().to_device(&Device::Cpu)?;
-    Ok(stats)
+    let k = steps.max(1) as f64;
+    Ok(LocalOutcome {
+        epochs,
+        mean_grad: (grad_sum / k)?.to_device(&Device::Cpu)?.to_vec1()?,
+        mean_grad_bias: (grad_sum_bias / k) as f32,
+    })
 }
 
 #[cfg(test)]
@@ -278,59 +614,190 @@ mod tests {
     use crate::featurize::FeaturizerConfig;
     use crate::model::{ClassCounts, ModelConfig};
 
-    #[test]
-    fn sparse_step_equals_candle_autograd_step() {
-        let cfg = ModelConfig { featurizer: FeaturizerConfig { hash_bits: 10, max_ngram: 1 }, nb_smoothing: 1.0 };
-        let docs: Vec<Vec<u32>> = vec![vec![1, 2, 3], vec![2, 4, 9], vec![5, 6, 7, 8], vec![1, 5], vec![3, 9]];
-        let labels = vec![1, 1, 0, 0, 1];
-        let model = Model::from_counts(cfg, &ClassCounts::count(cfg.dim(), &docs[..4], &labels[..4])).unwrap();
-        let refs: Vec<&[u32]> = docs.iter().map(|d| d.as_slice()).collect();
+    fn tiny_cfg() -> ModelConfig {
+        ModelConfig {
+            featurizer: FeaturizerConfig {
+                hash_bits: 10,
+                max_ngram: 1,
+            },
+            nb_smoothing: 1.0,
+        }
+    }
 
-        let mut sparse = SparseSgd::new(&model).unwrap();
-        let (l1, c1) = sparse.step(&refs, &labels, 0.7);
+    fn tc(steps: u64, batch: usize, lr: f32, schedule: Schedule) -> TrainConfig {
+        TrainConfig {
+            algorithm: Algorithm::Scaffold,
+            steps,
+            epochs: 0,
+            batch,
+            lr,
+            schedule,
+            seed: 9,
+        }
+    }
 
-        let w = Var::from_tensor(&model.weight).unwrap();
-        let b = Var::from_tensor(&model.bias).unwrap();
-        let (l2, c2) = candle_step(&w, &b, &model.nb_ratio, &refs, &labels, 0.7).unwrap();
+    fn toy() -> (Model, Vec<Vec<u32>>, Vec<u8>) {
+        let docs: Vec<Vec<u32>> = (0..40u32)
+            .map(|i| vec![i % 2, 10 + i % 7, 30 + i % 5])
+            .collect();
+        let labels: Vec<u8> = (0..40).map(|i| (i % 2) as u8).collect();
+        let model = Model::from_counts(
+            tiny_cfg(),
+            &ClassCounts::count(tiny_cfg().dim(), &docs, &labels),
+        )
+        .unwrap();
+        (model, docs, labels)
+    }
 
-        assert!((l1 - l2).abs() < 1e-5 && c1 == c2, "{l1} {l2} {c1} {c2}");
-        let dense_w = w.as_tensor().to_vec1::<f32>().unwrap();
-        let max_diff = dense_w.iter().zip(&sparse.weight).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(max_diff < 1e-6, "weights differ by {max_diff}");
-        assert!(dense_w.iter().any(|&x| x != 1.0), "the step changed nothing");
-        let db = b.as_tensor().to_vec1::<f32>().unwrap()[0];
-        assert!((db - sparse.bias).abs() < 1e-6);
+    /// A correction that is non-zero on buckets no document reads, so the lazy path matters.
+    fn correction(dim: usize) -> Correction {
+        Correction {
+            weight: (0..dim).map(|j| ((j % 13) as f32 - 6.0) * 1e-3).collect(),
+            bias: 0.01,
+        }
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 
     #[test]
     fn both_engines_train_to_the_same_model() {
-        let cfg = ModelConfig { featurizer: FeaturizerConfig { hash_bits: 10, max_ngram: 1 }, nb_smoothing: 1.0 };
-        let docs: Vec<Vec<u32>> = (0..40u32).map(|i| vec![i % 2, 10 + i % 7, 30 + i % 5]).collect();
-        let labels: Vec<u8> = (0..40).map(|i| (i % 2) as u8).collect();
-        let model = Model::from_counts(cfg, &ClassCounts::count(cfg.dim(), &docs, &labels)).unwrap();
-        let tc = TrainConfig { epochs: 3, batch: 4, lr: 0.5, seed: 9 };
-        let mut sparse = SparseSgd::new(&model).unwrap();
-        let s1 = sparse.train(&docs, &labels, &tc, |_| {});
-        let mut dense = model.clone();
-        let s2 = train_candle(&mut dense, &docs, &labels, &tc, &Device::Cpu, |_| {}).unwrap();
-        let w = dense.weight.to_vec1::<f32>().unwrap();
-        let diff = w.iter().zip(&sparse.weight).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(diff < 1e-5, "engines differ by {diff}");
-        for (a, b) in s1.iter().zip(&s2) {
-            assert!((a.loss - b.loss).abs() < 1e-5 && a.accuracy == b.accuracy, "{a:?} vs {b:?}");
+        let (model, docs, labels) = toy();
+        for (cfg, corr) in [
+            (tc(30, 4, 0.5, Schedule::Constant), None),
+            (tc(30, 4, 0.5, Schedule::Linear), None),
+            (
+                tc(25, 3, 0.5, Schedule::Linear),
+                Some(correction(model.config.dim())),
+            ),
+        ] {
+            let mut sparse = SparseSgd::new(&model).unwrap();
+            let s1 = sparse.train(&docs, &labels, &cfg, corr.as_ref(), |_| {});
+            let mut dense = model.clone();
+            let s2 = train_candle(
+                &mut dense,
+                &docs,
+                &labels,
+                &cfg,
+                corr.as_ref(),
+                &Device::Cpu,
+                |_| {},
+            )
+            .unwrap();
+            let w = dense.weight.to_vec1::<f32>().unwrap();
+            assert!(
+                max_diff(&w, &sparse.weight) < 1e-5,
+                "engines differ by {} with {cfg:?}",
+                max_diff(&w, &sparse.weight)
+            );
+            assert!((dense.bias.to_vec1::<f32>().unwrap()[0] - sparse.bias).abs() < 1e-5);
+            assert!(
+                max_diff(&s1.mean_grad, &s2.mean_grad) < 1e-6,
+                "control variates differ"
+            );
+            assert!((s1.mean_grad_bias - s2.mean_grad_bias).abs() < 1e-6);
+            assert_eq!(s1.epochs.len(), s2.epochs.len());
+            for (a, b) in s1.epochs.iter().zip(&s2.epochs) {
+                assert!(
+                    (a.loss - b.loss).abs() < 1e-5 && a.accuracy == b.accuracy,
+                    "{a:?} vs {b:?}"
+                );
+            }
         }
     }
 
     #[test]
+    fn lazy_updates_equal_dense_steps_and_untouched_buckets_follow_drift() {
+        // The sparse engine against a direct dense loop of the documented step.
+        let (model, docs, labels) = toy();
+        let dim = model.config.dim();
+        let corr = correction(dim);
+        let cfg = tc(17, 1, 0.3, Schedule::Linear);
+        let mut sparse = SparseSgd::new(&model).unwrap();
+        sparse.train(&docs, &labels, &cfg, Some(&corr), |_| {});
+        let ratio = model.nb_ratio.to_vec1::<f32>().unwrap();
+        let mut w = model.weight.to_vec1::<f32>().unwrap();
+        let mut b = model.bias.to_vec1::<f32>().unwrap()[0];
+        let order = shuffled(docs.len(), cfg.seed);
+        for (t, &i) in order.iter().take(17).enumerate() {
+            let lr = Drift::rate(cfg.lr, cfg.schedule, t as u64, 17);
+            let s = doc_scale(docs[i].len());
+            let z = b + docs[i]
+                .iter()
+                .map(|&j| w[j as usize] * ratio[j as usize] * s)
+                .sum::<f32>();
+            let g = sigmoid(z) - labels[i] as f32;
+            let mut grad = vec![0f32; dim];
+            for &j in &docs[i] {
+                grad[j as usize] = g * ratio[j as usize] * s;
+            }
+            for j in 0..dim {
+                w[j] -= lr * (grad[j] + corr.weight[j]);
+            }
+            b -= lr * (g + corr.bias);
+        }
+        assert!(
+            max_diff(&w, &sparse.weight) < 1e-5,
+            "lazy and dense differ by {}",
+            max_diff(&w, &sparse.weight)
+        );
+        assert!((b - sparse.bias).abs() < 1e-5);
+        // A bucket no document reads moved exactly as Drift predicts from its start.
+        let drift = Drift::new(17, cfg.lr, cfg.schedule);
+        let touched = touched_buckets(&docs, dim);
+        let untouched = (0..dim as u32).find(|j| !touched.contains(j)).unwrap() as usize;
+        assert_eq!(
+            sparse.weight[untouched],
+            drift.apply(0.0, corr.weight[untouched], 0, 17)
+        );
+        assert_ne!(sparse.weight[untouched], 0.0);
+    }
+
+    #[test]
     fn training_lowers_the_loss() {
-        let cfg = ModelConfig { featurizer: FeaturizerConfig { hash_bits: 10, max_ngram: 1 }, nb_smoothing: 1.0 };
-        let docs: Vec<Vec<u32>> = (0..200u32).map(|i| vec![i % 2, 10 + i % 17, 40 + i % 5]).collect();
+        let docs: Vec<Vec<u32>> = (0..200u32)
+            .map(|i| vec![i % 2, 10 + i % 17, 40 + i % 5])
+            .collect();
         let labels: Vec<u8> = (0..200).map(|i| (i % 2) as u8).collect();
-        let model = Model::from_counts(cfg, &ClassCounts::count(cfg.dim(), &docs, &labels)).unwrap();
+        let model = Model::from_counts(
+            tiny_cfg(),
+            &ClassCounts::count(tiny_cfg().dim(), &docs, &labels),
+        )
+        .unwrap();
         let mut sgd = SparseSgd::new(&model).unwrap();
-        let tc = TrainConfig { epochs: 5, batch: 8, lr: 1.0, seed: 1 };
-        let stats = sgd.train(&docs, &labels, &tc, |_| {});
-        assert!(stats.last().unwrap().loss < stats[0].loss * 0.8, "{stats:?}");
+        let cfg = TrainConfig {
+            epochs: 5,
+            ..tc(0, 8, 1.0, Schedule::Constant)
+        };
+        let out = sgd.train(&docs, &labels, &cfg, None, |_| {});
+        assert_eq!(out.epochs.len(), 5, "epochs mode makes whole passes");
+        assert!(
+            out.epochs.last().unwrap().loss < out.epochs[0].loss * 0.8,
+            "{:?}",
+            out.epochs
+        );
+    }
+
+    #[test]
+    fn a_step_budget_is_independent_of_the_shard_size() {
+        let (model, docs, labels) = toy();
+        let mut sgd = SparseSgd::new(&model).unwrap();
+        let out = sgd.train(
+            &docs,
+            &labels,
+            &tc(100, 1, 0.1, Schedule::Linear),
+            None,
+            |_| {},
+        );
+        // 40 documents: two whole passes and a partial one of 20.
+        assert_eq!(
+            out.epochs.iter().map(|e| e.samples).collect::<Vec<_>>(),
+            vec![40, 40, 20]
+        );
     }
 
     #[test]

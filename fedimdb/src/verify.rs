@@ -63,11 +63,21 @@ pub fn read_update_report(layout: &Layout, round: u32, shard: usize) -> Result<U
 }
 
 /// Loads worker `shard`'s update of `round`, verified against the checksum in its report.
-pub fn load_update(layout: &Layout, round: u32, shard: usize, kind: Kind) -> Result<(Checkpoint, UpdateReport)> {
+pub fn load_update(
+    layout: &Layout,
+    round: u32,
+    shard: usize,
+    kind: Kind,
+) -> Result<(Checkpoint, UpdateReport)> {
     let report = read_update_report(layout, round, shard)?;
     let path = layout.update(round, shard);
     let ck = Checkpoint::load_kind(&path, kind)?;
-    ensure_sha(&path, &ck.sha256, &report.sha256, &layout.update_report(round, shard))?;
+    ensure_sha(
+        &path,
+        &ck.sha256,
+        &report.sha256,
+        &layout.update_report(round, shard),
+    )?;
     Ok((ck, report))
 }
 
@@ -91,7 +101,12 @@ pub fn load_global(layout: &Layout, round: u32) -> Result<(Checkpoint, RoundRepo
     let report = read_round_report(layout, round)?;
     let path = layout.global_model(round);
     let ck = Checkpoint::load_kind(&path, Kind::Model)?;
-    ensure_sha(&path, &ck.sha256, &report.model_sha256, &layout.round_report(round))?;
+    ensure_sha(
+        &path,
+        &ck.sha256,
+        &report.model_sha256,
+        &layout.round_report(round),
+    )?;
     ensure!(
         ck.header.round == round,
         "{} says it is the model of round {}, expected round {round}",
@@ -99,6 +114,24 @@ pub fn load_global(layout: &Layout, round: u32) -> Result<(Checkpoint, RoundRepo
         ck.header.round
     );
     Ok((ck, report))
+}
+
+/// Loads the control variate the aggregator wrote at the end of `round`, verified against
+/// the checksum in the round report.
+pub fn load_control(layout: &Layout, round: u32) -> Result<(crate::control::Control, String)> {
+    let report = read_round_report(layout, round)?;
+    let path = layout.control(round);
+    let recorded = report.control_sha256.as_deref().with_context(|| {
+        format!("{} records no control variate (written by an older version); re-run from round {round}", layout.round_report(round).display())
+    })?;
+    let ck = Checkpoint::load_kind(&path, Kind::Control)?;
+    ensure_sha(&path, &ck.sha256, recorded, &layout.round_report(round))?;
+    let sha = ck.sha256.clone();
+    Ok((
+        crate::control::Control::from_checkpoint(ck)
+            .with_context(|| format!("{} is not a valid control file", path.display()))?,
+        sha,
+    ))
 }
 
 /// What a worker's update must have been computed from to count as done.
@@ -111,19 +144,32 @@ pub struct UpdateWant {
     /// Rounds ≥ 1: the verified global model of the round before, and the training asked for.
     pub base_sha256: Option<String>,
     pub train: Option<TrainConfig>,
+    /// Rounds ≥ 1: the verified control file of the round before.
+    pub control_sha256: Option<String>,
 }
 
 /// `Ok` if worker `shard`'s update of `round` is on disk, matches its checksum, and was
 /// computed from what `want` describes; otherwise the reason it must be (re)computed.
 /// Hashes the update file; does not parse it.
-pub fn check_update(layout: &Layout, round: u32, shard: usize, want: &UpdateWant) -> Result<UpdateReport> {
+pub fn check_update(
+    layout: &Layout,
+    round: u32,
+    shard: usize,
+    want: &UpdateWant,
+) -> Result<UpdateReport> {
     let path = layout.update(round, shard);
     if !path.exists() {
         bail!("{} is missing", path.display());
     }
     let report = read_update_report(layout, round, shard)?;
-    ensure_sha(&path, &sha256_file(&path)?, &report.sha256, &layout.update_report(round, shard))?;
-    let differs = |what: &str| anyhow::anyhow!("{} was computed from another {what}", path.display());
+    ensure_sha(
+        &path,
+        &sha256_file(&path)?,
+        &report.sha256,
+        &layout.update_report(round, shard),
+    )?;
+    let differs =
+        |what: &str| anyhow::anyhow!("{} was computed from another {what}", path.display());
     if report.data_sha256 != want.data_sha256 {
         return Err(differs("shard (the data was re-sharded)"));
     }
@@ -135,6 +181,9 @@ pub fn check_update(layout: &Layout, round: u32, shard: usize, want: &UpdateWant
     }
     if report.train != want.train {
         return Err(differs("training configuration"));
+    }
+    if report.control_sha256 != want.control_sha256 {
+        return Err(differs("control variate"));
     }
     Ok(report)
 }
@@ -149,7 +198,12 @@ pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Re
         bail!("{} is missing", path.display());
     }
     let report = read_round_report(layout, round)?;
-    ensure_sha(&path, &sha256_file(&path)?, &report.model_sha256, &layout.round_report(round))?;
+    ensure_sha(
+        &path,
+        &sha256_file(&path)?,
+        &report.model_sha256,
+        &layout.round_report(round),
+    )?;
     ensure!(
         report.base_sha256.as_deref() == base_sha256,
         "{} was made from another global model of round {}",
@@ -161,6 +215,16 @@ pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Re
         "{} does not list the checksums of the updates it combined (written by an older version)",
         layout.round_report(round).display()
     );
+    if let Some(recorded) = &report.control_sha256 {
+        let control = layout.control(round);
+        ensure!(control.exists(), "{} is missing", control.display());
+        ensure_sha(
+            &control,
+            &sha256_file(&control)?,
+            recorded,
+            &layout.round_report(round),
+        )?;
+    }
     for (&shard, sha) in report.shards.iter().zip(&report.update_sha256) {
         let now = read_update_report(layout, round, shard)
             .map(|r| r.sha256)
@@ -199,14 +263,15 @@ mod tests {
     fn global(round: u32) -> Checkpoint {
         let c = small_config();
         let dim = c.dim();
-        Checkpoint {
-            header: Header::new(Kind::Model, c, round),
-            tensors: [("linear.bias", vec![0.5]), ("linear.weight", vec![0.25; dim]), ("nb.ratio", vec![1.0; dim])]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect(),
-            sha256: String::new(),
-        }
+        Checkpoint::dense(
+            Kind::Model,
+            Header::new(Kind::Model, c, round),
+            [
+                ("linear.bias", vec![0.5]),
+                ("linear.weight", vec![0.25; dim]),
+                ("nb.ratio", vec![1.0; dim]),
+            ],
+        )
     }
 
     fn write_round(layout: &Layout, round: u32) -> String {
@@ -225,6 +290,8 @@ mod tests {
             version: crate::VERSION.into(),
             base_sha256: None,
             update_sha256: vec![],
+            update_bytes: vec![],
+            control_sha256: None,
         };
         write_json_atomic(&layout.round_report(round), &report).unwrap();
         sha
@@ -246,9 +313,15 @@ mod tests {
         let n = bytes.len();
         bytes[n - 3] ^= 0x40;
         std::fs::write(&path, &bytes).unwrap();
-        for err in [load_global(&layout, 0).unwrap_err(), check_round(&layout, 0, None).unwrap_err()] {
+        for err in [
+            load_global(&layout, 0).unwrap_err(),
+            check_round(&layout, 0, None).unwrap_err(),
+        ] {
             let msg = format!("{err:#}");
-            assert!(msg.contains("global.safetensors does not match its checksum"), "{msg}");
+            assert!(
+                msg.contains("global.safetensors does not match its checksum"),
+                "{msg}"
+            );
             assert!(msg.contains("report.json records"), "{msg}");
         }
     }
@@ -265,7 +338,10 @@ mod tests {
         std::fs::rename(&b, &a).unwrap();
         std::fs::rename(&tmp, &b).unwrap();
         let msg = format!("{:#}", load_global(&layout, 1).unwrap_err());
-        assert!(msg.contains("round-0001/global.safetensors does not match its checksum"), "{msg}");
+        assert!(
+            msg.contains("round-0001/global.safetensors does not match its checksum"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -274,8 +350,14 @@ mod tests {
         let layout = Layout::new(dir.path());
         write_round(&layout, 1);
         let msg = format!("{:#}", check_round(&layout, 1, Some("abc")).unwrap_err());
-        assert!(msg.contains("made from another global model of round 0"), "{msg}");
+        assert!(
+            msg.contains("made from another global model of round 0"),
+            "{msg}"
+        );
         let msg = format!("{:#}", check_round(&layout, 2, None).unwrap_err());
-        assert!(msg.contains("round-0002/global.safetensors is missing"), "{msg}");
+        assert!(
+            msg.contains("round-0002/global.safetensors is missing"),
+            "{msg}"
+        );
     }
 }

@@ -29,20 +29,13 @@ pub struct K8sArgs {
     #[arg(long, default_value = "fedimdb")]
     pub namespace: String,
     /// Number of workers (shards, trainer pods per round).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = defaults::WORKERS as u32)]
     pub workers: u32,
     /// Training rounds after the statistics round.
     #[arg(long, default_value_t = defaults::ROUNDS)]
     pub rounds: u32,
-    /// Local epochs per round.
-    #[arg(long, default_value_t = defaults::EPOCHS)]
-    pub epochs: u32,
-    /// Reviews per SGD step.
-    #[arg(long, default_value_t = defaults::BATCH)]
-    pub batch: usize,
-    /// Seed of sharding and training.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub train: fedimdb::train::TrainArgs,
     /// Replace data on the volume that was sharded with other arguments (copier --force).
     #[arg(long)]
     pub force: bool,
@@ -93,8 +86,7 @@ fn is_dns_label(s: &str, max: usize) -> bool {
 pub fn params(args: &K8sArgs) -> Result<Params> {
     ensure!(args.workers >= 1, "--workers must be at least 1");
     ensure!(args.rounds >= 1, "--rounds must be at least 1");
-    ensure!(args.epochs >= 1, "--epochs must be at least 1");
-    ensure!(args.batch >= 1, "--batch must be at least 1");
+    args.train.validate().map_err(anyhow::Error::msg)?;
     ensure!(
         args.step_timeout > 0.0 && args.step_timeout.is_finite(),
         "--step-timeout must be a positive number of seconds"
@@ -153,9 +145,7 @@ pub fn params(args: &K8sArgs) -> Result<Params> {
         run_id,
         workers: args.workers,
         rounds: args.rounds,
-        epochs: args.epochs,
-        batch: args.batch,
-        seed: args.seed,
+        train: args.train.clone(),
         force: args.force,
         registry: args.registry.clone(),
         image_tag: args.image_tag.clone(),

@@ -8,13 +8,13 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::ValueEnum;
 use fedimdb::atomic::{is_temp_name, read_json, write_json_atomic};
 use fedimdb::featurize::FeaturizerConfig;
-use fedimdb::manifest::DataManifest;
-use fedimdb::model::ModelConfig;
-use fedimdb::train::{TrainConfig, worker_seed};
-use fedimdb::verify::{UpdateWant, check_latest, check_round, check_update};
 use fedimdb::layout::Layout;
+use fedimdb::manifest::DataManifest;
 use fedimdb::metrics::Metrics;
+use fedimdb::model::ModelConfig;
 use fedimdb::report::{RoundReport, UpdateReport};
+use fedimdb::train::{Algorithm, TrainArgs};
+use fedimdb::verify::{UpdateWant, check_latest, check_round, check_update};
 use serde::Serialize;
 use tracing::info;
 
@@ -43,10 +43,9 @@ struct RunReport {
     partition: String,
     alpha: Option<f64>,
     rounds_trained: u32,
-    epochs: u32,
-    batch: usize,
-    lr: f32,
-    seed: u64,
+    /// The training flags (algorithm, steps or epochs, batch, lr, schedule, seed).
+    #[serde(flatten)]
+    train: TrainArgs,
     /// Final test accuracy (fraction).
     test_accuracy: f64,
     test: Metrics,
@@ -62,10 +61,12 @@ struct RunReport {
 fn check(args: &LocalArgs) -> Result<()> {
     ensure!(args.workers >= 1, "--workers must be at least 1");
     ensure!(args.rounds >= 1, "--rounds must be at least 1");
-    ensure!(args.epochs >= 1, "--epochs must be at least 1");
-    ensure!(args.batch >= 1, "--batch must be at least 1");
-    ensure!(args.lr > 0.0 && args.lr.is_finite(), "--lr must be a positive number, got {}", args.lr);
-    ensure!(args.alpha > 0.0 && args.alpha.is_finite(), "--alpha must be a positive number, got {}", args.alpha);
+    args.train.validate().map_err(anyhow::Error::msg)?;
+    ensure!(
+        args.alpha > 0.0 && args.alpha.is_finite(),
+        "--alpha must be a positive number, got {}",
+        args.alpha
+    );
     ensure!(args.jobs != Some(0), "--jobs must be at least 1");
     if let Some(m) = args.min_workers {
         ensure!(
@@ -75,11 +76,21 @@ fn check(args: &LocalArgs) -> Result<()> {
         );
     }
     if let Some(r) = args.from_round {
-        ensure!(r <= args.rounds, "--from-round {r} is beyond the last round ({})", args.rounds);
+        ensure!(
+            r <= args.rounds,
+            "--from-round {r} is beyond the last round ({})",
+            args.rounds
+        );
     }
     if let Some(t) = args.trim {
-        ensure!(args.strategy == StrategyArg::TrimmedMean, "--trim only applies to --strategy trimmed-mean");
-        ensure!((0.0..0.5).contains(&t), "--trim must be at least 0 and below 0.5, got {t}");
+        ensure!(
+            args.strategy == StrategyArg::TrimmedMean,
+            "--trim only applies to --strategy trimmed-mean"
+        );
+        ensure!(
+            (0.0..0.5).contains(&t),
+            "--trim must be at least 0 and below 0.5, got {t}"
+        );
     }
     Ok(())
 }
@@ -100,7 +111,11 @@ fn resolve_source(args: &LocalArgs, logs: &Path) -> Result<PathBuf> {
         info!(to = %dir.display(), "no --source and no shared archive: downloading the official archive");
         let mut cmd = command("copier")?;
         cmd.arg("download").arg("--to").arg(&dir);
-        run_one(Step { name: "copier download".into(), command: cmd, log: logs.join("download.log") })?;
+        run_one(Step {
+            name: "copier download".into(),
+            command: cmd,
+            log: logs.join("download.log"),
+        })?;
     }
     Ok(official)
 }
@@ -109,16 +124,24 @@ pub fn run(args: &LocalArgs) -> Result<()> {
     check(args)?;
     let t0 = Instant::now();
     let layout = Layout::new(&args.root);
-    std::fs::create_dir_all(&args.root).with_context(|| format!("cannot create {}", args.root.display()))?;
+    std::fs::create_dir_all(&args.root)
+        .with_context(|| format!("cannot create {}", args.root.display()))?;
     let (_lock, previous) = RootLock::acquire(&args.root)?;
     if let Previous::Interrupted(holder) = &previous {
-        let who = holder.as_ref().map_or_else(|| "a pipeline".to_owned(), |h| format!("the pipeline with {h}"));
-        println!("found an interrupted run: {who} did not finish (killed, or its machine stopped); resuming it");
+        let who = holder.as_ref().map_or_else(
+            || "a pipeline".to_owned(),
+            |h| format!("the pipeline with {h}"),
+        );
+        println!(
+            "found an interrupted run: {who} did not finish (killed, or its machine stopped); resuming it"
+        );
     }
     sweep_temp_files(&args.root)?;
     let logs = args.root.join("logs");
     let source = resolve_source(args, &logs)?;
-    let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
 
     // The copier checks data already on disk against its manifest and rewrites it only if
     // it is missing, damaged or was made with other arguments.
@@ -131,26 +154,45 @@ pub fn run(args: &LocalArgs) -> Result<()> {
         .arg("--workers")
         .arg(args.workers.to_string())
         .arg("--seed")
-        .arg(args.seed.to_string());
+        .arg(args.train.seed.to_string());
     match args.partition {
         PartitionArg::Iid => copier.args(["--partition", "iid"]),
-        PartitionArg::Dirichlet => copier.args(["--partition", "dirichlet", "--alpha", &args.alpha.to_string()]),
+        PartitionArg::Dirichlet => copier.args([
+            "--partition",
+            "dirichlet",
+            "--alpha",
+            &args.alpha.to_string(),
+            "--min-shard",
+            &args.min_shard.to_string(),
+        ]),
     };
     if args.force {
         copier.arg("--force");
     }
-    run_one(Step { name: "copier".into(), command: copier, log: logs.join("copier.log") })?;
+    run_one(Step {
+        name: "copier".into(),
+        command: copier,
+        log: logs.join("copier.log"),
+    })?;
     let seconds_copier = t0.elapsed().as_secs_f64();
     let manifest = DataManifest::read(&layout.data_manifest())?;
-    println!("data: {} shards from {} ({seconds_copier:.1} s)", args.workers, source.display());
+    println!(
+        "data: {} shards from {} ({seconds_copier:.1} s)",
+        args.workers,
+        source.display()
+    );
 
     let config = ModelConfig {
-        featurizer: FeaturizerConfig { hash_bits: args.hash_bits, max_ngram: args.max_ngram },
+        featurizer: FeaturizerConfig {
+            hash_bits: args.hash_bits,
+            max_ngram: args.max_ngram,
+        },
         ..ModelConfig::default()
     };
     let quorum = args.min_workers.unwrap_or(args.workers);
     let mut rounds = Vec::new();
     let mut base_sha256: Option<String> = None;
+    let mut control_sha256: Option<String> = None;
     let mut computed_any = false;
     for round in 0..=args.rounds {
         let r0 = Instant::now();
@@ -165,12 +207,11 @@ pub fn run(args: &LocalArgs) -> Result<()> {
                 data_sha256: manifest.shards[shard].sha256.clone(),
                 config: Some(config),
                 base_sha256: base_sha256.clone(),
-                train: (round > 0).then(|| TrainConfig {
-                    epochs: args.epochs,
-                    batch: args.batch,
-                    lr: args.lr,
-                    seed: worker_seed(args.seed, round, shard),
-                }),
+                train: (round > 0).then(|| args.train.config(round, shard)),
+                control_sha256: match args.train.algorithm {
+                    Algorithm::Scaffold => control_sha256.clone(),
+                    Algorithm::FedAvg => None,
+                },
             };
             match (forced, check_update(&layout, round, shard, &want)) {
                 (false, Ok(_)) => kept.push(shard),
@@ -184,32 +225,58 @@ pub fn run(args: &LocalArgs) -> Result<()> {
             }
         }
         if !kept.is_empty() && !steps.is_empty() {
-            println!("\nround {round}: kept the verified updates of shards {kept:?}, computing the other {}", steps.len());
+            println!(
+                "\nround {round}: kept the verified updates of shards {kept:?}, computing the other {}",
+                steps.len()
+            );
         }
         let ran = steps.len();
-        let failed = run_tolerating(steps, jobs, (kept.len() + ran).saturating_sub(quorum).min(ran))?;
+        let failed = run_tolerating(
+            steps,
+            jobs,
+            (kept.len() + ran).saturating_sub(quorum).min(ran),
+        )?;
         for f in &failed {
             eprintln!("warning: going on with a quorum of {quorum} workers: {f}");
         }
         // The aggregator keeps a verified global model made from these very updates, unless
         // this round is to be recomputed.
         let before = std::fs::read(layout.round_report(round)).ok();
-        run_one(aggregator_step(args, round, !forced, logs.join(format!("round-{round:04}-aggregator.log")))?)?;
-        let report = check_round(&layout, round, base_sha256.as_deref())
-            .with_context(|| format!("the aggregator of round {round} ended but its output does not verify"))?;
-        let recomputed = ran > 0 || before.as_deref() != std::fs::read(layout.round_report(round)).ok().as_deref();
+        run_one(aggregator_step(
+            args,
+            round,
+            !forced,
+            logs.join(format!("round-{round:04}-aggregator.log")),
+        )?)?;
+        let report = check_round(&layout, round, base_sha256.as_deref()).with_context(|| {
+            format!("the aggregator of round {round} ended but its output does not verify")
+        })?;
+        let recomputed = ran > 0
+            || before.as_deref() != std::fs::read(layout.round_report(round)).ok().as_deref();
         computed_any |= recomputed;
         base_sha256 = Some(report.model_sha256.clone());
+        control_sha256 = report.control_sha256.clone();
         let seconds = r0.elapsed().as_secs_f64();
         print_round(&layout, round, args.workers, &report, seconds, recomputed)?;
-        rounds.push(RoundSummary { round, test_accuracy: report.test.accuracy, seconds, test: report.test, recomputed });
+        rounds.push(RoundSummary {
+            round,
+            test_accuracy: report.test.accuracy,
+            seconds,
+            test: report.test,
+            recomputed,
+        });
     }
 
     // The published model must be this run's last global model (a longer earlier run in
     // the same root may have published a later round).
     let last = base_sha256.expect("at least one round");
     if check_latest(&layout).map(|c| c.sha256).ok().as_deref() != Some(last.as_str()) {
-        run_one(aggregator_step(args, args.rounds, false, logs.join("publish.log"))?)?;
+        run_one(aggregator_step(
+            args,
+            args.rounds,
+            false,
+            logs.join("publish.log"),
+        )?)?;
     }
 
     let last = rounds.last().expect("at least one round");
@@ -218,16 +285,15 @@ pub fn run(args: &LocalArgs) -> Result<()> {
         partition: format!("{:?}", args.partition).to_lowercase(),
         alpha: (args.partition == PartitionArg::Dirichlet).then_some(args.alpha),
         rounds_trained: args.rounds,
-        epochs: args.epochs,
-        batch: args.batch,
-        lr: args.lr,
-        seed: args.seed,
+        train: args.train.clone(),
         test_accuracy: last.test_accuracy,
         test: last.test,
         seconds_total: t0.elapsed().as_secs_f64(),
         seconds_copier,
         model: layout.latest_model(),
-        resumed: previous != Previous::Clean || !computed_any || rounds.iter().any(|r| !r.recomputed),
+        resumed: previous != Previous::Clean
+            || !computed_any
+            || rounds.iter().any(|r| !r.recomputed),
         rounds,
     };
     println!(
@@ -247,7 +313,9 @@ pub fn run(args: &LocalArgs) -> Result<()> {
 /// mid-write left, and no writer is at work while this pipeline holds the lock.
 fn sweep_temp_files(root: &Path) -> Result<()> {
     fn walk(dir: &Path, removed: &mut Vec<PathBuf>) -> Result<()> {
-        let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Ok(());
+        };
         for entry in entries {
             let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
             let path = entry.path();
@@ -257,7 +325,9 @@ fn sweep_temp_files(root: &Path) -> Result<()> {
                     walk(&path, removed)?;
                 }
             } else if is_temp_name(&name) {
-                std::fs::remove_file(&path).with_context(|| format!("cannot remove the stale temporary file {}", path.display()))?;
+                std::fs::remove_file(&path).with_context(|| {
+                    format!("cannot remove the stale temporary file {}", path.display())
+                })?;
                 removed.push(path);
             }
         }
@@ -266,10 +336,16 @@ fn sweep_temp_files(root: &Path) -> Result<()> {
     let mut removed = Vec::new();
     walk(root, &mut removed)?;
     for p in &removed {
-        info!("removed {}, left by a writer that was killed mid-write", p.display());
+        info!(
+            "removed {}, left by a writer that was killed mid-write",
+            p.display()
+        );
     }
     if !removed.is_empty() {
-        println!("removed {} half-written temporary file(s) left by killed writers", removed.len());
+        println!(
+            "removed {} half-written temporary file(s) left by killed writers",
+            removed.len()
+        );
     }
     Ok(())
 }
@@ -278,13 +354,19 @@ fn sweep_temp_files(root: &Path) -> Result<()> {
 /// with --force): they were computed from data that is gone, and the aggregator refuses them.
 fn remove_foreign_updates(layout: &Layout, round: u32, workers: usize) -> Result<()> {
     let dir = layout.updates_dir(round);
-    let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
     for entry in entries {
         let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if Layout::parse_shard_name(&name).is_some_and(|s| s >= workers) {
-            std::fs::remove_file(entry.path()).with_context(|| format!("cannot remove {}", entry.path().display()))?;
-            println!("removed {}: the data now has {workers} shards", entry.path().display());
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+            println!(
+                "removed {}: the data now has {workers} shards",
+                entry.path().display()
+            );
         }
     }
     Ok(())
@@ -295,9 +377,13 @@ fn trainer_step(args: &LocalArgs, round: u32, shard: usize, logs: &Path) -> Resu
     cmd.arg("--root")
         .arg(&args.root)
         .args(["--round", &round.to_string(), "--shard", &shard.to_string()])
-        .args(["--epochs", &args.epochs.to_string(), "--batch", &args.batch.to_string()])
-        .args(["--lr", &args.lr.to_string(), "--seed", &args.seed.to_string()])
-        .args(["--hash-bits", &args.hash_bits.to_string(), "--max-ngram", &args.max_ngram.to_string()])
+        .args(args.train.to_args())
+        .args([
+            "--hash-bits",
+            &args.hash_bits.to_string(),
+            "--max-ngram",
+            &args.max_ngram.to_string(),
+        ])
         .env_remove("JOB_COMPLETION_INDEX");
     Ok(Step {
         name: format!("trainer round {round} shard {shard}"),
@@ -310,9 +396,20 @@ fn trainer_step(args: &LocalArgs, round: u32, shard: usize, logs: &Path) -> Resu
 /// same updates.
 fn aggregator_step(args: &LocalArgs, round: u32, resume: bool, log: PathBuf) -> Result<Step> {
     let mut cmd = command("aggregator")?;
-    cmd.arg("--root").arg(&args.root).args(["--round", &round.to_string()]);
-    cmd.args(["--min-workers", &args.min_workers.unwrap_or(args.workers).to_string()]);
-    cmd.args(["--strategy", args.strategy.to_possible_value().expect("no skipped variants").get_name()]);
+    cmd.arg("--root")
+        .arg(&args.root)
+        .args(["--round", &round.to_string()]);
+    cmd.args([
+        "--min-workers",
+        &args.min_workers.unwrap_or(args.workers).to_string(),
+    ]);
+    cmd.args([
+        "--strategy",
+        args.strategy
+            .to_possible_value()
+            .expect("no skipped variants")
+            .get_name(),
+    ]);
     if let Some(trim) = args.trim {
         cmd.args(["--trim", &trim.to_string()]);
     }
@@ -326,20 +423,47 @@ fn aggregator_step(args: &LocalArgs, round: u32, resume: bool, log: PathBuf) -> 
     })
 }
 
-fn print_round(layout: &Layout, round: u32, workers: usize, report: &RoundReport, seconds: f64, recomputed: bool) -> Result<()> {
-    let what = if round == 0 { "statistics (untrained model)" } else { "training" };
-    let how = if recomputed { format!("{seconds:.1} s") } else { "verified on disk, kept".to_owned() };
+fn print_round(
+    layout: &Layout,
+    round: u32,
+    workers: usize,
+    report: &RoundReport,
+    seconds: f64,
+    recomputed: bool,
+) -> Result<()> {
+    let what = if round == 0 {
+        "statistics (untrained model)"
+    } else {
+        "training"
+    };
+    let how = if recomputed {
+        format!("{seconds:.1} s")
+    } else {
+        "verified on disk, kept".to_owned()
+    };
     println!("\nround {round}: {what}, {how}");
-    println!("  {:>5}  {:>7}  {:>8}  {:>9}  {:>7}", "shard", "reviews", "loss", "local acc", "seconds");
+    println!(
+        "  {:>5}  {:>7}  {:>8}  {:>9}  {:>7}",
+        "shard", "reviews", "loss", "local acc", "seconds"
+    );
     for shard in 0..workers {
         if !report.shards.contains(&shard) {
-            println!("  {shard:>5}  {:>7}  (no update: left out under the quorum)", "-");
+            println!(
+                "  {shard:>5}  {:>7}  (no update: left out under the quorum)",
+                "-"
+            );
             continue;
         }
         let u: UpdateReport = read_json(&layout.update_report(round, shard))?;
         match u.epochs.last() {
-            Some(e) => println!("  {shard:>5}  {:>7}  {:>8.4}  {:>9.4}  {:>7.2}", u.samples, e.loss, e.accuracy, u.seconds),
-            None => println!("  {shard:>5}  {:>7}  {:>8}  {:>9}  {:>7.2}", u.samples, "-", "-", u.seconds),
+            Some(e) => println!(
+                "  {shard:>5}  {:>7}  {:>8.4}  {:>9.4}  {:>7.2}",
+                u.samples, e.loss, e.accuracy, u.seconds
+            ),
+            None => println!(
+                "  {shard:>5}  {:>7}  {:>8}  {:>9}  {:>7.2}",
+                u.samples, "-", "-", u.seconds
+            ),
         }
     }
     let t = &report.test;

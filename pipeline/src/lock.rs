@@ -29,7 +29,11 @@ pub struct Holder {
 
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "pid {} on host {}, started {}", self.pid, self.host, self.started_at)
+        write!(
+            f,
+            "pid {} on host {}, started {}",
+            self.pid, self.host, self.started_at
+        )
     }
 }
 
@@ -79,7 +83,10 @@ impl RootLock {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 let holder = read_record(&mut file).ok().flatten();
-                let who = holder.map_or_else(|| "a pipeline that has not written its record yet".into(), |h| h.to_string());
+                let who = holder.map_or_else(
+                    || "a pipeline that has not written its record yet".into(),
+                    |h| h.to_string(),
+                );
                 bail!(
                     "{} is in use by another pipeline ({who}); two pipelines must not write into one root. \
                      Wait for it to finish, or use another --root",
@@ -95,8 +102,13 @@ impl RootLock {
             Ok(Some(h)) => Previous::Interrupted(Some(h)),
             Err(_) => Previous::Interrupted(None),
         };
-        let me = Holder { pid: std::process::id(), host: host_name(), started_at: fedimdb::report::utc_now() };
-        write_record(&mut file, Some(&me)).with_context(|| format!("cannot write {}", path.display()))?;
+        let me = Holder {
+            pid: std::process::id(),
+            host: host_name(),
+            started_at: fedimdb::report::utc_now(),
+        };
+        write_record(&mut file, Some(&me))
+            .with_context(|| format!("cannot write {}", path.display()))?;
         Ok((Self { file, path }, previous))
     }
 }
@@ -126,7 +138,11 @@ fn write_record(file: &mut File, holder: Option<&Holder>) -> std::io::Result<()>
     file.set_len(0)?;
     file.seek(SeekFrom::Start(0))?;
     if let Some(h) = holder {
-        writeln!(file, "{}", serde_json::to_string(h).map_err(std::io::Error::other)?)?;
+        writeln!(
+            file,
+            "{}",
+            serde_json::to_string(h).map_err(std::io::Error::other)?
+        )?;
     }
     file.sync_all()
 }
@@ -143,7 +159,10 @@ mod tests {
         // flock is per open file description: a second open in this process conflicts too.
         let msg = format!("{:#}", RootLock::acquire(dir.path()).unwrap_err());
         assert!(msg.contains("is in use by another pipeline"), "{msg}");
-        assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
         drop(lock);
         let (_lock, prev) = RootLock::acquire(dir.path()).unwrap();
         assert_eq!(prev, Previous::Clean);
@@ -152,8 +171,16 @@ mod tests {
     #[test]
     fn a_record_without_a_holder_is_an_interrupted_run() {
         let dir = tempfile::tempdir().unwrap();
-        let dead = Holder { pid: 999_999, host: "node-7".into(), started_at: "2026-11-22T01:00:00Z".into() };
-        std::fs::write(dir.path().join(LOCK_FILE), serde_json::to_string(&dead).unwrap()).unwrap();
+        let dead = Holder {
+            pid: 999_999,
+            host: "node-7".into(),
+            started_at: "2026-11-22T01:00:00Z".into(),
+        };
+        std::fs::write(
+            dir.path().join(LOCK_FILE),
+            serde_json::to_string(&dead).unwrap(),
+        )
+        .unwrap();
         let (_lock, prev) = RootLock::acquire(dir.path()).unwrap();
         assert_eq!(prev, Previous::Interrupted(Some(dead)));
 

@@ -55,29 +55,23 @@ pub struct LocalArgs {
     #[arg(long)]
     pub root: PathBuf,
     /// Number of workers (shards); 1 is centralized training.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = defaults::WORKERS)]
     pub workers: usize,
     /// Training rounds after the statistics round.
     #[arg(long, default_value_t = defaults::ROUNDS)]
     pub rounds: u32,
-    /// Local epochs per round.
-    #[arg(long, default_value_t = defaults::EPOCHS)]
-    pub epochs: u32,
-    /// Reviews per SGD step.
-    #[arg(long, default_value_t = defaults::BATCH)]
-    pub batch: usize,
-    /// SGD learning rate.
-    #[arg(long, default_value_t = defaults::LR, allow_negative_numbers = true)]
-    pub lr: f32,
+    #[command(flatten)]
+    pub train: fedimdb::train::TrainArgs,
     /// How reviews are spread over shards.
     #[arg(long, value_enum, default_value = "iid")]
     pub partition: PartitionArg,
     /// Dirichlet concentration (with --partition dirichlet): smaller is more skewed.
     #[arg(long, default_value_t = 0.5)]
     pub alpha: f64,
-    /// Seed of sharding and training.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
+    /// With --partition dirichlet: the fewest reviews a shard gets (shards drawn smaller
+    /// are topped up from the largest; see copier --help).
+    #[arg(long, value_name = "N", default_value_t = fedimdb::partition::DEFAULT_MIN_SHARD)]
+    pub min_shard: usize,
     /// Trainers run at once (default: the number of CPU cores).
     #[arg(long)]
     pub jobs: Option<usize>,

@@ -14,7 +14,10 @@ pub fn bin_dir() -> Result<PathBuf> {
         return Ok(PathBuf::from(d));
     }
     let exe = std::env::current_exe().context("cannot locate the pipeline executable")?;
-    Ok(exe.parent().context("the pipeline executable has no folder")?.to_path_buf())
+    Ok(exe
+        .parent()
+        .context("the pipeline executable has no folder")?
+        .to_path_buf())
 }
 
 /// A command for sibling binary `name`, checked to exist.
@@ -53,16 +56,24 @@ fn spawn(mut step: Step) -> Result<Running> {
     if let Some(dir) = step.log.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let log = File::create(&step.log).with_context(|| format!("cannot create log {}", step.log.display()))?;
+    let log = File::create(&step.log)
+        .with_context(|| format!("cannot create log {}", step.log.display()))?;
     let child = step
         .command
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
         .with_context(|| format!("cannot start {}", step.name))?;
-    Ok(Running { name: step.name, child, log: step.log })
+    Ok(Running {
+        name: step.name,
+        child,
+        log: step.log,
+    })
 }
 
 /// Runs the steps with at most `jobs` at once. On the first failure the others are

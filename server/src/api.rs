@@ -55,7 +55,11 @@ pub struct PredictResponse {
 
 /// The label of a probability: positive from 0.5 up.
 pub fn label(probability: f32) -> &'static str {
-    if probability >= 0.5 { "positive" } else { "negative" }
+    if probability >= 0.5 {
+        "positive"
+    } else {
+        "negative"
+    }
 }
 
 /// Checks a request's texts against the limits; the messages name the text and the flag.
@@ -88,25 +92,47 @@ pub fn check_texts(state: &AppState, texts: &[String]) -> Result<(), ApiError> {
 
 /// `POST /api/predict`: `{"text": ...}` or `{"texts": [...]}` → label, probability and the
 /// n-grams that pushed each way, per text.
-pub async fn predict(State(state): State<Arc<AppState>>, JsonBody(req): JsonBody<PredictRequest>) -> Result<Json<PredictResponse>, ApiError> {
+pub async fn predict(
+    State(state): State<Arc<AppState>>,
+    JsonBody(req): JsonBody<PredictRequest>,
+) -> Result<Json<PredictResponse>, ApiError> {
     let texts = match (req.text, req.texts) {
         (Some(t), None) => vec![t],
         (None, Some(ts)) => ts,
-        (Some(_), Some(_)) => return Err(ApiError::bad_request("send either \"text\" or \"texts\", not both")),
-        (None, None) => return Err(ApiError::bad_request("missing \"text\" (one review) or \"texts\" (a list)")),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "send either \"text\" or \"texts\", not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "missing \"text\" (one review) or \"texts\" (a list)",
+            ));
+        }
     };
     check_texts(&state, &texts)?;
     let top_k = req.top_k.unwrap_or(DEFAULT_TOP_K);
     if top_k > MAX_TOP_K {
-        return Err(ApiError::bad_request(format!("top_k is {top_k}, at most {MAX_TOP_K}")));
+        return Err(ApiError::bad_request(format!(
+            "top_k is {top_k}, at most {MAX_TOP_K}"
+        )));
     }
-    let explain = (top_k > 0 || req.highlight).then_some(ExplainOptions { top_k, highlight: req.highlight });
+    let explain = (top_k > 0 || req.highlight).then_some(ExplainOptions {
+        top_k,
+        highlight: req.highlight,
+    });
     let scored = state.batcher.score(texts, explain, &state.metrics).await?;
     let predictions = scored
         .predictions
         .into_iter()
         .map(|p| {
-            let e = p.explanation.unwrap_or_else(|| crate::explain::Explanation { top_positive: vec![], top_negative: vec![], highlight: None });
+            let e = p
+                .explanation
+                .unwrap_or_else(|| crate::explain::Explanation {
+                    top_positive: vec![],
+                    top_negative: vec![],
+                    highlight: None,
+                });
             PredictionOut {
                 label: label(p.probability),
                 probability: p.probability,
@@ -117,7 +143,11 @@ pub async fn predict(State(state): State<Arc<AppState>>, JsonBody(req): JsonBody
             }
         })
         .collect();
-    Ok(Json(PredictResponse { model_version: scored.model.version.clone(), model_sha256: scored.model.sha256.clone(), predictions }))
+    Ok(Json(PredictResponse {
+        model_version: scored.model.version.clone(),
+        model_sha256: scored.model.sha256.clone(),
+        predictions,
+    }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,7 +169,10 @@ pub struct PreprocessResponse {
 
 /// `POST /api/preprocess`: the preprocessing stage on its own, with the served model's
 /// featurizer settings.
-pub async fn preprocess_handler(state: Arc<AppState>, text: String) -> Result<Json<PreprocessResponse>, ApiError> {
+pub async fn preprocess_handler(
+    state: Arc<AppState>,
+    text: String,
+) -> Result<Json<PreprocessResponse>, ApiError> {
     check_texts(&state, std::slice::from_ref(&text))?;
     let model = state.models.current().ok_or_else(|| not_ready(&state))?;
     let cfg = model.scorer.config.featurizer;
@@ -162,13 +195,19 @@ pub async fn preprocess_handler(state: Arc<AppState>, text: String) -> Result<Js
     Ok(Json(out))
 }
 
-pub async fn preprocess(State(state): State<Arc<AppState>>, JsonBody(req): JsonBody<PreprocessRequest>) -> Result<Json<PreprocessResponse>, ApiError> {
+pub async fn preprocess(
+    State(state): State<Arc<AppState>>,
+    JsonBody(req): JsonBody<PreprocessRequest>,
+) -> Result<Json<PreprocessResponse>, ApiError> {
     preprocess_handler(state, req.text).await
 }
 
 /// 503 naming why no model serves.
 pub fn not_ready(state: &AppState) -> ApiError {
-    let why = state.models.last_error().map_or_else(String::new, |e| format!(": {}", e.message));
+    let why = state
+        .models
+        .last_error()
+        .map_or_else(String::new, |e| format!(": {}", e.message));
     ApiError::unavailable(format!("no model loaded yet{why}"))
 }
 
@@ -207,7 +246,11 @@ pub async fn model(State(state): State<Arc<AppState>>) -> Result<Json<ModelInfo>
         path: m.path.display().to_string(),
         trained_at: m.trained_at.clone(),
         loaded_at: m.loaded_at.clone(),
-        train_samples: if card.train_samples > 0 { card.train_samples } else { m.samples },
+        train_samples: if card.train_samples > 0 {
+            card.train_samples
+        } else {
+            m.samples
+        },
         hash_bits: m.scorer.config.featurizer.hash_bits,
         max_ngram: m.scorer.config.featurizer.max_ngram,
         workers: m.card.as_ref().map(|c| c.workers),
@@ -229,5 +272,9 @@ pub async fn sample(State(state): State<Arc<AppState>>) -> Result<Json<Sample>, 
 /// `GET /openapi.json`: the hand-written OpenAPI 3 document (tests check it lists exactly
 /// the routes the router serves).
 pub async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], include_str!("../static/openapi.json")).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("../static/openapi.json"),
+    )
+        .into_response()
 }

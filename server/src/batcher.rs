@@ -83,13 +83,19 @@ impl Batcher {
         let depth = Arc::new(AtomicUsize::new(0));
         for i in 0..config.workers {
             let (batches, models, metrics) = (batches.clone(), models.clone(), metrics.clone());
-            std::thread::Builder::new().name(format!("infer-{i}")).spawn(move || worker(&batches, &models, &metrics))?;
+            std::thread::Builder::new()
+                .name(format!("infer-{i}"))
+                .spawn(move || worker(&batches, &models, &metrics))?;
         }
         let (max_batch, max_delay, d) = (config.max_batch, config.max_delay, depth.clone());
         std::thread::Builder::new()
             .name("batcher".into())
             .spawn(move || batch_loop(&jobs, &to_workers, max_batch, max_delay, &d, &metrics))?;
-        Ok(Self { queue, depth, max_batch: config.max_batch })
+        Ok(Self {
+            queue,
+            depth,
+            max_batch: config.max_batch,
+        })
     }
 
     /// Requests waiting in the queue.
@@ -99,13 +105,23 @@ impl Batcher {
 
     /// Scores `texts` (already validated), split into jobs of at most `--max-batch`
     /// reviews so that one large request is shared among the workers.
-    pub async fn score(&self, texts: Vec<String>, explain: Option<ExplainOptions>, metrics: &Metrics) -> Result<Scored, ApiError> {
+    pub async fn score(
+        &self,
+        texts: Vec<String>,
+        explain: Option<ExplainOptions>,
+        metrics: &Metrics,
+    ) -> Result<Scored, ApiError> {
         let mut waits = Vec::with_capacity(texts.len().div_ceil(self.max_batch));
         let mut texts = texts.into_iter().peekable();
         while texts.peek().is_some() {
             let chunk: Vec<String> = texts.by_ref().take(self.max_batch).collect();
             let (reply, wait) = oneshot::channel();
-            let job = Job { texts: chunk, explain, queued_at: Instant::now(), reply };
+            let job = Job {
+                texts: chunk,
+                explain,
+                queued_at: Instant::now(),
+                reply,
+            };
             self.depth.fetch_add(1, Ordering::Relaxed);
             match self.queue.try_send(job) {
                 Ok(()) => waits.push(wait),
@@ -114,16 +130,22 @@ impl Batcher {
                     return Err(match e {
                         TrySendError::Full(_) => {
                             metrics.queue_full.fetch_add(1, Ordering::Relaxed);
-                            ApiError::unavailable("server busy: the request queue is full (--max-queue); retry shortly")
+                            ApiError::unavailable(
+                                "server busy: the request queue is full (--max-queue); retry shortly",
+                            )
                         }
-                        TrySendError::Disconnected(_) => ApiError::unavailable("server is shutting down"),
+                        TrySendError::Disconnected(_) => {
+                            ApiError::unavailable("server is shutting down")
+                        }
                     });
                 }
             }
         }
         let mut all: Option<Scored> = None;
         for wait in waits {
-            let part = wait.await.map_err(|_| ApiError::internal("an inference worker stopped"))??;
+            let part = wait
+                .await
+                .map_err(|_| ApiError::internal("an inference worker stopped"))??;
             match &mut all {
                 None => all = Some(part),
                 Some(all) => {
@@ -140,7 +162,14 @@ impl Batcher {
     }
 }
 
-fn batch_loop(jobs: &Receiver<Job>, to_workers: &SyncSender<Vec<Job>>, max_batch: usize, max_delay: Duration, depth: &AtomicUsize, metrics: &Metrics) {
+fn batch_loop(
+    jobs: &Receiver<Job>,
+    to_workers: &SyncSender<Vec<Job>>,
+    max_batch: usize,
+    max_delay: Duration,
+    depth: &AtomicUsize,
+    metrics: &Metrics,
+) {
     while let Ok(first) = jobs.recv() {
         depth.fetch_sub(1, Ordering::Relaxed);
         let deadline = Instant::now() + max_delay;
@@ -187,10 +216,16 @@ fn worker(batches: &Mutex<Receiver<Vec<Job>>>, models: &ModelSlot, metrics: &Met
         let started = Instant::now();
         let model = models.current();
         for job in batch {
-            metrics.queue_seconds.observe(started.duration_since(job.queued_at).as_secs_f64());
+            metrics
+                .queue_seconds
+                .observe(started.duration_since(job.queued_at).as_secs_f64());
             let Some(model) = model.clone() else {
-                let why = models.last_error().map_or_else(String::new, |e| format!(": {}", e.message));
-                let _ = job.reply.send(Err(ApiError::unavailable(format!("no model loaded yet{why}"))));
+                let why = models
+                    .last_error()
+                    .map_or_else(String::new, |e| format!(": {}", e.message));
+                let _ = job.reply.send(Err(ApiError::unavailable(format!(
+                    "no model loaded yet{why}"
+                ))));
                 continue;
             };
             let cfg = model.scorer.config.featurizer;
@@ -205,17 +240,27 @@ fn worker(batches: &Mutex<Receiver<Vec<Job>>>, models: &ModelSlot, metrics: &Met
                     .map(|text| {
                         f.features_into(text, &mut features);
                         let logit = model.scorer.logit(&features);
-                        let explanation = job.explain.map(|o| explain(text, &model.scorer, o.top_k, o.highlight));
-                        Prediction { probability: sigmoid(logit), logit, explanation }
+                        let explanation = job
+                            .explain
+                            .map(|o| explain(text, &model.scorer, o.top_k, o.highlight));
+                        Prediction {
+                            probability: sigmoid(logit),
+                            logit,
+                            explanation,
+                        }
                     })
                     .collect::<Vec<_>>()
             }));
             let reply = match result {
                 Ok(predictions) => {
-                    metrics.reviews_scored.fetch_add(n as u64, Ordering::Relaxed);
+                    metrics
+                        .reviews_scored
+                        .fetch_add(n as u64, Ordering::Relaxed);
                     Ok(Scored { model, predictions })
                 }
-                Err(_) => Err(ApiError::internal("scoring this request failed unexpectedly (a bug: see the server log)")),
+                Err(_) => Err(ApiError::internal(
+                    "scoring this request failed unexpectedly (a bug: see the server log)",
+                )),
             };
             let _ = job.reply.send(reply);
         }

@@ -26,7 +26,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
+        Self {
+            status,
+            message: message.into(),
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
@@ -52,9 +55,14 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(status = self.status.as_u16(), error = %self.message, "request refused");
         }
-        let mut resp = (self.status, axum::Json(serde_json::json!({ "error": self.message }))).into_response();
+        let mut resp = (
+            self.status,
+            axum::Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
         resp
     }
@@ -62,12 +70,18 @@ impl IntoResponse for ApiError {
 
 /// Fallback for unknown routes: 404 with a JSON body.
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::not_found(format!("no route {}: see /openapi.json for the API", uri.path()))
+    ApiError::not_found(format!(
+        "no route {}: see /openapi.json for the API",
+        uri.path()
+    ))
 }
 
 /// Fallback for a known route with the wrong method: 405 with a JSON body.
 pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}", uri.path()))
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
 }
 
 /// A JSON request body, read whole within `--read-timeout`, at most
@@ -96,17 +110,25 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for V2JsonBody<T> {
 fn check_content_type(headers: &HeaderMap, required: bool) -> Result<(), ApiError> {
     let Some(ct) = headers.get(header::CONTENT_TYPE) else {
         return if required {
-            Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "missing Content-Type: send application/json"))
+            Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "missing Content-Type: send application/json",
+            ))
         } else {
             Ok(())
         };
     };
     let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
     let essence = ct.split(';').next().unwrap_or("").trim();
-    if essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")) {
+    if essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    {
         Ok(())
     } else {
-        Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("Content-Type is {essence:?}, expected application/json")))
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Type is {essence:?}, expected application/json"),
+        ))
     }
 }
 
@@ -117,24 +139,35 @@ pub async fn read_body(req: Request, state: &AppState) -> Result<axum::body::Byt
     match tokio::time::timeout(timeout, axum::body::to_bytes(req.into_body(), limit)).await {
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
-            format!("the request body was not received within {} ms", timeout.as_millis()),
+            format!(
+                "the request body was not received within {} ms",
+                timeout.as_millis()
+            ),
         )),
         Ok(Err(e)) => {
             // `to_bytes` reports an over-long body as a length-limit error in its source chain.
             let mut src: Option<&dyn std::error::Error> = Some(&e);
             while let Some(s) = src {
                 if s.to_string().contains("length limit") {
-                    return Err(ApiError::too_large(format!("request body is over the limit of {limit} bytes")));
+                    return Err(ApiError::too_large(format!(
+                        "request body is over the limit of {limit} bytes"
+                    )));
                 }
                 src = s.source();
             }
-            Err(ApiError::bad_request(format!("could not read the request body: {e}")))
+            Err(ApiError::bad_request(format!(
+                "could not read the request body: {e}"
+            )))
         }
         Ok(Ok(bytes)) => Ok(bytes),
     }
 }
 
-async fn read_json<T: DeserializeOwned>(req: Request, state: &AppState, require_ct: bool) -> Result<T, ApiError> {
+async fn read_json<T: DeserializeOwned>(
+    req: Request,
+    state: &AppState,
+    require_ct: bool,
+) -> Result<T, ApiError> {
     check_content_type(req.headers(), require_ct)?;
     let bytes = read_body(req, state).await?;
     parse_json(&bytes)
@@ -142,15 +175,23 @@ async fn read_json<T: DeserializeOwned>(req: Request, state: &AppState, require_
 
 /// Parses a JSON body with precise 400 messages: not UTF-8, not JSON, or the wrong shape.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| ApiError::bad_request(format!("request body is not valid UTF-8 (at byte {})", e.valid_up_to())))?;
-    serde_json::from_str::<Object<T>>(text).map(|o| o.0).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Data => ApiError::bad_request(format!("request does not match the schema: {e}")),
-            _ => ApiError::bad_request(format!("request body is not valid JSON: {e}")),
-        }
-    })
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        ApiError::bad_request(format!(
+            "request body is not valid UTF-8 (at byte {})",
+            e.valid_up_to()
+        ))
+    })?;
+    serde_json::from_str::<Object<T>>(text)
+        .map(|o| o.0)
+        .map_err(|e| {
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Data => {
+                    ApiError::bad_request(format!("request does not match the schema: {e}"))
+                }
+                _ => ApiError::bad_request(format!("request body is not valid JSON: {e}")),
+            }
+        })
 }
 
 /// For `#[serde(default, deserialize_with = "error::not_null")]` on an optional field: the
@@ -183,7 +224,8 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Object<T> {
                 T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
             }
         }
-        d.deserialize_map(Visit(std::marker::PhantomData)).map(Object)
+        d.deserialize_map(Visit(std::marker::PhantomData))
+            .map(Object)
     }
 }
 
@@ -194,7 +236,10 @@ where
     D: serde::Deserializer<'de>,
     T: serde::Deserialize<'de>,
 {
-    Ok(<Vec<Object<T>> as serde::Deserialize>::deserialize(d)?.into_iter().map(|o| o.0).collect())
+    Ok(<Vec<Object<T>> as serde::Deserialize>::deserialize(d)?
+        .into_iter()
+        .map(|o| o.0)
+        .collect())
 }
 
 /// [`not_null`] and [`objects`] together, for an optional list of structs.

@@ -66,7 +66,9 @@ pub struct Tokens {
 impl Tokens {
     /// A token's normalised text, as the featurizer sees it.
     pub fn text(&self, span: TokenSpan) -> String {
-        self.normalized[span.norm_start..span.norm_end].iter().collect()
+        self.normalized[span.norm_start..span.norm_end]
+            .iter()
+            .collect()
     }
 }
 
@@ -79,7 +81,10 @@ pub fn token_spans(text: &str) -> Tokens {
     let mut i = 0;
     while i < text.len() {
         if bytes[i] == b'<'
-            && let Some(t) = BREAKS.iter().find(|t| bytes.len() - i >= t.len() && bytes[i..i + t.len()].eq_ignore_ascii_case(t.as_bytes()))
+            && let Some(t) = BREAKS.iter().find(|t| {
+                bytes.len() - i >= t.len()
+                    && bytes[i..i + t.len()].eq_ignore_ascii_case(t.as_bytes())
+            })
         {
             chars.push((' ', i, i + t.len()));
             i += t.len();
@@ -100,15 +105,24 @@ pub fn token_spans(text: &str) -> Tokens {
     let mut word: Option<TokenSpan> = None;
     for k in 0..chars.len() {
         let (c, s, e) = chars[k];
-        let word_char =
-            c.is_alphanumeric() || (c == '\'' && word.is_some() && chars.get(k + 1).is_some_and(|n| n.0.is_alphanumeric()));
+        let word_char = c.is_alphanumeric()
+            || (c == '\''
+                && word.is_some()
+                && chars.get(k + 1).is_some_and(|n| n.0.is_alphanumeric()));
         if word_char {
             match &mut word {
                 Some(w) => {
                     w.end = e;
                     w.norm_end = k + 1;
                 }
-                None => word = Some(TokenSpan { start: s, end: e, norm_start: k, norm_end: k + 1 }),
+                None => {
+                    word = Some(TokenSpan {
+                        start: s,
+                        end: e,
+                        norm_start: k,
+                        norm_end: k + 1,
+                    })
+                }
             }
             continue;
         }
@@ -116,11 +130,19 @@ pub fn token_spans(text: &str) -> Tokens {
             tokens.push(w);
         }
         if c == '!' || c == '?' {
-            tokens.push(TokenSpan { start: s, end: e, norm_start: k, norm_end: k + 1 });
+            tokens.push(TokenSpan {
+                start: s,
+                end: e,
+                norm_start: k,
+                norm_end: k + 1,
+            });
         }
     }
     tokens.extend(word);
-    Tokens { normalized: chars.into_iter().map(|c| c.0).collect(), spans: tokens }
+    Tokens {
+        normalized: chars.into_iter().map(|c| c.0).collect(),
+        spans: tokens,
+    }
 }
 
 /// Hashes a bucket id to itself: bucket ids are already uniformly spread hash values, so
@@ -162,25 +184,39 @@ struct Occurrence {
 pub fn explain(text: &str, scorer: &Scorer, top_k: usize, highlight: bool) -> Explanation {
     let cfg = scorer.config.featurizer;
     let mut occ: Vec<Occurrence> = Vec::with_capacity(text.len() / 2);
-    for_each_ngram_bucket(text, &cfg, |n, start, bucket| occ.push(Occurrence { bucket, n: n as u32, start: start as u32 }));
+    for_each_ngram_bucket(text, &cfg, |n, start, bucket| {
+        occ.push(Occurrence {
+            bucket,
+            n: n as u32,
+            start: start as u32,
+        })
+    });
     // Distinct buckets: sort a copy of the buckets once.
     let mut distinct: Vec<u32> = occ.iter().map(|o| o.bucket).collect();
     distinct.sort_unstable();
     distinct.dedup();
     let n_distinct = distinct.len();
     let contribution = |b: u32| scorer.contribution(b, n_distinct);
-    let tokens = if top_k > 0 || highlight { token_spans(text) } else { Tokens::default() };
+    let tokens = if top_k > 0 || highlight {
+        token_spans(text)
+    } else {
+        Tokens::default()
+    };
     let spans = &tokens.spans;
     let ngram_text = |o: &Occurrence| -> String {
         let toks = &spans[o.start as usize..(o.start + o.n) as usize];
-        toks.iter().map(|&t| tokens.text(t)).collect::<Vec<_>>().join(" ")
+        toks.iter()
+            .map(|&t| tokens.text(t))
+            .collect::<Vec<_>>()
+            .join(" ")
     };
     // Top k of each sign: the first occurrence of each bucket, by contribution, ties by
     // position so the answer is deterministic.
     let mut pos: Vec<(f32, usize)> = Vec::new();
     let mut neg: Vec<(f32, usize)> = Vec::new();
     if top_k > 0 && spans.len() == spans_expected(&occ) {
-        let mut first_seen = std::collections::HashSet::with_capacity_and_hasher(occ.len(), BucketBuild::default());
+        let mut first_seen =
+            std::collections::HashSet::with_capacity_and_hasher(occ.len(), BucketBuild::default());
         for (i, o) in occ.iter().enumerate() {
             if first_seen.insert(o.bucket) {
                 let c = contribution(o.bucket);
@@ -191,7 +227,9 @@ pub fn explain(text: &str, scorer: &Scorer, top_k: usize, highlight: bool) -> Ex
                 }
             }
         }
-        let by_weight = |a: &(f32, usize), b: &(f32, usize)| b.0.abs().total_cmp(&a.0.abs()).then(a.1.cmp(&b.1));
+        let by_weight = |a: &(f32, usize), b: &(f32, usize)| {
+            b.0.abs().total_cmp(&a.0.abs()).then(a.1.cmp(&b.1))
+        };
         for v in [&mut pos, &mut neg] {
             if v.len() > top_k {
                 v.select_nth_unstable_by(top_k - 1, by_weight);
@@ -200,7 +238,11 @@ pub fn explain(text: &str, scorer: &Scorer, top_k: usize, highlight: bool) -> Ex
             v.sort_by(by_weight);
         }
     }
-    let word = |&(w, i): &(f32, usize)| Word { text: ngram_text(&occ[i]), n: occ[i].n as usize, weight: w };
+    let word = |&(w, i): &(f32, usize)| Word {
+        text: ngram_text(&occ[i]),
+        n: occ[i].n as usize,
+        weight: w,
+    };
     let top_positive = pos.iter().map(word).collect();
     let top_negative = neg.iter().map(word).collect();
     let highlight = highlight.then(|| {
@@ -230,9 +272,21 @@ pub fn explain(text: &str, scorer: &Scorer, top_k: usize, highlight: bool) -> Ex
             cp += 1;
         }
         cp_at[text.len()] = cp;
-        spans.iter().zip(weights).map(|(s, w)| Span { start: cp_at[s.start], end: cp_at[s.end], weight: w }).collect()
+        spans
+            .iter()
+            .zip(weights)
+            .map(|(s, w)| Span {
+                start: cp_at[s.start],
+                end: cp_at[s.end],
+                weight: w,
+            })
+            .collect()
     });
-    Explanation { top_positive, top_negative, highlight }
+    Explanation {
+        top_positive,
+        top_negative,
+        highlight,
+    }
 }
 
 /// The number of tokens the featurizer saw: its unigrams (every token starts one).
@@ -264,7 +318,10 @@ mod tests {
             let texts: Vec<String> = tokens.spans.iter().map(|&s| tokens.text(s)).collect();
             assert_eq!(texts, tokenize(&normalize(t)), "{t:?}");
             for s in &tokens.spans {
-                assert!(t.is_char_boundary(s.start) && t.is_char_boundary(s.end) && s.start < s.end, "{t:?} {s:?}");
+                assert!(
+                    t.is_char_boundary(s.start) && t.is_char_boundary(s.end) && s.start < s.end,
+                    "{t:?} {s:?}"
+                );
             }
         }
         let s = token_spans("Great<br />FILM!").spans;
@@ -273,7 +330,13 @@ mod tests {
     }
 
     fn scorer() -> Scorer {
-        let cfg = ModelConfig { featurizer: FeaturizerConfig { hash_bits: 12, max_ngram: 2 }, nb_smoothing: 1.0 };
+        let cfg = ModelConfig {
+            featurizer: FeaturizerConfig {
+                hash_bits: 12,
+                max_ngram: 2,
+            },
+            nb_smoothing: 1.0,
+        };
         let dim = cfg.dim();
         let mut f = Featurizer::new(cfg.featurizer);
         let mut weight = vec![0.0; dim];
@@ -296,21 +359,31 @@ mod tests {
         let e = explain(text, &s, 5, true);
         assert_eq!(e.top_positive[0].text, "great");
         assert_eq!(e.top_negative[0].text, "awful");
-        assert!(e.top_positive.iter().all(|w| w.weight > 0.0) && e.top_negative.iter().all(|w| w.weight < 0.0));
+        assert!(
+            e.top_positive.iter().all(|w| w.weight > 0.0)
+                && e.top_negative.iter().all(|w| w.weight < 0.0)
+        );
         let spans = e.highlight.unwrap();
         let chars: Vec<char> = text.chars().collect();
         let first: String = chars[spans[1].start..spans[1].end].iter().collect();
         assert_eq!(first, "GREAT");
         let total: f32 = spans.iter().map(|s| s.weight).sum();
         let logit = s.logit(&Featurizer::new(s.config.featurizer).features(text));
-        assert!((total + s.bias - logit).abs() < 1e-5, "{total} + {} vs {logit}", s.bias);
+        assert!(
+            (total + s.bias - logit).abs() < 1e-5,
+            "{total} + {} vs {logit}",
+            s.bias
+        );
     }
 
     /// The fast path gives what the plain definition over `preprocess` gives.
     #[test]
     fn top_words_equal_the_definition_over_preprocess() {
         let s = scorer();
-        for text in TRICKY.iter().chain(&["Great film. GREAT film! An awful, awful end... great? film film"]) {
+        for text in TRICKY
+            .iter()
+            .chain(&["Great film. GREAT film! An awful, awful end... great? film film"])
+        {
             let p = fedimdb::featurize::preprocess(text, &s.config.featurizer);
             let mut distinct: Vec<u32> = p.ngrams.iter().map(|g| g.bucket).collect();
             distinct.sort_unstable();
@@ -325,11 +398,29 @@ mod tests {
                 .collect();
             all.sort_by(|a, b| b.0.abs().total_cmp(&a.0.abs()).then(a.1.cmp(&b.1)));
             let want = |positive: bool| -> Vec<String> {
-                all.iter().filter(|x| if positive { x.0 > 0.0 } else { x.0 < 0.0 }).take(3).map(|x| p.ngrams[x.1].text.clone()).collect()
+                all.iter()
+                    .filter(|x| if positive { x.0 > 0.0 } else { x.0 < 0.0 })
+                    .take(3)
+                    .map(|x| p.ngrams[x.1].text.clone())
+                    .collect()
             };
             let e = explain(text, &s, 3, false);
-            assert_eq!(e.top_positive.iter().map(|w| w.text.clone()).collect::<Vec<_>>(), want(true), "{text:?}");
-            assert_eq!(e.top_negative.iter().map(|w| w.text.clone()).collect::<Vec<_>>(), want(false), "{text:?}");
+            assert_eq!(
+                e.top_positive
+                    .iter()
+                    .map(|w| w.text.clone())
+                    .collect::<Vec<_>>(),
+                want(true),
+                "{text:?}"
+            );
+            assert_eq!(
+                e.top_negative
+                    .iter()
+                    .map(|w| w.text.clone())
+                    .collect::<Vec<_>>(),
+                want(false),
+                "{text:?}"
+            );
         }
     }
 
@@ -340,7 +431,10 @@ mod tests {
         let spans = explain(text, &s, 1, true).highlight.unwrap();
         let chars: Vec<char> = text.chars().collect();
         let last = spans.last().unwrap();
-        assert_eq!(chars[last.start..last.end].iter().collect::<String>(), "great");
+        assert_eq!(
+            chars[last.start..last.end].iter().collect::<String>(),
+            "great"
+        );
         assert!(explain("", &s, 3, true).highlight.unwrap().is_empty());
         assert!(explain("", &s, 3, false).top_positive.is_empty());
     }

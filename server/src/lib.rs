@@ -81,7 +81,10 @@ impl Config {
     /// room for JSON syntax and escapes. Bigger bodies are refused (413) while being read,
     /// before they are buffered whole.
     pub fn max_body_bytes(&self) -> usize {
-        self.max_texts.saturating_mul(self.max_text_bytes).saturating_add(64 * 1024).min(256 << 20)
+        self.max_texts
+            .saturating_mul(self.max_text_bytes)
+            .saturating_add(64 * 1024)
+            .min(256 << 20)
     }
 }
 
@@ -101,12 +104,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/models/{name}", get(v2::model_metadata))
         .route("/v2/models/{name}/ready", get(v2::model_ready))
         .route("/v2/models/{name}/infer", post(v2::infer))
-        .route("/v2/models/{name}/versions/{version}", get(v2::model_metadata_version))
-        .route("/v2/models/{name}/versions/{version}/ready", get(v2::model_ready_version))
-        .route("/v2/models/{name}/versions/{version}/infer", post(v2::infer_version))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(v2::model_metadata_version),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(v2::model_ready_version),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(v2::infer_version),
+        )
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .with_state(state)
 }
 
@@ -125,14 +140,19 @@ impl Server {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        self.task.await.context("server task panicked")?.context("server failed")
+        self.task
+            .await
+            .context("server task panicked")?
+            .context("server failed")
     }
 
     /// Waits until the server stops (it stops on [`Server::stop`] or on an I/O error).
     pub async fn wait(self) -> Result<()> {
         let Server { task, shutdown, .. } = self;
         let _keep_open = shutdown;
-        task.await.context("server task panicked")?.context("server failed")
+        task.await
+            .context("server task panicked")?
+            .context("server failed")
     }
 }
 
@@ -155,5 +175,10 @@ pub async fn start(config: Config) -> Result<Server> {
             .await
     });
     tracing::info!(%addr, "listening on http://{addr}");
-    Ok(Server { addr, state, shutdown: Some(tx), task })
+    Ok(Server {
+        addr,
+        state,
+        shutdown: Some(tx),
+        task,
+    })
 }

@@ -78,7 +78,10 @@ fn main() -> std::process::ExitCode {
         if args.test_set.is_some() {
             config.test_set = args.test_set;
         }
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
         rt.block_on(async move {
             let server = server::start(config).await?;
             shutdown_signal().await;

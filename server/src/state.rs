@@ -82,17 +82,28 @@ pub struct ModelSlot {
 
 impl ModelSlot {
     pub fn new(source: ModelSource) -> Self {
-        Self { source, current: RwLock::new(None), last_error: Mutex::new(None), seen: Mutex::new(None) }
+        Self {
+            source,
+            current: RwLock::new(None),
+            last_error: Mutex::new(None),
+            seen: Mutex::new(None),
+        }
     }
 
     /// The model serving now, if one has loaded.
     pub fn current(&self) -> Option<Arc<LoadedModel>> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The error of the last failed load since the last successful one.
     pub fn last_error(&self) -> Option<ReloadError> {
-        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn model_path(&self) -> PathBuf {
@@ -103,13 +114,23 @@ impl ModelSlot {
     }
 
     fn fingerprint(&self) -> Fingerprint {
-        let stamp = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+        let stamp = |p: &Path| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)))
+        };
         match &self.source {
             // The card alone: the aggregator writes it after the model, so a new card means
             // its model is complete; a model file whose card has not followed yet is not
             // looked at (it would fail the sha256 check for a moment).
-            ModelSource::Root(root) => Fingerprint { card: std::fs::read(Layout::new(root.clone()).latest_card()).ok(), model: None },
-            ModelSource::File(f) => Fingerprint { card: None, model: stamp(f) },
+            ModelSource::Root(root) => Fingerprint {
+                card: std::fs::read(Layout::new(root.clone()).latest_card()).ok(),
+                model: None,
+            },
+            ModelSource::File(f) => Fingerprint {
+                card: None,
+                model: stamp(f),
+            },
         }
     }
 
@@ -125,34 +146,57 @@ impl ModelSlot {
             *seen = Some(fp.clone());
         }
         if matches!(self.source, ModelSource::Root(_)) && fp.card.is_none() {
-            let msg = format!("no model published yet: waiting for {}", self.model_path().with_extension("json").display());
+            let msg = format!(
+                "no model published yet: waiting for {}",
+                self.model_path().with_extension("json").display()
+            );
             if self.current().is_none() {
                 tracing::info!("{msg}");
-                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(ReloadError { at: fedimdb::report::utc_now(), message: msg });
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(ReloadError {
+                    at: fedimdb::report::utc_now(),
+                    message: msg,
+                });
             }
             return false;
         }
         match self.load(fp.card.as_deref()) {
             Ok(model) => {
                 let model = Arc::new(model);
-                let old = self.current.write().unwrap_or_else(|p| p.into_inner()).replace(model.clone());
+                let old = self
+                    .current
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .replace(model.clone());
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                metrics.reloads_ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics
+                    .reloads_ok
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 match old {
                     Some(old) if old.sha256 == model.sha256 => {}
-                    Some(old) => tracing::info!(from = %old.version, to = %model.version, sha256 = %model.sha256, "switched to a new model"),
-                    None => tracing::info!(version = %model.version, sha256 = %model.sha256, path = %model.path.display(), "serving model"),
+                    Some(old) => {
+                        tracing::info!(from = %old.version, to = %model.version, sha256 = %model.sha256, "switched to a new model")
+                    }
+                    None => {
+                        tracing::info!(version = %model.version, sha256 = %model.sha256, path = %model.path.display(), "serving model")
+                    }
                 }
                 true
             }
             Err(e) => {
                 let message = format!("{e:#}");
-                metrics.reloads_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics
+                    .reloads_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 match self.current() {
-                    Some(m) => tracing::error!(error = %message, still_serving = %m.version, "new model did not load; keeping the old one"),
+                    Some(m) => {
+                        tracing::error!(error = %message, still_serving = %m.version, "new model did not load; keeping the old one")
+                    }
                     None => tracing::error!(error = %message, "model did not load; not ready"),
                 }
-                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(ReloadError { at: fedimdb::report::utc_now(), message });
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(ReloadError {
+                    at: fedimdb::report::utc_now(),
+                    message,
+                });
                 false
             }
         }
@@ -163,8 +207,11 @@ impl ModelSlot {
         let card: Option<LatestCard> = match &self.source {
             ModelSource::Root(root) => {
                 let card_path = Layout::new(root.clone()).latest_card();
-                let bytes = card_bytes.with_context(|| format!("cannot read {}", card_path.display()))?;
-                Some(serde_json::from_slice(bytes).with_context(|| format!("{} is not a valid model card", card_path.display()))?)
+                let bytes =
+                    card_bytes.with_context(|| format!("cannot read {}", card_path.display()))?;
+                Some(serde_json::from_slice(bytes).with_context(|| {
+                    format!("{} is not a valid model card", card_path.display())
+                })?)
             }
             ModelSource::File(_) => None,
         };
@@ -224,7 +271,10 @@ impl AppState {
         ensure!(config.max_batch >= 1, "--max-batch must be at least 1");
         ensure!(config.workers >= 1, "--workers must be at least 1");
         ensure!(config.max_texts >= 1, "--max-texts must be at least 1");
-        ensure!(config.max_text_bytes >= 1, "--max-text-bytes must be at least 1");
+        ensure!(
+            config.max_text_bytes >= 1,
+            "--max-text-bytes must be at least 1"
+        );
         ensure!(config.max_queue >= 1, "--max-queue must be at least 1");
         if let ModelSource::Root(root) = &config.source {
             ensure!(root.is_dir(), "--root {} is not a folder", root.display());
@@ -238,37 +288,63 @@ impl AppState {
         if let ModelSource::File(f) = &config.source
             && models.current().is_none()
         {
-            let e = models.last_error().map_or_else(|| "unknown error".to_owned(), |e| e.message);
+            let e = models
+                .last_error()
+                .map_or_else(|| "unknown error".to_owned(), |e| e.message);
             anyhow::bail!("cannot serve --model {}: {e}", f.display());
         }
         let batcher = Batcher::start(&config, models.clone(), metrics.clone())?;
-        Ok(Arc::new(Self { config, models, batcher, metrics, samples: tokio::sync::OnceCell::new() }))
+        Ok(Arc::new(Self {
+            config,
+            models,
+            batcher,
+            metrics,
+            samples: tokio::sync::OnceCell::new(),
+        }))
     }
 
     /// The test-set reviews, read on first use (a 25,000-review Parquet file takes a moment
     /// and ~35 MB, which a server that never shows samples should not pay).
     pub async fn samples(&self) -> Result<Arc<Vec<Sample>>, crate::error::ApiError> {
         let Some(path) = self.config.test_set.clone() else {
-            return Err(crate::error::ApiError::not_found("no test set: the server was started with --model and no --test-set"));
+            return Err(crate::error::ApiError::not_found(
+                "no test set: the server was started with --model and no --test-set",
+            ));
         };
         self.samples
             .get_or_try_init(|| async move {
                 let p = path.clone();
-                let reviews = tokio::task::spawn_blocking(move || fedimdb::reviews::read_parquet(&p))
-                    .await
-                    .map_err(|e| crate::error::ApiError::internal(format!("reading the test set failed: {e}")))?
-                    .map_err(|e| crate::error::ApiError::not_found(format!("no test set to sample from: {e:#}")))?;
+                let reviews =
+                    tokio::task::spawn_blocking(move || fedimdb::reviews::read_parquet(&p))
+                        .await
+                        .map_err(|e| {
+                            crate::error::ApiError::internal(format!(
+                                "reading the test set failed: {e}"
+                            ))
+                        })?
+                        .map_err(|e| {
+                            crate::error::ApiError::not_found(format!(
+                                "no test set to sample from: {e:#}"
+                            ))
+                        })?;
                 let samples = reviews
                     .into_iter()
                     .map(|r| Sample {
-                        label: if r.label == fedimdb::reviews::POSITIVE { "positive" } else { "negative" },
+                        label: if r.label == fedimdb::reviews::POSITIVE {
+                            "positive"
+                        } else {
+                            "negative"
+                        },
                         id: r.id,
                         rating: r.rating,
                         text: r.text,
                     })
                     .collect::<Vec<_>>();
                 if samples.is_empty() {
-                    return Err(crate::error::ApiError::not_found(format!("the test set {} holds no reviews", path.display())));
+                    return Err(crate::error::ApiError::not_found(format!(
+                        "the test set {} holds no reviews",
+                        path.display()
+                    )));
                 }
                 Ok(Arc::new(samples))
             })

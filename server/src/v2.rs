@@ -50,30 +50,42 @@ fn readiness(state: &AppState) -> (bool, Value) {
 /// before any model has loaded.
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let (ok, body) = readiness(&state);
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 
 /// `GET /v2`: server metadata.
 pub async fn server_metadata() -> Json<Value> {
-    Json(json!({ "name": "fedimdb-server", "version": env!("CARGO_PKG_VERSION"), "extensions": [] }))
+    Json(
+        json!({ "name": "fedimdb-server", "version": env!("CARGO_PKG_VERSION"), "extensions": [] }),
+    )
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
     if name == MODEL_NAME {
         Ok(())
     } else {
-        Err(ApiError::not_found(format!("unknown model {name:?}: this server serves {MODEL_NAME:?}")))
+        Err(ApiError::not_found(format!(
+            "unknown model {name:?}: this server serves {MODEL_NAME:?}"
+        )))
     }
 }
 
 /// The served model if `version` (when given) is its version.
-fn check_version(state: &AppState, version: Option<&str>) -> Result<Arc<crate::state::LoadedModel>, ApiError> {
+fn check_version(
+    state: &AppState,
+    version: Option<&str>,
+) -> Result<Arc<crate::state::LoadedModel>, ApiError> {
     let m = state.models.current().ok_or_else(|| not_ready(state))?;
     match version {
-        Some(v) if v != m.version => {
-            Err(ApiError::not_found(format!("model {MODEL_NAME:?} has no version {v:?}: version {:?} is served", m.version)))
-        }
+        Some(v) if v != m.version => Err(ApiError::not_found(format!(
+            "model {MODEL_NAME:?} has no version {v:?}: version {:?} is served",
+            m.version
+        ))),
         _ => Ok(m),
     }
 }
@@ -91,7 +103,10 @@ fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<
 }
 
 /// `GET /v2/models/{name}`: model metadata.
-pub async fn model_metadata(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn model_metadata(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     metadata(&state, &name, None)
 }
 
@@ -103,7 +118,11 @@ pub async fn model_metadata_version(
     metadata(&state, &name, Some(&version))
 }
 
-fn model_readiness(state: &AppState, name: &str, version: Option<&str>) -> Result<Response, ApiError> {
+fn model_readiness(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Response, ApiError> {
     check_name(name)?;
     let (ok, _) = readiness(state);
     // Before the first model loads no version exists, and the answer is still a readiness
@@ -111,12 +130,19 @@ fn model_readiness(state: &AppState, name: &str, version: Option<&str>) -> Resul
     if let (true, Some(v)) = (ok, version) {
         check_version(state, Some(v))?;
     }
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     Ok((status, Json(json!({ "name": MODEL_NAME, "ready": ok }))).into_response())
 }
 
 /// `GET /v2/models/{name}/ready`.
-pub async fn model_ready(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+pub async fn model_ready(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     model_readiness(&state, &name, None)
 }
 
@@ -160,7 +186,10 @@ pub struct RequestedOutput {
 }
 
 fn wants_binary(params: Option<&serde_json::Map<String, Value>>, key: &str) -> bool {
-    params.and_then(|p| p.get(key)).and_then(Value::as_bool).unwrap_or(false)
+    params
+        .and_then(|p| p.get(key))
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
 }
 
 /// The name of the header that splits a binary-extension body into JSON and raw data.
@@ -178,7 +207,10 @@ impl FromRequest<Arc<AppState>> for InferBody {
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
         let Some(len) = req.headers().get(HEADER_LENGTH).cloned() else {
             let V2JsonBody(request) = V2JsonBody::from_request(req, state).await?;
-            return Ok(Self { request, binary: Default::default() });
+            return Ok(Self {
+                request,
+                binary: Default::default(),
+            });
         };
         let bytes = read_body(req, state).await?;
         split_infer_body(&len, bytes)
@@ -188,16 +220,25 @@ impl FromRequest<Arc<AppState>> for InferBody {
 /// Splits a binary-extension body, read whole, into its JSON request and the raw data after
 /// it, at the `Inference-Header-Content-Length` header's value `len`. A plain function, so
 /// tests and the fuzzer reach it without a server.
-pub fn split_infer_body(len: &HeaderValue, bytes: axum::body::Bytes) -> Result<InferBody, ApiError> {
+pub fn split_infer_body(
+    len: &HeaderValue,
+    bytes: axum::body::Bytes,
+) -> Result<InferBody, ApiError> {
     let len: usize = len
         .to_str()
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| ApiError::bad_request(format!("{HEADER_LENGTH} must be a byte count")))?;
     if len > bytes.len() {
-        return Err(ApiError::bad_request(format!("{HEADER_LENGTH} is {len} but the body has only {} bytes", bytes.len())));
+        return Err(ApiError::bad_request(format!(
+            "{HEADER_LENGTH} is {len} but the body has only {} bytes",
+            bytes.len()
+        )));
     }
-    Ok(InferBody { request: parse_json(&bytes[..len])?, binary: bytes.slice(len..) })
+    Ok(InferBody {
+        request: parse_json(&bytes[..len])?,
+        binary: bytes.slice(len..),
+    })
 }
 
 /// Decodes the binary form of a BYTES tensor: each element a 4-byte little-endian length,
@@ -207,14 +248,22 @@ fn decode_bytes_tensor(mut raw: &[u8]) -> Result<Vec<String>, ApiError> {
     while !raw.is_empty() {
         let i = out.len();
         let Some((len, rest)) = raw.split_first_chunk::<4>() else {
-            return Err(ApiError::bad_request(format!("binary input {INPUT_NAME:?}: element {i} has a truncated length prefix")));
+            return Err(ApiError::bad_request(format!(
+                "binary input {INPUT_NAME:?}: element {i} has a truncated length prefix"
+            )));
         };
         let len = u32::from_le_bytes(*len) as usize;
         if len > rest.len() {
-            return Err(ApiError::bad_request(format!("binary input {INPUT_NAME:?}: element {i} says {len} bytes, {} remain", rest.len())));
+            return Err(ApiError::bad_request(format!(
+                "binary input {INPUT_NAME:?}: element {i} says {len} bytes, {} remain",
+                rest.len()
+            )));
         }
-        let text = std::str::from_utf8(&rest[..len])
-            .map_err(|_| ApiError::bad_request(format!("binary input {INPUT_NAME:?}: element {i} is not valid UTF-8")))?;
+        let text = std::str::from_utf8(&rest[..len]).map_err(|_| {
+            ApiError::bad_request(format!(
+                "binary input {INPUT_NAME:?}: element {i} is not valid UTF-8"
+            ))
+        })?;
         out.push(text.to_owned());
         raw = &rest[len..];
     }
@@ -235,25 +284,49 @@ pub fn parse_infer(req: InferRequest, binary: &[u8]) -> Result<Parsed, ApiError>
     let mut binary_output = wants_binary(req.parameters.as_ref(), "binary_data_output");
     for o in req.outputs.iter().flatten() {
         if o.name != OUTPUT_NAME {
-            return Err(ApiError::bad_request(format!("unknown output {:?}: this model has one output, {OUTPUT_NAME:?}", o.name)));
+            return Err(ApiError::bad_request(format!(
+                "unknown output {:?}: this model has one output, {OUTPUT_NAME:?}",
+                o.name
+            )));
         }
-        if let Some(b) = o.parameters.as_ref().and_then(|p| p.get("binary_data")).and_then(Value::as_bool) {
+        if let Some(b) = o
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get("binary_data"))
+            .and_then(Value::as_bool)
+        {
             binary_output = b;
         }
     }
     let [input] = <[InferInput; 1]>::try_from(req.inputs).map_err(|v| {
-        ApiError::bad_request(format!("{} inputs given: this model takes exactly one, {INPUT_NAME:?}", v.len()))
+        ApiError::bad_request(format!(
+            "{} inputs given: this model takes exactly one, {INPUT_NAME:?}",
+            v.len()
+        ))
     })?;
     if input.name != INPUT_NAME {
-        return Err(ApiError::bad_request(format!("unknown input {:?}: this model takes one input, {INPUT_NAME:?}", input.name)));
+        return Err(ApiError::bad_request(format!(
+            "unknown input {:?}: this model takes one input, {INPUT_NAME:?}",
+            input.name
+        )));
     }
     if input.datatype != "BYTES" {
-        return Err(ApiError::bad_request(format!("input {INPUT_NAME:?} has datatype {:?}, expected \"BYTES\"", input.datatype)));
+        return Err(ApiError::bad_request(format!(
+            "input {INPUT_NAME:?} has datatype {:?}, expected \"BYTES\"",
+            input.datatype
+        )));
     }
-    let binary_size = input.parameters.as_ref().and_then(|p| p.get("binary_data_size"));
+    let binary_size = input
+        .parameters
+        .as_ref()
+        .and_then(|p| p.get("binary_data_size"));
     let n = match input.shape.as_slice() {
         [n] | [n, 1] if *n >= 0 => *n as usize,
-        s => return Err(ApiError::bad_request(format!("input {INPUT_NAME:?} has shape {s:?}, expected [N] or [N, 1]"))),
+        s => {
+            return Err(ApiError::bad_request(format!(
+                "input {INPUT_NAME:?} has shape {s:?}, expected [N] or [N, 1]"
+            )));
+        }
     };
     if let Some(size) = binary_size {
         let size = size.as_u64().map(|s| s as usize).filter(|&s| s == binary.len()).ok_or_else(|| {
@@ -270,7 +343,11 @@ pub fn parse_infer(req: InferRequest, binary: &[u8]) -> Result<Parsed, ApiError>
                 texts.len()
             )));
         }
-        return Ok(Parsed { texts, shape: input.shape, binary_output });
+        return Ok(Parsed {
+            texts,
+            shape: input.shape,
+            binary_output,
+        });
     }
     if !binary.is_empty() {
         return Err(ApiError::bad_request(format!(
@@ -279,7 +356,9 @@ pub fn parse_infer(req: InferRequest, binary: &[u8]) -> Result<Parsed, ApiError>
         )));
     }
     let Value::Array(items) = input.data else {
-        return Err(ApiError::bad_request(format!("input {INPUT_NAME:?}: \"data\" must be an array of strings")));
+        return Err(ApiError::bad_request(format!(
+            "input {INPUT_NAME:?}: \"data\" must be an array of strings"
+        )));
     };
     // Data may be flat or nested ([[s], [s]]), whatever the shape says: as Triton does, the
     // elements are counted after flattening, so [N] with nested data is accepted too.
@@ -313,14 +392,27 @@ pub fn parse_infer(req: InferRequest, binary: &[u8]) -> Result<Parsed, ApiError>
             texts.len()
         )));
     }
-    Ok(Parsed { texts, shape: input.shape, binary_output })
+    Ok(Parsed {
+        texts,
+        shape: input.shape,
+        binary_output,
+    })
 }
 
-async fn infer_inner(state: Arc<AppState>, name: &str, version: Option<&str>, body: InferBody) -> Result<Response, ApiError> {
+async fn infer_inner(
+    state: Arc<AppState>,
+    name: &str,
+    version: Option<&str>,
+    body: InferBody,
+) -> Result<Response, ApiError> {
     check_name(name)?;
     check_version(&state, version)?;
     let id = body.request.id.clone();
-    let Parsed { texts, shape, binary_output } = parse_infer(body.request, &body.binary)?;
+    let Parsed {
+        texts,
+        shape,
+        binary_output,
+    } = parse_infer(body.request, &body.binary)?;
     check_texts(&state, &texts)?;
     let scored = state.batcher.score(texts, None, &state.metrics).await?;
     let data: Vec<f32> = scored.predictions.iter().map(|p| p.probability).collect();
@@ -341,13 +433,20 @@ async fn infer_inner(state: Arc<AppState>, name: &str, version: Option<&str>, bo
     bytes.extend(data.iter().flat_map(|p| p.to_le_bytes()));
     let mut resp = bytes.into_response();
     let headers = resp.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     headers.insert(HEADER_LENGTH, HeaderValue::from(json_len));
     Ok(resp)
 }
 
 /// `POST /v2/models/{name}/infer`.
-pub async fn infer(State(state): State<Arc<AppState>>, Path(name): Path<String>, body: InferBody) -> Result<Response, ApiError> {
+pub async fn infer(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    body: InferBody,
+) -> Result<Response, ApiError> {
     infer_inner(state, &name, None, body).await
 }
 

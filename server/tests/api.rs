@@ -16,7 +16,16 @@ fn page_is_self_contained_and_accessible() {
     assert_eq!(r.status, 200);
     assert!(r.header("content-type").unwrap().starts_with("text/html"));
     let html = r.text();
-    for needle in ["name=\"viewport\"", "<label for=\"review\"", "aria-live=\"polite\"", "id=\"predict\"", "id=\"sample\"", "ctrlKey", "metaKey", "<svg"] {
+    for needle in [
+        "name=\"viewport\"",
+        "<label for=\"review\"",
+        "aria-live=\"polite\"",
+        "id=\"predict\"",
+        "id=\"sample\"",
+        "ctrlKey",
+        "metaKey",
+        "<svg",
+    ] {
         assert!(html.contains(needle), "page lacks {needle}");
     }
     // No CDN or other outside resource: nothing is fetched from another origin.
@@ -35,11 +44,19 @@ fn predict_one_and_many() {
     let p = &v["predictions"][0];
     assert_eq!(p["label"], "positive");
     assert!(p["probability"].as_f64().unwrap() > 0.5);
-    let top: Vec<&str> = p["top_positive"].as_array().unwrap().iter().map(|w| w["text"].as_str().unwrap()).collect();
+    let top: Vec<&str> = p["top_positive"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["text"].as_str().unwrap())
+        .collect();
     assert!(!top.is_empty() && top.len() <= 5, "{top:?}");
     assert!(p.get("highlight").is_none());
 
-    let r = s.post_json("/api/predict", &json!({ "texts": [POSITIVE, NEGATIVE, POSITIVE], "top_k": 2, "highlight": true }));
+    let r = s.post_json(
+        "/api/predict",
+        &json!({ "texts": [POSITIVE, NEGATIVE, POSITIVE], "top_k": 2, "highlight": true }),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     let preds = v["predictions"].as_array().unwrap();
@@ -48,29 +65,66 @@ fn predict_one_and_many() {
     assert!(preds[1]["top_negative"].as_array().unwrap().len() <= 2);
     let hl = preds[1]["highlight"].as_array().unwrap();
     let chars: Vec<char> = NEGATIVE.chars().collect();
-    let worst = hl.iter().min_by(|a, b| a["weight"].as_f64().unwrap().total_cmp(&b["weight"].as_f64().unwrap())).unwrap();
-    let word: String = chars[worst["start"].as_u64().unwrap() as usize..worst["end"].as_u64().unwrap() as usize].iter().collect();
-    assert!(["awful", "boring", "hated", "terrible", "dull"].contains(&word.as_str()), "most negative token: {word}");
+    let worst = hl
+        .iter()
+        .min_by(|a, b| {
+            a["weight"]
+                .as_f64()
+                .unwrap()
+                .total_cmp(&b["weight"].as_f64().unwrap())
+        })
+        .unwrap();
+    let word: String = chars
+        [worst["start"].as_u64().unwrap() as usize..worst["end"].as_u64().unwrap() as usize]
+        .iter()
+        .collect();
+    assert!(
+        ["awful", "boring", "hated", "terrible", "dull"].contains(&word.as_str()),
+        "most negative token: {word}"
+    );
 
     // No explanation asked: none computed.
-    let v = s.post_json("/api/predict", &json!({ "texts": [NEGATIVE], "top_k": 0 })).json();
-    assert!(v["predictions"][0]["top_negative"].as_array().unwrap().is_empty());
+    let v = s
+        .post_json("/api/predict", &json!({ "texts": [NEGATIVE], "top_k": 0 }))
+        .json();
+    assert!(
+        v["predictions"][0]["top_negative"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[test]
 fn a_request_larger_than_a_batch_is_split_and_kept_in_order() {
     let s = TestServer::start(|c| c.max_batch = 3);
-    let texts: Vec<&str> = (0..20).map(|i| if i % 3 == 0 { NEGATIVE } else { POSITIVE }).collect();
-    let v = s.post_json("/api/predict", &json!({ "texts": texts, "top_k": 0 })).json();
-    let labels: Vec<&str> = v["predictions"].as_array().unwrap().iter().map(|p| p["label"].as_str().unwrap()).collect();
-    let want: Vec<&str> = (0..20).map(|i| if i % 3 == 0 { "negative" } else { "positive" }).collect();
+    let texts: Vec<&str> = (0..20)
+        .map(|i| if i % 3 == 0 { NEGATIVE } else { POSITIVE })
+        .collect();
+    let v = s
+        .post_json("/api/predict", &json!({ "texts": texts, "top_k": 0 }))
+        .json();
+    let labels: Vec<&str> = v["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["label"].as_str().unwrap())
+        .collect();
+    let want: Vec<&str> = (0..20)
+        .map(|i| if i % 3 == 0 { "negative" } else { "positive" })
+        .collect();
     assert_eq!(labels, want);
 }
 
 #[test]
 fn preprocess_model_sample_metrics_openapi() {
     let s = TestServer::start(|_| {});
-    let v = s.post_json("/api/preprocess", &json!({ "text": "Not BAD<br />at all!" })).json();
+    let v = s
+        .post_json(
+            "/api/preprocess",
+            &json!({ "text": "Not BAD<br />at all!" }),
+        )
+        .json();
     assert_eq!(v["normalized"], "not bad at all!");
     assert_eq!(v["tokens"], json!(["not", "bad", "at", "all", "!"]));
     assert_eq!(v["max_ngram"], 2);
@@ -124,18 +178,41 @@ fn openapi_matches_the_router() {
         for method in ops.as_object().unwrap().keys() {
             documented.push(format!("{} {path}", method.to_uppercase()));
             let concrete = path.replace("{name}", "fedimdb").replace("{version}", "1");
-            let r = if method == "get" { s.get(&concrete) } else { s.post_json(&concrete, &json!({})) };
-            assert!(r.status != 404 && r.status != 405, "{method} {path} is documented but answers {}", r.status);
+            let r = if method == "get" {
+                s.get(&concrete)
+            } else {
+                s.post_json(&concrete, &json!({}))
+            };
+            assert!(
+                r.status != 404 && r.status != 405,
+                "{method} {path} is documented but answers {}",
+                r.status
+            );
             for code in r.status.to_string().split(' ') {
-                assert!(ops[method]["responses"].get(code).is_some(), "{method} {path} answered {code}, not documented");
+                assert!(
+                    ops[method]["responses"].get(code).is_some(),
+                    "{method} {path} answered {code}, not documented"
+                );
             }
         }
     }
     documented.sort();
     let mut routed = vec![
-        "GET /", "GET /openapi.json", "GET /metrics", "POST /api/predict", "POST /api/preprocess", "GET /api/model", "GET /api/sample",
-        "GET /v2", "GET /v2/health/live", "GET /v2/health/ready", "GET /v2/models/{name}", "GET /v2/models/{name}/ready",
-        "POST /v2/models/{name}/infer", "GET /v2/models/{name}/versions/{version}", "GET /v2/models/{name}/versions/{version}/ready",
+        "GET /",
+        "GET /openapi.json",
+        "GET /metrics",
+        "POST /api/predict",
+        "POST /api/preprocess",
+        "GET /api/model",
+        "GET /api/sample",
+        "GET /v2",
+        "GET /v2/health/live",
+        "GET /v2/health/ready",
+        "GET /v2/models/{name}",
+        "GET /v2/models/{name}/ready",
+        "POST /v2/models/{name}/infer",
+        "GET /v2/models/{name}/versions/{version}",
+        "GET /v2/models/{name}/versions/{version}/ready",
         "POST /v2/models/{name}/versions/{version}/infer",
     ];
     routed.sort();
@@ -150,7 +227,9 @@ fn openapi_matches_the_router() {
 fn openapi_non_blank_pattern_is_rusts_whitespace() {
     let doc: Value = serde_json::from_str(include_str!("../static/openapi.json")).unwrap();
     let schemas = &doc["components"]["schemas"];
-    let pattern = schemas["PredictRequest"]["properties"]["text"]["pattern"].as_str().unwrap();
+    let pattern = schemas["PredictRequest"]["properties"]["text"]["pattern"]
+        .as_str()
+        .unwrap();
     for p in [
         &schemas["PredictRequest"]["properties"]["texts"]["items"]["pattern"],
         &schemas["PreprocessRequest"]["properties"]["text"]["pattern"],
@@ -159,31 +238,63 @@ fn openapi_non_blank_pattern_is_rusts_whitespace() {
         assert_eq!(p.as_str(), Some(pattern));
     }
     // The pattern is one negated class of escapes, single characters and ranges.
-    let class = pattern.strip_prefix("[^").and_then(|p| p.strip_suffix(']')).expect("a negated character class");
+    let class = pattern
+        .strip_prefix("[^")
+        .and_then(|p| p.strip_suffix(']'))
+        .expect("a negated character class");
     let mut chars = Vec::new();
     let mut rest = class;
     while !rest.is_empty() {
         let (c, tail) = match rest.strip_prefix('\\') {
-            Some(esc) if esc.starts_with('u') => (char::from_u32(u32::from_str_radix(&esc[1..5], 16).unwrap()).unwrap(), &esc[5..]),
-            Some(esc) => ([('t', '\t'), ('n', '\n'), ('f', '\x0c'), ('r', '\r')].iter().find(|(k, _)| esc.starts_with(*k)).unwrap().1, &esc[1..]),
-            None => (rest.chars().next().unwrap(), &rest[rest.chars().next().unwrap().len_utf8()..]),
+            Some(esc) if esc.starts_with('u') => (
+                char::from_u32(u32::from_str_radix(&esc[1..5], 16).unwrap()).unwrap(),
+                &esc[5..],
+            ),
+            Some(esc) => (
+                [('t', '\t'), ('n', '\n'), ('f', '\x0c'), ('r', '\r')]
+                    .iter()
+                    .find(|(k, _)| esc.starts_with(*k))
+                    .unwrap()
+                    .1,
+                &esc[1..],
+            ),
+            None => (
+                rest.chars().next().unwrap(),
+                &rest[rest.chars().next().unwrap().len_utf8()..],
+            ),
         };
         chars.push(c);
         rest = tail;
         if let Some(tail) = rest.strip_prefix('-') {
-            let end = tail.strip_prefix("\\u").map(|h| char::from_u32(u32::from_str_radix(&h[..4], 16).unwrap()).unwrap()).unwrap();
+            let end = tail
+                .strip_prefix("\\u")
+                .map(|h| char::from_u32(u32::from_str_radix(&h[..4], 16).unwrap()).unwrap())
+                .unwrap();
             chars.extend((c as u32 + 1..=end as u32).filter_map(char::from_u32));
             rest = &tail[6..];
         }
     }
     chars.sort_unstable();
-    let whitespace: Vec<char> = (0..=0x10ffff).filter_map(char::from_u32).filter(|c| c.is_whitespace()).collect();
+    let whitespace: Vec<char> = (0..=0x10ffff)
+        .filter_map(char::from_u32)
+        .filter(|c| c.is_whitespace())
+        .collect();
     assert_eq!(chars, whitespace);
     // And the exactly-one-of rule for text/texts is stated.
-    assert_eq!(schemas["PredictRequest"]["oneOf"], json!([{ "required": ["text"] }, { "required": ["texts"] }]));
+    assert_eq!(
+        schemas["PredictRequest"]["oneOf"],
+        json!([{ "required": ["text"] }, { "required": ["texts"] }])
+    );
     // Binary tensor extension answers are documented.
-    for path in ["/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"] {
-        assert!(doc["paths"][path]["post"]["responses"]["200"]["content"]["application/octet-stream"].is_object(), "{path}");
+    for path in [
+        "/v2/models/{name}/infer",
+        "/v2/models/{name}/versions/{version}/infer",
+    ] {
+        assert!(
+            doc["paths"][path]["post"]["responses"]["200"]["content"]["application/octet-stream"]
+                .is_object(),
+            "{path}"
+        );
     }
 }
 
@@ -196,21 +307,61 @@ fn bad_inputs_get_4xx_json_errors() {
     let cases: Vec<(&str, Value, u16, &str)> = vec![
         ("empty text", json!({ "text": "" }), 400, "text 0 is empty"),
         ("blank text", json!({ "text": "  \n " }), 400, "empty"),
-        ("text over the limit", json!({ "text": "a".repeat(1001) }), 413, "--max-text-bytes"),
-        ("too many texts", json!({ "texts": ["a", "b", "c", "d", "e"] }), 413, "--max-texts"),
+        (
+            "text over the limit",
+            json!({ "text": "a".repeat(1001) }),
+            413,
+            "--max-text-bytes",
+        ),
+        (
+            "too many texts",
+            json!({ "texts": ["a", "b", "c", "d", "e"] }),
+            413,
+            "--max-texts",
+        ),
         ("empty list", json!({ "texts": [] }), 400, "no texts"),
-        ("both", json!({ "text": "a", "texts": ["b"] }), 400, "not both"),
+        (
+            "both",
+            json!({ "text": "a", "texts": ["b"] }),
+            400,
+            "not both",
+        ),
         ("neither", json!({}), 400, "missing"),
         ("wrong type", json!({ "text": 5 }), 400, "schema"),
         ("unknown field", json!({ "txt": "a" }), 400, "unknown field"),
-        ("top_k too big", json!({ "text": "a", "top_k": 51 }), 400, "top_k"),
+        (
+            "top_k too big",
+            json!({ "text": "a", "top_k": 51 }),
+            400,
+            "top_k",
+        ),
         ("not an object", json!(["a"]), 400, "expected a JSON object"),
-        ("fields as an array", json!(["a", null, 5, false]), 400, "expected a JSON object"),
+        (
+            "fields as an array",
+            json!(["a", null, 5, false]),
+            400,
+            "expected a JSON object",
+        ),
         // Optional fields may be left out but not null (the OpenAPI document does not allow
         // null; schemathesis found `{"text": "…", "texts": null}` accepted).
-        ("null texts", json!({ "text": "a", "texts": null }), 400, "invalid type: null"),
-        ("null text", json!({ "text": null, "texts": ["a"] }), 400, "invalid type: null"),
-        ("null top_k", json!({ "text": "a", "top_k": null }), 400, "invalid type: null"),
+        (
+            "null texts",
+            json!({ "text": "a", "texts": null }),
+            400,
+            "invalid type: null",
+        ),
+        (
+            "null text",
+            json!({ "text": null, "texts": ["a"] }),
+            400,
+            "invalid type: null",
+        ),
+        (
+            "null top_k",
+            json!({ "text": "a", "top_k": null }),
+            400,
+            "invalid type: null",
+        ),
     ];
     for (what, body, status, msg) in cases {
         let r = s.post_json("/api/predict", &body);
@@ -222,21 +373,46 @@ fn bad_inputs_get_4xx_json_errors() {
 
     let json_ct = [("Content-Type", "application/json")];
     let r = s.post_raw("/api/predict", &json_ct, b"{\"text\": ");
-    assert_eq!((r.status, r.error().contains("not valid JSON")), (400, true), "{}", r.text());
+    assert_eq!(
+        (r.status, r.error().contains("not valid JSON")),
+        (400, true),
+        "{}",
+        r.text()
+    );
     let r = s.post_raw("/api/predict", &json_ct, b"{\"text\": \"caf\xe9\"}");
-    assert_eq!((r.status, r.error().contains("UTF-8")), (400, true), "{}", r.text());
-    let r = s.post_raw("/api/predict", &[("Content-Type", "text/plain")], b"{\"text\": \"hi\"}");
-    assert_eq!((r.status, r.error().contains("application/json")), (415, true), "{}", r.text());
+    assert_eq!(
+        (r.status, r.error().contains("UTF-8")),
+        (400, true),
+        "{}",
+        r.text()
+    );
+    let r = s.post_raw(
+        "/api/predict",
+        &[("Content-Type", "text/plain")],
+        b"{\"text\": \"hi\"}",
+    );
+    assert_eq!(
+        (r.status, r.error().contains("application/json")),
+        (415, true),
+        "{}",
+        r.text()
+    );
     let r = s.post_raw("/api/predict", &[], b"{\"text\": \"hi\"}");
     assert_eq!(r.status, 415, "{}", r.text());
     // A body over the whole-body limit is refused while it is read.
-    let big = format!("{{\"texts\": [\"{}\"]}}", "a".repeat(s.state().config.max_body_bytes()));
+    let big = format!(
+        "{{\"texts\": [\"{}\"]}}",
+        "a".repeat(s.state().config.max_body_bytes())
+    );
     let r = s.post_raw("/api/predict", &json_ct, big.as_bytes());
     assert_eq!(r.status, 413, "{}", r.text());
     r.error();
 
     let r = s.get("/no/such/route");
-    assert_eq!((r.status, r.error().contains("/no/such/route")), (404, true));
+    assert_eq!(
+        (r.status, r.error().contains("/no/such/route")),
+        (404, true)
+    );
     let r = s.get("/api/predict");
     assert_eq!(r.status, 405);
     r.error();
@@ -258,7 +434,11 @@ fn a_slow_client_times_out_without_holding_a_worker() {
     let t = Instant::now();
     let r = s.post_json("/api/predict", &json!({ "text": POSITIVE }));
     assert_eq!(r.status, 200);
-    assert!(t.elapsed() < Duration::from_millis(300) || cfg!(debug_assertions) || t.elapsed() < Duration::from_secs(5));
+    assert!(
+        t.elapsed() < Duration::from_millis(300)
+            || cfg!(debug_assertions)
+            || t.elapsed() < Duration::from_secs(5)
+    );
     let r = common::read_response(&mut slow);
     assert_eq!(r.status, 408, "{}", r.text());
     assert!(r.error().contains("not received"));
@@ -271,7 +451,12 @@ fn root_without_a_model_starts_unready_then_serves_what_is_published() {
     let r = s.get("/v2/health/ready");
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["ready"], false);
-    assert!(r.json()["last_reload_error"]["message"].as_str().unwrap().contains("no model published yet"));
+    assert!(
+        r.json()["last_reload_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no model published yet")
+    );
     assert_eq!(s.get("/v2/health/live").status, 200);
     let r = s.post_json("/api/predict", &json!({ "text": POSITIVE }));
     assert_eq!((r.status, r.header("retry-after")), (503, Some("1")));
@@ -280,18 +465,30 @@ fn root_without_a_model_starts_unready_then_serves_what_is_published() {
     assert_eq!(s.get("/api/sample").status, 404);
     // Model readiness answers its own body (ready: false) with or without a version, as the
     // OpenAPI document says; schemathesis found the versioned route answering an error body.
-    for path in ["/v2/models/fedimdb/ready", "/v2/models/fedimdb/versions/3/ready"] {
+    for path in [
+        "/v2/models/fedimdb/ready",
+        "/v2/models/fedimdb/versions/3/ready",
+    ] {
         let r = s.get(path);
-        assert_eq!((r.status, r.json()), (503, json!({ "name": "fedimdb", "ready": false })), "{path}");
+        assert_eq!(
+            (r.status, r.json()),
+            (503, json!({ "name": "fedimdb", "ready": false })),
+            "{path}"
+        );
     }
 
     common::publish(s.root.path(), &common::tiny_model(3, 1.0));
     let deadline = Instant::now() + Duration::from_secs(10);
     while s.get("/v2/health/ready").status != 200 {
-        assert!(Instant::now() < deadline, "the published model was not picked up");
+        assert!(
+            Instant::now() < deadline,
+            "the published model was not picked up"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let v = s.post_json("/api/predict", &json!({ "text": POSITIVE })).json();
+    let v = s
+        .post_json("/api/predict", &json!({ "text": POSITIVE }))
+        .json();
     assert_eq!(v["model_version"], "3");
 }
 

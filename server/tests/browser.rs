@@ -18,7 +18,10 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 fn find_program(names: &[&str]) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    names.iter().flat_map(|n| std::env::split_paths(&path).map(move |d| d.join(n))).find(|p| p.is_file())
+    names
+        .iter()
+        .flat_map(|n| std::env::split_paths(&path).map(move |d| d.join(n)))
+        .find(|p| p.is_file())
 }
 
 /// Kills chromedriver however the test ends, even if it fails before a session exists.
@@ -40,7 +43,11 @@ struct Driver {
 
 impl Driver {
     fn start(chromium: &PathBuf, chromedriver: &PathBuf) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let child = Command::new(chromedriver)
             .arg(format!("--port={port}"))
@@ -51,7 +58,9 @@ impl Driver {
         let child = KillOnDrop(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if std::net::TcpStream::connect(addr).is_ok() && call(addr, "GET", "/status", None)["value"]["ready"] == true {
+            if std::net::TcpStream::connect(addr).is_ok()
+                && call(addr, "GET", "/status", None)["value"]["ready"] == true
+            {
                 break;
             }
             assert!(Instant::now() < deadline, "chromedriver did not come up");
@@ -76,24 +85,44 @@ impl Driver {
         let caps = json!({ "capabilities": { "alwaysMatch": { "browserName": "chrome",
             "goog:chromeOptions": { "binary": chromium, "args": args } } } });
         let v = call(addr, "POST", "/session", Some(&caps));
-        let session = v["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {v}")).to_owned();
-        Self { addr, _child: child, session, _profile: profile }
+        let session = v["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {v}"))
+            .to_owned();
+        Self {
+            addr,
+            _child: child,
+            session,
+            _profile: profile,
+        }
     }
 
     fn cmd(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
-        let v = call(self.addr, method, &format!("/session/{}{path}", self.session), body);
+        let v = call(
+            self.addr,
+            method,
+            &format!("/session/{}{path}", self.session),
+            body,
+        );
         assert!(v["value"].get("error").is_none(), "{method} {path}: {v}");
         v["value"].clone()
     }
 
     fn find(&self, css: &str) -> String {
-        let v = self.cmd("POST", "/element", Some(&json!({ "using": "css selector", "value": css })));
+        let v = self.cmd(
+            "POST",
+            "/element",
+            Some(&json!({ "using": "css selector", "value": css })),
+        );
         v[ELEMENT].as_str().unwrap().to_owned()
     }
 
     fn text(&self, css: &str) -> String {
         let id = self.find(css);
-        self.cmd("GET", &format!("/element/{id}/text"), None).as_str().unwrap_or("").to_owned()
+        self.cmd("GET", &format!("/element/{id}/text"), None)
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
     }
 
     fn wait_text(&self, css: &str, what: &str, cond: impl Fn(&str) -> bool) -> String {
@@ -103,7 +132,10 @@ impl Driver {
             if cond(&t) {
                 return t;
             }
-            assert!(Instant::now() < deadline, "waited for {what}; {css} says {t:?}");
+            assert!(
+                Instant::now() < deadline,
+                "waited for {what}; {css} says {t:?}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -111,30 +143,52 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = call(self.addr, "DELETE", &format!("/session/{}", self.session), None);
+        let _ = call(
+            self.addr,
+            "DELETE",
+            &format!("/session/{}", self.session),
+            None,
+        );
         // `_child` is killed when it drops, after this.
     }
 }
 
 fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Value {
     // WebDriver POSTs always carry a JSON object, if only `{}`.
-    let body = body.map(|b| b.to_string()).unwrap_or_else(|| if method == "POST" { "{}".into() } else { String::new() });
-    let headers: &[(&str, &str)] = if body.is_empty() { &[] } else { &[("Content-Type", "application/json")] };
+    let body = body.map(|b| b.to_string()).unwrap_or_else(|| {
+        if method == "POST" {
+            "{}".into()
+        } else {
+            String::new()
+        }
+    });
+    let headers: &[(&str, &str)] = if body.is_empty() {
+        &[]
+    } else {
+        &[("Content-Type", "application/json")]
+    };
     let r = common::request(addr, method, path, headers, body.as_bytes());
     serde_json::from_slice(&r.body).unwrap_or(Value::Null)
 }
 
 #[test]
 fn page_predicts_in_a_real_browser() {
-    let (Some(chromium), Some(chromedriver)) =
-        (find_program(&["chromium", "chromium-browser", "google-chrome"]), find_program(&["chromedriver"]))
-    else {
-        eprintln!("NOTICE: skipping the browser test: chromium and chromedriver are not both installed (apt-get install chromium chromium-driver)");
+    let (Some(chromium), Some(chromedriver)) = (
+        find_program(&["chromium", "chromium-browser", "google-chrome"]),
+        find_program(&["chromedriver"]),
+    ) else {
+        eprintln!(
+            "NOTICE: skipping the browser test: chromium and chromedriver are not both installed (apt-get install chromium chromium-driver)"
+        );
         return;
     };
     let s = TestServer::start(|_| {});
     let d = Driver::start(&chromium, &chromedriver);
-    d.cmd("POST", "/url", Some(&json!({ "url": format!("http://{}/", s.addr) })));
+    d.cmd(
+        "POST",
+        "/url",
+        Some(&json!({ "url": format!("http://{}/", s.addr) })),
+    );
 
     // The model panel fills in from /api/model.
     let facts = d.wait_text("#model-facts", "the model panel", |t| t.contains("Workers"));
@@ -143,25 +197,49 @@ fn page_predicts_in_a_real_browser() {
 
     // Type a review, click Predict.
     let review = d.find("#review");
-    d.cmd("POST", &format!("/element/{review}/value"), Some(&json!({ "text": POSITIVE })));
+    d.cmd(
+        "POST",
+        &format!("/element/{review}/value"),
+        Some(&json!({ "text": POSITIVE })),
+    );
     let predict = d.find("#predict");
     d.cmd("POST", &format!("/element/{predict}/click"), None);
     let verdict = d.wait_text("#verdict", "a positive verdict", |t| t.contains("Positive"));
     assert!(verdict.contains('%'), "{verdict}");
-    let marks = d.cmd("POST", "/elements", Some(&json!({ "using": "css selector", "value": "#highlighted mark" })));
-    assert!(!marks.as_array().unwrap().is_empty(), "no highlighted words");
-    assert!(d.text("#top-pos").contains("wonderful") || d.text("#top-pos").contains("loved") || d.text("#top-pos").contains("great"));
+    let marks = d.cmd(
+        "POST",
+        "/elements",
+        Some(&json!({ "using": "css selector", "value": "#highlighted mark" })),
+    );
+    assert!(
+        !marks.as_array().unwrap().is_empty(),
+        "no highlighted words"
+    );
+    assert!(
+        d.text("#top-pos").contains("wonderful")
+            || d.text("#top-pos").contains("loved")
+            || d.text("#top-pos").contains("great")
+    );
 
     // Replace it with a negative review and predict from the keyboard: Ctrl+Enter.
     d.cmd("POST", &format!("/element/{review}/clear"), None);
     let keys = format!("{NEGATIVE}\u{E009}\u{E007}\u{E000}");
-    d.cmd("POST", &format!("/element/{review}/value"), Some(&json!({ "text": keys })));
+    d.cmd(
+        "POST",
+        &format!("/element/{review}/value"),
+        Some(&json!({ "text": keys })),
+    );
     d.wait_text("#verdict", "a negative verdict", |t| t.contains("Negative"));
 
     // The sample button fills in a test review.
     let sample = d.find("#sample");
     d.cmd("POST", &format!("/element/{sample}/click"), None);
-    d.wait_text("#verdict", "the sample notice", |t| t.contains("Sample review"));
+    d.wait_text("#verdict", "the sample notice", |t| {
+        t.contains("Sample review")
+    });
     let value = d.cmd("GET", &format!("/element/{review}/property/value"), None);
-    assert!([POSITIVE, NEGATIVE].contains(&value.as_str().unwrap()), "{value}");
+    assert!(
+        [POSITIVE, NEGATIVE].contains(&value.as_str().unwrap()),
+        "{value}"
+    );
 }

@@ -48,7 +48,12 @@ fn new_models_switch_in_without_failing_a_request_and_broken_ones_are_refused() 
             })
         })
         .collect();
-    let version = || s.get("/api/model").json()["version"].as_str().unwrap().to_owned();
+    let version = || {
+        s.get("/api/model").json()["version"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(version(), "1");
 
@@ -62,25 +67,57 @@ fn new_models_switch_in_without_failing_a_request_and_broken_ones_are_refused() 
     let layout = Layout::new(s.root.path());
     let good = std::fs::read(layout.latest_model()).unwrap();
     fedimdb::atomic::write_bytes_atomic(&layout.latest_model(), &good[..good.len() / 2]).unwrap();
-    let card = LatestCard { round: 3, sha256: "0".repeat(64), trained_at: "2026-01-03T00:00:00Z".into(), card: common::card(3) };
+    let card = LatestCard {
+        round: 3,
+        sha256: "0".repeat(64),
+        trained_at: "2026-01-03T00:00:00Z".into(),
+        card: common::card(3),
+    };
     fedimdb::atomic::write_json_atomic(&layout.latest_card(), &card).unwrap();
-    wait_for("the reload error", || !s.get("/api/model").json()["last_reload_error"].is_null());
+    wait_for("the reload error", || {
+        !s.get("/api/model").json()["last_reload_error"].is_null()
+    });
     let m = s.get("/api/model").json();
     assert_eq!(m["version"], "2", "the old model keeps serving");
-    assert!(m["last_reload_error"]["message"].as_str().unwrap().contains("latest.safetensors"), "{m}");
+    assert!(
+        m["last_reload_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("latest.safetensors"),
+        "{m}"
+    );
     let r = s.get("/v2/health/ready");
     assert_eq!(r.status, 200);
-    assert!(r.json()["last_reload_error"]["message"].as_str().unwrap().contains("truncated"), "{}", r.text());
+    assert!(
+        r.json()["last_reload_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("truncated"),
+        "{}",
+        r.text()
+    );
     let metrics = s.get("/metrics").text();
-    assert!(!metrics.contains("fedimdb_model_reloads_total{result=\"error\"} 0"), "{metrics}");
+    assert!(
+        !metrics.contains("fedimdb_model_reloads_total{result=\"error\"} 0"),
+        "{metrics}"
+    );
     std::thread::sleep(Duration::from_millis(200));
 
     // A model whose card names another file's sha256 is refused too.
     let ck4 = common::tiny_model(4, 2.0);
     ck4.save(&layout.latest_model()).unwrap();
-    let card = LatestCard { round: 4, sha256: "f".repeat(64), trained_at: "2026-01-04T00:00:00Z".into(), card: common::card(4) };
+    let card = LatestCard {
+        round: 4,
+        sha256: "f".repeat(64),
+        trained_at: "2026-01-04T00:00:00Z".into(),
+        card: common::card(4),
+    };
     fedimdb::atomic::write_json_atomic(&layout.latest_card(), &card).unwrap();
-    wait_for("the sha mismatch", || s.get("/api/model").json()["last_reload_error"]["message"].as_str().is_some_and(|m| m.contains("ffff")));
+    wait_for("the sha mismatch", || {
+        s.get("/api/model").json()["last_reload_error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("ffff"))
+    });
     assert_eq!(version(), "2");
 
     // The next good model clears the error.
@@ -94,11 +131,19 @@ fn new_models_switch_in_without_failing_a_request_and_broken_ones_are_refused() 
     let mut total = 0;
     for c in clients {
         let (ok, failed, versions) = c.join().unwrap();
-        assert!(failed.is_empty(), "{} requests failed, e.g. {}", failed.len(), failed[0]);
+        assert!(
+            failed.is_empty(),
+            "{} requests failed, e.g. {}",
+            failed.len(),
+            failed[0]
+        );
         total += ok;
         seen.extend(versions);
     }
     assert!(total > 20, "only {total} requests were made");
-    assert!(seen.contains("1") && seen.contains("2") && seen.contains("5"), "versions seen: {seen:?}");
+    assert!(
+        seen.contains("1") && seen.contains("2") && seen.contains("5"),
+        "versions seen: {seen:?}"
+    );
     assert!(!seen.contains("3") && !seen.contains("4"));
 }

@@ -184,6 +184,7 @@ fn model(round: u32, positive: bool) -> Checkpoint {
     Checkpoint {
         header,
         tensors,
+        index: Vec::new(),
         sha256: String::new(),
     }
 }

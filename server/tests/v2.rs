@@ -27,14 +27,32 @@ fn health_metadata_and_infer() {
     assert_eq!(s.get("/v2/models/fedimdb/versions/1").status, 200);
     assert_eq!(s.get("/v2/models/fedimdb/versions/1/ready").status, 200);
 
-    let r = s.post_json("/v2/models/fedimdb/infer", &infer_body(json!([2]), json!([POSITIVE, NEGATIVE])));
+    let r = s.post_json(
+        "/v2/models/fedimdb/infer",
+        &infer_body(json!([2]), json!([POSITIVE, NEGATIVE])),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
-    assert_eq!((v["model_name"].as_str(), v["model_version"].as_str(), v["id"].as_str()), (Some("fedimdb"), Some("1"), Some("req-1")));
+    assert_eq!(
+        (
+            v["model_name"].as_str(),
+            v["model_version"].as_str(),
+            v["id"].as_str()
+        ),
+        (Some("fedimdb"), Some("1"), Some("req-1"))
+    );
     let out = &v["outputs"][0];
-    assert_eq!((out["name"].as_str(), out["datatype"].as_str()), (Some("probability"), Some("FP32")));
+    assert_eq!(
+        (out["name"].as_str(), out["datatype"].as_str()),
+        (Some("probability"), Some("FP32"))
+    );
     assert_eq!(out["shape"], json!([2]));
-    let p: Vec<f64> = out["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let p: Vec<f64> = out["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
     assert!(p[0] > 0.5 && p[1] < 0.5, "{p:?}");
 
     // [N, 1] or [N], flat or nested data (elements are counted after flattening, as Triton
@@ -47,7 +65,10 @@ fn health_metadata_and_infer() {
             assert_eq!(r.status, 200, "{}", r.text());
             assert_eq!(r.json()["outputs"][0]["shape"], shape);
             let p = r.json()["outputs"][0]["data"].clone();
-            assert!(p[0].as_f64().unwrap() > 0.5 && p[1].as_f64().unwrap() < 0.5, "{p}");
+            assert!(
+                p[0].as_f64().unwrap() > 0.5 && p[1].as_f64().unwrap() < 0.5,
+                "{p}"
+            );
         }
     }
     let r = s.post_json("/v2/models/fedimdb/infer", &json!({ "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": [POSITIVE] }], "outputs": [{ "name": "probability" }] }));
@@ -60,31 +81,157 @@ fn v2_bad_requests() {
     let s = TestServer::start(|c| c.max_texts = 3);
     let infer = "/v2/models/fedimdb/infer";
     let cases: Vec<(&str, &str, Value, u16, &str)> = vec![
-        ("unknown model", "/v2/models/other/infer", infer_body(json!([1]), json!(["a"])), 404, "unknown model"),
-        ("unknown version", "/v2/models/fedimdb/versions/9/infer", infer_body(json!([1]), json!(["a"])), 404, "no version"),
-        ("wrong datatype", infer, json!({ "inputs": [{ "name": "text", "shape": [1], "datatype": "FP32", "data": [1.0] }] }), 400, "datatype"),
-        ("shape vs data", infer, infer_body(json!([3]), json!(["a", "b"])), 400, "2 elements"),
-        ("3-d shape", infer, infer_body(json!([1, 1, 1]), json!(["a"])), 400, "shape"),
-        ("[N, 2] shape", infer, infer_body(json!([1, 2]), json!(["a", "b"])), 400, "shape"),
-        ("negative shape", infer, infer_body(json!([-1]), json!(["a"])), 400, "shape"),
-        ("number in data", infer, infer_body(json!([2]), json!(["a", 5])), 400, "element 1 is a number"),
-        ("empty text", infer, infer_body(json!([1]), json!([""])), 400, "empty"),
-        ("no texts", infer, infer_body(json!([0]), json!([])), 400, "no texts"),
-        ("too many", infer, infer_body(json!([4]), json!(["a", "b", "c", "d"])), 413, "--max-texts"),
-        ("two inputs", infer, json!({ "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }, { "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }] }), 400, "exactly one"),
-        ("input name", infer, json!({ "inputs": [{ "name": "review", "shape": [1], "datatype": "BYTES", "data": ["a"] }] }), 400, "unknown input"),
-        ("output name", infer, json!({ "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }], "outputs": [{ "name": "label" }] }), 400, "unknown output"),
+        (
+            "unknown model",
+            "/v2/models/other/infer",
+            infer_body(json!([1]), json!(["a"])),
+            404,
+            "unknown model",
+        ),
+        (
+            "unknown version",
+            "/v2/models/fedimdb/versions/9/infer",
+            infer_body(json!([1]), json!(["a"])),
+            404,
+            "no version",
+        ),
+        (
+            "wrong datatype",
+            infer,
+            json!({ "inputs": [{ "name": "text", "shape": [1], "datatype": "FP32", "data": [1.0] }] }),
+            400,
+            "datatype",
+        ),
+        (
+            "shape vs data",
+            infer,
+            infer_body(json!([3]), json!(["a", "b"])),
+            400,
+            "2 elements",
+        ),
+        (
+            "3-d shape",
+            infer,
+            infer_body(json!([1, 1, 1]), json!(["a"])),
+            400,
+            "shape",
+        ),
+        (
+            "[N, 2] shape",
+            infer,
+            infer_body(json!([1, 2]), json!(["a", "b"])),
+            400,
+            "shape",
+        ),
+        (
+            "negative shape",
+            infer,
+            infer_body(json!([-1]), json!(["a"])),
+            400,
+            "shape",
+        ),
+        (
+            "number in data",
+            infer,
+            infer_body(json!([2]), json!(["a", 5])),
+            400,
+            "element 1 is a number",
+        ),
+        (
+            "empty text",
+            infer,
+            infer_body(json!([1]), json!([""])),
+            400,
+            "empty",
+        ),
+        (
+            "no texts",
+            infer,
+            infer_body(json!([0]), json!([])),
+            400,
+            "no texts",
+        ),
+        (
+            "too many",
+            infer,
+            infer_body(json!([4]), json!(["a", "b", "c", "d"])),
+            413,
+            "--max-texts",
+        ),
+        (
+            "two inputs",
+            infer,
+            json!({ "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }, { "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }] }),
+            400,
+            "exactly one",
+        ),
+        (
+            "input name",
+            infer,
+            json!({ "inputs": [{ "name": "review", "shape": [1], "datatype": "BYTES", "data": ["a"] }] }),
+            400,
+            "unknown input",
+        ),
+        (
+            "output name",
+            infer,
+            json!({ "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }], "outputs": [{ "name": "label" }] }),
+            400,
+            "unknown output",
+        ),
         ("no inputs field", infer, json!({}), 400, "inputs"),
         // Optional fields may be left out but not null (found by schemathesis).
-        ("null id", infer, json!({ "id": null, "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }] }), 400, "invalid type: null"),
-        ("null outputs", infer, json!({ "outputs": null, "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }] }), 400, "invalid type: null"),
-        ("null parameters", infer, json!({ "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"], "parameters": null }] }), 400, "invalid type: null"),
-        ("nested shape vs data", infer, infer_body(json!([3]), json!([["a"], ["b"]])), 400, "2 elements"),
+        (
+            "null id",
+            infer,
+            json!({ "id": null, "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }] }),
+            400,
+            "invalid type: null",
+        ),
+        (
+            "null outputs",
+            infer,
+            json!({ "outputs": null, "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }] }),
+            400,
+            "invalid type: null",
+        ),
+        (
+            "null parameters",
+            infer,
+            json!({ "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"], "parameters": null }] }),
+            400,
+            "invalid type: null",
+        ),
+        (
+            "nested shape vs data",
+            infer,
+            infer_body(json!([3]), json!([["a"], ["b"]])),
+            400,
+            "2 elements",
+        ),
         // Objects must be objects: serde would otherwise read a struct from an array of its
         // field values.
-        ("input as an array", infer, json!({ "inputs": [["text", [1], "BYTES", null, ["a"]]] }), 400, "expected a JSON object"),
-        ("output as an array", infer, json!({ "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }], "outputs": [["probability"]] }), 400, "expected a JSON object"),
-        ("request as an array", infer, json!([null, null, [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }]]), 400, "expected a JSON object"),
+        (
+            "input as an array",
+            infer,
+            json!({ "inputs": [["text", [1], "BYTES", null, ["a"]]] }),
+            400,
+            "expected a JSON object",
+        ),
+        (
+            "output as an array",
+            infer,
+            json!({ "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }], "outputs": [["probability"]] }),
+            400,
+            "expected a JSON object",
+        ),
+        (
+            "request as an array",
+            infer,
+            json!([null, null, [{ "name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"] }]]),
+            400,
+            "expected a JSON object",
+        ),
     ];
     for (what, path, body, status, msg) in cases {
         let r = s.post_json(path, &body);
@@ -94,7 +241,11 @@ fn v2_bad_requests() {
     assert_eq!(s.get("/v2/models/other").status, 404);
     assert_eq!(s.get("/v2/models/other/ready").status, 404);
     assert_eq!(s.get("/v2/models/fedimdb/versions/2/ready").status, 404);
-    let r = s.post_raw(infer, &[("Content-Type", "text/plain")], infer_body(json!([1]), json!(["a"])).to_string().as_bytes());
+    let r = s.post_raw(
+        infer,
+        &[("Content-Type", "text/plain")],
+        infer_body(json!([1]), json!(["a"])).to_string().as_bytes(),
+    );
     assert_eq!(r.status, 415);
     let r = s.post_raw(infer, &[], b"{not json");
     assert_eq!(r.status, 400);
@@ -103,7 +254,11 @@ fn v2_bad_requests() {
 
 /// A request in the binary tensor extension: JSON header, then the BYTES elements as
 /// 4-byte little-endian lengths and bytes.
-fn binary_request(texts: &[&[u8]], size_override: Option<usize>, binary_output: bool) -> (String, Vec<u8>) {
+fn binary_request(
+    texts: &[&[u8]],
+    size_override: Option<usize>,
+    binary_output: bool,
+) -> (String, Vec<u8>) {
     let mut raw = Vec::new();
     for t in texts {
         raw.extend((t.len() as u32).to_le_bytes());
@@ -125,20 +280,39 @@ fn binary_tensor_extension_in_and_out() {
     let s = TestServer::start(|_| {});
     let infer = "/v2/models/fedimdb/infer";
     let (len, body) = binary_request(&[POSITIVE.as_bytes(), NEGATIVE.as_bytes()], None, true);
-    let r = s.post_raw(infer, &[("Content-Type", "application/octet-stream"), ("Inference-Header-Content-Length", &len)], &body);
+    let r = s.post_raw(
+        infer,
+        &[
+            ("Content-Type", "application/octet-stream"),
+            ("Inference-Header-Content-Length", &len),
+        ],
+        &body,
+    );
     assert_eq!(r.status, 200, "{}", r.text());
-    let json_len: usize = r.header("inference-header-content-length").expect("binary response header").parse().unwrap();
+    let json_len: usize = r
+        .header("inference-header-content-length")
+        .expect("binary response header")
+        .parse()
+        .unwrap();
     let head: serde_json::Value = serde_json::from_slice(&r.body[..json_len]).unwrap();
     assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 8);
     assert!(head["outputs"][0].get("data").is_none());
-    let p: Vec<f32> = r.body[json_len..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let p: Vec<f32> = r.body[json_len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     assert!(p.len() == 2 && p[0] > 0.5 && p[1] < 0.5, "{p:?}");
 
     // Binary in, JSON out: the same probabilities as an all-JSON request.
     let (len, body) = binary_request(&[POSITIVE.as_bytes(), NEGATIVE.as_bytes()], None, false);
     let r = s.post_raw(infer, &[("Inference-Header-Content-Length", &len)], &body);
     assert_eq!(r.status, 200, "{}", r.text());
-    let json_p: Vec<f32> = r.json()["outputs"][0]["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    let json_p: Vec<f32> = r.json()["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
     assert_eq!(json_p, p);
 
     let cases: Vec<(&str, String, Vec<u8>, &str)> = vec![
@@ -185,13 +359,21 @@ fn binary_tensor_extension_in_and_out() {
 fn triton_http_client_works_unchanged() {
     let python = std::env::var_os("FEDIMDB_PYTHON")
         .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache/fedimdb/venv/bin/python")))
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| std::path::Path::new(&h).join(".cache/fedimdb/venv/bin/python"))
+        })
         .filter(|p| p.is_file());
     let has_client = python.as_ref().is_some_and(|p| {
-        std::process::Command::new(p).args(["-c", "import tritonclient.http"]).output().is_ok_and(|o| o.status.success())
+        std::process::Command::new(p)
+            .args(["-c", "import tritonclient.http"])
+            .output()
+            .is_ok_and(|o| o.status.success())
     });
     let (true, Some(python)) = (has_client, python) else {
-        eprintln!("notice: tritonclient[http] not installed; skipping the Triton client test (.ci/run installs it)");
+        eprintln!(
+            "notice: tritonclient[http] not installed; skipping the Triton client test (.ci/run installs it)"
+        );
         return;
     };
     let s = TestServer::start(|_| {});
@@ -213,7 +395,14 @@ print("ok", p)
         pos = POSITIVE,
         neg = NEGATIVE
     );
-    let out = std::process::Command::new(python).args(["-c", &script]).output().unwrap();
-    let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && log.contains("ok"), "Triton client failed:\n{log}");
+    let out = std::process::Command::new(python)
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && log.contains("ok"),
+        "Triton client failed:\n{log}"
+    );
 }

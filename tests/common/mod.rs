@@ -21,14 +21,16 @@ pub fn bin(name: &str) -> Command {
         path.display()
     );
     let mut c = Command::new(path);
-    c.env_remove("JOB_COMPLETION_INDEX").env("FEDIMDB_BIN_DIR", bin_dir());
+    c.env_remove("JOB_COMPLETION_INDEX")
+        .env("FEDIMDB_BIN_DIR", bin_dir());
     c
 }
 
 /// Runs a command and returns its output, with stderr as text for assertions.
 pub fn run(cmd: &mut Command) -> (Output, String) {
     let out = cmd.output().expect("binary starts");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let err =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     (out, err)
 }
 
@@ -48,7 +50,9 @@ pub type Entry = (String, String);
 /// the shared archive: real reviews, few enough for a test.
 pub fn real_subset(per_folder: usize) -> Option<Vec<Entry>> {
     let src = shared_archive()?;
-    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(std::fs::File::open(src).unwrap()));
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(
+        std::fs::File::open(src).unwrap(),
+    ));
     let mut counts = std::collections::HashMap::new();
     let mut out = Vec::new();
     for e in ar.entries().unwrap() {
@@ -56,7 +60,8 @@ pub fn real_subset(per_folder: usize) -> Option<Vec<Entry>> {
         let path = e.path().unwrap().to_string_lossy().into_owned();
         let parts: Vec<&str> = path.split('/').collect();
         let is_review = parts.len() == 4 && parts[3].ends_with(".txt");
-        if !is_review || !matches!(parts[1], "train" | "test") || !matches!(parts[2], "pos" | "neg") {
+        if !is_review || !matches!(parts[1], "train" | "test") || !matches!(parts[2], "pos" | "neg")
+        {
             continue;
         }
         let key = format!("{}/{}", parts[1], parts[2]);
@@ -75,12 +80,23 @@ pub fn real_subset(per_folder: usize) -> Option<Vec<Entry>> {
 /// Made-up reviews with a clear sentiment signal, for tests that must not depend on the
 /// shared archive. Deterministic.
 pub fn synthetic(per_folder: usize) -> Vec<Entry> {
-    const POS: [&str; 6] = ["wonderful", "great", "loved", "brilliant", "moving", "superb"];
+    const POS: [&str; 6] = [
+        "wonderful",
+        "great",
+        "loved",
+        "brilliant",
+        "moving",
+        "superb",
+    ];
     const NEG: [&str; 6] = ["awful", "boring", "hated", "terrible", "dull", "waste"];
-    const FILL: [&str; 8] = ["the", "film", "plot", "actor", "was", "and", "scene", "story"];
+    const FILL: [&str; 8] = [
+        "the", "film", "plot", "actor", "was", "and", "scene", "story",
+    ];
     let mut state = 12345u64;
     let mut next = move |n: usize| {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((state >> 33) as usize) % n
     };
     let mut out = Vec::new();
@@ -89,7 +105,11 @@ pub fn synthetic(per_folder: usize) -> Vec<Entry> {
             for i in 0..per_folder {
                 let mut text = String::new();
                 for k in 0..30 {
-                    let w = if k % 4 == 0 { words[next(6)] } else { FILL[next(8)] };
+                    let w = if k % 4 == 0 {
+                        words[next(6)]
+                    } else {
+                        FILL[next(8)]
+                    };
                     text.push_str(w);
                     text.push(' ');
                 }
@@ -104,13 +124,17 @@ pub fn synthetic(per_folder: usize) -> Vec<Entry> {
 /// Writes entries as a gzip tar in the official `aclImdb/…` layout.
 pub fn write_archive(path: &Path, entries: &[Entry]) {
     let file = std::fs::File::create(path).unwrap();
-    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(file, flate2::Compression::fast()));
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        file,
+        flate2::Compression::fast(),
+    ));
     for (name, text) in entries {
         let mut h = tar::Header::new_gnu();
         h.set_size(text.len() as u64);
         h.set_mode(0o644);
         h.set_cksum();
-        b.append_data(&mut h, format!("aclImdb/{name}"), text.as_bytes()).unwrap();
+        b.append_data(&mut h, format!("aclImdb/{name}"), text.as_bytes())
+            .unwrap();
     }
     b.into_inner().unwrap().finish().unwrap();
 }
@@ -120,7 +144,9 @@ pub fn temp_files(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {

@@ -3,7 +3,8 @@
 //!
 //! Round 0 is the statistics round: the worker counts, per hash bucket, the positive and
 //! negative reviews of its shard; the aggregator sums these counts into the naive-Bayes
-//! ratio of the first global model. Later rounds train that model's weights locally.
+//! ratio of the first global model. Later rounds train that model's weights locally, with
+//! SCAFFOLD's correction (`fedimdb::control`), and write the buckets the shard touches.
 
 mod device;
 mod run;
@@ -12,7 +13,6 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::Parser;
-use fedimdb::train::defaults;
 
 /// Train the fedimdb model on one shard.
 ///
@@ -31,18 +31,8 @@ pub struct Args {
     /// Indexed Job.
     #[arg(long, env = "JOB_COMPLETION_INDEX")]
     pub shard: Option<usize>,
-    /// Passes over the shard per round.
-    #[arg(long, visible_alias = "epoch", default_value_t = defaults::EPOCHS)]
-    pub epochs: u32,
-    /// Reviews per SGD step.
-    #[arg(long, default_value_t = defaults::BATCH)]
-    pub batch: usize,
-    /// SGD learning rate.
-    #[arg(long, default_value_t = defaults::LR, allow_negative_numbers = true)]
-    pub lr: f32,
-    /// Seed of the shuffling; combined with round and shard.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub train: fedimdb::train::TrainArgs,
     /// Where to train: `cpu`, or `cuda` (needs a build with `--features cuda` and a GPU).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -75,7 +65,9 @@ fn main() -> std::process::ExitCode {
         check(&args)?;
         let device = device::select(&args.device)?;
         if let Some(root) = &args.root {
-            let Some(round) = args.round else { bail!("--root needs --round R") };
+            let Some(round) = args.round else {
+                bail!("--root needs --round R")
+            };
             let Some(shard) = args.shard else {
                 bail!("no shard index: pass --shard I or set JOB_COMPLETION_INDEX")
             };
@@ -83,22 +75,20 @@ fn main() -> std::process::ExitCode {
         } else if let (Some(data), Some(out)) = (&args.data, &args.savemodel) {
             run::original(data, out, args.init.as_deref(), &args, &device)
         } else {
-            bail!("say what to train: --root ROOT --round R --shard I, or --data SHARD --savemodel OUT")
+            bail!(
+                "say what to train: --root ROOT --round R --shard I, or --data SHARD --savemodel OUT"
+            )
         }
     })
 }
 
 fn check(args: &Args) -> Result<()> {
-    if args.epochs == 0 {
-        bail!("--epochs must be at least 1");
-    }
-    if args.batch == 0 {
-        bail!("--batch must be at least 1");
-    }
-    if !(args.lr > 0.0 && args.lr.is_finite()) {
-        bail!("--lr must be a positive number, got {}", args.lr);
-    }
-    let fc = fedimdb::featurize::FeaturizerConfig { hash_bits: args.hash_bits, max_ngram: args.max_ngram };
-    fc.validate().map_err(|e| anyhow::anyhow!("--hash-bits/--max-ngram: {e}"))?;
+    args.train.validate().map_err(anyhow::Error::msg)?;
+    let fc = fedimdb::featurize::FeaturizerConfig {
+        hash_bits: args.hash_bits,
+        max_ngram: args.max_ngram,
+    };
+    fc.validate()
+        .map_err(|e| anyhow::anyhow!("--hash-bits/--max-ngram: {e}"))?;
     Ok(())
 }

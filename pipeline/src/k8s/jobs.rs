@@ -41,9 +41,8 @@ pub struct Params {
     pub run_id: String,
     pub workers: u32,
     pub rounds: u32,
-    pub epochs: u32,
-    pub batch: usize,
-    pub seed: u64,
+    /// The training flags every trainer gets.
+    pub train: fedimdb::train::TrainArgs,
     /// Pass `--force` to the copier (reshard data sharded with other arguments).
     pub force: bool,
     /// Image names are `REGISTRY/BINARY:TAG` (trainer on GPUs: `REGISTRY/trainer-cuda:TAG`).
@@ -383,7 +382,7 @@ pub fn copier_job(p: &Params) -> Job {
         "--workers".into(),
         p.workers.to_string(),
         "--seed".into(),
-        p.seed.to_string(),
+        p.train.seed.to_string(),
     ];
     if p.force {
         args.push("--force".into());
@@ -418,13 +417,8 @@ pub fn trainer_job(p: &Params, round: u32) -> Job {
         ROOT.into(),
         "--round".into(),
         round.to_string(),
-        "--epochs".into(),
-        p.epochs.to_string(),
-        "--batch".into(),
-        p.batch.to_string(),
-        "--seed".into(),
-        p.seed.to_string(),
     ];
+    args.extend(p.train.to_args());
     if p.resumes(round) {
         args.push("--resume".into());
     }

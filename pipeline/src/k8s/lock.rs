@@ -36,7 +36,11 @@ pub fn lease_name(claim: &str) -> String {
 
 /// Who holds the lock: the host (the pod's name in a cluster), the process and the run.
 pub fn holder_identity(run_id: &str) -> String {
-    format!("{} pid {} run {run_id}", crate::lock::host_name(), std::process::id())
+    format!(
+        "{} pid {} run {run_id}",
+        crate::lock::host_name(),
+        std::process::id()
+    )
 }
 
 /// What the lock is and who takes it.

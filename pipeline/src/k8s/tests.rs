@@ -23,9 +23,12 @@ fn params(workers: u32, rounds: u32, overlay: Overlay) -> Params {
         run_id: "t1".into(),
         workers,
         rounds,
-        epochs: 3,
-        batch: 64,
-        seed: 7,
+        train: fedimdb::train::TrainArgs {
+            epochs: Some(3),
+            batch: 64,
+            seed: 7,
+            ..Default::default()
+        },
         force: false,
         registry: "example.io/fedimdb".into(),
         image_tag: "0.1.0".into(),
@@ -93,7 +96,22 @@ fn trainer_is_an_indexed_job_of_workers_pods() {
     assert_eq!(
         args,
         [
-            "--root", "/data", "--round", "1", "--epochs", "3", "--batch", "64", "--seed", "7",
+            "--root",
+            "/data",
+            "--round",
+            "1",
+            "--algorithm",
+            "scaffold",
+            "--epochs",
+            "3",
+            "--batch",
+            "64",
+            "--lr",
+            "8",
+            "--schedule",
+            "linear",
+            "--seed",
+            "7",
             "--resume"
         ]
     );

@@ -17,11 +17,18 @@ use fedimdb::report::LatestCard;
 use fedimdb::reviews::Review;
 use serde_json::Value;
 
-pub const POSITIVE: &str = "A wonderful, moving film. I loved the great acting and the superb story!";
+pub const POSITIVE: &str =
+    "A wonderful, moving film. I loved the great acting and the superb story!";
 pub const NEGATIVE: &str = "An awful, boring film. I hated the terrible acting and the dull story.";
 
 fn config() -> ModelConfig {
-    ModelConfig { featurizer: FeaturizerConfig { hash_bits: 14, max_ngram: 2 }, nb_smoothing: 1.0 }
+    ModelConfig {
+        featurizer: FeaturizerConfig {
+            hash_bits: 14,
+            max_ngram: 2,
+        },
+        nb_smoothing: 1.0,
+    }
 }
 
 /// A small naive-Bayes model (weights `scale`) counted from made-up reviews, as a model
@@ -29,8 +36,16 @@ fn config() -> ModelConfig {
 pub fn tiny_model(round: u32, scale: f32) -> Checkpoint {
     let cfg = config();
     let mut f = Featurizer::new(cfg.featurizer);
-    let pos = ["wonderful great film loved it", "superb moving story great acting", "loved this brilliant film"];
-    let neg = ["awful boring film hated it", "terrible dull story bad acting", "hated this waste of a film"];
+    let pos = [
+        "wonderful great film loved it",
+        "superb moving story great acting",
+        "loved this brilliant film",
+    ];
+    let neg = [
+        "awful boring film hated it",
+        "terrible dull story bad acting",
+        "hated this waste of a film",
+    ];
     let docs: Vec<Vec<u32>> = pos.iter().chain(&neg).map(|t| f.features(t)).collect();
     let labels = [1, 1, 1, 0, 0, 0];
     let counts = ClassCounts::count(cfg.dim(), &docs, &labels);
@@ -42,7 +57,12 @@ pub fn tiny_model(round: u32, scale: f32) -> Checkpoint {
         (BIAS.to_owned(), vec![0.0]),
         (NB_RATIO.to_owned(), counts.nb_ratio(cfg.nb_smoothing)),
     ]);
-    Checkpoint { header, tensors, sha256: String::new() }
+    Checkpoint {
+        header,
+        tensors,
+        index: Vec::new(),
+        sha256: String::new(),
+    }
 }
 
 pub fn card(round: u32) -> ModelCard {
@@ -51,7 +71,12 @@ pub fn card(round: u32) -> ModelCard {
         partition: "iid".into(),
         alpha: None,
         train_samples: 6,
-        history: (1..=round.max(1)).map(|r| RoundPoint { round: r, test_accuracy: 0.7 + 0.01 * r as f64 }).collect(),
+        history: (1..=round.max(1))
+            .map(|r| RoundPoint {
+                round: r,
+                test_accuracy: 0.7 + 0.01 * r as f64,
+            })
+            .collect(),
         metrics: BTreeMap::from([("accuracy".to_owned(), 0.7 + 0.01 * round as f64)]),
     }
 }
@@ -62,7 +87,12 @@ pub fn publish(root: &Path, ck: &Checkpoint) -> String {
     let layout = Layout::new(root);
     std::fs::create_dir_all(layout.model_dir()).unwrap();
     let sha = ck.save(&layout.latest_model()).unwrap();
-    let card = LatestCard { round: ck.header.round, sha256: sha.clone(), trained_at: "2026-01-02T03:04:05Z".into(), card: card(ck.header.round) };
+    let card = LatestCard {
+        round: ck.header.round,
+        sha256: sha.clone(),
+        trained_at: "2026-01-02T03:04:05Z".into(),
+        card: card(ck.header.round),
+    };
     fedimdb::atomic::write_json_atomic(&layout.latest_card(), &card).unwrap();
     sha
 }
@@ -72,8 +102,18 @@ pub fn write_test_set(root: &Path) {
     let layout = Layout::new(root);
     std::fs::create_dir_all(layout.data_dir()).unwrap();
     let reviews = vec![
-        Review { id: "test/pos/1_9".into(), rating: 9, label: 1, text: POSITIVE.into() },
-        Review { id: "test/neg/2_2".into(), rating: 2, label: 0, text: NEGATIVE.into() },
+        Review {
+            id: "test/pos/1_9".into(),
+            rating: 9,
+            label: 1,
+            text: POSITIVE.into(),
+        },
+        Review {
+            id: "test/neg/2_2".into(),
+            rating: 2,
+            label: 0,
+            text: NEGATIVE.into(),
+        },
     ];
     fedimdb::reviews::write_parquet(&layout.test_set(), &reviews).unwrap();
 }
@@ -102,9 +142,18 @@ impl TestServer {
         config.workers = 2;
         config.poll_interval = Duration::from_millis(50);
         adjust(&mut config);
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         let server = rt.block_on(server::start(config)).expect("server starts");
-        Self { addr: server.addr, root, server: Some(server), rt }
+        Self {
+            addr: server.addr,
+            root,
+            server: Some(server),
+            rt,
+        }
     }
 
     pub fn state(&self) -> &std::sync::Arc<server::AppState> {
@@ -116,7 +165,13 @@ impl TestServer {
     }
 
     pub fn post_json(&self, path: &str, body: &Value) -> Resp {
-        request(self.addr, "POST", path, &[("Content-Type", "application/json")], body.to_string().as_bytes())
+        request(
+            self.addr,
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
     }
 
     pub fn post_raw(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
@@ -142,26 +197,47 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("status {} body is not JSON ({e}): {}", self.status, self.text()))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {} body is not JSON ({e}): {}",
+                self.status,
+                self.text()
+            )
+        })
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
     /// The `error` message of a JSON error body (asserting there is one).
     pub fn error(&self) -> String {
         let v = self.json();
-        v["error"].as_str().unwrap_or_else(|| panic!("no error message in {v}")).to_owned()
+        v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error message in {v}"))
+            .to_owned()
     }
 }
 
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`).
-pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         head += &format!("{k}: {v}\r\n");
     }
@@ -180,13 +256,18 @@ pub fn read_response(s: &mut TcpStream) -> Resp {
     loop {
         if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-            let length = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse::<usize>().ok());
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
             if let Some(n) = length
                 && raw.len() >= end + 4 + n
             {
                 break;
             }
-            if head.contains("transfer-encoding: chunked") && raw[end + 4..].windows(5).any(|w| w == b"0\r\n\r\n") {
+            if head.contains("transfer-encoding: chunked")
+                && raw[end + 4..].windows(5).any(|w| w == b"0\r\n\r\n")
+            {
                 break;
             }
         }
@@ -200,26 +281,44 @@ pub fn read_response(s: &mut TcpStream) -> Resp {
 }
 
 pub fn parse_response(raw: &[u8]) -> Resp {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
     let head = String::from_utf8_lossy(&raw[..end]).into_owned();
     let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
     let mut body = raw[end + 4..].to_vec();
-    if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")) {
+    if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
         body = dechunk(&body);
     }
-    Resp { status, headers, body }
+    Resp {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
         let size_text = String::from_utf8_lossy(&b[..nl]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        let size =
+            usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap_or(0);
         if size == 0 {
             break;
         }

@@ -174,21 +174,39 @@ pub fn counts_from_proportions(m: usize, p: &[f64]) -> Vec<usize> {
     counts
 }
 
-/// Dirichlet label-skew partition.
+/// The smallest shard a Dirichlet partition makes unless told otherwise (`--min-shard`).
+///
+/// Without a floor, strong skew over many workers leaves some shards empty or with a
+/// handful of reviews (at alpha 0.1 and 64 workers most draws do), and such a shard can
+/// neither be trained on nor stand for anyone's data.
+pub const DEFAULT_MIN_SHARD: usize = 32;
+
+/// Dirichlet label-skew partition with a floor of `min_size` reviews per shard (at most
+/// half the mean shard size, so that small datasets keep their skew).
 ///
 /// Each label's items are shuffled once; then for each label, in ascending label order,
 /// proportions over the shards are drawn from Dirichlet(alpha) and the label's items are
-/// cut into consecutive runs of those sizes. A draw that leaves a shard with no items at
-/// all is discarded and the next draw from the same generator is tried (so the result is
-/// still a function of the seed), up to [`MAX_ATTEMPTS`]. Each shard is finally shuffled.
+/// cut into consecutive runs of those sizes. A draw whose floating point underflowed is
+/// discarded and the next one from the same generator tried (so the result is still a
+/// function of the seed), up to [`MAX_ATTEMPTS`].
+///
+/// Then every shard below `min_size` is topped up, smallest first, with reviews taken
+/// from the end of the currently largest shard. This bends the Dirichlet draw in one
+/// known way: the smallest shards gain reviews whose labels follow the largest shards'
+/// mix, so they are a little less skewed than drawn, and the largest a little smaller.
+/// With `min_size` 0 a shard may stay empty, which is an error. Each shard is finally
+/// shuffled.
 pub fn dirichlet(
     labels: &[u8],
     workers: usize,
     alpha: f64,
+    min_size: usize,
     seed: u64,
 ) -> Result<Vec<Vec<usize>>, PartitionError> {
     check(labels.len(), workers)?;
     check_alpha(alpha)?;
+    // Never more than half the mean shard: the floor bends the draw, it must not replace it.
+    let min_size = min_size.min(labels.len() / workers / 2);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut groups = by_label(labels);
     for group in &mut groups {
@@ -212,7 +230,11 @@ pub fn dirichlet(
                 rest = tail;
             }
         }
-        if ok && shards.iter().all(|s| !s.is_empty()) {
+        if !ok {
+            continue;
+        }
+        top_up(&mut shards, min_size);
+        if shards.iter().all(|s| !s.is_empty()) {
             for shard in &mut shards {
                 shuffle(shard, &mut rng);
             }
@@ -224,6 +246,31 @@ pub fn dirichlet(
         alpha,
         attempts: MAX_ATTEMPTS,
     })
+}
+
+/// Moves items from the largest shards to every shard smaller than `min_size` (smallest
+/// first, ties by index), one at a time from the end of the largest shard (ties by the
+/// lowest index). Needs `min_size * shards <= items`, checked by the caller.
+fn top_up(shards: &mut [Vec<usize>], min_size: usize) {
+    loop {
+        let Some((small, _)) = shards
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.len() < min_size)
+            .min_by_key(|(i, s)| (s.len(), *i))
+        else {
+            return;
+        };
+        let (large, _) = shards
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, s)| (s.len(), std::cmp::Reverse(*i)))
+            .expect("shards");
+        let item = shards[large]
+            .pop()
+            .expect("the largest shard holds more than the floor");
+        shards[small].push(item);
+    }
 }
 
 #[cfg(test)]
@@ -305,17 +352,17 @@ mod tests {
             })
         );
         assert_eq!(
-            dirichlet(&l, 11, 0.5, 1),
+            dirichlet(&l, 11, 0.5, 0, 1),
             Err(PartitionError::TooManyWorkers {
                 workers: 11,
                 reviews: 10
             })
         );
         for a in [0.0, -1.0, f64::INFINITY, 1e-320] {
-            assert_eq!(dirichlet(&l, 2, a, 1), Err(PartitionError::BadAlpha(a)));
+            assert_eq!(dirichlet(&l, 2, a, 0, 1), Err(PartitionError::BadAlpha(a)));
         }
         assert!(matches!(
-            dirichlet(&l, 2, f64::NAN, 1),
+            dirichlet(&l, 2, f64::NAN, 0, 1),
             Err(PartitionError::BadAlpha(_))
         ));
     }
@@ -331,15 +378,15 @@ mod tests {
             (1000, 4, 100.0),
         ] {
             let l = labels(n, 2);
-            let shards = dirichlet(&l, workers, alpha, 42).unwrap();
+            let shards = dirichlet(&l, workers, alpha, 1, 42).unwrap();
             assert_eq!(shards.len(), workers);
             assert_exactly_once(&shards, n);
             assert!(
                 shards.iter().all(|s| !s.is_empty()),
                 "{n} {workers} {alpha}"
             );
-            assert_eq!(shards, dirichlet(&l, workers, alpha, 42).unwrap());
-            assert_ne!(shards, dirichlet(&l, workers, alpha, 43).unwrap());
+            assert_eq!(shards, dirichlet(&l, workers, alpha, 1, 42).unwrap());
+            assert_ne!(shards, dirichlet(&l, workers, alpha, 1, 43).unwrap());
         }
     }
 
@@ -347,7 +394,7 @@ mod tests {
     fn dirichlet_skew_follows_alpha() {
         let l = labels(10_000, 2);
         let max_imbalance = |alpha: f64| {
-            let shards = dirichlet(&l, 10, alpha, 3).unwrap();
+            let shards = dirichlet(&l, 10, alpha, 0, 3).unwrap();
             shards
                 .iter()
                 .map(|s| {
@@ -367,9 +414,43 @@ mod tests {
     }
 
     #[test]
+    fn min_shard_floor_holds_where_plain_draws_leave_shards_empty() {
+        let l = labels(25_000, 2);
+        // The case of the issue: 64 workers at alpha 0.1 left a shard empty in every draw.
+        assert!(matches!(
+            dirichlet(&l, 64, 0.1, 0, 42),
+            Err(PartitionError::EmptyShard { .. })
+        ));
+        let shards = dirichlet(&l, 64, 0.1, 32, 42).unwrap();
+        assert_exactly_once(&shards, l.len());
+        assert!(
+            shards.iter().all(|s| s.len() >= 32),
+            "{:?}",
+            shards.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        // Still skewed: many shards are dominated by one label.
+        let skewed = shards
+            .iter()
+            .filter(|s| {
+                let pos = s.iter().filter(|&&i| l[i] == 1).count() as f64 / s.len() as f64;
+                !(0.1..=0.9).contains(&pos)
+            })
+            .count();
+        assert!(skewed > 20, "only {skewed} of 64 shards are skewed");
+        assert_eq!(shards, dirichlet(&l, 64, 0.1, 32, 42).unwrap());
+        // A floor above half the mean shard (390 reviews) is lowered to it.
+        let shards = dirichlet(&l, 64, 0.1, 1000, 42).unwrap();
+        assert!(
+            shards.iter().all(|s| s.len() >= 195),
+            "{:?}",
+            shards.iter().map(Vec::len).min()
+        );
+    }
+
+    #[test]
     fn impossible_dirichlet_fails_with_advice() {
         let l = labels(30, 2);
-        let err = dirichlet(&l, 30, 0.001, 1).unwrap_err();
+        let err = dirichlet(&l, 30, 0.001, 0, 1).unwrap_err();
         assert_eq!(
             err,
             PartitionError::EmptyShard {

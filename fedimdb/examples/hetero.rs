@@ -1,0 +1,341 @@
+//! In-process simulation of federated training under heterogeneity, for choosing the
+//! algorithm and its defaults without the pipeline's processes and files:
+//! `cargo run --release -p fedimdb --example hetero -- ARCHIVE`.
+//!
+//! By default it scores on a validation split held out of the *training* reviews
+//! (`VAL=0.2`, seeded), so choices made from its output never look at the test set;
+//! `VAL=0` scores on the official test set instead, for reports only.
+//!
+//! Environment (lists are comma-separated; every combination runs):
+//! `WORKERS` (5,20,64), `PARTS` (iid,0.5,0.1: a Dirichlet alpha), `ALGOS`
+//! (fedavg,scaffold,fedavgm), `ROUNDS` (5), `STEPS` (local SGD steps per round; 0: `EPOCHS`
+//! passes), `EPOCHS` (8), `LR` (8), `L2` (0), `SLR` (server learning rate, 1), `MOM` (0.9,
+//! FedAvgM's momentum), `SEED` (42), `MIN_SHARD` (32).
+
+use std::io::Read;
+
+use fedimdb::featurize::{Featurizer, FeaturizerConfig};
+use fedimdb::model::{ClassCounts, Model, ModelConfig, Scorer};
+use fedimdb::train::{Algorithm, Correction, Schedule, SparseSgd, TrainConfig, worker_seed};
+
+fn env_list<T: std::str::FromStr>(name: &str, default: &str) -> Vec<T>
+where
+    T::Err: std::fmt::Debug,
+{
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_owned())
+        .split(',')
+        .map(|x| x.trim().parse().unwrap())
+        .collect()
+}
+
+fn featurize(set: &[(String, u8)], fc: FeaturizerConfig) -> Vec<Vec<u32>> {
+    let mid = set.len() / 2;
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let mut f = Featurizer::new(fc);
+            set[..mid]
+                .iter()
+                .map(|(t, _)| f.features(t))
+                .collect::<Vec<_>>()
+        });
+        let mut f = Featurizer::new(fc);
+        let b: Vec<Vec<u32>> = set[mid..].iter().map(|(t, _)| f.features(t)).collect();
+        let mut a = h.join().unwrap();
+        a.extend(b);
+        a
+    })
+}
+
+fn main() {
+    let path = std::env::args().nth(1).expect("usage: hetero ARCHIVE");
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(
+        std::fs::File::open(path).unwrap(),
+    ));
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let p = e.path().unwrap().to_string_lossy().into_owned();
+        let parts: Vec<&str> = p.split('/').collect();
+        if parts.len() != 4 || !p.ends_with(".txt") {
+            continue;
+        }
+        let label = match parts[2] {
+            "pos" => 1u8,
+            "neg" => 0,
+            _ => continue,
+        };
+        let mut s = String::new();
+        e.read_to_string(&mut s).unwrap();
+        match parts[1] {
+            "train" => train.push((s, label)),
+            "test" => test.push((s, label)),
+            _ => {}
+        }
+    }
+    let val: f64 = env_list("VAL", "0.2")[0];
+    let (train, eval) = if val > 0.0 {
+        let order = fedimdb::train::shuffled(train.len(), 7);
+        let cut = (train.len() as f64 * val) as usize;
+        let eval: Vec<_> = order[..cut].iter().map(|&i| train[i].clone()).collect();
+        let rest: Vec<_> = order[cut..].iter().map(|&i| train[i].clone()).collect();
+        (rest, eval)
+    } else {
+        (train, test)
+    };
+    eprintln!(
+        "train {} eval {} ({})",
+        train.len(),
+        eval.len(),
+        if val > 0.0 {
+            "validation split"
+        } else {
+            "TEST SET"
+        }
+    );
+    let fc = FeaturizerConfig::default();
+    let (xtr, xev) = (featurize(&train, fc), featurize(&eval, fc));
+    let ytr: Vec<u8> = train.iter().map(|x| x.1).collect();
+    let yev: Vec<u8> = eval.iter().map(|x| x.1).collect();
+    let mc = ModelConfig {
+        featurizer: fc,
+        nb_smoothing: 1.0,
+    };
+    let base = Model::from_counts(mc, &ClassCounts::count(mc.dim(), &xtr, &ytr)).unwrap();
+    let ratio: Vec<f32> = base.nb_ratio.to_vec1().unwrap();
+    let bias0 = base.bias.to_vec1::<f32>().unwrap()[0];
+    let acc = |w: &[f32], b: f32| {
+        let s = Scorer::new(mc, w, b, &ratio);
+        xev.iter()
+            .zip(&yev)
+            .filter(|(x, y)| (s.logit(x) >= 0.0) == (**y == 1))
+            .count() as f64
+            / yev.len() as f64
+            * 100.0
+    };
+    let rounds: u32 = env_list("ROUNDS", "5")[0];
+    let seed: u64 = env_list("SEED", "42")[0];
+    let min_shard: usize = env_list("MIN_SHARD", "32")[0];
+    for algo in env_list::<String>("ALGOS", "fedavg,scaffold") {
+        for &steps in &env_list::<u64>("STEPS", "0") {
+            for &lr in &env_list::<f32>("LR", "8") {
+                for &l2 in &env_list::<f32>("L2", "0") {
+                    for &workers in &env_list::<usize>("WORKERS", "1,5,20,64") {
+                        for part in env_list::<String>("PARTS", "iid,0.5,0.1") {
+                            if workers == 1 && part != "iid" {
+                                continue;
+                            }
+                            let shards = if part == "iid" {
+                                fedimdb::partition::iid(&ytr, workers, seed).unwrap()
+                            } else {
+                                fedimdb::partition::dirichlet(
+                                    &ytr,
+                                    workers,
+                                    part.parse().unwrap(),
+                                    min_shard,
+                                    seed,
+                                )
+                                .unwrap()
+                            };
+                            let t0 = std::time::Instant::now();
+                            let line = simulate(
+                                &algo, steps, lr, l2, rounds, &shards, &xtr, &ytr, &ratio, bias0,
+                                &acc,
+                            );
+                            println!(
+                                "{algo:8} steps {steps:6} lr {lr:5} l2 {l2:8} workers {workers:3} part {part:4}: {line} ({:.1}s)",
+                                t0.elapsed().as_secs_f64()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn simulate(
+    algo: &str,
+    steps: u64,
+    lr: f32,
+    l2: f32,
+    rounds: u32,
+    shards: &[Vec<usize>],
+    xtr: &[Vec<u32>],
+    ytr: &[u8],
+    ratio: &[f32],
+    bias0: f32,
+    acc: &dyn Fn(&[f32], f32) -> f64,
+) -> String {
+    let dim = ratio.len();
+    let epochs: u32 = env_list("EPOCHS", "8")[0];
+    let slr: f32 = env_list("SLR", "1")[0];
+    let mom: f32 = env_list("MOM", "0.9")[0];
+    let seed: u64 = env_list("SEED", "42")[0];
+    let n: usize = shards.iter().map(Vec::len).sum();
+    let data: Vec<(Vec<Vec<u32>>, Vec<u8>)> = shards
+        .iter()
+        .map(|s| {
+            (
+                s.iter().map(|&i| xtr[i].clone()).collect(),
+                s.iter().map(|&i| ytr[i]).collect(),
+            )
+        })
+        .collect();
+    let (mut w, mut b) = (vec![0f32; dim], bias0);
+    let mut c = Correction {
+        weight: vec![0.0; dim],
+        bias: 0.0,
+    };
+    let mut ci: Vec<Correction> = vec![
+        Correction {
+            weight: Vec::new(),
+            bias: 0.0
+        };
+        shards.len()
+    ];
+    let mut m = vec![0f32; dim];
+    let mut m_b = 0f32;
+    let mut line = String::new();
+    let pow: f32 = env_list("POW", "0")[0];
+    let full_grad = |w: &[f32], b: f32, xs: &[Vec<u32>], ys: &[u8]| {
+        let mut g = vec![0f32; dim];
+        let mut gb = 0f32;
+        for (x, &y) in xs.iter().zip(ys) {
+            let s = fedimdb::model::doc_scale(x.len());
+            let z = b + x
+                .iter()
+                .map(|&j| w[j as usize] * ratio[j as usize] * s)
+                .sum::<f32>();
+            let e = fedimdb::model::sigmoid(z) - y as f32;
+            for &j in x {
+                g[j as usize] += e * ratio[j as usize] * s / xs.len() as f32;
+            }
+            gb += e / xs.len() as f32;
+        }
+        (g, gb)
+    };
+    let opt1 = env_list::<u32>("OPT1", "0")[0] == 1;
+    if algo == "scaffold" && env_list::<u32>("INIT", "1")[0] == 1 {
+        // Control variates at the starting point, as round 0 can provide them.
+        for (k, (xs, ys)) in data.iter().enumerate() {
+            let (g, gb) = full_grad(&w, b, xs, ys);
+            let p = shards[k].len() as f32 / n as f32;
+            for (cj, gj) in c.weight.iter_mut().zip(&g) {
+                *cj += p * gj;
+            }
+            c.bias += p * gb;
+            ci[k] = Correction {
+                weight: g,
+                bias: gb,
+            };
+        }
+    }
+    for r in 1..=rounds {
+        let lr = lr * (r as f32).powf(-pow);
+        let results: Vec<(Vec<f32>, f32, Vec<f32>, f32, f64)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|t| {
+                    let (w, c, ci, data, full_grad) = (&w, &c, &ci, &data, &full_grad);
+                    s.spawn(move || {
+                        let mut out = Vec::new();
+                        for k in (t..data.len()).step_by(2) {
+                            let (xs, ys) = &data[k];
+                            let mut sgd = SparseSgd::from_parts(w.clone(), b, ratio.to_vec());
+                            let schedule = if l2 > 0.0 {
+                                Schedule::Linear
+                            } else {
+                                Schedule::Constant
+                            };
+                            let tc = TrainConfig {
+                                algorithm: Algorithm::Scaffold,
+                                epochs,
+                                batch: 1,
+                                lr,
+                                seed: worker_seed(seed, r, k),
+                                steps,
+                                schedule,
+                            };
+                            let corr = (algo == "scaffold").then(|| {
+                                let own = &ci[k];
+                                Correction {
+                                    weight: if own.weight.is_empty() {
+                                        c.weight.clone()
+                                    } else {
+                                        c.weight
+                                            .iter()
+                                            .zip(&own.weight)
+                                            .map(|(a, b)| a - b)
+                                            .collect()
+                                    },
+                                    bias: c.bias - own.bias,
+                                }
+                            });
+                            let mut o = sgd.train(xs, ys, &tc, corr.as_ref(), |_| {});
+                            if opt1 {
+                                let (g, gb) = full_grad(w, b, xs, ys);
+                                o.mean_grad = g;
+                                o.mean_grad_bias = gb;
+                            }
+                            let loss = o.epochs.first().map_or(0.0, |e| e.loss);
+                            out.push((
+                                k,
+                                (sgd.weight, sgd.bias, o.mean_grad, o.mean_grad_bias, loss),
+                            ));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            let mut all: Vec<_> = handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect();
+            all.sort_by_key(|x| x.0);
+            all.into_iter().map(|x| x.1).collect()
+        });
+        let mut dw = vec![0f64; dim];
+        let mut db = 0f64;
+        let mut floss = 0.0;
+        for (k, (wk, bk, gk, gbk, loss)) in results.into_iter().enumerate() {
+            let p = shards[k].len() as f64 / n as f64;
+            floss += p * loss;
+            for ((s, &a), &x) in dw.iter_mut().zip(&wk).zip(&w) {
+                *s += p * (a - x) as f64;
+            }
+            db += p * (bk - b) as f64;
+            if algo == "scaffold" {
+                let old = std::mem::take(&mut ci[k].weight);
+                for (j, &g) in gk.iter().enumerate() {
+                    c.weight[j] += (p * (g - old.get(j).copied().unwrap_or(0.0)) as f64) as f32;
+                }
+                c.bias += (p * (gbk - ci[k].bias) as f64) as f32;
+                ci[k] = Correction {
+                    weight: gk,
+                    bias: gbk,
+                };
+            }
+        }
+        if algo == "fedavgm" || env_list::<f32>("SMOM", "0")[0] > 0.0 {
+            let mom = if algo == "fedavgm" {
+                mom
+            } else {
+                env_list::<f32>("SMOM", "0")[0]
+            };
+            for ((mj, wj), d) in m.iter_mut().zip(w.iter_mut()).zip(&dw) {
+                *mj = mom * *mj + *d as f32;
+                *wj += slr * *mj;
+            }
+            m_b = mom * m_b + db as f32;
+            b += slr * m_b;
+        } else {
+            for (wj, d) in w.iter_mut().zip(&dw) {
+                *wj += slr * *d as f32;
+            }
+            b += slr * db as f32;
+        }
+        line += &format!(" r{r}={:.2}(loss {floss:.3})", acc(&w, b));
+    }
+    line
+}
