@@ -6,7 +6,7 @@ ROOT    ?= runs/local
 WORKERS ?= 5
 BIN     := $(or $(CARGO_TARGET_DIR),target)/release
 
-.PHONY: all build run serve test bench bench-copier bench-train bench-server clippy fmt clean check-cuda
+.PHONY: all build run serve test bench bench-copier bench-train bench-hetero bench-server clippy fmt clean check-cuda
 
 all: build
 
@@ -49,6 +49,10 @@ bench-copier: build
 bench-train: build
 	bash tests/bench/train.sh
 
+## Federated vs centralized over workers {5,20,64} x {iid, dirichlet 0.5, 0.1} (docs/BENCHMARKS.md).
+bench-hetero: build
+	bash tests/bench/hetero.sh
+
 ## Serves the model under $(ROOT) (trained by the pipeline if missing) under load from wrk.
 bench-server: build
 	test -f $(ROOT)/model/latest.safetensors || $(BIN)/pipeline local --root $(ROOT) --workers $(WORKERS)
@@ -87,7 +91,7 @@ TAG       ?= 0.1.0
 NAMESPACE ?= fedimdb
 OVERLAY   ?= local
 ROUNDS    ?= 5
-EPOCHS    ?= 8
+STEPS     ?= 20000
 BATCH     ?= $(if $(filter gpu,$(OVERLAY)),32,1)
 DOCKER    ?= docker
 KUBECTL   ?= kubectl
@@ -121,7 +125,7 @@ deploy: build
 	$(KUBECTL) apply -k $(K8S_DIR)
 	$(KUBECTL) -n $(NAMESPACE) rollout status deployment/fedimdb-nfs --timeout=5m
 	$(BIN)/pipeline k8s --namespace $(NAMESPACE) --overlay $(OVERLAY) --workers $(WORKERS) \
-	  --rounds $(ROUNDS) --epochs $(EPOCHS) --batch $(BATCH) --registry $(REGISTRY) --image-tag $(TAG)
+	  --rounds $(ROUNDS) --steps $(STEPS) --batch $(BATCH) --registry $(REGISTRY) --image-tag $(TAG)
 
 status:
 	$(KUBECTL) -n $(NAMESPACE) get jobs,pods,deployments,services,pvc -o wide

@@ -334,12 +334,16 @@ fn one_poisoned_update_wrecks_fedavg_but_not_median_or_trimmed_mean() {
         scaled > clean - 0.05,
         "FedAvg with weights ×100: {scaled} (clean {clean})"
     );
-    // Median and trimmed mean shrug every poison off: within half a point of clean FedAvg.
+    // Median and trimmed mean shrug every poison off: trimmed mean within half a point of
+    // clean FedAvg, the median within a point and a half. (Both were within half a point
+    // before SCAFFOLD: its workers' models spread wider, and with one outlier the median of
+    // five moves to a neighbouring honest value: 1.2 points on this subset.)
     for p in POISONS {
         for s in [1, 2] {
             let a = t.get(p, s);
+            let bound = if s == 1 { 0.015 } else { 0.005 };
             assert!(
-                (a - clean).abs() <= 0.005,
+                (a - clean).abs() <= bound,
                 "strategy {:?} with {p}: {a}, clean FedAvg {clean}",
                 STRATEGIES[s]
             );

@@ -307,10 +307,11 @@ fn aggregator_refuses_duplicates_foreign_and_non_finite_updates() {
         ],
     );
 
-    // An update whose values are not finite: patch the last f32 of the file to NaN.
+    // An update whose values are not finite: patch the first value of the data section (an
+    // f32: safetensors orders same-size tensors by name, `grad.bias` first) to NaN.
     let mut nan = good1.clone();
-    let n = nan.len();
-    nan[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+    let data = 8 + u64::from_le_bytes(nan[..8].try_into().unwrap()) as usize;
+    nan[data..data + 4].copy_from_slice(&f32::NAN.to_le_bytes());
     std::fs::write(&u1, &nan).unwrap();
     v.reseal_update(1, 1);
     v.fails(

@@ -42,6 +42,22 @@ pub fn ensure_sha(path: &Path, sha: &str, recorded: &str, record: &Path) -> Resu
     Ok(())
 }
 
+/// Reads `path`, checks its bytes against the checksum `recorded` in `record` *before*
+/// parsing them (so damage is reported as damage, whatever byte it hit), then parses it as
+/// a file of `kind`.
+pub fn load_verified(path: &Path, kind: Kind, recorded: &str, record: &Path) -> Result<Checkpoint> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    ensure_sha(path, &crate::digest::sha256_bytes(&bytes), recorded, record)?;
+    let ck = Checkpoint::from_bytes(&bytes, path)?;
+    ensure!(
+        ck.header.kind == kind,
+        "{} is a {:?} file, expected kind {kind:?}",
+        path.display(),
+        ck.header.kind
+    );
+    Ok(ck)
+}
+
 /// The report of worker `shard` in `round`, checked to be about that round and shard.
 pub fn read_update_report(layout: &Layout, round: u32, shard: usize) -> Result<UpdateReport> {
     let path = layout.update_report(round, shard);
@@ -71,10 +87,9 @@ pub fn load_update(
 ) -> Result<(Checkpoint, UpdateReport)> {
     let report = read_update_report(layout, round, shard)?;
     let path = layout.update(round, shard);
-    let ck = Checkpoint::load_kind(&path, kind)?;
-    ensure_sha(
+    let ck = load_verified(
         &path,
-        &ck.sha256,
+        kind,
         &report.sha256,
         &layout.update_report(round, shard),
     )?;
@@ -100,10 +115,9 @@ pub fn read_round_report(layout: &Layout, round: u32) -> Result<RoundReport> {
 pub fn load_global(layout: &Layout, round: u32) -> Result<(Checkpoint, RoundReport)> {
     let report = read_round_report(layout, round)?;
     let path = layout.global_model(round);
-    let ck = Checkpoint::load_kind(&path, Kind::Model)?;
-    ensure_sha(
+    let ck = load_verified(
         &path,
-        &ck.sha256,
+        Kind::Model,
         &report.model_sha256,
         &layout.round_report(round),
     )?;
@@ -124,8 +138,7 @@ pub fn load_control(layout: &Layout, round: u32) -> Result<(crate::control::Cont
     let recorded = report.control_sha256.as_deref().with_context(|| {
         format!("{} records no control variate (written by an older version); re-run from round {round}", layout.round_report(round).display())
     })?;
-    let ck = Checkpoint::load_kind(&path, Kind::Control)?;
-    ensure_sha(&path, &ck.sha256, recorded, &layout.round_report(round))?;
+    let ck = load_verified(&path, Kind::Control, recorded, &layout.round_report(round))?;
     let sha = ck.sha256.clone();
     Ok((
         crate::control::Control::from_checkpoint(ck)

@@ -38,11 +38,13 @@ fuzz_target!(
                 }
             }
             Kind::Update => assert!(ck.scorer().is_err() && ck.to_counts().is_err()),
+            Kind::Control => assert!(ck.scorer().is_err() && ck.to_counts().is_err()),
         }
         let bytes = ck.to_bytes().expect("an accepted checkpoint can be written back");
         let back = Checkpoint::from_bytes(&bytes, Path::new(NAME)).expect("a written checkpoint reads back");
         assert_eq!((back.header.kind, back.header.config, back.header.round), (ck.header.kind, ck.header.config, ck.header.round));
         assert_eq!(back.tensors.keys().collect::<Vec<_>>(), ck.tensors.keys().collect::<Vec<_>>());
+        assert_eq!(back.index, ck.index);
         for (name, v) in &ck.tensors {
             let w = &back.tensors[name];
             assert!(v.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits()), "tensor {name} changed");

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use fedimdb::checkpoint::{Checkpoint, Header, Kind, ModelCard, RoundPoint};
 use fedimdb::featurize::{Featurizer, FeaturizerConfig};
-use fedimdb::model::{BIAS, ClassCounts, Model, ModelConfig, WEIGHT};
+use fedimdb::model::{ClassCounts, Model, ModelConfig};
 use fedimdb::reviews::{NEGATIVE, POSITIVE, Review, encode_parquet};
 
 /// Texts that exercise the featurizer's rules: breaks, case, apostrophes, marks, Unicode
@@ -97,15 +97,11 @@ fn checkpoints() -> Vec<(String, Vec<u8>)> {
     header.shard = Some(0);
     header.samples = 3;
     header.base_sha256 = Some("0".repeat(64));
-    header.train = Some(serde_json::json!({ "epochs": 8, "batch": 1, "lr": 8.0 }));
-    let weight: Vec<f32> = (0..cfg.dim())
-        .map(|i| ((i % 7) as f32 - 3.0) / 8.0)
-        .collect();
-    let update_ck = Checkpoint {
-        header,
-        tensors: BTreeMap::from([(WEIGHT.to_owned(), weight), (BIAS.to_owned(), vec![0.125])]),
-        sha256: String::new(),
-    };
+    header.train = Some(serde_json::to_value(fedimdb::train::TrainArgs::default().config(2, 0)).expect("a train config"));
+    let index: Vec<u32> = (0..cfg.dim() as u32).step_by(3).collect();
+    let weight: Vec<f32> = index.iter().map(|&i| ((i % 7) as f32 - 3.0) / 8.0).collect();
+    let grad: Vec<f32> = index.iter().map(|&i| ((i % 5) as f32 - 2.0) / 64.0).collect();
+    let update_ck = Checkpoint::update(header, index, weight, 0.125, grad, -0.01);
 
     [
         ("model", model_ck),

@@ -107,7 +107,7 @@ fn trainer_is_an_indexed_job_of_workers_pods() {
             "--batch",
             "64",
             "--lr",
-            "8",
+            "16",
             "--schedule",
             "linear",
             "--seed",
