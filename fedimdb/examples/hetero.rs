@@ -9,8 +9,11 @@
 //! Environment (lists are comma-separated; every combination runs):
 //! `WORKERS` (5,20,64), `PARTS` (iid,0.5,0.1: a Dirichlet alpha), `ALGOS`
 //! (fedavg,scaffold,fedavgm), `ROUNDS` (5), `STEPS` (local SGD steps per round; 0: `EPOCHS`
-//! passes), `EPOCHS` (8), `LR` (8), `L2` (0), `SLR` (server learning rate, 1), `MOM` (0.9,
-//! FedAvgM's momentum), `SEED` (42), `MIN_SHARD` (32).
+//! passes), `EPOCHS` (8), `LR` (8), `SCHEDULES` (linear,constant), `SLR` (server learning
+//! rate, 1), `MOM` (0.9, FedAvgM's momentum), `SMOM` (server momentum on SCAFFOLD, 0),
+//! `INIT` (1: control variates from the starting model's gradient, as round 0 gives them),
+//! `OPT1` (1: control variate = the shard's gradient at the round's start instead of the mean
+//! along the local path), `POW` (learning rate × round^-POW), `SEED` (42), `MIN_SHARD` (32).
 
 use std::io::Read;
 
@@ -119,7 +122,7 @@ fn main() {
     for algo in env_list::<String>("ALGOS", "fedavg,scaffold") {
         for &steps in &env_list::<u64>("STEPS", "0") {
             for &lr in &env_list::<f32>("LR", "8") {
-                for &l2 in &env_list::<f32>("L2", "0") {
+                for schedule in env_list::<String>("SCHEDULES", "linear") {
                     for &workers in &env_list::<usize>("WORKERS", "1,5,20,64") {
                         for part in env_list::<String>("PARTS", "iid,0.5,0.1") {
                             if workers == 1 && part != "iid" {
@@ -139,11 +142,11 @@ fn main() {
                             };
                             let t0 = std::time::Instant::now();
                             let line = simulate(
-                                &algo, steps, lr, l2, rounds, &shards, &xtr, &ytr, &ratio, bias0,
+                                &algo, steps, lr, &schedule, rounds, &shards, &xtr, &ytr, &ratio, bias0,
                                 &acc,
                             );
                             println!(
-                                "{algo:8} steps {steps:6} lr {lr:5} l2 {l2:8} workers {workers:3} part {part:4}: {line} ({:.1}s)",
+                                "{algo:8} steps {steps:6} lr {lr:5} {schedule:8} workers {workers:3} part {part:4}: {line} ({:.1}s)",
                                 t0.elapsed().as_secs_f64()
                             );
                         }
@@ -159,7 +162,7 @@ fn simulate(
     algo: &str,
     steps: u64,
     lr: f32,
-    l2: f32,
+    schedule: &str,
     rounds: u32,
     shards: &[Vec<usize>],
     xtr: &[Vec<u32>],
@@ -243,13 +246,13 @@ fn simulate(
                         for k in (t..data.len()).step_by(2) {
                             let (xs, ys) = &data[k];
                             let mut sgd = SparseSgd::from_parts(w.clone(), b, ratio.to_vec());
-                            let schedule = if l2 > 0.0 {
+                            let schedule = if schedule == "linear" {
                                 Schedule::Linear
                             } else {
                                 Schedule::Constant
                             };
                             let tc = TrainConfig {
-                                algorithm: Algorithm::Scaffold,
+                                algorithm: if algo == "scaffold" { Algorithm::Scaffold } else { Algorithm::FedAvg },
                                 epochs,
                                 batch: 1,
                                 lr,
