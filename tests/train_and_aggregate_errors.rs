@@ -226,9 +226,10 @@ fn trainer_names_a_missing_damaged_or_mismatched_global_model() {
     let global = v.layout.global_model(0);
     let good = std::fs::read(&global).unwrap();
     std::fs::write(&global, &good[..good.len() / 2]).unwrap();
+    // The checksum is checked before the bytes are parsed, so a truncated file is named as such.
     v.fails(
         v.trainer(1, 0, &[]),
-        &["round-0000/global.safetensors", "truncated or corrupt"],
+        &["round-0000/global.safetensors does not match its checksum", "truncated, damaged or replaced"],
     );
 
     // A worker update where the global model should be.
