@@ -229,7 +229,10 @@ fn trainer_names_a_missing_damaged_or_mismatched_global_model() {
     // The checksum is checked before the bytes are parsed, so a truncated file is named as such.
     v.fails(
         v.trainer(1, 0, &[]),
-        &["round-0000/global.safetensors does not match its checksum", "truncated, damaged or replaced"],
+        &[
+            "round-0000/global.safetensors does not match its checksum",
+            "truncated, damaged or replaced",
+        ],
     );
 
     // A worker update where the global model should be.

@@ -142,8 +142,8 @@ fn main() {
                             };
                             let t0 = std::time::Instant::now();
                             let line = simulate(
-                                &algo, steps, lr, &schedule, rounds, &shards, &xtr, &ytr, &ratio, bias0,
-                                &acc,
+                                &algo, steps, lr, &schedule, rounds, &shards, &xtr, &ytr, &ratio,
+                                bias0, &acc,
                             );
                             println!(
                                 "{algo:8} steps {steps:6} lr {lr:5} {schedule:8} workers {workers:3} part {part:4}: {line} ({:.1}s)",
@@ -252,7 +252,11 @@ fn simulate(
                                 Schedule::Constant
                             };
                             let tc = TrainConfig {
-                                algorithm: if algo == "scaffold" { Algorithm::Scaffold } else { Algorithm::FedAvg },
+                                algorithm: if algo == "scaffold" {
+                                    Algorithm::Scaffold
+                                } else {
+                                    Algorithm::FedAvg
+                                },
                                 epochs,
                                 batch: 1,
                                 lr,

@@ -448,7 +448,6 @@ impl SparseSgd {
         correction: Option<&Correction>,
         on_epoch: impl FnMut(&EpochStats),
     ) -> LocalOutcome {
-        let csr = Csr::new(docs.iter().map(Vec::as_slice), &self.ratio);
         let dim = self.weight.len();
         let steps = cfg.steps_for(docs.len());
         let (d, d_bias) = match correction {
@@ -458,13 +457,36 @@ impl SparseSgd {
             }
             None => (&[][..], 0.0),
         };
+        // The loop works on the shard's own buckets, renumbered 0..n: its tables (weights,
+        // corrections, step counters, gradient sums) are then small and read in cache
+        // instead of at random places of 4M-entry tables. The arithmetic is the same.
+        let touched = touched_buckets(docs, dim);
+        let mut local = vec![0u32; dim];
+        for (k, &j) in touched.iter().enumerate() {
+            local[j as usize] = k as u32;
+        }
+        let renumbered: Vec<Vec<u32>> = docs
+            .iter()
+            .map(|doc| doc.iter().map(|&j| local[j as usize]).collect())
+            .collect();
+        drop(local);
+        let ratio: Vec<f32> = touched.iter().map(|&j| self.ratio[j as usize]).collect();
+        let csr = Csr::new(renumbered.iter().map(Vec::as_slice), &ratio);
+        let n = touched.len();
+        let mut w: Vec<f32> = touched.iter().map(|&j| self.weight[j as usize]).collect();
         // Without a correction a bucket only moves when read: no bookkeeping.
         let lazy = !d.is_empty();
+        let d_local: Vec<f32> = if lazy {
+            touched.iter().map(|&j| d[j as usize]).collect()
+        } else {
+            Vec::new()
+        };
         let drift = Drift::new(if lazy { steps } else { 0 }, cfg.lr, cfg.schedule);
-        let mut at = vec![0u32; if lazy { dim } else { 0 }];
-        let (mut grad_sum, mut grad_sum_bias) = (vec![0.0f64; dim], 0.0f64);
+        let mut at = vec![0u32; if lazy { n } else { 0 }];
+        let (mut grad_sum, mut grad_sum_bias) = (vec![0.0f64; n], 0.0f64);
         let mut logits = Vec::with_capacity(cfg.batch);
-        let (w, bias) = (&mut self.weight, &mut self.bias);
+        let bias = &mut self.bias;
+        let d = &d_local;
         let Ok(epochs) = run_steps(docs.len(), cfg, on_epoch, |t, rows| {
             let lr = Drift::rate(cfg.lr, cfg.schedule, t as u64, steps);
             logits.clear();
@@ -512,15 +534,32 @@ impl SparseSgd {
             grad_sum_bias += grad_bias as f64;
             Ok::<_, std::convert::Infallible>((loss, correct))
         });
+        // Every bucket to the end of the round: the shard's from the local tables, the others
+        // by the correction alone.
         if lazy {
-            for j in 0..dim {
-                w[j] = drift.apply(w[j], d[j], at[j] as usize, steps as usize);
+            for (j, x) in self.weight.iter_mut().enumerate() {
+                *x = drift.apply(
+                    *x,
+                    correction.expect("lazy means corrected").weight[j],
+                    0,
+                    steps as usize,
+                );
             }
         }
         let k = steps.max(1) as f64;
+        let mut mean_grad = vec![0.0f32; dim];
+        for (i, &j) in touched.iter().enumerate() {
+            let wi = if lazy {
+                drift.apply(w[i], d[i], at[i] as usize, steps as usize)
+            } else {
+                w[i]
+            };
+            self.weight[j as usize] = wi;
+            mean_grad[j as usize] = (grad_sum[i] / k) as f32;
+        }
         LocalOutcome {
             epochs,
-            mean_grad: grad_sum.into_iter().map(|g| (g / k) as f32).collect(),
+            mean_grad,
             mean_grad_bias: (grad_sum_bias / k) as f32,
         }
     }
