@@ -203,21 +203,7 @@ fn simulate(
     let mut line = String::new();
     let pow: f32 = env_list("POW", "0")[0];
     let full_grad = |w: &[f32], b: f32, xs: &[Vec<u32>], ys: &[u8]| {
-        let mut g = vec![0f32; dim];
-        let mut gb = 0f32;
-        for (x, &y) in xs.iter().zip(ys) {
-            let s = fedimdb::model::doc_scale(x.len());
-            let z = b + x
-                .iter()
-                .map(|&j| w[j as usize] * ratio[j as usize] * s)
-                .sum::<f32>();
-            let e = fedimdb::model::sigmoid(z) - y as f32;
-            for &j in x {
-                g[j as usize] += e * ratio[j as usize] * s / xs.len() as f32;
-            }
-            gb += e / xs.len() as f32;
-        }
-        (g, gb)
+        fedimdb::control::shard_gradient(w, b, ratio, xs, ys)
     };
     let opt1 = env_list::<u32>("OPT1", "0")[0] == 1;
     if algo == "scaffold" && env_list::<u32>("INIT", "1")[0] == 1 {

@@ -277,14 +277,18 @@ impl Checkpoint {
 
     /// Reads a file and checks it is of the expected kind.
     pub fn load_kind(path: &Path, kind: Kind) -> Result<Self> {
-        let ck = Self::load(path)?;
+        Self::load(path)?.expect_kind(kind, path)
+    }
+
+    /// This checkpoint if it is of `kind`; otherwise an error naming `origin`.
+    pub fn expect_kind(self, kind: Kind, origin: &Path) -> Result<Self> {
         ensure!(
-            ck.header.kind == kind,
+            self.header.kind == kind,
             "{} is a {:?} file, expected kind {kind:?}",
-            path.display(),
-            ck.header.kind
+            origin.display(),
+            self.header.kind
         );
-        Ok(ck)
+        Ok(self)
     }
 
     fn check_tensors(&self) -> Result<()> {

@@ -24,7 +24,7 @@ use crate::checkpoint::{
     CONTROL_BIAS, CONTROL_WEIGHT, Checkpoint, GRAD_BIAS, GRAD_WEIGHT, Header, Kind,
 };
 use crate::layout::Layout;
-use crate::model::{ClassCounts, ModelConfig, doc_scale, sigmoid};
+use crate::model::{ClassCounts, ModelConfig, doc_scale, prior_log_odds, sigmoid};
 use crate::verify::load_update;
 
 /// The mean gradient of the logistic loss over a shard at the untrained model (zero
@@ -91,12 +91,7 @@ pub struct Control {
 impl Control {
     /// The untrained model's bias, from which every `c_i` of round-0 statistics is taken.
     pub fn bias0(&self) -> f32 {
-        ClassCounts {
-            n_pos: self.positive,
-            n_neg: self.samples - self.positive,
-            ..ClassCounts::zeros(0)
-        }
-        .prior()
+        prior_log_odds(self.positive, self.samples - self.positive)
     }
 
     pub fn to_checkpoint(&self, config: ModelConfig, round: u32) -> Checkpoint {

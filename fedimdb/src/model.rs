@@ -218,7 +218,7 @@ impl ClassCounts {
 
     /// The prior log-odds: the bias of the untrained model.
     pub fn prior(&self) -> f32 {
-        ((self.n_pos.max(1) as f64) / (self.n_neg.max(1) as f64)).ln() as f32
+        prior_log_odds(self.n_pos, self.n_neg)
     }
 
     /// The naive-Bayes log-count ratio with additive smoothing `alpha`.
@@ -233,6 +233,11 @@ impl ClassCounts {
             .map(|(&p, &q)| (((p as f64 + a) / (q as f64 + a)).ln() + offset) as f32)
             .collect()
     }
+}
+
+/// The log-odds of the classes' document counts: the bias of the untrained model.
+pub fn prior_log_odds(n_pos: u64, n_neg: u64) -> f32 {
+    ((n_pos.max(1) as f64) / (n_neg.max(1) as f64)).ln() as f32
 }
 
 /// The model on plain slices for fast CPU inference: `effective = weight * nb_ratio`.

@@ -48,14 +48,7 @@ pub fn ensure_sha(path: &Path, sha: &str, recorded: &str, record: &Path) -> Resu
 pub fn load_verified(path: &Path, kind: Kind, recorded: &str, record: &Path) -> Result<Checkpoint> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     ensure_sha(path, &crate::digest::sha256_bytes(&bytes), recorded, record)?;
-    let ck = Checkpoint::from_bytes(&bytes, path)?;
-    ensure!(
-        ck.header.kind == kind,
-        "{} is a {:?} file, expected kind {kind:?}",
-        path.display(),
-        ck.header.kind
-    );
-    Ok(ck)
+    Checkpoint::from_bytes(&bytes, path)?.expect_kind(kind, path)
 }
 
 /// The report of worker `shard` in `round`, checked to be about that round and shard.
