@@ -6,7 +6,7 @@ ROOT    ?= runs/local
 WORKERS ?= 5
 BIN     := $(or $(CARGO_TARGET_DIR),target)/release
 
-.PHONY: all build run serve test bench bench-copier bench-train bench-hetero bench-server clippy fmt clean check-cuda
+.PHONY: all build run serve check test bench bench-copier bench-train bench-hetero bench-server clippy fmt fmt-check clean check-cuda
 
 all: build
 
@@ -23,6 +23,11 @@ run: build
 serve: build
 	@echo "Serving $(ROOT) at http://localhost:8080 (Ctrl-C stops the server)"
 	$(BIN)/server --root $(ROOT)
+
+## The quick loop while changing code: formatting, lints and the unit tests (the crates' own
+## tests, no system tests, soak or fuzzing): a few minutes on a warm build.
+check: fmt-check clippy
+	$(CARGO) test --release --workspace --lib --bins
 
 ## The test suite (what CI runs). The build comes first: the system tests run the binaries,
 ## and `cargo test` alone builds only those of packages with integration tests. It builds all
@@ -58,11 +63,20 @@ bench-server: build
 	test -f $(ROOT)/model/latest.safetensors || $(BIN)/pipeline local --root $(ROOT) --workers $(WORKERS)
 	bash server/bench.sh $(ROOT)
 
+## Lints: clippy with warnings as errors over the workspace and the fuzz crate (its own
+## workspace, see fuzz/Cargo.toml).
 clippy:
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --release --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
 
+## Formats everything (rustfmt.toml); `fmt-check` only says what differs (CI runs it).
 fmt:
 	$(CARGO) fmt --all
+	$(CARGO) fmt --all --manifest-path fuzz/Cargo.toml
+
+fmt-check:
+	$(CARGO) fmt --all --check
+	$(CARGO) fmt --all --check --manifest-path fuzz/Cargo.toml
 
 ## Checks that the trainer compiles with candle's CUDA backend (docs/CHECK_CUDA.md); kept out of
 ## CI because it is long: installs Debian's nvidia-cuda-toolkit (contrib non-free) when nvcc is missing.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{bin, real_subset, run, synthetic, write_archive};
+use common::{QUICK, aggregator, pipeline, run, small_archive, trainer};
 use fedimdb::digest::sha256_file;
 use fedimdb::layout::Layout;
 
@@ -21,46 +21,17 @@ struct Volume {
 
 impl Volume {
     fn pipeline(&self) -> Command {
-        let mut c = bin("pipeline");
-        c.args([
-            "local",
-            "--workers",
-            "3",
-            "--rounds",
-            "2",
-            "--epochs",
-            "2",
-            "--hash-bits",
-            "16",
-            "--jobs",
-            "2",
-        ])
-        .arg("--source")
-        .arg(&self.archive)
-        .arg("--root")
-        .arg(&self.root);
-        c
+        pipeline(&self.archive, &self.root, QUICK)
     }
 
     fn trainer(&self, round: u32, shard: usize) -> Command {
-        let mut c = bin("trainer");
-        c.arg("--root").arg(&self.root).args([
-            "--round",
-            &round.to_string(),
-            "--shard",
-            &shard.to_string(),
-            "--epochs",
-            "2",
-        ]);
+        let mut c = trainer(&self.root, round, shard);
+        c.args(["--epochs", "2"]);
         c
     }
 
     fn aggregator(&self, round: u32) -> Command {
-        let mut c = bin("aggregator");
-        c.arg("--root")
-            .arg(&self.root)
-            .args(["--round", &round.to_string()]);
-        c
+        aggregator(&self.root, round)
     }
 
     /// sha256 of every file under the root but logs, reports and the lock.
@@ -89,11 +60,7 @@ impl Volume {
 
 fn volume() -> Volume {
     let dir = tempfile::tempdir().unwrap();
-    let archive = dir.path().join("small.tar.gz");
-    write_archive(
-        &archive,
-        &real_subset(300).unwrap_or_else(|| synthetic(150)),
-    );
+    let (archive, _) = small_archive(dir.path(), 300, 150);
     let root = dir.path().join("vol");
     let v = Volume {
         layout: Layout::new(&root),
@@ -125,6 +92,29 @@ fn refused(v: &Volume, cmd: &mut Command, needles: &[&str]) {
     );
 }
 
+/// Damages `path` with `damage`, checks that `cmd` [`refused`] it naming `needles`, and puts
+/// the good bytes back.
+fn refused_damaged(
+    v: &Volume,
+    path: &Path,
+    damage: fn(&Path),
+    cmd: &mut Command,
+    needles: &[&str],
+) {
+    let good = std::fs::read(path).unwrap();
+    damage(path);
+    refused(v, cmd, needles);
+    std::fs::write(path, good).unwrap();
+}
+
+/// [`swap`]s `a` and `b`, checks that `cmd` [`refused`] them naming `needles`, and swaps
+/// them back.
+fn refused_swapped(v: &Volume, a: &Path, b: &Path, cmd: &mut Command, needles: &[&str]) {
+    swap(a, b);
+    refused(v, cmd, needles);
+    swap(a, b);
+}
+
 fn flip_byte_near_end(path: &Path) {
     let mut bytes = std::fs::read(path).unwrap();
     let n = bytes.len();
@@ -150,48 +140,50 @@ fn damaged_files_are_named_and_never_consumed() {
     let l = &v.layout;
 
     // A truncated shard: the trainer refuses it against the data manifest.
-    let shard = l.shard(1);
-    let good = std::fs::read(&shard).unwrap();
-    truncate(&shard);
-    refused(&v, &mut v.trainer(1, 1), &["shard-00001.parquet", "sha256"]);
-    std::fs::write(&shard, &good).unwrap();
+    refused_damaged(
+        &v,
+        &l.shard(1),
+        truncate,
+        &mut v.trainer(1, 1),
+        &["shard-00001.parquet", "sha256"],
+    );
 
     // A corrupted test set: the aggregator refuses it.
-    let test = l.test_set();
-    let good = std::fs::read(&test).unwrap();
-    flip_byte_near_end(&test);
-    refused(&v, &mut v.aggregator(2), &["test.parquet", "sha256"]);
-    std::fs::write(&test, &good).unwrap();
+    refused_damaged(
+        &v,
+        &l.test_set(),
+        flip_byte_near_end,
+        &mut v.aggregator(2),
+        &["test.parquet", "sha256"],
+    );
 
     // A worker update changed after it was written (same size, one bit).
-    let update = l.update(1, 0);
-    let good = std::fs::read(&update).unwrap();
-    flip_byte_near_end(&update);
-    refused(
+    refused_damaged(
         &v,
+        &l.update(1, 0),
+        flip_byte_near_end,
         &mut v.aggregator(1),
         &[
             "round-0001/updates/shard-00000.safetensors does not match its checksum",
             "shard-00000.json records",
         ],
     );
-    std::fs::write(&update, &good).unwrap();
 
     // Two workers' updates swapped, and two workers' reports swapped.
-    swap(&l.update(1, 0), &l.update(1, 1));
-    refused(
+    refused_swapped(
         &v,
+        &l.update(1, 0),
+        &l.update(1, 1),
         &mut v.aggregator(1),
         &["shard-00000.safetensors does not match its checksum"],
     );
-    swap(&l.update(1, 0), &l.update(1, 1));
-    swap(&l.update_report(1, 0), &l.update_report(1, 1));
-    refused(
+    refused_swapped(
         &v,
+        &l.update_report(1, 0),
+        &l.update_report(1, 1),
         &mut v.aggregator(1),
         &["shard-00000.json is the report of round 1 shard 1, not of round 1 shard 0"],
     );
-    swap(&l.update_report(1, 0), &l.update_report(1, 1));
 
     // A truncated global model: the next round's trainers refuse to start from it.
     truncate(&l.global_model(1));
@@ -249,7 +241,8 @@ fn a_rerun_repairs_exactly_the_damaged_steps() {
     );
     let copier_log = std::fs::read_to_string(v.root.join("logs/copier.log")).unwrap();
     assert!(
-        copier_log.contains("shard-00002.parquet has sha256"),
+        copier_log.contains("shard-00002.parquet does not match its checksum")
+            && copier_log.contains("manifest.json records"),
         "the copier did not say what it found:\n{copier_log}"
     );
 }

@@ -3,59 +3,30 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{bin, real_subset, run, synthetic, temp_files, write_archive};
+use common::{
+    aggregator, bin, pipeline, run_ok, small_archive, step, synthetic_archive, synthetic_volume,
+    temp_files,
+};
 use fedimdb::checkpoint::{Checkpoint, Kind};
 use fedimdb::dataset::{featurize_all, load_reviews};
 use fedimdb::layout::Layout;
 use fedimdb::metrics::Metrics;
 use serde_json::Value;
 
-/// A few thousand real reviews when the shared archive is here, made-up ones otherwise;
-/// returns the archive, its number of training reviews and the accuracy the run must beat.
-fn small_archive(dir: &Path) -> (std::path::PathBuf, u64, f64) {
-    let path = dir.join("small.tar.gz");
-    match real_subset(750) {
-        Some(entries) => {
-            write_archive(&path, &entries);
-            (path, 1500, 0.75)
-        }
-        None => {
-            eprintln!("note: shared archive absent; using synthetic reviews");
-            write_archive(&path, &synthetic(200));
-            (path, 400, 0.95)
-        }
-    }
-}
-
 #[test]
 fn reduced_pipeline_run_learns_and_publishes_a_consistent_model() {
     let dir = tempfile::tempdir().unwrap();
-    let (archive, train_reviews, floor) = small_archive(dir.path());
+    // A few thousand real reviews when the shared archive is here, made-up ones otherwise:
+    // the number of training reviews, and the accuracy the run must beat.
+    let (archive, real) = small_archive(dir.path(), 750, 200);
+    let (train_reviews, floor) = if real { (1500, 0.75) } else { (400, 0.95) };
     let root = dir.path().join("vol");
     let report_path = dir.path().join("report.json");
-    let (out, log) = run(bin("pipeline")
-        .args([
-            "local",
-            "--workers",
-            "3",
-            "--rounds",
-            "2",
-            "--epochs",
-            "4",
-            "--hash-bits",
-            "18",
-            "--jobs",
-            "2",
-        ])
-        .arg("--source")
-        .arg(&archive)
-        .arg("--root")
-        .arg(&root)
-        .arg("--report")
-        .arg(&report_path));
-    assert!(out.status.success(), "pipeline failed:\n{log}");
+    let (out, _) = run_ok(
+        pipeline(&archive, &root, &["--epochs", "4", "--hash-bits", "18"])
+            .arg("--report")
+            .arg(&report_path),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("round 2: training")
@@ -111,10 +82,10 @@ fn reduced_pipeline_run_learns_and_publishes_a_consistent_model() {
     assert_eq!(card["round"], 2);
     assert_eq!(card["sha256"], latest.sha256.as_str());
     assert_eq!(card["history"].as_array().unwrap().len(), 3);
-    let model = latest.to_model().unwrap();
+    let model = latest.clone().into_model().unwrap();
     let test = load_reviews(&layout.test_set(), None).unwrap();
     let data = featurize_all(&test, model.config.featurizer);
-    let scorer = model.scorer().unwrap();
+    let scorer = model.scorer();
     let probs: Vec<f32> = data
         .features
         .iter()
@@ -131,37 +102,39 @@ fn reduced_pipeline_run_learns_and_publishes_a_consistent_model() {
 #[test]
 fn original_forms_train_loose_files_and_average_them() {
     let dir = tempfile::tempdir().unwrap();
-    let archive = dir.path().join("s.tar.gz");
-    write_archive(&archive, &synthetic(60));
+    let archive = synthetic_archive(dir.path(), 60);
     let root = dir.path().join("vol");
-    let (out, log) = run(bin("copier")
-        .arg("--n_container")
-        .arg("2")
-        .arg("--source")
-        .arg(&archive)
-        .arg("--savedir")
-        .arg(&root));
-    assert!(out.status.success(), "{log}");
+    run_ok(
+        bin("copier")
+            .arg("--n_container")
+            .arg("2")
+            .arg("--source")
+            .arg(&archive)
+            .arg("--savedir")
+            .arg(&root),
+    );
     let layout = Layout::new(&root);
     let workers = dir.path().join("workers");
     for i in 0..2 {
-        let (out, log) = run(bin("trainer")
-            .arg("--data")
-            .arg(layout.shard(i))
-            .args(["--epoch", "3", "--batch", "1", "--hash-bits", "14"])
-            .arg("--savemodel")
-            .arg(workers.join(format!("w{i}.safetensors"))));
-        assert!(out.status.success(), "{log}");
+        run_ok(
+            bin("trainer")
+                .arg("--data")
+                .arg(layout.shard(i))
+                .args(["--epoch", "3", "--batch", "1", "--hash-bits", "14"])
+                .arg("--savemodel")
+                .arg(workers.join(format!("w{i}.safetensors"))),
+        );
     }
     let avg = dir.path().join("avg.safetensors");
-    let (out, log) = run(bin("aggregator")
-        .arg("--dir")
-        .arg(&workers)
-        .arg("--savefile")
-        .arg(&avg)
-        .arg("--test")
-        .arg(layout.test_set()));
-    assert!(out.status.success(), "{log}");
+    let (out, _) = run_ok(
+        bin("aggregator")
+            .arg("--dir")
+            .arg(&workers)
+            .arg("--savefile")
+            .arg(&avg)
+            .arg("--test")
+            .arg(layout.test_set()),
+    );
     let metrics: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(metrics["accuracy"].as_f64().unwrap() > 0.9, "{metrics}");
     let ck = Checkpoint::load_kind(&avg, Kind::Model).unwrap();
@@ -171,34 +144,18 @@ fn original_forms_train_loose_files_and_average_them() {
 #[test]
 fn same_seed_gives_byte_identical_updates() {
     let dir = tempfile::tempdir().unwrap();
-    let archive = dir.path().join("s.tar.gz");
-    write_archive(&archive, &synthetic(40));
-    let root = dir.path().join("vol");
-    assert!(
-        run(bin("copier")
-            .args(["--workers", "2", "--source"])
-            .arg(&archive)
-            .arg("--out")
-            .arg(&root))
-        .0
-        .status
-        .success()
-    );
+    let root = synthetic_volume(dir.path(), 40, 2);
     let layout = Layout::new(&root);
+    // The shard from the variable Kubernetes Indexed Jobs set, not from --shard.
     let train = |round: u32, shard: usize| {
-        let (out, log) = run(bin("trainer")
-            .arg("--root")
-            .arg(&root)
-            .args(["--round", &round.to_string(), "--hash-bits", "12"])
-            .env("JOB_COMPLETION_INDEX", shard.to_string()));
-        assert!(out.status.success(), "{log}");
+        run_ok(
+            step("trainer", &root, round)
+                .args(["--hash-bits", "12"])
+                .env("JOB_COMPLETION_INDEX", shard.to_string()),
+        );
     };
     let aggregate = |round: u32| {
-        let (out, log) = run(bin("aggregator")
-            .arg("--root")
-            .arg(&root)
-            .args(["--round", &round.to_string()]));
-        assert!(out.status.success(), "{log}");
+        run_ok(&mut aggregator(&root, round));
     };
     train(0, 0);
     train(0, 1);

@@ -12,43 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, real_subset, run, synthetic, temp_files, write_archive};
+use common::{QUICK, ROUNDS, WORKERS, run, small_archive, temp_files};
 use fedimdb::digest::sha256_file;
 use fedimdb::layout::Layout;
 
-const WORKERS: usize = 3;
-const ROUNDS: u32 = 2;
-
-fn archive(dir: &Path) -> PathBuf {
-    let path = dir.join("small.tar.gz");
-    let entries = real_subset(300).unwrap_or_else(|| {
-        eprintln!("note: shared archive absent; using synthetic reviews");
-        synthetic(150)
-    });
-    write_archive(&path, &entries);
-    path
-}
-
+/// The run every test here interrupts: [`common::pipeline`] with [`QUICK`] training.
 fn pipeline(archive: &Path, root: &Path) -> Command {
-    let mut c = bin("pipeline");
-    c.args([
-        "local",
-        "--workers",
-        "3",
-        "--rounds",
-        "2",
-        "--epochs",
-        "2",
-        "--hash-bits",
-        "16",
-        "--jobs",
-        "2",
-    ])
-    .arg("--source")
-    .arg(archive)
-    .arg("--root")
-    .arg(root);
-    c
+    common::pipeline(archive, root, QUICK)
 }
 
 /// The sha256 of every output a run leaves: shards, updates, global models and the
@@ -77,7 +47,7 @@ fn outputs(root: &Path) -> BTreeMap<String, String> {
 /// A folder with the small archive, and the outputs of an uninterrupted run on it.
 fn uninterrupted_run() -> (tempfile::TempDir, PathBuf, BTreeMap<String, String>) {
     let dir = tempfile::tempdir().unwrap();
-    let archive = archive(dir.path());
+    let (archive, _) = small_archive(dir.path(), 300, 150);
     let clean = dir.path().join("clean");
     let (out, log) = run(&mut pipeline(&archive, &clean));
     assert!(out.status.success(), "uninterrupted run failed:\n{log}");

@@ -23,7 +23,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use common::{bin, real_subset, run, shared_archive, write_archive};
+use common::{aggregator, real_subset, run_ok, shard, shared_archive, trainer, write_archive};
 use fedimdb::checkpoint::{Checkpoint, Kind};
 use fedimdb::layout::Layout;
 use serde_json::Value;
@@ -78,12 +78,7 @@ impl Volume {
     /// Runs the copier, then rounds 0..=`last`: the trainers of each, and the aggregator
     /// (FedAvg) of each but the last training round (round 0's always runs).
     fn prepare(archive: &Path, root: &Path, hash_bits: u32, last: u32) -> Self {
-        let (out, log) = run(bin("copier")
-            .args(["--workers", &WORKERS.to_string(), "--source"])
-            .arg(archive)
-            .arg("--out")
-            .arg(root));
-        assert!(out.status.success(), "copier failed:\n{log}");
+        shard(archive, root, WORKERS);
         let v = Volume {
             root: root.to_path_buf(),
             layout: Layout::new(root),
@@ -118,17 +113,8 @@ impl Volume {
         let children: Vec<_> = (0..WORKERS)
             .map(|shard| {
                 let log = logs.join(format!("trainer-{round}-{shard}.log"));
-                let child = bin("trainer")
-                    .arg("--root")
-                    .arg(&self.root)
-                    .args([
-                        "--round",
-                        &round.to_string(),
-                        "--shard",
-                        &shard.to_string(),
-                        "--hash-bits",
-                        &self.hash_bits,
-                    ])
+                let child = trainer(&self.root, round, shard)
+                    .args(["--hash-bits", &self.hash_bits])
                     .stdout(Stdio::null())
                     .stderr(File::create(&log).unwrap())
                     .spawn()
@@ -149,12 +135,7 @@ impl Volume {
     /// Aggregates `round`; returns its test accuracy (from the round report), the report and
     /// the global model's bytes.
     fn aggregate(&self, round: u32, args: &[&str]) -> (f64, Value, Vec<u8>) {
-        let (out, log) = run(bin("aggregator")
-            .arg("--root")
-            .arg(&self.root)
-            .args(["--round", &round.to_string()])
-            .args(args));
-        assert!(out.status.success(), "aggregator {args:?} failed:\n{log}");
+        run_ok(aggregator(&self.root, round).args(args));
         let report: Value =
             serde_json::from_slice(&std::fs::read(self.layout.round_report(round)).unwrap())
                 .unwrap();

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{bin, run, synthetic, temp_files, write_archive};
+use common::{aggregator, bin, run, run_ok, step, synthetic_volume, temp_files, trainer};
 use fedimdb::checkpoint::{Checkpoint, Kind};
 use fedimdb::digest::sha256_file;
 use fedimdb::layout::Layout;
@@ -21,15 +21,7 @@ struct Volume {
 impl Volume {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let archive = dir.path().join("s.tar.gz");
-        write_archive(&archive, &synthetic(30));
-        let root = dir.path().join("vol");
-        let (out, log) = run(bin("copier")
-            .args(["--workers", "2", "--source"])
-            .arg(&archive)
-            .arg("--out")
-            .arg(&root));
-        assert!(out.status.success(), "{log}");
+        let root = synthetic_volume(dir.path(), 30, 2);
         let v = Volume {
             layout: Layout::new(&root),
             root,
@@ -42,26 +34,13 @@ impl Volume {
     }
 
     fn trainer(&self, round: u32, shard: usize, extra: &[&str]) -> (std::process::Output, String) {
-        run(bin("trainer")
-            .arg("--root")
-            .arg(&self.root)
-            .args([
-                "--round",
-                &round.to_string(),
-                "--shard",
-                &shard.to_string(),
-                "--hash-bits",
-                "12",
-            ])
+        run(trainer(&self.root, round, shard)
+            .args(["--hash-bits", "12"])
             .args(extra))
     }
 
     fn aggregator(&self, round: u32, extra: &[&str]) -> (std::process::Output, String) {
-        run(bin("aggregator")
-            .arg("--root")
-            .arg(&self.root)
-            .args(["--round", &round.to_string()])
-            .args(extra))
+        run(aggregator(&self.root, round).args(extra))
     }
 
     /// Records the current checksum of worker `shard`'s update in its report, as a worker
@@ -121,26 +100,15 @@ impl Volume {
 #[test]
 fn trainer_refuses_bad_hyper_parameters_and_writes_nothing() {
     let v = Volume::new();
-    v.fails(
-        v.trainer(1, 0, &["--epochs", "0"]),
-        &["--epochs must be at least 1"],
-    );
-    v.fails(
-        v.trainer(1, 0, &["--batch", "0"]),
-        &["--batch must be at least 1"],
-    );
-    v.fails(
-        v.trainer(1, 0, &["--lr", "0"]),
-        &["--lr must be a positive number"],
-    );
-    v.fails(
-        v.trainer(1, 0, &["--lr", "-2"]),
-        &["--lr must be a positive number"],
-    );
-    v.fails(
-        v.trainer(1, 0, &["--device", "tpu"]),
-        &["unknown --device `tpu`"],
-    );
+    for (flag, value, needle) in [
+        ("--epochs", "0", "--epochs must be at least 1"),
+        ("--batch", "0", "--batch must be at least 1"),
+        ("--lr", "0", "--lr must be a positive number"),
+        ("--lr", "-2", "--lr must be a positive number"),
+        ("--device", "tpu", "unknown --device `tpu`"),
+    ] {
+        v.fails(v.trainer(1, 0, &[flag, value]), &[needle]);
+    }
     assert!(!v.layout.update(1, 0).exists());
 }
 
@@ -161,11 +129,10 @@ fn trainer_refuses_a_shard_outside_the_manifest_or_a_missing_index() {
         v.trainer(1, 2, &[]),
         &["shard index 2 is outside the manifest", "2 shards"],
     );
-    let (out, log) = run(bin("trainer")
-        .arg("--root")
-        .arg(&v.root)
-        .args(["--round", "1"]));
-    v.fails((out, log), &["no shard index", "JOB_COMPLETION_INDEX"]);
+    v.fails(
+        run(&mut step("trainer", &v.root, 1)),
+        &["no shard index", "JOB_COMPLETION_INDEX"],
+    );
 }
 
 #[test]
@@ -178,7 +145,10 @@ fn trainer_names_a_damaged_or_missing_shard() {
     std::fs::write(&shard, &bytes).unwrap();
     v.fails(
         v.trainer(1, 1, &[]),
-        &["shard-00001.parquet", "does not match the data manifest"],
+        &[
+            "shard-00001.parquet does not match its checksum",
+            "data/manifest.json records",
+        ],
     );
     std::fs::remove_file(&shard).unwrap();
     v.fails(v.trainer(1, 1, &[]), &["shard-00001.parquet"]);
@@ -349,15 +319,7 @@ fn aggregator_refuses_duplicates_foreign_and_non_finite_updates() {
 #[test]
 fn aggregator_refuses_updates_of_another_config() {
     let v = Volume::new();
-    let (out, log) = run(bin("trainer").arg("--root").arg(&v.root).args([
-        "--round",
-        "0",
-        "--shard",
-        "1",
-        "--hash-bits",
-        "13",
-    ]));
-    assert!(out.status.success(), "{log}");
+    run_ok(trainer(&v.root, 0, 1).args(["--hash-bits", "13"]));
     v.fails(
         v.aggregator(0, &[]),
         &[
@@ -385,20 +347,11 @@ fn aggregator_original_form_refuses_an_empty_folder() {
 #[test]
 fn volume_commands_without_data_say_to_run_the_copier() {
     let dir = tempfile::tempdir().unwrap();
-    let (out, log) = run(bin("trainer")
-        .arg("--root")
-        .arg(dir.path())
-        .args(["--round", "0", "--shard", "0"]));
-    assert!(
-        !out.status.success() && log.contains("run the copier first"),
-        "{log}"
-    );
-    let (out, log) = run(bin("aggregator")
-        .arg("--root")
-        .arg(dir.path())
-        .args(["--round", "0"]));
-    assert!(
-        !out.status.success() && log.contains("run the copier first"),
-        "{log}"
-    );
+    for mut cmd in [trainer(dir.path(), 0, 0), aggregator(dir.path(), 0)] {
+        let (out, log) = run(&mut cmd);
+        assert!(
+            !out.status.success() && log.contains("run the copier first"),
+            "{log}"
+        );
+    }
 }

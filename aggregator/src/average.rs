@@ -63,21 +63,10 @@ impl WeightedSum {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedimdb::checkpoint::{Header, Kind};
-    use fedimdb::model::ModelConfig;
 
+    /// An update whose every value is `w`.
     fn ck(w: f32) -> Checkpoint {
-        let mut c = ModelConfig::default();
-        c.featurizer.hash_bits = 10;
-        Checkpoint {
-            header: Header::new(Kind::Update, c, 1),
-            tensors: BTreeMap::from([
-                ("linear.bias".into(), vec![w]),
-                ("linear.weight".into(), vec![w; 1024]),
-            ]),
-            index: Vec::new(),
-            sha256: String::new(),
-        }
+        crate::fixtures::update(w, |_| w)
     }
 
     #[test]

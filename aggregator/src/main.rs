@@ -3,27 +3,17 @@
 //! mean), evaluates it on the test set, and publishes it.
 
 mod average;
+mod combine;
 mod evaluate;
+#[cfg(test)]
+mod fixtures;
 mod run;
-mod strategy;
 
 use std::path::PathBuf;
 
 use anyhow::bail;
-use clap::{CommandFactory, Parser, ValueEnum};
-use strategy::{DEFAULT_TRIM, Strategy};
-
-/// How updates are combined (rounds ≥ 1; round 0 always sums its statistics).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StrategyName {
-    /// Federated averaging: the mean of the workers' weights, weighted by sample count.
-    Fedavg,
-    /// Coordinate-wise median of the workers' weights, unweighted (Flower's FedMedian).
-    Median,
-    /// Coordinate-wise mean after cutting the fraction --trim of values from each end,
-    /// unweighted (Flower's FedTrimmedAvg).
-    TrimmedMean,
-}
+use clap::{CommandFactory, Parser};
+use fedimdb::strategy::{Strategy, StrategyArgs};
 
 /// Aggregate one round of worker updates.
 ///
@@ -38,13 +28,8 @@ pub struct Args {
     /// Round to aggregate; round 0 sums feature statistics into the first model.
     #[arg(long, requires = "root")]
     pub round: Option<u32>,
-    /// How to combine updates.
-    #[arg(long, value_enum, default_value = "fedavg")]
-    pub strategy: StrategyName,
-    /// With --strategy trimmed-mean: the fraction of values cut from each end of every
-    /// coordinate, at least 0 and below 0.5 [default: 0.2].
-    #[arg(long, value_name = "F", value_parser = strategy::parse_trim, allow_negative_numbers = true)]
-    pub trim: Option<f64>,
+    #[command(flatten)]
+    pub combine: StrategyArgs,
     /// Quorum: aggregate when at least M of the shards' updates are present, naming the
     /// missing ones (default: the number of shards in the data manifest, i.e. all).
     #[arg(long, value_name = "M", value_parser = parse_min_workers)]
@@ -70,20 +55,7 @@ pub struct Args {
 impl Args {
     /// The combination rule the flags ask for; `--trim` goes with trimmed-mean only.
     pub fn strategy(&self) -> Result<Strategy, String> {
-        match (self.strategy, self.trim) {
-            (StrategyName::Fedavg, None) => Ok(Strategy::FedAvg),
-            (StrategyName::Median, None) => Ok(Strategy::Median),
-            (StrategyName::TrimmedMean, trim) => Ok(Strategy::TrimmedMean {
-                trim: trim.unwrap_or(DEFAULT_TRIM),
-            }),
-            (other, Some(_)) => Err(format!(
-                "--trim only applies to --strategy trimmed-mean, not {}",
-                other
-                    .to_possible_value()
-                    .expect("no skipped variants")
-                    .get_name()
-            )),
-        }
+        self.combine.strategy()
     }
 
     /// The quorum asked for, with the flag that asked for it (`--min-workers`, or its old

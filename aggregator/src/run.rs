@@ -16,16 +16,17 @@ use fedimdb::layout::Layout;
 use fedimdb::manifest::DataManifest;
 use fedimdb::metrics::Metrics;
 use fedimdb::model::{BIAS, ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
-use fedimdb::report::{LatestCard, RoundReport, utc_now};
+use fedimdb::report::RoundReport;
 use fedimdb::train::{Drift, TrainConfig};
 use fedimdb::verify::{
-    check_latest, check_round, ensure_sha, load_control, load_global, load_update,
+    check_latest, check_round, load_control, load_global, load_update, read_verified,
 };
 use tracing::{info, warn};
 
 use crate::Args;
+use crate::combine::Combiner;
 use crate::evaluate::evaluate;
-use crate::strategy::{Combiner, Strategy};
+use fedimdb::strategy::{Combination, Strategy};
 
 /// The finished update files of a round's folder, by shard index. Anything else in the
 /// folder (reports, temporary files of writers still at work) is ignored.
@@ -68,12 +69,7 @@ fn list_updates(dir: &Path) -> Result<BTreeMap<usize, PathBuf>> {
 pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
     let start = Instant::now();
     let layout = Layout::new(root);
-    let manifest = DataManifest::read(&layout.data_manifest()).with_context(|| {
-        format!(
-            "no complete data under {}: run the copier first",
-            root.display()
-        )
-    })?;
+    let manifest = DataManifest::of_run(&layout)?;
     let strategy = args.strategy().map_err(anyhow::Error::msg)?;
     let (updates, missing) = find_updates(&layout, &manifest, round, args)?;
     if round == 0 && strategy != Strategy::FedAvg {
@@ -88,18 +84,18 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
         ),
         None => None,
     };
-    let label = if round == 0 {
-        "sum".to_owned()
-    } else {
-        strategy.to_string()
-    };
+    let label = Combination::of_round(round, strategy);
     if args.resume
         && up_to_date(
             &layout,
             round,
-            base.as_ref().map(|b| b.sha256.as_str()),
-            &label,
-            &updates,
+            done_as_asked(
+                &layout,
+                round,
+                base.as_ref().map(|b| b.sha256.as_str()),
+                label,
+                &updates,
+            ),
         )?
     {
         return Ok(());
@@ -312,9 +308,8 @@ fn combine_statistics(
         total.expect("at least one update"),
         config.expect("at least one update"),
     );
-    let model = Model::from_counts(config, &total)?;
-    let ratio = model.nb_ratio.to_vec1::<f32>()?;
-    let (weight, bias) = initial_gradient(&total, &ratio, total.prior());
+    let model = Model::from_counts(config, &total);
+    let (weight, bias) = initial_gradient(&total, &model.nb_ratio, total.prior());
     let control = Control {
         weight,
         bias,
@@ -322,7 +317,7 @@ fn combine_statistics(
         samples: total.n_pos + total.n_neg,
         positive: total.n_pos,
     };
-    let model = Checkpoint::from_model(&model, Header::new(Kind::Model, config, 0))?;
+    let model = Checkpoint::from_model(model, Header::new(Kind::Model, config, 0));
     Ok(Combined {
         model,
         shards: updates.keys().copied().collect(),
@@ -345,7 +340,7 @@ fn combine_updates(
     strategy: Strategy,
 ) -> Result<Combined> {
     let prev = round - 1;
-    let (prev_control, prev_control_sha) =
+    let (prev_control, prev_sha) =
         load_control(layout, prev).with_context(|| format!("cannot aggregate round {round}: the control variate of round {prev} is missing or damaged"))?;
     let config = base.header.config;
     let x = base.take_tensor(WEIGHT)?;
@@ -358,57 +353,11 @@ fn combine_updates(
     let mut sources = prev_control.sources.clone();
     for &shard in updates.keys() {
         let (ck, bytes) = load_checked(layout, manifest, round, shard, Kind::Update, &mut seen)?;
-        let path = layout.update(round, shard);
-        let why = |msg: String| anyhow::anyhow!("refusing {}: {msg}", path.display());
         let h = &ck.header;
-        if h.config != config {
-            return Err(why(format!(
-                "its model config {:?} differs from the round's {config:?}",
-                h.config
-            )));
-        }
-        if h.base_sha256.as_deref() != Some(base.sha256.as_str()) {
-            return Err(why(format!(
-                "it was trained from another global model than {}",
-                layout.global_model(prev).display()
-            )));
-        }
-        let tc: TrainConfig = serde_json::from_value(
-            h.train
-                .clone()
-                .ok_or_else(|| why("its header has no training config".into()))?,
-        )
-        .map_err(|e| why(format!("its training config is unreadable: {e}")))?;
-        // The correction the worker applied to every bucket it never read.
-        let d: Option<&[f32]> = match &h.control_sha256 {
-            Some(sha) if *sha == prev_control_sha => Some(&prev_control.weight),
-            Some(_) => {
-                return Err(why(format!(
-                    "it was corrected with another control variate than {}",
-                    layout.control(prev).display()
-                )));
-            }
-            None => None,
-        };
-        let drift = Drift::new(tc.steps_for(h.samples as usize), tc.lr, tc.schedule);
-        let mut weight: Vec<f32> = match d {
-            Some(d) => x
-                .iter()
-                .zip(d)
-                .map(|(&w, &d)| drift.apply(w, d, 0, drift.steps()))
-                .collect(),
-            None => x.clone(),
-        };
-        for (&j, &v) in ck.index.iter().zip(ck.tensor(WEIGHT)) {
-            weight[j as usize] = v;
-        }
-        let dense = Checkpoint::dense(
-            Kind::Update,
-            ck.header.clone(),
-            [(WEIGHT, weight), (BIAS, vec![ck.tensor(BIAS)[0]])],
-        );
+        let dense = rebuild_update(layout, round, &ck, &base, &x, (&prev_control, &prev_sha))
+            .with_context(|| format!("refusing {}", layout.update(round, shard).display()))?;
         sum.add(&dense, h.samples as f64)
-            .map_err(|e| why(e.to_string()))?;
+            .with_context(|| format!("refusing {}", layout.update(round, shard).display()))?;
         controls.add_sparse(
             &ck.index,
             ck.tensor(GRAD_WEIGHT),
@@ -445,6 +394,60 @@ fn combine_updates(
         update_sha256,
         update_bytes,
     })
+}
+
+/// Worker `shard`'s sparse update of `round` as the dense model it stands for: its trained
+/// weights at the buckets it touched, and every other bucket of the global weights `x`
+/// moved by the correction alone, as the worker's own steps moved it ([`Drift`]). Refuses
+/// an update made from another config, global model or control variate than this round's.
+fn rebuild_update(
+    layout: &Layout,
+    round: u32,
+    ck: &Checkpoint,
+    base: &Checkpoint,
+    x: &[f32],
+    (prev_control, prev_sha): (&Control, &str),
+) -> Result<Checkpoint> {
+    let prev = round - 1;
+    let h = &ck.header;
+    let config = base.header.config;
+    ensure!(
+        h.config == config,
+        "its model config {:?} differs from the round's {config:?}",
+        h.config
+    );
+    ensure!(
+        h.base_sha256.as_deref() == Some(base.sha256.as_str()),
+        "it was trained from another global model than {}",
+        layout.global_model(prev).display()
+    );
+    let tc: TrainConfig = h.train.context("its header has no training config")?;
+    // The correction the worker applied to every bucket it never read.
+    let d: Option<&[f32]> = match &h.control_sha256 {
+        Some(sha) if sha == prev_sha => Some(&prev_control.weight),
+        Some(_) => bail!(
+            "it was corrected with another control variate than {}",
+            layout.control(prev).display()
+        ),
+        None => None,
+    };
+    let drift = Drift::new(tc.steps_for(h.samples as usize), tc.lr, tc.schedule);
+    let mut weight: Vec<f32> = match d {
+        Some(d) => x
+            .iter()
+            .zip(d)
+            .map(|(&w, &d)| drift.apply(w, d, 0, drift.steps()))
+            .collect(),
+        None => x.to_vec(),
+    };
+    for (&j, &v) in ck.index.iter().zip(ck.tensor(WEIGHT)) {
+        weight[j as usize] = v;
+    }
+    Ok(Checkpoint::dense(
+        Kind::Update,
+        h.clone(),
+        [(WEIGHT, weight), (BIAS, vec![ck.tensor(BIAS)[0]])],
+    ))
 }
 
 /// A running weighted sum of control variates, in f64.
@@ -485,7 +488,7 @@ impl ControlSum {
 
 /// What the round report says besides what was combined.
 struct RoundFacts {
-    label: String,
+    label: Combination,
     missing: Vec<usize>,
     base_sha256: Option<String>,
     start: Instant,
@@ -521,8 +524,11 @@ fn write_round(
         test_accuracy: metrics.accuracy,
     });
     let card = ModelCard {
+        round: None,
+        sha256: None,
+        trained_at: None,
         workers: manifest.workers,
-        partition: manifest.partition.to_string(),
+        partition: manifest.partition,
         alpha: manifest.alpha,
         train_samples: samples.iter().sum(),
         history,
@@ -556,16 +562,7 @@ fn write_round(
     };
     write_json_atomic(&layout.round_report(round), &report)?;
     fedimdb::fault::point(&format!("aggregator:{round}:report-written"));
-    publish(
-        layout,
-        &bytes,
-        LatestCard {
-            round,
-            sha256: sha,
-            trained_at: utc_now(),
-            card,
-        },
-    )?;
+    publish(layout, &bytes, card.published(round, sha))?;
     info!(
         round,
         seconds = format!("{:.2}", report.seconds),
@@ -576,9 +573,10 @@ fn write_round(
 
 /// Publishes a global model as the latest: the model first, then its card, each atomic.
 /// A server watching the card therefore never sees a card for a model not yet in place.
-fn publish(layout: &Layout, bytes: &[u8], card: LatestCard) -> Result<()> {
+fn publish(layout: &Layout, bytes: &[u8], card: ModelCard) -> Result<()> {
     write_bytes_atomic(&layout.latest_model(), bytes)?;
-    fedimdb::fault::point(&format!("aggregator:{}:latest-model-written", card.round));
+    let round = card.round.unwrap_or_default();
+    fedimdb::fault::point(&format!("aggregator:{round}:latest-model-written"));
     write_json_atomic(&layout.latest_card(), &card)
 }
 
@@ -587,69 +585,55 @@ fn publish(layout: &Layout, bytes: &[u8], card: LatestCard) -> Result<()> {
 /// folder. Then it is only published again if the published model is damaged, missing or
 /// of an earlier round (a resumed run walks through finished rounds in order, and the
 /// server must not step back to an older model meanwhile).
-fn up_to_date(
-    layout: &Layout,
-    round: u32,
-    base_sha256: Option<&str>,
-    strategy: &str,
-    updates: &BTreeMap<usize, PathBuf>,
-) -> Result<bool> {
-    let report = match check_round(layout, round, base_sha256) {
+fn up_to_date(layout: &Layout, round: u32, done: Result<RoundReport>) -> Result<bool> {
+    let report = match done {
         Ok(r) => r,
         Err(why) => {
             info!(round, "aggregating: {why:#}");
             return Ok(false);
         }
     };
-    if report.strategy != strategy {
-        info!(
-            round,
-            "aggregating: the global model on disk was made with {}, not {strategy}",
-            report.strategy
-        );
-        return Ok(false);
-    }
-    let now: Vec<usize> = updates.keys().copied().collect();
-    if report.shards != now {
-        info!(
-            round,
-            "aggregating: the global model on disk combined shards {:?}, the finished updates now are {now:?}",
-            report.shards
-        );
-        return Ok(false);
-    }
     match check_latest(layout) {
-        Ok(card) if card.round >= round => {}
+        Ok(card) if card.round >= Some(round) => {}
         published => {
             let why = published.map_or_else(
                 |e| format!("{e:#}"),
-                |c| format!("it is the model of round {}", c.round),
+                |c| format!("it is the model of round {}", c.round.unwrap_or_default()),
             );
             info!(round, "publishing the model of round {round} again: {why}");
-            let bytes = std::fs::read(layout.global_model(round))
-                .with_context(|| format!("cannot read {}", layout.global_model(round).display()))?;
-            let ck = Checkpoint::from_bytes(&bytes, &layout.global_model(round))?;
+            let path = layout.global_model(round);
+            let bytes = read_verified(&path, &report.model_sha256, &layout.round_report(round))?;
+            let ck = Checkpoint::from_bytes(&bytes, &path)?;
             let card = ck.header.card.clone().unwrap_or_default();
-            ensure_sha(
-                &layout.global_model(round),
-                &ck.sha256,
-                &report.model_sha256,
-                &layout.round_report(round),
-            )?;
-            publish(
-                layout,
-                &bytes,
-                LatestCard {
-                    round,
-                    sha256: ck.sha256,
-                    trained_at: utc_now(),
-                    card,
-                },
-            )?;
+            publish(layout, &bytes, card.published(round, ck.sha256))?;
         }
     }
     info!(round, path = %layout.global_model(round).display(), "up to date: the global model on disk verifies and was made from the same inputs; nothing to do");
     Ok(true)
+}
+
+/// The report of round `round` if its global model on disk verifies and was made from
+/// `base_sha256` with `strategy` out of exactly the finished `updates`; otherwise why not.
+fn done_as_asked(
+    layout: &Layout,
+    round: u32,
+    base_sha256: Option<&str>,
+    strategy: Combination,
+    updates: &BTreeMap<usize, PathBuf>,
+) -> Result<RoundReport> {
+    let report = check_round(layout, round, base_sha256)?;
+    ensure!(
+        report.strategy == strategy,
+        "the global model on disk was made with {}, not {strategy}",
+        report.strategy
+    );
+    let now: Vec<usize> = updates.keys().copied().collect();
+    ensure!(
+        report.shards == now,
+        "the global model on disk combined shards {:?}, the finished updates now are {now:?}",
+        report.shards
+    );
+    Ok(report)
 }
 
 /// Original form: every tensor of the model files in `dir` combined with `strategy` (by

@@ -102,14 +102,11 @@ impl Volume {
             // Plain FedAvg workers (no correction) that touched every bucket: the aggregator
             // combines exactly these weights.
             h.train = Some(
-                serde_json::to_value(
-                    TrainArgs {
-                        algorithm: Algorithm::FedAvg,
-                        ..Default::default()
-                    }
-                    .config(1, shard),
-                )
-                .unwrap(),
+                TrainArgs {
+                    algorithm: Algorithm::FedAvg,
+                    ..Default::default()
+                }
+                .config(1, shard),
             );
             let b = BIAS[shard];
             let weight = (0..dim).map(|j| b * (1 + j % 7) as f32).collect();

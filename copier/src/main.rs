@@ -1,22 +1,19 @@
 //! `copier`: turns the IMDB archive into one training shard per federated worker, the test
 //! set and a manifest on the shared volume (see `README.md`). This file is only the command
-//! line; the work is in [`source`] (reading), [`partition`] (who gets which review),
-//! [`write`] (files, idempotence, `--force`) and [`download`].
+//! line; the work is in [`shard`] (the workflow, step by step), which reads with [`source`],
+//! deals the reviews with `fedimdb::partition` and writes with [`write`] (files,
+//! idempotence, `--force`), and in [`download`].
 
 mod download;
-use fedimdb::partition;
+mod shard;
 mod source;
 mod write;
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use fedimdb::layout::Layout;
 use fedimdb::manifest::Partition;
-use fedimdb::reviews::Review;
-
-use crate::write::{Existing, Settings};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -118,128 +115,14 @@ fn run_download(args: DownloadArgs) -> Result<()> {
 
 fn run_shard(args: ShardArgs) -> Result<()> {
     // clap requires these three unless a subcommand is given.
-    let source_path = args.source.context("--source is required")?;
-    let out = args.out.context("--out is required")?;
-    let workers = args.workers.context("--workers is required")?;
-
-    // Cheap checks first, before touching the source or the output.
-    if workers == 0 {
-        bail!(partition::PartitionError::NoWorkers);
-    }
-    partition::check_alpha(args.alpha)?;
-    source::kind_of(&source_path)?;
-    let settings = Settings {
-        workers,
+    shard::run(&shard::Request {
+        source: args.source.context("--source is required")?,
+        out: args.out.context("--out is required")?,
+        workers: args.workers.context("--workers is required")?,
         partition: args.partition,
-        alpha: (args.partition == Partition::Dirichlet).then_some(args.alpha),
-        min_shard: (args.partition == Partition::Dirichlet).then_some(args.min_shard),
+        alpha: args.alpha,
+        min_shard: args.min_shard,
         seed: args.seed,
-    };
-    let layout = Layout::new(&out);
-
-    let mut dataset = None;
-    match write::inspect(&layout, &settings, args.force)? {
-        Existing::Nothing | Existing::Replace => {}
-        Existing::SameSettings(old) => {
-            let (sha256, data) = source::identify(&source_path)?;
-            if sha256 != old.source.sha256 {
-                bail!(
-                    "{} already holds data made from another source (sha256 {} from {}, now {} from {}); \
-                     pass --force to replace it, or choose another --out",
-                    layout.data_dir().display(),
-                    old.source.sha256,
-                    old.source.path,
-                    sha256,
-                    source_path.display()
-                );
-            }
-            let problems = write::verify(&layout, &old);
-            if problems.is_empty() {
-                println!(
-                    "{} is already done: {} {} shards (seed {}) from source sha256 {}; nothing to do (pass --force to rewrite)",
-                    layout.data_dir().display(),
-                    settings.workers,
-                    settings.partition,
-                    settings.seed,
-                    sha256
-                );
-                return Ok(());
-            }
-            for p in &problems {
-                tracing::warn!("{p}");
-            }
-            tracing::warn!("the data does not match its manifest; rewriting it");
-            dataset = data;
-        }
-    }
-
-    // The test set's encoding starts as soon as the archive moves on to training reviews,
-    // so that it overlaps with reading them (see `source::TestReadEarly`).
-    let mut early_test: Option<(usize, std::thread::JoinHandle<Result<write::Encoded>>)> = None;
-    let data = match dataset {
-        Some(d) => d,
-        None => source::read(&source_path, &mut |test| {
-            let rows = test.len();
-            tracing::debug!("the test set looks complete ({rows} reviews); encoding it early");
-            let encoding = std::thread::Builder::new()
-                .name("encode-test".into())
-                .spawn(move || write::encode(&test));
-            // Without a thread the test set is simply encoded later with the shards.
-            early_test = encoding.ok().map(|h| (rows, h));
-        })?,
-    };
-    let labels: Vec<u8> = data.train.iter().map(|r| r.label).collect();
-    let shard_indices = match settings.partition {
-        Partition::Iid => partition::iid(&labels, workers, settings.seed)?,
-        Partition::Dirichlet => {
-            partition::dirichlet(&labels, workers, args.alpha, args.min_shard, settings.seed)?
-        }
-    };
-    let shards = take_shards(data.train, &shard_indices);
-    let n_train: usize = shards.iter().map(Vec::len).sum();
-    let n_test = data.test.len();
-    let test = match early_test {
-        Some((rows, encoding)) if rows == n_test => write::Content::Encoding(encoding),
-        // More test reviews came later: the early encoding is stale (its thread is left to
-        // finish on its own) and the full test set is encoded with the shards.
-        early => {
-            if let Some((rows, _)) = early {
-                tracing::debug!(
-                    "{} test reviews came after the first {rows}; encoding again",
-                    n_test - rows
-                );
-            }
-            write::Content::Reviews(data.test)
-        }
-    };
-    let manifest = write::write_all(&layout, data.source, &settings, shards, test)?;
-    for s in &manifest.shards {
-        tracing::info!(
-            "{}: {} reviews ({} positive, {} negative)",
-            s.file,
-            s.rows,
-            s.positive,
-            s.negative
-        );
-    }
-    println!(
-        "wrote {} {} shards ({n_train} training reviews) and test.parquet ({n_test} reviews) to {}",
-        settings.workers,
-        settings.partition,
-        layout.data_dir().display()
-    );
-    Ok(())
-}
-
-/// Moves the training reviews into their shards (no copies of the texts).
-fn take_shards(train: Vec<Review>, indices: &[Vec<usize>]) -> Vec<Vec<Review>> {
-    let mut slots: Vec<Option<Review>> = train.into_iter().map(Some).collect();
-    indices
-        .iter()
-        .map(|idx| {
-            idx.iter()
-                .map(|&i| slots[i].take().expect("partition places each review once"))
-                .collect()
-        })
-        .collect()
+        force: args.force,
+    })
 }

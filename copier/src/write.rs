@@ -130,28 +130,22 @@ pub fn inspect(layout: &Layout, settings: &Settings, force: bool) -> Result<Exis
     Ok(Existing::SameSettings(Box::new(old)))
 }
 
-/// Compares the files an up-to-date manifest lists with what is on disk. Returns the
-/// problems found (a missing file, a changed checksum); empty means nothing to do.
+/// Checks every file an up-to-date manifest lists against its checksum there
+/// ([`fedimdb::verify::check_file`]). Returns the problems found (a missing file, a changed
+/// checksum); empty means nothing to do.
 pub fn verify(layout: &Layout, manifest: &DataManifest) -> Vec<String> {
     let dir = layout.data_dir();
-    let mut problems = Vec::new();
-    for entry in manifest
+    let record = layout.data_manifest();
+    manifest
         .shards
         .iter()
         .chain(std::iter::once(&manifest.test))
-    {
-        let path = dir.join(&entry.file);
-        match fedimdb::digest::sha256_file(&path) {
-            Ok(sha) if sha == entry.sha256 => {}
-            Ok(sha) => problems.push(format!(
-                "{} has sha256 {sha}, the manifest says {}",
-                path.display(),
-                entry.sha256
-            )),
-            Err(e) => problems.push(format!("{e:#}")),
-        }
-    }
-    problems
+        .filter_map(|entry| {
+            fedimdb::verify::check_file(&dir.join(&entry.file), &entry.sha256, &record)
+                .err()
+                .map(|e| format!("{e:#}"))
+        })
+        .collect()
 }
 
 /// Removes what a failed run wrote. Folders are removed only if this run created them

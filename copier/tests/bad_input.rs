@@ -12,14 +12,6 @@ use flate2::write::GzEncoder;
 
 use common::*;
 
-/// A temp folder with a valid small archive in it.
-fn setup() -> (tempfile::TempDir, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let archive = tmp.path().join("imdb.tar.gz");
-    write_archive(&archive, &small_dataset());
-    (tmp, archive)
-}
-
 /// Runs the copier from `source` into `root` with `extra` arguments, expects failure with
 /// all `needles` in the message, and checks that `root` received nothing.
 fn refuses(source: &Path, root: &Path, extra: &[&str], needles: &[&str]) {
@@ -37,6 +29,18 @@ fn refuses(source: &Path, root: &Path, extra: &[&str], needles: &[&str]) {
     }
     fails(out, needles);
     assert_no_output(root);
+}
+
+/// [`refuses`] `source` with the default arguments, into `tmp/run`.
+fn refuses_source(tmp: &Path, source: &Path, needles: &[&str]) {
+    refuses(source, &tmp.join("run"), &[], needles);
+}
+
+/// [`refuses_source`] a file `tmp/name` holding `bytes`.
+fn refuses_file(tmp: &Path, name: &str, bytes: &[u8], needles: &[&str]) {
+    let src = tmp.join(name);
+    fs::write(&src, bytes).unwrap();
+    refuses_source(tmp, &src, needles);
 }
 
 fn assert_no_output(root: &Path) {
@@ -58,7 +62,7 @@ fn archive_of(tmp: &Path, name: &str, entries: &[Entry]) -> PathBuf {
 
 #[test]
 fn missing_source() {
-    let (tmp, _) = setup();
+    let (tmp, _) = small_archive();
     let root = tmp.path().join("run");
     refuses(
         &tmp.path().join("nope.tar.gz"),
@@ -71,40 +75,34 @@ fn missing_source() {
 
 #[test]
 fn not_gzip() {
-    let (tmp, _) = setup();
-    let src = tmp.path().join("plain.tar.gz");
-    fs::write(&src, b"this is not a gzip file at all").unwrap();
-    refuses(
-        &src,
-        &tmp.path().join("run"),
-        &[],
+    let (tmp, _) = small_archive();
+    refuses_file(
+        tmp.path(),
+        "plain.tar.gz",
+        b"this is not a gzip file at all",
         &["plain.tar.gz", "not a gzip file"],
     );
-    let empty = tmp.path().join("empty.tar.gz");
-    fs::write(&empty, b"").unwrap();
-    refuses(
-        &empty,
-        &tmp.path().join("run"),
-        &[],
+    refuses_file(
+        tmp.path(),
+        "empty.tar.gz",
+        b"",
         &["empty.tar.gz", "not a gzip file"],
     );
 }
 
 #[test]
 fn truncated_archive() {
-    let (tmp, archive) = setup();
+    let (tmp, archive) = small_archive();
     let bytes = fs::read(&archive).unwrap();
     // Cut in the middle, and cut only the gzip trailer (CRC and length).
     for (name, keep) in [
         ("half.tar.gz", bytes.len() / 2),
         ("no-trailer.tar.gz", bytes.len() - 4),
     ] {
-        let src = tmp.path().join(name);
-        fs::write(&src, &bytes[..keep]).unwrap();
-        refuses(
-            &src,
-            &tmp.path().join("run"),
-            &[],
+        refuses_file(
+            tmp.path(),
+            name,
+            &bytes[..keep],
             &[name, "truncated or corrupt"],
         );
     }
@@ -112,50 +110,46 @@ fn truncated_archive() {
 
 #[test]
 fn gzip_that_is_not_a_tar() {
-    let (tmp, _) = setup();
+    let (tmp, _) = small_archive();
     let src = tmp.path().join("text.gz");
     let mut gz = GzEncoder::new(fs::File::create(&src).unwrap(), Compression::default());
     gz.write_all(&b"just some text, not a tar archive\n".repeat(40))
         .unwrap();
     gz.finish().unwrap();
-    refuses(
+    refuses_source(
+        tmp.path(),
         &src,
-        &tmp.path().join("run"),
-        &[],
         &["text.gz", "at its first entry", "truncated or corrupt"],
     );
 }
 
 #[test]
 fn corrupt_gzip_data() {
-    let (tmp, archive) = setup();
+    let (tmp, archive) = small_archive();
     let mut bytes = fs::read(&archive).unwrap();
     let mid = bytes.len() / 2;
     for b in &mut bytes[mid..mid + 64] {
         *b ^= 0x5a;
     }
-    let src = tmp.path().join("flipped.tar.gz");
-    fs::write(&src, &bytes).unwrap();
-    refuses(
-        &src,
-        &tmp.path().join("run"),
-        &[],
+    refuses_file(
+        tmp.path(),
+        "flipped.tar.gz",
+        &bytes,
         &["flipped.tar.gz", "truncated or corrupt"],
     );
 }
 
 #[test]
 fn missing_review_folders_are_named() {
-    let (tmp, _) = setup();
+    let (tmp, _) = small_archive();
     let entries: Vec<Entry> = small_dataset()
         .into_iter()
         .filter(|(n, _)| !n.starts_with("train/neg/") && !n.starts_with("test/pos/"))
         .collect();
     let src = archive_of(tmp.path(), "partial.tar.gz", &entries);
-    refuses(
+    refuses_source(
+        tmp.path(),
         &src,
-        &tmp.path().join("run"),
-        &[],
         &[
             "partial.tar.gz",
             "no reviews in aclImdb/train/neg, aclImdb/test/pos",
@@ -168,49 +162,45 @@ fn missing_review_folders_are_named() {
         "other.tar.gz",
         &[("notes.txt".into(), b"hello".to_vec())],
     );
-    refuses(
+    refuses_source(
+        tmp.path(),
         &src,
-        &tmp.path().join("run"),
-        &[],
         &["aclImdb/train/pos, aclImdb/train/neg, aclImdb/test/pos, aclImdb/test/neg"],
     );
 
     // The same check for folders.
     let folder = tmp.path().join("folder");
     write_folder(&folder, &entries);
-    refuses(
+    refuses_source(
+        tmp.path(),
         &folder,
-        &tmp.path().join("run"),
-        &[],
         &["no reviews in aclImdb/train/neg, aclImdb/test/pos"],
     );
 }
 
 #[test]
 fn invalid_utf8_review_is_named() {
-    let (tmp, _) = setup();
+    let (tmp, _) = small_archive();
     let mut entries = small_dataset();
     entries.push(("train/neg/200_3.txt".into(), b"caf\xe9 latin-1".to_vec()));
     let src = archive_of(tmp.path(), "latin1.tar.gz", &entries);
-    refuses(
+    refuses_source(
+        tmp.path(),
         &src,
-        &tmp.path().join("run"),
-        &[],
         &["aclImdb/train/neg/200_3.txt", "not valid UTF-8"],
     );
     let folder = tmp.path().join("folder");
     write_folder(&folder, &entries);
-    refuses(
+    refuses_source(
+        tmp.path(),
         &folder,
-        &tmp.path().join("run"),
-        &[],
         &["train/neg/200_3.txt", "not valid UTF-8"],
     );
 }
 
 #[test]
 fn bad_ratings_and_names_are_named() {
-    let (tmp, _) = setup();
+    let (tmp, _) = small_archive();
     for (i, (file, needle)) in [
         ("train/pos/300_3.txt", "rating 3 in a pos/ folder"),
         ("test/neg/300_9.txt", "rating 9 in a neg/ folder"),
@@ -223,18 +213,13 @@ fn bad_ratings_and_names_are_named() {
         let mut entries = small_dataset();
         entries.push((file.into(), b"text".to_vec()));
         let src = archive_of(tmp.path(), &format!("bad{i}.tar.gz"), &entries);
-        refuses(
-            &src,
-            &tmp.path().join("run"),
-            &[],
-            &[&format!("aclImdb/{file}"), needle],
-        );
+        refuses_source(tmp.path(), &src, &[&format!("aclImdb/{file}"), needle]);
     }
 }
 
 #[test]
 fn bad_worker_counts() {
-    let (tmp, archive) = setup();
+    let (tmp, archive) = small_archive();
     let root = tmp.path().join("run");
     refuses(
         &archive,
@@ -258,7 +243,7 @@ fn bad_worker_counts() {
 
 #[test]
 fn bad_alphas() {
-    let (tmp, archive) = setup();
+    let (tmp, archive) = small_archive();
     let root = tmp.path().join("run");
     for a in ["0", "-1", "NaN", "inf"] {
         refuses(
@@ -288,19 +273,14 @@ fn bad_alphas() {
 
 #[test]
 fn unwritable_output() {
-    let (tmp, archive) = setup();
+    let (tmp, archive) = small_archive();
     // --out below a regular file.
     let file = tmp.path().join("a-file");
     fs::write(&file, b"x").unwrap();
-    let out = copier(&[
-        "--source",
-        s(&archive),
-        "--out",
-        s(&file.join("run")),
-        "--workers",
-        "2",
-    ]);
-    fails(out, &["cannot create the output folder", "a-file"]);
+    fails(
+        shard(&archive, &file.join("run"), 2, &[]),
+        &["cannot create the output folder", "a-file"],
+    );
     assert_eq!(fs::read(&file).unwrap(), b"x");
 
     // data/ exists as a file.
@@ -308,7 +288,7 @@ fn unwritable_output() {
     fs::create_dir(&root).unwrap();
     fs::write(root.join("data"), b"x").unwrap();
     fails(
-        copier(&["--source", s(&archive), "--out", s(&root), "--workers", "2"]),
+        shard(&archive, &root, 2, &[]),
         &["cannot create the output folder"],
     );
     assert_eq!(names(&root), ["data"]);
@@ -317,8 +297,7 @@ fn unwritable_output() {
     // into place after the test set and other shards were written. They must be removed.
     let root = tmp.path().join("run2");
     fs::create_dir_all(root.join("data/shard-00001.parquet/inside")).unwrap();
-    let out = copier(&["--source", s(&archive), "--out", s(&root), "--workers", "3"]);
-    fails(out, &["shard-00001.parquet"]);
+    fails(shard(&archive, &root, 3, &[]), &["shard-00001.parquet"]);
     assert_eq!(
         names(&root.join("data")),
         ["shard-00001.parquet"],
@@ -328,7 +307,7 @@ fn unwritable_output() {
 
 #[test]
 fn bad_input_does_not_create_the_output_folder() {
-    let (tmp, archive) = setup();
+    let (tmp, archive) = small_archive();
     let fresh = tmp.path().join("x/y/z");
     refuses(
         &tmp.path().join("missing.tar.gz"),

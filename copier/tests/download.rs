@@ -48,6 +48,11 @@ fn serve(body: Vec<u8>) -> String {
     format!("http://{addr}")
 }
 
+/// Runs `copier download --to TO --url URL --sha256 SHA256`.
+fn download(to: &Path, url: &str, sha256: &str) -> std::process::Output {
+    copier(&["download", "--to", s(to), "--url", url, "--sha256", sha256])
+}
+
 fn small_archive_bytes(dir: &Path) -> Vec<u8> {
     let p = dir.join("made.tar.gz");
     write_archive(&p, &small_dataset());
@@ -67,15 +72,7 @@ fn downloads_checks_and_skips_a_second_time() {
     std::fs::create_dir(&to).unwrap();
     std::fs::write(to.join("aclImdb_v1.tar.gz"), b"half a file").unwrap();
 
-    let log = ok(copier(&[
-        "download",
-        "--to",
-        s(&to),
-        "--url",
-        &url,
-        "--sha256",
-        &sha,
-    ]));
+    let log = ok(download(&to, &url, &sha));
     assert!(log.contains("downloading it again"), "{log}");
     assert!(
         log.contains("downloaded") && log.contains("sha256 verified"),
@@ -84,27 +81,12 @@ fn downloads_checks_and_skips_a_second_time() {
     assert_eq!(names(&to), ["aclImdb_v1.tar.gz"]);
     assert_eq!(std::fs::read(to.join("aclImdb_v1.tar.gz")).unwrap(), body);
 
-    let log = ok(copier(&[
-        "download",
-        "--to",
-        s(&to),
-        "--url",
-        &url,
-        "--sha256",
-        &sha,
-    ]));
+    let log = ok(download(&to, &url, &sha));
     assert!(log.contains("already present"), "{log}");
 
     // The download is a valid source.
     let root = tmp.path().join("run");
-    ok(copier(&[
-        "--source",
-        s(&to.join("aclImdb_v1.tar.gz")),
-        "--out",
-        s(&root),
-        "--workers",
-        "2",
-    ]));
+    ok(shard(&to.join("aclImdb_v1.tar.gz"), &root, 2, &[]));
     assert_eq!(read_output(&root).manifest.source.sha256, sha);
 }
 
@@ -117,15 +99,7 @@ fn wrong_hash_keeps_nothing() {
     let url = format!("{}/archive.tar.gz", serve(body));
     let to = tmp.path().join("downloads");
     fails(
-        copier(&[
-            "download",
-            "--to",
-            s(&to),
-            "--url",
-            &url,
-            "--sha256",
-            &expected,
-        ]),
+        download(&to, &url, &expected),
         &[&actual, &expected, "not kept"],
     );
     assert!(!to.exists(), "left behind: {:?}", names(&to));
@@ -137,20 +111,8 @@ fn http_404_is_reported() {
     let url = format!("{}/missing.tar.gz", serve(Vec::new()));
     let to = tmp.path().join("downloads");
     fails(
-        copier(&[
-            "download",
-            "--to",
-            s(&to),
-            "--url",
-            &url,
-            "--sha256",
-            download_sha_placeholder(),
-        ]),
+        download(&to, &url, &"0".repeat(64)),
         &["HTTP 404", "missing.tar.gz"],
     );
     assert!(!to.exists(), "left behind: {:?}", names(&to));
-}
-
-fn download_sha_placeholder() -> &'static str {
-    "0000000000000000000000000000000000000000000000000000000000000000"
 }

@@ -32,14 +32,7 @@ fn full_archive_into_five_iid_shards() {
     let Some(archive) = archive() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("run");
-    ok(copier(&[
-        "--source",
-        s(&archive),
-        "--out",
-        s(&root),
-        "--workers",
-        "5",
-    ]));
+    ok(shard(&archive, &root, 5, &[]));
 
     let out = read_output(&root);
     let m = &out.manifest;

@@ -39,18 +39,9 @@ fn expected_ids(prefix: &str) -> BTreeSet<String> {
 
 #[test]
 fn writes_shards_test_set_and_manifest() {
-    let tmp = tempfile::tempdir().unwrap();
-    let archive = tmp.path().join("imdb.tar.gz");
-    write_archive(&archive, &small_dataset());
+    let (tmp, archive) = small_archive();
     let root = tmp.path().join("run");
-    let log = ok(copier(&[
-        "--source",
-        s(&archive),
-        "--out",
-        s(&root),
-        "--workers",
-        "3",
-    ]));
+    let log = ok(shard(&archive, &root, 3, &[]));
     assert!(log.contains("wrote 3 iid shards"), "{log}");
 
     assert_eq!(
@@ -139,12 +130,9 @@ fn writes_shards_test_set_and_manifest() {
 
 #[test]
 fn rerun_is_a_no_op_and_other_arguments_need_force() {
-    let tmp = tempfile::tempdir().unwrap();
-    let archive = tmp.path().join("imdb.tar.gz");
-    write_archive(&archive, &small_dataset());
+    let (tmp, archive) = small_archive();
     let root = tmp.path().join("run");
-    let args = ["--source", s(&archive), "--out", s(&root), "--workers", "3"];
-    ok(copier(&args));
+    ok(shard(&archive, &root, 3, &[]));
     let manifest = root.join("data/manifest.json");
     let before = (
         fs::read(&manifest).unwrap(),
@@ -152,7 +140,7 @@ fn rerun_is_a_no_op_and_other_arguments_need_force() {
         data_bytes(&root),
     );
 
-    let log = ok(copier(&args));
+    let log = ok(shard(&archive, &root, 3, &[]));
     assert!(log.contains("already done"), "{log}");
     let after = (
         fs::read(&manifest).unwrap(),
@@ -163,30 +151,12 @@ fn rerun_is_a_no_op_and_other_arguments_need_force() {
 
     // Other settings: refused, naming the differences, nothing changed.
     let log = fails(
-        copier(&[
-            "--source",
-            s(&archive),
-            "--out",
-            s(&root),
-            "--workers",
-            "2",
-            "--seed",
-            "7",
-        ]),
+        shard(&archive, &root, 2, &["--seed", "7"]),
         &["workers 3 → 2", "seed 42 → 7", "--force"],
     );
     assert!(!log.contains("wrote"), "{log}");
     let log = fails(
-        copier(&[
-            "--source",
-            s(&archive),
-            "--out",
-            s(&root),
-            "--workers",
-            "3",
-            "--partition",
-            "dirichlet",
-        ]),
+        shard(&archive, &root, 3, &["--partition", "dirichlet"]),
         &["partition iid → dirichlet", "alpha none → 0.5"],
     );
     assert!(log.contains("--force"));
@@ -198,27 +168,12 @@ fn rerun_is_a_no_op_and_other_arguments_need_force() {
     let archive2 = tmp.path().join("other.tar.gz");
     write_archive(&archive2, &other);
     fails(
-        copier(&[
-            "--source",
-            s(&archive2),
-            "--out",
-            s(&root),
-            "--workers",
-            "3",
-        ]),
+        shard(&archive2, &root, 3, &[]),
         &["another source", "--force"],
     );
 
     // --force with fewer workers: rewritten, the extra shard removed.
-    ok(copier(&[
-        "--source",
-        s(&archive),
-        "--out",
-        s(&root),
-        "--workers",
-        "2",
-        "--force",
-    ]));
+    ok(shard(&archive, &root, 2, &["--force"]));
     assert_eq!(
         names(&root.join("data")),
         [
@@ -235,14 +190,10 @@ fn rerun_is_a_no_op_and_other_arguments_need_force() {
 
 #[test]
 fn same_seed_gives_identical_bytes_and_other_seeds_differ() {
-    let tmp = tempfile::tempdir().unwrap();
-    let archive = tmp.path().join("imdb.tar.gz");
-    write_archive(&archive, &small_dataset());
+    let (tmp, archive) = small_archive();
     let run = |name: &str, extra: &[&str]| {
         let root = tmp.path().join(name);
-        let mut args = vec!["--source", s(&archive), "--out", s(&root), "--workers", "4"];
-        args.extend_from_slice(extra);
-        ok(copier(&args));
+        ok(shard(&archive, &root, 4, extra));
         root
     };
     let a = run("a", &[]);
@@ -292,20 +243,10 @@ fn folder_archive_and_entry_order_give_identical_shards() {
     let folder = tmp.path().join("unpacked");
     write_folder(&folder, &entries);
 
+    let dirichlet = ["--partition", "dirichlet", "--alpha", "1"];
     let run = |name: &str, source: &Path| {
         let root = tmp.path().join(name);
-        ok(copier(&[
-            "--source",
-            s(source),
-            "--out",
-            s(&root),
-            "--workers",
-            "3",
-            "--partition",
-            "dirichlet",
-            "--alpha",
-            "1",
-        ]));
+        ok(shard(source, &root, 3, &dirichlet));
         root
     };
     let a = run("from-archive", &archive);
@@ -332,26 +273,13 @@ fn folder_archive_and_entry_order_give_identical_shards() {
     assert_eq!((m.partition, m.alpha), (Partition::Dirichlet, Some(1.0)));
 
     // A folder source is also recognised on a re-run (its digest is stable).
-    let log = ok(copier(&[
-        "--source",
-        s(&folder),
-        "--out",
-        s(&f),
-        "--workers",
-        "3",
-        "--partition",
-        "dirichlet",
-        "--alpha",
-        "1",
-    ]));
+    let log = ok(shard(&folder, &f, 3, &dirichlet));
     assert!(log.contains("already done"), "{log}");
 }
 
 #[test]
 fn dirichlet_shards_cover_everything_once_and_none_is_empty() {
-    let tmp = tempfile::tempdir().unwrap();
-    let archive = tmp.path().join("imdb.tar.gz");
-    write_archive(&archive, &small_dataset());
+    let (tmp, archive) = small_archive();
     let root = tmp.path().join("run");
     ok(copier(&[
         "--source",
@@ -378,17 +306,19 @@ fn dirichlet_shards_cover_everything_once_and_none_is_empty() {
 
 #[test]
 fn interrupted_or_damaged_output_is_rewritten() {
-    let tmp = tempfile::tempdir().unwrap();
-    let archive = tmp.path().join("imdb.tar.gz");
-    write_archive(&archive, &small_dataset());
+    let (tmp, archive) = small_archive();
     let root = tmp.path().join("run");
-    let args = ["--source", s(&archive), "--out", s(&root), "--workers", "3"];
-    ok(copier(&args));
+    let run = || ok(shard(&archive, &root, 3, &[]));
+    run();
     let good = data_bytes(&root);
 
     // A damaged shard under a matching manifest: detected and rewritten.
     fs::write(root.join("data/shard-00001.parquet"), b"garbage").unwrap();
-    let log = ok(copier(&args));
+    let log = run();
+    assert!(
+        log.contains("shard-00001.parquet does not match its checksum"),
+        "{log}"
+    );
     assert!(log.contains("does not match its manifest"), "{log}");
     assert!(data_bytes(&root) == good);
 
@@ -397,16 +327,14 @@ fn interrupted_or_damaged_output_is_rewritten() {
     fs::remove_file(root.join("data/shard-00002.parquet")).unwrap();
     fs::write(root.join("data/.shard-00002.parquet.tmp-99-0"), b"partial").unwrap();
     fs::write(root.join("data/shard-00007.parquet"), b"old").unwrap();
-    let log = ok(copier(&args));
+    let log = run();
     assert!(log.contains("wrote 3 iid shards"), "{log}");
     assert!(data_bytes(&root) == good);
 }
 
 #[test]
 fn source_can_come_from_the_environment() {
-    let tmp = tempfile::tempdir().unwrap();
-    let archive = tmp.path().join("imdb.tar.gz");
-    write_archive(&archive, &small_dataset());
+    let (tmp, archive) = small_archive();
     let root = tmp.path().join("run");
     let out = copier_cmd()
         .env("FEDIMDB_SOURCE", &archive)

@@ -19,7 +19,7 @@ use std::io::Read;
 
 use fedimdb::featurize::{Featurizer, FeaturizerConfig};
 use fedimdb::model::{ClassCounts, Model, ModelConfig, Scorer};
-use fedimdb::train::{Algorithm, Correction, Schedule, SparseSgd, TrainConfig, worker_seed};
+use fedimdb::train::{Algorithm, Correction, Schedule, TrainConfig, train_sparse, worker_seed};
 
 fn env_list<T: std::str::FromStr>(name: &str, default: &str) -> Vec<T>
 where
@@ -104,9 +104,9 @@ fn main() {
         featurizer: fc,
         nb_smoothing: 1.0,
     };
-    let base = Model::from_counts(mc, &ClassCounts::count(mc.dim(), &xtr, &ytr)).unwrap();
-    let ratio: Vec<f32> = base.nb_ratio.to_vec1().unwrap();
-    let bias0 = base.bias.to_vec1::<f32>().unwrap()[0];
+    let base = Model::from_counts(mc, &ClassCounts::count(mc.dim(), &xtr, &ytr));
+    let ratio: Vec<f32> = base.nb_ratio.clone();
+    let bias0 = base.bias;
     let acc = |w: &[f32], b: f32| {
         let s = Scorer::new(mc, w, b, &ratio);
         xev.iter()
@@ -142,8 +142,8 @@ fn main() {
                             };
                             let t0 = std::time::Instant::now();
                             let line = simulate(
-                                &algo, steps, lr, &schedule, rounds, &shards, &xtr, &ytr, &ratio,
-                                bias0, &acc,
+                                &algo, steps, lr, &schedule, rounds, &shards, &xtr, &ytr, mc,
+                                &ratio, bias0, &acc,
                             );
                             println!(
                                 "{algo:8} steps {steps:6} lr {lr:5} {schedule:8} workers {workers:3} part {part:4}: {line} ({:.1}s)",
@@ -157,6 +157,10 @@ fn main() {
     }
 }
 
+/// One worker's round: its weights and bias, its mean gradient and bias gradient (its next
+/// control variate), and the first pass's loss.
+type WorkerRound = (Vec<f32>, f32, Vec<f32>, f32, f64);
+
 #[allow(clippy::too_many_arguments)]
 fn simulate(
     algo: &str,
@@ -167,6 +171,7 @@ fn simulate(
     shards: &[Vec<usize>],
     xtr: &[Vec<u32>],
     ytr: &[u8],
+    mc: ModelConfig,
     ratio: &[f32],
     bias0: f32,
     acc: &dyn Fn(&[f32], f32) -> f64,
@@ -223,7 +228,7 @@ fn simulate(
     }
     for r in 1..=rounds {
         let lr = lr * (r as f32).powf(-pow);
-        let results: Vec<(Vec<f32>, f32, Vec<f32>, f32, f64)> = std::thread::scope(|s| {
+        let results: Vec<WorkerRound> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..2)
                 .map(|t| {
                     let (w, c, ci, data, full_grad) = (&w, &c, &ci, &data, &full_grad);
@@ -231,7 +236,12 @@ fn simulate(
                         let mut out = Vec::new();
                         for k in (t..data.len()).step_by(2) {
                             let (xs, ys) = &data[k];
-                            let mut sgd = SparseSgd::from_parts(w.clone(), b, ratio.to_vec());
+                            let mut sgd = Model {
+                                config: mc,
+                                weight: w.clone(),
+                                bias: b,
+                                nb_ratio: ratio.to_vec(),
+                            };
                             let schedule = if schedule == "linear" {
                                 Schedule::Linear
                             } else {
@@ -265,7 +275,7 @@ fn simulate(
                                     bias: c.bias - own.bias,
                                 }
                             });
-                            let mut o = sgd.train(xs, ys, &tc, corr.as_ref(), |_| {});
+                            let mut o = train_sparse(&mut sgd, xs, ys, &tc, corr.as_ref(), |_| {});
                             if opt1 {
                                 let (g, gb) = full_grad(w, b, xs, ys);
                                 o.mean_grad = g;

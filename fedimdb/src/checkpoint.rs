@@ -21,7 +21,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
-use candle_core::{Device, Tensor};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
@@ -76,17 +75,41 @@ pub struct RoundPoint {
     pub test_accuracy: f64,
 }
 
-/// What a person or program wants to know about a trained model.
+/// What a person or program wants to know about a trained model. The one card type: a
+/// model file's header holds it, and `model/latest.json` holds it with the three
+/// publication fields filled in (which model file it describes, from which round, since
+/// when), so a reader of either finds the same fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct ModelCard {
+    /// Published cards: the round that made the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<u32>,
+    /// Published cards: the SHA-256 of `model/latest.safetensors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Published cards: when it was published (RFC 3339 UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trained_at: Option<String>,
     pub workers: usize,
-    pub partition: String,
+    pub partition: crate::manifest::Partition,
     pub alpha: Option<f64>,
     pub train_samples: u64,
     /// Test accuracy after each training round.
     pub history: Vec<RoundPoint>,
     /// Test-set metrics of this model.
     pub metrics: BTreeMap<String, f64>,
+}
+
+impl ModelCard {
+    /// This card as published: for the model of `round` whose file has checksum `sha256`.
+    pub fn published(self, round: u32, sha256: String) -> Self {
+        Self {
+            round: Some(round),
+            sha256: Some(sha256),
+            trained_at: Some(crate::report::utc_now()),
+            ..self
+        }
+    }
 }
 
 /// The JSON header of every file.
@@ -109,8 +132,8 @@ pub struct Header {
     /// SHA-256 of the global model an update started from, so the aggregator can refuse
     /// an update trained from the wrong model.
     pub base_sha256: Option<String>,
-    /// Training hyper-parameters, as JSON (updates).
-    pub train: Option<serde_json::Value>,
+    /// Training hyper-parameters (updates, and models trained by the trainer's original form).
+    pub train: Option<crate::train::TrainConfig>,
     /// The model card (models).
     pub card: Option<ModelCard>,
     /// Control files: for each shard, the round whose update holds the gradient counted in
@@ -123,6 +146,21 @@ pub struct Header {
 }
 
 impl Header {
+    /// How many of `samples` are positive (stats and control files), checked to be at most
+    /// `samples`.
+    pub fn positives(&self) -> Result<u64> {
+        let positive = self
+            .positive
+            .with_context(|| format!("the {:?} header lacks `positive`", self.kind))?;
+        ensure!(
+            positive <= self.samples,
+            "the {:?} header says {positive} positive of {} samples",
+            self.kind,
+            self.samples
+        );
+        Ok(positive)
+    }
+
     pub fn new(kind: Kind, config: ModelConfig, round: u32) -> Self {
         Self {
             kind,
@@ -337,6 +375,16 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Fails unless this is a file of `kind`, which holds `what`.
+    pub fn holds(&self, kind: Kind, what: &str) -> Result<()> {
+        ensure!(
+            self.header.kind == kind,
+            "a {:?} file holds no {what}",
+            self.header.kind
+        );
+        Ok(())
+    }
+
     /// The f32 values of tensor `name` (present after validation).
     pub fn tensor(&self, name: &str) -> &[f32] {
         &self.tensors[name]
@@ -350,23 +398,20 @@ impl Checkpoint {
     }
 
     /// A model file from a model.
-    pub fn from_model(model: &Model, mut header: Header) -> Result<Self> {
+    pub fn from_model(model: Model, mut header: Header) -> Self {
         header.kind = Kind::Model;
         header.config = model.config;
-        let cpu = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)
-        };
         let tensors = BTreeMap::from([
-            (WEIGHT.to_owned(), cpu(&model.weight)?),
-            (BIAS.to_owned(), cpu(&model.bias)?),
-            (NB_RATIO.to_owned(), cpu(&model.nb_ratio)?),
+            (WEIGHT.to_owned(), model.weight),
+            (BIAS.to_owned(), vec![model.bias]),
+            (NB_RATIO.to_owned(), model.nb_ratio),
         ]);
-        Ok(Self {
+        Self {
             header,
             tensors,
             index: Vec::new(),
             sha256: String::new(),
-        })
+        }
     }
 
     /// A dense file of `kind` from its tensors.
@@ -388,30 +433,20 @@ impl Checkpoint {
         }
     }
 
-    /// The model in a model file, on the CPU.
-    pub fn to_model(&self) -> Result<Model> {
-        ensure!(
-            self.header.kind == Kind::Model,
-            "a {:?} file holds no model",
-            self.header.kind
-        );
-        let dim = self.header.config.dim();
-        let t = |name: &str, n: usize| Tensor::from_slice(self.tensor(name), n, &Device::Cpu);
+    /// The model in a model file, taken out of the checkpoint without copying its tables.
+    pub fn into_model(mut self) -> Result<Model> {
+        self.holds(Kind::Model, "model")?;
         Ok(Model {
             config: self.header.config,
-            weight: t(WEIGHT, dim)?,
-            bias: t(BIAS, 1)?,
-            nb_ratio: t(NB_RATIO, dim)?,
+            bias: self.tensor(BIAS)[0],
+            weight: self.take_tensor(WEIGHT)?,
+            nb_ratio: self.take_tensor(NB_RATIO)?,
         })
     }
 
-    /// A fast CPU scorer for the model in a model file.
+    /// The fast inference form of the model in a model file.
     pub fn scorer(&self) -> Result<crate::model::Scorer> {
-        ensure!(
-            self.header.kind == Kind::Model,
-            "a {:?} file holds no model",
-            self.header.kind
-        );
+        self.holds(Kind::Model, "model")?;
         Ok(crate::model::Scorer::new(
             self.header.config,
             self.tensor(WEIGHT),
@@ -480,20 +515,8 @@ impl Checkpoint {
 
     /// The counts in a stats file.
     pub fn to_counts(&self) -> Result<ClassCounts> {
-        ensure!(
-            self.header.kind == Kind::Stats,
-            "a {:?} file holds no statistics",
-            self.header.kind
-        );
-        let n_pos = self
-            .header
-            .positive
-            .context("stats header lacks `positive`")?;
-        ensure!(
-            n_pos <= self.header.samples,
-            "stats header says {n_pos} positive of {} samples",
-            self.header.samples
-        );
+        self.holds(Kind::Stats, "statistics")?;
+        let n_pos = self.header.positives()?;
         Ok(ClassCounts {
             pos: self.scatter(STATS_POS),
             neg: self.scatter(STATS_NEG),
@@ -508,45 +531,34 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::featurize::FeaturizerConfig;
 
     fn cfg() -> ModelConfig {
-        ModelConfig {
-            featurizer: FeaturizerConfig {
-                hash_bits: 10,
-                max_ngram: 2,
-            },
-            nb_smoothing: 1.0,
-        }
+        ModelConfig::with_buckets(10, 2)
     }
 
     fn model() -> Model {
         let docs = vec![vec![1, 2], vec![3, 4]];
-        Model::from_counts(cfg(), &ClassCounts::count(cfg().dim(), &docs, &[1, 0])).unwrap()
+        Model::from_counts(cfg(), &ClassCounts::count(cfg().dim(), &docs, &[1, 0]))
     }
 
     #[test]
     fn model_round_trips_with_identical_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.safetensors");
-        let ck = Checkpoint::from_model(&model(), Header::new(Kind::Model, cfg(), 3)).unwrap();
+        let ck = Checkpoint::from_model(model(), Header::new(Kind::Model, cfg(), 3));
         let sha = ck.save(&p).unwrap();
         let back = Checkpoint::load_kind(&p, Kind::Model).unwrap();
         assert_eq!(back.sha256, sha);
         assert_eq!(back.header.round, 3);
         assert_eq!(back.to_bytes().unwrap(), std::fs::read(&p).unwrap());
-        let m = back.to_model().unwrap();
-        assert_eq!(
-            m.nb_ratio.to_vec1::<f32>().unwrap(),
-            model().nb_ratio.to_vec1::<f32>().unwrap()
-        );
+        assert_eq!(back.into_model().unwrap(), model());
     }
 
     #[test]
     fn bad_files_are_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.safetensors");
-        let mut ck = Checkpoint::from_model(&model(), Header::new(Kind::Model, cfg(), 1)).unwrap();
+        let mut ck = Checkpoint::from_model(model(), Header::new(Kind::Model, cfg(), 1));
         ck.save(&p).unwrap();
         let bytes = std::fs::read(&p).unwrap();
 

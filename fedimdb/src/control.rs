@@ -18,7 +18,7 @@
 //! and its worker corrects with that same `c_i` next time, so `c` and every `c_i` always
 //! come from one consistent set.
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 
 use crate::checkpoint::{
     CONTROL_BIAS, CONTROL_WEIGHT, Checkpoint, GRAD_BIAS, GRAD_WEIGHT, Header, Kind,
@@ -110,25 +110,13 @@ impl Control {
     }
 
     pub fn from_checkpoint(mut ck: Checkpoint) -> Result<Self> {
-        ensure!(
-            ck.header.kind == Kind::Control,
-            "a {:?} file holds no control variate",
-            ck.header.kind
-        );
+        ck.holds(Kind::Control, "control variate")?;
         let sources = ck
             .header
             .sources
             .clone()
             .context("control file without `sources`")?;
-        let positive = ck
-            .header
-            .positive
-            .context("control file without `positive`")?;
-        ensure!(
-            positive <= ck.header.samples,
-            "control file says {positive} positive of {} samples",
-            ck.header.samples
-        );
+        let positive = ck.header.positives()?;
         Ok(Self {
             bias: ck.tensor(CONTROL_BIAS)[0],
             weight: ck.take_tensor(CONTROL_WEIGHT)?,
@@ -184,7 +172,7 @@ mod tests {
         let ratio: Vec<f32> = (0..16).map(|j| (j as f32 - 7.0) / 5.0).collect();
         let bias0 = 0.3;
         let (g1, b1) = initial_gradient(&counts, &ratio, bias0);
-        let (g2, b2) = shard_gradient(&vec![0.0; 16], bias0, &ratio, &docs, &labels);
+        let (g2, b2) = shard_gradient(&[0.0; 16], bias0, &ratio, &docs, &labels);
         for (a, b) in g1.iter().zip(&g2) {
             assert!((a - b).abs() < 1e-6, "{g1:?} vs {g2:?}");
         }

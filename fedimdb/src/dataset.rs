@@ -5,7 +5,6 @@ use std::path::Path;
 
 use anyhow::{Result, ensure};
 
-use crate::digest::sha256_file;
 use crate::featurize::{Featurizer, FeaturizerConfig};
 use crate::manifest::FileEntry;
 use crate::reviews::{Review, read_parquet};
@@ -63,13 +62,8 @@ pub fn featurize_all(reviews: &[Review], cfg: FeaturizerConfig) -> Featurized {
 /// when one is given, so a damaged or swapped file is named instead of silently used.
 pub fn load_reviews(path: &Path, entry: Option<&FileEntry>) -> Result<Vec<Review>> {
     if let Some(e) = entry {
-        let sha = sha256_file(path)?;
-        ensure!(
-            sha == e.sha256,
-            "{} does not match the data manifest (sha256 {sha}, manifest says {}): the file was changed or damaged; re-run the copier with --force",
-            path.display(),
-            e.sha256
-        );
+        let manifest = path.with_file_name(crate::layout::MANIFEST_FILE);
+        crate::verify::check_file(path, &e.sha256, &manifest)?;
     }
     let reviews = read_parquet(path)?;
     if let Some(e) = entry {

@@ -8,6 +8,11 @@
 //! A document becomes the sorted set of distinct buckets of its 1..=`max_ngram`-grams
 //! (binary presence, as naive-Bayes SVMs use: repeating a word does not make a review more
 //! positive).
+//!
+//! One scanner ([`scan`] over [`NormChars`]) finds every token, with its hash and its byte
+//! range in the original text: [`Featurizer`] keeps only the hashes, [`Tokens`] keeps all
+//! three (the server explains predictions with it, highlighting tokens where the user wrote
+//! them), [`tokenize`] and [`preprocess`] keep the text.
 
 use serde::{Deserialize, Serialize};
 
@@ -48,113 +53,82 @@ impl FeaturizerConfig {
     }
 }
 
+/// The HTML line breaks IMDB reviews contain, matched case-insensitively and read as a space.
+const BREAKS: [&str; 3] = ["<br />", "<br/>", "<br>"];
+
 /// The characters of the normalised text, produced lazily: lower-cased, with the HTML line
 /// breaks IMDB reviews contain (`<br />`, `<br/>`, `<br>`, any case) turned into a space.
-/// Both the string functions and the allocation-free hashing path read text through this
-/// one iterator, so they cannot disagree.
+/// Each comes with the byte range of the original character it was made from (a whole
+/// `<br />` for its space; the same range for every character of a lower-case expansion,
+/// as `İ` → `i̇`). Every function of this module reads raw text through this one iterator,
+/// so they cannot disagree.
 #[derive(Debug, Clone)]
-pub struct NormChars<'a> {
-    rest: &'a str,
+struct NormChars<'a> {
+    text: &'a str,
+    /// Byte offset of the first character not read yet.
+    pos: usize,
     pending: std::char::ToLowercase,
+    /// Byte range of the character whose lower case `pending` holds.
+    pending_at: (usize, usize),
 }
 
 impl<'a> NormChars<'a> {
-    pub fn new(text: &'a str) -> Self {
+    fn new(text: &'a str) -> Self {
         let mut pending = 'x'.to_lowercase();
         pending.next();
         Self {
-            rest: text,
+            text,
+            pos: 0,
             pending,
+            pending_at: (0, 0),
         }
     }
 }
 
-/// The HTML line breaks IMDB reviews contain, matched case-insensitively and read as a space.
-pub const BREAKS: [&str; 3] = ["<br />", "<br/>", "<br>"];
-
 impl Iterator for NormChars<'_> {
-    type Item = char;
+    /// A normalised character and the byte range of the original it comes from.
+    type Item = (char, usize, usize);
 
     #[inline]
-    fn next(&mut self) -> Option<char> {
+    fn next(&mut self) -> Option<Self::Item> {
         if let Some(c) = self.pending.next() {
-            return Some(c);
+            return Some((c, self.pending_at.0, self.pending_at.1));
         }
-        let b = *self.rest.as_bytes().first()?;
+        let start = self.pos;
+        let rest = &self.text.as_bytes()[start..];
+        let b = *rest.first()?;
         if b < 0x80 {
             if b == b'<'
                 && let Some(t) = BREAKS.iter().find(|t| {
-                    self.rest.len() >= t.len()
-                        && self.rest.as_bytes()[..t.len()].eq_ignore_ascii_case(t.as_bytes())
+                    rest.len() >= t.len() && rest[..t.len()].eq_ignore_ascii_case(t.as_bytes())
                 })
             {
-                self.rest = &self.rest[t.len()..];
-                return Some(' ');
+                self.pos += t.len();
+                return Some((' ', start, self.pos));
             }
-            self.rest = &self.rest[1..];
-            return Some(b.to_ascii_lowercase() as char);
+            self.pos += 1;
+            return Some((b.to_ascii_lowercase() as char, start, self.pos));
         }
-        let c = self.rest.chars().next()?;
-        self.rest = &self.rest[c.len_utf8()..];
+        let c = self.text[start..].chars().next()?;
+        self.pos += c.len_utf8();
         self.pending = c.to_lowercase();
-        self.pending.next()
+        self.pending_at = (start, self.pos);
+        self.pending.next().map(|l| (l, start, self.pos))
     }
 }
 
 /// Lower-cases the text and turns the HTML line breaks IMDB reviews contain (`<br />`) into
 /// spaces.
 pub fn normalize(text: &str) -> String {
-    NormChars::new(text).collect()
+    NormChars::new(text).map(|(c, _, _)| c).collect()
 }
 
-/// What the tokeniser reports while scanning normalised characters.
+/// What the scanner reports while reading normalised characters.
 enum Event {
-    /// A character that belongs to the current word.
-    WordChar(char),
-    /// The current word ended.
-    WordEnd,
-    /// A `!` or `?`, a token of its own.
-    Mark(char),
-}
-
-/// The tokeniser: words are runs of letters and digits (an apostrophe between two of them
-/// stays inside, so "don't" is one token); `!` and `?` are tokens of their own because they
-/// carry sentiment; everything else separates tokens.
-#[inline]
-fn scan(chars: impl Iterator<Item = char>, mut emit: impl FnMut(Event)) {
-    let mut chars = chars.peekable();
-    let mut in_word = false;
-    while let Some(c) = chars.next() {
-        let word_char = c.is_alphanumeric()
-            || (c == '\'' && in_word && chars.peek().is_some_and(|n| n.is_alphanumeric()));
-        if word_char {
-            in_word = true;
-            emit(Event::WordChar(c));
-            continue;
-        }
-        if in_word {
-            in_word = false;
-            emit(Event::WordEnd);
-        }
-        if c == '!' || c == '?' {
-            emit(Event::Mark(c));
-        }
-    }
-    if in_word {
-        emit(Event::WordEnd);
-    }
-}
-
-/// Splits normalised text into tokens (see [`scan`] for the rules).
-pub fn tokenize(normalized: &str) -> Vec<String> {
-    let mut tokens = Vec::new();
-    let mut word = String::new();
-    scan(normalized.chars(), |e| match e {
-        Event::WordChar(c) => word.push(c),
-        Event::WordEnd => tokens.push(std::mem::take(&mut word)),
-        Event::Mark(c) => tokens.push(c.to_string()),
-    });
-    tokens
+    /// A character of the current token.
+    TokenChar(char),
+    /// The current token is complete: its byte range in the text read and its hash.
+    Token { start: usize, end: usize, hash: u64 },
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -170,19 +144,76 @@ fn fnv_char(mut h: u64, c: char) -> u64 {
     h
 }
 
-/// 64-bit FNV-1a of a token's UTF-8 bytes: a fixed, platform-independent token hash.
-fn token_hash(token: &str) -> u64 {
-    token.chars().fold(FNV_OFFSET, fnv_char)
+/// The scanner, where every token of this module comes from. Words are runs of letters and
+/// digits (an apostrophe between two of them stays inside, so "don't" is one token); `!`
+/// and `?` are tokens of their own because they carry sentiment; everything else separates
+/// tokens. Each token's hash is the 64-bit FNV-1a of its UTF-8 (a fixed,
+/// platform-independent token hash), and its byte range spans the characters it was read
+/// from.
+#[inline]
+fn scan(chars: impl Iterator<Item = (char, usize, usize)>, mut emit: impl FnMut(Event)) {
+    let mut chars = chars.peekable();
+    // The current word: whether there is one, its byte range so far, its hash so far.
+    let (mut in_word, mut word_start, mut word_end, mut h) = (false, 0, 0, FNV_OFFSET);
+    while let Some((c, start, end)) = chars.next() {
+        let word_char = c.is_alphanumeric()
+            || (c == '\'' && in_word && chars.peek().is_some_and(|n| n.0.is_alphanumeric()));
+        if word_char {
+            if !in_word {
+                (in_word, word_start, h) = (true, start, FNV_OFFSET);
+            }
+            word_end = end;
+            h = fnv_char(h, c);
+            emit(Event::TokenChar(c));
+            continue;
+        }
+        if in_word {
+            in_word = false;
+            emit(Event::Token {
+                start: word_start,
+                end: word_end,
+                hash: h,
+            });
+        }
+        if c == '!' || c == '?' {
+            emit(Event::TokenChar(c));
+            emit(Event::Token {
+                start,
+                end,
+                hash: fnv_char(FNV_OFFSET, c),
+            });
+        }
+    }
+    if in_word {
+        emit(Event::Token {
+            start: word_start,
+            end: word_end,
+            hash: h,
+        });
+    }
+}
+
+/// Splits normalised text into tokens (see [`scan`] for the rules).
+pub fn tokenize(normalized: &str) -> Vec<String> {
+    let mut tokens = Vec::new();
+    let mut word = String::new();
+    let chars = normalized
+        .char_indices()
+        .map(|(i, c)| (c, i, i + c.len_utf8()));
+    scan(chars, |e| match e {
+        Event::TokenChar(c) => word.push(c),
+        Event::Token { .. } => tokens.push(std::mem::take(&mut word)),
+    });
+    tokens
 }
 
 /// The token hashes of raw text in one pass: normalise, tokenise and hash without building
-/// any string. Equal to hashing the tokens of `tokenize(&normalize(text))`.
+/// any string. Equal to the hashes of the tokens of `tokenize(&normalize(text))`.
 fn token_hashes(text: &str, out: &mut Vec<u64>) {
-    let mut h = FNV_OFFSET;
-    scan(NormChars::new(text), |e| match e {
-        Event::WordChar(c) => h = fnv_char(h, c),
-        Event::WordEnd => out.push(std::mem::replace(&mut h, FNV_OFFSET)),
-        Event::Mark(c) => out.push(fnv_char(FNV_OFFSET, c)),
+    scan(NormChars::new(text), |e| {
+        if let Event::Token { hash, .. } = e {
+            out.push(hash)
+        }
     });
 }
 
@@ -246,6 +277,65 @@ impl Featurizer {
     }
 }
 
+/// The tokens of a text from one pass of the scanner, each with its place in the original
+/// text, its normalised text and its hash: what the featurizer reads, laid open for
+/// explaining a prediction (the server highlights tokens where the user wrote them).
+#[derive(Debug, Clone, Default)]
+pub struct Tokens {
+    /// Byte range of each token in the original text.
+    spans: Vec<(usize, usize)>,
+    hashes: Vec<u64>,
+    /// The normalised tokens back to back; token `i` ends at `ends[i]`.
+    text: String,
+    ends: Vec<usize>,
+}
+
+impl Tokens {
+    /// Normalises, tokenises and hashes `text` in one pass.
+    pub fn new(text: &str) -> Self {
+        let mut t = Self::default();
+        scan(NormChars::new(text), |e| match e {
+            Event::TokenChar(c) => t.text.push(c),
+            Event::Token { start, end, hash } => {
+                t.spans.push((start, end));
+                t.hashes.push(hash);
+                t.ends.push(t.text.len());
+            }
+        });
+        t
+    }
+
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    /// Token `i`'s byte range in the original text, on character boundaries. A token that
+    /// ends inside a character's lower-case expansion (`i` of `İ` → `i̇`) covers the whole
+    /// character.
+    pub fn span(&self, i: usize) -> std::ops::Range<usize> {
+        let (start, end) = self.spans[i];
+        start..end
+    }
+
+    /// Token `i` as the featurizer reads it: `tokenize(&normalize(text))[i]`.
+    pub fn text(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.text[start..self.ends[i]]
+    }
+
+    /// Calls `f(n, start, bucket)` for every n-gram occurrence (n = 1..=max_ngram, starting
+    /// at token `start`): the buckets [`Featurizer`] makes of the same text, with where they
+    /// stand.
+    pub fn for_each_ngram(&self, cfg: &FeaturizerConfig, f: impl FnMut(usize, usize, u32)) {
+        for_each_ngram(&self.hashes, cfg, f);
+    }
+}
+
 /// One n-gram of a text with its bucket, for explaining a prediction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NGram {
@@ -267,22 +357,14 @@ pub struct Preprocessed {
     pub ngrams: Vec<NGram>,
 }
 
-/// Calls `f(n, start, bucket)` for every n-gram occurrence of `text` (tokens numbered as in
-/// `tokenize(&normalize(text))`), without building any string: what [`preprocess`] computes,
-/// at the speed of [`Featurizer`]. The server uses it to explain predictions.
-pub fn for_each_ngram_bucket(text: &str, cfg: &FeaturizerConfig, f: impl FnMut(usize, usize, u32)) {
-    let mut hashes = Vec::new();
-    token_hashes(text, &mut hashes);
-    for_each_ngram(&hashes, cfg, f);
-}
-
 /// Runs the preprocessing stage on one text and keeps every intermediate result.
 pub fn preprocess(text: &str, cfg: &FeaturizerConfig) -> Preprocessed {
-    let normalized = normalize(text);
-    let tokens = tokenize(&normalized);
-    let hashes: Vec<u64> = tokens.iter().map(|t| token_hash(t)).collect();
+    let scanned = Tokens::new(text);
+    let tokens: Vec<String> = (0..scanned.len())
+        .map(|i| scanned.text(i).to_owned())
+        .collect();
     let mut ngrams = Vec::new();
-    for_each_ngram(&hashes, cfg, |n, start, bucket| {
+    scanned.for_each_ngram(cfg, |n, start, bucket| {
         ngrams.push(NGram {
             text: tokens[start..start + n].join(" "),
             n,
@@ -291,7 +373,7 @@ pub fn preprocess(text: &str, cfg: &FeaturizerConfig) -> Preprocessed {
         });
     });
     Preprocessed {
-        normalized,
+        normalized: normalize(text),
         tokens,
         ngrams,
     }
@@ -352,15 +434,29 @@ mod tests {
     /// Buckets of "not", "not bad", "bad" under the default config.
     const PINNED_NOT_BAD: [u32; 3] = [3_741_232, 1_384_177, 2_329_403];
 
+    /// Texts where normalising and tokenising are easy to get wrong: breaks in any case,
+    /// apostrophes, lower-case expansions (`İ` → `i̇`, a token ending inside a character),
+    /// ligatures, emoji, an unfinished tag.
+    const TRICKY: [&str; 9] = [
+        "Plain ascii, with <BR/>breaks<br>and<br />marks!? don't 'quote'",
+        "Ünïcödé İstanbul ǅemal straße ΣΑΣ don't 'quote' rock'n'roll",
+        "trailing apostrophe' and <b>tags</b> <br",
+        "",
+        "   ...   ",
+        "x<br /><br />y<Br>z!!",
+        "İİİ a'b'c ''d'' 10/10",
+        "emoji 🎬 great!! ǈ ẞ ﬁne",
+        "İ'a İ!x",
+    ];
+
+    /// 64-bit FNV-1a of a token's UTF-8 bytes: the token hash by its definition.
+    fn token_hash(token: &str) -> u64 {
+        token.chars().fold(FNV_OFFSET, fnv_char)
+    }
+
     #[test]
     fn one_pass_hashing_equals_hashing_the_tokens() {
-        let texts = [
-            "Plain ascii, with <BR/>breaks<br>and<br />marks!?",
-            "Ünïcödé İstanbul ǅemal straße ΣΑΣ don't 'quote' rock'n'roll",
-            "trailing apostrophe' and <b>tags</b> <br",
-            "",
-        ];
-        for t in texts {
+        for t in TRICKY {
             let mut fast = Vec::new();
             token_hashes(t, &mut fast);
             let slow: Vec<u64> = tokenize(&normalize(t))
@@ -369,6 +465,46 @@ mod tests {
                 .collect();
             assert_eq!(fast, slow, "{t}");
         }
+    }
+
+    /// The tokens with their places are the featurizer's tokens: the same text, hashes and
+    /// buckets, at increasing character-boundary ranges of the original text.
+    #[test]
+    fn tokens_with_places_are_the_featurizers_tokens() {
+        let cfg = FeaturizerConfig {
+            hash_bits: 12,
+            max_ngram: 3,
+        };
+        for t in TRICKY {
+            let tokens = Tokens::new(t);
+            let texts: Vec<&str> = (0..tokens.len()).map(|i| tokens.text(i)).collect();
+            assert_eq!(texts, tokenize(&normalize(t)), "{t:?}");
+            let hashes: Vec<u64> = texts.iter().map(|w| token_hash(w)).collect();
+            assert_eq!(tokens.hashes, hashes, "{t:?}");
+            let mut prev_end = 0;
+            for i in 0..tokens.len() {
+                let s = tokens.span(i);
+                assert!(
+                    prev_end <= s.start
+                        && s.start < s.end
+                        && t.is_char_boundary(s.start)
+                        && t.is_char_boundary(s.end),
+                    "{t:?} {s:?}"
+                );
+                prev_end = s.end;
+            }
+            let mut buckets = Vec::new();
+            tokens.for_each_ngram(&cfg, |_, _, b| buckets.push(b));
+            buckets.sort_unstable();
+            buckets.dedup();
+            assert_eq!(buckets, Featurizer::new(cfg).features(t), "{t:?}");
+        }
+        let text = "Great<br />FILM! İ'a";
+        let tokens = Tokens::new(text);
+        let places: Vec<&str> = (0..tokens.len()).map(|i| &text[tokens.span(i)]).collect();
+        assert_eq!(places, ["Great", "FILM", "!", "İ", "a"]);
+        assert_eq!(tokens.span(1), 11..15);
+        assert_eq!(tokens.text(3), "i");
     }
 
     #[test]

@@ -28,6 +28,9 @@
 
 use std::path::{Path, PathBuf};
 
+/// File name of the data manifest, beside the shards it lists.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
 /// Paths of one run's files under its root folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
@@ -65,7 +68,7 @@ impl Layout {
 
     /// The copier's manifest; written last.
     pub fn data_manifest(&self) -> PathBuf {
-        self.data_dir().join("manifest.json")
+        self.data_dir().join(MANIFEST_FILE)
     }
 
     /// Folder holding all rounds.

@@ -5,10 +5,13 @@
 //! 1. [`reviews`]: the review record and its Parquet format (written by `copier`).
 //! 2. [`layout`]: where every file lives on the shared volume; [`manifest`] describes the data.
 //! 3. [`featurize`]: text → normalised tokens → hashed word n-grams.
-//! 4. [`model`]: the classifier (naive-Bayes-weighted logistic regression over hashed n-grams),
-//!    its config, its forward pass in candle, and its training step.
-//! 5. [`checkpoint`]: models and worker updates as safetensors with metadata.
-//! 6. [`metrics`]: accuracy, F1, log loss and ROC-AUC on the test set.
+//! 4. [`model`]: the classifier (naive-Bayes-weighted logistic regression over hashed n-grams):
+//!    its config, its weights (the one [`model::Model`] type) and its fast scorer.
+//! 5. [`train`]: local training (SGD with SCAFFOLD's correction, [`control`]), on the CPU; the
+//!    trainer adds a candle engine for CUDA.
+//! 6. [`checkpoint`]: models and worker updates as safetensors with metadata.
+//! 7. [`strategy`]: how the aggregator combines a round's updates.
+//! 8. [`metrics`]: accuracy, F1, log loss and ROC-AUC on the test set.
 //!
 //! [`atomic`] and [`digest`] make every write crash-safe and every read verifiable;
 //! [`verify`] checks what a step finds on the volume against the checksums its writers
@@ -30,6 +33,7 @@ pub mod model;
 pub mod partition;
 pub mod report;
 pub mod reviews;
+pub mod strategy;
 pub mod train;
 pub mod verify;
 

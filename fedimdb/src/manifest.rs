@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::atomic::read_json;
@@ -13,10 +13,11 @@ use crate::atomic::read_json;
 pub const MANIFEST_VERSION: u32 = 1;
 
 /// How training reviews were spread over the shards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Partition {
     /// Stratified: equal sizes (±1) and equal label balance (±1).
+    #[default]
     Iid,
     /// Label skew drawn from Dirichlet(alpha) per label.
     Dirichlet,
@@ -93,6 +94,17 @@ impl DataManifest {
             m.workers
         );
         Ok(m)
+    }
+
+    /// The manifest of the run under `layout`, for a step that needs the data: a missing or
+    /// unreadable manifest means the copier has not finished.
+    pub fn of_run(layout: &crate::layout::Layout) -> Result<Self> {
+        Self::read(&layout.data_manifest()).with_context(|| {
+            format!(
+                "no complete data under {}: run the copier first",
+                layout.root().display()
+            )
+        })
     }
 
     /// The entry of shard `index`, or an error naming the valid range.

@@ -15,12 +15,12 @@
 //! itself, looks tempting but trains badly: the ratio memorises the training reviews'
 //! rare n-grams, the training loss is near zero from the start and SGD barely moves.)
 //!
-//! The weights are plain named candle tensors (`linear.weight`, `linear.bias`, `nb.ratio`),
-//! saved as safetensors by [`crate::checkpoint`]. [`Model::forward`] is the model in candle
-//! ops (an embedding bag: gather, scale, sum per document) and runs on CPU or CUDA;
-//! [`Scorer`] is the same function on plain slices for fast CPU inference.
+//! [`Model`] is the one type of the weights: plain vectors that checkpoints serialise
+//! ([`crate::checkpoint`], tensors `linear.weight`, `linear.bias`, `nb.ratio`), that the CPU
+//! engine trains in place ([`crate::train::train_sparse`]) and that [`Model::scorer`] turns into
+//! the fast inference form. Candle appears only in the trainer's CUDA engine, which copies a
+//! `Model` to the device and back, so nothing else compiles it.
 
-use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::featurize::FeaturizerConfig;
@@ -49,9 +49,58 @@ impl Default for ModelConfig {
 }
 
 impl ModelConfig {
+    /// The default model over `2^hash_bits` buckets of 1..=`max_ngram`-grams (small ones
+    /// make quick tests).
+    pub fn with_buckets(hash_bits: u32, max_ngram: u32) -> Self {
+        Self {
+            featurizer: FeaturizerConfig {
+                hash_bits,
+                max_ngram,
+            },
+            ..Self::default()
+        }
+    }
+
     /// The input dimension (number of hash buckets).
     pub fn dim(&self) -> usize {
         self.featurizer.buckets()
+    }
+}
+
+/// The model's flags, shared by the trainer and the pipeline: chosen for round 0; later
+/// rounds take the config from the global model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct ModelArgs {
+    /// Hash buckets are 2^BITS (round 0; later rounds take the config from the global model).
+    #[arg(long, default_value_t = FeaturizerConfig::default().hash_bits)]
+    pub hash_bits: u32,
+    /// Longest word n-gram (round 0; later rounds take the config from the global model).
+    #[arg(long, default_value_t = FeaturizerConfig::default().max_ngram)]
+    pub max_ngram: u32,
+}
+
+impl ModelArgs {
+    /// The model config the flags ask for; see [`ModelArgs::validate`].
+    pub fn config(&self) -> ModelConfig {
+        ModelConfig::with_buckets(self.hash_bits, self.max_ngram)
+    }
+
+    /// Checks the flags, naming them in the message.
+    pub fn validate(&self) -> Result<(), String> {
+        self.config()
+            .featurizer
+            .validate()
+            .map_err(|e| format!("--hash-bits/--max-ngram: {e}"))
+    }
+
+    /// The flags as command-line arguments for the trainer.
+    pub fn to_args(&self) -> Vec<String> {
+        vec![
+            "--hash-bits".to_owned(),
+            self.hash_bits.to_string(),
+            "--max-ngram".to_owned(),
+            self.max_ngram.to_string(),
+        ]
     }
 }
 
@@ -60,94 +109,44 @@ pub fn doc_scale(n_features: usize) -> f32 {
     1.0 / (n_features.max(1) as f32).sqrt()
 }
 
-/// The model's weights as named candle tensors.
-#[derive(Debug, Clone)]
+/// The model's weights. One row of weights today (two classes: the logit of the positive
+/// one); the tensors are flat so that a K-class model can keep K rows in the same files.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Model {
     pub config: ModelConfig,
     /// `[dim]` learnt per-bucket weight.
-    pub weight: Tensor,
-    /// `[1]` learnt bias.
-    pub bias: Tensor,
+    pub weight: Vec<f32>,
+    /// The learnt bias.
+    pub bias: f32,
     /// `[dim]` fixed naive-Bayes log-count ratio.
-    pub nb_ratio: Tensor,
+    pub nb_ratio: Vec<f32>,
 }
 
 impl Model {
     /// The untrained model for the given naive-Bayes counts: zero weights and the class
     /// prior's log-odds as bias.
-    pub fn from_counts(config: ModelConfig, counts: &ClassCounts) -> candle_core::Result<Self> {
-        let dim = config.dim();
-        let ratio = counts.nb_ratio(config.nb_smoothing);
-        let prior = counts.prior();
-        Ok(Self {
+    pub fn from_counts(config: ModelConfig, counts: &ClassCounts) -> Self {
+        Self {
             config,
-            weight: Tensor::zeros(dim, DType::F32, &Device::Cpu)?,
-            bias: Tensor::new(&[prior], &Device::Cpu)?,
-            nb_ratio: Tensor::from_vec(ratio, dim, &Device::Cpu)?,
-        })
-    }
-
-    /// Logits `[batch]` for a batch of documents, in candle ops (runs on the tensors' device).
-    pub fn forward(&self, batch: &SparseBatch) -> candle_core::Result<Tensor> {
-        forward_with(&self.weight, &self.bias, &self.nb_ratio, batch)
-    }
-
-    /// A fast CPU scorer for this model.
-    pub fn scorer(&self) -> candle_core::Result<Scorer> {
-        let w = self.weight.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-        let r = self.nb_ratio.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-        let bias = self.bias.to_device(&Device::Cpu)?.to_vec1::<f32>()?[0];
-        Ok(Scorer::new(self.config, &w, bias, &r))
-    }
-}
-
-/// The forward pass over explicit tensors, so training can pass its `Var`s.
-pub fn forward_with(
-    weight: &Tensor,
-    bias: &Tensor,
-    nb_ratio: &Tensor,
-    batch: &SparseBatch,
-) -> candle_core::Result<Tensor> {
-    let device = weight.device();
-    let idx = batch.indices.to_device(device)?;
-    let doc = batch.doc_of.to_device(device)?;
-    let scale = batch.scale.to_device(device)?;
-    let contrib = (weight.index_select(&idx, 0)? * nb_ratio.index_select(&idx, 0)?)?.mul(&scale)?;
-    let sums = Tensor::zeros(batch.docs, DType::F32, device)?.index_add(&doc, &contrib, 0)?;
-    sums.broadcast_add(bias)
-}
-
-/// A batch of documents in flat (CSR-like) form for [`Model::forward`]: for each non-zero,
-/// its bucket, the document it belongs to and that document's scale.
-#[derive(Debug, Clone)]
-pub struct SparseBatch {
-    pub docs: usize,
-    pub indices: Tensor,
-    pub doc_of: Tensor,
-    pub scale: Tensor,
-}
-
-impl SparseBatch {
-    pub fn new(docs: &[&[u32]]) -> candle_core::Result<Self> {
-        let nnz: usize = docs.iter().map(|d| d.len()).sum();
-        let (mut indices, mut doc_of, mut scale) = (
-            Vec::with_capacity(nnz),
-            Vec::with_capacity(nnz),
-            Vec::with_capacity(nnz),
-        );
-        for (i, d) in docs.iter().enumerate() {
-            let s = doc_scale(d.len());
-            indices.extend_from_slice(d);
-            doc_of.extend(std::iter::repeat_n(i as u32, d.len()));
-            scale.extend(std::iter::repeat_n(s, d.len()));
+            weight: vec![0.0; config.dim()],
+            bias: counts.prior(),
+            nb_ratio: counts.nb_ratio(config.nb_smoothing),
         }
-        let cpu = Device::Cpu;
-        Ok(Self {
-            docs: docs.len(),
-            indices: Tensor::from_vec(indices, nnz, &cpu)?,
-            doc_of: Tensor::from_vec(doc_of, nnz, &cpu)?,
-            scale: Tensor::from_vec(scale, nnz, &cpu)?,
-        })
+    }
+
+    /// The model's logit for one document's buckets, straight from the weights (the
+    /// reference the engines and the [`Scorer`] are tested against).
+    pub fn logit(&self, features: &[u32]) -> f32 {
+        let s: f32 = features
+            .iter()
+            .map(|&j| self.weight[j as usize] * self.nb_ratio[j as usize])
+            .sum();
+        self.bias + s * doc_scale(features.len())
+    }
+
+    /// The fast inference form of this model.
+    pub fn scorer(&self) -> Scorer {
+        Scorer::new(self.config, &self.weight, self.bias, &self.nb_ratio)
     }
 }
 
@@ -290,16 +289,9 @@ pub fn sigmoid(z: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::featurize::FeaturizerConfig;
 
     fn tiny() -> (ModelConfig, Vec<Vec<u32>>, Vec<u8>) {
-        let cfg = ModelConfig {
-            featurizer: FeaturizerConfig {
-                hash_bits: 10,
-                max_ngram: 1,
-            },
-            nb_smoothing: 1.0,
-        };
+        let cfg = ModelConfig::with_buckets(10, 1);
         let docs = vec![vec![1, 2, 3], vec![2, 4], vec![5, 6, 7, 8], vec![1, 5]];
         (cfg, docs, vec![1, 1, 0, 0])
     }
@@ -325,21 +317,18 @@ mod tests {
     }
 
     #[test]
-    fn candle_forward_matches_scorer() {
+    fn scorer_matches_the_model() {
         let (cfg, docs, labels) = tiny();
-        let mut m =
-            Model::from_counts(cfg, &ClassCounts::count(cfg.dim(), &docs, &labels)).unwrap();
-        let w: Vec<f32> = (0..cfg.dim()).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect();
-        m.weight = Tensor::from_vec(w, cfg.dim(), &Device::Cpu).unwrap();
-        let refs: Vec<&[u32]> = docs.iter().map(|d| d.as_slice()).collect();
-        let logits = m
-            .forward(&SparseBatch::new(&refs).unwrap())
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let s = m.scorer().unwrap();
-        for (d, l) in docs.iter().zip(logits) {
-            assert!((s.logit(d) - l).abs() < 1e-5, "{} vs {l}", s.logit(d));
+        let mut m = Model::from_counts(cfg, &ClassCounts::count(cfg.dim(), &docs, &labels));
+        m.weight = (0..cfg.dim()).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect();
+        let s = m.scorer();
+        for d in &docs {
+            assert!(
+                (s.logit(d) - m.logit(d)).abs() < 1e-5,
+                "{} vs {}",
+                s.logit(d),
+                m.logit(d)
+            );
         }
     }
 }

@@ -12,7 +12,7 @@ pub struct UpdateReport {
     pub round: u32,
     pub shard: usize,
     /// `stats` for round 0, `update` after.
-    pub kind: String,
+    pub kind: crate::checkpoint::Kind,
     pub samples: usize,
     pub positive: usize,
     pub device: String,
@@ -44,7 +44,8 @@ pub struct UpdateReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RoundReport {
     pub round: u32,
-    pub strategy: String,
+    /// `sum` in round 0, the strategy after (`fedavg`, `median`, `trimmed-mean(0.2)`).
+    pub strategy: crate::strategy::Combination,
     /// Shards whose updates were combined, and their sample counts.
     pub shards: Vec<usize>,
     /// Shards of the data manifest with no update this round (aggregated under a quorum,
@@ -70,16 +71,6 @@ pub struct RoundReport {
     /// SHA-256 of `control.safetensors`, the control variate the next round corrects with.
     #[serde(default)]
     pub control_sha256: Option<String>,
-}
-
-/// `model/latest.json`: the published model's card, with when and from which round.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LatestCard {
-    pub round: u32,
-    pub sha256: String,
-    pub trained_at: String,
-    #[serde(flatten)]
-    pub card: crate::checkpoint::ModelCard,
 }
 
 /// The current time as RFC 3339 UTC (`2026-11-21T22:16:00Z`).

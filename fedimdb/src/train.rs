@@ -3,20 +3,20 @@
 //!
 //! Two engines compute the same update:
 //!
-//! * [`SparseSgd`] (CPU, the default): a review touches only its few hundred buckets, so
+//! * [`train_sparse`] (CPU, the default): a review touches only its few hundred buckets, so
 //!   the gradient of a batch is zero everywhere else. Updating just those buckets costs
 //!   O(non-zeros) per step instead of O(2^22) for a dense gradient over the whole table —
 //!   hundreds of times less work on a CPU.
-//! * [`train_candle`] (any candle device, used for CUDA): the model's candle forward pass,
-//!   autograd and candle-nn's SGD, dense. On a GPU the dense update is cheap.
+//! * the trainer's candle engine (`trainer/src/candle_engine.rs`, any candle device, used
+//!   for CUDA): the model's candle forward pass, autograd and candle-nn's SGD, dense. On a
+//!   GPU the dense update is cheap. It lives in the trainer so that no other binary compiles
+//!   candle, and walks the same steps through [`run_steps`].
 //!
-//! Tests pin both to the same weights and control variates.
+//! Both train a [`Model`] in place; tests pin them to the same weights and control variates.
 
-use candle_core::{Device, Tensor, Var};
-use candle_nn::Optimizer;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Model, SparseBatch, doc_scale, forward_with, sigmoid};
+use crate::model::{Model, doc_scale, sigmoid};
 
 /// The defaults of federated training, shared by the trainer, the aggregator and both
 /// pipelines. Chosen on a validation split held out of the training reviews over every
@@ -168,19 +168,21 @@ impl TrainArgs {
     }
 }
 
-/// Hyper-parameters of one worker's local training in one round.
+/// Hyper-parameters of one worker's local training in one round. Recorded in update
+/// headers and reports; the fields are in alphabetical order, the order in which update
+/// files have always held them, so files stay byte for byte what they were.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
     pub algorithm: Algorithm,
-    /// SGD steps (minibatches) per round, whatever the shard's size; 0: `epochs` passes.
-    pub steps: u64,
+    pub batch: usize,
     /// Passes over the shard per round, when `steps` is 0.
     pub epochs: u32,
-    pub batch: usize,
     /// The learning rate at the start of the round.
     pub lr: f32,
     pub schedule: Schedule,
     pub seed: u64,
+    /// SGD steps (minibatches) per round, whatever the shard's size; 0: `epochs` passes.
+    pub steps: u64,
 }
 
 impl TrainConfig {
@@ -363,7 +365,7 @@ pub fn touched_buckets(docs: &[Vec<u32>], dim: usize) -> Vec<u32> {
 /// The step loop both engines share: `cfg.steps_for(n)` minibatches of `cfg.batch` row
 /// indices, visiting the documents in a fresh seeded order each pass, handed to `step`,
 /// which returns the batch's summed loss and number correct.
-fn run_steps<E>(
+pub fn run_steps<E>(
     n_docs: usize,
     cfg: &TrainConfig,
     mut on_epoch: impl FnMut(&EpochStats),
@@ -400,267 +402,150 @@ fn run_steps<E>(
     Ok(stats)
 }
 
-/// CPU training state: the model's tensors as plain vectors, updated sparsely.
-pub struct SparseSgd {
-    pub weight: Vec<f32>,
-    pub bias: f32,
-    ratio: Vec<f32>,
-}
-
-impl SparseSgd {
-    pub fn new(model: &Model) -> candle_core::Result<Self> {
-        Ok(Self {
-            weight: model.weight.to_device(&Device::Cpu)?.to_vec1()?,
-            bias: model.bias.to_device(&Device::Cpu)?.to_vec1::<f32>()?[0],
-            ratio: model.nb_ratio.to_device(&Device::Cpu)?.to_vec1()?,
-        })
-    }
-
-    /// Training state from the plain vectors of a model file, without copying them.
-    pub fn from_parts(weight: Vec<f32>, bias: f32, ratio: Vec<f32>) -> Self {
-        assert_eq!(
-            weight.len(),
-            ratio.len(),
-            "weight and ratio have one value per bucket"
-        );
-        Self {
-            weight,
-            bias,
-            ratio,
-        }
-    }
-
-    /// One round of local work: minibatch SGD on the logistic loss, with every gradient
-    /// corrected by `correction` (SCAFFOLD) when given. Step `t` is
-    ///
-    /// ```text
-    /// w <- w - lr_t * (grad_batch(w) + d)        b <- b - lr_t * (grad_batch(b) + d_b)
-    /// ```
-    ///
-    /// with `lr_t` from the schedule, computed lazily ([`Drift`]): a bucket is brought up to
-    /// date when a review reads it, and all of them at the end. Returns per-pass statistics
-    /// and the mean data-loss gradient along the path.
-    pub fn train(
-        &mut self,
-        docs: &[Vec<u32>],
-        labels: &[u8],
-        cfg: &TrainConfig,
-        correction: Option<&Correction>,
-        on_epoch: impl FnMut(&EpochStats),
-    ) -> LocalOutcome {
-        let dim = self.weight.len();
-        let steps = cfg.steps_for(docs.len());
-        let (d, d_bias) = match correction {
-            Some(c) => {
-                assert_eq!(c.weight.len(), dim, "one correction per bucket");
-                (c.weight.as_slice(), c.bias)
-            }
-            None => (&[][..], 0.0),
-        };
-        // The loop works on the shard's own buckets, renumbered 0..n: its tables (weights,
-        // corrections, step counters, gradient sums) are then small and read in cache
-        // instead of at random places of 4M-entry tables. The arithmetic is the same.
-        let touched = touched_buckets(docs, dim);
-        let mut local = vec![0u32; dim];
-        for (k, &j) in touched.iter().enumerate() {
-            local[j as usize] = k as u32;
-        }
-        let renumbered: Vec<Vec<u32>> = docs
-            .iter()
-            .map(|doc| doc.iter().map(|&j| local[j as usize]).collect())
-            .collect();
-        drop(local);
-        let ratio: Vec<f32> = touched.iter().map(|&j| self.ratio[j as usize]).collect();
-        let csr = Csr::new(renumbered.iter().map(Vec::as_slice), &ratio);
-        let n = touched.len();
-        let mut w: Vec<f32> = touched.iter().map(|&j| self.weight[j as usize]).collect();
-        // Without a correction a bucket only moves when read: no bookkeeping.
-        let lazy = !d.is_empty();
-        let d_local: Vec<f32> = if lazy {
-            touched.iter().map(|&j| d[j as usize]).collect()
-        } else {
-            Vec::new()
-        };
-        let drift = Drift::new(if lazy { steps } else { 0 }, cfg.lr, cfg.schedule);
-        let mut at = vec![0u32; if lazy { n } else { 0 }];
-        let (mut grad_sum, mut grad_sum_bias) = (vec![0.0f64; n], 0.0f64);
-        let mut logits = Vec::with_capacity(cfg.batch);
-        let bias = &mut self.bias;
-        let d = &d_local;
-        let Ok(epochs) = run_steps(docs.len(), cfg, on_epoch, |t, rows| {
-            let lr = Drift::rate(cfg.lr, cfg.schedule, t as u64, steps);
-            logits.clear();
-            for &i in rows {
-                let (idx, val) = csr.row(i);
-                let mut z = *bias;
-                for (&j, &v) in idx.iter().zip(val) {
-                    let j = j as usize;
-                    if lazy && at[j] < t {
-                        w[j] = drift.apply(w[j], d[j], at[j] as usize, t as usize);
-                        at[j] = t;
-                    }
-                    z += w[j] * v;
-                }
-                logits.push(z);
-            }
-            // This step's correction on the buckets just read, once each.
-            if lazy {
-                for &i in rows {
-                    for &j in csr.row(i).0 {
-                        let j = j as usize;
-                        if at[j] == t {
-                            w[j] = drift.apply(w[j], d[j], t as usize, t as usize + 1);
-                            at[j] = t + 1;
-                        }
-                    }
-                }
-            }
-            let inv_b = 1.0 / rows.len() as f32;
-            let (mut loss, mut correct, mut grad_bias) = (0.0, 0, 0.0f32);
-            for (&i, &z) in rows.iter().zip(&logits) {
-                let y = labels[i];
-                loss += logistic_loss(z, y);
-                correct += usize::from((z >= 0.0) == (y == 1));
-                let g = (sigmoid(z) - y as f32) * inv_b;
-                grad_bias += g;
-                let step = lr * g;
-                let (idx, val) = csr.row(i);
-                for (&j, &v) in idx.iter().zip(val) {
-                    w[j as usize] -= step * v;
-                    grad_sum[j as usize] += (g * v) as f64;
-                }
-            }
-            *bias -= lr * (grad_bias + d_bias);
-            grad_sum_bias += grad_bias as f64;
-            Ok::<_, std::convert::Infallible>((loss, correct))
-        });
-        // Every bucket to the end of the round: the shard's from the local tables, the others
-        // by the correction alone.
-        if lazy {
-            for (j, x) in self.weight.iter_mut().enumerate() {
-                *x = drift.apply(
-                    *x,
-                    correction.expect("lazy means corrected").weight[j],
-                    0,
-                    steps as usize,
-                );
-            }
-        }
-        let k = steps.max(1) as f64;
-        let mut mean_grad = vec![0.0f32; dim];
-        for (i, &j) in touched.iter().enumerate() {
-            let wi = if lazy {
-                drift.apply(w[i], d[i], at[i] as usize, steps as usize)
-            } else {
-                w[i]
-            };
-            self.weight[j as usize] = wi;
-            mean_grad[j as usize] = (grad_sum[i] / k) as f32;
-        }
-        LocalOutcome {
-            epochs,
-            mean_grad,
-            mean_grad_bias: (grad_sum_bias / k) as f32,
-        }
-    }
-
-    /// Writes the trained weights into the model's tensors.
-    pub fn write_into(&self, model: &mut Model) -> candle_core::Result<()> {
-        let device = model.weight.device().clone();
-        model.weight = Tensor::from_slice(&self.weight, self.weight.len(), &device)?;
-        model.bias = Tensor::new(&[self.bias], &device)?;
-        Ok(())
-    }
-}
-
-/// Local training with candle autograd and candle-nn's SGD on `device` (the CUDA path): the
-/// same steps, batches, order and learning rates as [`SparseSgd::train`], dense. The
-/// correction enters the loss (`+ <d, w> + d_b b`), so the optimizer's plain gradient step
-/// is the corrected step.
-pub fn train_candle(
+/// One round of local work: minibatch SGD on the logistic loss, with every gradient
+/// corrected by `correction` (SCAFFOLD) when given. Step `t` is
+///
+/// ```text
+/// w <- w - lr_t * (grad_batch(w) + d)        b <- b - lr_t * (grad_batch(b) + d_b)
+/// ```
+///
+/// with `lr_t` from the schedule, computed lazily ([`Drift`]): a bucket is brought up to
+/// date when a review reads it, and all of them at the end. Returns per-pass statistics
+/// and the mean data-loss gradient along the path.
+pub fn train_sparse(
     model: &mut Model,
     docs: &[Vec<u32>],
     labels: &[u8],
     cfg: &TrainConfig,
     correction: Option<&Correction>,
-    device: &Device,
     on_epoch: impl FnMut(&EpochStats),
-) -> candle_core::Result<LocalOutcome> {
-    let weight = Var::from_tensor(&model.weight.to_device(device)?)?;
-    let bias = Var::from_tensor(&model.bias.to_device(device)?)?;
-    let ratio = model.nb_ratio.to_device(device)?;
-    let dim = model.config.dim();
-    let (d, d_bias) = match correction {
-        Some(c) => (
-            Some(Tensor::from_slice(&c.weight, dim, device)?),
-            Tensor::new(&[c.bias], device)?,
-        ),
-        None => (None, Tensor::zeros(1, candle_core::DType::F32, device)?),
-    };
-    let mut sgd = candle_nn::SGD::new(vec![weight.clone(), bias.clone()], cfg.lr as f64)?;
-    let mut grad_sum = Tensor::zeros(dim, candle_core::DType::F32, device)?;
-    let mut grad_sum_bias = 0.0f64;
+) -> LocalOutcome {
+    let dim = model.weight.len();
     let steps = cfg.steps_for(docs.len());
-    let epochs = run_steps(docs.len(), cfg, on_epoch, |t, rows| {
-        sgd.set_learning_rate(Drift::rate(cfg.lr, cfg.schedule, t as u64, steps) as f64);
-        let batch_docs: Vec<&[u32]> = rows.iter().map(|&i| docs[i].as_slice()).collect();
-        let batch_labels: Vec<u8> = rows.iter().map(|&i| labels[i]).collect();
-        let batch = SparseBatch::new(&batch_docs)?;
-        let logits = forward_with(weight.as_tensor(), bias.as_tensor(), &ratio, &batch)?;
-        let y: Vec<f32> = batch_labels.iter().map(|&l| l as f32).collect();
-        let y = Tensor::from_vec(y, batch_labels.len(), device)?;
-        let data_loss = candle_nn::loss::binary_cross_entropy_with_logit(&logits, &y)?;
-        // The data gradient alone, for the control variate, then the full step.
-        let data_grads = data_loss.backward()?;
-        if let Some(g) = data_grads.get(weight.as_tensor()) {
-            grad_sum = (grad_sum.clone() + g)?;
+    let (d, d_bias) = match correction {
+        Some(c) => {
+            assert_eq!(c.weight.len(), dim, "one correction per bucket");
+            (c.weight.as_slice(), c.bias)
         }
-        if let Some(g) = data_grads.get(bias.as_tensor()) {
-            grad_sum_bias += g.to_device(&Device::Cpu)?.to_vec1::<f32>()?[0] as f64;
+        None => (&[][..], 0.0),
+    };
+    // The loop works on the shard's own buckets, renumbered 0..n: its tables (weights,
+    // corrections, step counters, gradient sums) are then small and read in cache
+    // instead of at random places of 4M-entry tables. The arithmetic is the same.
+    let touched = touched_buckets(docs, dim);
+    let mut local = vec![0u32; dim];
+    for (k, &j) in touched.iter().enumerate() {
+        local[j as usize] = k as u32;
+    }
+    let renumbered: Vec<Vec<u32>> = docs
+        .iter()
+        .map(|doc| doc.iter().map(|&j| local[j as usize]).collect())
+        .collect();
+    drop(local);
+    let ratio: Vec<f32> = touched
+        .iter()
+        .map(|&j| model.nb_ratio[j as usize])
+        .collect();
+    let csr = Csr::new(renumbered.iter().map(Vec::as_slice), &ratio);
+    let n = touched.len();
+    let mut w: Vec<f32> = touched.iter().map(|&j| model.weight[j as usize]).collect();
+    // Without a correction a bucket only moves when read: no bookkeeping.
+    let lazy = !d.is_empty();
+    let d_local: Vec<f32> = if lazy {
+        touched.iter().map(|&j| d[j as usize]).collect()
+    } else {
+        Vec::new()
+    };
+    let drift = Drift::new(if lazy { steps } else { 0 }, cfg.lr, cfg.schedule);
+    let mut at = vec![0u32; if lazy { n } else { 0 }];
+    let (mut grad_sum, mut grad_sum_bias) = (vec![0.0f64; n], 0.0f64);
+    let mut logits = Vec::with_capacity(cfg.batch);
+    let bias = &mut model.bias;
+    let d = &d_local;
+    let Ok(epochs) = run_steps(docs.len(), cfg, on_epoch, |t, rows| {
+        let lr = Drift::rate(cfg.lr, cfg.schedule, t as u64, steps);
+        logits.clear();
+        for &i in rows {
+            let (idx, val) = csr.row(i);
+            let mut z = *bias;
+            for (&j, &v) in idx.iter().zip(val) {
+                let j = j as usize;
+                if lazy && at[j] < t {
+                    w[j] = drift.apply(w[j], d[j], at[j] as usize, t as usize);
+                    at[j] = t;
+                }
+                z += w[j] * v;
+            }
+            logits.push(z);
         }
-        let mut loss = data_loss.clone();
-        if let Some(d) = &d {
-            loss = (loss + (weight.as_tensor() * d)?.sum_all()?)?;
-            loss = (loss + (bias.as_tensor() * &d_bias)?.sum_all()?)?;
+        // This step's correction on the buckets just read, once each.
+        if lazy {
+            for &i in rows {
+                for &j in csr.row(i).0 {
+                    let j = j as usize;
+                    if at[j] == t {
+                        w[j] = drift.apply(w[j], d[j], t as usize, t as usize + 1);
+                        at[j] = t + 1;
+                    }
+                }
+            }
         }
-        sgd.backward_step(&loss)?;
-        let z = logits.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-        let loss_sum: f64 = z
-            .iter()
-            .zip(&batch_labels)
-            .map(|(&z, &l)| logistic_loss(z, l))
-            .sum();
-        let correct = z
-            .iter()
-            .zip(&batch_labels)
-            .filter(|&(&z, &l)| (z >= 0.0) == (l == 1))
-            .count();
-        Ok::<_, candle_core::Error>((loss_sum, correct))
-    })?;
-    model.weight = weight.as_tensor().to_device(&Device::Cpu)?;
-    model.bias = bias.as_tensor().to_device(&Device::Cpu)?;
+        let inv_b = 1.0 / rows.len() as f32;
+        let (mut loss, mut correct, mut grad_bias) = (0.0, 0, 0.0f32);
+        for (&i, &z) in rows.iter().zip(&logits) {
+            let y = labels[i];
+            loss += logistic_loss(z, y);
+            correct += usize::from((z >= 0.0) == (y == 1));
+            let g = (sigmoid(z) - y as f32) * inv_b;
+            grad_bias += g;
+            let step = lr * g;
+            let (idx, val) = csr.row(i);
+            for (&j, &v) in idx.iter().zip(val) {
+                w[j as usize] -= step * v;
+                grad_sum[j as usize] += (g * v) as f64;
+            }
+        }
+        *bias -= lr * (grad_bias + d_bias);
+        grad_sum_bias += grad_bias as f64;
+        Ok::<_, std::convert::Infallible>((loss, correct))
+    });
+    // Every bucket to the end of the round: the shard's from the local tables, the others
+    // by the correction alone.
+    if lazy {
+        for (j, x) in model.weight.iter_mut().enumerate() {
+            *x = drift.apply(
+                *x,
+                correction.expect("lazy means corrected").weight[j],
+                0,
+                steps as usize,
+            );
+        }
+    }
     let k = steps.max(1) as f64;
-    Ok(LocalOutcome {
+    let mut mean_grad = vec![0.0f32; dim];
+    for (i, &j) in touched.iter().enumerate() {
+        let wi = if lazy {
+            drift.apply(w[i], d[i], at[i] as usize, steps as usize)
+        } else {
+            w[i]
+        };
+        model.weight[j as usize] = wi;
+        mean_grad[j as usize] = (grad_sum[i] / k) as f32;
+    }
+    LocalOutcome {
         epochs,
-        mean_grad: (grad_sum / k)?.to_device(&Device::Cpu)?.to_vec1()?,
+        mean_grad,
         mean_grad_bias: (grad_sum_bias / k) as f32,
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::featurize::FeaturizerConfig;
     use crate::model::{ClassCounts, ModelConfig};
 
     fn tiny_cfg() -> ModelConfig {
-        ModelConfig {
-            featurizer: FeaturizerConfig {
-                hash_bits: 10,
-                max_ngram: 1,
-            },
-            nb_smoothing: 1.0,
-        }
+        ModelConfig::with_buckets(10, 1)
     }
 
     fn tc(steps: u64, batch: usize, lr: f32, schedule: Schedule) -> TrainConfig {
@@ -675,17 +560,22 @@ mod tests {
         }
     }
 
-    fn toy() -> (Model, Vec<Vec<u32>>, Vec<u8>) {
-        let docs: Vec<Vec<u32>> = (0..40u32)
-            .map(|i| vec![i % 2, 10 + i % 7, 30 + i % 5])
+    /// `n` three-bucket documents, alternately negative and positive: bucket `i % 2` says
+    /// the label, the other two (`10 + i % spread`, `offset + i % 5`) are noise.
+    fn corpus(n: u32, spread: u32, offset: u32) -> (Model, Vec<Vec<u32>>, Vec<u8>) {
+        let docs: Vec<Vec<u32>> = (0..n)
+            .map(|i| vec![i % 2, 10 + i % spread, offset + i % 5])
             .collect();
-        let labels: Vec<u8> = (0..40).map(|i| (i % 2) as u8).collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 2) as u8).collect();
         let model = Model::from_counts(
             tiny_cfg(),
             &ClassCounts::count(tiny_cfg().dim(), &docs, &labels),
-        )
-        .unwrap();
+        );
         (model, docs, labels)
+    }
+
+    fn toy() -> (Model, Vec<Vec<u32>>, Vec<u8>) {
+        corpus(40, 7, 30)
     }
 
     /// A correction that is non-zero on buckets no document reads, so the lazy path matters.
@@ -704,63 +594,17 @@ mod tests {
     }
 
     #[test]
-    fn both_engines_train_to_the_same_model() {
-        let (model, docs, labels) = toy();
-        for (cfg, corr) in [
-            (tc(30, 4, 0.5, Schedule::Constant), None),
-            (tc(30, 4, 0.5, Schedule::Linear), None),
-            (
-                tc(25, 3, 0.5, Schedule::Linear),
-                Some(correction(model.config.dim())),
-            ),
-        ] {
-            let mut sparse = SparseSgd::new(&model).unwrap();
-            let s1 = sparse.train(&docs, &labels, &cfg, corr.as_ref(), |_| {});
-            let mut dense = model.clone();
-            let s2 = train_candle(
-                &mut dense,
-                &docs,
-                &labels,
-                &cfg,
-                corr.as_ref(),
-                &Device::Cpu,
-                |_| {},
-            )
-            .unwrap();
-            let w = dense.weight.to_vec1::<f32>().unwrap();
-            assert!(
-                max_diff(&w, &sparse.weight) < 1e-5,
-                "engines differ by {} with {cfg:?}",
-                max_diff(&w, &sparse.weight)
-            );
-            assert!((dense.bias.to_vec1::<f32>().unwrap()[0] - sparse.bias).abs() < 1e-5);
-            assert!(
-                max_diff(&s1.mean_grad, &s2.mean_grad) < 1e-6,
-                "control variates differ"
-            );
-            assert!((s1.mean_grad_bias - s2.mean_grad_bias).abs() < 1e-6);
-            assert_eq!(s1.epochs.len(), s2.epochs.len());
-            for (a, b) in s1.epochs.iter().zip(&s2.epochs) {
-                assert!(
-                    (a.loss - b.loss).abs() < 1e-5 && a.accuracy == b.accuracy,
-                    "{a:?} vs {b:?}"
-                );
-            }
-        }
-    }
-
-    #[test]
     fn lazy_updates_equal_dense_steps_and_untouched_buckets_follow_drift() {
         // The sparse engine against a direct dense loop of the documented step.
         let (model, docs, labels) = toy();
         let dim = model.config.dim();
         let corr = correction(dim);
         let cfg = tc(17, 1, 0.3, Schedule::Linear);
-        let mut sparse = SparseSgd::new(&model).unwrap();
-        sparse.train(&docs, &labels, &cfg, Some(&corr), |_| {});
-        let ratio = model.nb_ratio.to_vec1::<f32>().unwrap();
-        let mut w = model.weight.to_vec1::<f32>().unwrap();
-        let mut b = model.bias.to_vec1::<f32>().unwrap()[0];
+        let mut sparse = model.clone();
+        train_sparse(&mut sparse, &docs, &labels, &cfg, Some(&corr), |_| {});
+        let ratio = &model.nb_ratio;
+        let mut w = model.weight.clone();
+        let mut b = model.bias;
         let order = shuffled(docs.len(), cfg.seed);
         for (t, &i) in order.iter().take(17).enumerate() {
             let lr = Drift::rate(cfg.lr, cfg.schedule, t as u64, 17);
@@ -798,21 +642,12 @@ mod tests {
 
     #[test]
     fn training_lowers_the_loss() {
-        let docs: Vec<Vec<u32>> = (0..200u32)
-            .map(|i| vec![i % 2, 10 + i % 17, 40 + i % 5])
-            .collect();
-        let labels: Vec<u8> = (0..200).map(|i| (i % 2) as u8).collect();
-        let model = Model::from_counts(
-            tiny_cfg(),
-            &ClassCounts::count(tiny_cfg().dim(), &docs, &labels),
-        )
-        .unwrap();
-        let mut sgd = SparseSgd::new(&model).unwrap();
+        let (mut model, docs, labels) = corpus(200, 17, 40);
         let cfg = TrainConfig {
             epochs: 5,
             ..tc(0, 8, 1.0, Schedule::Constant)
         };
-        let out = sgd.train(&docs, &labels, &cfg, None, |_| {});
+        let out = train_sparse(&mut model, &docs, &labels, &cfg, None, |_| {});
         assert_eq!(out.epochs.len(), 5, "epochs mode makes whole passes");
         assert!(
             out.epochs.last().unwrap().loss < out.epochs[0].loss * 0.8,
@@ -823,9 +658,9 @@ mod tests {
 
     #[test]
     fn a_step_budget_is_independent_of_the_shard_size() {
-        let (model, docs, labels) = toy();
-        let mut sgd = SparseSgd::new(&model).unwrap();
-        let out = sgd.train(
+        let (mut model, docs, labels) = toy();
+        let out = train_sparse(
+            &mut model,
             &docs,
             &labels,
             &tc(100, 1, 0.1, Schedule::Linear),

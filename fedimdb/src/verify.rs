@@ -8,7 +8,7 @@
 //! | `data/shard-*.parquet`, `test.parquet` | `data/manifest.json`                 |
 //! | `rounds/round-R/updates/shard-I.safetensors` | `updates/shard-I.json` (its [`UpdateReport`]) |
 //! | `rounds/round-R/global.safetensors`    | `rounds/round-R/report.json` ([`RoundReport`]) |
-//! | `model/latest.safetensors`             | `model/latest.json` ([`LatestCard`]) |
+//! | `model/latest.safetensors`             | `model/latest.json` ([`ModelCard`], published) |
 //!
 //! Readers go through [`load_update`], [`load_global`] (and the manifest check in
 //! [`crate::dataset::load_reviews`]), so a truncated, corrupted or swapped file is refused
@@ -23,12 +23,14 @@ use std::path::Path;
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::atomic::read_json;
+use crate::checkpoint::ModelCard;
 use crate::checkpoint::{Checkpoint, Kind};
 use crate::digest::sha256_file;
 use crate::layout::Layout;
+use crate::manifest::FileEntry;
 use crate::model::ModelConfig;
-use crate::report::{LatestCard, RoundReport, UpdateReport};
-use crate::train::TrainConfig;
+use crate::report::{RoundReport, UpdateReport};
+use crate::train::{Algorithm, TrainArgs, TrainConfig};
 
 /// Fails unless `sha` (of `path`) is `recorded` (as written in `record`).
 pub fn ensure_sha(path: &Path, sha: &str, recorded: &str, record: &Path) -> Result<()> {
@@ -42,13 +44,26 @@ pub fn ensure_sha(path: &Path, sha: &str, recorded: &str, record: &Path) -> Resu
     Ok(())
 }
 
+/// Fails unless the file at `path` has the checksum `recorded` (as written in `record`):
+/// the one check of a file against its record, for files read by other means than
+/// [`load_verified`] (Parquet shards, the copier's re-check, the published model).
+pub fn check_file(path: &Path, recorded: &str, record: &Path) -> Result<()> {
+    ensure_sha(path, &sha256_file(path)?, recorded, record)
+}
+
 /// Reads `path`, checks its bytes against the checksum `recorded` in `record` *before*
 /// parsing them (so damage is reported as damage, whatever byte it hit), then parses it as
 /// a file of `kind`.
 pub fn load_verified(path: &Path, kind: Kind, recorded: &str, record: &Path) -> Result<Checkpoint> {
+    let bytes = read_verified(path, recorded, record)?;
+    Checkpoint::from_bytes(&bytes, path)?.expect_kind(kind, path)
+}
+
+/// The bytes of `path`, checked against the checksum `recorded` in `record`.
+pub fn read_verified(path: &Path, recorded: &str, record: &Path) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     ensure_sha(path, &crate::digest::sha256_bytes(&bytes), recorded, record)?;
-    Checkpoint::from_bytes(&bytes, path)?.expect_kind(kind, path)
+    Ok(bytes)
 }
 
 /// The report of worker `shard` in `round`, checked to be about that round and shard.
@@ -154,6 +169,34 @@ pub struct UpdateWant {
     pub control_sha256: Option<String>,
 }
 
+impl UpdateWant {
+    /// What worker `shard`'s update of `round` must come from: its shard (`entry` of the
+    /// data manifest) and the model `config`; from round 1 on also the verified global
+    /// model of the round before, the training `train` asks for and, with SCAFFOLD, the
+    /// verified control file of the round before. The trainer and the local pipeline ask
+    /// this one question, so they agree on what counts as done.
+    pub fn new(
+        entry: &FileEntry,
+        config: ModelConfig,
+        round: u32,
+        shard: usize,
+        train: &TrainArgs,
+        base_sha256: Option<&str>,
+        control_sha256: Option<&str>,
+    ) -> Self {
+        Self {
+            data_sha256: entry.sha256.clone(),
+            config: Some(config),
+            base_sha256: base_sha256.map(str::to_owned),
+            train: (round > 0).then(|| train.config(round, shard)),
+            control_sha256: match train.algorithm {
+                Algorithm::Scaffold => control_sha256.map(str::to_owned),
+                Algorithm::FedAvg => None,
+            },
+        }
+    }
+}
+
 /// `Ok` if worker `shard`'s update of `round` is on disk, matches its checksum, and was
 /// computed from what `want` describes; otherwise the reason it must be (re)computed.
 /// Hashes the update file; does not parse it.
@@ -168,12 +211,7 @@ pub fn check_update(
         bail!("{} is missing", path.display());
     }
     let report = read_update_report(layout, round, shard)?;
-    ensure_sha(
-        &path,
-        &sha256_file(&path)?,
-        &report.sha256,
-        &layout.update_report(round, shard),
-    )?;
+    check_file(&path, &report.sha256, &layout.update_report(round, shard))?;
     let differs =
         |what: &str| anyhow::anyhow!("{} was computed from another {what}", path.display());
     if report.data_sha256 != want.data_sha256 {
@@ -204,12 +242,7 @@ pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Re
         bail!("{} is missing", path.display());
     }
     let report = read_round_report(layout, round)?;
-    ensure_sha(
-        &path,
-        &sha256_file(&path)?,
-        &report.model_sha256,
-        &layout.round_report(round),
-    )?;
+    check_file(&path, &report.model_sha256, &layout.round_report(round))?;
     ensure!(
         report.base_sha256.as_deref() == base_sha256,
         "{} was made from another global model of round {}",
@@ -224,12 +257,7 @@ pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Re
     if let Some(recorded) = &report.control_sha256 {
         let control = layout.control(round);
         ensure!(control.exists(), "{} is missing", control.display());
-        ensure_sha(
-            &control,
-            &sha256_file(&control)?,
-            recorded,
-            &layout.round_report(round),
-        )?;
+        check_file(&control, recorded, &layout.round_report(round))?;
     }
     for (&shard, sha) in report.shards.iter().zip(&report.update_sha256) {
         let now = read_update_report(layout, round, shard)
@@ -244,12 +272,28 @@ pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Re
     Ok(report)
 }
 
-/// `Ok` with the card if `model/latest.safetensors` matches the checksum in `latest.json`.
-pub fn check_latest(layout: &Layout) -> Result<LatestCard> {
+/// The published card, `model/latest.json`, checked to name its round and model checksum.
+pub fn read_latest_card(layout: &Layout) -> Result<ModelCard> {
     let card_path = layout.latest_card();
-    let card: LatestCard = read_json(&card_path)?;
+    let card: ModelCard = read_json(&card_path)?;
+    ensure!(
+        card.round.is_some() && card.sha256.is_some(),
+        "{} is not a published model card: it lacks `round` or `sha256`; re-run the last aggregator",
+        card_path.display()
+    );
+    Ok(card)
+}
+
+/// `Ok` with the card if `model/latest.safetensors` matches the checksum in `latest.json`.
+pub fn check_latest(layout: &Layout) -> Result<ModelCard> {
+    let card = read_latest_card(layout)?;
+    let card_path = layout.latest_card();
     let path = layout.latest_model();
-    ensure_sha(&path, &sha256_file(&path)?, &card.sha256, &card_path)?;
+    check_file(
+        &path,
+        card.sha256.as_deref().unwrap_or_default(),
+        &card_path,
+    )?;
     Ok(card)
 }
 
@@ -286,7 +330,7 @@ mod tests {
         write_bytes_atomic(&layout.global_model(round), &bytes).unwrap();
         let report = RoundReport {
             round,
-            strategy: "fedavg".into(),
+            strategy: crate::strategy::Combination::Strategy(crate::strategy::Strategy::FedAvg),
             shards: vec![],
             missing: vec![],
             samples: vec![],

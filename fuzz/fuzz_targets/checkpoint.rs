@@ -1,8 +1,8 @@
 //! The checkpoint reader on arbitrary bytes: `Checkpoint::from_bytes` returns a checkpoint
 //! or an error naming the file, never panics and never allocates without bound.
 //!
-//! A file it accepts must be usable as its kind says: a model gives a scorer and a candle
-//! model, a stats file its counts; and writing it back gives a file that reads back the same.
+//! A file it accepts must be usable as its kind says: a model gives a scorer and a model
+//! that scores alike, a stats file its counts; and writing it back gives a file that reads back the same.
 
 #![no_main]
 
@@ -29,8 +29,9 @@ fuzz_target!(
             Kind::Model => {
                 let s = ck.scorer().expect("a model file gives a scorer");
                 assert_eq!(s.effective.len(), dim);
-                let m = ck.to_model().expect("a model file gives a model");
-                assert_eq!(m.weight.dims(), [dim]);
+                let m = ck.clone().into_model().expect("a model file gives a model");
+                assert_eq!((m.weight.len(), m.nb_ratio.len()), (dim, dim));
+                assert_eq!(m.scorer().effective, s.effective);
             }
             Kind::Stats => {
                 if let Ok(c) = ck.to_counts() {

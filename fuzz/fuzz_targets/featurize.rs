@@ -4,25 +4,24 @@
 //! and highlight), then the text (invalid UTF-8 replaced, as no caller can pass it).
 //! Checks, beyond "no panic":
 //! - `Featurizer::features_into`: buckets sorted, distinct, below 2^hash_bits; the same as
-//!   the distinct buckets of `preprocess` and of `for_each_ngram_bucket`;
+//!   the distinct buckets of `preprocess` and of `Tokens::for_each_ngram`;
 //! - `preprocess`: normalised text and tokens equal `normalize` / `tokenize`; tokens are
 //!   words (letters, digits, inner apostrophes) or `!`/`?`; one n-gram per token position
 //!   and length, in order;
-//! - `server::explain::token_spans` yields exactly the featurizer's tokens, at increasing
-//!   character-boundary offsets of the original text;
-//! - `server::explain::explain` (a 2^10-bucket model): top n-grams of the right sign, at
-//!   most top-k, by decreasing weight; highlight spans in range, adding up to the logit.
+//! - `Tokens` (the featurizer's tokens with their places) at increasing character-boundary
+//!   ranges of the original text;
+//! - `server::explain::explain` (a 2^10-bucket model): the logit of the review's features,
+//!   to the bit; top n-grams of the right sign, at most top-k, by decreasing weight;
+//!   highlight spans in range, adding up to the logit.
 
 #![no_main]
 
 use std::sync::OnceLock;
 
-use fedimdb::featurize::{
-    Featurizer, FeaturizerConfig, for_each_ngram_bucket, normalize, preprocess, tokenize,
-};
+use fedimdb::featurize::{Featurizer, FeaturizerConfig, Tokens, normalize, preprocess, tokenize};
 use fedimdb::model::{ModelConfig, Scorer};
 use libfuzzer_sys::fuzz_target;
-use server::explain::{explain, token_spans};
+use server::explain::explain;
 
 /// A small model per longest n-gram, with fixed pseudo-random weights of both signs.
 fn scorers() -> &'static [Scorer] {
@@ -76,10 +75,11 @@ fuzz_target!(
         let max_n = cfg.max_ngram as usize;
         let expected: usize = (1..=max_n).map(|n| (n_tokens + 1).saturating_sub(n)).sum();
         assert_eq!(p.ngrams.len(), expected, "n-gram count for {n_tokens} tokens");
+        let tokens = Tokens::new(&text);
         let mut fast = Vec::with_capacity(p.ngrams.len());
-        for_each_ngram_bucket(&text, &cfg, |n, start, bucket| fast.push((n, start, bucket)));
+        tokens.for_each_ngram(&cfg, |n, start, bucket| fast.push((n, start, bucket)));
         let slow: Vec<(usize, usize, u32)> = p.ngrams.iter().map(|g| (g.n, g.start, g.bucket)).collect();
-        assert_eq!(fast, slow, "string-free n-grams differ from preprocess");
+        assert_eq!(fast, slow, "the n-grams of Tokens differ from preprocess");
         for g in &p.ngrams {
             assert_eq!(g.text, p.tokens[g.start..g.start + g.n].join(" "));
         }
@@ -88,11 +88,10 @@ fuzz_target!(
         distinct.dedup();
         assert_eq!(distinct, feats, "features differ from preprocess");
 
-        let spans = token_spans(&text);
-        let span_texts: Vec<String> = spans.spans.iter().map(|&s| spans.text(s)).collect();
-        assert_eq!(span_texts, p.tokens, "token_spans differs from the featurizer");
+        assert_eq!(tokens.len(), n_tokens);
         let mut prev_end = 0;
-        for s in &spans.spans {
+        for i in 0..tokens.len() {
+            let s = tokens.span(i);
             assert!(prev_end <= s.start && s.start < s.end && s.end <= text.len(), "{s:?}");
             assert!(text.is_char_boundary(s.start) && text.is_char_boundary(s.end), "{s:?}");
             prev_end = s.end;
@@ -103,7 +102,9 @@ fuzz_target!(
         let scorer = &scorers()[max_n - 1];
         let top_k = (*ex % 8) as usize;
         let highlight = ex & 8 != 0;
-        let e = explain(&text, scorer, top_k, highlight);
+        let (logit, e) = explain(&text, scorer, top_k, highlight);
+        let feats = Featurizer::new(scorer.config.featurizer).features(&text);
+        assert_eq!(logit.to_bits(), scorer.logit(&feats).to_bits(), "explained logit differs");
         for (words, positive) in [(&e.top_positive, true), (&e.top_negative, false)] {
             assert!(words.len() <= top_k);
             assert!(words.iter().all(|w| if positive { w.weight > 0.0 } else { w.weight < 0.0 }), "{words:?}");
@@ -116,10 +117,7 @@ fuzz_target!(
                 assert_eq!(h.len(), n_tokens);
                 let chars = text.chars().count();
                 assert!(h.iter().all(|s| s.start < s.end && s.end <= chars), "{h:?}");
-                let mut sf = Featurizer::new(scorer.config.featurizer);
-                let feats = sf.features(&text);
                 let total: f32 = h.iter().map(|s| s.weight).sum();
-                let logit = scorer.logit(&feats);
                 let scale: f32 = feats.iter().map(|&b| scorer.contribution(b, feats.len()).abs()).sum::<f32>() + 1.0;
                 assert!((total + scorer.bias - logit).abs() <= 1e-4 * scale, "{total} + {} vs {logit}", scorer.bias);
             }

@@ -45,13 +45,7 @@ fn featurize() -> Vec<(String, Vec<u8>)> {
 }
 
 fn small_config() -> ModelConfig {
-    ModelConfig {
-        featurizer: FeaturizerConfig {
-            hash_bits: 10,
-            max_ngram: 2,
-        },
-        nb_smoothing: 1.0,
-    }
+    ModelConfig::with_buckets(10, 2)
 }
 
 fn counts(cfg: ModelConfig) -> ClassCounts {
@@ -65,13 +59,16 @@ fn counts(cfg: ModelConfig) -> ClassCounts {
 fn checkpoints() -> Vec<(String, Vec<u8>)> {
     let cfg = small_config();
     let counts = counts(cfg);
-    let model = Model::from_counts(cfg, &counts).expect("a model from counts");
+    let model = Model::from_counts(cfg, &counts);
 
     let mut header = Header::new(Kind::Model, cfg, 3);
     header.samples = 6;
     header.card = Some(ModelCard {
+        round: None,
+        sha256: None,
+        trained_at: None,
         workers: 2,
-        partition: "dirichlet".into(),
+        partition: fedimdb::manifest::Partition::Dirichlet,
         alpha: Some(0.5),
         train_samples: 6,
         history: vec![
@@ -86,7 +83,7 @@ fn checkpoints() -> Vec<(String, Vec<u8>)> {
         ],
         metrics: BTreeMap::from([("accuracy".to_owned(), 0.75), ("log_loss".to_owned(), 0.4)]),
     });
-    let model_ck = Checkpoint::from_model(&model, header).expect("a model checkpoint");
+    let model_ck = Checkpoint::from_model(model, header);
 
     let mut header = Header::new(Kind::Stats, cfg, 0);
     header.shard = Some(1);
@@ -97,10 +94,16 @@ fn checkpoints() -> Vec<(String, Vec<u8>)> {
     header.shard = Some(0);
     header.samples = 3;
     header.base_sha256 = Some("0".repeat(64));
-    header.train = Some(serde_json::to_value(fedimdb::train::TrainArgs::default().config(2, 0)).expect("a train config"));
+    header.train = Some(fedimdb::train::TrainArgs::default().config(2, 0));
     let index: Vec<u32> = (0..cfg.dim() as u32).step_by(3).collect();
-    let weight: Vec<f32> = index.iter().map(|&i| ((i % 7) as f32 - 3.0) / 8.0).collect();
-    let grad: Vec<f32> = index.iter().map(|&i| ((i % 5) as f32 - 2.0) / 64.0).collect();
+    let weight: Vec<f32> = index
+        .iter()
+        .map(|&i| ((i % 7) as f32 - 3.0) / 8.0)
+        .collect();
+    let grad: Vec<f32> = index
+        .iter()
+        .map(|&i| ((i % 5) as f32 - 2.0) / 64.0)
+        .collect();
     let update_ck = Checkpoint::update(header, index, weight, 0.125, grad, -0.01);
 
     [

@@ -5,22 +5,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
-use clap::ValueEnum;
 use fedimdb::atomic::{is_temp_name, read_json, write_json_atomic};
-use fedimdb::featurize::FeaturizerConfig;
 use fedimdb::layout::Layout;
 use fedimdb::manifest::DataManifest;
 use fedimdb::metrics::Metrics;
-use fedimdb::model::ModelConfig;
 use fedimdb::report::{RoundReport, UpdateReport};
-use fedimdb::train::{Algorithm, TrainArgs};
+use fedimdb::train::TrainArgs;
 use fedimdb::verify::{UpdateWant, check_latest, check_round, check_update};
 use serde::Serialize;
 use tracing::info;
 
 use crate::lock::{Previous, RootLock};
 use crate::procs::{Step, command, run_one, run_tolerating};
-use crate::{LocalArgs, PartitionArg, StrategyArg};
+use crate::{LocalArgs, PartitionArg};
 
 /// The shared archive, looked up relative to the working folder.
 const SHARED_ARCHIVE: &str = "../shared/data/aclImdb-labeled.tar.gz";
@@ -62,6 +59,7 @@ fn check(args: &LocalArgs) -> Result<()> {
     ensure!(args.workers >= 1, "--workers must be at least 1");
     ensure!(args.rounds >= 1, "--rounds must be at least 1");
     args.train.validate().map_err(anyhow::Error::msg)?;
+    args.model.validate().map_err(anyhow::Error::msg)?;
     ensure!(
         args.alpha > 0.0 && args.alpha.is_finite(),
         "--alpha must be a positive number, got {}",
@@ -82,16 +80,7 @@ fn check(args: &LocalArgs) -> Result<()> {
             args.rounds
         );
     }
-    if let Some(t) = args.trim {
-        ensure!(
-            args.strategy == StrategyArg::TrimmedMean,
-            "--trim only applies to --strategy trimmed-mean"
-        );
-        ensure!(
-            (0.0..0.5).contains(&t),
-            "--trim must be at least 0 and below 0.5, got {t}"
-        );
-    }
+    args.combine.strategy().map_err(anyhow::Error::msg)?;
     Ok(())
 }
 
@@ -182,13 +171,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
         source.display()
     );
 
-    let config = ModelConfig {
-        featurizer: FeaturizerConfig {
-            hash_bits: args.hash_bits,
-            max_ngram: args.max_ngram,
-        },
-        ..ModelConfig::default()
-    };
+    let config = args.model.config();
     let quorum = args.min_workers.unwrap_or(args.workers);
     let mut rounds = Vec::new();
     let mut base_sha256: Option<String> = None;
@@ -203,16 +186,15 @@ pub fn run(args: &LocalArgs) -> Result<()> {
         let mut kept = Vec::new();
         let mut steps = Vec::new();
         for shard in 0..args.workers {
-            let want = UpdateWant {
-                data_sha256: manifest.shards[shard].sha256.clone(),
-                config: Some(config),
-                base_sha256: base_sha256.clone(),
-                train: (round > 0).then(|| args.train.config(round, shard)),
-                control_sha256: match args.train.algorithm {
-                    Algorithm::Scaffold => control_sha256.clone(),
-                    Algorithm::FedAvg => None,
-                },
-            };
+            let want = UpdateWant::new(
+                &manifest.shards[shard],
+                config,
+                round,
+                shard,
+                &args.train,
+                base_sha256.as_deref(),
+                control_sha256.as_deref(),
+            );
             match (forced, check_update(&layout, round, shard, &want)) {
                 (false, Ok(_)) => kept.push(shard),
                 (true, _) => steps.push(trainer_step(args, round, shard, &logs)?),
@@ -270,7 +252,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
     // The published model must be this run's last global model (a longer earlier run in
     // the same root may have published a later round).
     let last = base_sha256.expect("at least one round");
-    if check_latest(&layout).map(|c| c.sha256).ok().as_deref() != Some(last.as_str()) {
+    if check_latest(&layout).ok().and_then(|c| c.sha256).as_deref() != Some(last.as_str()) {
         run_one(aggregator_step(
             args,
             args.rounds,
@@ -378,12 +360,7 @@ fn trainer_step(args: &LocalArgs, round: u32, shard: usize, logs: &Path) -> Resu
         .arg(&args.root)
         .args(["--round", &round.to_string(), "--shard", &shard.to_string()])
         .args(args.train.to_args())
-        .args([
-            "--hash-bits",
-            &args.hash_bits.to_string(),
-            "--max-ngram",
-            &args.max_ngram.to_string(),
-        ])
+        .args(args.model.to_args())
         .env_remove("JOB_COMPLETION_INDEX");
     Ok(Step {
         name: format!("trainer round {round} shard {shard}"),
@@ -403,16 +380,7 @@ fn aggregator_step(args: &LocalArgs, round: u32, resume: bool, log: PathBuf) -> 
         "--min-workers",
         &args.min_workers.unwrap_or(args.workers).to_string(),
     ]);
-    cmd.args([
-        "--strategy",
-        args.strategy
-            .to_possible_value()
-            .expect("no skipped variants")
-            .get_name(),
-    ]);
-    if let Some(trim) = args.trim {
-        cmd.args(["--trim", &trim.to_string()]);
-    }
+    cmd.args(args.combine.to_args());
     if resume {
         cmd.arg("--resume");
     }

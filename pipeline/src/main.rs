@@ -33,17 +33,6 @@ pub enum PartitionArg {
     Dirichlet,
 }
 
-/// The aggregator's `--strategy` (see `aggregator --help`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StrategyArg {
-    /// Sample-weighted mean (FedAvg).
-    Fedavg,
-    /// Coordinate-wise median.
-    Median,
-    /// Coordinate-wise trimmed mean (--trim).
-    TrimmedMean,
-}
-
 /// Flags of `pipeline local`.
 #[derive(Debug, ClapArgs)]
 pub struct LocalArgs {
@@ -78,12 +67,8 @@ pub struct LocalArgs {
     /// Write a JSON report of the run here.
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// Hash buckets are 2^BITS.
-    #[arg(long, default_value_t = fedimdb::featurize::FeaturizerConfig::default().hash_bits)]
-    pub hash_bits: u32,
-    /// Longest word n-gram.
-    #[arg(long, default_value_t = fedimdb::featurize::FeaturizerConfig::default().max_ngram)]
-    pub max_ngram: u32,
+    #[command(flatten)]
+    pub model: fedimdb::model::ModelArgs,
     /// Replace existing data under ROOT if it was sharded with other arguments.
     #[arg(long)]
     pub force: bool,
@@ -95,12 +80,9 @@ pub struct LocalArgs {
     /// Quorum: a round goes on when at least M trainers succeeded (default: all).
     #[arg(long, value_name = "M")]
     pub min_workers: Option<usize>,
-    /// How the aggregator combines updates.
-    #[arg(long, value_enum, default_value = "fedavg")]
-    pub strategy: StrategyArg,
-    /// With --strategy trimmed-mean: fraction cut from each end (aggregator default 0.2).
-    #[arg(long, value_name = "F")]
-    pub trim: Option<f64>,
+    // How the aggregator combines updates (--strategy, --trim).
+    #[command(flatten)]
+    pub combine: fedimdb::strategy::StrategyArgs,
 }
 
 fn main() -> std::process::ExitCode {

@@ -4,10 +4,14 @@
 //! hadolint, and bad input (flags, kubeconfig, unreachable API server) fails clearly.
 //! Tests that need a tool skip with a notice when it is missing; `.ci/run` installs them.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-const PIPELINE: &str = env!("CARGO_BIN_EXE_pipeline");
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{
+    PIPELINE, dry_run, fake_api_server, kubeconfig, pipeline_k8s, pipeline_k8s_command, text,
+};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -32,14 +36,6 @@ fn need(name: &str) -> Option<PathBuf> {
         eprintln!("SKIPPED: `{name}` is not installed (bash .ci/run installs it)");
     }
     t
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Validates a multi-document YAML file strictly against the current Kubernetes schemas.
@@ -226,29 +222,18 @@ fn every_overlay_renders_and_validates() {
 #[test]
 fn dry_run_prints_jobs_that_validate() {
     for overlay in ["local", "gpu"] {
-        let o = Command::new(PIPELINE)
-            .args([
-                "k8s",
-                "--dry-run",
-                "--workers",
-                "3",
-                "--rounds",
-                "2",
-                "--run-id",
-                "ci",
-                "--overlay",
-                overlay,
-            ])
-            .args([
-                "--registry",
-                "europe-docker.pkg.dev/p/fedimdb",
-                "--image-tag",
-                "1.2.3",
-            ])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", text(&o));
-        let yaml = String::from_utf8(o.stdout).unwrap();
+        let yaml = dry_run(&[
+            "--workers",
+            "3",
+            "--rounds",
+            "2",
+            "--overlay",
+            overlay,
+            "--registry",
+            "europe-docker.pkg.dev/p/fedimdb",
+            "--image-tag",
+            "1.2.3",
+        ]);
         let docs = docs(&yaml);
         assert_eq!(
             docs.len(),
@@ -279,22 +264,16 @@ fn dry_run_prints_jobs_that_validate() {
 /// budget, and the Jobs still validate.
 #[test]
 fn dry_run_with_from_round_and_min_workers() {
-    let o = Command::new(PIPELINE)
-        .args([
-            "k8s",
-            "--dry-run",
-            "--workers",
-            "3",
-            "--rounds",
-            "2",
-            "--run-id",
-            "ci",
-        ])
-        .args(["--from-round", "1", "--min-workers", "2"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let yaml = String::from_utf8(o.stdout).unwrap();
+    let yaml = dry_run(&[
+        "--workers",
+        "3",
+        "--rounds",
+        "2",
+        "--from-round",
+        "1",
+        "--min-workers",
+        "2",
+    ]);
     let docs = docs(&yaml);
     let args = |i: usize| -> Vec<String> {
         docs[i]["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -381,17 +360,6 @@ fn the_pipeline_role_grants_what_the_driver_uses() {
     );
 }
 
-fn pipeline_k8s(args: &[&str], kubeconfig: &Path) -> Output {
-    Command::new(PIPELINE)
-        .arg("k8s")
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("KUBERNETES_SERVICE_PORT")
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn bad_flags_fail_clearly() {
     let none = Path::new("/nonexistent/kubeconfig");
@@ -446,14 +414,7 @@ fn missing_kubeconfig_fails_clearly() {
 #[test]
 fn unreachable_api_server_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let kc = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kc,
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:1\n\
-         contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n\
-         users:\n- name: u\n  user:\n    token: t\n",
-    )
-    .unwrap();
+    let kc = kubeconfig(dir.path(), "https://127.0.0.1:1", "{ token: t }");
     let t0 = std::time::Instant::now();
     let o = pipeline_k8s(&["--workers", "2", "--rounds", "1"], &kc);
     assert!(!o.status.success());
@@ -512,24 +473,20 @@ fn the_jobs_arguments_parse_in_the_binaries() {
         );
         return;
     }
-    let o = Command::new(PIPELINE)
-        .args([
-            "k8s",
-            "--dry-run",
-            "--workers",
-            "2",
-            "--rounds",
-            "1",
-            "--run-id",
-            "ci",
-        ])
-        .args(["--from-round", "1", "--min-workers", "1", "--force"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    let yaml = dry_run(&[
+        "--workers",
+        "2",
+        "--rounds",
+        "1",
+        "--from-round",
+        "1",
+        "--min-workers",
+        "1",
+        "--force",
+    ]);
     let volume = tempfile::tempdir().unwrap();
     let root = volume.path().to_str().unwrap();
-    for d in docs(&String::from_utf8(o.stdout).unwrap()) {
+    for d in docs(&yaml) {
         let pod = &d["spec"]["template"]["spec"];
         let containers = pod["initContainers"]
             .as_sequence()
@@ -565,124 +522,15 @@ fn the_jobs_arguments_parse_in_the_binaries() {
     }
 }
 
-/// A minimal Kubernetes API server over plain HTTP, enough for `pipeline k8s` to take its
-/// lock and apply a first Job that never finishes. Records `METHOD path` of each request.
-fn fake_api_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::sync::{Arc, Mutex};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { continue };
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut out = conn;
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let mut parts = line.split_whitespace();
-                    let method = parts.next().unwrap_or_default().to_string();
-                    let path = parts
-                        .next()
-                        .unwrap_or_default()
-                        .split('?')
-                        .next()
-                        .unwrap()
-                        .to_string();
-                    let mut length = 0;
-                    loop {
-                        let mut h = String::new();
-                        reader.read_line(&mut h).unwrap();
-                        if h.trim().is_empty() {
-                            break;
-                        }
-                        if let Some((k, v)) = h.split_once(':')
-                            && k.eq_ignore_ascii_case("content-length")
-                        {
-                            length = v.trim().parse().unwrap();
-                        }
-                    }
-                    let mut body = vec![0; length];
-                    reader.read_exact(&mut body).unwrap();
-                    log.lock().unwrap().push(format!("{method} {path}"));
-                    let job = |name: &str| {
-                        serde_json::json!({ "apiVersion": "batch/v1", "kind": "Job",
-                            "metadata": { "name": name, "namespace": "fedimdb" },
-                            "status": { "active": 1 } })
-                    };
-                    let (code, reply) = match (method.as_str(), path.as_str()) {
-                        ("GET", "/version") => (
-                            200,
-                            serde_json::json!({ "major": "1", "minor": "33", "gitVersion": "v1.33.0",
-                                "gitCommit": "x", "gitTreeState": "clean", "buildDate": "2025-01-01T00:00:00Z",
-                                "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64" }),
-                        ),
-                        ("POST", p) if p.ends_with("/leases") => {
-                            let mut l: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                            l["metadata"]["resourceVersion"] = "1".into();
-                            (201, l)
-                        }
-                        ("DELETE", p) if p.contains("/leases/") => (
-                            200,
-                            serde_json::json!({ "kind": "Status", "apiVersion": "v1",
-                                                "metadata": {}, "status": "Success" }),
-                        ),
-                        ("GET", "/apis/batch/v1/namespaces/fedimdb/jobs") => (
-                            200,
-                            serde_json::json!({ "apiVersion": "batch/v1", "kind": "JobList",
-                                                "metadata": {}, "items": [] }),
-                        ),
-                        ("PATCH" | "GET", p) if p.contains("/jobs/") => {
-                            (200, job(p.rsplit('/').next().unwrap()))
-                        }
-                        _ => (
-                            404,
-                            serde_json::json!({ "kind": "Status", "apiVersion": "v1", "metadata": {},
-                                "status": "Failure", "reason": "NotFound", "code": 404, "message": "not here" }),
-                        ),
-                    };
-                    let reply = reply.to_string();
-                    let head = format!(
-                        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                        reply.len()
-                    );
-                    if out.write_all(head.as_bytes()).is_err()
-                        || out.write_all(reply.as_bytes()).is_err()
-                    {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (url, seen)
-}
-
 /// Ctrl-C (SIGINT) of a running `pipeline k8s` releases its lock before it exits.
 #[cfg(unix)]
 #[test]
 fn sigint_releases_the_lock() {
     let (url, seen) = fake_api_server();
     let dir = tempfile::tempdir().unwrap();
-    let kc = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kc,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {url}\n\
-             contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n\
-             users:\n- name: u\n  user: {{}}\n"
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(PIPELINE)
+    let kc = kubeconfig(dir.path(), &url, "{}");
+    let mut child = pipeline_k8s_command(&kc)
         .args([
-            "k8s",
             "--workers",
             "2",
             "--rounds",
@@ -692,9 +540,6 @@ fn sigint_releases_the_lock() {
             "--poll",
             "0.05",
         ])
-        .env("KUBECONFIG", &kc)
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("KUBERNETES_SERVICE_PORT")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -254,7 +254,7 @@ pub async fn model(State(state): State<Arc<AppState>>) -> Result<Json<ModelInfo>
         hash_bits: m.scorer.config.featurizer.hash_bits,
         max_ngram: m.scorer.config.featurizer.max_ngram,
         workers: m.card.as_ref().map(|c| c.workers),
-        partition: m.card.as_ref().map(|c| c.partition.clone()),
+        partition: m.card.as_ref().map(|c| c.partition.to_string()),
         alpha: card.alpha,
         history: card.history,
         metrics: card.metrics,

@@ -87,7 +87,7 @@ impl Batcher {
                 .name(format!("infer-{i}"))
                 .spawn(move || worker(&batches, &models, &metrics))?;
         }
-        let (max_batch, max_delay, d) = (config.max_batch, config.max_delay, depth.clone());
+        let (max_batch, max_delay, d) = (config.max_batch, config.max_delay(), depth.clone());
         std::thread::Builder::new()
             .name("batcher".into())
             .spawn(move || batch_loop(&jobs, &to_workers, max_batch, max_delay, &d, &metrics))?;
@@ -238,11 +238,17 @@ fn worker(batches: &Mutex<Receiver<Vec<Job>>>, models: &ModelSlot, metrics: &Met
                 job.texts
                     .iter()
                     .map(|text| {
-                        f.features_into(text, &mut features);
-                        let logit = model.scorer.logit(&features);
-                        let explanation = job
-                            .explain
-                            .map(|o| explain(text, &model.scorer, o.top_k, o.highlight));
+                        // An explained review is featurised once, by the explanation.
+                        let (logit, explanation) = match job.explain {
+                            Some(o) => {
+                                let (logit, e) = explain(text, &model.scorer, o.top_k, o.highlight);
+                                (logit, Some(e))
+                            }
+                            None => {
+                                f.features_into(text, &mut features);
+                                (model.scorer.logit(&features), None)
+                            }
+                        };
                         Prediction {
                             probability: sigmoid(logit),
                             logit,

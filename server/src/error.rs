@@ -135,7 +135,7 @@ fn check_content_type(headers: &HeaderMap, required: bool) -> Result<(), ApiErro
 /// Reads the whole body (bounded in size and time), then checks and parses it.
 pub async fn read_body(req: Request, state: &AppState) -> Result<axum::body::Bytes, ApiError> {
     let limit = state.config.max_body_bytes();
-    let timeout = state.config.read_timeout;
+    let timeout = state.config.read_timeout();
     match tokio::time::timeout(timeout, axum::body::to_bytes(req.into_body(), limit)).await {
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,

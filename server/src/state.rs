@@ -8,8 +8,9 @@
 //!
 //! Root mode watches `ROOT/model/latest.json` (the aggregator writes it *after*
 //! `latest.safetensors`) by polling its bytes (`--model FILE` mode: the file's size and
-//! mtime); when they change, the card is read, the model loaded and its SHA-256
-//! checked against the card's. A model that fails to load leaves the old one serving; the
+//! mtime); when they change, the card is read and the model loaded through
+//! `fedimdb::verify::load_verified`, which checks its SHA-256 against the card's before
+//! parsing it. A model that fails to load leaves the old one serving; the
 //! error is logged, counted and shown in `/api/model` and `/v2/health/ready` until a later
 //! model loads. The same fingerprint is not retried, so a broken file costs one load.
 
@@ -17,11 +18,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use fedimdb::checkpoint::{Checkpoint, Kind, ModelCard};
 use fedimdb::layout::Layout;
 use fedimdb::model::Scorer;
-use fedimdb::report::LatestCard;
+use fedimdb::verify::load_verified;
 use serde::Serialize;
 
 use crate::Config;
@@ -204,27 +205,23 @@ impl ModelSlot {
 
     fn load(&self, card_bytes: Option<&[u8]>) -> Result<LoadedModel> {
         let path = self.model_path();
-        let card: Option<LatestCard> = match &self.source {
+        let (ck, card) = match &self.source {
             ModelSource::Root(root) => {
                 let card_path = Layout::new(root.clone()).latest_card();
                 let bytes =
                     card_bytes.with_context(|| format!("cannot read {}", card_path.display()))?;
-                Some(serde_json::from_slice(bytes).with_context(|| {
+                let card: ModelCard = serde_json::from_slice(bytes).with_context(|| {
                     format!("{} is not a valid model card", card_path.display())
-                })?)
+                })?;
+                // Checked against the card by the library's one check (the sha256 of the
+                // bytes read, before they are parsed); a refused model is retried when the
+                // card changes.
+                let recorded = card.sha256.as_deref().unwrap_or_default();
+                let ck = load_verified(&path, Kind::Model, recorded, &card_path)?;
+                (ck, Some(card))
             }
-            ModelSource::File(_) => None,
+            ModelSource::File(_) => (Checkpoint::load_kind(&path, Kind::Model)?, None),
         };
-        let ck = Checkpoint::load_kind(&path, Kind::Model)?;
-        if let Some(card) = &card {
-            ensure!(
-                ck.sha256 == card.sha256,
-                "{} has sha256 {} but model/latest.json names {} (a newer model may be being published; it is retried when the card changes)",
-                path.display(),
-                ck.sha256,
-                card.sha256
-            );
-        }
         let scorer = ck.scorer()?;
         let header = ck.header;
         Ok(LoadedModel {
@@ -233,8 +230,8 @@ impl ModelSlot {
             round: header.round,
             sha256: ck.sha256,
             samples: header.samples,
-            card: card.as_ref().map(|c| c.card.clone()).or(header.card),
-            trained_at: card.map(|c| c.trained_at),
+            card: card.clone().or(header.card),
+            trained_at: card.and_then(|c| c.trained_at),
             loaded_at: fedimdb::report::utc_now(),
             path,
         })
@@ -268,24 +265,14 @@ impl AppState {
     /// one is broken, and becomes ready when a good one appears: on Kubernetes it can start
     /// beside the training jobs.
     pub async fn new(config: Config) -> Result<Arc<Self>> {
-        ensure!(config.max_batch >= 1, "--max-batch must be at least 1");
-        ensure!(config.workers >= 1, "--workers must be at least 1");
-        ensure!(config.max_texts >= 1, "--max-texts must be at least 1");
-        ensure!(
-            config.max_text_bytes >= 1,
-            "--max-text-bytes must be at least 1"
-        );
-        ensure!(config.max_queue >= 1, "--max-queue must be at least 1");
-        if let ModelSource::Root(root) = &config.source {
-            ensure!(root.is_dir(), "--root {} is not a folder", root.display());
-        }
+        config.validate()?;
         let metrics = Arc::new(Metrics::default());
-        let models = Arc::new(ModelSlot::new(config.source.clone()));
+        let models = Arc::new(ModelSlot::new(config.source()));
         {
             let (models, metrics) = (models.clone(), metrics.clone());
             tokio::task::spawn_blocking(move || models.poll(&metrics)).await?;
         }
-        if let ModelSource::File(f) = &config.source
+        if let ModelSource::File(f) = &models.source
             && models.current().is_none()
         {
             let e = models
@@ -306,7 +293,7 @@ impl AppState {
     /// The test-set reviews, read on first use (a 25,000-review Parquet file takes a moment
     /// and ~35 MB, which a server that never shows samples should not pay).
     pub async fn samples(&self) -> Result<Arc<Vec<Sample>>, crate::error::ApiError> {
-        let Some(path) = self.config.test_set.clone() else {
+        let Some(path) = self.config.test_set() else {
             return Err(crate::error::ApiError::not_found(
                 "no test set: the server was started with --model and no --test-set",
             ));
@@ -357,7 +344,7 @@ impl AppState {
 pub fn spawn_watcher(state: Arc<AppState>) {
     let models = state.models.clone();
     let metrics = state.metrics.clone();
-    let every = state.config.poll_interval.max(Duration::from_millis(10));
+    let every = state.config.poll_interval().max(Duration::from_millis(10));
     let weak = Arc::downgrade(&state);
     drop(state);
     tokio::spawn(async move {

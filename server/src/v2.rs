@@ -90,9 +90,24 @@ fn check_version(
     }
 }
 
-fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Value>, ApiError> {
-    check_name(name)?;
-    let m = check_version(state, version)?;
+/// The model a route names: `/v2/models/{name}[/versions/{version}]/…`. Each model route
+/// exists in both forms, served by one handler.
+#[derive(Debug, Deserialize)]
+pub struct ModelPath {
+    name: String,
+    version: Option<String>,
+}
+
+/// The prefixes of the model routes (the router adds `/ready` and `/infer`).
+pub const MODEL_ROUTES: [&str; 2] = ["/v2/models/{name}", "/v2/models/{name}/versions/{version}"];
+
+/// `GET /v2/models/{name}[/versions/{version}]`: model metadata.
+pub async fn model_metadata(
+    State(state): State<Arc<AppState>>,
+    Path(p): Path<ModelPath>,
+) -> Result<Json<Value>, ApiError> {
+    check_name(&p.name)?;
+    let m = check_version(&state, p.version.as_deref())?;
     Ok(Json(json!({
         "name": MODEL_NAME,
         "versions": [m.version],
@@ -102,33 +117,17 @@ fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<
     })))
 }
 
-/// `GET /v2/models/{name}`: model metadata.
-pub async fn model_metadata(
+/// `GET /v2/models/{name}[/versions/{version}]/ready`.
+pub async fn model_ready(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    metadata(&state, &name, None)
-}
-
-/// `GET /v2/models/{name}/versions/{version}`.
-pub async fn model_metadata_version(
-    State(state): State<Arc<AppState>>,
-    Path((name, version)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    metadata(&state, &name, Some(&version))
-}
-
-fn model_readiness(
-    state: &AppState,
-    name: &str,
-    version: Option<&str>,
+    Path(p): Path<ModelPath>,
 ) -> Result<Response, ApiError> {
-    check_name(name)?;
-    let (ok, _) = readiness(state);
+    check_name(&p.name)?;
+    let (ok, _) = readiness(&state);
     // Before the first model loads no version exists, and the answer is still a readiness
     // body (503, ready false), as for the unversioned route, not a 503 error body.
-    if let (true, Some(v)) = (ok, version) {
-        check_version(state, Some(v))?;
+    if let (true, Some(v)) = (ok, p.version.as_deref()) {
+        check_version(&state, Some(v))?;
     }
     let status = if ok {
         StatusCode::OK
@@ -136,22 +135,6 @@ fn model_readiness(
         StatusCode::SERVICE_UNAVAILABLE
     };
     Ok((status, Json(json!({ "name": MODEL_NAME, "ready": ok }))).into_response())
-}
-
-/// `GET /v2/models/{name}/ready`.
-pub async fn model_ready(
-    State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
-) -> Result<Response, ApiError> {
-    model_readiness(&state, &name, None)
-}
-
-/// `GET /v2/models/{name}/versions/{version}/ready`.
-pub async fn model_ready_version(
-    State(state): State<Arc<AppState>>,
-    Path((name, version)): Path<(String, String)>,
-) -> Result<Response, ApiError> {
-    model_readiness(&state, &name, Some(&version))
 }
 
 #[derive(Debug, Deserialize)]
@@ -399,14 +382,14 @@ pub fn parse_infer(req: InferRequest, binary: &[u8]) -> Result<Parsed, ApiError>
     })
 }
 
-async fn infer_inner(
-    state: Arc<AppState>,
-    name: &str,
-    version: Option<&str>,
+/// `POST /v2/models/{name}[/versions/{version}]/infer`.
+pub async fn infer(
+    State(state): State<Arc<AppState>>,
+    Path(p): Path<ModelPath>,
     body: InferBody,
 ) -> Result<Response, ApiError> {
-    check_name(name)?;
-    check_version(&state, version)?;
+    check_name(&p.name)?;
+    check_version(&state, p.version.as_deref())?;
     let id = body.request.id.clone();
     let Parsed {
         texts,
@@ -439,22 +422,4 @@ async fn infer_inner(
     );
     headers.insert(HEADER_LENGTH, HeaderValue::from(json_len));
     Ok(resp)
-}
-
-/// `POST /v2/models/{name}/infer`.
-pub async fn infer(
-    State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
-    body: InferBody,
-) -> Result<Response, ApiError> {
-    infer_inner(state, &name, None, body).await
-}
-
-/// `POST /v2/models/{name}/versions/{version}/infer`.
-pub async fn infer_version(
-    State(state): State<Arc<AppState>>,
-    Path((name, version)): Path<(String, String)>,
-    body: InferBody,
-) -> Result<Response, ApiError> {
-    infer_inner(state, &name, Some(&version), body).await
 }

@@ -12,22 +12,21 @@ use serde_json::{Value, json};
 #[test]
 fn page_is_self_contained_and_accessible() {
     let s = TestServer::start(|_| {});
-    let r = s.get("/");
-    assert_eq!(r.status, 200);
-    assert!(r.header("content-type").unwrap().starts_with("text/html"));
-    let html = r.text();
-    for needle in [
-        "name=\"viewport\"",
-        "<label for=\"review\"",
-        "aria-live=\"polite\"",
-        "id=\"predict\"",
-        "id=\"sample\"",
-        "ctrlKey",
-        "metaKey",
-        "<svg",
-    ] {
-        assert!(html.contains(needle), "page lacks {needle}");
-    }
+    let html = s.get_text("/", "text/html");
+    common::assert_contains_all(
+        "the page",
+        &html,
+        &[
+            "name=\"viewport\"",
+            "<label for=\"review\"",
+            "aria-live=\"polite\"",
+            "id=\"predict\"",
+            "id=\"sample\"",
+            "ctrlKey",
+            "metaKey",
+            "<svg",
+        ],
+    );
     // No CDN or other outside resource: nothing is fetched from another origin.
     for outside in ["http://", "https://", "//cdn", "<link "] {
         assert!(!html.contains(outside), "page refers to {outside}");
@@ -44,12 +43,7 @@ fn predict_one_and_many() {
     let p = &v["predictions"][0];
     assert_eq!(p["label"], "positive");
     assert!(p["probability"].as_f64().unwrap() > 0.5);
-    let top: Vec<&str> = p["top_positive"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["text"].as_str().unwrap())
-        .collect();
+    let top = common::strs(&p["top_positive"], "text");
     assert!(!top.is_empty() && top.len() <= 5, "{top:?}");
     assert!(p.get("highlight").is_none());
 
@@ -60,7 +54,7 @@ fn predict_one_and_many() {
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     let preds = v["predictions"].as_array().unwrap();
-    let labels: Vec<&str> = preds.iter().map(|p| p["label"].as_str().unwrap()).collect();
+    let labels = common::strs(&v["predictions"], "label");
     assert_eq!(labels, ["positive", "negative", "positive"]);
     assert!(preds[1]["top_negative"].as_array().unwrap().len() <= 2);
     let hl = preds[1]["highlight"].as_array().unwrap();
@@ -104,12 +98,7 @@ fn a_request_larger_than_a_batch_is_split_and_kept_in_order() {
     let v = s
         .post_json("/api/predict", &json!({ "texts": texts, "top_k": 0 }))
         .json();
-    let labels: Vec<&str> = v["predictions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["label"].as_str().unwrap())
-        .collect();
+    let labels = common::strs(&v["predictions"], "label");
     let want: Vec<&str> = (0..20)
         .map(|i| if i % 3 == 0 { "negative" } else { "positive" })
         .collect();
@@ -147,21 +136,20 @@ fn preprocess_model_sample_metrics_openapi() {
     assert!(["positive", "negative"].contains(&v["label"].as_str().unwrap()));
 
     s.post_json("/api/predict", &json!({ "text": POSITIVE }));
-    let r = s.get("/metrics");
-    assert_eq!(r.status, 200);
-    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
-    let m = r.text();
-    for needle in [
-        "fedimdb_http_requests_total{route=\"/api/predict\",method=\"POST\",status=\"200\"} 1",
-        "fedimdb_http_request_duration_seconds_bucket{route=\"/api/predict\",le=\"+Inf\"} 1",
-        "fedimdb_batch_size_count",
-        "fedimdb_queue_seconds_bucket",
-        "fedimdb_model_info{version=\"1\"",
-        "fedimdb_model_reloads_total{result=\"ok\"} 1",
-        "fedimdb_reviews_scored_total 1",
-    ] {
-        assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
-    }
+    let m = s.get_text("/metrics", "text/plain");
+    common::assert_contains_all(
+        "/metrics",
+        &m,
+        &[
+            "fedimdb_http_requests_total{route=\"/api/predict\",method=\"POST\",status=\"200\"} 1",
+            "fedimdb_http_request_duration_seconds_bucket{route=\"/api/predict\",le=\"+Inf\"} 1",
+            "fedimdb_batch_size_count",
+            "fedimdb_queue_seconds_bucket",
+            "fedimdb_model_info{version=\"1\"",
+            "fedimdb_model_reloads_total{result=\"ok\"} 1",
+            "fedimdb_reviews_scored_total 1",
+        ],
+    );
 
     let doc = s.get("/openapi.json").json();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
@@ -372,20 +360,18 @@ fn bad_inputs_get_4xx_json_errors() {
     assert_eq!(r.status, 400, "{}", r.text());
 
     let json_ct = [("Content-Type", "application/json")];
-    let r = s.post_raw("/api/predict", &json_ct, b"{\"text\": ");
-    assert_eq!(
-        (r.status, r.error().contains("not valid JSON")),
-        (400, true),
-        "{}",
-        r.text()
-    );
-    let r = s.post_raw("/api/predict", &json_ct, b"{\"text\": \"caf\xe9\"}");
-    assert_eq!(
-        (r.status, r.error().contains("UTF-8")),
-        (400, true),
-        "{}",
-        r.text()
-    );
+    for (body, msg) in [
+        (&b"{\"text\": "[..], "not valid JSON"),
+        (&b"{\"text\": \"caf\xe9\"}"[..], "UTF-8"),
+    ] {
+        let r = s.post_raw("/api/predict", &json_ct, body);
+        assert_eq!(
+            (r.status, r.error().contains(msg)),
+            (400, true),
+            "{}",
+            r.text()
+        );
+    }
     let r = s.post_raw(
         "/api/predict",
         &[("Content-Type", "text/plain")],
@@ -424,7 +410,7 @@ fn bad_inputs_get_4xx_json_errors() {
 #[test]
 fn a_slow_client_times_out_without_holding_a_worker() {
     let s = TestServer::start(|c| {
-        c.read_timeout = Duration::from_millis(300);
+        c.read_timeout_ms = 300;
         c.workers = 1;
     });
     // Promise 100 bytes, send 10, then stall.

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::{POSITIVE, TestServer};
 use fedimdb::layout::Layout;
-use fedimdb::report::LatestCard;
 use serde_json::json;
 
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
@@ -67,13 +66,7 @@ fn new_models_switch_in_without_failing_a_request_and_broken_ones_are_refused() 
     let layout = Layout::new(s.root.path());
     let good = std::fs::read(layout.latest_model()).unwrap();
     fedimdb::atomic::write_bytes_atomic(&layout.latest_model(), &good[..good.len() / 2]).unwrap();
-    let card = LatestCard {
-        round: 3,
-        sha256: "0".repeat(64),
-        trained_at: "2026-01-03T00:00:00Z".into(),
-        card: common::card(3),
-    };
-    fedimdb::atomic::write_json_atomic(&layout.latest_card(), &card).unwrap();
+    common::write_card(s.root.path(), 3, &"0".repeat(64));
     wait_for("the reload error", || {
         !s.get("/api/model").json()["last_reload_error"].is_null()
     });
@@ -106,13 +99,7 @@ fn new_models_switch_in_without_failing_a_request_and_broken_ones_are_refused() 
     // A model whose card names another file's sha256 is refused too.
     let ck4 = common::tiny_model(4, 2.0);
     ck4.save(&layout.latest_model()).unwrap();
-    let card = LatestCard {
-        round: 4,
-        sha256: "f".repeat(64),
-        trained_at: "2026-01-04T00:00:00Z".into(),
-        card: common::card(4),
-    };
-    fedimdb::atomic::write_json_atomic(&layout.latest_card(), &card).unwrap();
+    common::write_card(s.root.path(), 4, &"f".repeat(64));
     wait_for("the sha mismatch", || {
         s.get("/api/model").json()["last_reload_error"]["message"]
             .as_str()

@@ -18,11 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{NEGATIVE, POSITIVE, Resp};
-use fedimdb::checkpoint::{Checkpoint, Header, Kind as FileKind};
-use fedimdb::featurize::Featurizer;
+use fedimdb::checkpoint::Checkpoint;
 use fedimdb::layout::Layout;
-use fedimdb::model::{BIAS, ClassCounts, ModelConfig, NB_RATIO, WEIGHT};
-use fedimdb::report::LatestCard;
+use fedimdb::model::ModelConfig;
 use process::ServerProcess;
 use serde_json::{Value, json};
 
@@ -46,21 +44,17 @@ impl Conn {
         body: &[u8],
         close: bool,
     ) -> Result<Resp, String> {
-        let result = self.try_send(method, path, headers, body, close);
+        let request = common::request_bytes(self.addr, method, path, headers, body, close);
+        let result = self.exchange(&request);
         if result.is_err() || close {
             self.stream = None;
         }
         result
     }
 
-    fn try_send(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-        close: bool,
-    ) -> Result<Resp, String> {
+    /// Sends one request and reads its whole response, which must have a Content-Length and
+    /// nothing after it.
+    fn exchange(&mut self, request: &[u8]) -> Result<Resp, String> {
         if self.stream.is_none() {
             let s = TcpStream::connect(self.addr).map_err(|e| format!("connect: {e}"))?;
             s.set_read_timeout(Some(Duration::from_secs(30)))
@@ -69,32 +63,13 @@ impl Conn {
             self.stream = Some(s);
         }
         let s = self.stream.as_mut().unwrap();
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n",
-            self.addr,
-            body.len()
-        );
-        if close {
-            req += "Connection: close\r\n";
-        }
-        for (k, v) in headers {
-            req += &format!("{k}: {v}\r\n");
-        }
-        req += "\r\n";
-        let mut bytes = req.into_bytes();
-        bytes.extend_from_slice(body);
-        s.write_all(&bytes).map_err(|e| format!("write: {e}"))?;
+        s.write_all(request).map_err(|e| format!("write: {e}"))?;
 
         let mut raw = Vec::with_capacity(4096);
         let mut buf = [0u8; 16384];
         let (head_end, length) = loop {
-            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-                let length = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse::<usize>().ok());
-                break (end, length);
+            if let Some(head) = common::response_head(&raw) {
+                break head;
             }
             let n = s.read(&mut buf).map_err(|e| format!("read: {e}"))?;
             if n == 0 {
@@ -119,22 +94,7 @@ impl Conn {
                 raw.len() - head_end - 4 - length
             ));
         }
-        let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
-        let mut lines = head.split("\r\n");
-        let status = lines
-            .next()
-            .and_then(|l| l.split(' ').nth(1))
-            .and_then(|s| s.parse().ok())
-            .ok_or("bad status line")?;
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-            .collect();
-        Ok(Resp {
-            status,
-            headers,
-            body: raw[head_end + 4..].to_vec(),
-        })
+        common::try_parse_response(&raw)
     }
 }
 
@@ -150,43 +110,14 @@ struct Published {
 type Registry = Arc<Mutex<BTreeMap<String, (String, Published)>>>;
 
 /// A model of `round` of the real size (2^22 buckets, word 1-3-grams: a 32 MiB file, so each
-/// reload reads, hashes and parses as much as in production) counted from made-up reviews, as
-/// `common::tiny_model` does, whose predictions point the right way (`positive`) or the wrong
+/// reload reads, hashes and parses as much as in production) counted from made-up reviews
+/// (`common::model_file`), whose predictions point the right way (`positive`) or the wrong
 /// way: consecutive models disagree, so an answer made with one model but labelled with
 /// another would be caught.
 fn model(round: u32, positive: bool) -> Checkpoint {
-    let cfg = ModelConfig::default();
-    let mut f = Featurizer::new(cfg.featurizer);
-    let pos = [
-        "wonderful great film loved it",
-        "superb moving story great acting",
-        "loved this brilliant film",
-    ];
-    let neg = [
-        "awful boring film hated it",
-        "terrible dull story bad acting",
-        "hated this waste of a film",
-    ];
-    let docs: Vec<Vec<u32>> = pos.iter().chain(&neg).map(|t| f.features(t)).collect();
-    let counts = ClassCounts::count(cfg.dim(), &docs, &[1, 1, 1, 0, 0, 0]);
     let magnitude = 0.5 + 0.25 * (round % 4) as f32;
-    let mut header = Header::new(FileKind::Model, cfg, round);
-    header.samples = 6;
-    header.card = Some(common::card(round));
-    let tensors = BTreeMap::from([
-        (
-            WEIGHT.to_owned(),
-            vec![if positive { magnitude } else { -magnitude }; cfg.dim()],
-        ),
-        (BIAS.to_owned(), vec![0.0]),
-        (NB_RATIO.to_owned(), counts.nb_ratio(cfg.nb_smoothing)),
-    ]);
-    Checkpoint {
-        header,
-        tensors,
-        index: Vec::new(),
-        sha256: String::new(),
-    }
+    let weight = if positive { magnitude } else { -magnitude };
+    common::model_file(ModelConfig::default(), round, weight)
 }
 
 /// Checks one answer: 200, from a published good model, and with the labels that model gives.
@@ -565,13 +496,7 @@ fn soak_under_load_with_model_swaps_and_no_failed_request() {
                     _ => (&bytes[..], "f".repeat(64)),
                 };
                 fedimdb::atomic::write_bytes_atomic(&layout.latest_model(), file).unwrap();
-                let card = LatestCard {
-                    round,
-                    sha256: sha.clone(),
-                    trained_at: "2026-01-03T00:00:00Z".into(),
-                    card: common::card(round),
-                };
-                fedimdb::atomic::write_json_atomic(&layout.latest_card(), &card).unwrap();
+                common::write_card(&root, round, &sha);
                 let times = wait_for(&format!("the refusal of broken model {round}"), &mut || {
                     !model_card()["last_reload_error"].is_null()
                 });

@@ -1,9 +1,16 @@
-//! Helpers for the system tests: locating the built binaries and making small archives.
+//! Helpers for the system tests: locating the built binaries, the commands of a run, and
+//! making small archives (written as the copier's own tests write theirs).
 #![allow(dead_code)]
+
+#[path = "../../copier/tests/common/archive.rs"]
+mod archive;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+#[allow(unused_imports)]
+pub use archive::{Entry, write_archive};
 
 /// `target/release` (or `target/debug`): the folder holding this test's executable's
 /// parent, where `cargo test --workspace` also puts the binaries.
@@ -34,6 +41,82 @@ pub fn run(cmd: &mut Command) -> (Output, String) {
     (out, err)
 }
 
+/// [`run`]s a command that must succeed; otherwise fails naming the command, with its log.
+pub fn run_ok(cmd: &mut Command) -> (Output, String) {
+    let (out, log) = run(cmd);
+    if !out.status.success() {
+        let program = Path::new(cmd.get_program()).file_name().unwrap_or_default();
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
+        panic!(
+            "{} {} failed:\n{log}",
+            program.to_string_lossy(),
+            args.join(" ")
+        );
+    }
+    (out, log)
+}
+
+/// `NAME --root ROOT --round R`: the step of round R of a volume (`trainer`, `aggregator`).
+pub fn step(name: &str, root: &Path, round: u32) -> Command {
+    let mut c = bin(name);
+    c.arg("--root")
+        .arg(root)
+        .args(["--round", &round.to_string()]);
+    c
+}
+
+/// `trainer --root ROOT --round R --shard I`.
+pub fn trainer(root: &Path, round: u32, shard: usize) -> Command {
+    let mut c = step("trainer", root, round);
+    c.args(["--shard", &shard.to_string()]);
+    c
+}
+
+/// `aggregator --root ROOT --round R`.
+pub fn aggregator(root: &Path, round: u32) -> Command {
+    step("aggregator", root, round)
+}
+
+/// Runs `copier --source ARCHIVE --out ROOT --workers N`, which must succeed.
+pub fn shard(archive: &Path, root: &Path, workers: usize) {
+    run_ok(
+        bin("copier")
+            .args(["--workers", &workers.to_string(), "--source"])
+            .arg(archive)
+            .arg("--out")
+            .arg(root),
+    );
+}
+
+/// Workers and training rounds of the small pipeline runs ([`pipeline`]).
+pub const WORKERS: usize = 3;
+pub const ROUNDS: u32 = 2;
+
+/// Training flags for [`pipeline`] where only the bytes matter, not the accuracy (the crash
+/// and corruption tests): short rounds on 2^16 buckets.
+pub const QUICK: &[&str] = &["--epochs", "2", "--hash-bits", "16"];
+
+/// `pipeline local --source ARCHIVE --root ROOT` as the small system tests run it:
+/// [`WORKERS`] workers, [`ROUNDS`] training rounds, two trainers at a time, and `flags`.
+pub fn pipeline(archive: &Path, root: &Path, flags: &[&str]) -> Command {
+    let mut c = bin("pipeline");
+    c.args([
+        "local",
+        "--workers",
+        &WORKERS.to_string(),
+        "--rounds",
+        &ROUNDS.to_string(),
+        "--jobs",
+        "2",
+    ])
+    .args(flags)
+    .arg("--source")
+    .arg(archive)
+    .arg("--root")
+    .arg(root);
+    c
+}
+
 /// The shared IMDB archive, if this checkout has `../shared` beside it.
 pub fn shared_archive() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("FEDIMDB_ARCHIVE") {
@@ -42,9 +125,6 @@ pub fn shared_archive() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/aclImdb-labeled.tar.gz");
     p.is_file().then_some(p)
 }
-
-/// One review file for an archive: (path inside `aclImdb/`, text).
-pub type Entry = (String, String);
 
 /// The first `per_folder` reviews of each of train/pos, train/neg, test/pos, test/neg of
 /// the shared archive: real reviews, few enough for a test.
@@ -70,8 +150,8 @@ pub fn real_subset(per_folder: usize) -> Option<Vec<Entry>> {
             continue;
         }
         *n += 1;
-        let mut text = String::new();
-        e.read_to_string(&mut text).unwrap();
+        let mut text = Vec::new();
+        e.read_to_end(&mut text).unwrap();
         out.push((parts[1..].join("/"), text));
     }
     Some(out)
@@ -114,29 +194,48 @@ pub fn synthetic(per_folder: usize) -> Vec<Entry> {
                     text.push(' ');
                 }
                 let rating = ratings[next(4)];
-                out.push((format!("{split}/{folder}/{i}_{rating}.txt"), text));
+                out.push((
+                    format!("{split}/{folder}/{i}_{rating}.txt"),
+                    text.into_bytes(),
+                ));
             }
         }
     }
     out
 }
 
-/// Writes entries as a gzip tar in the official `aclImdb/…` layout.
-pub fn write_archive(path: &Path, entries: &[Entry]) {
-    let file = std::fs::File::create(path).unwrap();
-    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
-        file,
-        flate2::Compression::fast(),
-    ));
-    for (name, text) in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(text.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, format!("aclImdb/{name}"), text.as_bytes())
-            .unwrap();
-    }
-    b.into_inner().unwrap().finish().unwrap();
+/// Writes `dir/small.tar.gz`: the first `real_per_folder` reviews of each folder of the
+/// shared archive, or, where that is absent, `synthetic_per_folder` made-up ones (saying
+/// so). Returns the archive and whether its reviews are real.
+pub fn small_archive(
+    dir: &Path,
+    real_per_folder: usize,
+    synthetic_per_folder: usize,
+) -> (PathBuf, bool) {
+    let path = dir.join("small.tar.gz");
+    let real = real_subset(real_per_folder);
+    let is_real = real.is_some();
+    let entries = real.unwrap_or_else(|| {
+        eprintln!("note: shared archive absent; using synthetic reviews");
+        synthetic(synthetic_per_folder)
+    });
+    write_archive(&path, &entries);
+    (path, is_real)
+}
+
+/// Writes `dir/synthetic.tar.gz` with the reviews of [`synthetic`]`(per_folder)`.
+pub fn synthetic_archive(dir: &Path, per_folder: usize) -> PathBuf {
+    let path = dir.join("synthetic.tar.gz");
+    write_archive(&path, &synthetic(per_folder));
+    path
+}
+
+/// `dir/vol`, a volume the copier sharded into `workers` shards of
+/// [`synthetic`]`(per_folder)` reviews.
+pub fn synthetic_volume(dir: &Path, per_folder: usize, workers: usize) -> PathBuf {
+    let root = dir.join("vol");
+    shard(&synthetic_archive(dir, per_folder), &root, workers);
+    root
 }
 
 /// Every hidden temporary file under `root` (there must be none after a run).

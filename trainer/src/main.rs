@@ -6,6 +6,7 @@
 //! ratio of the first global model. Later rounds train that model's weights locally, with
 //! SCAFFOLD's correction (`fedimdb::control`), and write the buckets the shard touches.
 
+mod candle_engine;
 mod device;
 mod run;
 
@@ -36,13 +37,8 @@ pub struct Args {
     /// Where to train: `cpu`, or `cuda` (needs a build with `--features cuda` and a GPU).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Hash buckets are 2^BITS (round 0 and the original form only; later rounds take the
-    /// config from the global model).
-    #[arg(long, default_value_t = fedimdb::featurize::FeaturizerConfig::default().hash_bits)]
-    pub hash_bits: u32,
-    /// Longest word n-gram (round 0 and the original form only).
-    #[arg(long, default_value_t = fedimdb::featurize::FeaturizerConfig::default().max_ngram)]
-    pub max_ngram: u32,
+    #[command(flatten)]
+    pub model: fedimdb::model::ModelArgs,
     /// Keep an update already on disk if it verifies and was computed from the same inputs
     /// and arguments (how a resumed pipeline skips finished work); otherwise train.
     #[arg(long, requires = "root")]
@@ -84,11 +80,6 @@ fn main() -> std::process::ExitCode {
 
 fn check(args: &Args) -> Result<()> {
     args.train.validate().map_err(anyhow::Error::msg)?;
-    let fc = fedimdb::featurize::FeaturizerConfig {
-        hash_bits: args.hash_bits,
-        max_ngram: args.max_ngram,
-    };
-    fc.validate()
-        .map_err(|e| anyhow::anyhow!("--hash-bits/--max-ngram: {e}"))?;
+    args.model.validate().map_err(anyhow::Error::msg)?;
     Ok(())
 }

@@ -10,29 +10,19 @@ use fedimdb::atomic::{write_bytes_atomic, write_json_atomic};
 use fedimdb::checkpoint::{Checkpoint, Header, Kind};
 use fedimdb::control::{Control, worker_control};
 use fedimdb::dataset::{Featurized, featurize_all, load_reviews};
-use fedimdb::featurize::FeaturizerConfig;
 use fedimdb::layout::Layout;
 use fedimdb::manifest::DataManifest;
-use fedimdb::model::{BIAS, ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
+use fedimdb::model::{ClassCounts, Model, ModelConfig, NB_RATIO};
 use fedimdb::report::UpdateReport;
 use fedimdb::train::{
-    Algorithm, Correction, EpochStats, SparseSgd, TrainArgs, TrainConfig, touched_buckets,
-    train_candle,
+    Algorithm, Correction, EpochStats, LocalOutcome, TrainArgs, TrainConfig, touched_buckets,
+    train_sparse,
 };
 use fedimdb::verify::{UpdateWant, check_update, load_control, load_global};
 use tracing::info;
 
 use crate::Args;
-
-fn model_config(args: &Args) -> ModelConfig {
-    ModelConfig {
-        featurizer: FeaturizerConfig {
-            hash_bits: args.hash_bits,
-            max_ngram: args.max_ngram,
-        },
-        ..ModelConfig::default()
-    }
-}
+use crate::candle_engine::train_candle;
 
 /// Volume form: round 0 writes the shard's statistics, later rounds a trained update.
 ///
@@ -41,27 +31,24 @@ fn model_config(args: &Args) -> ModelConfig {
 pub fn volume(root: &Path, round: u32, shard: usize, args: &Args, device: &Device) -> Result<()> {
     let start = Instant::now();
     let layout = Layout::new(root);
-    let manifest = DataManifest::read(&layout.data_manifest()).with_context(|| {
-        format!(
-            "no complete data under {}: run the copier first",
-            root.display()
-        )
-    })?;
+    let manifest = DataManifest::of_run(&layout)?;
     let entry = manifest.shard(shard)?;
     let out = layout.update(round, shard);
     let inputs = Inputs::load(&layout, round, &args.train)?;
     let config = inputs
         .base
         .as_ref()
-        .map_or_else(|| model_config(args), |b| b.header.config);
+        .map_or_else(|| args.model.config(), |b| b.header.config);
     let tc = args.train.config(round, shard);
-    let want = UpdateWant {
-        data_sha256: entry.sha256.clone(),
-        config: Some(config),
-        base_sha256: inputs.base.as_ref().map(|b| b.sha256.clone()),
-        train: inputs.base.is_some().then_some(tc),
-        control_sha256: inputs.control.as_ref().map(|c| c.1.clone()),
-    };
+    let want = UpdateWant::new(
+        entry,
+        config,
+        round,
+        shard,
+        &args.train,
+        inputs.base.as_ref().map(|b| b.sha256.as_str()),
+        inputs.control.as_ref().map(|c| c.1.as_str()),
+    );
     if args.resume {
         match check_update(&layout, round, shard, &want) {
             Ok(_) => {
@@ -80,59 +67,93 @@ pub fn volume(root: &Path, round: u32, shard: usize, args: &Args, device: &Devic
     );
     let data = featurize_all(&reviews, config.featurizer);
     let (ck, epochs) = match inputs.base {
-        None => {
-            let counts = ClassCounts::count(config.dim(), &data.features, &data.labels);
-            let mut header = Header::new(Kind::Stats, config, 0);
-            header.shard = Some(shard);
-            (Checkpoint::from_counts(&counts, header), Vec::new())
-        }
+        None => (statistics(config, shard, &data), Vec::new()),
         Some(base) => {
-            let mut header = Header::new(Kind::Update, config, round);
-            header.shard = Some(shard);
-            header.samples = data.len() as u64;
-            header.seed = Some(tc.seed);
-            header.base_sha256 = Some(base.sha256.clone());
-            header.train = Some(serde_json::to_value(tc)?);
-            header.control_sha256 = want.control_sha256.clone();
             let correction = match &inputs.control {
                 Some((control, _)) => {
                     Some(correction(&layout, control, shard, base.tensor(NB_RATIO))?)
                 }
                 None => None,
             };
-            let trained = train(base, &data, &tc, correction.as_ref(), device)?;
-            let index = touched_buckets(&data.features, config.dim());
-            let gather = |v: &[f32]| index.iter().map(|&j| v[j as usize]).collect::<Vec<f32>>();
-            let (weight, grad) = (gather(&trained.weight), gather(&trained.grad));
-            (
-                Checkpoint::update(header, index, weight, trained.bias, grad, trained.grad_bias),
-                trained.epochs,
-            )
+            let mut header = Header::new(Kind::Update, config, round);
+            header.shard = Some(shard);
+            header.seed = Some(tc.seed);
+            header.base_sha256 = Some(base.sha256.clone());
+            header.train = Some(tc);
+            header.control_sha256 = want.control_sha256.clone();
+            let mut model = base.into_model()?;
+            let trained = train(&mut model, &data, &tc, correction.as_ref(), device)?;
+            let epochs = trained.epochs.clone();
+            (local_update(header, &model, &data, trained), epochs)
         }
     };
-    // The update first, then its report with the update's checksum: a reader finding an
-    // update without a report knows its trainer did not finish.
-    let bytes = ck.to_bytes()?;
-    write_bytes_atomic(&out, &bytes)?;
-    fedimdb::fault::point(&format!("trainer:{round}:{shard}:update-written"));
     let report = UpdateReport {
         round,
         shard,
-        kind: if round == 0 { "stats" } else { "update" }.to_owned(),
+        kind: ck.header.kind,
         samples: data.len(),
         positive: data.positives(),
         device: device_name(device),
         train: want.train,
         epochs,
-        seconds: start.elapsed().as_secs_f64(),
-        sha256: fedimdb::digest::sha256_bytes(&bytes),
+        seconds: 0.0,
+        sha256: String::new(),
         version: fedimdb::VERSION.to_owned(),
         data_sha256: want.data_sha256,
         base_sha256: want.base_sha256,
         config: Some(config),
         control_sha256: want.control_sha256,
-        bytes: bytes.len() as u64,
+        bytes: 0,
     };
+    write_update(&layout, &ck, report, start)
+}
+
+/// Round 0's output: the shard's per-class bucket counts (sparse).
+fn statistics(config: ModelConfig, shard: usize, data: &Featurized) -> Checkpoint {
+    let counts = ClassCounts::count(config.dim(), &data.features, &data.labels);
+    let mut header = Header::new(Kind::Stats, config, 0);
+    header.shard = Some(shard);
+    Checkpoint::from_counts(&counts, header)
+}
+
+/// A training round's output: the trained weights and the mean gradient at the buckets the
+/// shard touches (the aggregator rebuilds the others, see `fedimdb::train::Drift`).
+fn local_update(
+    mut header: Header,
+    model: &Model,
+    data: &Featurized,
+    trained: LocalOutcome,
+) -> Checkpoint {
+    header.samples = data.len() as u64;
+    let index = touched_buckets(&data.features, model.config.dim());
+    let gather = |v: &[f32]| index.iter().map(|&j| v[j as usize]).collect::<Vec<f32>>();
+    let (weight, grad) = (gather(&model.weight), gather(&trained.mean_grad));
+    Checkpoint::update(
+        header,
+        index,
+        weight,
+        model.bias,
+        grad,
+        trained.mean_grad_bias,
+    )
+}
+
+/// Writes the update, then its report with the update's checksum and size: a reader
+/// finding an update without a report knows its trainer did not finish.
+fn write_update(
+    layout: &Layout,
+    ck: &Checkpoint,
+    mut report: UpdateReport,
+    start: Instant,
+) -> Result<()> {
+    let (round, shard) = (report.round, report.shard);
+    let out = layout.update(round, shard);
+    let bytes = ck.to_bytes()?;
+    write_bytes_atomic(&out, &bytes)?;
+    fedimdb::fault::point(&format!("trainer:{round}:{shard}:update-written"));
+    report.sha256 = fedimdb::digest::sha256_bytes(&bytes);
+    report.bytes = bytes.len() as u64;
+    report.seconds = start.elapsed().as_secs_f64();
     write_json_atomic(&layout.update_report(round, shard), &report)?;
     info!(path = %out.display(), bytes = report.bytes, seconds = format!("{:.2}", report.seconds), "update written");
     Ok(())
@@ -205,70 +226,47 @@ pub fn original(
     device: &Device,
 ) -> Result<()> {
     let reviews = load_reviews(data_path, None)?;
-    let (base, data) = match init {
+    let (mut header, mut model, data) = match init {
         Some(p) => {
             let base = Checkpoint::load_kind(p, Kind::Model)?;
             let data = featurize_all(&reviews, base.header.config.featurizer);
-            (base, data)
+            (base.header.clone(), base.into_model()?, data)
         }
         None => {
-            let config = model_config(args);
+            let config = args.model.config();
             let data = featurize_all(&reviews, config.featurizer);
             let counts = ClassCounts::count(config.dim(), &data.features, &data.labels);
-            let model = Model::from_counts(config, &counts)?;
-            (
-                Checkpoint::from_model(&model, Header::new(Kind::Model, config, 0))?,
-                data,
-            )
+            let model = Model::from_counts(config, &counts);
+            (Header::new(Kind::Model, config, 0), model, data)
         }
     };
-    let mut header = base.header.clone();
     header.round += 1;
     header.samples = data.len() as u64;
     header.seed = Some(args.train.seed);
     header.shard = None;
     header.card = None;
-    let ratio = base.tensor(NB_RATIO).to_vec();
     // One worker alone has nothing to correct for.
     let tc = TrainConfig {
         algorithm: Algorithm::FedAvg,
         seed: args.train.seed,
         ..args.train.config(0, 0)
     };
-    header.train = Some(serde_json::to_value(tc)?);
-    let trained = train(base, &data, &tc, None, device)?;
-    let ck = Checkpoint::dense(
-        Kind::Model,
-        header,
-        [
-            (WEIGHT, trained.weight),
-            (BIAS, vec![trained.bias]),
-            (NB_RATIO, ratio),
-        ],
-    );
-    ck.save(out)?;
+    header.train = Some(tc);
+    train(&mut model, &data, &tc, None, device)?;
+    Checkpoint::from_model(model, header).save(out)?;
     info!(path = %out.display(), "model written");
     Ok(())
 }
 
-/// The outcome of local training: the weights, and the mean gradient along the way.
-struct Trained {
-    weight: Vec<f32>,
-    bias: f32,
-    grad: Vec<f32>,
-    grad_bias: f32,
-    epochs: Vec<EpochStats>,
-}
-
-/// Trains the model of `base` on the chosen device; refuses to return a diverged model.
-/// On the CPU the checkpoint's vectors are trained in place (no copies of the tables).
+/// Trains `model` in place on the chosen device and returns the mean data-loss gradient
+/// along the path (the worker's next control variate); refuses a diverged model.
 fn train(
-    mut base: Checkpoint,
+    model: &mut Model,
     data: &Featurized,
     tc: &TrainConfig,
     correction: Option<&Correction>,
     device: &Device,
-) -> Result<Trained> {
+) -> Result<LocalOutcome> {
     let pb = fedimdb::logging::progress(
         tc.steps_for(data.len()).div_ceil(data.len().max(1) as u64),
         "passes",
@@ -283,40 +281,14 @@ fn train(
             "pass done"
         );
     };
-    // The mean gradient along the local path is the worker's next control variate.
-    let trained = if device.is_cpu() {
-        let bias = base.tensor(BIAS)[0];
-        let mut sgd =
-            SparseSgd::from_parts(base.take_tensor(WEIGHT)?, bias, base.take_tensor(NB_RATIO)?);
-        let out = sgd.train(&data.features, &data.labels, tc, correction, log);
-        Trained {
-            weight: sgd.weight,
-            bias: sgd.bias,
-            grad: out.mean_grad,
-            grad_bias: out.mean_grad_bias,
-            epochs: out.epochs,
-        }
+    let (docs, labels) = (&data.features, &data.labels);
+    let outcome = if device.is_cpu() {
+        train_sparse(model, docs, labels, tc, correction, log)
     } else {
-        let mut model = base.to_model()?;
-        let out = train_candle(
-            &mut model,
-            &data.features,
-            &data.labels,
-            tc,
-            correction,
-            device,
-            log,
-        )?;
-        Trained {
-            weight: model.weight.to_device(&Device::Cpu)?.to_vec1()?,
-            bias: model.bias.to_device(&Device::Cpu)?.to_vec1::<f32>()?[0],
-            grad: out.mean_grad,
-            grad_bias: out.mean_grad_bias,
-            epochs: out.epochs,
-        }
+        train_candle(model, device, docs, labels, tc, correction, log)?
     };
     pb.finish_and_clear();
-    if let Some(s) = trained.epochs.iter().find(|s| !s.loss.is_finite()) {
+    if let Some(s) = outcome.epochs.iter().find(|s| !s.loss.is_finite()) {
         bail!(
             "training diverged: the loss became {} in pass {}; nothing was written. Lower --lr (now {})",
             s.loss,
@@ -324,13 +296,13 @@ fn train(
             tc.lr
         );
     }
-    if trained.weight.iter().any(|x| !x.is_finite()) || !trained.bias.is_finite() {
+    if model.weight.iter().any(|x| !x.is_finite()) || !model.bias.is_finite() {
         bail!(
             "training diverged: the weights hold NaN or infinity; nothing was written. Lower --lr (now {})",
             tc.lr
         );
     }
-    Ok(trained)
+    Ok(outcome)
 }
 
 fn device_name(device: &Device) -> String {

@@ -1,19 +1,17 @@
 //! Helpers shared by the integration tests: a small IMDB-shaped dataset, archives and
-//! folders made from it, and running the built `copier` binary.
+//! folders made from it ([`archive`]), and running the built `copier` binary.
 #![allow(dead_code)]
 
-use std::collections::BTreeSet;
+mod archive;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[allow(unused_imports)]
+pub use archive::{Entry, write_archive, write_folder};
 use fedimdb::manifest::DataManifest;
 use fedimdb::reviews::{Review, read_parquet};
-use flate2::Compression;
-use flate2::write::GzEncoder;
-
-/// One file of a dataset: its path relative to `aclImdb/` and its bytes.
-pub type Entry = (String, Vec<u8>);
 
 /// A small dataset in the official layout: 12 positive and 12 negative training reviews,
 /// 6 and 6 test reviews, one review with non-ASCII text, and the non-review files the
@@ -64,46 +62,27 @@ pub fn small_dataset() -> Vec<Entry> {
 pub const SMALL_TRAIN: usize = 26;
 pub const SMALL_TEST: usize = 12;
 
-/// Writes `entries` as a gzip tar with every path under `aclImdb/`, folders first, in
-/// the given order.
-pub fn write_archive(path: &Path, entries: &[Entry]) {
-    let file = fs::File::create(path).unwrap();
-    let mut tar = tar::Builder::new(GzEncoder::new(file, Compression::fast()));
-    let mut dirs = BTreeSet::new();
-    for (name, _) in entries {
-        let mut p = PathBuf::from("aclImdb").join(name);
-        while p.pop() {
-            if !p.as_os_str().is_empty() {
-                dirs.insert(p.clone());
-            }
-        }
-    }
-    for d in &dirs {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_size(0);
-        h.set_mode(0o755);
-        h.set_cksum();
-        tar.append_data(&mut h, d, std::io::empty()).unwrap();
-    }
-    for (name, bytes) in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(bytes.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        tar.append_data(&mut h, Path::new("aclImdb").join(name), bytes.as_slice())
-            .unwrap();
-    }
-    tar.into_inner().unwrap().finish().unwrap();
+/// A temp folder holding [`small_dataset`] as the archive `imdb.tar.gz`, and that archive.
+pub fn small_archive() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("imdb.tar.gz");
+    write_archive(&archive, &small_dataset());
+    (tmp, archive)
 }
 
-/// Writes `entries` as files under `root/aclImdb/`.
-pub fn write_folder(root: &Path, entries: &[Entry]) {
-    for (name, bytes) in entries {
-        let p = root.join("aclImdb").join(name);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(p, bytes).unwrap();
-    }
+/// Runs `copier --source SOURCE --out ROOT --workers N` with `extra` arguments.
+pub fn shard(source: &Path, root: &Path, workers: usize, extra: &[&str]) -> Output {
+    let workers = workers.to_string();
+    let mut args = vec![
+        "--source",
+        s(source),
+        "--out",
+        s(root),
+        "--workers",
+        &workers,
+    ];
+    args.extend_from_slice(extra);
+    copier(&args)
 }
 
 /// Runs the built binary with a clean environment for the things it reads.

@@ -13,7 +13,6 @@ use fedimdb::checkpoint::{Checkpoint, Header, Kind, ModelCard, RoundPoint};
 use fedimdb::featurize::{Featurizer, FeaturizerConfig};
 use fedimdb::layout::Layout;
 use fedimdb::model::{BIAS, ClassCounts, ModelConfig, NB_RATIO, WEIGHT};
-use fedimdb::report::LatestCard;
 use fedimdb::reviews::Review;
 use serde_json::Value;
 
@@ -21,20 +20,23 @@ pub const POSITIVE: &str =
     "A wonderful, moving film. I loved the great acting and the superb story!";
 pub const NEGATIVE: &str = "An awful, boring film. I hated the terrible acting and the dull story.";
 
-fn config() -> ModelConfig {
-    ModelConfig {
+/// A small naive-Bayes model (weights `scale`) counted from made-up reviews, as a model
+/// file of round `round`.
+pub fn tiny_model(round: u32, scale: f32) -> Checkpoint {
+    let cfg = ModelConfig {
         featurizer: FeaturizerConfig {
             hash_bits: 14,
             max_ngram: 2,
         },
         nb_smoothing: 1.0,
-    }
+    };
+    model_file(cfg, round, scale)
 }
 
-/// A small naive-Bayes model (weights `scale`) counted from made-up reviews, as a model
-/// file of round `round`.
-pub fn tiny_model(round: u32, scale: f32) -> Checkpoint {
-    let cfg = config();
+/// A model file of round `round` with config `cfg`: naive-Bayes ratios counted from six
+/// made-up reviews, every weight `weight` (negative: the model calls positive reviews
+/// negative), bias 0.
+pub fn model_file(cfg: ModelConfig, round: u32, weight: f32) -> Checkpoint {
     let mut f = Featurizer::new(cfg.featurizer);
     let pos = [
         "wonderful great film loved it",
@@ -47,13 +49,12 @@ pub fn tiny_model(round: u32, scale: f32) -> Checkpoint {
         "hated this waste of a film",
     ];
     let docs: Vec<Vec<u32>> = pos.iter().chain(&neg).map(|t| f.features(t)).collect();
-    let labels = [1, 1, 1, 0, 0, 0];
-    let counts = ClassCounts::count(cfg.dim(), &docs, &labels);
+    let counts = ClassCounts::count(cfg.dim(), &docs, &[1, 1, 1, 0, 0, 0]);
     let mut header = Header::new(Kind::Model, cfg, round);
     header.samples = 6;
     header.card = Some(card(round));
     let tensors = BTreeMap::from([
-        (WEIGHT.to_owned(), vec![scale; cfg.dim()]),
+        (WEIGHT.to_owned(), vec![weight; cfg.dim()]),
         (BIAS.to_owned(), vec![0.0]),
         (NB_RATIO.to_owned(), counts.nb_ratio(cfg.nb_smoothing)),
     ]);
@@ -68,7 +69,7 @@ pub fn tiny_model(round: u32, scale: f32) -> Checkpoint {
 pub fn card(round: u32) -> ModelCard {
     ModelCard {
         workers: 2,
-        partition: "iid".into(),
+        partition: fedimdb::manifest::Partition::Iid,
         alpha: None,
         train_samples: 6,
         history: (1..=round.max(1))
@@ -78,6 +79,7 @@ pub fn card(round: u32) -> ModelCard {
             })
             .collect(),
         metrics: BTreeMap::from([("accuracy".to_owned(), 0.7 + 0.01 * round as f64)]),
+        ..ModelCard::default()
     }
 }
 
@@ -87,14 +89,20 @@ pub fn publish(root: &Path, ck: &Checkpoint) -> String {
     let layout = Layout::new(root);
     std::fs::create_dir_all(layout.model_dir()).unwrap();
     let sha = ck.save(&layout.latest_model()).unwrap();
-    let card = LatestCard {
-        round: ck.header.round,
-        sha256: sha.clone(),
-        trained_at: "2026-01-02T03:04:05Z".into(),
-        card: card(ck.header.round),
-    };
-    fedimdb::atomic::write_json_atomic(&layout.latest_card(), &card).unwrap();
+    write_card(root, ck.header.round, &sha);
     sha
+}
+
+/// Writes `model/latest.json` (atomically) for a model of `round` whose file has `sha256`:
+/// after the model file, the aggregator's last step of publishing.
+pub fn write_card(root: &Path, round: u32, sha256: &str) {
+    let card = ModelCard {
+        round: Some(round),
+        sha256: Some(sha256.to_owned()),
+        trained_at: Some("2026-01-02T03:04:05Z".into()),
+        ..card(round)
+    };
+    fedimdb::atomic::write_json_atomic(&Layout::new(root).latest_card(), &card).unwrap();
 }
 
 /// Writes a small test set for `/api/sample`.
@@ -140,7 +148,7 @@ impl TestServer {
         let mut config = server::Config::new(server::ModelSource::Root(root.path().to_path_buf()));
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.workers = 2;
-        config.poll_interval = Duration::from_millis(50);
+        config.poll_ms = 50;
         adjust(&mut config);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -164,6 +172,18 @@ impl TestServer {
         request(self.addr, "GET", path, &[], b"")
     }
 
+    /// GET `path`, which must answer 200 with a body of `content_type`: the body.
+    pub fn get_text(&self, path: &str, content_type: &str) -> String {
+        let r = self.get(path);
+        assert_eq!(r.status, 200, "GET {path}: {}", r.text());
+        let got = r.header("content-type").unwrap_or_default();
+        assert!(
+            got.starts_with(content_type),
+            "GET {path}: content type {got:?}"
+        );
+        r.text()
+    }
+
     pub fn post_json(&self, path: &str, body: &Value) -> Resp {
         request(
             self.addr,
@@ -185,6 +205,28 @@ impl Drop for TestServer {
             let _ = self.rt.block_on(s.stop());
         }
     }
+}
+
+/// Asserts that `text` (`what`) contains every one of `needles`.
+pub fn assert_contains_all(what: &str, text: &str, needles: &[&str]) {
+    for needle in needles {
+        assert!(text.contains(needle), "{what} lacks {needle}:\n{text}");
+    }
+}
+
+/// The string `field` of every element of the JSON array `array`.
+pub fn strs<'a>(array: &'a Value, field: &str) -> Vec<&'a str> {
+    let items = array
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {array}"));
+    items
+        .iter()
+        .map(|x| {
+            x[field]
+                .as_str()
+                .unwrap_or_else(|| panic!("no string {field:?} in {x}"))
+        })
+        .collect()
 }
 
 /// A response: status, lower-cased headers, body.
@@ -224,6 +266,31 @@ impl Resp {
     }
 }
 
+/// The bytes of one HTTP/1.1 request (with `Connection: close` if `close`).
+pub fn request_bytes(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    close: bool,
+) -> Vec<u8> {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if close {
+        head += "Connection: close\r\n";
+    }
+    for (k, v) in headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    head += "\r\n";
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`).
 pub fn request(
     addr: SocketAddr,
@@ -234,17 +301,21 @@ pub fn request(
 ) -> Resp {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head += &format!("{k}: {v}\r\n");
-    }
-    head += "\r\n";
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
+    s.write_all(&request_bytes(addr, method, path, headers, body, true))
+        .unwrap();
     read_response(&mut s)
+}
+
+/// Where the head of a response ends (its `\r\n\r\n`), and its Content-Length if it has
+/// one, once `raw` holds the whole head.
+pub fn response_head(raw: &[u8]) -> Option<(usize, Option<usize>)> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    Some((end, length))
 }
 
 /// Reads one whole response: up to its Content-Length, else the end of a chunked body, else
@@ -254,17 +325,13 @@ pub fn read_response(s: &mut TcpStream) -> Resp {
     let mut raw = Vec::new();
     let mut buf = [0u8; 16384];
     loop {
-        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-            let length = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<usize>().ok());
+        if let Some((end, length)) = response_head(&raw) {
             if let Some(n) = length
                 && raw.len() >= end + 4 + n
             {
                 break;
             }
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
             if head.contains("transfer-encoding: chunked")
                 && raw[end + 4..].windows(5).any(|w| w == b"0\r\n\r\n")
             {
@@ -280,21 +347,24 @@ pub fn read_response(s: &mut TcpStream) -> Resp {
     parse_response(&raw)
 }
 
+/// Parses one whole response, de-chunking a chunked body.
 pub fn parse_response(raw: &[u8]) -> Resp {
+    try_parse_response(raw).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`parse_response`], with every defect an `Err` instead of a panic.
+pub fn try_parse_response(raw: &[u8]) -> Result<Resp, String> {
     let end = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
+        .ok_or_else(|| format!("no header end in {:?}", String::from_utf8_lossy(raw)))?;
     let head = String::from_utf8_lossy(&raw[..end]).into_owned();
     let mut lines = head.split("\r\n");
-    let status: u16 = lines
+    let status = lines
         .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or("bad status line")?;
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
@@ -306,11 +376,11 @@ pub fn parse_response(raw: &[u8]) -> Resp {
     {
         body = dechunk(&body);
     }
-    Resp {
+    Ok(Resp {
         status,
         headers,
         body,
-    }
+    })
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {

@@ -1,5 +1,5 @@
-//! How a round's updates are combined into the next global model: FedAvg, or one of two
-//! robust rules, the coordinate-wise median and the coordinate-wise trimmed mean (Flower's
+//! Combining a round's updates into the next global model by the rule of
+//! [`fedimdb::strategy::Strategy`]: FedAvg, or one of two robust rules, the coordinate-wise median and the coordinate-wise trimmed mean (Flower's
 //! `FedMedian` and `FedTrimmedAvg`).
 //!
 //! FedAvg streams: each update is added to a running f64 sum and dropped (see
@@ -19,53 +19,12 @@
 //! results are finite too: every result lies between the smallest and largest input.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use anyhow::{Result, ensure};
 use fedimdb::checkpoint::Checkpoint;
+use fedimdb::strategy::Strategy;
 
 use crate::average::WeightedSum;
-
-/// Flower's default `beta` for `FedTrimmedAvg`, the fraction cut from each end.
-pub const DEFAULT_TRIM: f64 = 0.2;
-
-/// A combination rule with its parameter.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Strategy {
-    /// Sample-weighted mean of every tensor (FedAvg).
-    FedAvg,
-    /// Coordinate-wise median, unweighted (FedMedian).
-    Median,
-    /// Coordinate-wise mean after cutting `floor(trim · n)` values from each end, unweighted
-    /// (FedTrimmedAvg with `beta = trim`).
-    TrimmedMean { trim: f64 },
-}
-
-impl fmt::Display for Strategy {
-    /// The name written into round reports: `fedavg`, `median`, `trimmed-mean(0.2)`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Strategy::FedAvg => f.write_str("fedavg"),
-            Strategy::Median => f.write_str("median"),
-            Strategy::TrimmedMean { trim } => write!(f, "trimmed-mean({trim})"),
-        }
-    }
-}
-
-/// Checks a `--trim` value: a fraction cut from each end, at least 0 and below 0.5 (so at
-/// least one value is always left). Used as clap's value parser.
-pub fn parse_trim(s: &str) -> std::result::Result<f64, String> {
-    let f: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a number"))?;
-    if !(0.0..0.5).contains(&f) {
-        return Err(format!(
-            "the fraction cut from each end must be at least 0 and below 0.5, got {f}"
-        ));
-    }
-    Ok(f)
-}
 
 /// How many of `n` values a trimmed mean cuts from each end: `floor(trim · n)`, as Flower's
 /// `FedTrimmedAvg` (and `scipy.stats.trim_mean`) count. Below 0.5 this always leaves at least
@@ -221,22 +180,7 @@ fn coordinate_wise(inputs: &[&[f32]], rule: Rule) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedimdb::checkpoint::{Header, Kind};
-    use fedimdb::model::ModelConfig;
-
-    fn ck(bias: f32, weight: impl Fn(usize) -> f32) -> Checkpoint {
-        let mut c = ModelConfig::default();
-        c.featurizer.hash_bits = 10;
-        Checkpoint {
-            header: Header::new(Kind::Update, c, 1),
-            tensors: BTreeMap::from([
-                ("linear.bias".into(), vec![bias]),
-                ("linear.weight".into(), (0..1024).map(weight).collect()),
-            ]),
-            index: Vec::new(),
-            sha256: String::new(),
-        }
-    }
+    use crate::fixtures::update as ck;
 
     fn combine(
         strategy: Strategy,
@@ -292,14 +236,9 @@ mod tests {
     }
 
     #[test]
-    fn trim_must_be_a_fraction_below_one_half() {
-        assert_eq!(parse_trim("0"), Ok(0.0));
-        assert_eq!(parse_trim("0.2"), Ok(0.2));
-        assert_eq!(parse_trim("0.499"), Ok(0.499));
-        for bad in ["0.5", "0.7", "-0.1", "1", "NaN", "inf", "x", ""] {
-            assert!(parse_trim(bad).is_err(), "{bad} accepted");
-        }
-        // Below 0.5 at least one value is left, whatever the count.
+    fn a_trim_below_one_half_leaves_a_value() {
+        // Below 0.5 (what `fedimdb::strategy::parse_trim` admits) at least one value is
+        // left, whatever the count.
         for n in 1..200 {
             for trim in [0.0, 0.1, 0.2, 0.25, 0.33, 0.4, 0.49, 0.4999999] {
                 assert!(2 * trim_count(n, trim) < n, "n {n} trim {trim}");

@@ -1,0 +1,278 @@
+//! Tests of `jobs.rs` (pure): the plan, the Jobs' specs and arguments, the GPU overlay, the
+//! lockdown of every container, the dry-run YAML, resume and quorum.
+
+use k8s_openapi::api::batch::v1::Job;
+
+use super::fixtures::params;
+use crate::k8s::jobs::{self, Overlay, Params, StepKind};
+
+fn args_of(job: &Job) -> Vec<String> {
+    job.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap()
+}
+
+fn has_resume(job: &Job) -> bool {
+    args_of(job).iter().any(|a| a == "--resume")
+}
+
+#[test]
+fn plan_is_copier_then_trainer_and_aggregator_per_round() {
+    let steps = jobs::plan(&params(3, 2, Overlay::Local));
+    let kinds: Vec<_> = steps.iter().map(|s| s.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            StepKind::Copier,
+            StepKind::Trainer(0),
+            StepKind::Aggregator(0),
+            StepKind::Trainer(1),
+            StepKind::Aggregator(1),
+            StepKind::Trainer(2),
+            StepKind::Aggregator(2),
+        ]
+    );
+    let names: std::collections::HashSet<_> = steps.iter().map(|s| s.name().to_string()).collect();
+    assert_eq!(names.len(), steps.len(), "job names are unique");
+    assert_eq!(steps[1].name(), "fedimdb-t1-trainer-r0");
+}
+
+#[test]
+fn trainer_is_an_indexed_job_of_workers_pods() {
+    let p = params(4, 1, Overlay::Local);
+    let j = jobs::trainer_job(&p, 1);
+    let spec = j.spec.as_ref().unwrap();
+    assert_eq!(spec.completion_mode.as_deref(), Some("Indexed"));
+    assert_eq!(spec.completions, Some(4));
+    assert_eq!(spec.parallelism, Some(4));
+    assert!(spec.backoff_limit_per_index.is_some());
+    assert_eq!(
+        spec.max_failed_indexes,
+        Some(0),
+        "every trainer is needed by default"
+    );
+    assert!(spec.pod_failure_policy.is_some());
+    assert_eq!(spec.active_deadline_seconds, Some(600));
+    assert!(spec.ttl_seconds_after_finished.is_some());
+    let args = args_of(&j);
+    assert_eq!(
+        args,
+        [
+            "--root",
+            "/data",
+            "--round",
+            "1",
+            "--algorithm",
+            "scaffold",
+            "--epochs",
+            "3",
+            "--batch",
+            "64",
+            "--lr",
+            "16",
+            "--schedule",
+            "linear",
+            "--seed",
+            "7",
+            "--resume"
+        ]
+    );
+    assert!(
+        !args.iter().any(|a| a == "--shard"),
+        "the shard comes from JOB_COMPLETION_INDEX"
+    );
+    let c = &spec.template.spec.as_ref().unwrap().containers[0];
+    assert_eq!(c.image.as_deref(), Some("example.io/fedimdb/trainer:0.1.0"));
+    assert!(
+        !c.resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap()
+            .contains_key("nvidia.com/gpu")
+    );
+}
+
+#[test]
+fn gpu_overlay_requests_a_gpu_and_uses_the_cuda_image() {
+    let j = jobs::trainer_job(&params(2, 1, Overlay::Gpu), 0);
+    let pod = j.spec.as_ref().unwrap().template.spec.clone().unwrap();
+    let c = &pod.containers[0];
+    assert_eq!(
+        c.image.as_deref(),
+        Some("example.io/fedimdb/trainer-cuda:0.1.0")
+    );
+    let res = c.resources.as_ref().unwrap();
+    assert_eq!(res.limits.as_ref().unwrap()["nvidia.com/gpu"].0, "1");
+    assert_eq!(res.requests.as_ref().unwrap()["nvidia.com/gpu"].0, "1");
+    assert!(
+        c.args
+            .as_ref()
+            .unwrap()
+            .ends_with(&["--device".to_string(), "cuda".to_string()])
+    );
+    assert_eq!(
+        pod.tolerations.unwrap()[0].key.as_deref(),
+        Some("nvidia.com/gpu")
+    );
+    // Only the trainer changes.
+    let a = jobs::aggregator_job(&params(2, 1, Overlay::Gpu), 0);
+    assert_eq!(a, jobs::aggregator_job(&params(2, 1, Overlay::Local), 0));
+}
+
+#[test]
+fn every_container_is_locked_down() {
+    for step in jobs::plan(&params(2, 1, Overlay::Gpu)) {
+        let spec = step.job.spec.as_ref().unwrap();
+        let pod = spec.template.spec.as_ref().unwrap();
+        assert_eq!(
+            pod.security_context.as_ref().unwrap().run_as_non_root,
+            Some(true)
+        );
+        assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        assert!(
+            spec.active_deadline_seconds.is_some() && spec.ttl_seconds_after_finished.is_some()
+        );
+        assert!(spec.backoff_limit.is_some() || spec.backoff_limit_per_index.is_some());
+        for c in pod
+            .containers
+            .iter()
+            .chain(pod.init_containers.iter().flatten())
+        {
+            assert_eq!(
+                c.security_context.as_ref(),
+                Some(&jobs::container_security()),
+                "{}",
+                c.name
+            );
+            let r = c.resources.as_ref().unwrap();
+            for k in ["cpu", "memory"] {
+                assert!(
+                    r.requests.as_ref().unwrap().contains_key(k)
+                        && r.limits.as_ref().unwrap().contains_key(k)
+                );
+            }
+            assert!(!c.image.as_ref().unwrap().ends_with(":latest"));
+        }
+    }
+}
+
+#[test]
+fn copier_downloads_then_shards_into_workers() {
+    let j = jobs::copier_job(&params(5, 1, Overlay::Local));
+    let pod = j.spec.as_ref().unwrap().template.spec.clone().unwrap();
+    assert_eq!(
+        pod.init_containers.unwrap()[0].args.clone().unwrap(),
+        ["download", "--to", "/data/download"]
+    );
+    let args = pod.containers[0].args.clone().unwrap();
+    let w = args.iter().position(|a| a == "--workers").unwrap();
+    assert_eq!(args[w + 1], "5");
+    assert!(!args.contains(&"--force".to_string()));
+    let forced = jobs::copier_job(&Params {
+        force: true,
+        ..params(5, 1, Overlay::Local)
+    });
+    assert!(args_of(&forced).ends_with(&["--force".to_string()]));
+    let a = jobs::aggregator_job(&params(5, 1, Overlay::Local), 3);
+    assert_eq!(args_of(&a), ["--root", "/data", "--round", "3", "--resume"]);
+}
+
+#[test]
+fn dry_run_yaml_round_trips() {
+    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let yaml = jobs::to_yaml(&steps).unwrap();
+    let docs: Vec<Job> = serde_yaml::Deserializer::from_str(&yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    assert_eq!(docs.len(), steps.len());
+    assert_eq!(docs[0], steps[0].job);
+    assert!(yaml.contains("apiVersion: batch/v1") && yaml.contains("kind: Job"));
+}
+
+// ---- resume and quorum ----
+
+#[test]
+fn rounds_below_from_round_resume_and_the_rest_recompute() {
+    let by_round = |from_round: Option<u32>| -> Vec<(StepKind, bool)> {
+        let p = Params {
+            from_round,
+            ..params(2, 3, Overlay::Local)
+        };
+        jobs::plan(&p)
+            .iter()
+            .filter(|s| s.kind != StepKind::Copier)
+            .map(|s| (s.kind, has_resume(&s.job)))
+            .collect()
+    };
+    // Default: every trainer and aggregator resumes.
+    assert!(
+        by_round(None).iter().all(|(_, r)| *r),
+        "{:?}",
+        by_round(None)
+    );
+    // --from-round 2: rounds 0 and 1 resume, 2 and 3 recompute.
+    for (kind, resumes) in by_round(Some(2)) {
+        let round = match kind {
+            StepKind::Trainer(r) | StepKind::Aggregator(r) => r,
+            StepKind::Copier => unreachable!(),
+        };
+        assert_eq!(resumes, round < 2, "{kind}");
+    }
+    // --from-round 0: everything after the copier recomputes.
+    assert!(by_round(Some(0)).iter().all(|(_, r)| !*r));
+    // The copier never gets the flag (it is idempotent by itself).
+    let p = Params {
+        from_round: Some(1),
+        ..params(2, 3, Overlay::Local)
+    };
+    assert!(!has_resume(&jobs::copier_job(&p)));
+    // --device cuda stays last on the GPU trainer.
+    let g = jobs::trainer_job(&params(2, 1, Overlay::Gpu), 0);
+    assert!(args_of(&g).ends_with(&["--resume".into(), "--device".into(), "cuda".into()]));
+}
+
+#[test]
+fn min_workers_lets_indexes_fail_and_reaches_the_aggregator() {
+    let p = Params {
+        min_workers: Some(3),
+        ..params(5, 1, Overlay::Local)
+    };
+    let steps = jobs::plan(&p);
+    let t = &steps[1];
+    let spec = t.job.spec.as_ref().unwrap();
+    assert_eq!(spec.backoff_limit_per_index, Some(2));
+    assert_eq!(
+        spec.max_failed_indexes,
+        Some(2),
+        "the other indexes keep running when up to workers - M fail"
+    );
+    assert_eq!(t.quorum(), 3);
+    assert_eq!(steps[2].quorum(), 1);
+    assert_eq!(
+        args_of(&steps[2].job),
+        [
+            "--root",
+            "/data",
+            "--round",
+            "0",
+            "--min-workers",
+            "3",
+            "--resume"
+        ]
+    );
+    // The usage-error rule still fails the whole Job; the others retry per index.
+    let rules = &spec.pod_failure_policy.as_ref().unwrap().rules;
+    assert_eq!(rules[0].action, "FailJob");
+    assert_eq!(rules[0].on_exit_codes.as_ref().unwrap().values, vec![2]);
+    assert_eq!(jobs::plan(&params(5, 1, Overlay::Local))[1].quorum(), 5);
+}
