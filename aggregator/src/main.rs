@@ -22,12 +22,8 @@ use fedimdb::strategy::{Strategy, StrategyArgs};
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 pub struct Args {
-    /// Root folder of the shared volume.
-    #[arg(long, conflicts_with_all = ["dir", "savefile"])]
-    pub root: Option<PathBuf>,
-    /// Round to aggregate; round 0 sums feature statistics into the first model.
-    #[arg(long, requires = "root")]
-    pub round: Option<u32>,
+    #[command(flatten)]
+    pub volume: fedimdb::layout::VolumeArgs,
     #[command(flatten)]
     pub combine: StrategyArgs,
     /// Quorum: aggregate when at least M of the shards' updates are present, naming the
@@ -37,12 +33,8 @@ pub struct Args {
     /// Old name of --min-workers.
     #[arg(long, hide = true, value_name = "M", conflicts_with = "min_workers")]
     pub expect: Option<usize>,
-    /// Keep the round's global model if it verifies and was made from the same inputs and
-    /// arguments (how a resumed pipeline skips finished work); otherwise aggregate.
-    #[arg(long, requires = "root")]
-    pub resume: bool,
     /// Original form: folder of worker model files (`*.safetensors`) to average.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "root")]
     pub dir: Option<PathBuf>,
     /// Original form: where to write the averaged model.
     #[arg(long, requires = "dir")]
@@ -84,10 +76,7 @@ fn main() -> std::process::ExitCode {
                 .error(clap::error::ErrorKind::ArgumentConflict, e)
                 .exit();
         }
-        if let Some(root) = &args.root {
-            let Some(round) = args.round else {
-                bail!("--root needs --round R")
-            };
+        if let Some((root, round)) = args.volume.target().map_err(anyhow::Error::msg)? {
             if args.expect == Some(0) {
                 bail!("--expect must be at least 1");
             }

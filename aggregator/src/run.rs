@@ -85,7 +85,7 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
         None => None,
     };
     let label = Combination::of_round(round, strategy);
-    if args.resume
+    if args.volume.resume
         && up_to_date(
             &layout,
             round,

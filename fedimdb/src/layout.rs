@@ -28,6 +28,34 @@
 
 use std::path::{Path, PathBuf};
 
+/// The flags of a step's volume form, `--root ROOT --round R [--resume]`: one definition
+/// for the trainer and the aggregator (each adds its own flags, and its original form's
+/// flags conflict with `--root`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct VolumeArgs {
+    /// Root folder of the shared volume (layout in docs/VOLUME.md).
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// The round (0: the round that gathers feature statistics).
+    #[arg(long, requires = "root")]
+    pub round: Option<u32>,
+    /// Keep this step's output already on disk if it verifies and was made from the same
+    /// inputs and arguments (how a resumed pipeline skips finished work); otherwise compute it.
+    #[arg(long, requires = "root")]
+    pub resume: bool,
+}
+
+impl VolumeArgs {
+    /// The volume and round to work on, `None` without `--root`; `--root` needs `--round`.
+    pub fn target(&self) -> Result<Option<(&Path, u32)>, String> {
+        match (&self.root, self.round) {
+            (Some(root), Some(round)) => Ok(Some((root, round))),
+            (Some(_), None) => Err("--root needs --round R".to_owned()),
+            (None, _) => Ok(None),
+        }
+    }
+}
+
 /// File name of the data manifest, beside the shards it lists.
 pub const MANIFEST_FILE: &str = "manifest.json";
 

@@ -35,9 +35,9 @@ fn over_limit(size: usize) -> ! {
     let mut buf = [0u8; 160];
     let mut w = &mut buf[..];
     let limit_mb = LIMIT.load(Ordering::Relaxed) >> 20;
-    let _ = write!(
+    let _ = writeln!(
         w,
-        "==fedimdb-fuzz== ERROR: out-of-memory (malloc({size})) over -malloc_limit_mb={limit_mb}\n"
+        "==fedimdb-fuzz== ERROR: out-of-memory (malloc({size})) over -malloc_limit_mb={limit_mb}"
     );
     let left = w.len();
     let _ = std::io::stderr().write_all(&buf[..buf.len() - left]);
@@ -70,7 +70,7 @@ pub fn init(target: &str) {
     let flag = |name: &str| {
         std::env::args()
             .filter_map(|a| a.strip_prefix(name).and_then(|v| v.parse::<usize>().ok()))
-            .last()
+            .next_back()
     };
     let mb = flag("-malloc_limit_mb=")
         .filter(|&m| m > 0)

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use fedimdb::checkpoint::{Checkpoint, Header, Kind, ModelCard, RoundPoint};
-use fedimdb::featurize::{Featurizer, FeaturizerConfig};
+use fedimdb::featurize::Featurizer;
 use fedimdb::model::{ClassCounts, Model, ModelConfig};
 use fedimdb::reviews::{NEGATIVE, POSITIVE, Review, encode_parquet};
 
@@ -124,9 +124,9 @@ fn checkpoints() -> Vec<(String, Vec<u8>)> {
 /// Two tiny review shards in the copier's format.
 fn shards() -> Vec<(String, Vec<u8>)> {
     let review = |i: usize, text: &str| Review {
-        id: format!("train/{}/{i}", if i % 2 == 0 { "pos" } else { "neg" }),
-        rating: if i % 2 == 0 { 9 } else { 2 },
-        label: if i % 2 == 0 { POSITIVE } else { NEGATIVE },
+        id: format!("train/{}/{i}", if i.is_multiple_of(2) { "pos" } else { "neg" }),
+        rating: if i.is_multiple_of(2) { 9 } else { 2 },
+        label: if i.is_multiple_of(2) { POSITIVE } else { NEGATIVE },
         text: text.to_owned(),
     };
     let three: Vec<Review> = TEXTS[..3]

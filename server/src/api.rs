@@ -144,8 +144,8 @@ pub async fn predict(
         })
         .collect();
     Ok(Json(PredictResponse {
-        model_version: scored.model.version.clone(),
-        model_sha256: scored.model.sha256.clone(),
+        model_version: scored.model.served.version.clone(),
+        model_sha256: scored.model.served.sha256.clone(),
         predictions,
     }))
 }
@@ -214,12 +214,8 @@ pub fn not_ready(state: &AppState) -> ApiError {
 #[derive(Debug, Serialize)]
 pub struct ModelInfo {
     pub name: &'static str,
-    pub version: String,
-    pub round: u32,
-    pub sha256: String,
-    pub path: String,
-    pub trained_at: Option<String>,
-    pub loaded_at: String,
+    #[serde(flatten)]
+    pub served: crate::state::Served,
     pub train_samples: u64,
     pub hash_bits: u32,
     pub max_ngram: u32,
@@ -240,12 +236,7 @@ pub async fn model(State(state): State<Arc<AppState>>) -> Result<Json<ModelInfo>
     let card = m.card.clone().unwrap_or_default();
     Ok(Json(ModelInfo {
         name: MODEL_NAME,
-        version: m.version.clone(),
-        round: m.round,
-        sha256: m.sha256.clone(),
-        path: m.path.display().to_string(),
-        trained_at: m.trained_at.clone(),
-        loaded_at: m.loaded_at.clone(),
+        served: m.served.clone(),
         train_samples: if card.train_samples > 0 {
             card.train_samples
         } else {

@@ -151,7 +151,7 @@ impl Batcher {
                 Some(all) => {
                     // Parts scored by another model (a reload between them) are reported under
                     // the newest one; each prediction was still made by one whole model.
-                    if part.model.round >= all.model.round {
+                    if part.model.served.round >= all.model.served.round {
                         all.model = part.model;
                     }
                     all.predictions.extend(part.predictions);

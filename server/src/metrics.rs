@@ -227,13 +227,13 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "fedimdb_model_info{{version=\"{}\",sha256=\"{}\"}} 1",
-                escape(&m.version),
-                escape(&m.sha256)
+                escape(&m.served.version),
+                escape(&m.served.sha256)
             );
         }
         out.push_str("# HELP fedimdb_model_round Training round of the served model.\n# TYPE fedimdb_model_round gauge\n");
         if let Some(m) = &current {
-            let _ = writeln!(out, "fedimdb_model_round {}", m.round);
+            let _ = writeln!(out, "fedimdb_model_round {}", m.served.round);
         }
         let ready = u8::from(state.models.current().is_some());
         let _ = writeln!(

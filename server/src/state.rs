@@ -42,17 +42,24 @@ pub enum ModelSource {
 #[derive(Debug)]
 pub struct LoadedModel {
     pub scorer: Scorer,
+    pub samples: u64,
+    pub card: Option<ModelCard>,
+    pub served: Served,
+}
+
+/// Which model file is served, and since when: what `GET /api/model` reports first, and
+/// what the logs and metrics name a model by.
+#[derive(Debug, Clone, Serialize)]
+pub struct Served {
     /// The Open Inference Protocol `model_version`: the training round, as text.
     pub version: String,
     pub round: u32,
     pub sha256: String,
-    pub samples: u64,
-    pub card: Option<ModelCard>,
+    pub path: String,
     /// When the aggregator published it (root mode).
     pub trained_at: Option<String>,
     /// When this server loaded it.
     pub loaded_at: String,
-    pub path: PathBuf,
 }
 
 /// A failed attempt to load a new model.
@@ -173,12 +180,12 @@ impl ModelSlot {
                     .reloads_ok
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 match old {
-                    Some(old) if old.sha256 == model.sha256 => {}
+                    Some(old) if old.served.sha256 == model.served.sha256 => {}
                     Some(old) => {
-                        tracing::info!(from = %old.version, to = %model.version, sha256 = %model.sha256, "switched to a new model")
+                        tracing::info!(from = %old.served.version, to = %model.served.version, sha256 = %model.served.sha256, "switched to a new model")
                     }
                     None => {
-                        tracing::info!(version = %model.version, sha256 = %model.sha256, path = %model.path.display(), "serving model")
+                        tracing::info!(version = %model.served.version, sha256 = %model.served.sha256, path = %model.served.path, "serving model")
                     }
                 }
                 true
@@ -190,7 +197,7 @@ impl ModelSlot {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 match self.current() {
                     Some(m) => {
-                        tracing::error!(error = %message, still_serving = %m.version, "new model did not load; keeping the old one")
+                        tracing::error!(error = %message, still_serving = %m.served.version, "new model did not load; keeping the old one")
                     }
                     None => tracing::error!(error = %message, "model did not load; not ready"),
                 }
@@ -226,14 +233,16 @@ impl ModelSlot {
         let header = ck.header;
         Ok(LoadedModel {
             scorer,
-            version: header.round.to_string(),
-            round: header.round,
-            sha256: ck.sha256,
             samples: header.samples,
             card: card.clone().or(header.card),
-            trained_at: card.and_then(|c| c.trained_at),
-            loaded_at: fedimdb::report::utc_now(),
-            path,
+            served: Served {
+                version: header.round.to_string(),
+                round: header.round,
+                sha256: ck.sha256,
+                path: path.display().to_string(),
+                trained_at: card.and_then(|c| c.trained_at),
+                loaded_at: fedimdb::report::utc_now(),
+            },
         })
     }
 }

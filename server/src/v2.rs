@@ -38,8 +38,8 @@ fn readiness(state: &AppState) -> (bool, Value) {
     let m = state.models.current();
     let body = json!({
         "ready": m.is_some(),
-        "model_version": m.as_ref().map(|m| m.version.clone()),
-        "model_sha256": m.as_ref().map(|m| m.sha256.clone()),
+        "model_version": m.as_ref().map(|m| m.served.version.clone()),
+        "model_sha256": m.as_ref().map(|m| m.served.sha256.clone()),
         "last_reload_error": state.models.last_error(),
     });
     (m.is_some(), body)
@@ -82,9 +82,9 @@ fn check_version(
 ) -> Result<Arc<crate::state::LoadedModel>, ApiError> {
     let m = state.models.current().ok_or_else(|| not_ready(state))?;
     match version {
-        Some(v) if v != m.version => Err(ApiError::not_found(format!(
+        Some(v) if v != m.served.version => Err(ApiError::not_found(format!(
             "model {MODEL_NAME:?} has no version {v:?}: version {:?} is served",
-            m.version
+            m.served.version
         ))),
         _ => Ok(m),
     }
@@ -110,7 +110,7 @@ pub async fn model_metadata(
     let m = check_version(&state, p.version.as_deref())?;
     Ok(Json(json!({
         "name": MODEL_NAME,
-        "versions": [m.version],
+        "versions": [m.served.version],
         "platform": "fedimdb_nblr",
         "inputs": [{ "name": INPUT_NAME, "datatype": "BYTES", "shape": [-1] }],
         "outputs": [{ "name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1] }],
@@ -404,7 +404,7 @@ pub async fn infer(
     } else {
         json!({ "name": OUTPUT_NAME, "shape": shape, "datatype": "FP32", "data": data })
     };
-    let mut out = json!({ "model_name": MODEL_NAME, "model_version": scored.model.version, "outputs": [output] });
+    let mut out = json!({ "model_name": MODEL_NAME, "model_version": scored.model.served.version, "outputs": [output] });
     if let Some(id) = id {
         out["id"] = Value::String(id);
     }

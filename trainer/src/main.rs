@@ -22,12 +22,8 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 pub struct Args {
-    /// Root folder of the shared volume (layout in docs/VOLUME.md).
-    #[arg(long, conflicts_with_all = ["data", "savemodel"])]
-    pub root: Option<PathBuf>,
-    /// Round to train; 0 gathers feature statistics.
-    #[arg(long, requires = "root")]
-    pub round: Option<u32>,
+    #[command(flatten)]
+    pub volume: fedimdb::layout::VolumeArgs,
     /// Shard index (0-based). Defaults to $JOB_COMPLETION_INDEX, as set by a Kubernetes
     /// Indexed Job.
     #[arg(long, env = "JOB_COMPLETION_INDEX")]
@@ -39,12 +35,8 @@ pub struct Args {
     pub device: String,
     #[command(flatten)]
     pub model: fedimdb::model::ModelArgs,
-    /// Keep an update already on disk if it verifies and was computed from the same inputs
-    /// and arguments (how a resumed pipeline skips finished work); otherwise train.
-    #[arg(long, requires = "root")]
-    pub resume: bool,
     /// Original form: the shard file to train on.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "root")]
     pub data: Option<PathBuf>,
     /// Original form: where to write the trained model.
     #[arg(long, requires = "data")]
@@ -60,10 +52,7 @@ fn main() -> std::process::ExitCode {
         let args = Args::parse();
         check(&args)?;
         let device = device::select(&args.device)?;
-        if let Some(root) = &args.root {
-            let Some(round) = args.round else {
-                bail!("--root needs --round R")
-            };
+        if let Some((root, round)) = args.volume.target().map_err(anyhow::Error::msg)? {
             let Some(shard) = args.shard else {
                 bail!("no shard index: pass --shard I or set JOB_COMPLETION_INDEX")
             };

@@ -49,7 +49,7 @@ pub fn volume(root: &Path, round: u32, shard: usize, args: &Args, device: &Devic
         inputs.base.as_ref().map(|b| b.sha256.as_str()),
         inputs.control.as_ref().map(|c| c.1.as_str()),
     );
-    if args.resume {
+    if args.volume.resume {
         match check_update(&layout, round, shard, &want) {
             Ok(_) => {
                 info!(round, shard, path = %out.display(), "up to date: the update on disk verifies and was made from the same inputs; nothing to do");

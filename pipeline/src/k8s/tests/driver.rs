@@ -26,7 +26,7 @@ async fn steps_that_were_up_to_date_are_reported() {
         .find(|s| s.uri.contains("/log"))
         .unwrap()
         .uri;
-    assert_has(&log, "container=");
+    assert_has(log, "container=");
     // Without --resume nothing is looked up for the trainers and aggregators.
     let p = Params {
         from_round: Some(0),
