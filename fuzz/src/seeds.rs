@@ -124,9 +124,16 @@ fn checkpoints() -> Vec<(String, Vec<u8>)> {
 /// Two tiny review shards in the copier's format.
 fn shards() -> Vec<(String, Vec<u8>)> {
     let review = |i: usize, text: &str| Review {
-        id: format!("train/{}/{i}", if i.is_multiple_of(2) { "pos" } else { "neg" }),
+        id: format!(
+            "train/{}/{i}",
+            if i.is_multiple_of(2) { "pos" } else { "neg" }
+        ),
         rating: if i.is_multiple_of(2) { 9 } else { 2 },
-        label: if i.is_multiple_of(2) { POSITIVE } else { NEGATIVE },
+        label: if i.is_multiple_of(2) {
+            POSITIVE
+        } else {
+            NEGATIVE
+        },
         text: text.to_owned(),
     };
     let three: Vec<Review> = TEXTS[..3]
