@@ -257,6 +257,9 @@ pub struct LocalOutcome {
     /// of the worker (its "option II"), zero outside the buckets the shard touches.
     pub mean_grad: Vec<f32>,
     pub mean_grad_bias: f32,
+    /// The buckets the shard's reviews read, ascending ([`touched_buckets`]): what a sparse
+    /// update holds.
+    pub touched: Vec<u32>,
 }
 
 /// The learning rate over a round's steps.
@@ -536,6 +539,7 @@ pub fn train_sparse(
         epochs,
         mean_grad,
         mean_grad_bias: (grad_sum_bias / k) as f32,
+        touched,
     }
 }
 

@@ -11,6 +11,7 @@ use candle_nn::Optimizer;
 use fedimdb::model::{Model, doc_scale};
 use fedimdb::train::{
     Correction, Drift, EpochStats, LocalOutcome, TrainConfig, logistic_loss, run_steps,
+    touched_buckets,
 };
 
 /// A batch of documents in flat (CSR-like) form: for each non-zero, its bucket, the
@@ -133,6 +134,7 @@ pub fn train_candle(
         epochs,
         mean_grad: (grad_sum / k)?.to_device(&Device::Cpu)?.to_vec1()?,
         mean_grad_bias: (grad_sum_bias / k) as f32,
+        touched: touched_buckets(docs, dim),
     })
 }
 
@@ -224,6 +226,7 @@ mod tests {
                 "control variates differ"
             );
             assert!((s1.mean_grad_bias - s2.mean_grad_bias).abs() < 1e-6);
+            assert_eq!(s1.touched, s2.touched);
             assert_eq!(s1.epochs.len(), s2.epochs.len());
             for (a, b) in s1.epochs.iter().zip(&s2.epochs) {
                 assert!(

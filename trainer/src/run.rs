@@ -15,8 +15,7 @@ use fedimdb::manifest::DataManifest;
 use fedimdb::model::{ClassCounts, Model, ModelConfig, NB_RATIO};
 use fedimdb::report::UpdateReport;
 use fedimdb::train::{
-    Algorithm, Correction, EpochStats, LocalOutcome, TrainArgs, TrainConfig, touched_buckets,
-    train_sparse,
+    Algorithm, Correction, EpochStats, LocalOutcome, TrainArgs, TrainConfig, train_sparse,
 };
 use fedimdb::verify::{UpdateWant, check_update, load_control, load_global};
 use tracing::info;
@@ -125,7 +124,7 @@ fn local_update(
     trained: LocalOutcome,
 ) -> Checkpoint {
     header.samples = data.len() as u64;
-    let index = touched_buckets(&data.features, model.config.dim());
+    let index = trained.touched;
     let gather = |v: &[f32]| index.iter().map(|&j| v[j as usize]).collect::<Vec<f32>>();
     let (weight, grad) = (gather(&model.weight), gather(&trained.mean_grad));
     Checkpoint::update(
