@@ -524,9 +524,7 @@ fn write_round(
         test_accuracy: metrics.accuracy,
     });
     let card = ModelCard {
-        round: None,
-        sha256: None,
-        trained_at: None,
+        published: None,
         workers: manifest.workers,
         partition: manifest.partition,
         alpha: manifest.alpha,
@@ -562,7 +560,7 @@ fn write_round(
     };
     write_json_atomic(&layout.round_report(round), &report)?;
     fedimdb::fault::point(&format!("aggregator:{round}:report-written"));
-    publish(layout, &bytes, card.published(round, sha))?;
+    publish(layout, &bytes, card.published(round, sha), round)?;
     info!(
         round,
         seconds = format!("{:.2}", report.seconds),
@@ -573,9 +571,8 @@ fn write_round(
 
 /// Publishes a global model as the latest: the model first, then its card, each atomic.
 /// A server watching the card therefore never sees a card for a model not yet in place.
-fn publish(layout: &Layout, bytes: &[u8], card: ModelCard) -> Result<()> {
+fn publish(layout: &Layout, bytes: &[u8], card: ModelCard, round: u32) -> Result<()> {
     write_bytes_atomic(&layout.latest_model(), bytes)?;
-    let round = card.round.unwrap_or_default();
     fedimdb::fault::point(&format!("aggregator:{round}:latest-model-written"));
     write_json_atomic(&layout.latest_card(), &card)
 }
@@ -594,18 +591,18 @@ fn up_to_date(layout: &Layout, round: u32, done: Result<RoundReport>) -> Result<
         }
     };
     match check_latest(layout) {
-        Ok(card) if card.round >= Some(round) => {}
+        Ok(latest) if latest.round >= round => {}
         published => {
             let why = published.map_or_else(
                 |e| format!("{e:#}"),
-                |c| format!("it is the model of round {}", c.round.unwrap_or_default()),
+                |p| format!("it is the model of round {}", p.round),
             );
             info!(round, "publishing the model of round {round} again: {why}");
             let path = layout.global_model(round);
             let bytes = read_verified(&path, &report.model_sha256, &layout.round_report(round))?;
             let ck = Checkpoint::from_bytes(&bytes, &path)?;
             let card = ck.header.card.clone().unwrap_or_default();
-            publish(layout, &bytes, card.published(round, ck.sha256))?;
+            publish(layout, &bytes, card.published(round, ck.sha256), round)?;
         }
     }
     info!(round, path = %layout.global_model(round).display(), "up to date: the global model on disk verifies and was made from the same inputs; nothing to do");

@@ -81,15 +81,9 @@ pub struct RoundPoint {
 /// when), so a reader of either finds the same fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct ModelCard {
-    /// Published cards: the round that made the model.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub round: Option<u32>,
-    /// Published cards: the SHA-256 of `model/latest.safetensors`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sha256: Option<String>,
-    /// Published cards: when it was published (RFC 3339 UTC).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trained_at: Option<String>,
+    /// Published cards only (`model/latest.json`): its fields stand first in the card.
+    #[serde(flatten)]
+    pub published: Option<Publication>,
     pub workers: usize,
     pub partition: crate::manifest::Partition,
     pub alpha: Option<f64>,
@@ -100,13 +94,26 @@ pub struct ModelCard {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// Which model file a published card describes, from which round, since when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Publication {
+    /// The round that made the model.
+    pub round: u32,
+    /// The SHA-256 of `model/latest.safetensors`.
+    pub sha256: String,
+    /// When it was published (RFC 3339 UTC).
+    pub trained_at: String,
+}
+
 impl ModelCard {
-    /// This card as published: for the model of `round` whose file has checksum `sha256`.
+    /// This card as published now: for the model of `round` whose file has checksum `sha256`.
     pub fn published(self, round: u32, sha256: String) -> Self {
         Self {
-            round: Some(round),
-            sha256: Some(sha256),
-            trained_at: Some(crate::report::utc_now()),
+            published: Some(Publication {
+                round,
+                sha256,
+                trained_at: crate::report::utc_now(),
+            }),
             ..self
         }
     }

@@ -23,8 +23,8 @@ use std::path::Path;
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::atomic::read_json;
-use crate::checkpoint::ModelCard;
 use crate::checkpoint::{Checkpoint, Kind};
+use crate::checkpoint::{ModelCard, Publication};
 use crate::digest::sha256_file;
 use crate::layout::Layout;
 use crate::manifest::FileEntry;
@@ -272,29 +272,25 @@ pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Re
     Ok(report)
 }
 
-/// The published card, `model/latest.json`, checked to name its round and model checksum.
-pub fn read_latest_card(layout: &Layout) -> Result<ModelCard> {
-    let card_path = layout.latest_card();
-    let card: ModelCard = read_json(&card_path)?;
-    ensure!(
-        card.round.is_some() && card.sha256.is_some(),
-        "{} is not a published model card: it lacks `round` or `sha256`; re-run the last aggregator",
-        card_path.display()
-    );
-    Ok(card)
+/// The publication a card names; `card_path` (where it was read) names it in the error.
+pub fn publication_of(card: &ModelCard, card_path: &Path) -> Result<Publication> {
+    card.published.clone().with_context(|| {
+        format!(
+            "{} is not a published model card: it lacks `round`, `sha256` or `trained_at`; \
+             re-run the last aggregator",
+            card_path.display()
+        )
+    })
 }
 
-/// `Ok` with the card if `model/latest.safetensors` matches the checksum in `latest.json`.
-pub fn check_latest(layout: &Layout) -> Result<ModelCard> {
-    let card = read_latest_card(layout)?;
+/// `Ok` with the publication if `model/latest.safetensors` matches the checksum in
+/// `latest.json`.
+pub fn check_latest(layout: &Layout) -> Result<Publication> {
     let card_path = layout.latest_card();
-    let path = layout.latest_model();
-    check_file(
-        &path,
-        card.sha256.as_deref().unwrap_or_default(),
-        &card_path,
-    )?;
-    Ok(card)
+    let card: ModelCard = read_json(&card_path)?;
+    let published = publication_of(&card, &card_path)?;
+    check_file(&layout.latest_model(), &published.sha256, &card_path)?;
+    Ok(published)
 }
 
 #[cfg(test)]

@@ -64,9 +64,7 @@ fn checkpoints() -> Vec<(String, Vec<u8>)> {
     let mut header = Header::new(Kind::Model, cfg, 3);
     header.samples = 6;
     header.card = Some(ModelCard {
-        round: None,
-        sha256: None,
-        trained_at: None,
+        published: None,
         workers: 2,
         partition: fedimdb::manifest::Partition::Dirichlet,
         alpha: Some(0.5),

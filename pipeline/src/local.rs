@@ -252,7 +252,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
     // The published model must be this run's last global model (a longer earlier run in
     // the same root may have published a later round).
     let last = base_sha256.expect("at least one round");
-    if check_latest(&layout).ok().and_then(|c| c.sha256).as_deref() != Some(last.as_str()) {
+    if check_latest(&layout).ok().map(|p| p.sha256).as_deref() != Some(last.as_str()) {
         run_one(aggregator_step(
             args,
             args.rounds,

@@ -22,7 +22,7 @@ use anyhow::{Context, Result};
 use fedimdb::checkpoint::{Checkpoint, Kind, ModelCard};
 use fedimdb::layout::Layout;
 use fedimdb::model::Scorer;
-use fedimdb::verify::load_verified;
+use fedimdb::verify::{load_verified, publication_of};
 use serde::Serialize;
 
 use crate::Config;
@@ -223,8 +223,8 @@ impl ModelSlot {
                 // Checked against the card by the library's one check (the sha256 of the
                 // bytes read, before they are parsed); a refused model is retried when the
                 // card changes.
-                let recorded = card.sha256.as_deref().unwrap_or_default();
-                let ck = load_verified(&path, Kind::Model, recorded, &card_path)?;
+                let published = publication_of(&card, &card_path)?;
+                let ck = load_verified(&path, Kind::Model, &published.sha256, &card_path)?;
                 (ck, Some(card))
             }
             ModelSource::File(_) => (Checkpoint::load_kind(&path, Kind::Model)?, None),
@@ -240,7 +240,7 @@ impl ModelSlot {
                 round: header.round,
                 sha256: ck.sha256,
                 path: path.display().to_string(),
-                trained_at: card.and_then(|c| c.trained_at),
+                trained_at: card.and_then(|c| c.published).map(|p| p.trained_at),
                 loaded_at: fedimdb::report::utc_now(),
             },
         })

@@ -97,9 +97,11 @@ pub fn publish(root: &Path, ck: &Checkpoint) -> String {
 /// after the model file, the aggregator's last step of publishing.
 pub fn write_card(root: &Path, round: u32, sha256: &str) {
     let card = ModelCard {
-        round: Some(round),
-        sha256: Some(sha256.to_owned()),
-        trained_at: Some("2026-01-02T03:04:05Z".into()),
+        published: Some(fedimdb::checkpoint::Publication {
+            round,
+            sha256: sha256.to_owned(),
+            trained_at: "2026-01-02T03:04:05Z".into(),
+        }),
         ..card(round)
     };
     fedimdb::atomic::write_json_atomic(&Layout::new(root).latest_card(), &card).unwrap();
