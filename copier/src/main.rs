@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use fedimdb::manifest::Partition;
+use fedimdb::partition::PartitionArgs;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,17 +48,8 @@ struct ShardArgs {
     /// Number of workers, i.e. training shards.
     #[arg(long, visible_alias = "n_container", value_name = "N", required = true)]
     workers: Option<usize>,
-    /// How training reviews are spread: iid (stratified) or dirichlet (label skew).
-    #[arg(long, default_value = "iid", value_parser = parse_partition)]
-    partition: Partition,
-    /// Dirichlet concentration (dirichlet only): small = strong label skew.
-    #[arg(long, default_value_t = 0.5, value_name = "A")]
-    alpha: f64,
-    /// Dirichlet only: the fewest reviews a shard gets. Shards drawn smaller are topped up
-    /// with reviews from the end of the largest shard, which makes the smallest shards a
-    /// little less skewed than drawn (docs: README "Partitions").
-    #[arg(long, default_value_t = fedimdb::partition::DEFAULT_MIN_SHARD, value_name = "N")]
-    min_shard: usize,
+    #[command(flatten)]
+    partition: PartitionArgs,
     /// Seed of every random choice; the same seed and arguments give byte-identical files.
     #[arg(long, default_value_t = fedimdb::train::defaults::SEED, value_name = "S")]
     seed: u64,
@@ -78,14 +69,6 @@ struct DownloadArgs {
     /// Expected sha256 of the archive, hex.
     #[arg(long, default_value = download::OFFICIAL_SHA256, value_name = "HEX")]
     sha256: String,
-}
-
-fn parse_partition(s: &str) -> Result<Partition, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "iid" => Ok(Partition::Iid),
-        "dirichlet" => Ok(Partition::Dirichlet),
-        _ => Err(format!("unknown partition {s:?}; use iid or dirichlet")),
-    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -120,8 +103,6 @@ fn run_shard(args: ShardArgs) -> Result<()> {
         out: args.out.context("--out is required")?,
         workers: args.workers.context("--workers is required")?,
         partition: args.partition,
-        alpha: args.alpha,
-        min_shard: args.min_shard,
         seed: args.seed,
         force: args.force,
     })

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use anyhow::{Result, bail};
 use fedimdb::layout::Layout;
 use fedimdb::manifest::{DataManifest, Partition};
-use fedimdb::partition;
+use fedimdb::partition::{self, PartitionArgs};
 use fedimdb::reviews::Review;
 
 use crate::source::{self, Dataset};
@@ -24,11 +24,8 @@ pub struct Request {
     pub source: PathBuf,
     pub out: PathBuf,
     pub workers: usize,
-    pub partition: Partition,
-    /// Dirichlet concentration (used by `dirichlet` only).
-    pub alpha: f64,
-    /// The fewest reviews of a Dirichlet shard (used by `dirichlet` only).
-    pub min_shard: usize,
+    /// How the reviews are spread (alpha and the floor are used by `dirichlet` only).
+    pub partition: PartitionArgs,
     pub seed: u64,
     /// Replace data made with other arguments, or rewrite data that is up to date.
     pub force: bool,
@@ -67,14 +64,14 @@ fn check_arguments(req: &Request) -> Result<Settings> {
     if req.workers == 0 {
         bail!(partition::PartitionError::NoWorkers);
     }
-    partition::check_alpha(req.alpha)?;
+    req.partition.validate()?;
     source::kind_of(&req.source)?;
-    let dirichlet = req.partition == Partition::Dirichlet;
+    let p = &req.partition;
     Ok(Settings {
         workers: req.workers,
-        partition: req.partition,
-        alpha: dirichlet.then_some(req.alpha),
-        min_shard: dirichlet.then_some(req.min_shard),
+        partition: p.partition,
+        alpha: p.dirichlet_alpha(),
+        min_shard: p.dirichlet_alpha().map(|_| p.min_shard),
         seed: req.seed,
     })
 }
@@ -150,10 +147,11 @@ fn read_source(path: &Path, already_read: Option<Dataset>) -> Result<(Dataset, O
 /// Deals the training reviews to the workers as `req.partition` says.
 fn split_into_shards(req: &Request, train: Vec<Review>) -> Result<Vec<Vec<Review>>> {
     let labels: Vec<u8> = train.iter().map(|r| r.label).collect();
-    let indices = match req.partition {
+    let p = &req.partition;
+    let indices = match p.partition {
         Partition::Iid => partition::iid(&labels, req.workers, req.seed)?,
         Partition::Dirichlet => {
-            partition::dirichlet(&labels, req.workers, req.alpha, req.min_shard, req.seed)?
+            partition::dirichlet(&labels, req.workers, p.alpha, p.min_shard, req.seed)?
         }
     };
     Ok(take_shards(train, &indices))

@@ -13,7 +13,7 @@ use crate::atomic::read_json;
 pub const MANIFEST_VERSION: u32 = 1;
 
 /// How training reviews were spread over the shards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Partition {
     /// Stratified: equal sizes (±1) and equal label balance (±1).

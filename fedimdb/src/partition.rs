@@ -181,6 +181,59 @@ pub fn counts_from_proportions(m: usize, p: &[f64]) -> Vec<usize> {
 /// neither be trained on nor stand for anyone's data.
 pub const DEFAULT_MIN_SHARD: usize = 32;
 
+/// The partition flags, shared by the copier and the pipeline (which passes them on).
+#[derive(Debug, Clone, Copy, PartialEq, clap::Args)]
+pub struct PartitionArgs {
+    /// How training reviews are spread: iid (stratified) or dirichlet (label skew).
+    #[arg(long, value_enum, ignore_case = true, default_value = "iid")]
+    pub partition: crate::manifest::Partition,
+    /// Dirichlet concentration (dirichlet only): small = strong label skew.
+    #[arg(long, default_value_t = 0.5, value_name = "A")]
+    pub alpha: f64,
+    /// Dirichlet only: the fewest reviews a shard gets. Shards drawn smaller are topped up
+    /// with reviews from the end of the largest shard, which makes the smallest shards a
+    /// little less skewed than drawn (docs: README "Partitions").
+    #[arg(long, default_value_t = DEFAULT_MIN_SHARD, value_name = "N")]
+    pub min_shard: usize,
+}
+
+impl Default for PartitionArgs {
+    fn default() -> Self {
+        Self {
+            partition: crate::manifest::Partition::Iid,
+            alpha: 0.5,
+            min_shard: DEFAULT_MIN_SHARD,
+        }
+    }
+}
+
+impl PartitionArgs {
+    /// Checks the flags before anything is read or written.
+    pub fn validate(&self) -> Result<(), PartitionError> {
+        check_alpha(self.alpha)
+    }
+
+    /// The alpha that shaped the shards: `None` for IID.
+    pub fn dirichlet_alpha(&self) -> Option<f64> {
+        (self.partition == crate::manifest::Partition::Dirichlet).then_some(self.alpha)
+    }
+
+    /// The flags as arguments for the copier's command line (alpha and the floor only
+    /// where they apply, so an IID command reads as one).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec!["--partition".to_owned(), self.partition.to_string()];
+        if let Some(alpha) = self.dirichlet_alpha() {
+            args.extend([
+                "--alpha".to_owned(),
+                alpha.to_string(),
+                "--min-shard".to_owned(),
+                self.min_shard.to_string(),
+            ]);
+        }
+        args
+    }
+}
+
 /// Dirichlet label-skew partition with a floor of `min_size` reviews per shard (at most
 /// half the mean shard size, so that small datasets keep their skew).
 ///

@@ -17,7 +17,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
 use clap::Args as ClapArgs;
-use fedimdb::train::defaults;
 use kube::{Client, Config};
 
 use jobs::{Overlay, Params};
@@ -28,17 +27,8 @@ pub struct K8sArgs {
     /// Namespace of the Jobs (where `manifests/` put the volume and the server).
     #[arg(long, default_value = "fedimdb")]
     pub namespace: String,
-    /// Number of workers (shards, trainer pods per round).
-    #[arg(long, default_value_t = defaults::WORKERS as u32)]
-    pub workers: u32,
-    /// Training rounds after the statistics round.
-    #[arg(long, default_value_t = defaults::ROUNDS)]
-    pub rounds: u32,
     #[command(flatten)]
-    pub train: fedimdb::train::TrainArgs,
-    /// Replace data on the volume that was sharded with other arguments (copier --force).
-    #[arg(long)]
-    pub force: bool,
+    pub run: crate::plan::RunArgs,
     /// Images are REGISTRY/BINARY:TAG.
     #[arg(long, env = "FEDIMDB_REGISTRY", default_value = "fedimdb")]
     pub registry: String,
@@ -60,14 +50,6 @@ pub struct K8sArgs {
     /// Seconds between two reads of a Job's status.
     #[arg(long, default_value_t = 2.0)]
     pub poll: f64,
-    /// Recompute from this round on (0: every round; the copier's output is checked
-    /// anyway). Default: every step whose outputs exist and verify is skipped.
-    #[arg(long, value_name = "R")]
-    pub from_round: Option<u32>,
-    /// Go on with a round when at least M of its trainers succeeded (the aggregator
-    /// averages the updates present). Default: all workers.
-    #[arg(long, value_name = "M")]
-    pub min_workers: Option<u32>,
     /// Print the Jobs as YAML instead of applying them (needs no cluster).
     #[arg(long)]
     pub dry_run: bool,
@@ -84,9 +66,7 @@ fn is_dns_label(s: &str, max: usize) -> bool {
 }
 
 pub fn params(args: &K8sArgs) -> Result<Params> {
-    ensure!(args.workers >= 1, "--workers must be at least 1");
-    ensure!(args.rounds >= 1, "--rounds must be at least 1");
-    args.train.validate().map_err(anyhow::Error::msg)?;
+    args.run.validate()?;
     ensure!(
         args.step_timeout > 0.0 && args.step_timeout.is_finite(),
         "--step-timeout must be a positive number of seconds"
@@ -106,20 +86,6 @@ pub fn params(args: &K8sArgs) -> Result<Params> {
         args.image_tag
     );
     ensure!(!args.registry.is_empty(), "--registry must not be empty");
-    if let Some(r) = args.from_round {
-        ensure!(
-            r <= args.rounds,
-            "--from-round {r} is past the last round ({}, see --rounds)",
-            args.rounds
-        );
-    }
-    if let Some(m) = args.min_workers {
-        ensure!(
-            m >= 1 && m <= args.workers,
-            "--min-workers must be between 1 and --workers ({}), not {m}",
-            args.workers
-        );
-    }
     let lease = lock::lease_name(&args.claim);
     ensure!(
         !args.claim.is_empty()
@@ -143,17 +109,12 @@ pub fn params(args: &K8sArgs) -> Result<Params> {
     Ok(Params {
         namespace: args.namespace.clone(),
         run_id,
-        workers: args.workers,
-        rounds: args.rounds,
-        train: args.train.clone(),
-        force: args.force,
+        run: args.run.clone(),
         registry: args.registry.clone(),
         image_tag: args.image_tag.clone(),
         overlay: args.overlay,
         claim: args.claim.clone(),
         deadline_s: (args.step_timeout.ceil() as i64).max(1),
-        from_round: args.from_round,
-        min_workers: args.min_workers,
     })
 }
 

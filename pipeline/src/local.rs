@@ -15,9 +15,9 @@ use fedimdb::verify::{UpdateWant, check_latest, check_round, check_update};
 use serde::Serialize;
 use tracing::info;
 
+use crate::LocalArgs;
 use crate::lock::{Previous, RootLock};
 use crate::procs::{Step, command, run_one, run_tolerating};
-use crate::{LocalArgs, PartitionArg};
 
 /// The shared archive, looked up relative to the working folder.
 const SHARED_ARCHIVE: &str = "../shared/data/aclImdb-labeled.tar.gz";
@@ -56,31 +56,8 @@ struct RunReport {
 }
 
 fn check(args: &LocalArgs) -> Result<()> {
-    ensure!(args.workers >= 1, "--workers must be at least 1");
-    ensure!(args.rounds >= 1, "--rounds must be at least 1");
-    args.train.validate().map_err(anyhow::Error::msg)?;
-    args.model.validate().map_err(anyhow::Error::msg)?;
-    ensure!(
-        args.alpha > 0.0 && args.alpha.is_finite(),
-        "--alpha must be a positive number, got {}",
-        args.alpha
-    );
+    args.run.validate()?;
     ensure!(args.jobs != Some(0), "--jobs must be at least 1");
-    if let Some(m) = args.min_workers {
-        ensure!(
-            (1..=args.workers).contains(&m),
-            "--min-workers must be between 1 and --workers ({}), got {m}",
-            args.workers
-        );
-    }
-    if let Some(r) = args.from_round {
-        ensure!(
-            r <= args.rounds,
-            "--from-round {r} is beyond the last round ({})",
-            args.rounds
-        );
-    }
-    args.combine.strategy().map_err(anyhow::Error::msg)?;
     Ok(())
 }
 
@@ -111,6 +88,7 @@ fn resolve_source(args: &LocalArgs, logs: &Path) -> Result<PathBuf> {
 
 pub fn run(args: &LocalArgs) -> Result<()> {
     check(args)?;
+    let run = &args.run;
     let t0 = Instant::now();
     let layout = Layout::new(&args.root);
     std::fs::create_dir_all(&args.root)
@@ -140,24 +118,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
         .arg(&source)
         .arg("--out")
         .arg(&args.root)
-        .arg("--workers")
-        .arg(args.workers.to_string())
-        .arg("--seed")
-        .arg(args.train.seed.to_string());
-    match args.partition {
-        PartitionArg::Iid => copier.args(["--partition", "iid"]),
-        PartitionArg::Dirichlet => copier.args([
-            "--partition",
-            "dirichlet",
-            "--alpha",
-            &args.alpha.to_string(),
-            "--min-shard",
-            &args.min_shard.to_string(),
-        ]),
-    };
-    if args.force {
-        copier.arg("--force");
-    }
+        .args(args.run.copier_args());
     run_one(Step {
         name: "copier".into(),
         command: copier,
@@ -167,31 +128,31 @@ pub fn run(args: &LocalArgs) -> Result<()> {
     let manifest = DataManifest::read(&layout.data_manifest())?;
     println!(
         "data: {} shards from {} ({seconds_copier:.1} s)",
-        args.workers,
+        run.workers,
         source.display()
     );
 
-    let config = args.model.config();
-    let quorum = args.min_workers.unwrap_or(args.workers);
+    let config = run.model.config();
+    let quorum = run.quorum();
     let mut rounds = Vec::new();
     let mut base_sha256: Option<String> = None;
     let mut control_sha256: Option<String> = None;
     let mut computed_any = false;
-    for round in 0..=args.rounds {
+    for round in 0..=run.rounds {
         let r0 = Instant::now();
-        let forced = args.from_round.is_some_and(|f| round >= f);
-        remove_foreign_updates(&layout, round, args.workers)?;
+        let forced = !run.resumes(round);
+        remove_foreign_updates(&layout, round, run.workers)?;
         // Each worker's update is kept if it verifies and was computed from exactly what
         // this run would compute it from; the others are (re)computed.
         let mut kept = Vec::new();
         let mut steps = Vec::new();
-        for shard in 0..args.workers {
+        for shard in 0..run.workers {
             let want = UpdateWant::new(
                 &manifest.shards[shard],
                 config,
                 round,
                 shard,
-                &args.train,
+                &run.train,
                 base_sha256.as_deref(),
                 control_sha256.as_deref(),
             );
@@ -239,7 +200,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
         base_sha256 = Some(report.model_sha256.clone());
         control_sha256 = report.control_sha256.clone();
         let seconds = r0.elapsed().as_secs_f64();
-        print_round(&layout, round, args.workers, &report, seconds, recomputed)?;
+        print_round(&layout, round, run.workers, &report, seconds, recomputed)?;
         rounds.push(RoundSummary {
             round,
             test_accuracy: report.test.accuracy,
@@ -255,7 +216,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
     if check_latest(&layout).ok().map(|p| p.sha256).as_deref() != Some(last.as_str()) {
         run_one(aggregator_step(
             args,
-            args.rounds,
+            run.rounds,
             false,
             logs.join("publish.log"),
         )?)?;
@@ -263,11 +224,11 @@ pub fn run(args: &LocalArgs) -> Result<()> {
 
     let last = rounds.last().expect("at least one round");
     let report = RunReport {
-        workers: args.workers,
-        partition: format!("{:?}", args.partition).to_lowercase(),
-        alpha: (args.partition == PartitionArg::Dirichlet).then_some(args.alpha),
-        rounds_trained: args.rounds,
-        train: args.train.clone(),
+        workers: run.workers,
+        partition: run.partition.partition.to_string(),
+        alpha: run.partition.dirichlet_alpha(),
+        rounds_trained: run.rounds,
+        train: run.train.clone(),
         test_accuracy: last.test_accuracy,
         test: last.test,
         seconds_total: t0.elapsed().as_secs_f64(),
@@ -281,7 +242,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
     println!(
         "done: test accuracy {:.2}% after {} rounds, {:.1} s in all; model at {}",
         report.test_accuracy * 100.0,
-        args.rounds,
+        run.rounds,
         report.seconds_total,
         report.model.display()
     );
@@ -358,9 +319,8 @@ fn trainer_step(args: &LocalArgs, round: u32, shard: usize, logs: &Path) -> Resu
     let mut cmd = command("trainer")?;
     cmd.arg("--root")
         .arg(&args.root)
-        .args(["--round", &round.to_string(), "--shard", &shard.to_string()])
-        .args(args.train.to_args())
-        .args(args.model.to_args())
+        .args(args.run.trainer_args(round))
+        .args(["--shard", &shard.to_string()])
         .env_remove("JOB_COMPLETION_INDEX");
     Ok(Step {
         name: format!("trainer round {round} shard {shard}"),
@@ -375,15 +335,7 @@ fn aggregator_step(args: &LocalArgs, round: u32, resume: bool, log: PathBuf) -> 
     let mut cmd = command("aggregator")?;
     cmd.arg("--root")
         .arg(&args.root)
-        .args(["--round", &round.to_string()]);
-    cmd.args([
-        "--min-workers",
-        &args.min_workers.unwrap_or(args.workers).to_string(),
-    ]);
-    cmd.args(args.combine.to_args());
-    if resume {
-        cmd.arg("--resume");
-    }
+        .args(args.run.aggregator_args(round, resume));
     Ok(Step {
         name: format!("aggregator round {round}"),
         command: cmd,

@@ -56,6 +56,16 @@ pub fn run_ok(cmd: &mut Command) -> (Output, String) {
     (out, log)
 }
 
+/// The rounds a `pipeline local` run kept as verified on disk (its lines `round R: …,
+/// verified on disk, kept`), in order; every other round was computed.
+pub fn kept_rounds(stdout: &str) -> Vec<u32> {
+    stdout
+        .lines()
+        .filter(|l| l.ends_with(", verified on disk, kept"))
+        .filter_map(|l| l.strip_prefix("round ")?.split(':').next()?.parse().ok())
+        .collect()
+}
+
 /// `NAME --root ROOT --round R`: the step of round R of a volume (`trainer`, `aggregator`).
 pub fn step(name: &str, root: &Path, round: u32) -> Command {
     let mut c = bin(name);

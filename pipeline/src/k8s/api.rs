@@ -155,6 +155,21 @@ impl Orchestrator {
         self.lines.lock().unwrap().push(line);
     }
 
+    /// Lists the objects matching a label selector for a best-effort note: a failure is
+    /// said (naming `what`) and gives `None`, so that it never changes how the run ends.
+    async fn list_or_say<K>(&self, api: &Api<K>, selector: &str, what: &str) -> Option<Vec<K>>
+    where
+        K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        match api.list(&ListParams::default().labels(selector)).await {
+            Ok(l) => Some(l.items),
+            Err(e) => {
+                self.say(format!("  (cannot list {what}: {e})"));
+                None
+            }
+        }
+    }
+
     /// Takes the lock on the volume, runs every step, and releases the lock however the run
     /// ends: done, failed, lock lost, or `shutdown` resolving (SIGINT/SIGTERM; its output
     /// names the signal).
@@ -198,13 +213,12 @@ impl Orchestrator {
     /// Says which Jobs of other runs on the same claim are still active (a driver that died
     /// leaves its Jobs running). Best effort.
     async fn note_other_runs(&self, run_id: &str, claim: &str) {
-        let lp = ListParams::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
-        let jobs = match self.jobs.list(&lp).await {
-            Ok(l) => l.items,
-            Err(e) => {
-                self.say(format!("  (cannot list the Jobs of other runs: {e})"));
-                return;
-            }
+        let selector = format!("app.kubernetes.io/managed-by={MANAGER}");
+        let Some(jobs) = self
+            .list_or_say(&self.jobs, &selector, "the Jobs of other runs")
+            .await
+        else {
+            return;
         };
         let mut by_run: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for j in &jobs {
@@ -402,13 +416,10 @@ impl Orchestrator {
     /// Prints the last log lines of the Job's failed pods (best effort: errors are shown,
     /// not returned, so that the Job's own failure is what the run reports).
     async fn show_failed_pods(&self, job: &str) {
-        let lp = ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}"));
-        let pods = match self.pods.list(&lp).await {
-            Ok(l) => l.items,
-            Err(e) => {
-                self.say(format!("  (cannot list the pods of job {job}: {e})"));
-                return;
-            }
+        let selector = format!("batch.kubernetes.io/job-name={job}");
+        let what = format!("the pods of job {job}");
+        let Some(pods) = self.list_or_say(&self.pods, &selector, &what).await else {
+            return;
         };
         let failed: Vec<_> = pods
             .iter()

@@ -39,12 +39,8 @@ pub struct Params {
     pub namespace: String,
     /// Distinguishes the Jobs of one run from those of earlier runs.
     pub run_id: String,
-    pub workers: u32,
-    pub rounds: u32,
-    /// The training flags every trainer gets.
-    pub train: fedimdb::train::TrainArgs,
-    /// Pass `--force` to the copier (reshard data sharded with other arguments).
-    pub force: bool,
+    /// What the run computes: the flags `pipeline local` takes too.
+    pub run: crate::plan::RunArgs,
     /// Image names are `REGISTRY/BINARY:TAG` (trainer on GPUs: `REGISTRY/trainer-cuda:TAG`).
     pub registry: String,
     pub image_tag: String,
@@ -53,26 +49,6 @@ pub struct Params {
     pub claim: String,
     /// `activeDeadlineSeconds` of every Job.
     pub deadline_s: i64,
-    /// Rounds below this one pass `--resume` to the trainers and the aggregator (a step
-    /// whose outputs exist and verify exits without work); this round and later ones
-    /// recompute. `None`: every round resumes.
-    pub from_round: Option<u32>,
-    /// The aggregator averages the updates present when at least this many arrived, and the
-    /// trainers' Job lets `workers - M` indexes fail. `None`: all workers are needed.
-    pub min_workers: Option<u32>,
-}
-
-impl Params {
-    /// Whether the Jobs of `round` pass `--resume` (see [`Params::from_round`]).
-    pub fn resumes(&self, round: u32) -> bool {
-        self.from_round.is_none_or(|r| round < r)
-    }
-    /// Trainers of a round that must succeed for the aggregator to run.
-    pub fn quorum(&self) -> u32 {
-        self.min_workers
-            .unwrap_or(self.workers)
-            .clamp(1, self.workers)
-    }
 }
 
 /// What one step is, for progress messages.
@@ -123,24 +99,20 @@ impl Step {
             .unwrap_or(0);
         (self.completions() - failable).max(1)
     }
+    /// The pod template's first container: the step's binary.
+    fn main_container(&self) -> Option<&Container> {
+        let pod = self.job.spec.as_ref()?.template.spec.as_ref()?;
+        pod.containers.first()
+    }
     /// The main container's arguments.
     pub fn args(&self) -> &[String] {
-        self.job
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
-            .and_then(|p| p.containers.first())
+        self.main_container()
             .and_then(|c| c.args.as_deref())
             .unwrap_or_default()
     }
     /// The main container's name (whose log tells whether the step was up to date).
     pub fn container(&self) -> Option<&str> {
-        self.job
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
-            .and_then(|p| p.containers.first())
-            .map(|c| c.name.as_str())
+        self.main_container().map(|c| c.name.as_str())
     }
     /// Whether the step was told to skip work that is up to date (`--resume`; the copier
     /// always does).
@@ -155,7 +127,7 @@ pub fn plan(p: &Params) -> Vec<Step> {
         kind: StepKind::Copier,
         job: copier_job(p),
     }];
-    for r in 0..=p.rounds {
+    for r in 0..=p.run.rounds {
         steps.push(Step {
             kind: StepKind::Trainer(r),
             job: trainer_job(p, r),
@@ -379,14 +351,8 @@ pub fn copier_job(p: &Params) -> Job {
         format!("{download}/aclImdb_v1.tar.gz"),
         "--out".into(),
         ROOT.into(),
-        "--workers".into(),
-        p.workers.to_string(),
-        "--seed".into(),
-        p.train.seed.to_string(),
     ];
-    if p.force {
-        args.push("--force".into());
-    }
+    args.extend(p.run.copier_args());
     let main = container(
         "copier",
         image(p, "copier"),
@@ -412,14 +378,9 @@ pub fn copier_job(p: &Params) -> Job {
 /// if at least M succeeded); without it the first failed index fails the Job.
 pub fn trainer_job(p: &Params, round: u32) -> Job {
     let gpu = p.overlay == Overlay::Gpu;
-    let mut args = vec![
-        "--root".into(),
-        ROOT.into(),
-        "--round".into(),
-        round.to_string(),
-    ];
-    args.extend(p.train.to_args());
-    if p.resumes(round) {
+    let mut args = vec!["--root".into(), ROOT.into()];
+    args.extend(p.run.trainer_args(round));
+    if p.run.resumes(round) {
         args.push("--resume".into());
     }
     let mut res = resources("1", "2Gi", "2", "4Gi");
@@ -447,13 +408,13 @@ pub fn trainer_job(p: &Params, round: u32) -> Job {
         tolerations,
         ..Default::default()
     };
-    let n = p.workers as i32;
+    let n = p.run.workers as i32;
     let spec = JobSpec {
         completion_mode: Some("Indexed".into()),
         completions: Some(n),
         parallelism: Some(n),
         backoff_limit_per_index: Some(2),
-        max_failed_indexes: Some((p.workers - p.quorum()) as i32),
+        max_failed_indexes: Some((p.run.workers - p.run.quorum()) as i32),
         ..Default::default()
     };
     job(p, StepKind::Trainer(round), "trainer", pod, spec)
@@ -463,18 +424,8 @@ pub fn trainer_job(p: &Params, round: u32) -> Job {
 /// (`workers`) into the round's model, or with `--min-workers M` those present when at
 /// least M arrived.
 pub fn aggregator_job(p: &Params, round: u32) -> Job {
-    let mut args = vec![
-        "--root".into(),
-        ROOT.into(),
-        "--round".into(),
-        round.to_string(),
-    ];
-    if let Some(m) = p.min_workers {
-        args.extend(["--min-workers".into(), m.to_string()]);
-    }
-    if p.resumes(round) {
-        args.push("--resume".into());
-    }
+    let mut args = vec!["--root".into(), ROOT.into()];
+    args.extend(p.run.aggregator_args(round, p.run.resumes(round)));
     let pod = PodSpec {
         containers: vec![container(
             "aggregator",

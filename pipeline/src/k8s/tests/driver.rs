@@ -3,7 +3,9 @@
 
 use serde_json::json;
 
-use super::fixtures::{Fake, LEASE, assert_has, job_name_of, methods_on, params, run_on_fake};
+use super::fixtures::{
+    Fake, LEASE, assert_has, job_name_of, methods_on, params, params_with, run_on_fake,
+};
 use crate::k8s::jobs::{self, Overlay, Params};
 
 /// Steps whose pods log "up to date" are reported as such.
@@ -28,10 +30,7 @@ async fn steps_that_were_up_to_date_are_reported() {
         .uri;
     assert_has(log, "container=");
     // Without --resume nothing is looked up for the trainers and aggregators.
-    let p = Params {
-        from_round: Some(0),
-        ..params(2, 1, Overlay::Local)
-    };
+    let p = params_with(2, 1, Overlay::Local, &["--from-round", "0"]);
     let ran = run_on_fake(&jobs::plan(&p), Fake::default(), 2).await;
     ran.result.as_ref().unwrap();
     let logs = ran.seen.iter().filter(|s| s.uri.contains("/log")).count();
@@ -56,10 +55,7 @@ fn failed_trainers(completed: &str, failed: &str, succeeded: i32) -> Fake {
 
 /// `params(4, 1)` with `--min-workers 3`.
 fn three_of_four() -> Params {
-    Params {
-        min_workers: Some(3),
-        ..params(4, 1, Overlay::Local)
-    }
+    params_with(4, 1, Overlay::Local, &["--min-workers", "3"])
 }
 
 /// With --min-workers 3 of 4, trainers of which 3 succeeded are enough: a warning naming

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use crate::k8s::api::Orchestrator;
 use crate::k8s::jobs::{Overlay, Params, Step};
 use crate::k8s::lock::{self, LockConfig};
+use crate::plan::RunArgs;
 
 /// The parameters of a run `t1` in namespace `fedimdb` on claim `fedimdb-data`.
 /// Fails, showing `text`, unless it contains `needle`.
@@ -27,25 +28,34 @@ pub fn assert_has(text: &str, needle: &str) {
 }
 
 pub fn params(workers: u32, rounds: u32, overlay: Overlay) -> Params {
+    params_with(workers, rounds, overlay, &[])
+}
+
+/// [`params`] with more `pipeline k8s` flags (`--min-workers 3`, ...).
+pub fn params_with(workers: u32, rounds: u32, overlay: Overlay, more: &[&str]) -> Params {
+    let (workers, rounds) = (workers.to_string(), rounds.to_string());
+    let mut flags = vec![
+        "--workers",
+        &workers,
+        "--rounds",
+        &rounds,
+        "--epochs",
+        "3",
+        "--batch",
+        "64",
+        "--seed",
+        "7",
+    ];
+    flags.extend(more);
     Params {
         namespace: "fedimdb".into(),
         run_id: "t1".into(),
-        workers,
-        rounds,
-        train: fedimdb::train::TrainArgs {
-            epochs: Some(3),
-            batch: 64,
-            seed: 7,
-            ..Default::default()
-        },
-        force: false,
+        run: RunArgs::from_flags(&flags).unwrap(),
         registry: "example.io/fedimdb".into(),
         image_tag: "0.1.0".into(),
         overlay,
         claim: "fedimdb-data".into(),
         deadline_s: 600,
-        from_round: None,
-        min_workers: None,
     }
 }
 

@@ -3,8 +3,8 @@
 
 use k8s_openapi::api::batch::v1::Job;
 
-use super::fixtures::params;
-use crate::k8s::jobs::{self, Overlay, Params, StepKind};
+use super::fixtures::{assert_has, params, params_with};
+use crate::k8s::jobs::{self, Overlay, StepKind};
 
 fn args_of(job: &Job) -> Vec<String> {
     job.spec
@@ -64,26 +64,9 @@ fn trainer_is_an_indexed_job_of_workers_pods() {
     assert!(spec.ttl_seconds_after_finished.is_some());
     let args = args_of(&j);
     assert_eq!(
-        args,
-        [
-            "--root",
-            "/data",
-            "--round",
-            "1",
-            "--algorithm",
-            "scaffold",
-            "--epochs",
-            "3",
-            "--batch",
-            "64",
-            "--lr",
-            "16",
-            "--schedule",
-            "linear",
-            "--seed",
-            "7",
-            "--resume"
-        ]
+        args.join(" "),
+        "--root /data --round 1 --algorithm scaffold --epochs 3 --batch 64 --lr 16 \
+         --schedule linear --seed 7 --hash-bits 22 --max-ngram 3 --resume"
     );
     assert!(
         !args.iter().any(|a| a == "--shard"),
@@ -178,13 +161,47 @@ fn copier_downloads_then_shards_into_workers() {
     let w = args.iter().position(|a| a == "--workers").unwrap();
     assert_eq!(args[w + 1], "5");
     assert!(!args.contains(&"--force".to_string()));
-    let forced = jobs::copier_job(&Params {
-        force: true,
-        ..params(5, 1, Overlay::Local)
-    });
+    let forced = jobs::copier_job(&params_with(5, 1, Overlay::Local, &["--force"]));
     assert!(args_of(&forced).ends_with(&["--force".to_string()]));
     let a = jobs::aggregator_job(&params(5, 1, Overlay::Local), 3);
-    assert_eq!(args_of(&a), ["--root", "/data", "--round", "3", "--resume"]);
+    assert_eq!(
+        args_of(&a).join(" "),
+        "--root /data --round 3 --min-workers 5 --strategy fedavg --resume"
+    );
+}
+
+/// Label skew, model size and robust aggregation run on a cluster as they do locally:
+/// each flag reaches the Job of the binary that uses it.
+#[test]
+fn the_training_flags_of_pipeline_local_reach_the_jobs() {
+    let flags = [
+        "--partition",
+        "dirichlet",
+        "--alpha",
+        "0.1",
+        "--min-shard",
+        "50",
+        "--hash-bits",
+        "18",
+        "--max-ngram",
+        "2",
+        "--lr",
+        "4",
+        "--strategy",
+        "trimmed-mean",
+        "--trim",
+        "0.25",
+    ];
+    let p = params_with(4, 2, Overlay::Local, &flags);
+    let args = |job: &Job| args_of(job).join(" ");
+    let copier = args(&jobs::copier_job(&p));
+    assert_has(&copier, "--partition dirichlet --alpha 0.1 --min-shard 50");
+    let trainer = args(&jobs::trainer_job(&p, 2));
+    for want in ["--round 2", "--lr 4", "--hash-bits 18 --max-ngram 2"] {
+        assert_has(&trainer, want);
+    }
+    let aggregator = args(&jobs::aggregator_job(&p, 2));
+    assert_has(&aggregator, "--strategy trimmed-mean --trim 0.25");
 }
 
 #[test]
@@ -204,10 +221,8 @@ fn dry_run_yaml_round_trips() {
 #[test]
 fn rounds_below_from_round_resume_and_the_rest_recompute() {
     let by_round = |from_round: Option<u32>| -> Vec<(StepKind, bool)> {
-        let p = Params {
-            from_round,
-            ..params(2, 3, Overlay::Local)
-        };
+        let mut p = params(2, 3, Overlay::Local);
+        p.run.from_round = from_round;
         jobs::plan(&p)
             .iter()
             .filter(|s| s.kind != StepKind::Copier)
@@ -231,10 +246,7 @@ fn rounds_below_from_round_resume_and_the_rest_recompute() {
     // --from-round 0: everything after the copier recomputes.
     assert!(by_round(Some(0)).iter().all(|(_, r)| !*r));
     // The copier never gets the flag (it is idempotent by itself).
-    let p = Params {
-        from_round: Some(1),
-        ..params(2, 3, Overlay::Local)
-    };
+    let p = params_with(2, 3, Overlay::Local, &["--from-round", "1"]);
     assert!(!has_resume(&jobs::copier_job(&p)));
     // --device cuda stays last on the GPU trainer.
     let g = jobs::trainer_job(&params(2, 1, Overlay::Gpu), 0);
@@ -243,10 +255,7 @@ fn rounds_below_from_round_resume_and_the_rest_recompute() {
 
 #[test]
 fn min_workers_lets_indexes_fail_and_reaches_the_aggregator() {
-    let p = Params {
-        min_workers: Some(3),
-        ..params(5, 1, Overlay::Local)
-    };
+    let p = params_with(5, 1, Overlay::Local, &["--min-workers", "3"]);
     let steps = jobs::plan(&p);
     let t = &steps[1];
     let spec = t.job.spec.as_ref().unwrap();
@@ -259,16 +268,8 @@ fn min_workers_lets_indexes_fail_and_reaches_the_aggregator() {
     assert_eq!(t.quorum(), 3);
     assert_eq!(steps[2].quorum(), 1);
     assert_eq!(
-        args_of(&steps[2].job),
-        [
-            "--root",
-            "/data",
-            "--round",
-            "0",
-            "--min-workers",
-            "3",
-            "--resume"
-        ]
+        args_of(&steps[2].job).join(" "),
+        "--root /data --round 0 --min-workers 3 --strategy fedavg --resume"
     );
     // The usage-error rule still fails the whole Job; the others retry per index.
     let rules = &spec.pod_failure_policy.as_ref().unwrap().rules;
