@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{QUICK, aggregator, kept_rounds, pipeline, run, run_ok, small_archive, trainer};
+use common::{
+    KEEP_ALL, QUICK, aggregator, kept_rounds, pipeline, run, run_ok, small_archive, trainer,
+};
 use fedimdb::digest::sha256_file;
 use fedimdb::layout::Layout;
 
@@ -20,8 +22,9 @@ struct Volume {
 }
 
 impl Volume {
+    /// Every round keeps its files (`--keep-rounds all`): the tests damage old rounds.
     fn pipeline(&self) -> Command {
-        pipeline(&self.archive, &self.root, QUICK)
+        pipeline(&self.archive, &self.root, &[QUICK, KEEP_ALL].concat())
     }
 
     fn trainer(&self, round: u32, shard: usize) -> Command {
@@ -31,7 +34,9 @@ impl Volume {
     }
 
     fn aggregator(&self, round: u32) -> Command {
-        aggregator(&self.root, round)
+        let mut c = aggregator(&self.root, round);
+        c.args(KEEP_ALL);
+        c
     }
 
     /// sha256 of every file under the root but logs, reports and the lock.

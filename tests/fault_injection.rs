@@ -12,13 +12,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{QUICK, ROUNDS, WORKERS, kept_rounds, run, run_ok, small_archive, temp_files};
+use common::{
+    KEEP_ALL, QUICK, ROUNDS, WORKERS, kept_rounds, run, run_ok, small_archive, temp_files,
+};
 use fedimdb::digest::sha256_file;
 use fedimdb::layout::Layout;
 
 /// The run every test here interrupts: [`common::pipeline`] with [`QUICK`] training.
+/// Every round keeps its files (`--keep-rounds all`), so that all of them can be compared.
 fn pipeline(archive: &Path, root: &Path) -> Command {
-    common::pipeline(archive, root, QUICK)
+    common::pipeline(archive, root, &[QUICK, KEEP_ALL].concat())
 }
 
 /// The sha256 of every output a run leaves: shards, updates, global models and the

@@ -26,6 +26,8 @@ pub struct Args {
     pub volume: fedimdb::layout::VolumeArgs,
     #[command(flatten)]
     pub combine: StrategyArgs,
+    #[command(flatten)]
+    pub retention: fedimdb::retention::RetentionArgs,
     /// Quorum: aggregate when at least M of the shards' updates are present, naming the
     /// missing ones (default: the number of shards in the data manifest, i.e. all).
     #[arg(long, value_name = "M", value_parser = parse_min_workers)]

@@ -17,9 +17,11 @@ use fedimdb::manifest::DataManifest;
 use fedimdb::metrics::Metrics;
 use fedimdb::model::{BIAS, ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
 use fedimdb::report::RoundReport;
+use fedimdb::retention;
 use fedimdb::train::{Drift, TrainConfig};
 use fedimdb::verify::{
-    check_latest, check_round, load_control, load_global, load_update, read_verified,
+    check_latest, check_round, load_control, load_global, load_update, read_round_report,
+    read_verified, superseded,
 };
 use tracing::{info, warn};
 
@@ -71,6 +73,13 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
     let layout = Layout::new(root);
     let manifest = DataManifest::of_run(&layout)?;
     let strategy = args.strategy().map_err(anyhow::Error::msg)?;
+    let label = Combination::of_round(round, strategy);
+    let quorum = args.min_workers().map_or(manifest.workers, |(m, _)| m);
+    if args.volume.resume
+        && up_to_date(&layout, round, done_as_asked(&layout, round, label, quorum))?
+    {
+        return prune(&layout, round, args);
+    }
     let (updates, missing) = find_updates(&layout, &manifest, round, args)?;
     if round == 0 && strategy != Strategy::FedAvg {
         // A count sum is not an average: robust statistics of counts is future work.
@@ -84,22 +93,6 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
         ),
         None => None,
     };
-    let label = Combination::of_round(round, strategy);
-    if args.volume.resume
-        && up_to_date(
-            &layout,
-            round,
-            done_as_asked(
-                &layout,
-                round,
-                base.as_ref().map(|b| b.sha256.as_str()),
-                label,
-                &updates,
-            ),
-        )?
-    {
-        return Ok(());
-    }
     let test_path = layout.test_set();
     // The test set is featurised on its own threads while the updates are read and combined.
     let base_sha256 = base.as_ref().map(|b| b.sha256.clone());
@@ -148,7 +141,29 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
             base_sha256,
             start,
         },
-    )
+    )?;
+    prune(&layout, round, args)
+}
+
+/// Applies the retention rule once round `round` is written, verified and published.
+fn prune(layout: &Layout, round: u32, args: &Args) -> Result<()> {
+    let keep = args.retention.keep_rounds;
+    if keep == retention::Keep::All || !layout.control(round).exists() {
+        // Nothing to remove, or this round was itself retired by a later one, whose
+        // aggregator applied the rule.
+        return Ok(());
+    }
+    let (control, _) = load_control(layout, round)?;
+    let pruned = retention::prune(layout, round, keep, &control.sources)?;
+    if pruned.files > 0 {
+        info!(
+            round,
+            files = pruned.files,
+            mb = format!("{:.1}", pruned.bytes as f64 / 1e6),
+            "removed the model files of the rounds before the newest {keep} (--keep-rounds); their reports stay"
+        );
+    }
+    Ok(())
 }
 
 /// A round's finished updates by shard, and the shards of the manifest without one. Fails
@@ -609,27 +624,42 @@ fn up_to_date(layout: &Layout, round: u32, done: Result<RoundReport>) -> Result<
     Ok(true)
 }
 
-/// The report of round `round` if its global model on disk verifies and was made from
-/// `base_sha256` with `strategy` out of exactly the finished `updates`; otherwise why not.
+/// The report of round `round` if its global model verifies and was made from the model
+/// the round before records, with `strategy`, out of exactly the finished updates on disk
+/// and at least `quorum` of them; otherwise why not. A round a later round was made from
+/// is judged by its reports alone: the retention rule (`fedimdb::retention`) may have
+/// removed its updates.
 fn done_as_asked(
     layout: &Layout,
     round: u32,
-    base_sha256: Option<&str>,
     strategy: Combination,
-    updates: &BTreeMap<usize, PathBuf>,
+    quorum: usize,
 ) -> Result<RoundReport> {
-    let report = check_round(layout, round, base_sha256)?;
+    let base = match round.checked_sub(1) {
+        Some(prev) => Some(read_round_report(layout, prev)?.model_sha256),
+        None => None,
+    };
+    let report = check_round(layout, round, base.as_deref())?;
     ensure!(
         report.strategy == strategy,
         "the global model on disk was made with {}, not {strategy}",
         report.strategy
     );
-    let now: Vec<usize> = updates.keys().copied().collect();
     ensure!(
-        report.shards == now,
-        "the global model on disk combined shards {:?}, the finished updates now are {now:?}",
-        report.shards
+        report.shards.len() >= quorum,
+        "the global model on disk combined {} updates, fewer than the quorum of {quorum}",
+        report.shards.len()
     );
+    if superseded(layout, &report).is_err() {
+        let now: Vec<usize> = list_updates(&layout.updates_dir(round))?
+            .into_keys()
+            .collect();
+        ensure!(
+            report.shards == now,
+            "the global model on disk combined shards {:?}, the finished updates now are {now:?}",
+            report.shards
+        );
+    }
     Ok(report)
 }
 

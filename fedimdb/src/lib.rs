@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod model;
 pub mod partition;
 pub mod report;
+pub mod retention;
 pub mod reviews;
 pub mod strategy;
 pub mod train;

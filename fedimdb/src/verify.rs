@@ -123,6 +123,15 @@ pub fn read_round_report(layout: &Layout, round: u32) -> Result<RoundReport> {
 pub fn load_global(layout: &Layout, round: u32) -> Result<(Checkpoint, RoundReport)> {
     let report = read_round_report(layout, round)?;
     let path = layout.global_model(round);
+    if !path.exists() && superseded(layout, &report).is_ok() {
+        bail!(
+            "{} was removed by the retention rule after later rounds were made from it \
+             (--keep-rounds keeps the model files of the newest rounds only); recompute from \
+             round 0 (pipeline --from-round 0), or keep more rounds to go back to round {}",
+            path.display(),
+            round + 1
+        );
+    }
     let ck = load_verified(
         &path,
         Kind::Model,
@@ -197,9 +206,40 @@ impl UpdateWant {
     }
 }
 
+impl UpdateWant {
+    /// [`UpdateWant::new`] from the records of the round before (its report's model and
+    /// control checksums) rather than its files, which the retention rule may have removed:
+    /// what `trainer --resume` asks before loading anything. From round 1 on the base
+    /// model's checksum pins the model config, so none is asked for.
+    pub fn from_records(
+        layout: &Layout,
+        entry: &FileEntry,
+        config: ModelConfig,
+        round: u32,
+        shard: usize,
+        train: &TrainArgs,
+    ) -> Result<Self> {
+        let before = match round.checked_sub(1) {
+            Some(prev) => Some(read_round_report(layout, prev)?),
+            None => None,
+        };
+        let base = before.as_ref().map(|r| r.model_sha256.as_str());
+        let control = before.as_ref().and_then(|r| r.control_sha256.as_deref());
+        let mut want = Self::new(entry, config, round, shard, train, base, control);
+        if round > 0 {
+            want.config = None;
+        }
+        Ok(want)
+    }
+}
+
 /// `Ok` if worker `shard`'s update of `round` is on disk, matches its checksum, and was
 /// computed from what `want` describes; otherwise the reason it must be (re)computed.
 /// Hashes the update file; does not parse it.
+///
+/// An update the retention rule removed ([`crate::retention`]) is judged by its records:
+/// its report must match `want`, and the round's report, verified through a later round's
+/// model ([`superseded`]), must have combined exactly that update.
 pub fn check_update(
     layout: &Layout,
     round: u32,
@@ -207,11 +247,15 @@ pub fn check_update(
     want: &UpdateWant,
 ) -> Result<UpdateReport> {
     let path = layout.update(round, shard);
-    if !path.exists() {
+    let retired = !path.exists()
+        && read_round_report(layout, round).is_ok_and(|r| superseded(layout, &r).is_ok());
+    if !path.exists() && !retired {
         bail!("{} is missing", path.display());
     }
     let report = read_update_report(layout, round, shard)?;
-    check_file(&path, &report.sha256, &layout.update_report(round, shard))?;
+    if !retired {
+        check_file(&path, &report.sha256, &layout.update_report(round, shard))?;
+    }
     let differs =
         |what: &str| anyhow::anyhow!("{} was computed from another {what}", path.display());
     if report.data_sha256 != want.data_sha256 {
@@ -229,6 +273,17 @@ pub fn check_update(
     if report.control_sha256 != want.control_sha256 {
         return Err(differs("control variate"));
     }
+    if retired {
+        let combined = check_round(layout, round, want.base_sha256.as_deref())
+            .with_context(|| format!("{} is missing", path.display()))?;
+        let used = (combined.shards.iter().zip(&combined.update_sha256))
+            .any(|(&s, sha)| s == shard && *sha == report.sha256);
+        ensure!(
+            used,
+            "{} is missing, and the global model of round {round} was not made from it",
+            path.display()
+        );
+    }
     Ok(report)
 }
 
@@ -236,13 +291,27 @@ pub fn check_update(
 /// made from the model `base_sha256` (rounds ≥ 1), and the updates it combined are still
 /// the ones on disk. Otherwise the reason the round's aggregation must be (re)run.
 /// (Whether it used the strategy asked for is the aggregator's check.)
+///
+/// A round whose model files the retention rule removed counts as done when a later
+/// round's global model is on disk, verifies, and was made from this round's model through
+/// the reports in between ([`superseded`]): the checksums chain, so the round was complete.
 pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Result<RoundReport> {
     let path = layout.global_model(round);
-    if !path.exists() {
-        bail!("{} is missing", path.display());
-    }
-    let report = read_round_report(layout, round)?;
-    check_file(&path, &report.model_sha256, &layout.round_report(round))?;
+    let report = if path.exists() {
+        let report = read_round_report(layout, round)?;
+        check_file(&path, &report.model_sha256, &layout.round_report(round))?;
+        if let Some(recorded) = &report.control_sha256 {
+            let control = layout.control(round);
+            ensure!(control.exists(), "{} is missing", control.display());
+            check_file(&control, recorded, &layout.round_report(round))?;
+        }
+        report
+    } else {
+        let missing = || format!("{} is missing", path.display());
+        let report = read_round_report(layout, round).with_context(missing)?;
+        superseded(layout, &report).with_context(missing)?;
+        report
+    };
     ensure!(
         report.base_sha256.as_deref() == base_sha256,
         "{} was made from another global model of round {}",
@@ -254,11 +323,6 @@ pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Re
         "{} does not list the checksums of the updates it combined (written by an older version)",
         layout.round_report(round).display()
     );
-    if let Some(recorded) = &report.control_sha256 {
-        let control = layout.control(round);
-        ensure!(control.exists(), "{} is missing", control.display());
-        check_file(&control, recorded, &layout.round_report(round))?;
-    }
     for (&shard, sha) in report.shards.iter().zip(&report.update_sha256) {
         let now = read_update_report(layout, round, shard)
             .map(|r| r.sha256)
@@ -270,6 +334,29 @@ pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Re
         );
     }
     Ok(report)
+}
+
+/// `Ok` if a later round's global model is on disk, verifies against its report, and was
+/// made from the model `report` records, through the reports of the rounds in between:
+/// then the files of `report`'s round were removed after use (retention), not lost.
+pub fn superseded(layout: &Layout, report: &RoundReport) -> Result<()> {
+    let mut model = report.model_sha256.clone();
+    let mut round = report.round + 1;
+    loop {
+        let next = read_round_report(layout, round)
+            .map_err(|_| anyhow::anyhow!("no later round was made from its model"))?;
+        ensure!(
+            next.base_sha256.as_deref() == Some(model.as_str()),
+            "round {round} was made from another model than round {}'s",
+            round - 1
+        );
+        let path = layout.global_model(round);
+        if path.exists() {
+            return check_file(&path, &next.model_sha256, &layout.round_report(round));
+        }
+        model = next.model_sha256;
+        round += 1;
+    }
 }
 
 /// The publication a card names; `card_path` (where it was read) names it in the error.

@@ -8,6 +8,7 @@ use anyhow::{Result, ensure};
 use clap::Args as ClapArgs;
 use fedimdb::model::ModelArgs;
 use fedimdb::partition::PartitionArgs;
+use fedimdb::retention::RetentionArgs;
 use fedimdb::strategy::StrategyArgs;
 use fedimdb::train::{TrainArgs, defaults};
 
@@ -31,6 +32,9 @@ pub struct RunArgs {
     // How the aggregator combines updates (--strategy, --trim).
     #[command(flatten)]
     pub combine: StrategyArgs,
+    // Which rounds keep their model files (--keep-rounds).
+    #[command(flatten)]
+    pub retention: RetentionArgs,
     /// Replace data sharded with other arguments (the copier's --force).
     #[arg(long)]
     pub force: bool,
@@ -128,6 +132,7 @@ impl RunArgs {
             self.quorum().to_string(),
         ];
         args.extend(self.combine.to_args());
+        args.extend(self.retention.to_args());
         if resume {
             args.push("--resume".to_owned());
         }
@@ -166,7 +171,7 @@ mod tests {
         let aggregator = run.aggregator_args(2, true).join(" ");
         assert_eq!(
             aggregator,
-            "--round 2 --min-workers 3 --strategy trimmed-mean --trim 0.1 --resume"
+            "--round 2 --min-workers 3 --strategy trimmed-mean --trim 0.1 --keep-rounds 1 --resume"
         );
     }
 

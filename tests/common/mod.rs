@@ -106,6 +106,9 @@ pub const ROUNDS: u32 = 2;
 /// and corruption tests): short rounds on 2^16 buckets.
 pub const QUICK: &[&str] = &["--epochs", "2", "--hash-bits", "16"];
 
+/// The retention flag of the tests that read or damage the files of old rounds: keep them.
+pub const KEEP_ALL: &[&str] = &["--keep-rounds", "all"];
+
 /// `pipeline local --source ARCHIVE --root ROOT` as the small system tests run it:
 /// [`WORKERS`] workers, [`ROUNDS`] training rounds, two trainers at a time, and `flags`.
 pub fn pipeline(archive: &Path, root: &Path, flags: &[&str]) -> Command {

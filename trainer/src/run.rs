@@ -33,6 +33,26 @@ pub fn volume(root: &Path, round: u32, shard: usize, args: &Args, device: &Devic
     let manifest = DataManifest::of_run(&layout)?;
     let entry = manifest.shard(shard)?;
     let out = layout.update(round, shard);
+    if args.volume.resume {
+        // Judged by the records, before any model file is read: a round whose files the
+        // retention rule removed is done, and its inputs are gone.
+        let done = UpdateWant::from_records(
+            &layout,
+            entry,
+            args.model.config(),
+            round,
+            shard,
+            &args.train,
+        )
+        .and_then(|want| check_update(&layout, round, shard, &want));
+        match done {
+            Ok(_) => {
+                info!(round, shard, path = %out.display(), "up to date: the update on disk verifies and was made from the same inputs; nothing to do");
+                return Ok(());
+            }
+            Err(why) => info!(round, shard, "computing the update: {why:#}"),
+        }
+    }
     let inputs = Inputs::load(&layout, round, &args.train)?;
     let config = inputs
         .base
@@ -48,15 +68,6 @@ pub fn volume(root: &Path, round: u32, shard: usize, args: &Args, device: &Devic
         inputs.base.as_ref().map(|b| b.sha256.as_str()),
         inputs.control.as_ref().map(|c| c.1.as_str()),
     );
-    if args.volume.resume {
-        match check_update(&layout, round, shard, &want) {
-            Ok(_) => {
-                info!(round, shard, path = %out.display(), "up to date: the update on disk verifies and was made from the same inputs; nothing to do");
-                return Ok(());
-            }
-            Err(why) => info!(round, shard, "computing the update: {why:#}"),
-        }
-    }
     let reviews = load_reviews(&layout.shard(shard), Some(entry))?;
     info!(
         round,

@@ -166,7 +166,7 @@ fn copier_downloads_then_shards_into_workers() {
     let a = jobs::aggregator_job(&params(5, 1, Overlay::Local), 3);
     assert_eq!(
         args_of(&a).join(" "),
-        "--root /data --round 3 --min-workers 5 --strategy fedavg --resume"
+        "--root /data --round 3 --min-workers 5 --strategy fedavg --keep-rounds 1 --resume"
     );
 }
 
@@ -269,7 +269,7 @@ fn min_workers_lets_indexes_fail_and_reaches_the_aggregator() {
     assert_eq!(steps[2].quorum(), 1);
     assert_eq!(
         args_of(&steps[2].job).join(" "),
-        "--root /data --round 0 --min-workers 3 --strategy fedavg --resume"
+        "--root /data --round 0 --min-workers 3 --strategy fedavg --keep-rounds 1 --resume"
     );
     // The usage-error rule still fails the whole Job; the others retry per index.
     let rules = &spec.pod_failure_policy.as_ref().unwrap().rules;

@@ -1,0 +1,129 @@
+//! The retention rule (`--keep-rounds`, default 1): after each round the aggregator removes
+//! the model files of older rounds and keeps every report; a re-run, `trainer --resume`
+//! and `aggregator --resume` recognise the removed rounds by their reports, and the model
+//! is the same as when every file is kept.
+
+mod common;
+
+use std::path::Path;
+
+use common::{QUICK, ROUNDS, WORKERS, bin, kept_rounds, pipeline, run, run_ok, small_archive};
+use fedimdb::layout::Layout;
+
+fn model_files(l: &Layout, round: u32) -> Vec<bool> {
+    let mut present = vec![l.global_model(round).exists(), l.control(round).exists()];
+    present.extend((0..WORKERS).map(|s| l.update(round, s).exists()));
+    present
+}
+
+fn reports(l: &Layout, round: u32) -> bool {
+    l.round_report(round).exists() && (0..WORKERS).all(|s| l.update_report(round, s).exists())
+}
+
+fn latest(root: &Path) -> Vec<u8> {
+    std::fs::read(Layout::new(root).latest_model()).unwrap()
+}
+
+/// `NAME --root ROOT --round R --resume` with the run's flags.
+fn resumed(name: &str, root: &Path, round: u32, extra: &[&str]) -> (std::process::Output, String) {
+    let mut c = bin(name);
+    c.arg("--root")
+        .arg(root)
+        .args(["--round", &round.to_string(), "--resume"])
+        .args(extra);
+    run(&mut c)
+}
+
+#[test]
+fn old_rounds_lose_their_model_files_and_everything_still_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (archive, _) = small_archive(dir.path(), 200, 100);
+    let (pruned, kept) = (dir.path().join("pruned"), dir.path().join("kept"));
+    run_ok(&mut pipeline(&archive, &pruned, QUICK));
+    run_ok(&mut pipeline(
+        &archive,
+        &kept,
+        &[QUICK, &["--keep-rounds", "all"]].concat(),
+    ));
+
+    // The newest round keeps its model files, the round before its global model and
+    // control (what the newest was made from), older rounds none; every report stays.
+    let l = Layout::new(&pruned);
+    for round in 0..=ROUNDS {
+        let (newest, inputs) = (round == ROUNDS, round + 1 == ROUNDS);
+        let mut want = vec![newest || inputs; 2];
+        want.extend(vec![newest; WORKERS]);
+        assert_eq!(model_files(&l, round), want, "round {round}");
+        assert!(reports(&l, round), "round {round} lost a report");
+        assert_eq!(
+            model_files(&Layout::new(&kept), round),
+            vec![true; 2 + WORKERS],
+            "--keep-rounds all, round {round}"
+        );
+    }
+    assert_eq!(
+        latest(&pruned),
+        latest(&kept),
+        "retention changed the model"
+    );
+
+    // A re-run recomputes nothing: the removed rounds verify through the newest model.
+    let (out, _) = run_ok(&mut pipeline(&archive, &pruned, QUICK));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let all: Vec<u32> = (0..=ROUNDS).collect();
+    assert_eq!(kept_rounds(&stdout), all, "{stdout}");
+    assert_eq!(latest(&pruned), latest(&kept));
+
+    // So do the steps themselves, as Kubernetes Jobs run them with --resume.
+    let (out, log) = resumed("trainer", &pruned, 1, &["--shard", "0", "--epochs", "2"]);
+    assert!(out.status.success() && log.contains("up to date"), "{log}");
+    let (out, log) = resumed("aggregator", &pruned, 0, &[]);
+    assert!(out.status.success() && log.contains("up to date"), "{log}");
+    assert_eq!(model_files(&l, 0), vec![false; 2 + WORKERS]);
+    // The newest round can be aggregated again (its inputs are kept), to the same bytes.
+    run_ok(
+        bin("aggregator")
+            .arg("--root")
+            .arg(&pruned)
+            .args(["--round", &ROUNDS.to_string()]),
+    );
+    assert_eq!(latest(&pruned), latest(&kept));
+
+    // Training flags changed: round 1 must be recomputed, but its input (round 0's model)
+    // is gone; the error says so and what to do.
+    let (out, log) = run(&mut pipeline(
+        &archive,
+        &pruned,
+        &["--epochs", "1", "--hash-bits", "16"],
+    ));
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains("removed by the retention rule") && log.contains("--from-round 0"),
+        "{log}"
+    );
+    // ... and recomputing from round 0 works, to the bytes of a run that kept everything.
+    run_ok(&mut pipeline(
+        &archive,
+        &pruned,
+        &[QUICK, &["--from-round", "0"]].concat(),
+    ));
+    assert_eq!(latest(&pruned), latest(&kept));
+
+    // A damaged newest model breaks the chain: the removed rounds no longer count as done.
+    let newest = l.global_model(ROUNDS);
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 1;
+    std::fs::write(&newest, bytes).unwrap();
+    // Round 1's update now counts as missing, and recomputing it needs round 0's model.
+    let (out, log) = resumed("trainer", &pruned, 1, &["--shard", "0", "--epochs", "2"]);
+    assert!(
+        !out.status.success() && !log.contains("up to date"),
+        "{log}"
+    );
+    assert!(
+        log.contains("round-0001/updates/shard-00000.safetensors is missing")
+            && log.contains("removed by the retention rule"),
+        "{log}"
+    );
+}
