@@ -43,7 +43,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/sample", get(api::sample))
         .route("/v2", get(v2::server_metadata))
         .route("/v2/health/live", get(v2::live))
-        .route("/v2/health/ready", get(v2::ready));
+        .route("/v2/health/ready", get(v2::ready))
+        .route("/v2/repository/index", post(v2::repository_index));
     // The model routes, each for the served model and for one version of it.
     for model in v2::MODEL_ROUTES {
         router = router

@@ -65,6 +65,43 @@ pub async fn server_metadata() -> Json<Value> {
     )
 }
 
+/// The optional body of `POST /v2/repository/index`.
+#[derive(Debug, Default, Deserialize)]
+pub struct IndexRequest {
+    /// Only the models that are ready.
+    #[serde(default)]
+    ready: bool,
+}
+
+/// `POST /v2/repository/index` (the index call of the model-repository extension, which
+/// Triton's client makes in `get_model_repository_index()`): the one model, with its
+/// version and state, `READY` or `UNAVAILABLE` with the reason. The body is optional
+/// (Triton's client sends none); with `{"ready": true}` an unavailable model is left out.
+/// Loading and unloading are not offered: the aggregator publishes, the server follows.
+pub async fn repository_index(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+) -> Result<Json<Value>, ApiError> {
+    let body = read_body(req, &state).await?;
+    let ask: IndexRequest = if body.trim_ascii().is_empty() {
+        IndexRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    let entry = match state.models.current() {
+        Some(m) => {
+            json!({ "name": MODEL_NAME, "version": m.served.version, "state": "READY", "reason": "" })
+        }
+        None => {
+            json!({ "name": MODEL_NAME, "state": "UNAVAILABLE", "reason": not_ready(&state).message })
+        }
+    };
+    let listed = !ask.ready || entry["state"] == "READY";
+    Ok(Json(Value::Array(
+        listed.then_some(entry).into_iter().collect(),
+    )))
+}
+
 fn check_name(name: &str) -> Result<(), ApiError> {
     if name == MODEL_NAME {
         Ok(())

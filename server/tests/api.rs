@@ -196,6 +196,7 @@ fn openapi_matches_the_router() {
         "GET /v2",
         "GET /v2/health/live",
         "GET /v2/health/ready",
+        "POST /v2/repository/index",
         "GET /v2/models/{name}",
         "GET /v2/models/{name}/ready",
         "POST /v2/models/{name}/infer",
@@ -449,6 +450,21 @@ fn root_without_a_model_starts_unready_then_serves_what_is_published() {
     assert!(r.error().contains("no model"));
     assert_eq!(s.get("/api/model").status, 503);
     assert_eq!(s.get("/api/sample").status, 404);
+    // The repository index names the model as unavailable, with the reason.
+    let index = s.post_raw("/v2/repository/index", &[], b"").json();
+    assert_eq!(
+        (index[0]["name"].as_str(), index[0]["state"].as_str()),
+        (Some("fedimdb"), Some("UNAVAILABLE"))
+    );
+    assert!(
+        index[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no model published yet"),
+        "{index}"
+    );
+    let ready_only = s.post_json("/v2/repository/index", &json!({ "ready": true }));
+    assert_eq!((ready_only.status, ready_only.json()), (200, json!([])));
     // Model readiness answers its own body (ready: false) with or without a version, as the
     // OpenAPI document says; schemathesis found the versioned route answering an error body.
     for path in [

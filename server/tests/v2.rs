@@ -26,6 +26,24 @@ fn health_metadata_and_infer() {
     assert_eq!(s.get("/v2/models/fedimdb/ready").json()["ready"], true);
     assert_eq!(s.get("/v2/models/fedimdb/versions/1").status, 200);
     assert_eq!(s.get("/v2/models/fedimdb/versions/1/ready").status, 200);
+    // The repository index, as Triton's client asks for it (no body) and with a filter.
+    let ready = json!([{ "name": "fedimdb", "version": "1", "state": "READY", "reason": "" }]);
+    for body in [&b""[..], b"{}", br#"{"ready": true}"#] {
+        let r = s.post_raw(
+            "/v2/repository/index",
+            &[("content-type", "application/json")],
+            body,
+        );
+        assert_eq!(
+            (r.status, r.json()),
+            (200, ready.clone()),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    let r = s.post_raw("/v2/repository/index", &[], b"{ready");
+    assert_eq!(r.status, 400);
+    assert!(r.error().contains("not valid JSON"), "{}", r.text());
 
     let r = s.post_json(
         "/v2/models/fedimdb/infer",
