@@ -46,13 +46,12 @@ fn old_rounds_lose_their_model_files_and_everything_still_resumes() {
         &[QUICK, &["--keep-rounds", "all"]].concat(),
     ));
 
-    // The newest round keeps its model files, the round before its global model and
-    // control (what the newest was made from), older rounds none; every report stays.
+    // The newest round keeps its model files, and so does the round before (what the
+    // newest was made from: its global model, control, and the workers' control variates
+    // in their updates); older rounds keep none; every report stays.
     let l = Layout::new(&pruned);
     for round in 0..=ROUNDS {
-        let (newest, inputs) = (round == ROUNDS, round + 1 == ROUNDS);
-        let mut want = vec![newest || inputs; 2];
-        want.extend(vec![newest; WORKERS]);
+        let want = vec![round + 1 >= ROUNDS; 2 + WORKERS];
         assert_eq!(model_files(&l, round), want, "round {round}");
         assert!(reports(&l, round), "round {round} lost a report");
         assert_eq!(
@@ -74,18 +73,31 @@ fn old_rounds_lose_their_model_files_and_everything_still_resumes() {
     assert_eq!(kept_rounds(&stdout), all, "{stdout}");
     assert_eq!(latest(&pruned), latest(&kept));
 
-    // So do the steps themselves, as Kubernetes Jobs run them with --resume.
-    let (out, log) = resumed("trainer", &pruned, 1, &["--shard", "0", "--epochs", "2"]);
+    // So do the steps themselves on a removed round, as Kubernetes Jobs run them.
+    let (out, log) = resumed(
+        "trainer",
+        &pruned,
+        0,
+        &["--shard", "1", "--hash-bits", "16"],
+    );
     assert!(out.status.success() && log.contains("up to date"), "{log}");
     let (out, log) = resumed("aggregator", &pruned, 0, &[]);
     assert!(out.status.success() && log.contains("up to date"), "{log}");
     assert_eq!(model_files(&l, 0), vec![false; 2 + WORKERS]);
-    // The newest round can be aggregated again (its inputs are kept), to the same bytes.
+
+    // The newest round can be recomputed (its inputs are kept), to the same bytes: a
+    // worker trained again, then the round aggregated again.
+    let update = std::fs::read(l.update(ROUNDS, 0)).unwrap();
+    let newest = ROUNDS.to_string();
+    let mut trainer = bin("trainer");
+    trainer.arg("--root").arg(&pruned);
+    run_ok(trainer.args(["--round", &newest, "--shard", "0", "--epochs", "2"]));
+    assert_eq!(std::fs::read(l.update(ROUNDS, 0)).unwrap(), update);
     run_ok(
         bin("aggregator")
             .arg("--root")
             .arg(&pruned)
-            .args(["--round", &ROUNDS.to_string()]),
+            .args(["--round", &newest]),
     );
     assert_eq!(latest(&pruned), latest(&kept));
 
@@ -109,21 +121,23 @@ fn old_rounds_lose_their_model_files_and_everything_still_resumes() {
     ));
     assert_eq!(latest(&pruned), latest(&kept));
 
-    // A damaged newest model breaks the chain: the removed rounds no longer count as done.
-    let newest = l.global_model(ROUNDS);
-    let mut bytes = std::fs::read(&newest).unwrap();
+    // A damaged model breaks the chain: a removed round made before it no longer counts
+    // as done, and its worker computes its update again.
+    let oldest_kept = l.global_model(ROUNDS - 1);
+    let mut bytes = std::fs::read(&oldest_kept).unwrap();
     let n = bytes.len();
     bytes[n - 10] ^= 1;
-    std::fs::write(&newest, bytes).unwrap();
-    // Round 1's update now counts as missing, and recomputing it needs round 0's model.
-    let (out, log) = resumed("trainer", &pruned, 1, &["--shard", "0", "--epochs", "2"]);
+    std::fs::write(&oldest_kept, bytes).unwrap();
+    let (out, log) = resumed(
+        "trainer",
+        &pruned,
+        0,
+        &["--shard", "1", "--hash-bits", "16"],
+    );
+    assert!(out.status.success() && !log.contains("up to date"), "{log}");
     assert!(
-        !out.status.success() && !log.contains("up to date"),
+        log.contains("round-0000/updates/shard-00001.safetensors is missing"),
         "{log}"
     );
-    assert!(
-        log.contains("round-0001/updates/shard-00000.safetensors is missing")
-            && log.contains("removed by the retention rule"),
-        "{log}"
-    );
+    assert!(l.update(0, 1).exists());
 }

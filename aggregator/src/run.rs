@@ -1,7 +1,7 @@
 //! The aggregator's two forms: a round on the shared volume (`--root`) and a folder of
 //! loose model files (the original `--dir … --savefile …`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -148,13 +148,31 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
 /// Applies the retention rule once round `round` is written, verified and published.
 fn prune(layout: &Layout, round: u32, args: &Args) -> Result<()> {
     let keep = args.retention.keep_rounds;
-    if keep == retention::Keep::All || !layout.control(round).exists() {
-        // Nothing to remove, or this round was itself retired by a later one, whose
-        // aggregator applied the rule.
+    let retention::Keep::Last(n) = keep else {
+        return Ok(());
+    };
+    if !layout.control(round).exists() {
+        // This round was itself retired by a later one, whose aggregator applied the rule.
         return Ok(());
     }
-    let (control, _) = load_control(layout, round)?;
-    let pruned = retention::prune(layout, round, keep, &control.sources)?;
+    // The updates holding the control variates that the kept rounds and the next one
+    // start from: those named by the controls of rounds newest - n ..= newest.
+    let mut in_use = BTreeSet::new();
+    for r in round.saturating_sub(n)..=round {
+        let report = read_round_report(layout, r)?;
+        let sources = if report.control_sources.is_empty() && layout.control(r).exists() {
+            load_control(layout, r)?.0.sources // a report from before sources were recorded
+        } else {
+            report.control_sources
+        };
+        in_use.extend(
+            sources
+                .into_iter()
+                .enumerate()
+                .map(|(shard, src)| (src, shard)),
+        );
+    }
+    let pruned = retention::prune(layout, round, keep, &in_use)?;
     if pruned.files > 0 {
         info!(
             round,
@@ -572,6 +590,7 @@ fn write_round(
         update_sha256,
         update_bytes,
         control_sha256: Some(control_sha256),
+        control_sources: control.sources.clone(),
     };
     write_json_atomic(&layout.round_report(round), &report)?;
     fedimdb::fault::point(&format!("aggregator:{round}:report-written"));

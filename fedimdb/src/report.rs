@@ -71,6 +71,12 @@ pub struct RoundReport {
     /// SHA-256 of `control.safetensors`, the control variate the next round corrects with.
     #[serde(default)]
     pub control_sha256: Option<String>,
+    /// Per shard, the round whose update holds that worker's control variate after this
+    /// round (the control file's `sources`): this round for a worker that took part, an
+    /// earlier one for a worker left out under a quorum. The retention rule keeps those
+    /// updates. Empty in reports written before it was recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub control_sources: Vec<u32>,
 }
 
 /// The current time as RFC 3339 UTC (`2026-11-21T22:16:00Z`).

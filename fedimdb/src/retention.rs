@@ -6,17 +6,20 @@
 //! and a re-run recognises the older rounds by their *reports*, which record the sha256 of
 //! every file and of what it was made from (see [`crate::verify::check_round`]: a round whose
 //! files are gone counts as done when a later round's verified model chains back to it).
-//! So after round R the aggregator removes the model files of the rounds before the last
-//! `--keep-rounds` N (R-N+1 ..= R), except the global model and control file of round R-N,
-//! which the oldest kept round was made from, and the updates that hold a control variate
-//! still in use (a worker's newest, when it missed later rounds under a quorum): every kept round can still be recomputed
-//! (`--from-round`, or an aggregator re-run with another strategy). Every report stays, so
-//! the whole chain of checksums, from the data to the newest model, remains for auditing.
+//! So after round R the aggregator keeps the model files of the newest `--keep-rounds` N
+//! rounds (R-N+1 ..= R) and the inputs they were made from: the global model and control
+//! file of round R-N, and every update that still holds a control variate one of them (or
+//! the next round) starts from, which is a worker's update of the round before, or an older
+//! one when it missed rounds under a quorum. Everything older is removed. So every kept
+//! round can still be recomputed (`--from-round`, a worker trained again, an aggregator
+//! re-run with another strategy), and every report stays: the whole chain of checksums, from
+//! the data to the newest model, remains for auditing.
 //!
 //! What is given up: recomputing a round older than the kept ones (its inputs are gone; a
 //! re-run from round 0 rebuilds everything, to the same bytes) and re-reading an old
 //! round's bytes.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -24,9 +27,8 @@ use anyhow::{Context, Result};
 use crate::atomic::is_temp_name;
 use crate::layout::Layout;
 
-/// How many rounds keep all their model files when no flag says otherwise: the newest,
-/// whose global model and control file the next round starts from and whose updates a
-/// re-run of its aggregator combines again (with the round before's model and control).
+/// How many rounds keep their model files when no flag says otherwise: the newest, which
+/// the next round starts from, and which can be recomputed from what is kept with it.
 pub const DEFAULT_KEEP_ROUNDS: u32 = 1;
 
 /// The rounds whose model files stay: the last N, or all of them.
@@ -95,14 +97,19 @@ pub struct Pruned {
 
 /// Applies the rule after round `newest`: removes every model file (updates, global model,
 /// control) of the rounds before `newest - keep`, and the updates of round `newest - keep`,
-/// keeping every report. Call it only once round `newest` is written, verified and
-/// published. Files already gone are skipped, so it is idempotent, and a crash half-way
-/// leaves only files a later call removes.
+/// except the updates in `in_use`; keeps every report. Call it only once round `newest` is
+/// written, verified and published. Files already gone are skipped, so it is idempotent,
+/// and a crash half-way leaves only files a later call removes.
 ///
-/// `sources` are the newest control file's: shard `i`'s control variate lives in its
-/// update of round `sources[i]` (older than the newest round for a worker that missed
-/// rounds under a quorum), which the next round still reads, so those updates stay.
-pub fn prune(layout: &Layout, newest: u32, keep: Keep, sources: &[u32]) -> Result<Pruned> {
+/// `in_use` holds the updates, as (round, shard), that still hold a control variate the
+/// kept rounds or the next one start from (the `sources` of the controls of rounds
+/// `newest - keep ..= newest`); they stay whatever their round.
+pub fn prune(
+    layout: &Layout,
+    newest: u32,
+    keep: Keep,
+    in_use: &BTreeSet<(u32, usize)>,
+) -> Result<Pruned> {
     let Keep::Last(n) = keep else {
         return Ok(Pruned::default());
     };
@@ -120,9 +127,9 @@ pub fn prune(layout: &Layout, newest: u32, keep: Keep, sources: &[u32]) -> Resul
             for entry in entries {
                 let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let in_use = Layout::parse_shard_name(&name)
-                    .is_some_and(|shard| sources.get(shard) == Some(&round));
-                if name.ends_with(".safetensors") && !is_temp_name(&name) && !in_use {
+                let used = Layout::parse_shard_name(&name)
+                    .is_some_and(|shard| in_use.contains(&(round, shard)));
+                if name.ends_with(".safetensors") && !is_temp_name(&name) && !used {
                     files.push(entry.path());
                 }
             }
@@ -160,6 +167,10 @@ fn remove(path: &Path, pruned: &mut Pruned) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn used(updates: &[(u32, usize)]) -> BTreeSet<(u32, usize)> {
+        updates.iter().copied().collect()
+    }
+
     fn touch(path: &Path, bytes: usize) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, vec![0u8; bytes]).unwrap();
@@ -184,7 +195,7 @@ mod tests {
     #[test]
     fn the_last_rounds_keep_their_files_and_every_report_stays() {
         let (_dir, l) = volume(4);
-        let pruned = prune(&l, 4, Keep::Last(2), &[4, 4]).unwrap();
+        let pruned = prune(&l, 4, Keep::Last(2), &used(&[(4, 0), (4, 1)])).unwrap();
         // Rounds 0 and 1 lose everything, round 2 its updates; 3 and 4 are kept.
         assert_eq!(
             pruned,
@@ -200,11 +211,11 @@ mod tests {
             assert!(l.round_report(r).exists() && l.update_report(r, 1).exists());
         }
         assert_eq!(
-            prune(&l, 4, Keep::Last(2), &[4, 4]).unwrap(),
+            prune(&l, 4, Keep::Last(2), &used(&[(4, 0), (4, 1)])).unwrap(),
             Pruned::default()
         );
         assert_eq!(
-            prune(&l, 1, Keep::Last(2), &[1, 1]).unwrap(),
+            prune(&l, 1, Keep::Last(2), &used(&[])).unwrap(),
             Pruned::default()
         );
     }
@@ -212,11 +223,14 @@ mod tests {
     #[test]
     fn all_keeps_everything_and_temp_files_are_left_to_their_writers() {
         let (_dir, l) = volume(2);
-        assert_eq!(prune(&l, 2, Keep::All, &[2, 2]).unwrap(), Pruned::default());
+        assert_eq!(
+            prune(&l, 2, Keep::All, &used(&[])).unwrap(),
+            Pruned::default()
+        );
         let temp = l.updates_dir(0).join(".shard-00000.safetensors.tmp-1-0");
         touch(&temp, 1);
         // Shard 1 missed rounds 1 and 2: its control variate is still its round-0 update.
-        prune(&l, 2, Keep::Last(1), &[2, 0]).unwrap();
+        prune(&l, 2, Keep::Last(1), &used(&[(2, 0), (0, 1)])).unwrap();
         assert!(temp.exists() && !l.update(0, 0).exists() && l.update(2, 0).exists());
         assert!(l.update(0, 1).exists() && !l.update(1, 1).exists());
         assert!(!l.global_model(0).exists() && l.global_model(1).exists());

@@ -425,6 +425,7 @@ mod tests {
             update_sha256: vec![],
             update_bytes: vec![],
             control_sha256: None,
+            control_sources: vec![],
         };
         write_json_atomic(&layout.round_report(round), &report).unwrap();
         sha

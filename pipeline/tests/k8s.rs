@@ -11,6 +11,7 @@ use std::process::Command;
 
 use common::{
     PIPELINE, dry_run, fake_api_server, kubeconfig, pipeline_k8s, pipeline_k8s_command, text,
+    tool_ok,
 };
 
 fn repo() -> PathBuf {
@@ -58,18 +59,7 @@ fn validate(validator: &Path, yaml: &str, what: &str) -> Result<(), String> {
 
 fn kustomize(kubectl: &Path, overlay: &str) -> String {
     let dir = repo().join("manifests/overlays").join(overlay);
-    let o = Command::new(kubectl)
-        .arg("kustomize")
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "kubectl kustomize {}: {}",
-        dir.display(),
-        text(&o)
-    );
-    String::from_utf8(o.stdout).unwrap()
+    tool_ok(Command::new(kubectl).arg("kustomize").arg(&dir))
 }
 
 fn docs(yaml: &str) -> Vec<serde_yaml::Value> {
@@ -441,17 +431,10 @@ fn dockerfiles_pass_hadolint() {
         .collect();
     assert!(!files.is_empty(), "no docker/Dockerfile*");
     for f in files {
-        let o = Command::new(&hadolint)
-            .arg("--failure-threshold")
-            .arg("info")
-            .arg(&f)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "hadolint {}:\n{}",
-            f.display(),
-            text(&o)
+        tool_ok(
+            Command::new(&hadolint)
+                .args(["--failure-threshold", "info"])
+                .arg(&f),
         );
     }
 }

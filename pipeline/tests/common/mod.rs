@@ -15,6 +15,21 @@ pub fn text(o: &Output) -> String {
     )
 }
 
+/// Runs a tool (kubectl, hadolint, …) that must succeed, and returns its stdout; on
+/// failure the assertion names the command and shows its output.
+pub fn tool_ok(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap();
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    assert!(
+        o.status.success(),
+        "{program} {}:\n{}",
+        args.join(" "),
+        text(&o)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
 /// The YAML printed by `pipeline k8s --dry-run --run-id ci ARGS`, which must succeed.
 pub fn dry_run(args: &[&str]) -> String {
     let o = Command::new(PIPELINE)
