@@ -141,3 +141,39 @@ fn old_rounds_lose_their_model_files_and_everything_still_resumes() {
     );
     assert!(l.update(0, 1).exists());
 }
+
+/// A round that went on without a worker (`--min-workers`) and that later rounds were made
+/// from is final: a re-run keeps it as it is, with or without the retention rule, instead
+/// of filling the worker in (which would need removed inputs and change later models).
+#[test]
+fn a_round_left_short_under_a_quorum_stays_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let (archive, _) = small_archive(dir.path(), 200, 100);
+    let root = dir.path().join("vol");
+    let flags = [QUICK, &["--min-workers", "2"]].concat();
+    // The trainer of round 1, shard 2, dies after writing its update, before its report.
+    let (out, log) =
+        run(pipeline(&archive, &root, &flags)
+            .env(fedimdb::fault::ENV, "trainer:1:2:update-written"));
+    assert!(out.status.success(), "{log}");
+    let l = Layout::new(&root);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(l.round_report(1)).unwrap()).unwrap();
+    assert_eq!(report["missing"], serde_json::json!([2]), "{log}");
+    let model = latest(&root);
+
+    let (out, _) = run_ok(&mut pipeline(&archive, &root, &flags));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let all: Vec<u32> = (0..=ROUNDS).collect();
+    assert_eq!(kept_rounds(&stdout), all, "{stdout}");
+    assert!(
+        stdout.contains("(no update: left out under the quorum)"),
+        "{stdout}"
+    );
+    assert_eq!(latest(&root), model);
+    let (out, log) = resumed("trainer", &root, 1, &["--shard", "2", "--epochs", "2"]);
+    assert!(
+        out.status.success() && log.contains("went on without this shard"),
+        "{log}"
+    );
+}

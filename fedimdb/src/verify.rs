@@ -336,6 +336,15 @@ pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Re
     Ok(report)
 }
 
+/// Whether worker `shard` was left out of `round` under a quorum (`--min-workers`) and the
+/// round is done: a later round's verified model was made from it. Its update is then no
+/// longer wanted: filling it in would change a model later rounds were built on, and the
+/// retention rule may have removed the inputs it would be computed from.
+pub fn left_out_of_done_round(layout: &Layout, round: u32, shard: usize) -> bool {
+    read_round_report(layout, round)
+        .is_ok_and(|r| r.missing.contains(&shard) && superseded(layout, &r).is_ok())
+}
+
 /// `Ok` if a later round's global model is on disk, verifies against its report, and was
 /// made from the model `report` records, through the reports of the rounds in between:
 /// then the files of `report`'s round were removed after use (retention), not lost.

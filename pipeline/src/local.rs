@@ -11,7 +11,9 @@ use fedimdb::manifest::DataManifest;
 use fedimdb::metrics::Metrics;
 use fedimdb::report::{RoundReport, UpdateReport};
 use fedimdb::train::TrainArgs;
-use fedimdb::verify::{UpdateWant, check_latest, check_round, check_update};
+use fedimdb::verify::{
+    UpdateWant, check_latest, check_round, check_update, left_out_of_done_round,
+};
 use serde::Serialize;
 use tracing::info;
 
@@ -159,6 +161,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
             match (forced, check_update(&layout, round, shard, &want)) {
                 (false, Ok(_)) => kept.push(shard),
                 (true, _) => steps.push(trainer_step(args, round, shard, &logs)?),
+                (false, Err(_)) if left_out_of_done_round(&layout, round, shard) => {}
                 (false, Err(why)) => {
                     if layout.update(round, shard).exists() {
                         info!("round {round} shard {shard}: {why:#}");

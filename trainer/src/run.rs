@@ -17,7 +17,9 @@ use fedimdb::report::UpdateReport;
 use fedimdb::train::{
     Algorithm, Correction, EpochStats, LocalOutcome, TrainArgs, TrainConfig, train_sparse,
 };
-use fedimdb::verify::{UpdateWant, check_update, load_control, load_global};
+use fedimdb::verify::{
+    UpdateWant, check_update, left_out_of_done_round, load_control, load_global,
+};
 use tracing::info;
 
 use crate::Args;
@@ -48,6 +50,14 @@ pub fn volume(root: &Path, round: u32, shard: usize, args: &Args, device: &Devic
         match done {
             Ok(_) => {
                 info!(round, shard, path = %out.display(), "up to date: the update on disk verifies and was made from the same inputs; nothing to do");
+                return Ok(());
+            }
+            Err(_) if left_out_of_done_round(&layout, round, shard) => {
+                info!(
+                    round,
+                    shard,
+                    "up to date: the round went on without this shard (a quorum) and later rounds were made from it; nothing to do"
+                );
                 return Ok(());
             }
             Err(why) => info!(round, shard, "computing the update: {why:#}"),
