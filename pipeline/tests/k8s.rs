@@ -564,3 +564,32 @@ fn sigint_releases_the_lock() {
         "{seen:?}"
     );
 }
+
+/// The KServe InferenceService (manifests/kserve) runs the server Deployment's container:
+/// same image, arguments, probes, security, resources and read-only volume, so serving
+/// through KServe cannot drift from the tested Deployment.
+#[test]
+fn the_inference_service_runs_the_server_deployments_container() {
+    let read = |path: &str| std::fs::read_to_string(repo().join(path)).unwrap();
+    let deployment = docs(&read("manifests/base/server.yaml"))
+        .into_iter()
+        .find(|d| d["kind"] == "Deployment")
+        .unwrap();
+    let isvc = docs(&read("manifests/kserve/inferenceservice.yaml")).remove(0);
+    assert_eq!(isvc["apiVersion"], "serving.kserve.io/v1beta1");
+    assert_eq!(isvc["kind"], "InferenceService");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let predictor = &isvc["spec"]["predictor"];
+    for field in ["securityContext", "volumes", "automountServiceAccountToken"] {
+        assert_eq!(predictor[field], pod[field], "{field}");
+    }
+    let mut container = predictor["containers"][0].clone();
+    assert_eq!(container["name"], "kserve-container");
+    container["name"] = pod["containers"][0]["name"].clone();
+    assert_eq!(container, pod["containers"][0]);
+    if let Some(kubectl) = kubectl_with_kustomize_5() {
+        let dir = repo().join("manifests/kserve");
+        let rendered = docs(&tool_ok(Command::new(kubectl).arg("kustomize").arg(&dir)));
+        assert_eq!(rendered[0]["metadata"]["namespace"], "fedimdb");
+    }
+}

@@ -400,6 +400,8 @@ fn triton_http_client_works_unchanged() {
 import numpy as np, tritonclient.http as http
 c = http.InferenceServerClient("{addr}")
 assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("fedimdb")
+index = c.get_model_repository_index()
+assert index == [{{"name": "fedimdb", "version": "1", "state": "READY", "reason": ""}}], index
 texts = np.array([{pos:?}.encode(), {neg:?}.encode()], dtype=np.object_)
 for binary in (True, False):
     inp = http.InferInput("text", [2], "BYTES"); inp.set_data_from_numpy(texts, binary_data=binary)
