@@ -82,7 +82,8 @@ fn main() -> std::process::ExitCode {
             if args.expect == Some(0) {
                 bail!("--expect must be at least 1");
             }
-            run::volume(root, round, &args)
+            run::volume(root, round, &args)?.record();
+            Ok(())
         } else if let (Some(dir), Some(out)) = (&args.dir, &args.savefile) {
             run::original(
                 dir,

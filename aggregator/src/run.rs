@@ -16,6 +16,7 @@ use fedimdb::layout::Layout;
 use fedimdb::manifest::DataManifest;
 use fedimdb::metrics::Metrics;
 use fedimdb::model::{BIAS, ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
+use fedimdb::outcome::{Outcome, Status};
 use fedimdb::report::RoundReport;
 use fedimdb::retention;
 use fedimdb::train::{Drift, TrainConfig};
@@ -68,7 +69,7 @@ fn list_updates(dir: &Path) -> Result<BTreeMap<usize, PathBuf>> {
 /// Volume form: aggregate round `round` and publish the result, as four steps: find the
 /// round's finished updates, combine them (and the control variates) into the next global
 /// model, evaluate it, write and publish the round.
-pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
+pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
     let start = Instant::now();
     let layout = Layout::new(root);
     let manifest = DataManifest::of_run(&layout)?;
@@ -76,9 +77,11 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
     let label = Combination::of_round(round, strategy);
     let quorum = args.min_workers().map_or(manifest.workers, |(m, _)| m);
     if args.volume.resume
-        && up_to_date(&layout, round, done_as_asked(&layout, round, label, quorum))?
+        && let Some(done) =
+            up_to_date(&layout, round, done_as_asked(&layout, round, label, quorum))?
     {
-        return prune(&layout, round, args);
+        prune(&layout, round, args)?;
+        return Ok(outcome(Status::UpToDate, round, done.test.accuracy));
     }
     let (updates, missing) = find_updates(&layout, &manifest, round, args)?;
     if round == 0 && strategy != Strategy::FedAvg {
@@ -124,6 +127,7 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
         Ok((combined, test))
     })?;
     let metrics = evaluate(&combined.model.scorer()?, &test);
+    let accuracy = metrics.accuracy;
     info!(
         round,
         accuracy = format!("{:.4}", metrics.accuracy),
@@ -142,7 +146,14 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<()> {
             start,
         },
     )?;
-    prune(&layout, round, args)
+    prune(&layout, round, args)?;
+    Ok(outcome(Status::Done, round, accuracy))
+}
+
+fn outcome(status: Status, round: u32, accuracy: f64) -> Outcome {
+    let mut o = Outcome::new("aggregator", status);
+    (o.round, o.test_accuracy) = (Some(round), Some(accuracy));
+    o
 }
 
 /// Applies the retention rule once round `round` is written, verified and published.
@@ -616,12 +627,16 @@ fn publish(layout: &Layout, bytes: &[u8], card: ModelCard, round: u32) -> Result
 /// folder. Then it is only published again if the published model is damaged, missing or
 /// of an earlier round (a resumed run walks through finished rounds in order, and the
 /// server must not step back to an older model meanwhile).
-fn up_to_date(layout: &Layout, round: u32, done: Result<RoundReport>) -> Result<bool> {
+fn up_to_date(
+    layout: &Layout,
+    round: u32,
+    done: Result<RoundReport>,
+) -> Result<Option<RoundReport>> {
     let report = match done {
         Ok(r) => r,
         Err(why) => {
             info!(round, "aggregating: {why:#}");
-            return Ok(false);
+            return Ok(None);
         }
     };
     match check_latest(layout) {
@@ -640,7 +655,7 @@ fn up_to_date(layout: &Layout, round: u32, done: Result<RoundReport>) -> Result<
         }
     }
     info!(round, path = %layout.global_model(round).display(), "up to date: the global model on disk verifies and was made from the same inputs; nothing to do");
-    Ok(true)
+    Ok(Some(report))
 }
 
 /// The report of round `round` if its global model verifies and was made from the model

@@ -98,12 +98,14 @@ fn run_download(args: DownloadArgs) -> Result<()> {
 
 fn run_shard(args: ShardArgs) -> Result<()> {
     // clap requires these three unless a subcommand is given.
-    shard::run(&shard::Request {
+    let outcome = shard::run(&shard::Request {
         source: args.source.context("--source is required")?,
         out: args.out.context("--out is required")?,
         workers: args.workers.context("--workers is required")?,
         partition: args.partition,
         seed: args.seed,
         force: args.force,
-    })
+    })?;
+    outcome.record();
+    Ok(())
 }

@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use anyhow::{Result, bail};
 use fedimdb::layout::Layout;
 use fedimdb::manifest::{DataManifest, Partition};
+use fedimdb::outcome::{Outcome, Status};
 use fedimdb::partition::{self, PartitionArgs};
 use fedimdb::reviews::Review;
 
@@ -33,7 +34,7 @@ pub struct Request {
 
 /// Writes the shards, the test set and the manifest of `req` under `ROOT/data/`, or
 /// nothing where they are already there and verify.
-pub fn run(req: &Request) -> Result<()> {
+pub fn run(req: &Request) -> Result<Outcome> {
     let settings = check_arguments(req)?;
     let layout = Layout::new(&req.out);
     let already_read = match plan(req, &layout, &settings)? {
@@ -46,7 +47,7 @@ pub fn run(req: &Request) -> Result<()> {
                 settings.seed,
                 source_sha256
             );
-            return Ok(());
+            return Ok(Outcome::new("copier", Status::UpToDate));
         }
         Plan::Write { already_read } => already_read,
     };
@@ -55,7 +56,7 @@ pub fn run(req: &Request) -> Result<()> {
     let test = test_file(data.test, early_test);
     let manifest = write::write_all(&layout, data.source, &settings, shards, test)?;
     report(&layout, &manifest);
-    Ok(())
+    Ok(Outcome::new("copier", Status::Done))
 }
 
 /// The checks that need nothing read: the worker count, alpha and that the source exists.

@@ -30,6 +30,7 @@ pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+pub mod outcome;
 pub mod partition;
 pub mod report;
 pub mod retention;

@@ -9,6 +9,7 @@ use fedimdb::atomic::{is_temp_name, read_json, write_json_atomic};
 use fedimdb::layout::Layout;
 use fedimdb::manifest::DataManifest;
 use fedimdb::metrics::Metrics;
+use fedimdb::outcome::Status;
 use fedimdb::report::{RoundReport, UpdateReport};
 use fedimdb::train::TrainArgs;
 use fedimdb::verify::{
@@ -19,7 +20,7 @@ use tracing::info;
 
 use crate::LocalArgs;
 use crate::lock::{Previous, RootLock};
-use crate::procs::{Step, command, run_one, run_tolerating};
+use crate::procs::{Step, command, run_one, run_recorded, run_tolerating};
 
 /// The shared archive, looked up relative to the working folder.
 const SHARED_ARCHIVE: &str = "../shared/data/aclImdb-labeled.tar.gz";
@@ -121,15 +122,22 @@ pub fn run(args: &LocalArgs) -> Result<()> {
         .arg("--out")
         .arg(&args.root)
         .args(args.run.copier_args());
-    run_one(Step {
-        name: "copier".into(),
-        command: copier,
-        log: logs.join("copier.log"),
-    })?;
+    let copied = run_recorded(
+        Step {
+            name: "copier".into(),
+            command: copier,
+            log: logs.join("copier.log"),
+        },
+        logs.join("copier.outcome.json"),
+    )?;
     let seconds_copier = t0.elapsed().as_secs_f64();
     let manifest = DataManifest::read(&layout.data_manifest())?;
+    let how = match copied.status {
+        Status::Done => "written",
+        Status::UpToDate => "verified on disk, kept",
+    };
     println!(
-        "data: {} shards from {} ({seconds_copier:.1} s)",
+        "data: {} shards from {} ({how}, {seconds_copier:.1} s)",
         run.workers,
         source.display()
     );
@@ -186,19 +194,20 @@ pub fn run(args: &LocalArgs) -> Result<()> {
             eprintln!("warning: going on with a quorum of {quorum} workers: {f}");
         }
         // The aggregator keeps a verified global model made from these very updates, unless
-        // this round is to be recomputed.
-        let before = std::fs::read(layout.round_report(round)).ok();
-        run_one(aggregator_step(
-            args,
-            round,
-            !forced,
-            logs.join(format!("round-{round:04}-aggregator.log")),
-        )?)?;
+        // this round is to be recomputed; its outcome record says which it did.
+        let aggregated = run_recorded(
+            aggregator_step(
+                args,
+                round,
+                !forced,
+                logs.join(format!("round-{round:04}-aggregator.log")),
+            )?,
+            logs.join(format!("round-{round:04}-aggregator.outcome.json")),
+        )?;
         let report = check_round(&layout, round, base_sha256.as_deref()).with_context(|| {
             format!("the aggregator of round {round} ended but its output does not verify")
         })?;
-        let recomputed = ran > 0
-            || before.as_deref() != std::fs::read(layout.round_report(round)).ok().as_deref();
+        let recomputed = ran > 0 || aggregated.status == Status::Done;
         computed_any |= recomputed;
         base_sha256 = Some(report.model_sha256.clone());
         control_sha256 = report.control_sha256.clone();

@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use fedimdb::outcome::Outcome;
 
 /// Where the sibling binaries (copier, trainer, aggregator) are: `$FEDIMDB_BIN_DIR`, else
 /// the folder of this executable (where `cargo build` and the images put them).
@@ -29,7 +30,31 @@ pub fn command(name: &str) -> Result<Command> {
             path.display()
         );
     }
-    Ok(Command::new(path))
+    let mut cmd = Command::new(path);
+    // A step writes its outcome record only where its caller asks (see `run_recorded`).
+    cmd.env_remove(fedimdb::outcome::ENV);
+    Ok(cmd)
+}
+
+/// Runs one step that leaves its outcome record (`fedimdb::outcome`) in `record`, and
+/// returns the record; a step that ends well without one is an error naming it.
+pub fn run_recorded(mut step: Step, record: PathBuf) -> Result<Outcome> {
+    match std::fs::remove_file(&record) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot remove the old {}", record.display()));
+        }
+        _ => {}
+    }
+    step.command.env(fedimdb::outcome::ENV, &record);
+    let name = step.name.clone();
+    run_one(step)?;
+    let text = std::fs::read_to_string(&record).with_context(|| {
+        format!(
+            "{name} ended without writing its outcome record {}",
+            record.display()
+        )
+    })?;
+    Outcome::parse(&text)
 }
 
 /// One step of the workflow: a command whose stderr goes to a log file.

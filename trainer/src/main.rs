@@ -56,7 +56,8 @@ fn main() -> std::process::ExitCode {
             let Some(shard) = args.shard else {
                 bail!("no shard index: pass --shard I or set JOB_COMPLETION_INDEX")
             };
-            run::volume(root, round, shard, &args, &device)
+            run::volume(root, round, shard, &args, &device)?.record();
+            Ok(())
         } else if let (Some(data), Some(out)) = (&args.data, &args.savemodel) {
             run::original(data, out, args.init.as_deref(), &args, &device)
         } else {

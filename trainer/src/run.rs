@@ -13,6 +13,7 @@ use fedimdb::dataset::{Featurized, featurize_all, load_reviews};
 use fedimdb::layout::Layout;
 use fedimdb::manifest::DataManifest;
 use fedimdb::model::{ClassCounts, Model, ModelConfig, NB_RATIO};
+use fedimdb::outcome::{Outcome, Status};
 use fedimdb::report::UpdateReport;
 use fedimdb::train::{
     Algorithm, Correction, EpochStats, LocalOutcome, TrainArgs, TrainConfig, train_sparse,
@@ -29,7 +30,13 @@ use crate::candle_engine::train_candle;
 ///
 /// With `resume`, an update already on disk that verifies and was computed from exactly
 /// these inputs and arguments is kept, and the trainer exits without work.
-pub fn volume(root: &Path, round: u32, shard: usize, args: &Args, device: &Device) -> Result<()> {
+pub fn volume(
+    root: &Path,
+    round: u32,
+    shard: usize,
+    args: &Args,
+    device: &Device,
+) -> Result<Outcome> {
     let start = Instant::now();
     let layout = Layout::new(root);
     let manifest = DataManifest::of_run(&layout)?;
@@ -50,7 +57,7 @@ pub fn volume(root: &Path, round: u32, shard: usize, args: &Args, device: &Devic
         match done {
             Ok(_) => {
                 info!(round, shard, path = %out.display(), "up to date: the update on disk verifies and was made from the same inputs; nothing to do");
-                return Ok(());
+                return Ok(outcome(Status::UpToDate, round, shard));
             }
             Err(_) if left_out_of_done_round(&layout, round, shard) => {
                 info!(
@@ -58,7 +65,7 @@ pub fn volume(root: &Path, round: u32, shard: usize, args: &Args, device: &Devic
                     shard,
                     "up to date: the round went on without this shard (a quorum) and later rounds were made from it; nothing to do"
                 );
-                return Ok(());
+                return Ok(outcome(Status::UpToDate, round, shard));
             }
             Err(why) => info!(round, shard, "computing the update: {why:#}"),
         }
@@ -125,7 +132,14 @@ pub fn volume(root: &Path, round: u32, shard: usize, args: &Args, device: &Devic
         control_sha256: want.control_sha256,
         bytes: 0,
     };
-    write_update(&layout, &ck, report, start)
+    write_update(&layout, &ck, report, start)?;
+    Ok(outcome(Status::Done, round, shard))
+}
+
+fn outcome(status: Status, round: u32, shard: usize) -> Outcome {
+    let mut o = Outcome::new("trainer", status);
+    (o.round, o.shard) = (Some(round), Some(shard));
+    o
 }
 
 /// Round 0's output: the shard's per-class bucket counts (sparse).

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use fedimdb::outcome::{Outcome as StepOutcome, Status};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -120,6 +121,53 @@ fn active_job_of_other_run<'a>(job: &'a Job, run_id: &str, claim: &str) -> Optio
             })
         });
     uses_claim.then_some(run.as_str())
+}
+
+/// The outcome record a pod's container left as its termination message.
+pub fn outcome_of(pod: &Pod, container: Option<&str>) -> Option<StepOutcome> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    let status = statuses
+        .iter()
+        .find(|c| container.is_none_or(|name| c.name == name))?;
+    let message = status
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()?
+        .message
+        .as_deref()?;
+    StepOutcome::parse(message).ok()
+}
+
+/// One line for a step's succeeded pods: up to date, computed or a mix, the test accuracy
+/// an aggregator recorded, and how many pods left no record. `None` for no pods.
+pub fn summarize(records: &[Option<StepOutcome>]) -> Option<String> {
+    if records.is_empty() {
+        return None;
+    }
+    let known: Vec<&StepOutcome> = records.iter().flatten().collect();
+    let fresh = known
+        .iter()
+        .filter(|o| o.status == Status::UpToDate)
+        .count();
+    let computed = known.len() - fresh;
+    let mut line = match (fresh, computed) {
+        (0, 0) => "outcome unknown".to_owned(),
+        (_, 0) => "up to date, nothing recomputed".to_owned(),
+        (0, _) => "computed".to_owned(),
+        _ => format!(
+            "{fresh} of {} pods up to date, {computed} computed",
+            known.len()
+        ),
+    };
+    if let Some(acc) = known.iter().find_map(|o| o.test_accuracy) {
+        line.push_str(&format!(", test accuracy {:.2}%", acc * 100.0));
+    }
+    let unknown = records.len() - known.len();
+    if unknown > 0 && !known.is_empty() {
+        line.push_str(&format!(" ({unknown} pods left no outcome record)"));
+    }
+    Some(line)
 }
 
 /// Applies and waits for Jobs in one namespace.
@@ -320,7 +368,7 @@ impl Orchestrator {
                         step.kind,
                         started.elapsed().as_secs_f64()
                     ));
-                    self.show_up_to_date(step).await;
+                    self.show_outcomes(step).await;
                     return Ok(());
                 }
                 Some(Outcome::Failed { reason, message }) => {
@@ -338,7 +386,7 @@ impl Orchestrator {
                                 "  warning: job {name} failed ({reason}{failed}), but {done} of {total} \
                                  succeeded, at least --min-workers {quorum}: going on with {done}"
                             ));
-                            self.show_up_to_date(step).await;
+                            self.show_outcomes(step).await;
                             return Ok(());
                         }
                         bail!(
@@ -365,52 +413,24 @@ impl Orchestrator {
         }
     }
 
-    /// Says whether a step that may skip work did (its pods' logs say "up to date", or for
-    /// the copier "nothing to do"). Best effort: says nothing when the logs cannot be read.
-    async fn show_up_to_date(&self, step: &Step) {
-        if !step.may_be_up_to_date() {
-            return;
-        }
-        let name = step.name();
-        let lp = ListParams::default().labels(&format!("batch.kubernetes.io/job-name={name}"));
-        let Ok(pods) = self.pods.list(&lp).await else {
+    /// Says what the step's pods did, from the outcome record each container leaves as its
+    /// termination message (`fedimdb::outcome`): up to date or computed, and the round's
+    /// test accuracy for an aggregator. Best effort: says nothing when the pods cannot be
+    /// listed, and counts a pod without a readable record as unknown.
+    async fn show_outcomes(&self, step: &Step) {
+        let selector = format!("batch.kubernetes.io/job-name={}", step.name());
+        let what = format!("the pods of job {}", step.name());
+        let Some(pods) = self.list_or_say(&self.pods, &selector, &what).await else {
             return;
         };
-        let mut succeeded = 0;
-        let mut fresh = 0;
-        for pod in &pods.items {
-            if pod.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Succeeded") {
-                continue;
-            }
-            let lp = LogParams {
-                container: step.container().map(str::to_string),
-                tail_lines: Some(self.tail_lines),
-                ..Default::default()
-            };
-            let pname = pod.metadata.name.clone().unwrap_or_default();
-            let Ok(text) = self.pods.logs(&pname, &lp).await else {
-                return;
-            };
-            succeeded += 1;
-            let t = text.to_lowercase();
-            if t.contains("up to date") || t.contains("nothing to do") {
-                fresh += 1;
-            }
+        let records: Vec<Option<StepOutcome>> = pods
+            .iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
+            .map(|p| outcome_of(p, step.container()))
+            .collect();
+        if let Some(line) = summarize(&records) {
+            self.say(format!("  {}: {line}", step.kind));
         }
-        if succeeded == 0 {
-            return;
-        }
-        let what = if fresh == succeeded {
-            "up to date, nothing recomputed".to_string()
-        } else if fresh == 0 {
-            "computed".to_string()
-        } else {
-            format!(
-                "{fresh} of {succeeded} pods up to date, {} computed",
-                succeeded - fresh
-            )
-        };
-        self.say(format!("  {}: {what}", step.kind));
     }
 
     /// Prints the last log lines of the Job's failed pods (best effort: errors are shown,

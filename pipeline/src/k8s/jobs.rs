@@ -104,20 +104,9 @@ impl Step {
         let pod = self.job.spec.as_ref()?.template.spec.as_ref()?;
         pod.containers.first()
     }
-    /// The main container's arguments.
-    pub fn args(&self) -> &[String] {
-        self.main_container()
-            .and_then(|c| c.args.as_deref())
-            .unwrap_or_default()
-    }
-    /// The main container's name (whose log tells whether the step was up to date).
+    /// The main container's name (its termination message is the step's outcome record).
     pub fn container(&self) -> Option<&str> {
         self.main_container().map(|c| c.name.as_str())
-    }
-    /// Whether the step was told to skip work that is up to date (`--resume`; the copier
-    /// always does).
-    pub fn may_be_up_to_date(&self) -> bool {
-        self.kind == StepKind::Copier || self.args().iter().any(|a| a == "--resume")
     }
 }
 
@@ -234,11 +223,22 @@ fn container(name: &str, image: String, args: Vec<String>, res: ResourceRequirem
         image: Some(image),
         image_pull_policy: Some("IfNotPresent".into()),
         args: Some(args),
-        env: Some(vec![EnvVar {
-            name: "RUST_LOG".into(),
-            value: Some("info".into()),
-            ..Default::default()
-        }]),
+        env: Some(vec![
+            EnvVar {
+                name: "RUST_LOG".into(),
+                value: Some("info".into()),
+                ..Default::default()
+            },
+            // The step's outcome record goes to its termination message, which the driver
+            // reads from the pod's status (`fedimdb::outcome`).
+            EnvVar {
+                name: fedimdb::outcome::ENV.into(),
+                value: Some(fedimdb::outcome::TERMINATION_LOG.into()),
+                ..Default::default()
+            },
+        ]),
+        termination_message_path: Some(fedimdb::outcome::TERMINATION_LOG.into()),
+        termination_message_policy: Some("File".into()),
         resources: Some(res),
         security_context: Some(container_security()),
         volume_mounts: Some(vec![

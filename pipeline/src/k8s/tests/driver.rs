@@ -6,37 +6,67 @@ use serde_json::json;
 use super::fixtures::{
     Fake, LEASE, assert_has, job_name_of, methods_on, params, params_with, run_on_fake,
 };
+use fedimdb::outcome::{Outcome, Status};
+
+use crate::k8s::api::summarize;
 use crate::k8s::jobs::{self, Overlay, Params};
 
-/// Steps whose pods log "up to date" are reported as such.
+/// What each step did comes from its pods' outcome records (termination messages), never
+/// from their logs: up to date or computed, with the aggregator's test accuracy.
 #[tokio::test]
-async fn steps_that_were_up_to_date_are_reported() {
+async fn each_steps_outcome_is_read_from_its_termination_messages() {
     let steps = jobs::plan(&params(2, 1, Overlay::Local));
     let f = Fake {
-        log: "INFO trainer: rounds/round-0/updates/shard-00001: up to date\n".into(),
+        record: Some(Status::UpToDate),
         ..Default::default()
     };
     let ran = run_on_fake(&steps, f, 2).await;
     ran.result.as_ref().unwrap();
     let lines = ran.text();
-    for k in ["trainers of round 0", "aggregator of round 1", "copier"] {
-        assert_has(&lines, &format!("  {k}: up to date, nothing recomputed"));
+    for k in ["trainers of round 0", "copier"] {
+        assert_has(&lines, &format!("  {k}: up to date, nothing recomputed\n"));
     }
-    let log = &ran
-        .seen
-        .iter()
-        .find(|s| s.uri.contains("/log"))
-        .unwrap()
-        .uri;
-    assert_has(log, "container=");
-    // Without --resume nothing is looked up for the trainers and aggregators.
-    let p = params_with(2, 1, Overlay::Local, &["--from-round", "0"]);
-    let ran = run_on_fake(&jobs::plan(&p), Fake::default(), 2).await;
+    assert_has(
+        &lines,
+        "  aggregator of round 1: up to date, nothing recomputed, test accuracy 90.00%",
+    );
+    assert!(
+        !ran.seen.iter().any(|s| s.uri.contains("/log")),
+        "a log was read"
+    );
+    let ran = run_on_fake(&steps, Fake::default(), 2).await;
     ran.result.as_ref().unwrap();
-    let logs = ran.seen.iter().filter(|s| s.uri.contains("/log")).count();
-    assert_eq!(logs, 1, "only the copier's log is read");
     let lines = ran.text();
-    assert_has(&lines, "  copier: computed");
+    assert_has(&lines, "  copier: computed\n");
+    assert_has(
+        &lines,
+        "  aggregator of round 0: computed, test accuracy 90.00%",
+    );
+    // Pods that leave no record (an older image) are said to be of unknown outcome.
+    let f = Fake {
+        record: None,
+        ..Default::default()
+    };
+    let ran = run_on_fake(&steps, f, 2).await;
+    ran.result.as_ref().unwrap();
+    assert_has(&ran.text(), "  trainers of round 1: outcome unknown");
+}
+
+/// One line per step from its pods' records, mixed and partly missing ones included.
+#[test]
+fn outcomes_are_summarized_in_one_line() {
+    let record = |status| Some(Outcome::new("trainer", status));
+    let (done, fresh) = (record(Status::Done), record(Status::UpToDate));
+    assert_eq!(summarize(&[]), None);
+    assert_eq!(
+        summarize(&[fresh.clone(), done.clone(), fresh.clone()]).unwrap(),
+        "2 of 3 pods up to date, 1 computed"
+    );
+    assert_eq!(
+        summarize(&[done.clone(), None]).unwrap(),
+        "computed (1 pods left no outcome record)"
+    );
+    assert_eq!(summarize(&[None, None]).unwrap(), "outcome unknown");
 }
 
 /// A fake cluster whose trainer Jobs fail with indexes `completed` succeeded (`succeeded`

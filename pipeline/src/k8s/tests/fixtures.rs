@@ -91,6 +91,31 @@ pub fn pod_list(pods: &[(&str, &str)]) -> String {
     json!({ "apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items }).to_string()
 }
 
+/// `n` succeeded pods of Job `job`, each whose main container (named after the step) left
+/// the outcome record `record` as its termination message, as the kubelet reports it; an
+/// aggregator's record carries a test accuracy of 90%.
+pub fn succeeded_pods(job: &str, n: i32, record: Option<fedimdb::outcome::Status>) -> String {
+    let step = ["copier", "trainer", "aggregator"]
+        .into_iter()
+        .find(|s| job.contains(s))
+        .unwrap();
+    let items: Vec<Value> = (0..n)
+        .map(|i| {
+            let mut state = json!({ "terminated": { "exitCode": 0, "reason": "Completed" } });
+            if let Some(status) = record {
+                let mut o = fedimdb::outcome::Outcome::new(step, status);
+                o.test_accuracy = (step == "aggregator").then_some(0.9);
+                state["terminated"]["message"] = json!(serde_json::to_string(&o).unwrap());
+            }
+            json!({ "metadata": { "name": format!("{job}-{i}-x") },
+                    "status": { "phase": "Succeeded",
+                                "containerStatuses": [{ "name": step, "state": state, "ready": false,
+                                                        "restartCount": 0, "image": "x", "imageID": "" }] } })
+        })
+        .collect();
+    json!({ "apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items }).to_string()
+}
+
 /// A failure `Status` with its HTTP code.
 pub fn status_json(code: u16, reason: &str, message: &str) -> Value {
     json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -288,8 +313,11 @@ pub struct Fake {
     pub complete_on_read: usize,
     /// Status of the trainer Jobs when they finish (default: complete).
     pub trainer_status: Option<Value>,
-    /// Log of every pod.
+    /// Log of every pod (read only for failed pods).
     pub log: String,
+    /// What every succeeded pod's outcome record (its termination message) says; `None`:
+    /// the pods leave none.
+    pub record: Option<fedimdb::outcome::Status>,
     /// Jobs listed by `managed-by` (other runs).
     pub other_jobs: Vec<Value>,
     /// At this PUT of the Lease (1-based), another holder (`THIEF`) takes it first.
@@ -305,6 +333,7 @@ impl Default for Fake {
             complete_on_read: 1,
             trainer_status: None,
             log: "working\n".into(),
+            record: Some(fedimdb::outcome::Status::Done),
             other_jobs: Vec::new(),
             stolen_at_put: None,
             renewals_fail: false,
@@ -427,11 +456,7 @@ pub fn fake(mut f: Fake, workers: i32) -> Handler {
             ("GET", "/api/v1/namespaces/fedimdb/pods") => {
                 let job = r.uri.split("job-name%3D").nth(1).unwrap().to_string();
                 let n = if job.contains("trainer") { workers } else { 1 };
-                let pods: Vec<(String, &str)> = (0..n)
-                    .map(|i| (format!("{job}-{i}-x"), "Succeeded"))
-                    .collect();
-                let pods: Vec<(&str, &str)> = pods.iter().map(|(a, b)| (a.as_str(), *b)).collect();
-                (200, pod_list(&pods))
+                (200, succeeded_pods(&job, n, f.record))
             }
             ("GET", p) if p.ends_with("/log") => (200, f.log.clone()),
             (m, _) => panic!("unexpected {m} {}", r.uri),
