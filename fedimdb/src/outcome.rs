@@ -12,38 +12,35 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+/// One step's record. Every field is written, absent ones as `null`, so that the record
+/// reads the same for every step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// `copier`, `trainer` or `aggregator`.
+    pub step: String,
+    pub status: Status,
+    pub round: Option<u32>,
+    pub shard: Option<usize>,
+    /// The aggregator's: the round's global model on the test set (a report, never a
+    /// decision input).
+    pub test_accuracy: Option<f64>,
+}
+
+/// Whether the step computed its outputs (`done`) or found them already there, verified
+/// and made from the same inputs (`up-to-date`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    Done,
+    UpToDate,
+}
+
 /// The variable naming the file to write the record to. Unset: no record is written.
 pub const ENV: &str = "FEDIMDB_OUTCOME_FILE";
 
 /// Where Kubernetes reads a container's termination message (`terminationMessagePath`'s
 /// default; at most 4096 bytes, which a record never comes near).
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
-
-/// Whether the step computed its outputs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Status {
-    /// It computed and wrote its outputs.
-    Done,
-    /// Its outputs were already there, verified and made from the same inputs: no work.
-    UpToDate,
-}
-
-/// One step's record.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Outcome {
-    /// `copier`, `trainer` or `aggregator`.
-    pub step: String,
-    pub status: Status,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub round: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shard: Option<usize>,
-    /// The aggregator's: the round's global model on the test set (a report, never a
-    /// decision input).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub test_accuracy: Option<f64>,
-}
 
 impl Outcome {
     pub fn new(step: &str, status: Status) -> Self {
@@ -100,7 +97,7 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(
             text,
-            "{\"step\":\"aggregator\",\"status\":\"up-to-date\",\"round\":3,\"test_accuracy\":0.9185}\n"
+            "{\"step\":\"aggregator\",\"status\":\"up-to-date\",\"round\":3,\"shard\":null,\"test_accuracy\":0.9185}\n"
         );
         assert_eq!(Outcome::parse(&text).unwrap(), o);
         let err = Outcome::parse("INFO up to date").unwrap_err().to_string();
