@@ -684,7 +684,9 @@ fn done_as_asked(
         "the global model on disk combined {} updates, fewer than the quorum of {quorum}",
         report.shards.len()
     );
-    if superseded(layout, &report).is_err() {
+    // A round whose global model is gone was shown superseded by `check_round` already.
+    let retired = !layout.global_model(round).exists() || superseded(layout, &report).is_ok();
+    if !retired {
         let now: Vec<usize> = list_updates(&layout.updates_dir(round))?
             .into_keys()
             .collect();

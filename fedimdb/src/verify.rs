@@ -204,9 +204,7 @@ impl UpdateWant {
             },
         }
     }
-}
 
-impl UpdateWant {
     /// [`UpdateWant::new`] from the records of the round before (its report's model and
     /// control checksums) rather than its files, which the retention rule may have removed:
     /// what `trainer --resume` asks before loading anything. From round 1 on the base
@@ -247,13 +245,15 @@ pub fn check_update(
     want: &UpdateWant,
 ) -> Result<UpdateReport> {
     let path = layout.update(round, shard);
-    let retired = !path.exists()
-        && read_round_report(layout, round).is_ok_and(|r| superseded(layout, &r).is_ok());
-    if !path.exists() && !retired {
-        bail!("{} is missing", path.display());
-    }
+    // A removed update's round, verified once: through a later round's model.
+    let retired = if path.exists() {
+        None
+    } else {
+        let missing = || format!("{} is missing", path.display());
+        Some(retired_round(layout, round, want.base_sha256.as_deref()).with_context(missing)?)
+    };
     let report = read_update_report(layout, round, shard)?;
-    if !retired {
+    if retired.is_none() {
         check_file(&path, &report.sha256, &layout.update_report(round, shard))?;
     }
     let differs =
@@ -273,9 +273,7 @@ pub fn check_update(
     if report.control_sha256 != want.control_sha256 {
         return Err(differs("control variate"));
     }
-    if retired {
-        let combined = check_round(layout, round, want.base_sha256.as_deref())
-            .with_context(|| format!("{} is missing", path.display()))?;
+    if let Some(combined) = retired {
         let used = (combined.shards.iter().zip(&combined.update_sha256))
             .any(|(&s, sha)| s == shard && *sha == report.sha256);
         ensure!(
@@ -332,6 +330,18 @@ pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Re
             "{} was made from an update of shard {shard} that has since changed or gone",
             path.display()
         );
+    }
+    Ok(report)
+}
+
+/// The report of `round` if the round verifies ([`check_round`], made from `base_sha256`)
+/// and a later round's verified model was made from it ([`superseded`]): its update files
+/// are then judged by their records. A round whose global model is gone was shown to be
+/// superseded by [`check_round`] itself, so the chain is walked (and hashed) once.
+fn retired_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Result<RoundReport> {
+    let report = check_round(layout, round, base_sha256)?;
+    if layout.global_model(round).exists() {
+        superseded(layout, &report)?;
     }
     Ok(report)
 }
