@@ -53,6 +53,7 @@ pub fn params_with(workers: u32, rounds: u32, overlay: Overlay, more: &[&str]) -
         run: RunArgs::from_flags(&flags).unwrap(),
         registry: "example.io/fedimdb".into(),
         image_tag: "0.1.0".into(),
+        images: Default::default(),
         overlay,
         claim: "fedimdb-data".into(),
         deadline_s: 600,
