@@ -176,7 +176,26 @@ deploy: build
 	  --rounds $(ROUNDS) --steps $(STEPS) --batch $(BATCH) \
 	  --copier-image "$$(image copier)" --trainer-image "$$(image trainer)" --aggregator-image "$$(image aggregator)"
 
+## Starts a whole run inside the cluster: applies overlays/OVERLAY/run (the overlay and the
+## driver Job, parameters from manifests/base/params.yaml), replacing a finished driver Job
+## (the new driver resumes where the last one stopped), then follows its log.
+run-k8s:
+	@if $(KUBECTL) kustomize manifests/overlays/$(OVERLAY) | grep -q '$(PLACEHOLDER_DIGEST)'; then \
+	  echo "overlay $(OVERLAY) runs images with placeholder digests ($(IMAGES_COMPONENT)): run 'make images push pin-images OVERLAY=$(OVERLAY) REGISTRY=... TAG=...' first" >&2; exit 1; fi
+	mkdir -p $(K8S_DIR)-run
+	printf '%s\n' 'apiVersion: kustomize.config.k8s.io/v1beta1' 'kind: Kustomization' \
+	  'namespace: $(NAMESPACE)' 'resources:' '- ../../manifests/overlays/$(OVERLAY)/run' \
+	  > $(K8S_DIR)-run/kustomization.yaml
+	$(KUBECTL) -n $(NAMESPACE) delete job fedimdb-driver --ignore-not-found
+	$(KUBECTL) apply -k $(K8S_DIR)-run
+	for i in $$(seq 60); do $(KUBECTL) -n $(NAMESPACE) get pods -o name \
+	  -l batch.kubernetes.io/job-name=fedimdb-driver | grep -q . && break; sleep 2; done
+	$(KUBECTL) -n $(NAMESPACE) wait pod -l batch.kubernetes.io/job-name=fedimdb-driver \
+	  --for=jsonpath='{.status.phase}'=Running --timeout=5m
+	$(KUBECTL) -n $(NAMESPACE) logs -f job/fedimdb-driver
+
 status:
+	$(KUBECTL) -n $(NAMESPACE) get jobs -L fedimdb.io/phase,fedimdb.io/round,fedimdb.io/accuracy
 	$(KUBECTL) -n $(NAMESPACE) get jobs,pods,deployments,services,pvc -o wide
 	$(KUBECTL) get pv fedimdb-data
 

@@ -6,6 +6,10 @@
 //! Re-running resumes: the trainers and aggregators of rounds below `--from-round` (all, by
 //! default) get `--resume` and exit at once when their outputs already exist and verify. A
 //! Lease per claim (`lock.rs`) keeps two drivers from writing into one volume at once.
+//!
+//! In the cluster, the driver Job of `manifests/components/run` runs this command with
+//! `--driver-job` (from its pod's labels), and the run's phase, round and accuracy are
+//! written on that Job.
 
 pub mod api;
 pub mod jobs;
@@ -182,12 +186,13 @@ pub fn run(args: &K8sArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async {
         let client = connect().await?;
-        let orch = api::Orchestrator::new(
+        let mut orch = api::Orchestrator::new(
             client,
             &p.namespace,
             Duration::from_secs_f64(args.poll),
             Duration::from_secs_f64(args.step_timeout),
         );
+        orch.driver_job = args.driver_job.clone();
         let lock = lock::LockConfig::new(&p.claim, &p.run_id);
         orch.run_locked(&steps, lock, shutdown_signal()).await
     })

@@ -805,7 +805,8 @@ fn checkov_finds_no_failed_checks() {
 
     let mut targets: Vec<(String, String)> = OVERLAYS
         .iter()
-        .map(|o| (format!("overlay {o}"), kustomize(&kubectl, o)))
+        .flat_map(|o| [o.to_string(), format!("{o}/run")])
+        .map(|o| (format!("overlay {o}"), kustomize(&kubectl, &o)))
         .collect();
     let kserve = repo().join("manifests/kserve");
     targets.push((
@@ -894,7 +895,7 @@ fn network_policies_select_the_intended_pods() {
     let Some(kubectl) = kubectl_with_kustomize_5() else {
         return;
     };
-    let rendered = docs(&kustomize(&kubectl, "local"));
+    let rendered = docs(&kustomize(&kubectl, "local/run"));
     let driver_jobs = docs(&dry_run(&["--workers", "2", "--rounds", "1"]));
     let workloads: Vec<&serde_yaml::Value> = rendered
         .iter()
@@ -930,7 +931,7 @@ fn network_policies_select_the_intended_pods() {
         ("fedimdb-steps", steps),
         ("fedimdb-copier-download", copiers),
         ("fedimdb-inspector", vec!["fedimdb-inspector".into()]),
-        ("fedimdb-pipeline", vec![]),
+        ("fedimdb-pipeline", vec!["fedimdb-driver".into()]),
     ];
     let policies: Vec<&serde_yaml::Value> = rendered
         .iter()
@@ -1032,4 +1033,403 @@ fn network_policies_select_the_intended_pods() {
     );
     let egress = ports(&policy("fedimdb-pipeline")["spec"]["egress"]);
     assert!(egress.contains(&("TCP".to_string(), 443)), "{egress:?}");
+}
+
+/// The environment variable `name` of a container, as a string.
+fn env_of(container: &serde_yaml::Value, name: &str) -> Option<String> {
+    container["env"]
+        .as_sequence()?
+        .iter()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["value"].as_str().map(str::to_string))
+}
+
+/// `$(VAR)` in `arg` replaced by `value(VAR)`, as Kubernetes expands a container's args.
+fn expand(arg: &str, value: &dyn Fn(&str) -> Option<String>) -> String {
+    let mut out = String::new();
+    let mut rest = arg;
+    while let Some(start) = rest.find("$(") {
+        let end = rest[start..]
+            .find(')')
+            .map(|e| start + e)
+            .expect("unclosed $(");
+        let var = &rest[start + 2..end];
+        out.push_str(&rest[..start]);
+        out.push_str(&value(var).unwrap_or_else(|| panic!("no value for $({var}) in {arg}")));
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Arguments as (flag, value) groups; a leading subcommand is a group of its own.
+fn arg_groups(args: &[String]) -> Vec<Vec<String>> {
+    let mut groups: Vec<Vec<String>> = Vec::new();
+    for a in args {
+        match groups.last_mut() {
+            Some(g) if !a.starts_with("--") && g[0].starts_with("--") && g.len() == 1 => {
+                g.push(a.clone())
+            }
+            _ => groups.push(vec![a.clone()]),
+        }
+    }
+    groups
+}
+
+fn strings(v: &serde_yaml::Value) -> Vec<String> {
+    v.as_sequence()
+        .map(|s| s.iter().map(|a| a.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// Where a Job's containers are: (`initContainers` or `containers`, index).
+fn container_slots(job: &serde_yaml::Value) -> Vec<(&'static str, usize)> {
+    ["initContainers", "containers"]
+        .into_iter()
+        .flat_map(|key| {
+            let n = job["spec"]["template"]["spec"][key]
+                .as_sequence()
+                .map_or(0, |s| s.len());
+            (0..n).map(move |i| (key, i))
+        })
+        .collect()
+}
+
+/// A step template of manifests/base (rendered) and the Job `pipeline k8s` builds for the
+/// same step, made comparable; every difference left is a drift between the two.
+fn comparable(template: &serde_yaml::Value, built: &serde_yaml::Value) -> (String, String) {
+    let mut t = template.clone();
+    let mut b = built.clone();
+    // Names differ by design: the template is `fedimdb-STEP`, the driver's Jobs
+    // `fedimdb-RUN-STEP[-rROUND]`, one per run and round.
+    for j in [&mut t, &mut b] {
+        j["metadata"].as_mapping_mut().unwrap().remove("name");
+    }
+    // The templates are suspended, so that applying an overlay starts nothing.
+    assert_eq!(t["spec"]["suspend"], true);
+    t["spec"].as_mapping_mut().unwrap().remove("suspend");
+    // The driver labels its Jobs with itself and the run they belong to; the templates
+    // belong to no run.
+    for in_template in [false, true] {
+        let labels = if in_template {
+            &mut b["spec"]["template"]["metadata"]["labels"]
+        } else {
+            &mut b["metadata"]["labels"]
+        };
+        let labels = labels.as_mapping_mut().unwrap();
+        assert_eq!(labels.remove("fedimdb/run").unwrap(), "ci");
+        assert_eq!(
+            labels.remove("app.kubernetes.io/managed-by").unwrap(),
+            "fedimdb-pipeline"
+        );
+    }
+    let slots = container_slots(&t);
+    assert!(!slots.is_empty());
+    assert_eq!(slots, container_slots(&b), "the same containers");
+    for (key, i) in slots {
+        let tc = &mut t["spec"]["template"]["spec"][key][i];
+        // The templates take the parameters as $(VAR)s from env entries that kustomize
+        // fills from params.yaml; expanded, those entries have served their purpose.
+        let env = tc.clone();
+        let args: Vec<String> = strings(&tc["args"])
+            .iter()
+            .map(|a| expand(a, &|v| env_of(&env, v)))
+            .collect();
+        tc["args"] = serde_yaml::to_value(&args).unwrap();
+        if let Some(serde_yaml::Value::Sequence(env)) = tc.get_mut("env") {
+            env.retain(|e| {
+                !["WORKERS", "ROUND", "STEPS", "BATCH"].contains(&e["name"].as_str().unwrap())
+            });
+        }
+        // The driver passes every training flag explicitly (here all at their defaults:
+        // the dry run gets none); a template names only those it takes from params.yaml,
+        // and the binary's defaults are the same fedimdb::train::defaults. So the driver's
+        // flags that the template does not name are left out, and the rest must be the
+        // same flags, values and order.
+        let named: Vec<&str> = args
+            .iter()
+            .filter(|a| a.starts_with("--"))
+            .map(String::as_str)
+            .collect();
+        let bc = &mut b["spec"]["template"]["spec"][key][i];
+        let kept: Vec<String> = arg_groups(&strings(&bc["args"]))
+            .into_iter()
+            .filter(|g| !g[0].starts_with("--") || named.contains(&g[0].as_str()))
+            .flatten()
+            .collect();
+        bc["args"] = serde_yaml::to_value(&kept).unwrap();
+    }
+    (
+        serde_yaml::to_string(&sorted(&t)).unwrap(),
+        serde_yaml::to_string(&sorted(&b)).unwrap(),
+    )
+}
+
+/// A YAML value with every mapping's keys in order (kustomize keeps a manifest's order,
+/// the driver's serializer sorts them), so that equal objects print the same.
+fn sorted(v: &serde_yaml::Value) -> serde_yaml::Value {
+    match v {
+        serde_yaml::Value::Mapping(m) => {
+            let mut entries: Vec<(&serde_yaml::Value, &serde_yaml::Value)> = m.iter().collect();
+            entries.sort_by_key(|(k, _)| k.as_str().unwrap_or_default().to_string());
+            serde_yaml::Value::Mapping(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k.clone(), sorted(v)))
+                    .collect(),
+            )
+        }
+        serde_yaml::Value::Sequence(s) => {
+            serde_yaml::Value::Sequence(s.iter().map(sorted).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+/// Where two YAML texts first differ: the line number and a few lines of each from there.
+fn first_difference(a: &str, b: &str) -> String {
+    let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    let at = la
+        .iter()
+        .zip(&lb)
+        .position(|(x, y)| x != y)
+        .unwrap_or(la.len().min(lb.len()));
+    let from = at.saturating_sub(3);
+    let show = |l: &[&str]| {
+        l.iter()
+            .skip(from)
+            .take(10)
+            .copied()
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    format!(
+        "first difference at line {}:\n--- template\n{}\n--- driver\n{}",
+        at + 1,
+        show(&la),
+        show(&lb)
+    )
+}
+
+/// The `pipeline k8s --overlay` whose Jobs an overlay's templates are.
+fn pipeline_overlay(overlay: &str) -> &str {
+    match overlay {
+        "gke-filestore" => "gke",
+        o => o,
+    }
+}
+
+/// `pipeline k8s --dry-run` with the parameters and images of an overlay's templates.
+fn driver_jobs_for(overlay: &str, rendered: &[serde_yaml::Value]) -> Vec<serde_yaml::Value> {
+    let job = |n: &str| {
+        rendered
+            .iter()
+            .find(|d| d["kind"] == "Job" && d["metadata"]["name"] == n)
+            .unwrap_or_else(|| panic!("{overlay}: no Job {n}"))
+    };
+    let trainer = &job("fedimdb-trainer")["spec"]["template"]["spec"]["containers"][0];
+    let param = |name: &str| env_of(trainer, name).unwrap();
+    let image = |n: &str| {
+        job(n)["spec"]["template"]["spec"]["containers"][0]["image"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let round: u32 = param("ROUND").parse().unwrap();
+    let rounds = round.max(1).to_string();
+    let (workers, steps, batch) = (param("WORKERS"), param("STEPS"), param("BATCH"));
+    let (copier, trainer_image, aggregator) = (
+        image("fedimdb-copier"),
+        image("fedimdb-trainer"),
+        image("fedimdb-aggregator"),
+    );
+    docs(&dry_run(&[
+        "--overlay",
+        pipeline_overlay(overlay),
+        "--workers",
+        &workers,
+        "--rounds",
+        &rounds,
+        "--steps",
+        &steps,
+        "--batch",
+        &batch,
+        "--copier-image",
+        &copier,
+        "--trainer-image",
+        &trainer_image,
+        "--aggregator-image",
+        &aggregator,
+    ]))
+}
+
+/// The suspended step templates of manifests/base, as each overlay renders them, are the
+/// Jobs `pipeline k8s` builds for that overlay (pipeline/src/k8s/jobs.rs), field by field,
+/// but for what `comparable` normalises and says why.
+#[test]
+fn the_step_templates_are_the_jobs_the_driver_builds() {
+    let Some(kubectl) = kubectl_with_kustomize_5() else {
+        return;
+    };
+    for overlay in OVERLAYS {
+        let rendered = docs(&kustomize(&kubectl, overlay));
+        let built = driver_jobs_for(overlay, &rendered);
+        let round = env_of(
+            &rendered
+                .iter()
+                .find(|d| d["metadata"]["name"] == "fedimdb-trainer")
+                .unwrap()["spec"]["template"]["spec"]["containers"][0],
+            "ROUND",
+        )
+        .unwrap();
+        for (template, name) in [
+            ("fedimdb-copier", "fedimdb-ci-copier".to_string()),
+            ("fedimdb-trainer", format!("fedimdb-ci-trainer-r{round}")),
+            (
+                "fedimdb-aggregator",
+                format!("fedimdb-ci-aggregator-r{round}"),
+            ),
+        ] {
+            let t = rendered
+                .iter()
+                .find(|d| d["metadata"]["name"] == template)
+                .unwrap();
+            let b = built
+                .iter()
+                .find(|d| d["metadata"]["name"] == name.as_str())
+                .unwrap();
+            let (t, b) = comparable(t, b);
+            assert!(
+                t == b,
+                "{overlay}: the template {template} and the driver's {name} differ \
+                 (update manifests/ or pipeline/src/k8s/jobs.rs); {}",
+                first_difference(&t, &b)
+            );
+        }
+    }
+}
+
+/// The rendered driver Job of `overlays/OVERLAY/run`.
+fn driver_job(docs: &[serde_yaml::Value]) -> &serde_yaml::Value {
+    docs.iter()
+        .find(|d| d["kind"] == "Job" && d["metadata"]["name"] == "fedimdb-driver")
+        .expect("a Job fedimdb-driver")
+}
+
+/// `kubectl apply -k manifests/overlays/OVERLAY/run` applies the overlay unchanged plus the
+/// driver Job, which validates, runs `pipeline k8s` as the ServiceAccount fedimdb-pipeline
+/// with the parameters of params.yaml and the templates' images, and whose arguments,
+/// expanded as Kubernetes does, make the binary build exactly the Jobs of the templates.
+#[test]
+fn the_run_overlays_add_a_driver_job_that_runs_the_templates() {
+    let Some(kubectl) = kubectl_with_kustomize_5() else {
+        return;
+    };
+    let validator = need("kubernetes-validate");
+    for overlay in OVERLAYS {
+        let plain = docs(&kustomize(&kubectl, overlay));
+        let run_yaml = kustomize(&kubectl, &format!("{overlay}/run"));
+        if let Some(v) = &validator {
+            validate(v, &run_yaml, &format!("{overlay}/run")).unwrap();
+        }
+        let run = docs(&run_yaml);
+        let driver = driver_job(&run);
+        let rest: Vec<&serde_yaml::Value> = run
+            .iter()
+            .filter(|d| d["metadata"]["name"] != "fedimdb-driver")
+            .collect();
+        assert_eq!(
+            rest,
+            plain.iter().collect::<Vec<_>>(),
+            "{overlay}/run must be {overlay} plus the driver Job (same components)"
+        );
+        assert_eq!(driver["metadata"]["namespace"], "fedimdb");
+        // Runs as soon as applied; retried, bounded, and gone an hour after it ended (then
+        // a new apply starts a new driver).
+        assert!(driver["spec"]["suspend"].is_null());
+        for k in ["backoffLimit", "activeDeadlineSeconds", "podFailurePolicy"] {
+            assert!(
+                !driver["spec"][k].is_null(),
+                "{overlay}: driver without {k}"
+            );
+        }
+        assert_eq!(driver["spec"]["ttlSecondsAfterFinished"], 3600);
+        let pod = &driver["spec"]["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], "fedimdb-pipeline");
+        assert_eq!(pod["restartPolicy"], "Never");
+        let c = &pod["containers"][0];
+        let sc = &c["securityContext"];
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["runAsNonRoot"], true);
+        assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+        let image = c["image"].as_str().unwrap();
+        assert!(image.contains("fedimdb/pipeline"), "{image}");
+        assert_eq!(
+            image.contains("@sha256:"),
+            overlay != "local",
+            "{overlay}: {image}"
+        );
+        // The environment the pod gets: fieldRefs as the kubelet fills them in.
+        let field = |e: &serde_yaml::Value| -> Option<String> {
+            let path = e["valueFrom"]["fieldRef"]["fieldPath"].as_str()?;
+            Some(match path {
+                "metadata.namespace" => "fedimdb".into(),
+                "metadata.name" => "fedimdb-driver-x7k2p".into(),
+                "metadata.labels['batch.kubernetes.io/job-name']" => "fedimdb-driver".into(),
+                p => panic!("{overlay}: unexpected fieldRef {p}"),
+            })
+        };
+        let env: Vec<(String, String)> = c["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let v = e["value"].as_str().map(str::to_string).or_else(|| field(e));
+                (e["name"].as_str().unwrap().to_string(), v.unwrap())
+            })
+            .collect();
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let args: Vec<String> = strings(&c["args"])
+            .iter()
+            .map(|a| expand(a, &get))
+            .collect();
+        assert_eq!(args[0], "k8s");
+        assert_eq!(get("OVERLAY").unwrap(), pipeline_overlay(overlay));
+        // What the driver would apply, from its own arguments and environment.
+        let o = Command::new(PIPELINE)
+            .args(&args)
+            .args(["--dry-run", "--run-id", "ci"])
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{overlay}: the driver's arguments {args:?}:\n{}",
+            text(&o)
+        );
+        let built = docs(&String::from_utf8(o.stdout).unwrap());
+        let rounds: usize = get("ROUNDS").unwrap().parse().unwrap();
+        assert_eq!(built.len(), 1 + 2 * (rounds + 1), "{overlay}");
+        for (template, name) in [
+            ("fedimdb-copier", "fedimdb-ci-copier"),
+            ("fedimdb-trainer", "fedimdb-ci-trainer-r0"),
+            ("fedimdb-aggregator", "fedimdb-ci-aggregator-r0"),
+        ] {
+            let t = plain
+                .iter()
+                .find(|d| d["metadata"]["name"] == template)
+                .unwrap();
+            let b = built
+                .iter()
+                .find(|d| d["metadata"]["name"] == name)
+                .unwrap();
+            let (t, b) = comparable(t, b);
+            assert!(
+                t == b,
+                "{overlay}/run: the driver would run another {template}; {}",
+                first_difference(&t, &b)
+            );
+        }
+    }
 }
