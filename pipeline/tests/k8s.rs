@@ -1,7 +1,10 @@
 //! `pipeline k8s` and the Kubernetes files, without a cluster (none is reachable in CI):
-//! every kustomize overlay and the `--dry-run` output validate against the Kubernetes
-//! schemas (`kubectl kustomize`, `kubernetes-validate --strict`), the Dockerfiles pass
-//! hadolint, and bad input (flags, kubeconfig, unreachable API server) fails clearly.
+//! every kustomize overlay (and its `run` variant with the driver Job) and the `--dry-run`
+//! output validate against the Kubernetes schemas (`kubectl kustomize`,
+//! `kubernetes-validate --strict`) and pass checkov, the NetworkPolicies select the pods
+//! they are written for, the step templates equal the Jobs the driver builds, the
+//! Dockerfiles pass hadolint, and bad input (flags, kubeconfig, unreachable API server)
+//! fails clearly.
 //! Tests that need a tool skip with a notice when it is missing; `.ci/run` installs them.
 
 mod common;
