@@ -285,7 +285,9 @@ impl Orchestrator {
         if let Some(r) = round {
             labels.insert(ROUND_LABEL.into(), r.to_string().into());
         }
-        if let Some(a) = accuracy {
+        // A label value must be alphanumeric at both ends: a NaN would make the API server
+        // refuse the whole patch.
+        if let Some(a) = accuracy.filter(|a| a.is_finite() && *a >= 0.0) {
             labels.insert(ACCURACY_LABEL.into(), format!("{a:.4}").into());
         }
         let mut patch = serde_json::json!({ "metadata": { "labels": labels } });
@@ -300,10 +302,16 @@ impl Orchestrator {
         if let Err(e) = self.jobs.patch(job, &pp, &Patch::Merge(&patch)).await {
             let first = !std::mem::replace(&mut self.state.lock().unwrap().record_failed, true);
             if first {
+                let hint = match &e {
+                    kube::Error::Api(s) if s.code == 403 => " (the Role needs `patch` on jobs)",
+                    kube::Error::Api(s) if s.code == 404 => {
+                        " (no such Job: --driver-job must name the Job this driver runs in)"
+                    }
+                    _ => "",
+                };
                 self.say(format!(
                     "  note: cannot write the run's progress on job {job} ({e}); the run goes on, \
-                     but `kubectl get jobs -L {PHASE_LABEL}` will not show it (the Role needs \
-                     `patch` on jobs)"
+                     but `kubectl get jobs -L {PHASE_LABEL}` will not show it{hint}"
                 ));
             }
         }
