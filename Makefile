@@ -200,6 +200,7 @@ status:
 	$(KUBECTL) get pv fedimdb-data
 
 logs:
+	-$(KUBECTL) -n $(NAMESPACE) logs --tail=50 job/fedimdb-driver
 	$(KUBECTL) -n $(NAMESPACE) logs --tail=50 --prefix --all-containers \
 	  -l app.kubernetes.io/managed-by=fedimdb-pipeline --max-log-requests 20
 	$(KUBECTL) -n $(NAMESPACE) logs --tail=50 deployment/fedimdb-server
