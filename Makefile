@@ -99,7 +99,7 @@ clean:
 	rm -rf runs
 
 ## ---- Kubernetes (README "Kubernetes", docs/KUBERNETES.md) ----
-## Images are REGISTRY/BINARY:TAG; OVERLAY is local (kind/minikube), gke or gpu.
+## Images are REGISTRY/BINARY:TAG; OVERLAY is local (kind/minikube), gke, gpu or gke-filestore.
 REGISTRY  ?= fedimdb
 TAG       ?= 0.1.0
 NAMESPACE ?= fedimdb
@@ -110,10 +110,16 @@ BATCH     ?= $(if $(filter gpu,$(OVERLAY)),32,1)
 DOCKER    ?= docker
 KUBECTL   ?= kubectl
 K8S_BINARIES := copier trainer aggregator server pipeline
-# The overlay with the images pointed at REGISTRY/TAG (kustomize's images transformer).
+# The overlay with the namespace set (and, for the local overlay, the images pointed at
+# REGISTRY/TAG by kustomize's images transformer).
 K8S_DIR   := runs/k8s-$(OVERLAY)
+# The cloud overlays run images pinned by digest, filled in by `make pin-images`.
+IMAGES_COMPONENT := manifests/components/images/kustomization.yaml
+PLACEHOLDER_DIGEST := sha256:0000000000000000000000000000000000000000000000000000000000000000
+# The Jobs `pipeline k8s --overlay` builds: gke-filestore's are gke's.
+PIPELINE_OVERLAY = $(if $(filter local gpu,$(OVERLAY)),$(OVERLAY),gke)
 
-.PHONY: images push deploy status logs port-forward clean-k8s
+.PHONY: images push pin-images deploy run-k8s status logs port-forward clean-k8s
 
 ## Builds one image per binary (and the CUDA trainer with OVERLAY=gpu). Needs Docker (BuildKit).
 images:
@@ -129,23 +135,72 @@ push:
 	  $(DOCKER) push $(REGISTRY)/$$b:$(TAG) || exit 1; \
 	done
 
-## Applies the overlay (volume, NFS server, server, inspector), then runs the workflow as Jobs.
+## After `make push`: pins the cloud overlays' images by digest, rewriting
+## $(IMAGES_COMPONENT) with REGISTRY/BINARY and the digest the registry gave each pushed
+## image (and the digests of busybox and volume-nfs). OVERLAY=gpu adds trainer-cuda.
+pin-images:
+	@set -e; out=$(IMAGES_COMPONENT).new; \
+	sed -n '1,/^images:/p' $(IMAGES_COMPONENT) > $$out; \
+	digest() { $(DOCKER) inspect --format '{{range .RepoDigests}}{{println .}}{{end}}' "$$1" \
+	  | grep -m1 "^$$2@sha256:" | cut -d@ -f2; }; \
+	for b in copier trainer trainer-cuda aggregator server pipeline; do \
+	  d=$$(digest $(REGISTRY)/$$b:$(TAG) $(REGISTRY)/$$b || true); \
+	  if [ -z "$$d" ]; then \
+	    if [ $$b = trainer-cuda ] && [ "$(OVERLAY)" != gpu ]; then d=$(PLACEHOLDER_DIGEST); \
+	    else echo "no registry digest for $(REGISTRY)/$$b:$(TAG): run 'make images push REGISTRY=$(REGISTRY) TAG=$(TAG)' first" >&2; rm -f $$out; exit 1; fi; \
+	  fi; \
+	  printf -- '- name: fedimdb/%s\n  newName: %s\n  digest: %s\n' $$b $(REGISTRY)/$$b $$d >> $$out; \
+	done; \
+	for i in busybox:1.37.0 registry.k8s.io/volume-nfs:0.8; do \
+	  $(DOCKER) pull -q $$i >/dev/null; \
+	  d=$$(digest $$i $${i%:*}); [ -n "$$d" ] || { echo "no registry digest for $$i" >&2; rm -f $$out; exit 1; }; \
+	  printf -- '- name: %s\n  digest: %s\n' $${i%:*} $$d >> $$out; \
+	done; \
+	mv $$out $(IMAGES_COMPONENT); echo "pinned: $(IMAGES_COMPONENT)"; grep -c 'digest: sha256:' $(IMAGES_COMPONENT)
+
+## Applies the overlay (volume, NFS server, server, inspector), then runs the workflow as Jobs
+## with `pipeline k8s` from this machine, using the images of the applied step templates.
 deploy: build
+	@if $(KUBECTL) kustomize manifests/overlays/$(OVERLAY) | grep -q '$(PLACEHOLDER_DIGEST)'; then \
+	  echo "overlay $(OVERLAY) runs images with placeholder digests ($(IMAGES_COMPONENT)): run 'make images push pin-images OVERLAY=$(OVERLAY) REGISTRY=... TAG=...' first" >&2; exit 1; fi
 	mkdir -p $(K8S_DIR)
 	printf '%s\n' 'apiVersion: kustomize.config.k8s.io/v1beta1' 'kind: Kustomization' \
-	  'namespace: $(NAMESPACE)' 'resources:' '- ../../manifests/overlays/$(OVERLAY)' 'images:' \
-	  $(foreach b,copier trainer aggregator server trainer-cuda,'- name: fedimdb/$(b)' '  newName: $(REGISTRY)/$(b)' '  newTag: "$(TAG)"') \
+	  'namespace: $(NAMESPACE)' 'resources:' '- ../../manifests/overlays/$(OVERLAY)' \
+	  $(if $(filter local,$(OVERLAY)),'images:' $(foreach b,copier trainer aggregator server pipeline,'- name: fedimdb/$(b)' '  newName: $(REGISTRY)/$(b)' '  newTag: "$(TAG)"')) \
 	  > $(K8S_DIR)/kustomization.yaml
 	$(KUBECTL) apply -k $(K8S_DIR)
-	$(KUBECTL) -n $(NAMESPACE) rollout status deployment/fedimdb-nfs --timeout=5m
-	$(BIN)/pipeline k8s --namespace $(NAMESPACE) --overlay $(OVERLAY) --workers $(WORKERS) \
-	  --rounds $(ROUNDS) --steps $(STEPS) --batch $(BATCH) --registry $(REGISTRY) --image-tag $(TAG)
+	if $(KUBECTL) -n $(NAMESPACE) get deployment/fedimdb-nfs >/dev/null 2>&1; then \
+	  $(KUBECTL) -n $(NAMESPACE) rollout status deployment/fedimdb-nfs --timeout=5m; fi
+	image() { $(KUBECTL) -n $(NAMESPACE) get job fedimdb-$$1 -o jsonpath='{.spec.template.spec.containers[0].image}'; }; \
+	$(BIN)/pipeline k8s --namespace $(NAMESPACE) --overlay $(PIPELINE_OVERLAY) --workers $(WORKERS) \
+	  --rounds $(ROUNDS) --steps $(STEPS) --batch $(BATCH) \
+	  --copier-image "$$(image copier)" --trainer-image "$$(image trainer)" --aggregator-image "$$(image aggregator)"
+
+## Starts a whole run inside the cluster: applies overlays/OVERLAY/run (the overlay and the
+## driver Job, parameters from manifests/base/params.yaml), replacing a finished driver Job
+## (the new driver resumes where the last one stopped), then follows its log.
+run-k8s:
+	@if $(KUBECTL) kustomize manifests/overlays/$(OVERLAY) | grep -q '$(PLACEHOLDER_DIGEST)'; then \
+	  echo "overlay $(OVERLAY) runs images with placeholder digests ($(IMAGES_COMPONENT)): run 'make images push pin-images OVERLAY=$(OVERLAY) REGISTRY=... TAG=...' first" >&2; exit 1; fi
+	mkdir -p $(K8S_DIR)-run
+	printf '%s\n' 'apiVersion: kustomize.config.k8s.io/v1beta1' 'kind: Kustomization' \
+	  'namespace: $(NAMESPACE)' 'resources:' '- ../../manifests/overlays/$(OVERLAY)/run' \
+	  > $(K8S_DIR)-run/kustomization.yaml
+	$(KUBECTL) -n $(NAMESPACE) delete job fedimdb-driver --ignore-not-found
+	$(KUBECTL) apply -k $(K8S_DIR)-run
+	for i in $$(seq 60); do $(KUBECTL) -n $(NAMESPACE) get pods -o name \
+	  -l batch.kubernetes.io/job-name=fedimdb-driver | grep -q . && break; sleep 2; done
+	$(KUBECTL) -n $(NAMESPACE) wait pod -l batch.kubernetes.io/job-name=fedimdb-driver \
+	  --for=jsonpath='{.status.phase}'=Running --timeout=5m
+	$(KUBECTL) -n $(NAMESPACE) logs -f job/fedimdb-driver
 
 status:
+	$(KUBECTL) -n $(NAMESPACE) get jobs -L fedimdb.io/phase,fedimdb.io/round,fedimdb.io/accuracy
 	$(KUBECTL) -n $(NAMESPACE) get jobs,pods,deployments,services,pvc -o wide
 	$(KUBECTL) get pv fedimdb-data
 
 logs:
+	-$(KUBECTL) -n $(NAMESPACE) logs --tail=50 job/fedimdb-driver
 	$(KUBECTL) -n $(NAMESPACE) logs --tail=50 --prefix --all-containers \
 	  -l app.kubernetes.io/managed-by=fedimdb-pipeline --max-log-requests 20
 	$(KUBECTL) -n $(NAMESPACE) logs --tail=50 deployment/fedimdb-server

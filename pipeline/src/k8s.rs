@@ -6,6 +6,10 @@
 //! Re-running resumes: the trainers and aggregators of rounds below `--from-round` (all, by
 //! default) get `--resume` and exit at once when their outputs already exist and verify. A
 //! Lease per claim (`lock.rs`) keeps two drivers from writing into one volume at once.
+//!
+//! In the cluster, the driver Job of `manifests/components/run` runs this command with
+//! `--driver-job` (from its pod's labels), and the run's phase, round and accuracy are
+//! written on that Job.
 
 pub mod api;
 pub mod jobs;
@@ -35,6 +39,16 @@ pub struct K8sArgs {
     /// Tag of the images (pinned; `latest` is refused).
     #[arg(long, env = "FEDIMDB_TAG", default_value = env!("CARGO_PKG_VERSION"))]
     pub image_tag: String,
+    /// The copier's image, whole (e.g. `REGISTRY/copier@sha256:...`), instead of
+    /// REGISTRY/copier:TAG.
+    #[arg(long, env = "FEDIMDB_COPIER_IMAGE", value_name = "IMAGE")]
+    pub copier_image: Option<String>,
+    /// The trainers' image, whole, instead of REGISTRY/trainer:TAG (trainer-cuda on GPUs).
+    #[arg(long, env = "FEDIMDB_TRAINER_IMAGE", value_name = "IMAGE")]
+    pub trainer_image: Option<String>,
+    /// The aggregator's image, whole, instead of REGISTRY/aggregator:TAG.
+    #[arg(long, env = "FEDIMDB_AGGREGATOR_IMAGE", value_name = "IMAGE")]
+    pub aggregator_image: Option<String>,
     /// Cluster flavour: `gpu` runs the trainers on NVIDIA GPUs.
     #[arg(long, value_enum, default_value = "local")]
     pub overlay: Overlay,
@@ -53,6 +67,38 @@ pub struct K8sArgs {
     /// Print the Jobs as YAML instead of applying them (needs no cluster).
     #[arg(long)]
     pub dry_run: bool,
+    /// The Job this driver runs in (the driver Job of manifests/components/run sets it from
+    /// its pod's `batch.kubernetes.io/job-name` label): the run's phase, round and latest
+    /// test accuracy are written on it as labels, for `kubectl get jobs -L ...`.
+    #[arg(long, env = "FEDIMDB_DRIVER_JOB", value_name = "JOB")]
+    pub driver_job: Option<String>,
+}
+
+/// Checks an image reference given whole: `NAME:TAG` or `NAME@sha256:DIGEST`, with a
+/// pinned tag.
+fn check_image(flag: &str, image: &Option<String>) -> Result<Option<String>> {
+    let Some(image) = image else {
+        return Ok(None);
+    };
+    let last = image.rsplit('/').next().unwrap_or_default();
+    let (name, pinned) = match last.split_once('@') {
+        Some((name, digest)) => (
+            name.split(':').next().unwrap_or_default(),
+            digest
+                .strip_prefix("sha256:")
+                .is_some_and(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit())),
+        ),
+        None => match last.split_once(':') {
+            Some((name, tag)) => (name, !tag.is_empty() && tag != "latest"),
+            None => (last, false),
+        },
+    };
+    ensure!(
+        !name.is_empty() && !image.chars().any(char::is_whitespace) && pinned,
+        "{flag} {image:?} must name an image by a pinned tag (NAME:TAG, not latest) or by \
+         digest (NAME@sha256: and 64 hex digits)"
+    );
+    Ok(Some(image.clone()))
 }
 
 /// A DNS-1123 label: lowercase letters, digits and '-', starting and ending alphanumeric.
@@ -106,12 +152,24 @@ pub fn params(args: &K8sArgs) -> Result<Params> {
         is_dns_label(&run_id, 20),
         "--run-id {run_id:?} must be at most 20 lowercase letters, digits and '-'"
     );
+    let images = jobs::StepImages {
+        copier: check_image("--copier-image", &args.copier_image)?,
+        trainer: check_image("--trainer-image", &args.trainer_image)?,
+        aggregator: check_image("--aggregator-image", &args.aggregator_image)?,
+    };
+    if let Some(job) = &args.driver_job {
+        ensure!(
+            is_dns_label(job, 63),
+            "--driver-job {job:?} is not a Job name (lowercase letters, digits and '-')"
+        );
+    }
     Ok(Params {
         namespace: args.namespace.clone(),
         run_id,
         run: args.run.clone(),
         registry: args.registry.clone(),
         image_tag: args.image_tag.clone(),
+        images,
         overlay: args.overlay,
         claim: args.claim.clone(),
         deadline_s: (args.step_timeout.ceil() as i64).max(1),
@@ -128,12 +186,13 @@ pub fn run(args: &K8sArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async {
         let client = connect().await?;
-        let orch = api::Orchestrator::new(
+        let mut orch = api::Orchestrator::new(
             client,
             &p.namespace,
             Duration::from_secs_f64(args.poll),
             Duration::from_secs_f64(args.step_timeout),
         );
+        orch.driver_job = args.driver_job.clone();
         let lock = lock::LockConfig::new(&p.claim, &p.run_id);
         orch.run_locked(&steps, lock, shutdown_signal()).await
     })

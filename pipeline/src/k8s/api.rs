@@ -1,6 +1,8 @@
 //! The module that talks to the Kubernetes API (with `lock.rs`): takes the lock on the
 //! volume, server-side-applies each step's Job, waits for it to complete or fail while
-//! showing progress, and on failure collects the last log lines of the failed pods.
+//! showing progress, and on failure collects the last log lines of the failed pods. A
+//! driver running as a Job (`--driver-job`) also writes the run's phase, round and latest
+//! test accuracy as labels on that Job.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -15,7 +17,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::{Api, ListParams, LogParams, Patch, PatchParams};
 
-use super::jobs::{MANAGER, Step};
+use super::jobs::{MANAGER, Step, StepKind};
 use super::lock::{Lock, LockConfig};
 
 /// How long releasing the lock may take before the run ends without (an unreachable API
@@ -170,6 +172,58 @@ pub fn summarize(records: &[Option<StepOutcome>]) -> Option<String> {
     Some(line)
 }
 
+/// Labels the driver writes on its own Job (`kubectl get jobs -L ...`): the run's phase
+/// (`running`, `done`, `failed`, `interrupted`), the round of the step it is at, and the
+/// test accuracy of the latest round aggregated (a fraction, 4 decimals).
+pub const PHASE_LABEL: &str = "fedimdb.io/phase";
+pub const ROUND_LABEL: &str = "fedimdb.io/round";
+pub const ACCURACY_LABEL: &str = "fedimdb.io/accuracy";
+/// Annotation with the step the run is at, in words (`[4/13] trainers of round 1`).
+pub const STEP_ANNOTATION: &str = "fedimdb.io/step";
+
+/// One row of the round table: what a round's trainers and aggregator did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundRow {
+    pub round: u32,
+    pub trainers: String,
+    pub aggregator: String,
+    pub accuracy: Option<f64>,
+    pub seconds: f64,
+}
+
+/// The round table's header and one line per row.
+pub fn round_table(rows: &[RoundRow]) -> Vec<String> {
+    let mut lines = vec![format!(
+        "{:>5}  {:<36}  {:<28}  {:>8}  {:>7}",
+        "round", "trainers", "aggregator", "test acc", "seconds"
+    )];
+    for r in rows {
+        let acc = r
+            .accuracy
+            .map_or("-".to_string(), |a| format!("{:.2}%", a * 100.0));
+        lines.push(format!(
+            "{:>5}  {:<36}  {:<28}  {:>8}  {:>7.0}",
+            r.round, r.trainers, r.aggregator, acc, r.seconds
+        ));
+    }
+    lines
+}
+
+/// What the run has seen so far: the round table, and what the driver's Job last said.
+#[derive(Debug, Default)]
+struct RunState {
+    rows: Vec<RoundRow>,
+    /// The trainers of the round in progress (`done/total outcome`) and when they started.
+    trainers: Option<(String, Instant)>,
+    /// What the last finished step's pods did (their outcome records), and its accuracy.
+    last: Option<(String, Option<f64>)>,
+    /// The round and accuracy last written on the driver's Job.
+    round: Option<u32>,
+    accuracy: Option<f64>,
+    /// Set once writing to the driver's Job failed (said once, not on every step).
+    record_failed: bool,
+}
+
 /// Applies and waits for Jobs in one namespace.
 pub struct Orchestrator {
     jobs: Api<Job>,
@@ -183,6 +237,9 @@ pub struct Orchestrator {
     pub tail_lines: i64,
     /// Every progress line printed (also kept for tests).
     pub lines: Mutex<Vec<String>>,
+    /// The Job this driver runs in, whose labels say how the run goes (`--driver-job`).
+    pub driver_job: Option<String>,
+    state: Mutex<RunState>,
 }
 
 impl Orchestrator {
@@ -195,6 +252,68 @@ impl Orchestrator {
             timeout,
             tail_lines: 20,
             lines: Mutex::new(Vec::new()),
+            driver_job: None,
+            state: Mutex::new(RunState::default()),
+        }
+    }
+
+    /// The round table so far (one row per round whose aggregator finished).
+    pub fn rounds(&self) -> Vec<RoundRow> {
+        self.state.lock().unwrap().rows.clone()
+    }
+
+    /// Writes the run's phase, the round of `step` (else the last one) and the latest test
+    /// accuracy as labels on the driver's Job, and the step as an annotation: a JSON merge
+    /// patch of its metadata, which leaves the rest of the Job (and kubectl's fields) alone.
+    /// Best effort: a failure is said once and the run goes on.
+    async fn record(&self, phase: &str, step: Option<(usize, usize, &Step)>) {
+        let Some(job) = &self.driver_job else {
+            return;
+        };
+        let (round, accuracy) = {
+            let mut st = self.state.lock().unwrap();
+            if let Some((_, _, s)) = step {
+                match s.kind {
+                    StepKind::Trainer(r) | StepKind::Aggregator(r) => st.round = Some(r),
+                    StepKind::Copier => {}
+                }
+            }
+            (st.round, st.accuracy)
+        };
+        let mut labels = serde_json::Map::new();
+        labels.insert(PHASE_LABEL.into(), phase.into());
+        if let Some(r) = round {
+            labels.insert(ROUND_LABEL.into(), r.to_string().into());
+        }
+        // A label value must be alphanumeric at both ends: a NaN would make the API server
+        // refuse the whole patch.
+        if let Some(a) = accuracy.filter(|a| a.is_finite() && *a >= 0.0) {
+            labels.insert(ACCURACY_LABEL.into(), format!("{a:.4}").into());
+        }
+        let mut patch = serde_json::json!({ "metadata": { "labels": labels } });
+        if let Some((i, n, s)) = step {
+            patch["metadata"]["annotations"] =
+                serde_json::json!({ STEP_ANNOTATION: format!("[{i}/{n}] {}", s.kind) });
+        }
+        let pp = PatchParams {
+            field_manager: Some(MANAGER.into()),
+            ..Default::default()
+        };
+        if let Err(e) = self.jobs.patch(job, &pp, &Patch::Merge(&patch)).await {
+            let first = !std::mem::replace(&mut self.state.lock().unwrap().record_failed, true);
+            if first {
+                let hint = match &e {
+                    kube::Error::Api(s) if s.code == 403 => " (the Role needs `patch` on jobs)",
+                    kube::Error::Api(s) if s.code == 404 => {
+                        " (no such Job: --driver-job must name the Job this driver runs in)"
+                    }
+                    _ => "",
+                };
+                self.say(format!(
+                    "  note: cannot write the run's progress on job {job} ({e}); the run goes on, \
+                     but `kubectl get jobs -L {PHASE_LABEL}` will not show it{hint}"
+                ));
+            }
         }
     }
 
@@ -230,21 +349,31 @@ impl Orchestrator {
         let run_id = lock.run_id.clone();
         let claim = lock.claim.clone();
         let say = |l: String| self.say(l);
-        let lock = Lock::acquire(self.leases.clone(), lock, &say).await?;
+        let lock = match Lock::acquire(self.leases.clone(), lock, &say).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.record("failed", None).await;
+                return Err(e);
+            }
+        };
         self.note_other_runs(&run_id, &claim).await;
         let ns = self.jobs_namespace();
-        let result = tokio::select! {
-            r = self.run(steps) => r,
-            why = lock.lost() => Err(anyhow!(
+        let (result, phase) = tokio::select! {
+            r = self.run(steps) => {
+                let phase = if r.is_ok() { "done" } else { "failed" };
+                (r, phase)
+            }
+            why = lock.lost() => (Err(anyhow!(
                 "{why}; stopping without applying more Jobs (those applied keep running: \
                  `kubectl -n {ns} get jobs -l fedimdb/run={run_id}`)"
-            )),
-            sig = shutdown => Err(anyhow!(
+            )), "failed"),
+            sig = shutdown => (Err(anyhow!(
                 "interrupted by {sig}; the Jobs of this run keep running in the cluster \
                  (`kubectl -n {ns} delete jobs -l fedimdb/run={run_id}` stops them); run \
                  `pipeline k8s` again to resume"
-            )),
+            )), "interrupted"),
         };
+        self.record(phase, None).await;
         if tokio::time::timeout(RELEASE_TIMEOUT, lock.release(&say))
             .await
             .is_err()
@@ -299,8 +428,19 @@ impl Orchestrator {
                 step.kind,
                 step.name()
             ));
+            self.record("running", Some((i + 1, steps.len(), step)))
+                .await;
+            let step_started = Instant::now();
             self.apply(step).await?;
             self.wait(step).await?;
+            self.note_round(step, step_started).await;
+        }
+        let rows = self.rounds();
+        if !rows.is_empty() {
+            self.say("rounds:".into());
+            for line in round_table(&rows) {
+                self.say(format!("  {line}"));
+            }
         }
         self.say(format!(
             "all {} steps done in {:.0} s; the server hot-reloads model/latest.* from the volume, nothing else to do",
@@ -308,6 +448,55 @@ impl Orchestrator {
             started.elapsed().as_secs_f64()
         ));
         Ok(())
+    }
+
+    /// After a step: the trainers' outcome is kept for their round's row; after the
+    /// aggregator, the row is printed (the header before the first) and the accuracy
+    /// becomes the driver Job's label.
+    async fn note_round(&self, step: &Step, started: Instant) {
+        let row = {
+            let mut st = self.state.lock().unwrap();
+            let (what, accuracy) = st
+                .last
+                .take()
+                .unwrap_or_else(|| ("outcome unknown".into(), None));
+            // The accuracy is the table's own column.
+            let what = what
+                .split(", test accuracy")
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            match step.kind {
+                StepKind::Copier => None,
+                StepKind::Trainer(_) => {
+                    st.trainers = Some((what, started));
+                    None
+                }
+                StepKind::Aggregator(round) => {
+                    let (trainers, since) = st.trainers.take().unwrap_or(("-".into(), started));
+                    if accuracy.is_some() {
+                        st.accuracy = accuracy;
+                    }
+                    let row = RoundRow {
+                        round,
+                        trainers,
+                        aggregator: what,
+                        accuracy,
+                        seconds: since.elapsed().as_secs_f64(),
+                    };
+                    st.rows.push(row.clone());
+                    Some((row, st.rows.len() == 1))
+                }
+            }
+        };
+        if let Some((row, first)) = row {
+            let table = round_table(std::slice::from_ref(&row));
+            if first {
+                self.say(format!("  {}", table[0]));
+            }
+            self.say(format!("  {}", table[1]));
+            self.record("running", None).await;
+        }
     }
 
     /// Server-side apply of the step's Job (field manager `fedimdb-pipeline`, not forced:
@@ -430,6 +619,13 @@ impl Orchestrator {
             .collect();
         if let Some(line) = summarize(&records) {
             self.say(format!("  {}: {line}", step.kind));
+            let accuracy = records.iter().flatten().find_map(|o| o.test_accuracy);
+            let done = format!("{}/{} {line}", records.len(), step.completions());
+            let what = match step.kind {
+                StepKind::Trainer(_) => done,
+                _ => line,
+            };
+            self.state.lock().unwrap().last = Some((what, accuracy));
         }
     }
 

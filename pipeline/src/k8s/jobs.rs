@@ -41,15 +41,43 @@ pub struct Params {
     pub run_id: String,
     /// What the run computes: the flags `pipeline local` takes too.
     pub run: crate::plan::RunArgs,
-    /// Image names are `REGISTRY/BINARY:TAG` (trainer on GPUs: `REGISTRY/trainer-cuda:TAG`).
+    /// Image names are `REGISTRY/BINARY:TAG` (trainer on GPUs: `REGISTRY/trainer-cuda:TAG`),
+    /// unless [`Params::images`] names one.
     pub registry: String,
     pub image_tag: String,
+    /// Images given whole (`--copier-image` ...; the driver Job of `manifests/` passes those
+    /// of the overlay, pinned by digest in the cloud overlays).
+    pub images: StepImages,
     pub overlay: Overlay,
     /// The ReadWriteMany claim holding the volume (docs/VOLUME.md).
     pub claim: String,
     /// `activeDeadlineSeconds` of every Job.
     pub deadline_s: i64,
 }
+
+/// Whole image references of the steps, each replacing `REGISTRY/BINARY:TAG`.
+#[derive(Debug, Clone, Default)]
+pub struct StepImages {
+    pub copier: Option<String>,
+    pub trainer: Option<String>,
+    pub aggregator: Option<String>,
+}
+
+/// checkov annotations of the Jobs whose images have no digest on a local cluster: the same
+/// text as `manifests/components/local` puts on the step templates (a test compares them).
+/// The reasons must not contain '=' (checkov splits the value at it).
+pub const LOCAL_IMAGE_SKIPS: [(&str, &str); 2] = [
+    (
+        "checkov.io/skip20",
+        "CKV_K8S_43=local clusters run images loaded into the nodes by tag (kind load \
+         docker-image) which have no registry digest; the cloud overlays pin digests",
+    ),
+    (
+        "checkov.io/skip21",
+        "CKV_K8S_15=Always would pull images loaded into the nodes from a registry that \
+         does not hold them; the tags are pinned",
+    ),
+];
 
 /// What one step is, for progress messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +174,24 @@ pub fn image(p: &Params, binary: &str) -> String {
     )
 }
 
+/// Whether an image reference names its image by digest (`NAME@sha256:...`).
+pub fn has_digest(image: &str) -> bool {
+    image.contains("@sha256:")
+}
+
+/// The pull policy of an image. By digest: IfNotPresent (a digest names one image for good,
+/// so a cached copy is the right one). By tag on a local cluster: IfNotPresent, which is
+/// what lets the kubelet use images loaded into the node (`kind load docker-image`). By tag
+/// elsewhere: Always, so that a tag moved in the registry is not served stale from a
+/// node's cache.
+pub fn pull_policy(p: &Params, image: &str) -> &'static str {
+    if has_digest(image) || p.overlay == Overlay::Local {
+        "IfNotPresent"
+    } else {
+        "Always"
+    }
+}
+
 fn labels(p: &Params, component: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), "fedimdb".to_string()),
@@ -217,11 +263,17 @@ fn pod_security() -> PodSecurityContext {
     }
 }
 
-fn container(name: &str, image: String, args: Vec<String>, res: ResourceRequirements) -> Container {
+fn container(
+    p: &Params,
+    name: &str,
+    image: String,
+    args: Vec<String>,
+    res: ResourceRequirements,
+) -> Container {
     Container {
         name: name.into(),
+        image_pull_policy: Some(pull_policy(p, &image).into()),
         image: Some(image),
-        image_pull_policy: Some("IfNotPresent".into()),
         args: Some(args),
         env: Some(vec![
             EnvVar {
@@ -313,6 +365,22 @@ fn job(p: &Params, kind: StepKind, component: &str, mut pod: PodSpec, mut spec: 
     pod.security_context = Some(pod_security());
     pod.automount_service_account_token = Some(false);
     pod.volumes = Some(volumes(p));
+    spec.active_deadline_seconds = Some(p.deadline_s);
+    spec.ttl_seconds_after_finished = Some(86_400);
+    spec.pod_failure_policy = Some(failure_policy());
+    // On a local cluster, images loaded into the nodes have no digest; the checks that
+    // want one are skipped there, with the reason, as in manifests/components/local.
+    let by_tag = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+        .any(|c| !c.image.as_deref().is_some_and(has_digest));
+    let annotations = (p.overlay == Overlay::Local && by_tag).then(|| {
+        LOCAL_IMAGE_SKIPS
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    });
     spec.template = PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels.clone()),
@@ -320,14 +388,12 @@ fn job(p: &Params, kind: StepKind, component: &str, mut pod: PodSpec, mut spec: 
         }),
         spec: Some(pod),
     };
-    spec.active_deadline_seconds = Some(p.deadline_s);
-    spec.ttl_seconds_after_finished = Some(86_400);
-    spec.pod_failure_policy = Some(failure_policy());
     Job {
         metadata: ObjectMeta {
             name: Some(job_name(p, kind)),
             namespace: Some(p.namespace.clone()),
             labels: Some(labels),
+            annotations,
             ..Default::default()
         },
         spec: Some(spec),
@@ -339,9 +405,15 @@ fn job(p: &Params, kind: StepKind, component: &str, mut pod: PodSpec, mut spec: 
 /// when already there with the right hash), then the copier shards it into `workers` shards.
 pub fn copier_job(p: &Params) -> Job {
     let download = format!("{ROOT}/download");
+    let copier_image = p
+        .images
+        .copier
+        .clone()
+        .unwrap_or_else(|| image(p, "copier"));
     let mut init = container(
+        p,
         "download",
-        image(p, "copier"),
+        copier_image.clone(),
         vec!["download".into(), "--to".into(), download.clone()],
         resources("250m", "256Mi", "1", "512Mi"),
     );
@@ -354,8 +426,9 @@ pub fn copier_job(p: &Params) -> Job {
     ];
     args.extend(p.run.copier_args());
     let main = container(
+        p,
         "copier",
-        image(p, "copier"),
+        copier_image,
         args,
         resources("1", "1Gi", "2", "2Gi"),
     );
@@ -383,7 +456,11 @@ pub fn trainer_job(p: &Params, round: u32) -> Job {
     if p.run.resumes(round) {
         args.push("--resume".into());
     }
-    let mut res = resources("1", "2Gi", "2", "4Gi");
+    // Smaller requests on a laptop cluster (the limits stay), as manifests/components/local.
+    let mut res = match p.overlay {
+        Overlay::Local => resources("250m", "1Gi", "2", "4Gi"),
+        Overlay::Gke | Overlay::Gpu => resources("1", "2Gi", "2", "4Gi"),
+    };
     let mut tolerations = None;
     let image = if gpu {
         args.extend(["--device".into(), "cuda".into()]);
@@ -403,8 +480,9 @@ pub fn trainer_job(p: &Params, round: u32) -> Job {
     } else {
         image(p, "trainer")
     };
+    let image = p.images.trainer.clone().unwrap_or(image);
     let pod = PodSpec {
-        containers: vec![container("trainer", image, args, res)],
+        containers: vec![container(p, "trainer", image, args, res)],
         tolerations,
         ..Default::default()
     };
@@ -428,8 +506,12 @@ pub fn aggregator_job(p: &Params, round: u32) -> Job {
     args.extend(p.run.aggregator_args(round, p.run.resumes(round)));
     let pod = PodSpec {
         containers: vec![container(
+            p,
             "aggregator",
-            image(p, "aggregator"),
+            p.images
+                .aggregator
+                .clone()
+                .unwrap_or_else(|| image(p, "aggregator")),
             args,
             resources("500m", "1Gi", "2", "2Gi"),
         )],

@@ -4,11 +4,12 @@
 use serde_json::json;
 
 use super::fixtures::{
-    Fake, LEASE, assert_has, job_name_of, methods_on, params, params_with, run_on_fake,
+    DRIVER_JOB, Fake, LEASE, Ran, assert_has, job_name_of, methods_on, params, params_with,
+    run_as_driver, run_on_fake,
 };
 use fedimdb::outcome::{Outcome, Status};
 
-use crate::k8s::api::summarize;
+use crate::k8s::api::{RoundRow, round_table, summarize};
 use crate::k8s::jobs::{self, Overlay, Params};
 
 /// What each step did comes from its pods' outcome records (termination messages), never
@@ -137,4 +138,182 @@ async fn a_round_below_the_quorum_fails() {
         err.ends_with("failed: FailedIndexes: Job has failed indexes"),
         "{err}"
     );
+}
+
+/// The merge patches a driver sent to its own Job, as JSON.
+fn driver_patches(ran: &Ran) -> Vec<serde_json::Value> {
+    ran.patches()
+        .filter(|s| job_name_of(&s.uri) == DRIVER_JOB)
+        .map(|s| {
+            assert_eq!(s.content_type, "application/merge-patch+json", "{}", s.uri);
+            serde_json::from_str(&s.body).unwrap()
+        })
+        .collect()
+}
+
+/// A driver running as a Job writes the run's phase, round and latest test accuracy as
+/// labels on that Job (and the step it is at as an annotation): running from the first
+/// step, the round of each step, the accuracy once a round is aggregated, done at the end.
+#[tokio::test]
+async fn the_driver_writes_its_phase_round_and_accuracy_on_its_job() {
+    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let ran = run_as_driver(&steps, Fake::default(), 2).await;
+    ran.result.as_ref().unwrap();
+    let patches = driver_patches(&ran);
+    let labels = |i: usize| patches[i]["metadata"]["labels"].clone();
+    assert_eq!(
+        labels(0),
+        json!({ "fedimdb.io/phase": "running" }),
+        "the copier has no round"
+    );
+    assert_eq!(
+        patches[0]["metadata"]["annotations"]["fedimdb.io/step"],
+        "[1/5] copier"
+    );
+    assert_eq!(
+        labels(1),
+        json!({ "fedimdb.io/phase": "running", "fedimdb.io/round": "0" })
+    );
+    assert!(
+        patches.iter().any(|p| p["metadata"]["labels"]
+            == json!({ "fedimdb.io/phase": "running", "fedimdb.io/round": "0",
+                       "fedimdb.io/accuracy": "0.9000" })),
+        "the accuracy of round 0 once aggregated: {patches:#?}"
+    );
+    assert_eq!(
+        labels(patches.len() - 1),
+        json!({ "fedimdb.io/phase": "done", "fedimdb.io/round": "1",
+                "fedimdb.io/accuracy": "0.9000" })
+    );
+    // Only labels and annotations are sent: the Job's spec is the controller's.
+    for p in &patches {
+        let keys: Vec<&String> = p.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["metadata"], "{p}");
+    }
+    // Without --driver-job nothing is written.
+    let ran = run_on_fake(&steps, Fake::default(), 2).await;
+    assert!(driver_patches(&ran).is_empty());
+}
+
+/// A run that fails leaves `failed` on the driver's Job.
+#[tokio::test]
+async fn a_failed_run_is_marked_failed_on_the_driver_job() {
+    let steps = jobs::plan(&params(4, 1, Overlay::Local));
+    let ran = run_as_driver(&steps, failed_trainers("0,2-3", "1", 3), 4).await;
+    ran.err();
+    let patches = driver_patches(&ran);
+    assert_eq!(
+        patches.last().unwrap()["metadata"]["labels"],
+        json!({ "fedimdb.io/phase": "failed", "fedimdb.io/round": "0" })
+    );
+}
+
+/// Without the right to patch its Job, the driver says so once and the run goes on.
+#[tokio::test]
+async fn a_driver_that_cannot_patch_its_job_says_so_once_and_goes_on() {
+    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let f = Fake {
+        driver_patch_forbidden: true,
+        ..Default::default()
+    };
+    let ran = run_as_driver(&steps, f, 2).await;
+    ran.result.as_ref().unwrap();
+    let text = ran.text();
+    assert_eq!(
+        text.matches("cannot write the run's progress on job fedimdb-driver")
+            .count(),
+        1,
+        "{text}"
+    );
+    assert_has(&text, "cannot patch resource");
+    assert_has(&text, "the Role needs `patch` on jobs");
+    assert!(driver_patches(&ran).len() > 2, "it kept trying");
+}
+
+/// The driver's log shows a row per round as it ends (with the header before the first)
+/// and the whole table at the end: what the trainers and the aggregator did, the test
+/// accuracy, the seconds.
+#[tokio::test]
+async fn the_log_shows_the_round_table() {
+    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let ran = run_on_fake(&steps, Fake::default(), 2).await;
+    ran.result.as_ref().unwrap();
+    let lines = &ran.lines;
+    let header = format!("  {}", round_table(&[])[0]);
+    assert_eq!(
+        lines.iter().filter(|l| **l == header).count(),
+        2,
+        "{lines:#?}"
+    );
+    let row = |round: u32| {
+        lines
+            .iter()
+            .filter(|l| {
+                l.trim_start()
+                    .starts_with(&format!("{round}  2/2 computed"))
+            })
+            .count()
+    };
+    assert_eq!(
+        (row(0), row(1)),
+        (2, 2),
+        "a row per round, twice: {lines:#?}"
+    );
+    let first_row = lines
+        .iter()
+        .position(|l| l.contains("0  2/2 computed"))
+        .unwrap();
+    let aggregated = lines
+        .iter()
+        .position(|l| l.contains("aggregator of round 0: computed"))
+        .unwrap();
+    let trainers_of_1 = lines
+        .iter()
+        .position(|l| l.contains("[4/5] trainers of round 1"))
+        .unwrap();
+    assert!(
+        aggregated < first_row && first_row < trainers_of_1,
+        "{lines:#?}"
+    );
+    assert_has(&lines[first_row], "90.00%");
+    // The whole table, before the last line of the run and the lock's release.
+    assert_eq!(lines[lines.len() - 6], "rounds:", "{lines:#?}");
+    assert_has(&lines[lines.len() - 2], "all 5 steps done");
+}
+
+#[test]
+fn the_round_table_lines_up() {
+    let rows = [
+        RoundRow {
+            round: 0,
+            trainers: "5/5 computed".into(),
+            aggregator: "computed".into(),
+            accuracy: Some(0.5),
+            seconds: 12.4,
+        },
+        RoundRow {
+            round: 11,
+            trainers: "3/5 2 of 3 pods up to date, 1 computed".into(),
+            aggregator: "up to date, nothing recomputed".into(),
+            accuracy: None,
+            seconds: 3.0,
+        },
+    ];
+    let t = round_table(&rows);
+    assert_eq!(
+        t[0],
+        "round  trainers                              aggregator                    test acc  seconds"
+    );
+    assert_eq!(
+        t[1],
+        "    0  5/5 computed                          computed                        50.00%       12"
+    );
+    assert!(
+        t[2].starts_with(
+            "   11  3/5 2 of 3 pods up to date, 1 computed  up to date, nothing recomputed"
+        ),
+        "{}",
+        t[2]
+    );
+    assert!(t[2].ends_with("         -        3"), "{}", t[2]);
 }

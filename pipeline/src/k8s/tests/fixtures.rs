@@ -53,6 +53,7 @@ pub fn params_with(workers: u32, rounds: u32, overlay: Overlay, more: &[&str]) -
         run: RunArgs::from_flags(&flags).unwrap(),
         registry: "example.io/fedimdb".into(),
         image_tag: "0.1.0".into(),
+        images: Default::default(),
         overlay,
         claim: "fedimdb-data".into(),
         deadline_s: 600,
@@ -261,6 +262,17 @@ pub async fn run_on_fake(steps: &[Step], f: Fake, workers: i32) -> Ran {
     .await
 }
 
+/// `run_on_fake` by a driver running as the Job `DRIVER_JOB` (`--driver-job`).
+pub async fn run_as_driver(steps: &[Step], f: Fake, workers: i32) -> Ran {
+    let (client, seen) = mock(fake(f, workers));
+    let mut orch = orchestrator(client, 10_000);
+    orch.driver_job = Some(DRIVER_JOB.into());
+    let result = orch
+        .run_locked(steps, lock_config(60_000), std::future::pending())
+        .await;
+    finish(orch, result, &seen)
+}
+
 fn finish(orch: Orchestrator, result: anyhow::Result<()>, seen: &Mutex<Vec<Seen>>) -> Ran {
     Ran {
         result,
@@ -324,7 +336,13 @@ pub struct Fake {
     pub stolen_at_put: Option<usize>,
     /// Every PUT of the Lease fails with 500 (an API server in trouble).
     pub renewals_fail: bool,
+    /// Patches of the driver's own Job (`DRIVER_JOB`) are refused with 403 (a Role
+    /// without `patch` on jobs).
+    pub driver_patch_forbidden: bool,
 }
+
+/// The driver Job of the runs of [`run_as_driver`].
+pub const DRIVER_JOB: &str = "fedimdb-driver";
 
 impl Default for Fake {
     fn default() -> Self {
@@ -337,6 +355,7 @@ impl Default for Fake {
             other_jobs: Vec::new(),
             stolen_at_put: None,
             renewals_fail: false,
+            driver_patch_forbidden: false,
         }
     }
 }
@@ -431,6 +450,10 @@ pub fn fake(mut f: Fake, workers: i32) -> Handler {
                                    "items": f.other_jobs });
                 (200, list.to_string())
             }
+            ("PATCH", _) if f.driver_patch_forbidden && job_name_of(&r.uri) == DRIVER_JOB => (
+                403,
+                status_json(403, "Forbidden", "jobs.batch \"fedimdb-driver\" is forbidden: User \"system:serviceaccount:fedimdb:default\" cannot patch resource \"jobs\"").to_string(),
+            ),
             ("PATCH", _) => {
                 let name = job_name_of(&r.uri);
                 (200, job_json(&name, 1, 0, 0, 0, None).to_string())

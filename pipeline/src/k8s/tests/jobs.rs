@@ -2,6 +2,7 @@
 //! lockdown of every container, the dry-run YAML, resume and quorum.
 
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::fixtures::{assert_has, params, params_with};
 use crate::k8s::jobs::{self, Overlay, StepKind};
@@ -107,9 +108,10 @@ fn gpu_overlay_requests_a_gpu_and_uses_the_cuda_image() {
         pod.tolerations.unwrap()[0].key.as_deref(),
         Some("nvidia.com/gpu")
     );
-    // Only the trainer changes.
+    // Only the trainer differs from the gke overlay's (the local one's differ in their
+    // pull policy and checkov annotations).
     let a = jobs::aggregator_job(&params(2, 1, Overlay::Gpu), 0);
-    assert_eq!(a, jobs::aggregator_job(&params(2, 1, Overlay::Local), 0));
+    assert_eq!(a, jobs::aggregator_job(&params(2, 1, Overlay::Gke), 0));
 }
 
 #[test]
@@ -276,4 +278,101 @@ fn min_workers_lets_indexes_fail_and_reaches_the_aggregator() {
     assert_eq!(rules[0].action, "FailJob");
     assert_eq!(rules[0].on_exit_codes.as_ref().unwrap().values, vec![2]);
     assert_eq!(jobs::plan(&params(5, 1, Overlay::Local))[1].quorum(), 5);
+}
+
+/// Every container of a plan: (job, image, pull policy), and each Job's annotations.
+fn images_of(p: &jobs::Params) -> Vec<(String, String, String, usize)> {
+    jobs::plan(p)
+        .iter()
+        .flat_map(|s| {
+            let pod = s.job.spec.as_ref().unwrap().template.spec.clone().unwrap();
+            let skips = s.job.metadata.annotations.as_ref().map_or(0, |a| a.len());
+            pod.containers
+                .into_iter()
+                .chain(pod.init_containers.unwrap_or_default())
+                .map(move |c| {
+                    (
+                        s.name().to_string(),
+                        c.image.unwrap(),
+                        c.image_pull_policy.unwrap(),
+                        skips,
+                    )
+                })
+        })
+        .collect()
+}
+
+/// Images given whole replace REGISTRY/BINARY:TAG; by digest they are pulled if not
+/// present, by tag Always, but on a local cluster, whose images are loaded into the nodes
+/// and have no digest: there IfNotPresent, and the checkov checks on images are skipped
+/// with the reasons of manifests/components/local.
+#[test]
+fn images_by_digest_or_tag_get_their_pull_policy_and_checkov_skips() {
+    let digest = "sha256:5f2c0e4a9b7d1c3e8f6a0b2d4c6e8f1a3b5d7c9e1f3a5b7d9c1e3f5a7b9d1c3e";
+    let pinned = |overlay| {
+        let mut p = params(2, 1, overlay);
+        p.images = jobs::StepImages {
+            copier: Some(format!("r.io/copier@{digest}")),
+            trainer: Some(format!("r.io/trainer-x@{digest}")),
+            aggregator: Some(format!("r.io/aggregator@{digest}")),
+        };
+        p
+    };
+    for overlay in [Overlay::Local, Overlay::Gke, Overlay::Gpu] {
+        let all = images_of(&pinned(overlay));
+        assert_eq!(all.len(), 1 + 1 + 2 * 2, "download, copier, 2 rounds of 2");
+        for (job, image, policy, skips) in all {
+            assert!(
+                image.starts_with("r.io/") && image.ends_with(digest),
+                "{job}: {image}"
+            );
+            assert_eq!(policy, "IfNotPresent", "{overlay:?} {job}");
+            assert_eq!(skips, 0, "{overlay:?} {job}: nothing to skip with digests");
+        }
+    }
+    for (job, image, policy, skips) in images_of(&params(2, 1, Overlay::Gke)) {
+        assert!(image.starts_with("example.io/fedimdb/") && image.ends_with(":0.1.0"));
+        assert_eq!(policy, "Always", "{job}: a tag may move in the registry");
+        assert_eq!(skips, 0, "{job}: a cloud cluster gets no skips");
+    }
+    let local = jobs::plan(&params(2, 1, Overlay::Local));
+    for s in &local {
+        let a = s.job.metadata.annotations.clone().unwrap();
+        for (key, value) in jobs::LOCAL_IMAGE_SKIPS {
+            assert_eq!(a[key], value, "{}", s.name());
+            let (id, why) = value.split_once('=').unwrap();
+            assert!(id.starts_with("CKV_K8S_") && !why.contains('='), "{value}");
+        }
+    }
+    assert!(
+        images_of(&params(2, 1, Overlay::Local))
+            .iter()
+            .all(|(_, _, policy, _)| policy == "IfNotPresent")
+    );
+}
+
+/// A local cluster's trainers ask for less (as manifests/components/local), the limits stay.
+#[test]
+fn local_trainers_request_less() {
+    let requests = |overlay| {
+        let j = jobs::trainer_job(&params(2, 1, overlay), 0);
+        let c = &j.spec.unwrap().template.spec.unwrap().containers[0];
+        let r = c.resources.clone().unwrap();
+        let get = |m: Option<std::collections::BTreeMap<String, Quantity>>, k: &str| {
+            m.unwrap()[k].clone()
+        };
+        (
+            get(r.requests.clone(), "cpu").0,
+            get(r.requests, "memory").0,
+            get(r.limits, "cpu").0,
+        )
+    };
+    assert_eq!(
+        requests(Overlay::Local),
+        ("250m".into(), "1Gi".into(), "2".into())
+    );
+    assert_eq!(
+        requests(Overlay::Gke),
+        ("1".into(), "2Gi".into(), "2".into())
+    );
 }
