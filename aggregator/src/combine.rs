@@ -5,9 +5,11 @@
 //! FedAvg streams: each update is added to a running f64 sum and dropped (see
 //! [`WeightedSum`]), so memory stays at about two models whatever the number of workers.
 //! The robust rules need every update's value of a coordinate at once, so they hold all the
-//! updates: `workers × 2^hash_bits × 4` bytes, 16 MiB per worker at the default 2^22
-//! buckets (80 MiB for 5 workers, 1.6 GiB for 100). That is fine for the handful of workers
-//! this project runs; a large federation would read the updates in column blocks instead.
+//! updates, but as the workers wrote them: the values at the buckets a shard touched, and a
+//! [`Fill`] that computes every other bucket on demand from the global model and the
+//! control variate, which all updates share. Memory then follows the buckets the shards
+//! touch, which grows with the data, not with the number of workers (dense, 64 workers
+//! would need 64 × 16 MiB).
 //!
 //! The robust rules are unweighted, like Flower's: a worker's sample count is the one thing
 //! it could lie about most cheaply, and weighting by it would hand a poisoner the vote.
@@ -19,10 +21,13 @@
 //! results are finite too: every result lies between the smallest and largest input.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use anyhow::{Result, ensure};
-use fedimdb::checkpoint::Checkpoint;
+use fedimdb::checkpoint::{Checkpoint, Kind};
+use fedimdb::model::{BIAS, WEIGHT};
 use fedimdb::strategy::Strategy;
+use fedimdb::train::Drift;
 
 use crate::average::WeightedSum;
 
@@ -55,6 +60,82 @@ pub fn trimmed_mean(values: &mut [f32], cut: usize) -> f32 {
     (kept.iter().map(|&x| f64::from(x)).sum::<f64>() / kept.len() as f64) as f32
 }
 
+/// What a sparse update stands for at a bucket it does not list: the global weight, moved
+/// by the correction alone as the worker's own steps moved every bucket it never read
+/// ([`Drift`]). The tables are shared by all the updates of a round.
+#[derive(Debug, Clone)]
+pub struct Fill {
+    /// The round's global weights.
+    pub base: Arc<Vec<f32>>,
+    /// The correction the worker applied (the control variate's weights) and its drift over
+    /// the worker's steps; `None` for an update trained without a correction.
+    pub drift: Option<(Arc<Vec<f32>>, Arc<Drift>)>,
+}
+
+impl Fill {
+    /// The update's value at bucket `j` when the worker did not write it.
+    #[inline]
+    fn at(&self, j: usize) -> f32 {
+        match &self.drift {
+            Some((d, drift)) => drift.apply(self.base[j], d[j], 0, drift.steps()),
+            None => self.base[j],
+        }
+    }
+
+    /// The dense weights a sparse update stands for.
+    pub fn dense(&self, index: &[u32], values: &[f32]) -> Vec<f32> {
+        let mut w: Vec<f32> = (0..self.base.len()).map(|j| self.at(j)).collect();
+        for (&j, &v) in index.iter().zip(values) {
+            w[j as usize] = v;
+        }
+        w
+    }
+}
+
+/// One tensor of one update as the robust rules hold it.
+#[derive(Debug)]
+pub struct Held {
+    /// Ascending buckets of `values`; `None`: `values` is dense.
+    index: Option<Vec<u32>>,
+    values: Vec<f32>,
+    /// The buckets outside `index` (sparse tensors only).
+    fill: Option<Fill>,
+}
+
+impl Held {
+    fn len(&self) -> usize {
+        match &self.fill {
+            Some(f) if self.index.is_some() => f.base.len(),
+            _ => self.values.len(),
+        }
+    }
+
+    /// The value at bucket `j`, for a walk in ascending `j`: `cursor` is the position in
+    /// `index` of the first listed bucket not below `j`, and moves past `j` when it is listed.
+    #[inline]
+    fn value(&self, j: usize, cursor: &mut usize) -> f32 {
+        let Some(index) = &self.index else {
+            return self.values[j];
+        };
+        if index.get(*cursor).is_some_and(|&i| i as usize == j) {
+            *cursor += 1;
+            self.values[*cursor - 1]
+        } else {
+            self.fill
+                .as_ref()
+                .expect("sparse tensors have a fill")
+                .at(j)
+        }
+    }
+
+    /// Where a walk from bucket `offset` starts in `index`.
+    fn cursor_at(&self, offset: usize) -> usize {
+        self.index
+            .as_ref()
+            .map_or(0, |ix| ix.partition_point(|&i| (i as usize) < offset))
+    }
+}
+
 /// Collects a round's updates and combines them with a [`Strategy`].
 #[derive(Debug)]
 pub enum Combiner {
@@ -63,7 +144,7 @@ pub enum Combiner {
     /// Median and trimmed mean: every update's tensors, in the order they were added.
     Holding {
         strategy: Strategy,
-        updates: Vec<BTreeMap<String, Vec<f32>>>,
+        updates: Vec<BTreeMap<String, Held>>,
     },
 }
 
@@ -78,34 +159,57 @@ impl Combiner {
         }
     }
 
-    /// Adds every tensor of `ck`; `weight` (its sample count) counts for FedAvg only. The
-    /// first update fixes the tensor names and shapes; later ones must match.
+    /// Adds every tensor of the dense checkpoint `ck`; `weight` (its sample count) counts
+    /// for FedAvg only. The first update fixes the tensor names and shapes; later ones must
+    /// match.
     pub fn add(&mut self, ck: &Checkpoint, weight: f64) -> Result<()> {
         match self {
             Combiner::Streaming(sum) => sum.add(ck, weight),
             Combiner::Holding { updates, .. } => {
-                ensure!(
-                    weight > 0.0,
-                    "an update with {weight} samples cannot be combined"
+                let held = ck
+                    .tensors
+                    .iter()
+                    .map(|(name, v)| {
+                        let held = Held {
+                            index: None,
+                            values: v.clone(),
+                            fill: None,
+                        };
+                        (name.clone(), held)
+                    })
+                    .collect();
+                hold(updates, held, weight)
+            }
+        }
+    }
+
+    /// Adds a worker's sparse update `ck` (its weights at the buckets of `ck.index`, and
+    /// its bias), the other buckets given by `fill`. FedAvg adds the dense weights it stands
+    /// for to its sum; the robust rules keep it sparse.
+    pub fn add_sparse(&mut self, ck: &Checkpoint, fill: Fill, weight: f64) -> Result<()> {
+        let (values, bias) = (ck.tensor(WEIGHT), ck.tensor(BIAS).to_vec());
+        match self {
+            Combiner::Streaming(sum) => {
+                let dense = Checkpoint::dense(
+                    Kind::Update,
+                    ck.header.clone(),
+                    [(WEIGHT, fill.dense(&ck.index, values)), (BIAS, bias)],
                 );
-                if let Some(first) = updates.first() {
-                    let names: Vec<&String> = ck.tensors.keys().collect();
-                    let expect: Vec<&String> = first.keys().collect();
-                    ensure!(
-                        names == expect,
-                        "tensors {names:?} differ from the first update's {expect:?}"
-                    );
-                    for (name, v) in &ck.tensors {
-                        let n = first[name].len();
-                        ensure!(
-                            v.len() == n,
-                            "tensor `{name}` has {} values, the first update's has {n}",
-                            v.len()
-                        );
-                    }
-                }
-                updates.push(ck.tensors.clone());
-                Ok(())
+                sum.add(&dense, weight)
+            }
+            Combiner::Holding { updates, .. } => {
+                let weights = Held {
+                    index: Some(ck.index.clone()),
+                    values: values.to_vec(),
+                    fill: Some(fill),
+                };
+                let bias = Held {
+                    index: None,
+                    values: bias,
+                    fill: None,
+                };
+                let held = BTreeMap::from([(WEIGHT.to_owned(), weights), (BIAS.to_owned(), bias)]);
+                hold(updates, held, weight)
             }
         }
     }
@@ -133,8 +237,7 @@ impl Combiner {
                 Ok(names
                     .into_iter()
                     .map(|name| {
-                        let columns: Vec<&[f32]> =
-                            updates.iter().map(|u| u[&name].as_slice()).collect();
+                        let columns: Vec<&Held> = updates.iter().map(|u| &u[&name]).collect();
                         let out = coordinate_wise(&columns, rule);
                         (name, out)
                     })
@@ -144,15 +247,46 @@ impl Combiner {
     }
 }
 
+/// Keeps one update's tensors after checking them against the first update's.
+fn hold(
+    updates: &mut Vec<BTreeMap<String, Held>>,
+    held: BTreeMap<String, Held>,
+    weight: f64,
+) -> Result<()> {
+    ensure!(
+        weight > 0.0,
+        "an update with {weight} samples cannot be combined"
+    );
+    if let Some(first) = updates.first() {
+        let names: Vec<&String> = held.keys().collect();
+        let expect: Vec<&String> = first.keys().collect();
+        ensure!(
+            names == expect,
+            "tensors {names:?} differ from the first update's {expect:?}"
+        );
+        for (name, v) in &held {
+            let n = first[name].len();
+            ensure!(
+                v.len() == n,
+                "tensor `{name}` has {} values, the first update's has {n}",
+                v.len()
+            );
+        }
+    }
+    updates.push(held);
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Rule {
     Median,
     Trimmed(usize),
 }
 
-/// Applies `rule` to every coordinate of same-length slices, on all cores. Each output value
-/// depends only on its coordinate's values, so the split over threads cannot change it.
-fn coordinate_wise(inputs: &[&[f32]], rule: Rule) -> Vec<f32> {
+/// Applies `rule` to every coordinate of same-length tensors, on all cores. Each output
+/// value depends only on its coordinate's values, so the split over threads cannot change
+/// it.
+fn coordinate_wise(inputs: &[&Held], rule: Rule) -> Vec<f32> {
     let len = inputs[0].len();
     let mut out = vec![0f32; len];
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -162,9 +296,10 @@ fn coordinate_wise(inputs: &[&[f32]], rule: Rule) -> Vec<f32> {
             s.spawn(move || {
                 let offset = c * chunk;
                 let mut scratch = vec![0f32; inputs.len()];
+                let mut cursors: Vec<usize> = inputs.iter().map(|h| h.cursor_at(offset)).collect();
                 for (i, o) in part.iter_mut().enumerate() {
-                    for (x, input) in scratch.iter_mut().zip(inputs) {
-                        *x = input[offset + i];
+                    for ((x, input), cursor) in scratch.iter_mut().zip(inputs).zip(&mut cursors) {
+                        *x = input.value(offset + i, cursor);
                     }
                     *o = match rule {
                         Rule::Median => median(&mut scratch),
@@ -309,6 +444,67 @@ mod tests {
             combine(Strategy::FedAvg, &cks, &[1.0, 2.0, 1.0])["linear.bias"],
             vec![1.25]
         );
+    }
+
+    #[test]
+    fn sparse_updates_combine_as_the_dense_models_they_stand_for() {
+        use fedimdb::checkpoint::Header;
+        use fedimdb::model::ModelConfig;
+        use fedimdb::train::Schedule;
+        let dim = 1024;
+        let base = Arc::new((0..dim).map(|j| (j % 7) as f32 * 0.1).collect::<Vec<f32>>());
+        let d = Arc::new(
+            (0..dim)
+                .map(|j| ((j % 5) as f32 - 2.0) * 1e-3)
+                .collect::<Vec<f32>>(),
+        );
+        let drift = Arc::new(Drift::new(50, 0.5, Schedule::Linear));
+        // Three workers writing different buckets (across the threads' chunk boundaries);
+        // the third trained without a correction, so its silent buckets are the base's.
+        let updates: Vec<(Checkpoint, Fill)> = (0..3usize)
+            .map(|k| {
+                let index: Vec<u32> = (k as u32..dim as u32).step_by(k + 2).collect();
+                let values: Vec<f32> = index.iter().map(|&j| j as f32 * (k as f32 - 1.0)).collect();
+                let ck = Checkpoint {
+                    header: Header::new(Kind::Update, ModelConfig::with_buckets(10, 3), 1),
+                    tensors: BTreeMap::from([
+                        (WEIGHT.to_owned(), values),
+                        (BIAS.to_owned(), vec![k as f32]),
+                    ]),
+                    index,
+                    sha256: String::new(),
+                };
+                let fill = Fill {
+                    base: Arc::clone(&base),
+                    drift: (k != 2).then(|| (Arc::clone(&d), Arc::clone(&drift))),
+                };
+                (ck, fill)
+            })
+            .collect();
+        for strategy in [
+            Strategy::Median,
+            Strategy::TrimmedMean { trim: 0.34 },
+            Strategy::FedAvg,
+        ] {
+            let (mut sparse, mut dense) = (Combiner::new(strategy), Combiner::new(strategy));
+            for (ck, fill) in &updates {
+                sparse.add_sparse(ck, fill.clone(), 10.0).unwrap();
+                let w = fill.dense(&ck.index, ck.tensor(WEIGHT));
+                let full = Checkpoint::dense(
+                    Kind::Update,
+                    ck.header.clone(),
+                    [(WEIGHT, w), (BIAS, ck.tensor(BIAS).to_vec())],
+                );
+                dense.add(&full, 10.0).unwrap();
+            }
+            let (a, b) = (sparse.combine().unwrap(), dense.combine().unwrap());
+            assert_eq!(a, b, "{strategy}");
+            // Not all silent: a bucket none of the three wrote moved by the drift.
+            let j = (0..dim)
+                .find(|j| j % 2 != 0 && j % 3 != 1 && j % 4 != 2)
+                .unwrap();
+            assert_ne!(a[WEIGHT][j], base[j], "{strategy} at {j}");
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -15,7 +16,7 @@ use fedimdb::dataset::{Featurized, featurize_all, load_reviews};
 use fedimdb::layout::Layout;
 use fedimdb::manifest::DataManifest;
 use fedimdb::metrics::Metrics;
-use fedimdb::model::{BIAS, ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
+use fedimdb::model::{ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
 use fedimdb::outcome::{Outcome, Status};
 use fedimdb::report::RoundReport;
 use fedimdb::retention;
@@ -27,7 +28,7 @@ use fedimdb::verify::{
 use tracing::{info, warn};
 
 use crate::Args;
-use crate::combine::Combiner;
+use crate::combine::{Combiner, Fill};
 use crate::evaluate::evaluate;
 use fedimdb::strategy::{Combination, Strategy};
 
@@ -387,7 +388,9 @@ fn combine_updates(
     let (prev_control, prev_sha) =
         load_control(layout, prev).with_context(|| format!("cannot aggregate round {round}: the control variate of round {prev} is missing or damaged"))?;
     let config = base.header.config;
-    let x = base.take_tensor(WEIGHT)?;
+    let x = Arc::new(base.take_tensor(WEIGHT)?);
+    // Shared by every update's fill (one more model in memory, whatever the workers).
+    let d = Arc::new(prev_control.weight.clone());
     let ratio = base.tensor(NB_RATIO).to_vec();
     let n_total = manifest.train_rows() as f64;
     let mut sum = Combiner::new(strategy);
@@ -398,10 +401,11 @@ fn combine_updates(
     for &shard in updates.keys() {
         let (ck, bytes) = load_checked(layout, manifest, round, shard, Kind::Update, &mut seen)?;
         let h = &ck.header;
-        let dense = rebuild_update(layout, round, &ck, &base, &x, (&prev_control, &prev_sha))
-            .with_context(|| format!("refusing {}", layout.update(round, shard).display()))?;
-        sum.add(&dense, h.samples as f64)
-            .with_context(|| format!("refusing {}", layout.update(round, shard).display()))?;
+        let refusing = || format!("refusing {}", layout.update(round, shard).display());
+        let fill =
+            update_fill(layout, round, &ck, &base, &x, (&d, &prev_sha)).with_context(refusing)?;
+        sum.add_sparse(&ck, fill, h.samples as f64)
+            .with_context(refusing)?;
         controls.add_sparse(
             &ck.index,
             ck.tensor(GRAD_WEIGHT),
@@ -440,18 +444,18 @@ fn combine_updates(
     })
 }
 
-/// Worker `shard`'s sparse update of `round` as the dense model it stands for: its trained
-/// weights at the buckets it touched, and every other bucket of the global weights `x`
-/// moved by the correction alone, as the worker's own steps moved it ([`Drift`]). Refuses
-/// an update made from another config, global model or control variate than this round's.
-fn rebuild_update(
+/// What worker `shard`'s sparse update of `round` stands for where it is silent: every
+/// bucket it did not write is the global weight `x` moved by the correction alone, as the
+/// worker's own steps moved it ([`Drift`]). Refuses an update made from another config,
+/// global model or control variate than this round's.
+fn update_fill(
     layout: &Layout,
     round: u32,
     ck: &Checkpoint,
     base: &Checkpoint,
-    x: &[f32],
-    (prev_control, prev_sha): (&Control, &str),
-) -> Result<Checkpoint> {
+    x: &Arc<Vec<f32>>,
+    (prev_control, prev_sha): (&Arc<Vec<f32>>, &str),
+) -> Result<Fill> {
     let prev = round - 1;
     let h = &ck.header;
     let config = base.header.config;
@@ -467,31 +471,25 @@ fn rebuild_update(
     );
     let tc: TrainConfig = h.train.context("its header has no training config")?;
     // The correction the worker applied to every bucket it never read.
-    let d: Option<&[f32]> = match &h.control_sha256 {
-        Some(sha) if sha == prev_sha => Some(&prev_control.weight),
+    let drift = match &h.control_sha256 {
+        Some(sha) if sha == prev_sha => Some((
+            Arc::clone(prev_control),
+            Arc::new(Drift::new(
+                tc.steps_for(h.samples as usize),
+                tc.lr,
+                tc.schedule,
+            )),
+        )),
         Some(_) => bail!(
             "it was corrected with another control variate than {}",
             layout.control(prev).display()
         ),
         None => None,
     };
-    let drift = Drift::new(tc.steps_for(h.samples as usize), tc.lr, tc.schedule);
-    let mut weight: Vec<f32> = match d {
-        Some(d) => x
-            .iter()
-            .zip(d)
-            .map(|(&w, &d)| drift.apply(w, d, 0, drift.steps()))
-            .collect(),
-        None => x.to_vec(),
-    };
-    for (&j, &v) in ck.index.iter().zip(ck.tensor(WEIGHT)) {
-        weight[j as usize] = v;
-    }
-    Ok(Checkpoint::dense(
-        Kind::Update,
-        h.clone(),
-        [(WEIGHT, weight), (BIAS, vec![ck.tensor(BIAS)[0]])],
-    ))
+    Ok(Fill {
+        base: Arc::clone(x),
+        drift,
+    })
 }
 
 /// A running weighted sum of control variates, in f64.
