@@ -52,6 +52,28 @@ fn reduced_pipeline_run_learns_and_publishes_a_consistent_model() {
         "final test accuracy {last} is not above {floor}"
     );
     assert_eq!(last, rounds[2]["test_accuracy"].as_f64().unwrap());
+    // The round table `pipeline k8s` prints too: a header, then one row per round with
+    // what the trainers and the aggregator did and the test accuracy.
+    let table: Vec<&str> = stdout
+        .split("\nrounds:\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no round table in:\n{stdout}"))
+        .lines()
+        .collect();
+    assert!(
+        table[0].trim_start().starts_with("round  trainers"),
+        "{stdout}"
+    );
+    let row = table[3].split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        row.starts_with(&format!(
+            "2 {w}/{w} computed computed {:.2}%",
+            last * 100.0,
+            w = common::WORKERS
+        )),
+        "row of round 2: {row}"
+    );
+    assert!(table[4].starts_with("done: test accuracy"), "{stdout}");
     assert!(report["seconds_total"].as_f64().unwrap() > 0.0);
 
     let layout = Layout::new(&root);

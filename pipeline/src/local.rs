@@ -9,7 +9,7 @@ use fedimdb::atomic::{is_temp_name, read_json, write_json_atomic};
 use fedimdb::layout::Layout;
 use fedimdb::manifest::DataManifest;
 use fedimdb::metrics::Metrics;
-use fedimdb::outcome::Status;
+use fedimdb::outcome::{Outcome, Status};
 use fedimdb::report::{RoundReport, UpdateReport};
 use fedimdb::train::TrainArgs;
 use fedimdb::verify::{
@@ -21,6 +21,7 @@ use tracing::info;
 use crate::LocalArgs;
 use crate::lock::{Previous, RootLock};
 use crate::procs::{Step, command, run_one, run_recorded, run_tolerating};
+use crate::rounds::{RoundRow, round_table, summarize};
 
 /// The shared archive, looked up relative to the working folder.
 const SHARED_ARCHIVE: &str = "../shared/data/aclImdb-labeled.tar.gz";
@@ -148,6 +149,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
     let mut base_sha256: Option<String> = None;
     let mut control_sha256: Option<String> = None;
     let mut computed_any = false;
+    let mut table = Vec::new();
     for round in 0..=run.rounds {
         let r0 = Instant::now();
         let forced = !run.resumes(round);
@@ -213,6 +215,20 @@ pub fn run(args: &LocalArgs) -> Result<()> {
         control_sha256 = report.control_sha256.clone();
         let seconds = r0.elapsed().as_secs_f64();
         print_round(&layout, round, run.workers, &report, seconds, recomputed)?;
+        // The row `pipeline k8s` prints for the same round, from the same records: a kept
+        // update is a trainer found up to date.
+        let trainer = |status| Some(Outcome::new("trainer", status));
+        let trainers: Vec<Option<Outcome>> = (kept.iter().map(|_| trainer(Status::UpToDate)))
+            .chain((0..ran - failed.len()).map(|_| trainer(Status::Done)))
+            .collect();
+        let aggregator = summarize(&[Some(aggregated)], "workers").unwrap_or_default();
+        table.push(RoundRow {
+            round,
+            trainers: RoundRow::trainers_cell(&trainers, run.workers, "workers"),
+            aggregator: RoundRow::aggregator_cell(&aggregator),
+            accuracy: Some(report.test.accuracy),
+            seconds,
+        });
         rounds.push(RoundSummary {
             round,
             test_accuracy: report.test.accuracy,
@@ -251,6 +267,10 @@ pub fn run(args: &LocalArgs) -> Result<()> {
             || rounds.iter().any(|r| !r.recomputed),
         rounds,
     };
+    println!("\nrounds:");
+    for line in round_table(&table) {
+        println!("  {line}");
+    }
     println!(
         "done: test accuracy {:.2}% after {} rounds, {:.1} s in all; model at {}",
         report.test_accuracy * 100.0,

@@ -6,6 +6,7 @@ mod local;
 mod lock;
 mod plan;
 mod procs;
+mod rounds;
 
 use std::path::PathBuf;
 

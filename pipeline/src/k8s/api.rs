@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use fedimdb::outcome::{Outcome as StepOutcome, Status};
+use fedimdb::outcome::Outcome as StepOutcome;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -19,6 +19,7 @@ use kube::api::{Api, ListParams, LogParams, Patch, PatchParams};
 
 use super::jobs::{MANAGER, Step, StepKind};
 use super::lock::{Lock, LockConfig};
+use crate::rounds::{RoundRow, round_table, summarize};
 
 /// How long releasing the lock may take before the run ends without (an unreachable API
 /// server must not hold up the exit; the lock then expires by itself).
@@ -141,37 +142,6 @@ pub fn outcome_of(pod: &Pod, container: Option<&str>) -> Option<StepOutcome> {
     StepOutcome::parse(message).ok()
 }
 
-/// One line for a step's succeeded pods: up to date, computed or a mix, the test accuracy
-/// an aggregator recorded, and how many pods left no record. `None` for no pods.
-pub fn summarize(records: &[Option<StepOutcome>]) -> Option<String> {
-    if records.is_empty() {
-        return None;
-    }
-    let known: Vec<&StepOutcome> = records.iter().flatten().collect();
-    let fresh = known
-        .iter()
-        .filter(|o| o.status == Status::UpToDate)
-        .count();
-    let computed = known.len() - fresh;
-    let mut line = match (fresh, computed) {
-        (0, 0) => "outcome unknown".to_owned(),
-        (_, 0) => "up to date, nothing recomputed".to_owned(),
-        (0, _) => "computed".to_owned(),
-        _ => format!(
-            "{fresh} of {} pods up to date, {computed} computed",
-            known.len()
-        ),
-    };
-    if let Some(acc) = known.iter().find_map(|o| o.test_accuracy) {
-        line.push_str(&format!(", test accuracy {:.2}%", acc * 100.0));
-    }
-    let unknown = records.len() - known.len();
-    if unknown > 0 && !known.is_empty() {
-        line.push_str(&format!(" ({unknown} pods left no outcome record)"));
-    }
-    Some(line)
-}
-
 /// Labels the driver writes on its own Job (`kubectl get jobs -L ...`): the run's phase
 /// (`running`, `done`, `failed`, `interrupted`), the round of the step it is at, and the
 /// test accuracy of the latest round aggregated (a fraction, 4 decimals).
@@ -180,34 +150,6 @@ pub const ROUND_LABEL: &str = "fedimdb.io/round";
 pub const ACCURACY_LABEL: &str = "fedimdb.io/accuracy";
 /// Annotation with the step the run is at, in words (`[4/13] trainers of round 1`).
 pub const STEP_ANNOTATION: &str = "fedimdb.io/step";
-
-/// One row of the round table: what a round's trainers and aggregator did.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RoundRow {
-    pub round: u32,
-    pub trainers: String,
-    pub aggregator: String,
-    pub accuracy: Option<f64>,
-    pub seconds: f64,
-}
-
-/// The round table's header and one line per row.
-pub fn round_table(rows: &[RoundRow]) -> Vec<String> {
-    let mut lines = vec![format!(
-        "{:>5}  {:<36}  {:<28}  {:>8}  {:>7}",
-        "round", "trainers", "aggregator", "test acc", "seconds"
-    )];
-    for r in rows {
-        let acc = r
-            .accuracy
-            .map_or("-".to_string(), |a| format!("{:.2}%", a * 100.0));
-        lines.push(format!(
-            "{:>5}  {:<36}  {:<28}  {:>8}  {:>7.0}",
-            r.round, r.trainers, r.aggregator, acc, r.seconds
-        ));
-    }
-    lines
-}
 
 /// What the run has seen so far: the round table, and what the driver's Job last said.
 #[derive(Debug, Default)]
@@ -460,12 +402,6 @@ impl Orchestrator {
                 .last
                 .take()
                 .unwrap_or_else(|| ("outcome unknown".into(), None));
-            // The accuracy is the table's own column.
-            let what = what
-                .split(", test accuracy")
-                .next()
-                .unwrap_or_default()
-                .to_string();
             match step.kind {
                 StepKind::Copier => None,
                 StepKind::Trainer(_) => {
@@ -617,13 +553,14 @@ impl Orchestrator {
             .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
             .map(|p| outcome_of(p, step.container()))
             .collect();
-        if let Some(line) = summarize(&records) {
+        if let Some(line) = summarize(&records, "pods") {
             self.say(format!("  {}: {line}", step.kind));
             let accuracy = records.iter().flatten().find_map(|o| o.test_accuracy);
-            let done = format!("{}/{} {line}", records.len(), step.completions());
             let what = match step.kind {
-                StepKind::Trainer(_) => done,
-                _ => line,
+                StepKind::Trainer(_) => {
+                    RoundRow::trainers_cell(&records, step.completions() as usize, "pods")
+                }
+                _ => RoundRow::aggregator_cell(&line),
             };
             self.state.lock().unwrap().last = Some((what, accuracy));
         }

@@ -9,8 +9,8 @@ use super::fixtures::{
 };
 use fedimdb::outcome::{Outcome, Status};
 
-use crate::k8s::api::{RoundRow, round_table, summarize};
 use crate::k8s::jobs::{self, Overlay, Params};
+use crate::rounds::{RoundRow, round_table, summarize};
 
 /// What each step did comes from its pods' outcome records (termination messages), never
 /// from their logs: up to date or computed, with the aggregator's test accuracy.
@@ -58,16 +58,16 @@ async fn each_steps_outcome_is_read_from_its_termination_messages() {
 fn outcomes_are_summarized_in_one_line() {
     let record = |status| Some(Outcome::new("trainer", status));
     let (done, fresh) = (record(Status::Done), record(Status::UpToDate));
-    assert_eq!(summarize(&[]), None);
+    assert_eq!(summarize(&[], "pods"), None);
     assert_eq!(
-        summarize(&[fresh.clone(), done.clone(), fresh.clone()]).unwrap(),
+        summarize(&[fresh.clone(), done.clone(), fresh.clone()], "pods").unwrap(),
         "2 of 3 pods up to date, 1 computed"
     );
     assert_eq!(
-        summarize(&[done.clone(), None]).unwrap(),
+        summarize(&[done.clone(), None], "pods").unwrap(),
         "computed (1 pods left no outcome record)"
     );
-    assert_eq!(summarize(&[None, None]).unwrap(), "outcome unknown");
+    assert_eq!(summarize(&[None, None], "pods").unwrap(), "outcome unknown");
 }
 
 /// A fake cluster whose trainer Jobs fail with indexes `completed` succeeded (`succeeded`
@@ -302,12 +302,18 @@ fn the_round_table_lines_up() {
     let t = round_table(&rows);
     assert_eq!(
         t[0],
-        "round  trainers                              aggregator                    test acc  seconds"
+        "round  trainers                              aggregator                      test acc  seconds"
     );
     assert_eq!(
         t[1],
-        "    0  5/5 computed                          computed                        50.00%       12"
+        "    0  5/5 computed                          computed                          50.00%       12"
     );
+    // The longest aggregator cell fits its column: the figures stay under their headers.
+    let up_to_date = RoundRow {
+        aggregator: "up to date, nothing recomputed".into(),
+        ..rows[0].clone()
+    };
+    assert_eq!(round_table(&[up_to_date])[1].len(), t[0].len());
     assert!(
         t[2].starts_with(
             "   11  3/5 2 of 3 pods up to date, 1 computed  up to date, nothing recomputed"
