@@ -428,3 +428,119 @@ fn the_driver_job_of_the_manifests_runs_in_the_simulated_cluster() {
     assert_eq!(model_sha(&vol), reference().model_sha, "{log}");
     assert_all_served(&s);
 }
+
+/// The simulator's own API semantics, which the tests above rely on: apply, immutability,
+/// merge patches, selectors, the Lease's optimistic concurrency, unserved requests.
+#[test]
+fn the_simulated_api_server_answers_as_the_kubernetes_api_does() {
+    use sim::fixtures::http;
+    let s = Sim::start(sim::SimConfig {
+        bin_dir: common::bin_dir(),
+        claims: Default::default(),
+        namespace: NS.into(),
+        hook: None,
+    });
+    let jobs = "/apis/batch/v1/namespaces/fedimdb/jobs";
+    let apply = "application/apply-patch+yaml";
+    // Suspended: no pods are made.
+    let job = |arg: &str| {
+        format!(
+            "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: j\n  labels: {{a: b}}\nspec:\n  \
+             suspend: true\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      \
+             - name: c\n        image: fedimdb/copier:0.1.0\n        args: [{arg}]\n"
+        )
+    };
+    let (code, made) = http(
+        &s,
+        "PATCH",
+        &format!("{jobs}/j?fieldManager=t"),
+        apply,
+        &job("x"),
+    );
+    assert_eq!(code, 201, "{made}");
+    assert_eq!(
+        made["spec"]["backoffLimit"], 6,
+        "defaults filled in: {made}"
+    );
+    let rv = made["metadata"]["resourceVersion"].clone();
+    let (code, again) = http(
+        &s,
+        "PATCH",
+        &format!("{jobs}/j?fieldManager=t"),
+        apply,
+        &job("x"),
+    );
+    assert_eq!(
+        (code, &again["metadata"]["resourceVersion"]),
+        (200, &rv),
+        "an unchanged apply changes nothing"
+    );
+    let (code, err) = http(
+        &s,
+        "PATCH",
+        &format!("{jobs}/j?fieldManager=t"),
+        apply,
+        &job("y"),
+    );
+    assert_eq!(code, 422, "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("field is immutable"),
+        "{err}"
+    );
+    let (code, _) = http(&s, "PATCH", &format!("{jobs}/j"), apply, &job("x"));
+    assert_eq!(code, 400, "apply without a fieldManager");
+    let merge = "application/merge-patch+json";
+    let (code, patched) = http(
+        &s,
+        "PATCH",
+        &format!("{jobs}/j"),
+        merge,
+        r#"{"metadata":{"labels":{"p":"q","a":null}}}"#,
+    );
+    assert_eq!(code, 200);
+    assert_eq!(patched["metadata"]["labels"], serde_json::json!({"p": "q"}));
+    let (_, list) = http(&s, "GET", &format!("{jobs}?labelSelector=p%3Dq"), "", "");
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(1), "{list}");
+    let (_, list) = http(&s, "GET", &format!("{jobs}?labelSelector=p%21%3Dq"), "", "");
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(0), "{list}");
+
+    let leases = "/apis/coordination.k8s.io/v1/namespaces/fedimdb/leases";
+    let lease = r#"{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"l"},"spec":{"holderIdentity":"me"}}"#;
+    let (code, l) = http(&s, "POST", leases, "application/json", lease);
+    assert_eq!(code, 201, "{l}");
+    let (code, e) = http(&s, "POST", leases, "application/json", lease);
+    assert_eq!((code, e["reason"].as_str()), (409, Some("AlreadyExists")));
+    let stale = r#"{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"l","resourceVersion":"1"},"spec":{}}"#;
+    let (code, e) = http(&s, "PUT", &format!("{leases}/l"), "application/json", stale);
+    assert_eq!((code, e["reason"].as_str()), (409, Some("Conflict")), "{e}");
+    let (code, _) = http(
+        &s,
+        "DELETE",
+        &format!("{leases}/l"),
+        "application/json",
+        r#"{"preconditions":{"resourceVersion":"1"}}"#,
+    );
+    assert_eq!(code, 409, "a delete with a stale precondition");
+    let now = format!(
+        r#"{{"preconditions":{{"resourceVersion":{}}}}}"#,
+        l["metadata"]["resourceVersion"]
+    );
+    let (code, _) = http(
+        &s,
+        "DELETE",
+        &format!("{leases}/l"),
+        "application/json",
+        &now,
+    );
+    assert_eq!(code, 200);
+    assert_eq!(http(&s, "GET", &format!("{leases}/l"), "", "").0, 404);
+
+    assert!(s.unserved().is_empty(), "{:?}", s.unserved());
+    let (code, _) = http(&s, "GET", &format!("{jobs}?watch=true"), "", "");
+    assert_eq!(code, 404);
+    assert_eq!(s.unserved().len(), 1, "an unserved request is recorded");
+    assert!(s.pods_of(NS, "j").is_empty(), "a suspended Job has no pods");
+}

@@ -6,7 +6,8 @@
 //!
 //! `cargo run --release -p system-tests --example k8s-sim [-- PIPELINE FLAGS]`; the
 //! binaries must be built first (the Makefile target does it). Flags after `--` go to both
-//! runs (e.g. `--workers 3 --rounds 2`).
+//! runs (e.g. `--workers 3 --rounds 2`). The volumes are kept under `runs/k8s-sim/`
+//! (`FEDIMDB_SIM_DIR`): `vol/` of the simulated cluster, `local/` of `pipeline local`.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -30,11 +31,15 @@ fn main() -> ExitCode {
     };
     let extra: Vec<String> = std::env::args().skip(1).collect();
     let flags: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let dir = tempfile::Builder::new()
-        .prefix("fedimdb-k8s-sim-run-")
-        .tempdir()
-        .unwrap();
-    let vol = volume_with(dir.path(), &archive);
+    // Kept after the run (the volume with the model, `local/` with pipeline local's), as
+    // `make run` keeps runs/local; replaced by the next run.
+    let dir = std::path::PathBuf::from(
+        std::env::var("FEDIMDB_SIM_DIR").unwrap_or_else(|_| "runs/k8s-sim".into()),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir = dir.canonicalize().unwrap();
+    let vol = volume_with(&dir, &archive);
     let s = sim(&vol, &archive, None);
     println!(
         "k8s-sim: simulated API server at http://{}; volume {}",
@@ -65,7 +70,7 @@ fn main() -> ExitCode {
     drop(s);
 
     println!("k8s-sim: the same run with pipeline local, to compare the models");
-    let root = dir.path().join("local");
+    let root = dir.join("local");
     let out = pipeline_local(&archive, &root, &flags)
         .stderr(std::process::Stdio::inherit())
         .output()

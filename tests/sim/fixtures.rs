@@ -144,3 +144,37 @@ pub fn last_accuracy(sim: &Sim) -> Option<f64> {
         fedimdb::outcome::Outcome::parse(msg).ok()?.test_accuracy
     })
 }
+
+/// One HTTP/1.1 request to the simulated API server (a few lines of std, so that the
+/// tests of the API itself need no client library): the status code and the JSON body
+/// (`Null` if the body is not JSON).
+pub fn http(
+    sim: &Sim,
+    method: &str,
+    path: &str,
+    ctype: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(sim.addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        sim.addr,
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let code = reply
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {reply:?}"));
+    let text = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (
+        code,
+        serde_json::from_str(text).unwrap_or(serde_json::Value::Null),
+    )
+}
