@@ -544,3 +544,117 @@ fn the_simulated_api_server_answers_as_the_kubernetes_api_does() {
     assert_eq!(s.unserved().len(), 1, "an unserved request is recorded");
     assert!(s.pods_of(NS, "j").is_empty(), "a suspended Job has no pods");
 }
+
+/// Pods that run until stopped (the server, on an empty volume), to see what the Job
+/// controller and the API do with running pods: a pod killed by SIGKILL counts against
+/// `backoffLimit` (0 here: the Job fails, its other pod is stopped first), a Job deleted
+/// with `Background` propagation takes its pods with it, one deleted with the default
+/// (`Orphan`, for batch/v1) leaves them running without an owner.
+#[test]
+fn killed_pods_count_against_the_backoff_limit_and_deleted_jobs_stop_or_orphan_their_pods() {
+    use serde_json::json;
+    use sim::fixtures::http;
+    let s = Sim::start(sim::SimConfig {
+        bin_dir: common::bin_dir(),
+        claims: Default::default(),
+        namespace: NS.into(),
+        hook: None,
+    });
+    let job = |name: &str| {
+        json!({
+            "apiVersion": "batch/v1", "kind": "Job", "metadata": { "name": name },
+            "spec": { "parallelism": 2, "completions": 2, "backoffLimit": 0, "template": { "spec": {
+                "restartPolicy": "Never", "automountServiceAccountToken": false,
+                "volumes": [{ "name": "data", "emptyDir": {} }],
+                "containers": [{
+                    "name": "server", "image": "fedimdb/server:0.1.0",
+                    "args": ["--root", "/data", "--listen", "127.0.0.1:0"],
+                    "volumeMounts": [{ "name": "data", "mountPath": "/data" }],
+                }],
+            }}},
+        })
+    };
+    let running = |j: &'static str| {
+        move |s: &Sim| {
+            let pods = s.pods_of(NS, j);
+            (pods.len() == 2 && pods.iter().all(|p| p["status"]["phase"] == "Running"))
+                .then(|| pods.iter().map(|p| name(p).to_string()).collect::<Vec<_>>())
+        }
+    };
+    let minute = Duration::from_secs(60);
+
+    s.create_job(NS, job("killed"));
+    let pods = s.wait_for("two running pods of job killed", minute, running("killed"));
+    assert!(s.kill_pod(NS, &pods[0]), "pod {} runs no process", pods[0]);
+    let j = s.wait_for("job killed to fail", minute, |s| {
+        let j = s.job(NS, "killed")?;
+        condition(&j, "Failed").map(|_| j)
+    });
+    assert_eq!(
+        condition(&j, "Failed").unwrap().0,
+        "BackoffLimitExceeded",
+        "{}",
+        j["status"]
+    );
+    assert!(condition(&j, "FailureTarget").is_some(), "{}", j["status"]);
+    assert_eq!(
+        status_num(&j, "active"),
+        0,
+        "the other pod was stopped: {}",
+        j["status"]
+    );
+    let killed = s.pods_of(NS, "killed");
+    let first = killed.iter().find(|p| name(p) == pods[0]).unwrap();
+    assert_eq!(exit_code(first), Some(137));
+    // The controller deletes the pods it stops (as the real one does): only the killed
+    // one is left, and no replacement was made past backoffLimit 0.
+    assert_eq!(killed.len(), 1, "{killed:#?}");
+
+    let jobs = "/apis/batch/v1/namespaces/fedimdb/jobs";
+    s.create_job(NS, job("background"));
+    s.wait_for(
+        "two running pods of job background",
+        minute,
+        running("background"),
+    );
+    let body = r#"{"propagationPolicy":"Background"}"#;
+    let (code, st) = http(
+        &s,
+        "DELETE",
+        &format!("{jobs}/background"),
+        "application/json",
+        body,
+    );
+    assert_eq!(code, 200, "{st}");
+    assert!(s.job(NS, "background").is_none());
+    s.wait_for("the pods of job background to be gone", minute, |s| {
+        s.pods_of(NS, "background").is_empty().then_some(())
+    });
+
+    s.create_job(NS, job("orphan"));
+    let pods = s.wait_for("two running pods of job orphan", minute, running("orphan"));
+    let (code, st) = http(
+        &s,
+        "DELETE",
+        &format!("{jobs}/orphan"),
+        "application/json",
+        "",
+    );
+    assert_eq!(code, 200, "{st}");
+    assert!(s.job(NS, "orphan").is_none());
+    let left = s.pods_of(NS, "orphan");
+    assert_eq!(left.len(), 2, "orphaned pods stay");
+    for p in &left {
+        assert_eq!(p["status"]["phase"], "Running", "{} was stopped", name(p));
+        assert!(
+            p["metadata"]["ownerReferences"].is_null(),
+            "{} still has an owner",
+            name(p)
+        );
+    }
+    assert!(
+        s.kill_pod(NS, &pods[0]),
+        "an orphaned pod's process still runs"
+    );
+    assert_all_served(&s);
+}

@@ -11,15 +11,16 @@
 //!   containers included) and on pod conditions, with the actions `FailJob`, `Ignore`
 //!   (the failure is not counted), `Count` and `FailIndex`; the first matching rule wins;
 //! - the end: `SuccessCriteriaMet` then `Complete`; or `FailureTarget` at once and `Failed`
-//!   once the Job's remaining pods have been stopped, with the real reasons and messages
+//!   once the Job's remaining pods have been stopped (and deleted, as the real controller
+//!   deletes them), with the real reasons and messages
 //!   (`PodFailurePolicy`, `BackoffLimitExceeded`, `MaxFailedIndexesExceeded`,
 //!   `FailedIndexes`, `DeadlineExceeded`).
 //!
 //! Not simulated: the exponential backoff before a replacement pod (replacements start at
 //! once, which keeps the tests fast; the driver's own wait does not depend on it),
 //! `ttlSecondsAfterFinished`, `successPolicy`, `podReplacementPolicy`, suspending a running
-//! Job (a suspended Job simply gets no pods), and NonIndexed Jobs of more than one
-//! completion running in parallel beyond `parallelism`.
+//! Job (a suspended Job simply gets no pods), and work-queue Jobs (NonIndexed without
+//! `completions`, here treated as `completions` = `parallelism`).
 //!
 //! It runs as a loop every few milliseconds ([`reconcile`]), not on watch events: a step of
 //! the run takes seconds, so polling costs nothing and keeps the order of events simple.
