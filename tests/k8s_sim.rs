@@ -554,6 +554,7 @@ fn the_simulated_api_server_answers_as_the_kubernetes_api_does() {
 fn killed_pods_count_against_the_backoff_limit_and_deleted_jobs_stop_or_orphan_their_pods() {
     use serde_json::json;
     use sim::fixtures::http;
+    common::bin("server"); // fails now, naming it, if it was not built
     let s = Sim::start(sim::SimConfig {
         bin_dir: common::bin_dir(),
         claims: Default::default(),

@@ -44,6 +44,11 @@ pub fn volume_with(dir: &Path, archive: &Path) -> PathBuf {
 /// A simulator whose claim `fedimdb-data` is `vol`, running the binaries of this build;
 /// `hook` (if any) runs after the offline download's.
 pub fn sim(vol: &Path, archive: &Path, hook: Option<LaunchHook>) -> Sim {
+    // A missing binary would leave its pods Pending (ErrImagePull) until the driver's
+    // --step-timeout: say so now instead.
+    for b in ["copier", "trainer", "aggregator", "pipeline"] {
+        crate::common::bin(b);
+    }
     let sha = sha256_file(archive).unwrap();
     let offline = offline_download(sha);
     Sim::start(SimConfig {
