@@ -119,7 +119,16 @@ PLACEHOLDER_DIGEST := sha256:000000000000000000000000000000000000000000000000000
 # The Jobs `pipeline k8s --overlay` builds: gke-filestore's are gke's.
 PIPELINE_OVERLAY = $(if $(filter local gpu,$(OVERLAY)),$(OVERLAY),gke)
 
-.PHONY: images push pin-images deploy run-k8s status logs port-forward clean-k8s
+.PHONY: images push pin-images deploy run-k8s status logs port-forward clean-k8s k8s-sim
+
+## The default workflow (WORKERS workers, the default rounds and training) through
+## `pipeline k8s` on the simulated cluster of tests/sim/ (no cluster, no Docker: a simulated
+## API server, Job controller and kubelet, each pod a process of the release binary its
+## image names), on the shared archive; then the same run with `pipeline local`, whose
+## model must be byte-identical. Ends with the `done: test accuracy ...` line.
+k8s-sim:
+	$(CARGO) build --release -p copier -p trainer -p aggregator -p pipeline
+	$(CARGO) run --release -q -p system-tests --example k8s-sim -- --workers $(WORKERS)
 
 ## Builds one image per binary (and the CUDA trainer with OVERLAY=gpu). Needs Docker (BuildKit).
 images:
