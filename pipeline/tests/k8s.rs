@@ -73,12 +73,7 @@ fn images(docs: &[serde_yaml::Value]) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
     for d in docs {
         let Some(spec) = pod_spec(d) else { continue };
-        let containers = spec["containers"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .chain(spec["initContainers"].as_sequence().into_iter().flatten());
-        for c in containers {
+        for c in containers(spec) {
             out.push((
                 format!(
                     "{}/{}",
@@ -100,6 +95,15 @@ fn pod_spec(d: &serde_yaml::Value) -> Option<&serde_yaml::Value> {
         "Pod" => Some(&d["spec"]),
         _ => None,
     }
+}
+
+/// The containers of a pod spec, main then init.
+fn containers(spec: &serde_yaml::Value) -> impl Iterator<Item = &serde_yaml::Value> {
+    spec["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .chain(spec["initContainers"].as_sequence().into_iter().flatten())
 }
 
 /// The labels of a workload's pods.
@@ -266,18 +270,9 @@ fn every_overlay_renders_and_validates() {
         assert_eq!(server_svc["spec"]["type"], want, "{overlay}");
         // Everything but the NFS server runs locked down, with requests and limits.
         for d in &docs {
-            let spec = match d["kind"].as_str().unwrap() {
-                "Deployment" | "Job" => &d["spec"]["template"]["spec"],
-                "Pod" => &d["spec"],
-                _ => continue,
-            };
+            let Some(spec) = pod_spec(d) else { continue };
             let name = d["metadata"]["name"].as_str().unwrap();
-            let containers = spec["containers"]
-                .as_sequence()
-                .unwrap()
-                .iter()
-                .chain(spec["initContainers"].as_sequence().into_iter().flatten());
-            for c in containers {
+            for c in containers(spec) {
                 let cname = c["name"].as_str().unwrap();
                 let image = c["image"].as_str().unwrap();
                 assert!(

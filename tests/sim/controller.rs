@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 
 use super::Shared;
 use super::kubelet;
-use super::store::{Kind, Selector, Store, rfc3339};
+use super::store::{Kind, Selector, Store, rfc3339, text};
 
 pub const INDEX_KEY: &str = "batch.kubernetes.io/job-completion-index";
 pub const FAILURE_COUNT_KEY: &str = "batch.kubernetes.io/job-index-failure-count";
@@ -63,14 +63,8 @@ pub struct Track {
 /// What the API server and the Job controller fill into a new Job: the defaults of the
 /// fields the controller reads, the selector, and the labels it puts on the pod template.
 pub fn default_job(store: &mut Store, ns: &str, job: &Value) -> Value {
-    let name = job["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let uid = job["metadata"]["uid"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let name = text(&job["metadata"]["name"]);
+    let uid = text(&job["metadata"]["uid"]);
     store
         .modify(Kind::Job, ns, &name, |j| {
             let spec = &mut j["spec"];
@@ -175,7 +169,7 @@ fn policy_match(policy: &Value, pod: &Value) -> Option<(usize, String, String)> 
         .flatten()
         .collect();
     for (i, rule) in policy["rules"].as_array()?.iter().enumerate() {
-        let action = rule["action"].as_str().unwrap_or_default().to_string();
+        let action = text(&rule["action"]);
         let req = &rule["onExitCodes"];
         if req.is_object() {
             let values: Vec<i64> = req["values"]
@@ -234,10 +228,7 @@ pub fn reconcile(sh: &Arc<Shared>) {
         let mut store = sh.store.lock().unwrap();
         let mut tracks = sh.tracks.lock().unwrap();
         for job in store.all(Kind::Job) {
-            let uid = job["metadata"]["uid"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
+            let uid = text(&job["metadata"]["uid"]);
             let t = tracks.entry(uid).or_default();
             reconcile_job(&mut store, t, &job, &mut start, &mut stop);
         }
@@ -277,18 +268,9 @@ fn reconcile_job(
     if t.finished || spec["suspend"].as_bool() == Some(true) {
         return;
     }
-    let ns = job["metadata"]["namespace"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let name = job["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let uid = job["metadata"]["uid"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let ns = text(&job["metadata"]["namespace"]);
+    let name = text(&job["metadata"]["name"]);
+    let uid = text(&job["metadata"]["uid"]);
     let now = rfc3339(SystemTime::now());
     let started = *t.started.get_or_insert_with(Instant::now);
     let indexed = spec["completionMode"].as_str() == Some("Indexed");
@@ -307,10 +289,7 @@ fn reconcile_job(
     });
     let mut active: Vec<&Value> = Vec::new();
     for pod in &pods {
-        let pname = pod["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let pname = text(&pod["metadata"]["name"]);
         let idx = index_of(pod);
         match phase(pod) {
             "Succeeded" if !t.counted.contains(&pname) => {
@@ -465,10 +444,7 @@ fn reconcile_job(
         }
     }
     for pod in made {
-        let pname = pod["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let pname = text(&pod["metadata"]["name"]);
         if store.create(Kind::Pod, &ns, pod).is_ok() {
             start.push((ns.clone(), pname));
         }

@@ -45,7 +45,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 
 use super::controller::INDEX_KEY;
-use super::store::{ApiError, Kind, rfc3339};
+use super::store::{ApiError, Kind, rfc3339, text};
 use super::{Launch, Shared};
 
 /// The longest grace period the simulator waits between SIGTERM and SIGKILL.
@@ -185,69 +185,43 @@ async fn run_pod(sh: Arc<Shared>, ns: String, name: String) {
     let Some(pod) = sh.store.lock().unwrap().get(Kind::Pod, &ns, &name).cloned() else {
         return;
     };
-    let dir = pod_dir(&sh, &ns, &name);
-    if let Err(e) = std::fs::create_dir_all(&dir) {
+    // Every way this pod can fail to start leaves it Pending with the reason.
+    let pending = |container: &str, reason: &str, message: String| {
         stuck(
             &sh,
             &ns,
             &name,
             "containerStatuses",
-            "-",
-            "CreatePodSandboxError",
-            e.to_string(),
-        );
-        return;
+            container,
+            reason,
+            message,
+        )
+    };
+    let dir = pod_dir(&sh, &ns, &name);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        return pending("-", "CreatePodSandboxError", e.to_string());
     }
     // Volumes: the claims' folders, an emptyDir folder per pod.
     let mut volumes: HashMap<String, PathBuf> = HashMap::new();
     for v in pod["spec"]["volumes"].as_array().into_iter().flatten() {
-        let vname = v["name"].as_str().unwrap_or_default().to_string();
+        let vname = text(&v["name"]);
         let host = if let Some(claim) = v["persistentVolumeClaim"]["claimName"].as_str() {
-            match sh.claims.get(claim) {
-                Some(p) => p.clone(),
-                None => {
-                    let msg = format!("persistentvolumeclaim \"{claim}\" not found");
-                    stuck(
-                        &sh,
-                        &ns,
-                        &name,
-                        "containerStatuses",
-                        &vname,
-                        "FailedMount",
-                        msg,
-                    );
-                    return;
-                }
-            }
+            sh.claims
+                .get(claim)
+                .cloned()
+                .ok_or_else(|| format!("persistentvolumeclaim \"{claim}\" not found"))
         } else if v["emptyDir"].is_object() {
             let p = dir.join("volumes").join(&vname);
-            if let Err(e) = std::fs::create_dir_all(&p) {
-                stuck(
-                    &sh,
-                    &ns,
-                    &name,
-                    "containerStatuses",
-                    &vname,
-                    "FailedMount",
-                    e.to_string(),
-                );
-                return;
-            }
-            p
+            std::fs::create_dir_all(&p)
+                .map(|()| p)
+                .map_err(|e| e.to_string())
         } else {
-            let msg = format!("volume {v} is not simulated");
-            stuck(
-                &sh,
-                &ns,
-                &name,
-                "containerStatuses",
-                &vname,
-                "FailedMount",
-                msg,
-            );
-            return;
+            Err(format!("volume {v} is not simulated"))
         };
-        volumes.insert(vname, host);
+        match host {
+            Ok(host) => volumes.insert(vname, host),
+            Err(msg) => return pending(&vname, "FailedMount", msg),
+        };
     }
     let inits: Vec<Value> = pod["spec"]["initContainers"]
         .as_array()
@@ -262,16 +236,7 @@ async fn run_pod(sh: Arc<Shared>, ns: String, name: String) {
             "{} main containers; the simulator runs exactly one",
             mains.len()
         );
-        stuck(
-            &sh,
-            &ns,
-            &name,
-            "containerStatuses",
-            "-",
-            "RunContainerError",
-            msg,
-        );
-        return;
+        return pending("-", "RunContainerError", msg);
     }
     let started = rfc3339(SystemTime::now());
     set_pod(&sh, &ns, &name, |p| {
@@ -343,16 +308,10 @@ async fn run_container(
     volumes: &HashMap<String, PathBuf>,
     field: &str,
 ) -> Option<Ended> {
-    let ns = pod["metadata"]["namespace"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let pname = pod["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let cname = c["name"].as_str().unwrap_or_default().to_string();
-    let image = c["image"].as_str().unwrap_or_default().to_string();
+    let ns = text(&pod["metadata"]["namespace"]);
+    let pname = text(&pod["metadata"]["name"]);
+    let cname = text(&c["name"]);
+    let image = text(&c["image"]);
     let fail = |reason: &str, message: String| {
         stuck(sh, &ns, &pname, field, &cname, reason, message);
         None
@@ -400,7 +359,7 @@ async fn run_container(
         env.push(("JOB_COMPLETION_INDEX".into(), i.into()));
     }
     for e in c["env"].as_array().into_iter().flatten() {
-        let key = e["name"].as_str().unwrap_or_default().to_string();
+        let key = text(&e["name"]);
         let value = if let Some(v) = e["value"].as_str() {
             let known: HashMap<String, String> = env.iter().cloned().collect();
             expand(v, &known)
@@ -625,7 +584,6 @@ pub fn expand(s: &str, vars: &HashMap<String, String>) -> String {
 /// The downward API's value of a `fieldRef`.
 fn field_ref(pod: &Value, path: &str) -> Option<String> {
     let meta = &pod["metadata"];
-    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
     if let Some(key) = path
         .strip_prefix("metadata.labels['")
         .and_then(|k| k.strip_suffix("']"))

@@ -128,10 +128,7 @@ impl Store {
 
     /// Creates an object, filling in what the API server fills in.
     pub fn create(&mut self, kind: Kind, ns: &str, mut obj: Value) -> Result<Value, ApiError> {
-        let name = obj["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let name = text(&obj["metadata"]["name"]);
         if name.is_empty() {
             return Err(ApiError::new(
                 422,
@@ -334,45 +331,22 @@ pub fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
-/// A time as the API server writes `metav1.Time` (seconds, UTC).
+/// A JSON string field as an owned string, empty when absent (the API's own default for
+/// the names and labels the simulator reads).
+pub fn text(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_owned()
+}
+
+/// A time as RFC 3339 UTC, seconds (`metav1.Time`), by the project's own formatter.
 pub fn rfc3339(t: SystemTime) -> String {
-    let (date, secs, _) = civil(t);
-    format!(
-        "{date}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    fedimdb::report::format_utc(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
 }
 
-/// A time as `metav1.MicroTime` (a Lease's renewTime).
+/// A time as `metav1.MicroTime` (a Lease's renewTime): [`rfc3339`] with microseconds.
 pub fn rfc3339_micro(t: SystemTime) -> String {
-    let (date, secs, micros) = civil(t);
-    format!(
-        "{date}T{:02}:{:02}:{:02}.{micros:06}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
-}
-
-/// (YYYY-MM-DD, seconds into the day, microseconds) of a time, by Howard Hinnant's
-/// days-to-civil algorithm (no date crate needed for this).
-fn civil(t: SystemTime) -> (String, i64, u32) {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let z = secs.div_euclid(86_400) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (
-        format!("{year:04}-{month:02}-{day:02}"),
-        secs.rem_euclid(86_400),
-        d.subsec_micros(),
-    )
+    let micros = t
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_micros());
+    let seconds = rfc3339(t);
+    format!("{}.{micros:06}Z", seconds.trim_end_matches('Z'))
 }
