@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use common::{QUICK, ROUNDS, WORKERS, run, run_ok, small_archive};
 use serde_json::Value;
 use sim::fixtures::{
-    NS, condition, last_accuracy, model_sha, pipeline_k8s, pipeline_local, sim, volume_with,
+    NS, condition, failing_trainer, last_accuracy, model_sha, pipeline_k8s, pipeline_local, sim,
+    volume_with,
 };
 use sim::{Launch, LaunchHook, Sim};
 
@@ -261,12 +262,7 @@ fn exit_code_2_fails_the_job_at_once_without_a_retry() {
 #[test]
 fn an_index_failing_past_its_limit_is_left_out_under_min_workers() {
     // Index 2 of round 1 dies every time: 1 + backoffLimitPerIndex (2) pods.
-    let hook: LaunchHook = Box::new(|l: &mut Launch| {
-        if l.job.ends_with("-trainer-r1") && l.index == Some(2) {
-            l.env
-                .push(("FEDIMDB_FAULT".into(), "trainer:1:2:update-written".into()));
-        }
-    });
+    let hook = failing_trainer(1, 2);
     let (_dir, vol, s) = cluster(Some(hook));
     let f = flags();
     let quorum = (WORKERS - 1).to_string();
@@ -310,12 +306,7 @@ fn an_index_failing_past_its_limit_is_left_out_under_min_workers() {
 
 #[test]
 fn without_min_workers_an_index_failing_for_good_fails_the_job() {
-    let hook: LaunchHook = Box::new(|l: &mut Launch| {
-        if l.job.ends_with("-trainer-r0") && l.index == Some(0) {
-            l.env
-                .push(("FEDIMDB_FAULT".into(), "trainer:0:0:update-written".into()));
-        }
-    });
+    let hook = failing_trainer(0, 0);
     let (_dir, _vol, s) = cluster(Some(hook));
     let f = flags();
     let (out, log) = run(&mut pipeline_k8s(&s, &with(&f, &["--run-id", "strict"])));

@@ -97,6 +97,13 @@ fn pod_spec(d: &serde_yaml::Value) -> Option<&serde_yaml::Value> {
     }
 }
 
+/// The object called `name` among `docs`.
+fn named<'a>(docs: &'a [serde_yaml::Value], name: &str) -> &'a serde_yaml::Value {
+    docs.iter()
+        .find(|d| d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no object named {name}"))
+}
+
 /// The containers of a pod spec, main then init.
 fn containers(spec: &serde_yaml::Value) -> impl Iterator<Item = &serde_yaml::Value> {
     spec["containers"]
@@ -1288,15 +1295,7 @@ fn the_step_templates_are_the_jobs_the_driver_builds() {
                 format!("fedimdb-ci-aggregator-r{round}"),
             ),
         ] {
-            let t = rendered
-                .iter()
-                .find(|d| d["metadata"]["name"] == template)
-                .unwrap();
-            let b = built
-                .iter()
-                .find(|d| d["metadata"]["name"] == name.as_str())
-                .unwrap();
-            let (t, b) = comparable(t, b);
+            let (t, b) = comparable(named(&rendered, template), named(&built, &name));
             assert!(
                 t == b,
                 "{overlay}: the template {template} and the driver's {name} differ \
@@ -1414,15 +1413,7 @@ fn the_run_overlays_add_a_driver_job_that_runs_the_templates() {
             ("fedimdb-trainer", "fedimdb-ci-trainer-r0"),
             ("fedimdb-aggregator", "fedimdb-ci-aggregator-r0"),
         ] {
-            let t = plain
-                .iter()
-                .find(|d| d["metadata"]["name"] == template)
-                .unwrap();
-            let b = built
-                .iter()
-                .find(|d| d["metadata"]["name"] == name)
-                .unwrap();
-            let (t, b) = comparable(t, b);
+            let (t, b) = comparable(named(&plain, template), named(&built, name));
             assert!(
                 t == b,
                 "{overlay}/run: the driver would run another {template}; {}",

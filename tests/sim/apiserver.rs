@@ -395,23 +395,18 @@ fn delete(
             kubelet::terminate(sh, ns, name, false);
             Ok(Reply::Json(200, details(&uid)))
         }
-        Kind::Job => {
+        Kind::Job | Kind::Lease => {
             let removed = sh
                 .store
                 .lock()
                 .unwrap()
                 .delete(kind, ns, name, &preconditions)?;
             let uid = removed["metadata"]["uid"].clone();
-            controller::job_deleted(sh, ns, uid.as_str().unwrap_or_default(), &policy);
+            // A Job's pods go the way its propagation policy says.
+            if kind == Kind::Job {
+                controller::job_deleted(sh, ns, uid.as_str().unwrap_or_default(), &policy);
+            }
             Ok(Reply::Json(200, details(&uid)))
-        }
-        Kind::Lease => {
-            let removed = sh
-                .store
-                .lock()
-                .unwrap()
-                .delete(kind, ns, name, &preconditions)?;
-            Ok(Reply::Json(200, details(&removed["metadata"]["uid"])))
         }
     }
 }

@@ -28,6 +28,21 @@ pub fn offline_download(archive_sha256: String) -> impl Fn(&mut Launch) + Send +
     }
 }
 
+/// A hook that arms the trainer fault `trainer:ROUND:INDEX:update-written` (see
+/// `fedimdb::fault`) in every pod of index `index` of round `round`'s trainer Job, so that
+/// each of them dies after writing its update.
+pub fn failing_trainer(round: u32, index: u32) -> LaunchHook {
+    let job = format!("-trainer-r{round}");
+    Box::new(move |l: &mut Launch| {
+        if l.job.ends_with(&job) && l.index == Some(index) {
+            l.env.push((
+                "FEDIMDB_FAULT".into(),
+                format!("trainer:{round}:{index}:update-written"),
+            ));
+        }
+    })
+}
+
 /// A new volume under `dir` with `archive` as `download/aclImdb_v1.tar.gz` (a symbolic
 /// link: the download step only reads it).
 pub fn volume_with(dir: &Path, archive: &Path) -> PathBuf {
