@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use common::{QUICK, ROUNDS, WORKERS, run, run_ok, small_archive};
 use serde_json::Value;
 use sim::fixtures::{
-    NS, condition, failing_trainer, last_accuracy, model_sha, pipeline_k8s, pipeline_local, sim,
-    volume_with,
+    NS, condition, failed, failing_trainer, last_accuracy, model_sha, pipeline_k8s, pipeline_local,
+    sim, volume_with,
 };
 use sim::{Launch, LaunchHook, Sim};
 
@@ -231,8 +231,7 @@ fn exit_code_2_fails_the_job_at_once_without_a_retry() {
     let (out, log) = run(&mut pipeline_k8s(&s, &with(&f, &["--run-id", "usage"])));
     assert_eq!(out.status.code(), Some(1), "the run must fail:\n{log}");
     let job = s.job(NS, "fedimdb-usage-aggregator-r1").unwrap();
-    let (reason, message) =
-        condition(&job, "Failed").unwrap_or_else(|| panic!("not failed: {}", job["status"]));
+    let (reason, message) = failed(&job);
     assert_eq!(reason, "PodFailurePolicy");
     assert!(
         message.contains("failed with exit code 2 matching FailJob rule at index 0"),
@@ -271,8 +270,7 @@ fn an_index_failing_past_its_limit_is_left_out_under_min_workers() {
         &with(&f, &["--run-id", "quorum", "--min-workers", &quorum]),
     ));
     let job = s.job(NS, "fedimdb-quorum-trainer-r1").unwrap();
-    let (reason, _) =
-        condition(&job, "Failed").unwrap_or_else(|| panic!("not failed: {}", job["status"]));
+    let (reason, _) = failed(&job);
     assert_eq!(reason, "FailedIndexes");
     assert_eq!(status_str(&job, "failedIndexes"), "2");
     assert_eq!(
@@ -312,8 +310,7 @@ fn without_min_workers_an_index_failing_for_good_fails_the_job() {
     let (out, log) = run(&mut pipeline_k8s(&s, &with(&f, &["--run-id", "strict"])));
     assert_eq!(out.status.code(), Some(1), "{log}");
     let job = s.job(NS, "fedimdb-strict-trainer-r0").unwrap();
-    let (reason, _) =
-        condition(&job, "Failed").unwrap_or_else(|| panic!("not failed: {}", job["status"]));
+    let (reason, _) = failed(&job);
     assert_eq!(reason, "MaxFailedIndexesExceeded");
     assert_eq!(status_str(&job, "failedIndexes"), "0");
     assert!(log.contains("MaxFailedIndexesExceeded"), "{log}");
@@ -425,12 +422,7 @@ fn the_driver_job_of_the_manifests_runs_in_the_simulated_cluster() {
 #[test]
 fn the_simulated_api_server_answers_as_the_kubernetes_api_does() {
     use sim::fixtures::http;
-    let s = Sim::start(sim::SimConfig {
-        bin_dir: common::bin_dir(),
-        claims: Default::default(),
-        namespace: NS.into(),
-        hook: None,
-    });
+    let s = sim::fixtures::bare_sim();
     let jobs = "/apis/batch/v1/namespaces/fedimdb/jobs";
     let apply = "application/apply-patch+yaml";
     // Suspended: no pods are made.
@@ -546,12 +538,7 @@ fn killed_pods_count_against_the_backoff_limit_and_deleted_jobs_stop_or_orphan_t
     use serde_json::json;
     use sim::fixtures::http;
     common::bin("server"); // fails now, naming it, if it was not built
-    let s = Sim::start(sim::SimConfig {
-        bin_dir: common::bin_dir(),
-        claims: Default::default(),
-        namespace: NS.into(),
-        hook: None,
-    });
+    let s = sim::fixtures::bare_sim();
     let job = |name: &str| {
         json!({
             "apiVersion": "batch/v1", "kind": "Job", "metadata": { "name": name },

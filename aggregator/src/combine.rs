@@ -94,19 +94,22 @@ impl Fill {
 
 /// One tensor of one update as the robust rules hold it.
 #[derive(Debug)]
-pub struct Held {
-    /// Ascending buckets of `values`; `None`: `values` is dense.
-    index: Option<Vec<u32>>,
-    values: Vec<f32>,
-    /// The buckets outside `index` (sparse tensors only).
-    fill: Option<Fill>,
+pub enum Held {
+    /// Every value.
+    Dense(Vec<f32>),
+    /// The values at the ascending buckets of `index`; `fill` gives the others.
+    Sparse {
+        index: Vec<u32>,
+        values: Vec<f32>,
+        fill: Fill,
+    },
 }
 
 impl Held {
     fn len(&self) -> usize {
-        match &self.fill {
-            Some(f) if self.index.is_some() => f.base.len(),
-            _ => self.values.len(),
+        match self {
+            Held::Dense(values) => values.len(),
+            Held::Sparse { fill, .. } => fill.base.len(),
         }
     }
 
@@ -114,25 +117,24 @@ impl Held {
     /// `index` of the first listed bucket not below `j`, and moves past `j` when it is listed.
     #[inline]
     fn value(&self, j: usize, cursor: &mut usize) -> f32 {
-        let Some(index) = &self.index else {
-            return self.values[j];
-        };
-        if index.get(*cursor).is_some_and(|&i| i as usize == j) {
-            *cursor += 1;
-            self.values[*cursor - 1]
-        } else {
-            self.fill
-                .as_ref()
-                .expect("sparse tensors have a fill")
-                .at(j)
+        match self {
+            Held::Dense(values) => values[j],
+            Held::Sparse { index, values, .. }
+                if index.get(*cursor).is_some_and(|&i| i as usize == j) =>
+            {
+                *cursor += 1;
+                values[*cursor - 1]
+            }
+            Held::Sparse { fill, .. } => fill.at(j),
         }
     }
 
     /// Where a walk from bucket `offset` starts in `index`.
     fn cursor_at(&self, offset: usize) -> usize {
-        self.index
-            .as_ref()
-            .map_or(0, |ix| ix.partition_point(|&i| (i as usize) < offset))
+        match self {
+            Held::Dense(_) => 0,
+            Held::Sparse { index, .. } => index.partition_point(|&i| (i as usize) < offset),
+        }
     }
 }
 
@@ -169,14 +171,7 @@ impl Combiner {
                 let held = ck
                     .tensors
                     .iter()
-                    .map(|(name, v)| {
-                        let held = Held {
-                            index: None,
-                            values: v.clone(),
-                            fill: None,
-                        };
-                        (name.clone(), held)
-                    })
+                    .map(|(name, v)| (name.clone(), Held::Dense(v.clone())))
                     .collect();
                 hold(updates, held, weight)
             }
@@ -198,17 +193,15 @@ impl Combiner {
                 sum.add(&dense, weight)
             }
             Combiner::Holding { updates, .. } => {
-                let weights = Held {
-                    index: Some(ck.index.clone()),
+                let weights = Held::Sparse {
+                    index: ck.index.clone(),
                     values: values.to_vec(),
-                    fill: Some(fill),
+                    fill,
                 };
-                let bias = Held {
-                    index: None,
-                    values: bias,
-                    fill: None,
-                };
-                let held = BTreeMap::from([(WEIGHT.to_owned(), weights), (BIAS.to_owned(), bias)]);
+                let held = BTreeMap::from([
+                    (WEIGHT.to_owned(), weights),
+                    (BIAS.to_owned(), Held::Dense(bias)),
+                ]);
                 hold(updates, held, weight)
             }
         }

@@ -385,12 +385,12 @@ fn combine_updates(
     strategy: Strategy,
 ) -> Result<Combined> {
     let prev = round - 1;
-    let (prev_control, prev_sha) =
+    let (mut prev_control, prev_sha) =
         load_control(layout, prev).with_context(|| format!("cannot aggregate round {round}: the control variate of round {prev} is missing or damaged"))?;
     let config = base.header.config;
     let x = Arc::new(base.take_tensor(WEIGHT)?);
-    // Shared by every update's fill (one more model in memory, whatever the workers).
-    let d = Arc::new(prev_control.weight.clone());
+    // Shared by every update's fill; nothing else reads the old control's weights.
+    let d = Arc::new(std::mem::take(&mut prev_control.weight));
     let ratio = base.tensor(NB_RATIO).to_vec();
     let n_total = manifest.train_rows() as f64;
     let mut sum = Combiner::new(strategy);

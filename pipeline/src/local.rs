@@ -218,9 +218,13 @@ pub fn run(args: &LocalArgs) -> Result<()> {
         // The row `pipeline k8s` prints for the same round, from the same records: a kept
         // update is a trainer found up to date.
         let trainer = |status| Some(Outcome::new("trainer", status));
-        let trainers: Vec<Option<Outcome>> = (kept.iter().map(|_| trainer(Status::UpToDate)))
-            .chain((0..ran - failed.len()).map(|_| trainer(Status::Done)))
-            .collect();
+        let trainers: Vec<Option<Outcome>> =
+            std::iter::repeat_n(trainer(Status::UpToDate), kept.len())
+                .chain(std::iter::repeat_n(
+                    trainer(Status::Done),
+                    ran - failed.len(),
+                ))
+                .collect();
         let aggregator = summarize(&[Some(aggregated)], "workers").unwrap_or_default();
         table.push(RoundRow {
             round,

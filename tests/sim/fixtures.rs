@@ -142,10 +142,26 @@ pub fn condition(job: &serde_json::Value, type_: &str) -> Option<(String, String
         .find(|c| c["type"] == type_ && c["status"] == "True")
         .map(|c| {
             (
-                c["reason"].as_str().unwrap_or_default().to_string(),
-                c["message"].as_str().unwrap_or_default().to_string(),
+                super::store::text(&c["reason"]),
+                super::store::text(&c["message"]),
             )
         })
+}
+
+/// A simulated cluster with no volume claims and no launch hook, for tests of the
+/// simulator's own behaviour.
+pub fn bare_sim() -> Sim {
+    Sim::start(SimConfig {
+        bin_dir: crate::common::bin_dir(),
+        claims: Default::default(),
+        namespace: NS.into(),
+        hook: None,
+    })
+}
+
+/// The (reason, message) of a Job that must have failed; panics with its status if not.
+pub fn failed(job: &serde_json::Value) -> (String, String) {
+    condition(job, "Failed").unwrap_or_else(|| panic!("not failed: {}", job["status"]))
 }
 
 /// The driver's last aggregator's test accuracy: from the termination message of the
