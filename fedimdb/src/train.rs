@@ -1,4 +1,4 @@
-//! Local training: minibatch SGD on the L2-regularised logistic loss of [`crate::model`],
+//! Local training: minibatch SGD on the logistic loss of [`crate::model`],
 //! with SCAFFOLD's drift correction.
 //!
 //! Two engines compute the same update:
@@ -276,10 +276,10 @@ pub enum Schedule {
 
 /// The learning rates of a round and their running sums, and how a weight that no review
 /// reads moves: each step applies `w <- w - lr_t * d` (the constant correction `d`), so
-/// from step `s` to step `t` it moves by `-d * (lr_s + … + lr_(t-1))`. The sparse engine
-/// brings a bucket up to date this way only when a review reads it, so a step stays
-/// O(non-zeros) although the update is dense; the aggregator uses the same function for the
-/// buckets a worker's shard never touches, which its sparse update leaves out.
+/// from step `s` to step `t` it moves by `-d * (lr_s + … + lr_(t-1))`. A worker's sparse
+/// update leaves out the buckets its shard never touches; the aggregator rebuilds them with
+/// this, from the global model and the worker's correction, to the same bits as
+/// [`train_sparse`] computed them.
 #[derive(Debug, Clone)]
 pub struct Drift {
     /// `sum[t] = lr_0 + … + lr_(t-1)` for `t = 0..=steps`.
@@ -412,9 +412,16 @@ pub fn run_steps<E>(
 /// w <- w - lr_t * (grad_batch(w) + d)        b <- b - lr_t * (grad_batch(b) + d_b)
 /// ```
 ///
-/// with `lr_t` from the schedule, computed lazily ([`Drift`]): a bucket is brought up to
-/// date when a review reads it, and all of them at the end. Returns per-pass statistics
-/// and the mean data-loss gradient along the path.
+/// with `lr_t` from the schedule. The correction `d` is the same at every step, so it is
+/// taken out of the loop by a change of variables: with `S_t = lr_0 + … + lr_(t-1)` and
+/// `u = w + d * S_t`, the step becomes plain SGD on `u` (`u <- u - lr_t * grad_batch`), and
+/// a review's logit is `b + <u, x> - S_t * <d, x>`, where `<d, x>` is fixed for the round
+/// and computed once per review. A step therefore costs what an uncorrected one does,
+/// O(non-zeros), although the correction moves every bucket; `w = u - d * S_T` at the end.
+///
+/// The mean data gradient along the path (the worker's next control variate) is
+/// `Σ_t g_t x_(i_t) / T`: the loop adds up each review's scalar `g_t` and the sum over the
+/// shard is taken once, at the end.
 pub fn train_sparse(
     model: &mut Model,
     docs: &[Vec<u32>],
@@ -432,9 +439,8 @@ pub fn train_sparse(
         }
         None => (&[][..], 0.0),
     };
-    // The loop works on the shard's own buckets, renumbered 0..n: its tables (weights,
-    // corrections, step counters, gradient sums) are then small and read in cache
-    // instead of at random places of 4M-entry tables. The arithmetic is the same.
+    // The loop works on the shard's own buckets, renumbered 0..n: its tables are then small
+    // and read in cache instead of at random places of 4M-entry tables.
     let touched = touched_buckets(docs, dim);
     let mut local = vec![0u32; dim];
     for (k, &j) in touched.iter().enumerate() {
@@ -450,48 +456,40 @@ pub fn train_sparse(
         .map(|&j| model.nb_ratio[j as usize])
         .collect();
     let csr = Csr::new(renumbered.iter().map(Vec::as_slice), &ratio);
-    let n = touched.len();
-    let mut w: Vec<f32> = touched.iter().map(|&j| model.weight[j as usize]).collect();
-    // Without a correction a bucket only moves when read: no bookkeeping.
-    let lazy = !d.is_empty();
-    let d_local: Vec<f32> = if lazy {
-        touched.iter().map(|&j| d[j as usize]).collect()
-    } else {
-        Vec::new()
-    };
-    let drift = Drift::new(if lazy { steps } else { 0 }, cfg.lr, cfg.schedule);
-    let mut at = vec![0u32; if lazy { n } else { 0 }];
-    let (mut grad_sum, mut grad_sum_bias) = (vec![0.0f64; n], 0.0f64);
+    let corrected = !d.is_empty();
+    // `<d, x>` of every review (zero without a correction).
+    let dx: Vec<f64> = (0..docs.len())
+        .map(|i| {
+            let (idx, val) = csr.row(i);
+            if !corrected {
+                return 0.0;
+            }
+            idx.iter()
+                .zip(val)
+                .map(|(&k, &v)| d[touched[k as usize] as usize] as f64 * v as f64)
+                .sum()
+        })
+        .collect();
+    // `u` in f64: it carries `d * S_t`, which can be far larger than the weight itself.
+    let mut u: Vec<f64> = touched
+        .iter()
+        .map(|&j| model.weight[j as usize] as f64)
+        .collect();
+    let mut g_doc = vec![0.0f64; docs.len()];
     let mut logits = Vec::with_capacity(cfg.batch);
+    let (mut s_t, mut grad_sum_bias) = (0.0f64, 0.0f64);
     let bias = &mut model.bias;
-    let d = &d_local;
     let Ok(epochs) = run_steps(docs.len(), cfg, on_epoch, |t, rows| {
         let lr = Drift::rate(cfg.lr, cfg.schedule, t as u64, steps);
         logits.clear();
         for &i in rows {
             let (idx, val) = csr.row(i);
-            let mut z = *bias;
-            for (&j, &v) in idx.iter().zip(val) {
-                let j = j as usize;
-                if lazy && at[j] < t {
-                    w[j] = drift.apply(w[j], d[j], at[j] as usize, t as usize);
-                    at[j] = t;
-                }
-                z += w[j] * v;
-            }
-            logits.push(z);
-        }
-        // This step's correction on the buckets just read, once each.
-        if lazy {
-            for &i in rows {
-                for &j in csr.row(i).0 {
-                    let j = j as usize;
-                    if at[j] == t {
-                        w[j] = drift.apply(w[j], d[j], t as usize, t as usize + 1);
-                        at[j] = t + 1;
-                    }
-                }
-            }
+            let dot: f64 = idx
+                .iter()
+                .zip(val)
+                .map(|(&j, &v)| u[j as usize] * v as f64)
+                .sum();
+            logits.push((*bias as f64 + dot - s_t * dx[i]) as f32);
         }
         let inv_b = 1.0 / rows.len() as f32;
         let (mut loss, mut correct, mut grad_bias) = (0.0, 0, 0.0f32);
@@ -501,39 +499,40 @@ pub fn train_sparse(
             correct += usize::from((z >= 0.0) == (y == 1));
             let g = (sigmoid(z) - y as f32) * inv_b;
             grad_bias += g;
-            let step = lr * g;
+            g_doc[i] += g as f64;
+            let step = (lr * g) as f64;
             let (idx, val) = csr.row(i);
             for (&j, &v) in idx.iter().zip(val) {
-                w[j as usize] -= step * v;
-                grad_sum[j as usize] += (g * v) as f64;
+                u[j as usize] -= step * v as f64;
             }
         }
         *bias -= lr * (grad_bias + d_bias);
         grad_sum_bias += grad_bias as f64;
+        s_t += lr as f64;
         Ok::<_, std::convert::Infallible>((loss, correct))
     });
-    // Every bucket to the end of the round: the shard's from the local tables, the others
-    // by the correction alone.
-    if lazy {
-        for (j, x) in model.weight.iter_mut().enumerate() {
-            *x = drift.apply(
-                *x,
-                correction.expect("lazy means corrected").weight[j],
-                0,
-                steps as usize,
-            );
+    // Every bucket to the end of the round: `w = u - d * S_T`, where the buckets the shard
+    // never read kept `u` at their starting weight.
+    if corrected {
+        for (x, &dj) in model.weight.iter_mut().zip(d) {
+            *x = (*x as f64 - dj as f64 * s_t) as f32;
         }
     }
     let k = steps.max(1) as f64;
+    let mut grad_sum = vec![0.0f64; touched.len()];
+    for (i, &g) in g_doc.iter().enumerate() {
+        if g != 0.0 {
+            let (idx, val) = csr.row(i);
+            for (&j, &v) in idx.iter().zip(val) {
+                grad_sum[j as usize] += g * v as f64;
+            }
+        }
+    }
     let mut mean_grad = vec![0.0f32; dim];
-    for (i, &j) in touched.iter().enumerate() {
-        let wi = if lazy {
-            drift.apply(w[i], d[i], at[i] as usize, steps as usize)
-        } else {
-            w[i]
-        };
-        model.weight[j as usize] = wi;
-        mean_grad[j as usize] = (grad_sum[i] / k) as f32;
+    for (k_, &j) in touched.iter().enumerate() {
+        let dj = if corrected { d[j as usize] as f64 } else { 0.0 };
+        model.weight[j as usize] = (u[k_] - dj * s_t) as f32;
+        mean_grad[j as usize] = (grad_sum[k_] / k) as f32;
     }
     LocalOutcome {
         epochs,
@@ -598,17 +597,18 @@ mod tests {
     }
 
     #[test]
-    fn lazy_updates_equal_dense_steps_and_untouched_buckets_follow_drift() {
+    fn the_sparse_engine_equals_dense_steps_and_untouched_buckets_follow_drift() {
         // The sparse engine against a direct dense loop of the documented step.
         let (model, docs, labels) = toy();
         let dim = model.config.dim();
         let corr = correction(dim);
         let cfg = tc(17, 1, 0.3, Schedule::Linear);
         let mut sparse = model.clone();
-        train_sparse(&mut sparse, &docs, &labels, &cfg, Some(&corr), |_| {});
+        let out = train_sparse(&mut sparse, &docs, &labels, &cfg, Some(&corr), |_| {});
         let ratio = &model.nb_ratio;
         let mut w = model.weight.clone();
         let mut b = model.bias;
+        let mut grad_sum = vec![0f32; dim];
         let order = shuffled(docs.len(), cfg.seed);
         for (t, &i) in order.iter().take(17).enumerate() {
             let lr = Drift::rate(cfg.lr, cfg.schedule, t as u64, 17);
@@ -621,6 +621,7 @@ mod tests {
             let mut grad = vec![0f32; dim];
             for &j in &docs[i] {
                 grad[j as usize] = g * ratio[j as usize] * s;
+                grad_sum[j as usize] += grad[j as usize];
             }
             for j in 0..dim {
                 w[j] -= lr * (grad[j] + corr.weight[j]);
@@ -633,6 +634,14 @@ mod tests {
             max_diff(&w, &sparse.weight)
         );
         assert!((b - sparse.bias).abs() < 1e-5);
+        // The control variate: the mean data gradient along the path.
+        let mean: Vec<f32> = grad_sum.iter().map(|g| g / 17.0).collect();
+        assert!(
+            max_diff(&mean, &out.mean_grad) < 1e-6,
+            "mean gradients differ by {}",
+            max_diff(&mean, &out.mean_grad)
+        );
+        assert!(mean.iter().any(|&g| g != 0.0));
         // A bucket no document reads moved exactly as Drift predicts from its start.
         let drift = Drift::new(17, cfg.lr, cfg.schedule);
         let touched = touched_buckets(&docs, dim);
