@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
-use fedimdb::atomic::{is_temp_name, write_bytes_atomic, write_json_atomic};
+use fedimdb::atomic::{is_temp_name, link_or_write_atomic, write_bytes_atomic, write_json_atomic};
 use fedimdb::checkpoint::{
     Checkpoint, GRAD_BIAS, GRAD_WEIGHT, Header, Kind, ModelCard, RoundPoint,
 };
@@ -603,7 +603,13 @@ fn write_round(
     };
     write_json_atomic(&layout.round_report(round), &report)?;
     fedimdb::fault::point(&format!("aggregator:{round}:report-written"));
-    publish(layout, &bytes, card.published(round, sha), round)?;
+    publish(
+        layout,
+        &layout.global_model(round),
+        &bytes,
+        card.published(round, sha),
+        round,
+    )?;
     info!(
         round,
         seconds = format!("{:.2}", report.seconds),
@@ -614,8 +620,16 @@ fn write_round(
 
 /// Publishes a global model as the latest: the model first, then its card, each atomic.
 /// A server watching the card therefore never sees a card for a model not yet in place.
-fn publish(layout: &Layout, bytes: &[u8], card: ModelCard, round: u32) -> Result<()> {
-    write_bytes_atomic(&layout.latest_model(), bytes)?;
+/// The model is a hard link to the round's global model file (`global`, holding `bytes`)
+/// where the volume allows it: one copy on the volume, not two.
+fn publish(
+    layout: &Layout,
+    global: &Path,
+    bytes: &[u8],
+    card: ModelCard,
+    round: u32,
+) -> Result<()> {
+    link_or_write_atomic(global, &layout.latest_model(), bytes)?;
     fedimdb::fault::point(&format!("aggregator:{round}:latest-model-written"));
     write_json_atomic(&layout.latest_card(), &card)
 }
@@ -649,7 +663,13 @@ fn up_to_date(
             let bytes = read_verified(&path, &report.model_sha256, &layout.round_report(round))?;
             let ck = Checkpoint::from_bytes(&bytes, &path)?;
             let card = ck.header.card.clone().unwrap_or_default();
-            publish(layout, &bytes, card.published(round, ck.sha256), round)?;
+            publish(
+                layout,
+                &path,
+                &bytes,
+                card.published(round, ck.sha256),
+                round,
+            )?;
         }
     }
     info!(round, path = %layout.global_model(round).display(), "up to date: the global model on disk verifies and was made from the same inputs; nothing to do");

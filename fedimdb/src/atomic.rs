@@ -92,6 +92,26 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Puts `bytes`, already written and synced at `src`, at `path` as well, atomically: as a
+/// hard link to `src` when the file system allows one (no second copy on the volume, no
+/// second write), otherwise as a copy through [`write_bytes_atomic`]. Either way a reader
+/// of `path` sees the old file or the new one, whole.
+pub fn link_or_write_atomic(src: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path_for(path);
+    if fs::hard_link(src, &tmp).is_ok() {
+        let mut guard = TempGuard {
+            path: tmp.clone(),
+            armed: true,
+        };
+        fs::rename(&tmp, path)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+        guard.armed = false;
+        sync_dir(parent_dir(path));
+        return Ok(());
+    }
+    write_bytes_atomic(path, bytes)
+}
+
 /// [`write_atomic`] for a value serialised as pretty JSON with a trailing newline.
 pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     write_atomic(path, |w| {
@@ -144,6 +164,30 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "temporary file left behind: {names:?}");
+    }
+
+    #[test]
+    fn a_linked_copy_replaces_the_old_file_whole_and_survives_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("global.bin"), dir.path().join("latest.bin"));
+        write_bytes_atomic(&dst, b"old").unwrap();
+        write_bytes_atomic(&src, b"new model").unwrap();
+        link_or_write_atomic(&src, &dst, b"new model").unwrap();
+        assert_eq!(fs::read(&dst).unwrap(), b"new model");
+        fs::remove_file(&src).unwrap();
+        assert_eq!(
+            fs::read(&dst).unwrap(),
+            b"new model",
+            "the published file outlives its round"
+        );
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "temporary file left behind: {names:?}");
+        // Without a source to link, the bytes are written.
+        link_or_write_atomic(&src, &dst, b"copied").unwrap();
+        assert_eq!(fs::read(&dst).unwrap(), b"copied");
     }
 
     #[test]
