@@ -1,6 +1,6 @@
-//! `pipeline k8s`: runs the workflow on a Kubernetes cluster. Each step is a Job applied
-//! with server-side apply and waited for in order: the copier, then for round 0..=R the
-//! trainers (an Indexed Job of N pods) and the aggregator. The server Deployment (from
+//! `pipeline k8s`: runs the workflow on a Kubernetes cluster. Each step of the run's plan
+//! (`plan.rs`) is a Job applied with server-side apply and waited for in order: the
+//! copier, then for round 0..=R the trainers (an Indexed Job of N pods) and the aggregator. The server Deployment (from
 //! `manifests/`) hot-reloads the new model from the shared volume.
 //!
 //! Re-running resumes: the trainers and aggregators of rounds below `--from-round` (all, by
@@ -112,7 +112,7 @@ fn is_dns_label(s: &str, max: usize) -> bool {
 }
 
 pub fn params(args: &K8sArgs) -> Result<Params> {
-    args.run.validate()?;
+    let plan = crate::plan::Plan::new(args.run.clone())?;
     ensure!(
         args.step_timeout > 0.0 && args.step_timeout.is_finite(),
         "--step-timeout must be a positive number of seconds"
@@ -166,7 +166,7 @@ pub fn params(args: &K8sArgs) -> Result<Params> {
     Ok(Params {
         namespace: args.namespace.clone(),
         run_id,
-        run: args.run.clone(),
+        plan,
         registry: args.registry.clone(),
         image_tag: args.image_tag.clone(),
         images,
@@ -178,7 +178,7 @@ pub fn params(args: &K8sArgs) -> Result<Params> {
 
 pub fn run(args: &K8sArgs) -> Result<()> {
     let p = params(args)?;
-    let steps = jobs::plan(&p);
+    let steps = jobs::steps(&p);
     if args.dry_run {
         print!("{}", jobs::to_yaml(&steps)?);
         return Ok(());

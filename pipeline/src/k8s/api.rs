@@ -17,8 +17,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::{Api, ListParams, LogParams, Patch, PatchParams};
 
-use super::jobs::{MANAGER, Step, StepKind};
+use super::jobs::{MANAGER, Step};
 use super::lock::{Lock, LockConfig};
+use crate::plan::StepKind;
 use crate::rounds::{RoundRow, round_table, summarize};
 
 /// How long releasing the lock may take before the run ends without (an unreachable API
@@ -214,11 +215,8 @@ impl Orchestrator {
         };
         let (round, accuracy) = {
             let mut st = self.state.lock().unwrap();
-            if let Some((_, _, s)) = step {
-                match s.kind {
-                    StepKind::Trainer(r) | StepKind::Aggregator(r) => st.round = Some(r),
-                    StepKind::Copier => {}
-                }
+            if let Some(r) = step.and_then(|(_, _, s)| s.kind.round()) {
+                st.round = Some(r);
             }
             (st.round, st.accuracy)
         };
