@@ -8,8 +8,8 @@
 //! Lease per claim (`lock.rs`) keeps two drivers from writing into one volume at once.
 //!
 //! In the cluster, the driver Job of `manifests/components/run` runs this command with
-//! `--driver-job` (from its pod's labels), and the run's phase, round and accuracy are
-//! written on that Job.
+//! `--driver-job` (from its pod's labels): the run's phase, round and accuracy are written
+//! on that Job, and a failed step suspends it until it is applied again.
 
 pub mod api;
 pub mod jobs;
@@ -69,7 +69,8 @@ pub struct K8sArgs {
     pub dry_run: bool,
     /// The Job this driver runs in (the driver Job of manifests/components/run sets it from
     /// its pod's `batch.kubernetes.io/job-name` label): the run's phase, round and latest
-    /// test accuracy are written on it as labels, for `kubectl get jobs -L ...`.
+    /// test accuracy are written on it as labels, for `kubectl get jobs -L ...`; when a step
+    /// fails, it is suspended, so that applying it again resumes the run.
     #[arg(long, env = "FEDIMDB_DRIVER_JOB", value_name = "JOB")]
     pub driver_job: Option<String>,
 }

@@ -195,17 +195,47 @@ async fn the_driver_writes_its_phase_round_and_accuracy_on_its_job() {
     assert!(driver_patches(&ran).is_empty());
 }
 
-/// A run that fails leaves `failed` on the driver's Job.
+/// A run whose step fails leaves `failed` on the driver's Job, then suspends that Job with
+/// the error as an annotation (so that applying the Job again resumes the run); a run
+/// that goes on removes the annotation.
 #[tokio::test]
-async fn a_failed_run_is_marked_failed_on_the_driver_job() {
+async fn a_failed_run_is_marked_failed_and_its_driver_job_suspended() {
     let steps = jobs::steps(&params(4, 1, Overlay::Local));
     let ran = run_as_driver(&steps, failed_trainers("0,2-3", "1", 3), 4).await;
-    ran.err();
+    let err = ran.err();
     let patches = driver_patches(&ran);
+    let [.., marked, suspended] = &patches[..] else {
+        panic!("{patches:#?}")
+    };
     assert_eq!(
-        patches.last().unwrap()["metadata"]["labels"],
+        marked["metadata"]["labels"],
         json!({ "fedimdb.io/phase": "failed", "fedimdb.io/round": "0" })
     );
+    assert!(marked["metadata"]["annotations"].is_null(), "{marked}");
+    assert_eq!(suspended["spec"], json!({ "suspend": true }));
+    assert_eq!(
+        suspended["metadata"]["annotations"]["fedimdb.io/error"],
+        err
+    );
+    assert_has(&ran.text(), "suspended job fedimdb-driver");
+    assert_has(&ran.text(), "apply the run overlay again");
+    // The lock was released before the suspension (a new driver takes it at once).
+    let released = ran.seen.iter().rposition(|s| s.method == "DELETE").unwrap();
+    let suspending = ran.seen.iter().rposition(|s| s.method == "PATCH").unwrap();
+    assert!(released < suspending, "{:#?}", ran.seen);
+    for p in &patches[..patches.len() - 2] {
+        assert!(
+            p["metadata"]["annotations"]
+                .as_object()
+                .unwrap()
+                .get("fedimdb.io/error")
+                .is_some_and(|v| v.is_null()),
+            "a running driver clears the error: {p}"
+        );
+    }
+    // Without a driver Job there is nothing to suspend.
+    let ran = run_on_fake(&steps, failed_trainers("0,2-3", "1", 3), 4).await;
+    assert!(!ran.text().contains("suspended"), "{}", ran.text());
 }
 
 /// Without the right to patch its Job, the driver says so once and the run goes on.
