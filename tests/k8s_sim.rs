@@ -553,6 +553,101 @@ fn applying_the_driver_job_again_after_a_failed_step_resumes_the_run() {
     assert_all_served(&s);
 }
 
+/// A trainer pod evicted (a node drained, a preemption: the pod gets the `DisruptionTarget`
+/// condition, then SIGTERM) is replaced without counting against its index's retries: the
+/// trainers' `podFailurePolicy` Ignores it. Index 1 of round 1 is evicted three times, one
+/// more than `backoffLimitPerIndex` (2) would allow as failures, and the run still
+/// publishes the model of an uninterrupted run. Its first three pods find a named pipe in
+/// place of the data manifest and wait on it, so that each is still running when evicted.
+#[test]
+fn evicted_trainer_pods_do_not_count_against_the_retries_of_their_index() {
+    const EVICTIONS: usize = 3;
+    let scratch = tempfile::tempdir().unwrap();
+    let stuck = scratch.path().join("stuck");
+    std::fs::create_dir_all(stuck.join("data")).unwrap();
+    let fifo = std::ffi::CString::new(
+        stuck
+            .join("data/manifest.json")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .unwrap();
+    // SAFETY: mkfifo(3) on a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+    let launched = std::sync::atomic::AtomicUsize::new(0);
+    let root = stuck.display().to_string();
+    let hook: LaunchHook = Box::new(move |l: &mut Launch| {
+        if l.job.ends_with("-trainer-r1")
+            && l.index == Some(1)
+            && launched.fetch_add(1, Ordering::SeqCst) < EVICTIONS
+            && let Some(i) = l.args.iter().position(|a| a == "--root")
+        {
+            l.args[i + 1] = root.clone();
+        }
+    });
+    let (dir, vol, s) = cluster(Some(hook));
+    let f = flags();
+    let log_path = dir.path().join("driver.log");
+    let mut driver = pipeline_k8s(&s, &with(&f, &["--run-id", "evict"]))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let job = "fedimdb-evict-trainer-r1";
+    let index_1 = |p: &Value| p["metadata"]["labels"][sim::controller::INDEX_KEY] == "1";
+    let mut evicted: Vec<String> = Vec::new();
+    for n in 0..EVICTIONS {
+        let pod = s.wait_for(
+            &format!("pod {n} of index 1 to run"),
+            Duration::from_secs(600),
+            |s| {
+                s.pods_of(NS, job)
+                    .into_iter()
+                    .find(|p| {
+                        index_1(p)
+                            && p["status"]["phase"] == "Running"
+                            && !evicted.iter().any(|e| e == name(p))
+                    })
+                    .map(|p| name(&p).to_string())
+            },
+        );
+        s.evict_pod(NS, &pod);
+        evicted.push(pod);
+    }
+    let status = driver.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(status.success(), "{log}");
+    let done = s.job(NS, job).unwrap();
+    assert!(condition(&done, "Complete").is_some(), "{}", done["status"]);
+    assert_eq!(
+        status_num(&done, "failed"),
+        0,
+        "evictions are not failures: {}",
+        done["status"]
+    );
+    assert_eq!(
+        status_str(&done, "completedIndexes"),
+        format!("0-{}", WORKERS - 1)
+    );
+    let last = s
+        .pods_of(NS, job)
+        .into_iter()
+        .filter(|p| index_1(p) && !evicted.iter().any(|e| e == name(p)))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        last.len(),
+        1,
+        "one pod of index 1 after the evictions: {last:#?}"
+    );
+    assert_eq!(last[0]["status"]["phase"], "Succeeded");
+    assert_eq!(
+        last[0]["metadata"]["annotations"]["batch.kubernetes.io/job-index-failure-count"], "0",
+        "no eviction counted against the index"
+    );
+    assert_eq!(model_sha(&vol), reference().model_sha, "{log}");
+    assert_all_served(&s);
+}
+
 /// The simulator's own API semantics, which the tests above rely on: apply, immutability,
 /// merge patches, selectors, the Lease's optimistic concurrency, unserved requests.
 #[test]
