@@ -364,14 +364,13 @@ fn a_killed_driver_is_resumed_once_its_lock_has_expired() {
     assert_all_served(&s);
 }
 
-#[test]
-fn the_driver_job_of_the_manifests_runs_in_the_simulated_cluster() {
-    let (_dir, vol, s) = cluster(None);
+/// The driver Job of `manifests/components/run`, with the parameters components/params
+/// would put in for the small run; the training flags the driver's args lack are appended
+/// (the driver takes them as `pipeline k8s`), and a short poll.
+fn driver_job() -> Value {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/components/run/driver-job.yaml");
     let mut job: Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    // The parameters components/params would put in, for the small run; the training
-    // flags the driver's args lack are appended (the driver takes them as `pipeline k8s`).
     let c = &mut job["spec"]["template"]["spec"]["containers"][0];
     for e in c["env"].as_array_mut().unwrap() {
         match e["name"].as_str().unwrap() {
@@ -384,17 +383,35 @@ fn the_driver_job_of_the_manifests_runs_in_the_simulated_cluster() {
     for a in QUICK.iter().chain(&["--poll", "0.05"]) {
         args.push((*a).into());
     }
-    s.create_job(NS, job);
-    let done = s.wait_for("the driver Job to end", Duration::from_secs(900), |s| {
+    job
+}
+
+/// Waits until the driver Job has ended (`Complete` or `Failed`) or been suspended.
+fn driver_ended(s: &Sim) -> Value {
+    s.wait_for("the driver Job to end", Duration::from_secs(900), |s| {
         let j = s.job(NS, "fedimdb-driver")?;
-        (condition(&j, "Complete").is_some() || condition(&j, "Failed").is_some()).then_some(j)
-    });
-    let pods = s.pods_of(NS, "fedimdb-driver");
-    let log = pods
-        .iter()
-        .map(|p| s.log(NS, name(p), "pipeline"))
+        ["Complete", "Failed", "Suspended"]
+            .iter()
+            .any(|c| condition(&j, c).is_some())
+            .then_some(j)
+    })
+}
+
+/// The logs of the pods of the driver Job, those deleted included.
+fn driver_log(s: &Sim, pods: &[&str]) -> String {
+    pods.iter()
+        .map(|p| s.log(NS, p, "pipeline"))
         .collect::<Vec<_>>()
-        .join("\n");
+        .join("\n")
+}
+
+#[test]
+fn the_driver_job_of_the_manifests_runs_in_the_simulated_cluster() {
+    let (_dir, vol, s) = cluster(None);
+    s.create_job(NS, driver_job());
+    let done = driver_ended(&s);
+    let pods = s.pods_of(NS, "fedimdb-driver");
+    let log = driver_log(&s, &pods.iter().map(name).collect::<Vec<_>>());
     assert!(
         condition(&done, "Complete").is_some(),
         "the driver Job failed: {}\n{log}",
@@ -412,6 +429,220 @@ fn the_driver_job_of_the_manifests_runs_in_the_simulated_cluster() {
     assert!(
         log.contains("rounds:"),
         "the round table is in the driver's log:\n{log}"
+    );
+    assert_eq!(model_sha(&vol), reference().model_sha, "{log}");
+    assert_all_served(&s);
+}
+
+/// A step that fails makes the driver suspend its Job instead of failing it: a failed Job
+/// is finished, and applying it again would change nothing until its TTL removed it. Here
+/// the trainers of round 1 get a flag they do not know while a "cause" file exists (exit
+/// code 2: their Job fails at once). Once the cause is gone, applying the same driver Job
+/// again, as `kubectl apply -k manifests/overlays/O/run` does, resumes the run: the new
+/// driver keeps what the first one computed and publishes the model of an uninterrupted
+/// run.
+#[test]
+fn applying_the_driver_job_again_after_a_failed_step_resumes_the_run() {
+    let scratch = tempfile::tempdir().unwrap();
+    let cause = scratch.path().join("cause");
+    std::fs::write(&cause, "").unwrap();
+    let present = cause.clone();
+    let hook: LaunchHook = Box::new(move |l: &mut Launch| {
+        if l.job.ends_with("-trainer-r1") && present.exists() {
+            l.args.push("--no-such-flag".into());
+        }
+    });
+    let (_dir, vol, s) = cluster(Some(hook));
+    let job = driver_job();
+    let (code, made) = sim::fixtures::kubectl_apply(&s, NS, &job);
+    assert_eq!(code, 201, "{made}");
+
+    let suspended = s.wait_for(
+        "the driver Job to be suspended and its pod gone",
+        Duration::from_secs(900),
+        |s| {
+            let j = s.job(NS, "fedimdb-driver")?;
+            let gone = s.pods_of(NS, "fedimdb-driver").is_empty();
+            (condition(&j, "Suspended").is_some() && gone).then_some(j)
+        },
+    );
+    let first = driver_log(&s, &["fedimdb-driver-00000"]);
+    assert_eq!(
+        condition(&suspended, "Suspended").unwrap().0,
+        "JobSuspended",
+        "{}",
+        suspended["status"]
+    );
+    assert!(condition(&suspended, "Failed").is_none(), "{first}");
+    assert_eq!(suspended["spec"]["suspend"], true);
+    assert_eq!(
+        status_num(&suspended, "failed"),
+        0,
+        "the pod stopped by the suspension is not a failure: {}",
+        suspended["status"]
+    );
+    assert_eq!(
+        suspended["metadata"]["labels"]["fedimdb.io/phase"],
+        "failed"
+    );
+    let error = suspended["metadata"]["annotations"]["fedimdb.io/error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        error.contains("trainers of round 1") && error.contains("PodFailurePolicy"),
+        "{error}"
+    );
+    assert!(first.contains("suspended job fedimdb-driver"), "{first}");
+    let trainers = s
+        .jobs(NS)
+        .into_iter()
+        .find(|j| name(j).ends_with("-trainer-r1"))
+        .expect("the trainers of round 1");
+    assert_eq!(failed(&trainers).0, "PodFailurePolicy");
+    assert!(
+        s.lease(NS, "fedimdb-pipeline-fedimdb-data").is_none(),
+        "the suspended driver released the lock"
+    );
+
+    // The cause is fixed; the same Job is applied again. (A second later at least: the run
+    // id is the Unix time in seconds, and a driver of the same second would find the
+    // failed Jobs of the first under the same names, as with the same --run-id.)
+    std::fs::remove_file(&cause).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let (code, resumed) = sim::fixtures::kubectl_apply(&s, NS, &job);
+    assert_eq!(code, 200, "{resumed}");
+    assert_eq!(resumed["spec"]["suspend"], false);
+    s.wait_for(
+        "the Job controller to resume the driver Job",
+        Duration::from_secs(60),
+        |s| {
+            condition(&s.job(NS, "fedimdb-driver")?, "Suspended")
+                .is_none()
+                .then_some(())
+        },
+    );
+    let done = driver_ended(&s);
+    let second = driver_log(&s, &["fedimdb-driver-00001"]);
+    assert!(
+        condition(&done, "Complete").is_some(),
+        "{}\n{second}",
+        done["status"]
+    );
+    assert_eq!(model_sha(&vol), reference().model_sha, "{second}");
+    for kept in ["copier: up to date", "trainers of round 0: up to date"] {
+        assert!(second.contains(kept), "{kept}: {second}");
+    }
+    let resumed_condition = done["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Suspended")
+        .unwrap();
+    assert_eq!(
+        (&resumed_condition["status"], &resumed_condition["reason"]),
+        (&"False".into(), &"JobResumed".into())
+    );
+    assert_eq!(status_num(&done, "failed"), 0, "{}", done["status"]);
+    assert_eq!(done["metadata"]["labels"]["fedimdb.io/phase"], "done");
+    assert!(
+        done["metadata"]["annotations"]["fedimdb.io/error"].is_null(),
+        "the resumed run cleared the error: {}",
+        done["metadata"]
+    );
+    assert_eq!(s.pods_of(NS, "fedimdb-driver").len(), 1);
+    assert_all_served(&s);
+}
+
+/// A trainer pod evicted (a node drained, a preemption: the pod gets the `DisruptionTarget`
+/// condition, then SIGTERM) is replaced without counting against its index's retries: the
+/// trainers' `podFailurePolicy` Ignores it. Index 1 of round 1 is evicted three times, one
+/// more than `backoffLimitPerIndex` (2) would allow as failures, and the run still
+/// publishes the model of an uninterrupted run. Its first three pods find a named pipe in
+/// place of the data manifest and wait on it, so that each is still running when evicted.
+#[test]
+fn evicted_trainer_pods_do_not_count_against_the_retries_of_their_index() {
+    const EVICTIONS: usize = 3;
+    let scratch = tempfile::tempdir().unwrap();
+    let stuck = scratch.path().join("stuck");
+    std::fs::create_dir_all(stuck.join("data")).unwrap();
+    let fifo = std::ffi::CString::new(
+        stuck
+            .join("data/manifest.json")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .unwrap();
+    // SAFETY: mkfifo(3) on a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+    let launched = std::sync::atomic::AtomicUsize::new(0);
+    let root = stuck.display().to_string();
+    let hook: LaunchHook = Box::new(move |l: &mut Launch| {
+        if l.job.ends_with("-trainer-r1")
+            && l.index == Some(1)
+            && launched.fetch_add(1, Ordering::SeqCst) < EVICTIONS
+            && let Some(i) = l.args.iter().position(|a| a == "--root")
+        {
+            l.args[i + 1] = root.clone();
+        }
+    });
+    let (dir, vol, s) = cluster(Some(hook));
+    let f = flags();
+    let log_path = dir.path().join("driver.log");
+    let mut driver = pipeline_k8s(&s, &with(&f, &["--run-id", "evict"]))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let job = "fedimdb-evict-trainer-r1";
+    let index_1 = |p: &Value| p["metadata"]["labels"][sim::controller::INDEX_KEY] == "1";
+    let mut evicted: Vec<String> = Vec::new();
+    for n in 0..EVICTIONS {
+        let pod = s.wait_for(
+            &format!("pod {n} of index 1 to run"),
+            Duration::from_secs(600),
+            |s| {
+                s.pods_of(NS, job)
+                    .into_iter()
+                    .find(|p| {
+                        index_1(p)
+                            && p["status"]["phase"] == "Running"
+                            && !evicted.iter().any(|e| e == name(p))
+                    })
+                    .map(|p| name(&p).to_string())
+            },
+        );
+        s.evict_pod(NS, &pod);
+        evicted.push(pod);
+    }
+    let status = driver.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(status.success(), "{log}");
+    let done = s.job(NS, job).unwrap();
+    assert!(condition(&done, "Complete").is_some(), "{}", done["status"]);
+    assert_eq!(
+        status_num(&done, "failed"),
+        0,
+        "evictions are not failures: {}",
+        done["status"]
+    );
+    assert_eq!(
+        status_str(&done, "completedIndexes"),
+        format!("0-{}", WORKERS - 1)
+    );
+    let last = s
+        .pods_of(NS, job)
+        .into_iter()
+        .filter(|p| index_1(p) && !evicted.iter().any(|e| e == name(p)))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        last.len(),
+        1,
+        "one pod of index 1 after the evictions: {last:#?}"
+    );
+    assert_eq!(last[0]["status"]["phase"], "Succeeded");
+    assert_eq!(
+        last[0]["metadata"]["annotations"]["batch.kubernetes.io/job-index-failure-count"], "0",
+        "no eviction counted against the index"
     );
     assert_eq!(model_sha(&vol), reference().model_sha, "{log}");
     assert_all_served(&s);
@@ -445,7 +676,16 @@ fn the_simulated_api_server_answers_as_the_kubernetes_api_does() {
         made["spec"]["backoffLimit"], 6,
         "defaults filled in: {made}"
     );
-    let rv = made["metadata"]["resourceVersion"].clone();
+    // The Job controller marks it suspended (a status write, with a new resourceVersion).
+    let suspended = s.wait_for(
+        "job j to be marked suspended",
+        Duration::from_secs(60),
+        |s| {
+            s.job(NS, "j")
+                .filter(|j| condition(j, "Suspended").is_some())
+        },
+    );
+    let rv = suspended["metadata"]["resourceVersion"].clone();
     let (code, again) = http(
         &s,
         "PATCH",

@@ -1,6 +1,6 @@
-//! `pipeline k8s`: runs the workflow on a Kubernetes cluster. Each step is a Job applied
-//! with server-side apply and waited for in order: the copier, then for round 0..=R the
-//! trainers (an Indexed Job of N pods) and the aggregator. The server Deployment (from
+//! `pipeline k8s`: runs the workflow on a Kubernetes cluster. Each step of the run's plan
+//! (`plan.rs`) is a Job applied with server-side apply and waited for in order: the
+//! copier, then for round 0..=R the trainers (an Indexed Job of N pods) and the aggregator. The server Deployment (from
 //! `manifests/`) hot-reloads the new model from the shared volume.
 //!
 //! Re-running resumes: the trainers and aggregators of rounds below `--from-round` (all, by
@@ -8,8 +8,8 @@
 //! Lease per claim (`lock.rs`) keeps two drivers from writing into one volume at once.
 //!
 //! In the cluster, the driver Job of `manifests/components/run` runs this command with
-//! `--driver-job` (from its pod's labels), and the run's phase, round and accuracy are
-//! written on that Job.
+//! `--driver-job` (from its pod's labels): the run's phase, round and accuracy are written
+//! on that Job, and a failed step suspends it until it is applied again.
 
 pub mod api;
 pub mod jobs;
@@ -69,7 +69,8 @@ pub struct K8sArgs {
     pub dry_run: bool,
     /// The Job this driver runs in (the driver Job of manifests/components/run sets it from
     /// its pod's `batch.kubernetes.io/job-name` label): the run's phase, round and latest
-    /// test accuracy are written on it as labels, for `kubectl get jobs -L ...`.
+    /// test accuracy are written on it as labels, for `kubectl get jobs -L ...`; when a step
+    /// fails, it is suspended, so that applying it again resumes the run.
     #[arg(long, env = "FEDIMDB_DRIVER_JOB", value_name = "JOB")]
     pub driver_job: Option<String>,
 }
@@ -112,7 +113,7 @@ fn is_dns_label(s: &str, max: usize) -> bool {
 }
 
 pub fn params(args: &K8sArgs) -> Result<Params> {
-    args.run.validate()?;
+    let plan = crate::plan::Plan::new(args.run.clone())?;
     ensure!(
         args.step_timeout > 0.0 && args.step_timeout.is_finite(),
         "--step-timeout must be a positive number of seconds"
@@ -166,7 +167,7 @@ pub fn params(args: &K8sArgs) -> Result<Params> {
     Ok(Params {
         namespace: args.namespace.clone(),
         run_id,
-        run: args.run.clone(),
+        plan,
         registry: args.registry.clone(),
         image_tag: args.image_tag.clone(),
         images,
@@ -178,7 +179,7 @@ pub fn params(args: &K8sArgs) -> Result<Params> {
 
 pub fn run(args: &K8sArgs) -> Result<()> {
     let p = params(args)?;
-    let steps = jobs::plan(&p);
+    let steps = jobs::steps(&p);
     if args.dry_run {
         print!("{}", jobs::to_yaml(&steps)?);
         return Ok(());

@@ -1,6 +1,8 @@
-//! `pipeline local`: copier, then rounds of (N trainers in parallel → aggregator), as
-//! local processes, printing a table per round and optionally writing a JSON report.
+//! `pipeline local`: the run's plan (`plan.rs`: copier, then rounds of N trainers and the
+//! aggregator) as local processes on a local folder, the trainers of a round in parallel,
+//! printing a table per round and optionally writing a JSON report.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -20,6 +22,7 @@ use tracing::info;
 
 use crate::LocalArgs;
 use crate::lock::{Previous, RootLock};
+use crate::plan::{ARCHIVE_NAME, DOWNLOAD_DIR, Plan, PlannedStep, StepKind, download_args};
 use crate::procs::{Step, command, run_one, run_recorded, run_tolerating};
 use crate::rounds::{RoundRow, round_table, summarize};
 
@@ -59,10 +62,64 @@ struct RunReport {
     resumed: bool,
 }
 
-fn check(args: &LocalArgs) -> Result<()> {
-    args.run.validate()?;
+fn check(args: &LocalArgs) -> Result<Plan> {
+    let plan = Plan::new(args.run.clone())?;
     ensure!(args.jobs != Some(0), "--jobs must be at least 1");
-    Ok(())
+    Ok(plan)
+}
+
+/// Where the planned steps run here: the run's folder, and the archive the copier shards.
+struct Local<'a> {
+    root: &'a Path,
+    source: &'a Path,
+}
+
+impl Local<'_> {
+    /// A planned step's command line here: the plan's arguments after `--root ROOT` (the
+    /// copier's after `--source SOURCE --out ROOT`), and a trainer's shard after them.
+    fn argv(&self, step: &PlannedStep, shard: Option<usize>) -> Vec<OsString> {
+        let mut argv: Vec<OsString> = match step.kind {
+            StepKind::Copier => vec![
+                "--source".into(),
+                self.source.into(),
+                "--out".into(),
+                self.root.into(),
+            ],
+            StepKind::Trainer(_) | StepKind::Aggregator(_) => {
+                vec!["--root".into(), self.root.into()]
+            }
+        };
+        argv.extend(step.args.iter().map(OsString::from));
+        if let Some(shard) = shard {
+            argv.extend(["--shard".into(), shard.to_string().into()]);
+        }
+        argv
+    }
+
+    /// The process of a planned step (of one shard, for the trainers), logging to `log`.
+    fn process(&self, step: &PlannedStep, shard: Option<usize>, log: PathBuf) -> Result<Step> {
+        let mut cmd = command(step.kind.binary())?;
+        cmd.args(self.argv(step, shard));
+        for (name, value) in &step.env {
+            if std::env::var_os(name).is_none() {
+                cmd.env(name, value);
+            }
+        }
+        let name = match (step.kind, shard) {
+            (StepKind::Trainer(round), Some(shard)) => {
+                // The shard is the flag: an index this process inherited must not compete.
+                cmd.env_remove("JOB_COMPLETION_INDEX");
+                format!("trainer round {round} shard {shard}")
+            }
+            (StepKind::Aggregator(round), _) => format!("aggregator round {round}"),
+            (kind, _) => kind.to_string(),
+        };
+        Ok(Step {
+            name,
+            command: cmd,
+            log,
+        })
+    }
 }
 
 /// The source to shard: `--source`, else the shared archive, else the official archive
@@ -75,12 +132,12 @@ fn resolve_source(args: &LocalArgs, logs: &Path) -> Result<PathBuf> {
     if shared.is_file() {
         return Ok(shared);
     }
-    let dir = args.root.join("download");
-    let official = dir.join("aclImdb_v1.tar.gz");
+    let dir = args.root.join(DOWNLOAD_DIR);
+    let official = dir.join(ARCHIVE_NAME);
     if !official.is_file() {
         info!(to = %dir.display(), "no --source and no shared archive: downloading the official archive");
         let mut cmd = command("copier")?;
-        cmd.arg("download").arg("--to").arg(&dir);
+        cmd.args(download_args(dir.into_os_string()));
         run_one(Step {
             name: "copier download".into(),
             command: cmd,
@@ -90,9 +147,19 @@ fn resolve_source(args: &LocalArgs, logs: &Path) -> Result<PathBuf> {
     Ok(official)
 }
 
+/// The trainers of the round in progress, until its aggregator has run.
+struct Trained {
+    started: Instant,
+    /// Shards whose update on disk verified and was kept.
+    kept: Vec<usize>,
+    /// Trainer processes run, and how many of them failed (tolerated under the quorum).
+    ran: usize,
+    failed: usize,
+}
+
 pub fn run(args: &LocalArgs) -> Result<()> {
-    check(args)?;
-    let run = &args.run;
+    let plan = check(args)?;
+    let run = &plan.run;
     let t0 = Instant::now();
     let layout = Layout::new(&args.root);
     std::fs::create_dir_all(&args.root)
@@ -110,148 +177,159 @@ pub fn run(args: &LocalArgs) -> Result<()> {
     sweep_temp_files(&args.root)?;
     let logs = args.root.join("logs");
     let source = resolve_source(args, &logs)?;
+    let here = Local {
+        root: &args.root,
+        source: &source,
+    };
     let jobs = args
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
 
-    // The copier checks data already on disk against its manifest and rewrites it only if
-    // it is missing, damaged or was made with other arguments.
-    let mut copier = command("copier")?;
-    copier
-        .arg("--source")
-        .arg(&source)
-        .arg("--out")
-        .arg(&args.root)
-        .args(args.run.copier_args());
-    let copied = run_recorded(
-        Step {
-            name: "copier".into(),
-            command: copier,
-            log: logs.join("copier.log"),
-        },
-        logs.join("copier.outcome.json"),
-    )?;
-    let seconds_copier = t0.elapsed().as_secs_f64();
-    let manifest = DataManifest::read(&layout.data_manifest())?;
-    let how = match copied.status {
-        Status::Done => "written",
-        Status::UpToDate => "verified on disk, kept",
-    };
-    println!(
-        "data: {} shards from {} ({how}, {seconds_copier:.1} s)",
-        run.workers,
-        source.display()
-    );
-
     let config = run.model.config();
-    let quorum = run.quorum();
+    let mut manifest: Option<DataManifest> = None;
+    let mut seconds_copier = 0.0;
     let mut rounds = Vec::new();
     let mut base_sha256: Option<String> = None;
     let mut control_sha256: Option<String> = None;
     let mut computed_any = false;
     let mut table = Vec::new();
-    for round in 0..=run.rounds {
-        let r0 = Instant::now();
-        let forced = !run.resumes(round);
-        remove_foreign_updates(&layout, round, run.workers)?;
-        // Each worker's update is kept if it verifies and was computed from exactly what
-        // this run would compute it from; the others are (re)computed.
-        let mut kept = Vec::new();
-        let mut steps = Vec::new();
-        for shard in 0..run.workers {
-            let want = UpdateWant::new(
-                &manifest.shards[shard],
-                config,
-                round,
-                shard,
-                &run.train,
-                base_sha256.as_deref(),
-                control_sha256.as_deref(),
-            );
-            match (forced, check_update(&layout, round, shard, &want)) {
-                (false, Ok(_)) => kept.push(shard),
-                (true, _) => steps.push(trainer_step(args, round, shard, &logs)?),
-                (false, Err(_)) if left_out_of_done_round(&layout, round, shard) => {}
-                (false, Err(why)) => {
-                    if layout.update(round, shard).exists() {
-                        info!("round {round} shard {shard}: {why:#}");
+    let mut trained: Option<Trained> = None;
+    for step in &plan.steps {
+        match step.kind {
+            StepKind::Copier => {
+                // The copier checks data already on disk against its manifest and rewrites
+                // it only if it is missing, damaged or was made with other arguments.
+                let copied = run_recorded(
+                    here.process(step, None, logs.join("copier.log"))?,
+                    logs.join("copier.outcome.json"),
+                )?;
+                seconds_copier = t0.elapsed().as_secs_f64();
+                manifest = Some(DataManifest::read(&layout.data_manifest())?);
+                let how = match copied.status {
+                    Status::Done => "written",
+                    Status::UpToDate => "verified on disk, kept",
+                };
+                println!(
+                    "data: {} shards from {} ({how}, {seconds_copier:.1} s)",
+                    run.workers,
+                    source.display()
+                );
+            }
+            StepKind::Trainer(round) => {
+                let started = Instant::now();
+                let manifest = manifest
+                    .as_ref()
+                    .expect("the plan runs the copier before any trainer");
+                remove_foreign_updates(&layout, round, step.shards)?;
+                // Each worker's update is kept if it verifies and was computed from exactly
+                // what this run would compute it from; the others are (re)computed.
+                let mut kept = Vec::new();
+                let mut procs = Vec::new();
+                for shard in 0..step.shards {
+                    let want = UpdateWant::new(
+                        &manifest.shards[shard],
+                        config,
+                        round,
+                        shard,
+                        &run.train,
+                        base_sha256.as_deref(),
+                        control_sha256.as_deref(),
+                    );
+                    let log = logs.join(format!("round-{round:04}-trainer-{shard:05}.log"));
+                    match (step.resume, check_update(&layout, round, shard, &want)) {
+                        (true, Ok(_)) => kept.push(shard),
+                        (false, _) => procs.push(here.process(step, Some(shard), log)?),
+                        (true, Err(_)) if left_out_of_done_round(&layout, round, shard) => {}
+                        (true, Err(why)) => {
+                            if layout.update(round, shard).exists() {
+                                info!("round {round} shard {shard}: {why:#}");
+                            }
+                            procs.push(here.process(step, Some(shard), log)?);
+                        }
                     }
-                    steps.push(trainer_step(args, round, shard, &logs)?);
                 }
+                if !kept.is_empty() && !procs.is_empty() {
+                    println!(
+                        "\nround {round}: kept the verified updates of shards {kept:?}, computing the other {}",
+                        procs.len()
+                    );
+                }
+                let ran = procs.len();
+                let failed = run_tolerating(
+                    procs,
+                    jobs,
+                    (kept.len() + ran).saturating_sub(step.quorum).min(ran),
+                )?;
+                for f in &failed {
+                    eprintln!(
+                        "warning: going on with a quorum of {} workers: {f}",
+                        step.quorum
+                    );
+                }
+                trained = Some(Trained {
+                    started,
+                    kept,
+                    ran,
+                    failed: failed.len(),
+                });
+            }
+            StepKind::Aggregator(round) => {
+                let t = trained
+                    .take()
+                    .expect("the plan runs a round's trainers before its aggregator");
+                // The aggregator keeps a verified global model made from these very updates,
+                // unless this round is to be recomputed; its outcome record says which it did.
+                let aggregated = run_recorded(
+                    here.process(
+                        step,
+                        None,
+                        logs.join(format!("round-{round:04}-aggregator.log")),
+                    )?,
+                    logs.join(format!("round-{round:04}-aggregator.outcome.json")),
+                )?;
+                let report =
+                    check_round(&layout, round, base_sha256.as_deref()).with_context(|| {
+                        format!(
+                            "the aggregator of round {round} ended but its output does not verify"
+                        )
+                    })?;
+                let recomputed = t.ran > 0 || aggregated.status == Status::Done;
+                computed_any |= recomputed;
+                base_sha256 = Some(report.model_sha256.clone());
+                control_sha256 = report.control_sha256.clone();
+                let seconds = t.started.elapsed().as_secs_f64();
+                print_round(&layout, round, run.workers, &report, seconds, recomputed)?;
+                // The row `pipeline k8s` prints for the same round, from the same records: a
+                // kept update is a trainer found up to date.
+                let trainer = |status| Some(Outcome::new("trainer", status));
+                let trainers: Vec<Option<Outcome>> =
+                    std::iter::repeat_n(trainer(Status::UpToDate), t.kept.len())
+                        .chain(std::iter::repeat_n(trainer(Status::Done), t.ran - t.failed))
+                        .collect();
+                let aggregator = summarize(&[Some(aggregated)], "workers").unwrap_or_default();
+                table.push(RoundRow {
+                    round,
+                    trainers: RoundRow::trainers_cell(&trainers, run.workers, "workers"),
+                    aggregator: RoundRow::aggregator_cell(&aggregator),
+                    accuracy: Some(report.test.accuracy),
+                    seconds,
+                });
+                rounds.push(RoundSummary {
+                    round,
+                    test_accuracy: report.test.accuracy,
+                    seconds,
+                    test: report.test,
+                    recomputed,
+                });
             }
         }
-        if !kept.is_empty() && !steps.is_empty() {
-            println!(
-                "\nround {round}: kept the verified updates of shards {kept:?}, computing the other {}",
-                steps.len()
-            );
-        }
-        let ran = steps.len();
-        let failed = run_tolerating(
-            steps,
-            jobs,
-            (kept.len() + ran).saturating_sub(quorum).min(ran),
-        )?;
-        for f in &failed {
-            eprintln!("warning: going on with a quorum of {quorum} workers: {f}");
-        }
-        // The aggregator keeps a verified global model made from these very updates, unless
-        // this round is to be recomputed; its outcome record says which it did.
-        let aggregated = run_recorded(
-            aggregator_step(
-                args,
-                round,
-                !forced,
-                logs.join(format!("round-{round:04}-aggregator.log")),
-            )?,
-            logs.join(format!("round-{round:04}-aggregator.outcome.json")),
-        )?;
-        let report = check_round(&layout, round, base_sha256.as_deref()).with_context(|| {
-            format!("the aggregator of round {round} ended but its output does not verify")
-        })?;
-        let recomputed = ran > 0 || aggregated.status == Status::Done;
-        computed_any |= recomputed;
-        base_sha256 = Some(report.model_sha256.clone());
-        control_sha256 = report.control_sha256.clone();
-        let seconds = r0.elapsed().as_secs_f64();
-        print_round(&layout, round, run.workers, &report, seconds, recomputed)?;
-        // The row `pipeline k8s` prints for the same round, from the same records: a kept
-        // update is a trainer found up to date.
-        let trainer = |status| Some(Outcome::new("trainer", status));
-        let trainers: Vec<Option<Outcome>> =
-            std::iter::repeat_n(trainer(Status::UpToDate), kept.len())
-                .chain(std::iter::repeat_n(
-                    trainer(Status::Done),
-                    ran - failed.len(),
-                ))
-                .collect();
-        let aggregator = summarize(&[Some(aggregated)], "workers").unwrap_or_default();
-        table.push(RoundRow {
-            round,
-            trainers: RoundRow::trainers_cell(&trainers, run.workers, "workers"),
-            aggregator: RoundRow::aggregator_cell(&aggregator),
-            accuracy: Some(report.test.accuracy),
-            seconds,
-        });
-        rounds.push(RoundSummary {
-            round,
-            test_accuracy: report.test.accuracy,
-            seconds,
-            test: report.test,
-            recomputed,
-        });
     }
 
     // The published model must be this run's last global model (a longer earlier run in
     // the same root may have published a later round).
     let last = base_sha256.expect("at least one round");
     if check_latest(&layout).ok().map(|p| p.sha256).as_deref() != Some(last.as_str()) {
-        run_one(aggregator_step(
-            args,
-            run.rounds,
-            false,
-            logs.join("publish.log"),
-        )?)?;
+        run_one(here.process(&plan.republish(), None, logs.join("publish.log"))?)?;
     }
 
     let last = rounds.last().expect("at least one round");
@@ -351,34 +429,6 @@ fn remove_foreign_updates(layout: &Layout, round: u32, workers: usize) -> Result
     Ok(())
 }
 
-fn trainer_step(args: &LocalArgs, round: u32, shard: usize, logs: &Path) -> Result<Step> {
-    let mut cmd = command("trainer")?;
-    cmd.arg("--root")
-        .arg(&args.root)
-        .args(args.run.trainer_args(round))
-        .args(["--shard", &shard.to_string()])
-        .env_remove("JOB_COMPLETION_INDEX");
-    Ok(Step {
-        name: format!("trainer round {round} shard {shard}"),
-        command: cmd,
-        log: logs.join(format!("round-{round:04}-trainer-{shard:05}.log")),
-    })
-}
-
-/// The aggregator of `round`; with `resume` it keeps a verified global model made from the
-/// same updates.
-fn aggregator_step(args: &LocalArgs, round: u32, resume: bool, log: PathBuf) -> Result<Step> {
-    let mut cmd = command("aggregator")?;
-    cmd.arg("--root")
-        .arg(&args.root)
-        .args(args.run.aggregator_args(round, resume));
-    Ok(Step {
-        name: format!("aggregator round {round}"),
-        command: cmd,
-        log,
-    })
-}
-
 fn print_round(
     layout: &Layout,
     round: u32,
@@ -431,4 +481,107 @@ fn print_round(
         bail!("round {round} produced no test accuracy");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::jobs::{self, Overlay, Params};
+    use crate::plan::RunArgs;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Both executors run the plan's arguments, each adding only what belongs to where the
+    /// step runs: here the run's folder (and the archive, for the copier) and a trainer's
+    /// `--shard`; on Kubernetes the volume at `/data`, the trainers' shard coming from the
+    /// Indexed Job's completion index, as many as the plan's shards, of which the plan's
+    /// quorum must succeed.
+    #[test]
+    fn both_executors_run_the_arguments_of_the_plan() {
+        let flags = "--workers 3 --rounds 2 --from-round 1 --min-workers 2 --partition \
+                     dirichlet --alpha 0.1 --strategy median --lr 4 --keep-rounds all --force";
+        let run = RunArgs::from_flags(&flags.split_whitespace().collect::<Vec<_>>()).unwrap();
+        let plan = Plan::new(run).unwrap();
+        let here = Local {
+            root: Path::new("/runs/r"),
+            source: Path::new("/archive.tar.gz"),
+        };
+        let p = Params {
+            namespace: "fedimdb".into(),
+            run_id: "t".into(),
+            plan: plan.clone(),
+            registry: "r.io".into(),
+            image_tag: "1".into(),
+            images: Default::default(),
+            overlay: Overlay::Gke,
+            claim: "fedimdb-data".into(),
+            deadline_s: 60,
+        };
+        let built = jobs::steps(&p);
+        assert_eq!(built.len(), plan.steps.len());
+        for (step, job) in plan.steps.iter().zip(&built) {
+            assert_eq!(job.kind, step.kind);
+            let (here_before, there_before, here_after) = match step.kind {
+                StepKind::Copier => (
+                    strings(&["--source", "/archive.tar.gz", "--out", "/runs/r"]),
+                    strings(&[
+                        "--source",
+                        "/data/download/aclImdb_v1.tar.gz",
+                        "--out",
+                        "/data",
+                    ]),
+                    vec![],
+                ),
+                StepKind::Trainer(_) => (
+                    strings(&["--root", "/runs/r"]),
+                    strings(&["--root", "/data"]),
+                    strings(&["--shard", "2"]),
+                ),
+                StepKind::Aggregator(_) => (
+                    strings(&["--root", "/runs/r"]),
+                    strings(&["--root", "/data"]),
+                    vec![],
+                ),
+            };
+            let shard = matches!(step.kind, StepKind::Trainer(_)).then_some(2);
+            let local: Vec<String> = here
+                .argv(step, shard)
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect();
+            assert_eq!(
+                local,
+                [here_before, step.args.clone(), here_after].concat(),
+                "{}",
+                step.kind
+            );
+            let spec = job.job.spec.as_ref().unwrap();
+            let c = &spec.template.spec.as_ref().unwrap().containers[0];
+            assert_eq!(
+                c.args.clone().unwrap(),
+                [there_before, step.args.clone()].concat(),
+                "{}",
+                step.kind
+            );
+            let env: Vec<(String, String)> = c
+                .env
+                .iter()
+                .flatten()
+                .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+                .collect();
+            assert!(env.starts_with(&step.env), "{}: {env:?}", step.kind);
+            assert_eq!(job.completions() as usize, step.shards, "{}", step.kind);
+            assert_eq!(job.quorum() as usize, step.quorum, "{}", step.kind);
+        }
+        // --from-round 1: round 0 resumes in both, rounds 1 and 2 recompute in both.
+        let resuming: Vec<String> = plan
+            .steps
+            .iter()
+            .filter(|s| s.resume)
+            .map(|s| s.kind.to_string())
+            .collect();
+        assert_eq!(resuming, ["trainers of round 0", "aggregator of round 0"]);
+    }
 }

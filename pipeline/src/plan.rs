@@ -1,8 +1,13 @@
-//! The run configuration both executors share: every flag that decides *what* is computed
-//! (workers, rounds, training, partition, model size, combination, quorum, what to
-//! recompute), defined once, validated once, and turned into each binary's arguments here.
-//! `pipeline local` runs those arguments as processes, `pipeline k8s` puts them into Jobs;
-//! neither builds a training argument of its own, so the two modes cannot drift apart.
+//! The run configuration both executors share, and the plan made of it.
+//!
+//! [`RunArgs`] holds every flag that decides *what* is computed (workers, rounds, training,
+//! partition, model size, combination, quorum, what to recompute), defined once and
+//! validated once. [`Plan::new`] turns it into the workflow: a list of [`PlannedStep`]s,
+//! each a binary with its arguments (resume decisions included) and environment, in the
+//! order they run. `pipeline local` runs each step as processes and `pipeline k8s` as a
+//! Job; an executor adds only what belongs to where the step runs (the volume's path, the
+//! shard of a process or the Job's completion index, a GPU), so the two modes cannot drift
+//! apart.
 
 use anyhow::{Result, ensure};
 use clap::Args as ClapArgs;
@@ -88,18 +93,18 @@ impl RunArgs {
     }
 
     /// Trainers of a round that must succeed for the aggregator to run.
-    pub fn quorum(&self) -> usize {
+    fn quorum(&self) -> usize {
         self.min_workers.unwrap_or(self.workers)
     }
 
     /// Whether the steps of `round` may keep outputs that exist and verify (`--resume`);
     /// rounds from `--from-round` on are recomputed.
-    pub fn resumes(&self, round: u32) -> bool {
+    fn resumes(&self, round: u32) -> bool {
         self.from_round.is_none_or(|r| round < r)
     }
 
     /// The copier's arguments, but for `--source` and `--out`.
-    pub fn copier_args(&self) -> Vec<String> {
+    fn copier_args(&self) -> Vec<String> {
         let mut args = vec![
             "--workers".to_owned(),
             self.workers.to_string(),
@@ -114,17 +119,21 @@ impl RunArgs {
     }
 
     /// A trainer's arguments for `round`, but for `--root` and the shard (a flag locally,
-    /// the Job's completion index on Kubernetes).
-    pub fn trainer_args(&self, round: u32) -> Vec<String> {
+    /// the Job's completion index on Kubernetes); with `resume` it keeps a verified update
+    /// made from the same inputs.
+    fn trainer_args(&self, round: u32, resume: bool) -> Vec<String> {
         let mut args = vec!["--round".to_owned(), round.to_string()];
         args.extend(self.train.to_args());
         args.extend(self.model.to_args());
+        if resume {
+            args.push("--resume".to_owned());
+        }
         args
     }
 
     /// The aggregator's arguments for `round`, but for `--root`; with `resume` it keeps a
     /// verified global model made from the same updates.
-    pub fn aggregator_args(&self, round: u32, resume: bool) -> Vec<String> {
+    fn aggregator_args(&self, round: u32, resume: bool) -> Vec<String> {
         let mut args = vec![
             "--round".to_owned(),
             round.to_string(),
@@ -140,6 +149,164 @@ impl RunArgs {
     }
 }
 
+/// What a step computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    /// Shards the archive into the data (once per run).
+    Copier,
+    /// The trainers of a round: one per shard.
+    Trainer(u32),
+    /// The aggregator of a round.
+    Aggregator(u32),
+}
+
+impl StepKind {
+    /// The binary that runs the step (its image on Kubernetes is named after it).
+    pub fn binary(self) -> &'static str {
+        match self {
+            StepKind::Copier => "copier",
+            StepKind::Trainer(_) => "trainer",
+            StepKind::Aggregator(_) => "aggregator",
+        }
+    }
+
+    /// The round of a trainer or aggregator step.
+    pub fn round(self) -> Option<u32> {
+        match self {
+            StepKind::Copier => None,
+            StepKind::Trainer(r) | StepKind::Aggregator(r) => Some(r),
+        }
+    }
+}
+
+impl std::fmt::Display for StepKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepKind::Copier => write!(f, "copier"),
+            StepKind::Trainer(r) => write!(f, "trainers of round {r}"),
+            StepKind::Aggregator(r) => write!(f, "aggregator of round {r}"),
+        }
+    }
+}
+
+/// Where the copier's `download` subcommand puts the official archive, under the run's
+/// root (`copier download --to ROOT/download`), and the archive's name there: the source
+/// of a run that is given none (always, on Kubernetes).
+pub const DOWNLOAD_DIR: &str = "download";
+pub const ARCHIVE_NAME: &str = "aclImdb_v1.tar.gz";
+
+/// `copier download`'s arguments (as `String`s for a Job, `OsString`s for a process): fetch
+/// the official archive into `dir` unless a copy with the right sha256 is already there.
+pub fn download_args<S: From<&'static str>>(dir: S) -> Vec<S> {
+    vec!["download".into(), "--to".into(), dir]
+}
+
+/// One step of the workflow: a binary, its arguments and environment. The arguments lack
+/// only what depends on where the step runs, which the executor puts around them: the
+/// root of the volume (`--root ROOT` first; `--source ARCHIVE --out ROOT` for the copier)
+/// and, for the trainers, the shard (`--shard I` after them locally, the Job's completion
+/// index on Kubernetes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedStep {
+    pub kind: StepKind,
+    /// Processes (pods) the step runs: one per shard for the trainers, else one. Shard I
+    /// is the I-th.
+    pub shards: usize,
+    /// How many of them must succeed for the run to go on: `--min-workers` for the
+    /// trainers, else all.
+    pub quorum: usize,
+    pub args: Vec<String>,
+    /// Whether the step keeps outputs that exist, verify and were made from the same
+    /// inputs (`--resume` is then among `args`; the copier does so by itself).
+    pub resume: bool,
+    /// Environment variables the step runs with (a local process also inherits the
+    /// caller's, which win where they set the same variable).
+    pub env: Vec<(String, String)>,
+}
+
+impl PlannedStep {
+    fn new(kind: StepKind, shards: usize, quorum: usize, args: Vec<String>, resume: bool) -> Self {
+        PlannedStep {
+            kind,
+            shards,
+            quorum,
+            args,
+            resume,
+            // Progress and outcome lines in the steps' logs (the driver shows the last lines
+            // of a failed step's log).
+            env: vec![("RUST_LOG".to_owned(), "info".to_owned())],
+        }
+    }
+}
+
+/// A validated run, as the steps that carry it out, in order: the copier; then, for round
+/// 0 to `--rounds`, the trainers and the aggregator.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// What the plan was made from (the executors' own checks read it: which update
+    /// would verify, the report's fields).
+    pub run: RunArgs,
+    pub steps: Vec<PlannedStep>,
+}
+
+impl Plan {
+    /// Validates `run` (the same words in both modes) and plans its steps. Rounds below
+    /// `--from-round` (all, by default) resume; the copier is idempotent by itself and
+    /// redone only with `--force`.
+    pub fn new(run: RunArgs) -> Result<Self> {
+        run.validate()?;
+        let mut steps = vec![PlannedStep::new(
+            StepKind::Copier,
+            1,
+            1,
+            run.copier_args(),
+            false,
+        )];
+        for round in 0..=run.rounds {
+            let resume = run.resumes(round);
+            steps.push(PlannedStep::new(
+                StepKind::Trainer(round),
+                run.workers,
+                run.quorum(),
+                run.trainer_args(round, resume),
+                resume,
+            ));
+            steps.push(PlannedStep::new(
+                StepKind::Aggregator(round),
+                1,
+                1,
+                run.aggregator_args(round, resume),
+                resume,
+            ));
+        }
+        Ok(Plan { run, steps })
+    }
+
+    /// The step of `kind`; panics if the plan has none (a round past `--rounds`).
+    #[cfg(test)]
+    pub fn step(&self, kind: StepKind) -> &PlannedStep {
+        self.steps
+            .iter()
+            .find(|s| s.kind == kind)
+            .unwrap_or_else(|| panic!("the plan has no step {kind} (--rounds {})", self.run.rounds))
+    }
+
+    /// Not a step of the plan: the aggregator of the last round, recomputing (no
+    /// `--resume`), which publishes this run's last model again. `pipeline local` runs it
+    /// when the published model is not the last global model of the run (a longer earlier
+    /// run in the same root published a later round).
+    pub fn republish(&self) -> PlannedStep {
+        let round = self.run.rounds;
+        PlannedStep::new(
+            StepKind::Aggregator(round),
+            1,
+            1,
+            self.run.aggregator_args(round, false),
+            false,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,36 +315,44 @@ mod tests {
         RunArgs::from_flags(args).expect("flags clap accepts")
     }
 
+    fn plan(args: &[&str]) -> Plan {
+        Plan::new(parse(args)).expect("a valid run")
+    }
+
+    fn args_of(plan: &Plan, kind: StepKind) -> String {
+        plan.step(kind).args.join(" ")
+    }
+
     #[test]
     fn every_training_flag_reaches_the_binary_that_uses_it() {
         let flags = "--workers 4 --partition dirichlet --alpha 0.1 --hash-bits 18 \
                      --strategy trimmed-mean --trim 0.1 --min-workers 3 --lr 4 --force";
-        let run = parse(&flags.split_whitespace().collect::<Vec<_>>());
-        run.validate().unwrap();
-        let copier = run.copier_args().join(" ");
+        let plan = plan(&flags.split_whitespace().collect::<Vec<_>>());
+        let copier = args_of(&plan, StepKind::Copier);
         assert!(
             copier.contains("--workers 4")
                 && copier.contains("--partition dirichlet --alpha 0.1 --min-shard 32")
                 && copier.ends_with("--force"),
             "{copier}"
         );
-        let trainer = run.trainer_args(2).join(" ");
+        let trainer = args_of(&plan, StepKind::Trainer(2));
         assert!(
             trainer.starts_with("--round 2")
                 && trainer.contains("--lr 4")
                 && trainer.contains("--hash-bits 18"),
             "{trainer}"
         );
-        let aggregator = run.aggregator_args(2, true).join(" ");
         assert_eq!(
-            aggregator,
+            args_of(&plan, StepKind::Aggregator(2)),
             "--round 2 --min-workers 3 --strategy trimmed-mean --trim 0.1 --keep-rounds 1 --resume"
         );
+        let trainers = plan.step(StepKind::Trainer(2));
+        assert_eq!((trainers.shards, trainers.quorum), (4, 3));
     }
 
     #[test]
     fn an_iid_copier_command_names_no_dirichlet_flags() {
-        let copier = parse(&[]).copier_args().join(" ");
+        let copier = args_of(&plan(&[]), StepKind::Copier);
         assert!(copier.ends_with("--partition iid"), "{copier}");
     }
 
@@ -202,16 +377,69 @@ mod tests {
             ),
             (&["--workers", "0"], "--workers must be at least 1"),
         ] {
-            let err = parse(args).validate().unwrap_err().to_string();
+            let err = Plan::new(parse(args)).unwrap_err().to_string();
             assert!(err.contains(want), "{args:?}: {err}");
         }
     }
 
+    /// The default run: the copier, then the 5 trainers and the aggregator of each round
+    /// 0..=5, every one of them resuming, in the environment they log at.
     #[test]
-    fn rounds_from_from_round_on_are_recomputed() {
-        let run = parse(&["--from-round", "2"]);
-        let resumes: Vec<bool> = (0..=3).map(|r| run.resumes(r)).collect();
-        assert_eq!(resumes, [true, true, false, false]);
-        assert!(parse(&[]).resumes(5));
+    fn the_plan_of_a_default_run_is_the_copier_then_trainers_and_aggregator_per_round() {
+        let plan = plan(&[]);
+        let kinds: Vec<StepKind> = plan.steps.iter().map(|s| s.kind).collect();
+        let mut want = vec![StepKind::Copier];
+        for r in 0..=defaults::ROUNDS {
+            want.extend([StepKind::Trainer(r), StepKind::Aggregator(r)]);
+        }
+        assert_eq!(kinds, want);
+        let binaries: Vec<&str> = plan.steps[..3].iter().map(|s| s.kind.binary()).collect();
+        assert_eq!(binaries, ["copier", "trainer", "aggregator"]);
+        for s in &plan.steps {
+            let trainers = matches!(s.kind, StepKind::Trainer(_));
+            let n = if trainers { defaults::WORKERS } else { 1 };
+            assert_eq!((s.shards, s.quorum), (n, n), "{}", s.kind);
+            assert_eq!(s.env, [("RUST_LOG".to_owned(), "info".to_owned())]);
+            let flagged = s.args.iter().any(|a| a == "--resume");
+            assert_eq!(flagged, s.resume, "{}: {:?}", s.kind, s.args);
+            assert_eq!(s.resume, s.kind != StepKind::Copier, "{}", s.kind);
+        }
+        assert_eq!(
+            args_of(&plan, StepKind::Trainer(1)),
+            "--round 1 --algorithm scaffold --steps 20000 --batch 1 --lr 16 --schedule linear \
+             --seed 42 --hash-bits 22 --max-ngram 3 --resume"
+        );
+        assert_eq!(
+            args_of(&plan, StepKind::Copier),
+            "--workers 5 --seed 42 --partition iid"
+        );
+    }
+
+    /// `--from-round R`: the trainers and aggregators of rounds below R resume, those of R
+    /// and later recompute; 0 recomputes everything after the copier, which never takes
+    /// the flag (`--force` redoes it).
+    #[test]
+    fn from_round_recomputes_its_round_and_later_ones() {
+        let resumes = |flags: &[&str]| -> Vec<(StepKind, bool)> {
+            plan(flags)
+                .steps
+                .iter()
+                .map(|s| (s.kind, s.resume))
+                .collect()
+        };
+        for (kind, resume) in resumes(&["--rounds", "3", "--from-round", "2"]) {
+            let want = kind.round().is_some_and(|r| r < 2);
+            assert_eq!(resume, want, "{kind}");
+            let flagged = plan(&["--rounds", "3", "--from-round", "2"])
+                .step(kind)
+                .args
+                .contains(&"--resume".to_owned());
+            assert_eq!(flagged, want, "{kind}");
+        }
+        assert!(resumes(&["--from-round", "0"]).iter().all(|(_, r)| !r));
+        // The republishing aggregator never keeps what is on disk.
+        let again = plan(&[]).republish();
+        assert_eq!(again.kind, StepKind::Aggregator(defaults::ROUNDS));
+        assert!(!again.resume && !again.args.contains(&"--resume".to_owned()));
     }
 }

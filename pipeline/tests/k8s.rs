@@ -1341,9 +1341,10 @@ fn the_run_overlays_add_a_driver_job_that_runs_the_templates() {
             "{overlay}/run must be {overlay} plus the driver Job (same components)"
         );
         assert_eq!(driver["metadata"]["namespace"], "fedimdb");
-        // Runs as soon as applied; retried, bounded, and gone an hour after it ended (then
-        // a new apply starts a new driver).
-        assert!(driver["spec"]["suspend"].is_null());
+        // Runs as soon as applied, and says so: applying it again un-suspends a driver Job
+        // suspended after a failed step (which resumes the run); retried, bounded, and gone
+        // an hour after it ended (then a new apply starts a new driver).
+        assert_eq!(driver["spec"]["suspend"], false, "{overlay}");
         for k in ["backoffLimit", "activeDeadlineSeconds", "podFailurePolicy"] {
             assert!(
                 !driver["spec"][k].is_null(),

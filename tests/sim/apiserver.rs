@@ -3,8 +3,10 @@
 //!
 //! - `GET /version` (the driver's reachability check);
 //! - Jobs (`batch/v1`): list by label, get, create, server-side apply (`PATCH` with
-//!   `application/apply-patch+yaml`), JSON merge patch (the driver Job's progress labels),
-//!   delete with `propagationPolicy`;
+//!   `application/apply-patch+yaml`), JSON merge patch (the driver Job's progress labels
+//!   and its suspension), strategic merge patch (what `kubectl apply` sends to change an
+//!   existing object; simulated as a JSON merge patch, which it equals for maps and
+//!   scalars: lists are replaced, not merged by key), delete with `propagationPolicy`;
 //! - Pods (`v1`): list by label, get, delete, and `pods/{name}/log` (`tailLines`,
 //!   `container`); pods are only made by the Job controller, as in a cluster;
 //! - Leases (`coordination.k8s.io/v1`): get, list, create, replace (PUT, with the
@@ -299,12 +301,17 @@ fn patch(
             check_body(kind, &v, Some(name))?;
             v
         }
-        "application/merge-patch+json" => parse_json(body)?,
+        "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
+            parse_json(body)?
+        }
         other => {
             return Err(ApiError::new(
                 415,
                 "UnsupportedMediaType",
-                format!("the simulated API server takes apply and merge patches, not {other:?}"),
+                format!(
+                    "the simulated API server takes apply, merge and strategic merge patches, \
+                     not {other:?}"
+                ),
             ));
         }
     };
@@ -313,7 +320,9 @@ fn patch(
     if let Some(o) = patch.as_object_mut() {
         o.remove("status");
     }
-    if let Some(m) = patch["metadata"].as_object_mut() {
+    // (`get_mut`: indexing would add a null `metadata`, which the merge would take as
+    // "remove the object's metadata" for a patch that names none.)
+    if let Some(m) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
         m.remove("managedFields");
         m.remove("resourceVersion");
     }

@@ -14,12 +14,17 @@
 //!   once the Job's remaining pods have been stopped (and deleted, as the real controller
 //!   deletes them), with the real reasons and messages
 //!   (`PodFailurePolicy`, `BackoffLimitExceeded`, `MaxFailedIndexesExceeded`,
-//!   `FailedIndexes`, `DeadlineExceeded`).
+//!   `FailedIndexes`, `DeadlineExceeded`);
+//! - `suspend`: a suspended Job gets no pods, its running pods are stopped and deleted
+//!   without being counted (the real controller removes their tracking finalizer first),
+//!   its `activeDeadlineSeconds` does not run, and it has the condition `Suspended`
+//!   (`JobSuspended`); resumed, the condition turns False (`JobResumed`), `startTime` and
+//!   the deadline start again from then, and the pods still needed are made.
 //!
 //! Not simulated: the exponential backoff before a replacement pod (replacements start at
 //! once, which keeps the tests fast; the driver's own wait does not depend on it),
-//! `ttlSecondsAfterFinished`, `successPolicy`, `podReplacementPolicy`, suspending a running
-//! Job (a suspended Job simply gets no pods), and work-queue Jobs (NonIndexed without
+//! `ttlSecondsAfterFinished`, `successPolicy`, `podReplacementPolicy`, failures counted
+//! against the limits while a Job is suspended, and work-queue Jobs (NonIndexed without
 //! `completions`, here treated as `completions` = `parallelism`).
 //!
 //! It runs as a loop every few milliseconds ([`reconcile`]), not on watch events: a step of
@@ -56,7 +61,9 @@ pub struct Track {
     /// Why the Job fails (reason, message), once known: `FailureTarget` is set, the pods
     /// are stopped, then `Failed`.
     failing: Option<(String, String)>,
+    /// When the deadline started counting (none while suspended), and `status.startTime`.
     started: Option<Instant>,
+    start_time: Option<String>,
     finished: bool,
 }
 
@@ -265,14 +272,48 @@ fn reconcile_job(
     stop: &mut Vec<(String, String)>,
 ) {
     let spec = &job["spec"];
-    if t.finished || spec["suspend"].as_bool() == Some(true) {
+    if t.finished {
         return;
     }
     let ns = text(&job["metadata"]["namespace"]);
     let name = text(&job["metadata"]["name"]);
     let uid = text(&job["metadata"]["uid"]);
     let now = rfc3339(SystemTime::now());
-    let started = *t.started.get_or_insert_with(Instant::now);
+    let mut conditions: Vec<Value> = job["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let suspended = spec["suspend"].as_bool() == Some(true);
+    let was_suspended = conditions
+        .iter()
+        .any(|c| c["type"] == "Suspended" && c["status"] == "True");
+    if suspended {
+        set_condition(
+            &mut conditions,
+            "Suspended",
+            "True",
+            "JobSuspended",
+            "Job suspended",
+            &now,
+        );
+        t.started = None;
+    } else {
+        if was_suspended {
+            set_condition(
+                &mut conditions,
+                "Suspended",
+                "False",
+                "JobResumed",
+                "Job resumed",
+                &now,
+            );
+            t.start_time = None;
+        }
+        t.started.get_or_insert_with(Instant::now);
+        let created = text(&job["metadata"]["creationTimestamp"]);
+        t.start_time
+            .get_or_insert_with(|| if was_suspended { now.clone() } else { created });
+    }
     let indexed = spec["completionMode"].as_str() == Some("Indexed");
     let completions = spec["completions"].as_i64().unwrap_or(1);
     let parallelism = spec["parallelism"].as_i64().unwrap_or(1);
@@ -348,9 +389,10 @@ fn reconcile_job(
         .count();
 
     // Has the Job failed?
-    if t.failing.is_none() {
+    if t.failing.is_none() && !suspended {
         let deadline = spec["activeDeadlineSeconds"].as_i64();
-        if deadline.is_some_and(|d| started.elapsed().as_secs_f64() > d as f64) {
+        let active_for = t.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        if deadline.is_some_and(|d| active_for > d as f64) {
             t.failing = Some((
                 "DeadlineExceeded".into(),
                 "Job was active longer than specified deadline".into(),
@@ -374,17 +416,8 @@ fn reconcile_job(
         }
     }
 
-    let mut conditions: Vec<Value> = job["status"]["conditions"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
     let mut add = |ty: &str, reason: &str, message: &str| {
-        if !conditions.iter().any(|c| c["type"] == ty) {
-            conditions.push(json!({
-                "type": ty, "status": "True", "reason": reason, "message": message,
-                "lastProbeTime": now, "lastTransitionTime": now,
-            }));
-        }
+        set_condition(&mut conditions, ty, "True", reason, message, &now);
     };
     let done = if indexed {
         t.completed.len() as i64
@@ -419,6 +452,12 @@ fn reconcile_job(
             );
             completion_time = Some(now.clone());
             t.finished = true;
+        }
+    } else if suspended {
+        for p in &active {
+            let pname = text(&p["metadata"]["name"]);
+            t.counted.insert(pname.clone());
+            stop.push((ns.clone(), pname));
         }
     } else {
         // Make the pods still needed.
@@ -463,9 +502,15 @@ fn reconcile_job(
         })
         .count();
     store.modify(Kind::Job, &ns, &name, |j| {
-        let created = j["metadata"]["creationTimestamp"].clone();
         let s = &mut j["status"];
-        s["startTime"] = created;
+        match &t.start_time {
+            Some(st) => s["startTime"] = json!(st),
+            None => {
+                if let Some(o) = s.as_object_mut() {
+                    o.remove("startTime");
+                }
+            }
+        }
         s["active"] = json!(fresh);
         s["ready"] = json!(ready);
         s["terminating"] = json!(terminating);
@@ -485,6 +530,27 @@ fn reconcile_job(
             s["completionTime"] = json!(c);
         }
     });
+}
+
+/// Sets the condition of type `ty` to `status` (added if the Job has none, changed if its
+/// status differs, else left as it is), as the real controller's `ensureJobConditionStatus`.
+fn set_condition(
+    conditions: &mut Vec<Value>,
+    ty: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    now: &str,
+) {
+    let fresh = json!({
+        "type": ty, "status": status, "reason": reason, "message": message,
+        "lastProbeTime": now, "lastTransitionTime": now,
+    });
+    match conditions.iter_mut().find(|c| c["type"] == ty) {
+        Some(c) if c["status"] == status => {}
+        Some(c) => *c = fresh,
+        None => conditions.push(fresh),
+    }
 }
 
 /// A pod of the Job (for index `index` of an Indexed Job), named as the controller names

@@ -214,3 +214,68 @@ pub fn http(
         serde_json::from_str(text).unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// `kubectl apply` (client-side, kubectl's default) of the Job `job`: created, with the
+/// `kubectl.kubernetes.io/last-applied-configuration` annotation, if absent; else patched
+/// with what kubectl's three-way merge sends, a strategic merge patch of every field the
+/// manifest sets to a value the live object does not have (and of those it no longer sets,
+/// as null), nothing when nothing differs. The API server's answer: its code and object.
+pub fn kubectl_apply(sim: &Sim, ns: &str, job: &serde_json::Value) -> (u16, serde_json::Value) {
+    const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+    let mut config = job.clone();
+    config["metadata"]["annotations"][LAST_APPLIED] = job.to_string().into();
+    let name = super::store::text(&job["metadata"]["name"]);
+    let jobs = format!("/apis/batch/v1/namespaces/{ns}/jobs");
+    let Some(live) = sim.job(ns, &name) else {
+        return http(sim, "POST", &jobs, "application/json", &config.to_string());
+    };
+    let last: serde_json::Value = live["metadata"]["annotations"][LAST_APPLIED]
+        .as_str()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default();
+    let patch = three_way(&last, &config, &live);
+    if patch.as_object().is_some_and(|p| p.is_empty()) {
+        return (200, live);
+    }
+    http(
+        sim,
+        "PATCH",
+        &format!("{jobs}/{name}"),
+        "application/strategic-merge-patch+json",
+        &patch.to_string(),
+    )
+}
+
+/// kubectl's three-way merge, for maps and scalars: what `config` sets differently from
+/// `live`, and what `last` set but `config` no longer does (as null). Fields only the
+/// cluster set (status, defaults, labels written by controllers) are left alone.
+fn three_way(
+    last: &serde_json::Value,
+    config: &serde_json::Value,
+    live: &serde_json::Value,
+) -> serde_json::Value {
+    let mut patch = serde_json::Map::new();
+    let (Some(c), Some(l)) = (config.as_object(), live.as_object()) else {
+        return patch.into();
+    };
+    for (k, v) in c {
+        match l.get(k) {
+            Some(lv) if v.is_object() && lv.is_object() => {
+                let sub = three_way(&last[k], v, lv);
+                if sub.as_object().is_some_and(|m| !m.is_empty()) {
+                    patch.insert(k.clone(), sub);
+                }
+            }
+            lv if lv != Some(v) => {
+                patch.insert(k.clone(), v.clone());
+            }
+            _ => {}
+        }
+    }
+    for k in last.as_object().into_iter().flat_map(|m| m.keys()) {
+        if !c.contains_key(k) && l.contains_key(k) {
+            patch.insert(k.clone(), serde_json::Value::Null);
+        }
+    }
+    patch.into()
+}

@@ -2,7 +2,8 @@
 //! volume, server-side-applies each step's Job, waits for it to complete or fail while
 //! showing progress, and on failure collects the last log lines of the failed pods. A
 //! driver running as a Job (`--driver-job`) also writes the run's phase, round and latest
-//! test accuracy as labels on that Job.
+//! test accuracy as labels on that Job, and suspends that Job when a step fails, so that
+//! applying the Job again resumes the run.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -17,8 +18,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::{Api, ListParams, LogParams, Patch, PatchParams};
 
-use super::jobs::{MANAGER, Step, StepKind};
+use super::jobs::{MANAGER, Step};
 use super::lock::{Lock, LockConfig};
+use crate::plan::StepKind;
 use crate::rounds::{RoundRow, round_table, summarize};
 
 /// How long releasing the lock may take before the run ends without (an unreachable API
@@ -150,6 +152,11 @@ pub const ROUND_LABEL: &str = "fedimdb.io/round";
 pub const ACCURACY_LABEL: &str = "fedimdb.io/accuracy";
 /// Annotation with the step the run is at, in words (`[4/13] trainers of round 1`).
 pub const STEP_ANNOTATION: &str = "fedimdb.io/step";
+/// Annotation with why the run stopped, on a driver Job suspended after a failed step
+/// (removed when a driver runs again).
+pub const ERROR_ANNOTATION: &str = "fedimdb.io/error";
+/// The longest error written into [`ERROR_ANNOTATION`] (the step's pod logs hold the rest).
+const ERROR_ANNOTATION_MAX: usize = 2000;
 
 /// What the run has seen so far: the round table, and what the driver's Job last said.
 #[derive(Debug, Default)]
@@ -181,6 +188,9 @@ pub struct Orchestrator {
     pub lines: Mutex<Vec<String>>,
     /// The Job this driver runs in, whose labels say how the run goes (`--driver-job`).
     pub driver_job: Option<String>,
+    /// How long a driver that suspended its Job waits for the Job controller to stop its
+    /// pod before it exits by itself.
+    pub suspend_wait: Duration,
     state: Mutex<RunState>,
 }
 
@@ -195,6 +205,7 @@ impl Orchestrator {
             tail_lines: 20,
             lines: Mutex::new(Vec::new()),
             driver_job: None,
+            suspend_wait: Duration::from_secs(120),
             state: Mutex::new(RunState::default()),
         }
     }
@@ -214,11 +225,8 @@ impl Orchestrator {
         };
         let (round, accuracy) = {
             let mut st = self.state.lock().unwrap();
-            if let Some((_, _, s)) = step {
-                match s.kind {
-                    StepKind::Trainer(r) | StepKind::Aggregator(r) => st.round = Some(r),
-                    StepKind::Copier => {}
-                }
+            if let Some(r) = step.and_then(|(_, _, s)| s.kind.round()) {
+                st.round = Some(r);
             }
             (st.round, st.accuracy)
         };
@@ -236,6 +244,10 @@ impl Orchestrator {
         if let Some((i, n, s)) = step {
             patch["metadata"]["annotations"] =
                 serde_json::json!({ STEP_ANNOTATION: format!("[{i}/{n}] {}", s.kind) });
+        }
+        if phase != "failed" {
+            // A run going on is no longer stopped by the error a suspended driver left.
+            patch["metadata"]["annotations"][ERROR_ANNOTATION] = serde_json::Value::Null;
         }
         let pp = PatchParams {
             field_manager: Some(MANAGER.into()),
@@ -281,7 +293,8 @@ impl Orchestrator {
 
     /// Takes the lock on the volume, runs every step, and releases the lock however the run
     /// ends: done, failed, lock lost, or `shutdown` resolving (SIGINT/SIGTERM; its output
-    /// names the signal).
+    /// names the signal). When a step failed, a driver running as a Job then suspends that
+    /// Job and waits for its pod to be stopped ([`Orchestrator::suspend`]).
     pub async fn run_locked(
         &self,
         steps: &[Step],
@@ -300,20 +313,23 @@ impl Orchestrator {
         };
         self.note_other_runs(&run_id, &claim).await;
         let ns = self.jobs_namespace();
-        let (result, phase) = tokio::select! {
+        tokio::pin!(shutdown);
+        // Whether a step failed (rather than the driver losing its lock or being stopped).
+        let (result, phase, step_failed) = tokio::select! {
             r = self.run(steps) => {
                 let phase = if r.is_ok() { "done" } else { "failed" };
-                (r, phase)
+                let failed = r.is_err();
+                (r, phase, failed)
             }
             why = lock.lost() => (Err(anyhow!(
                 "{why}; stopping without applying more Jobs (those applied keep running: \
                  `kubectl -n {ns} get jobs -l fedimdb/run={run_id}`)"
-            )), "failed"),
-            sig = shutdown => (Err(anyhow!(
+            )), "failed", false),
+            sig = &mut shutdown => (Err(anyhow!(
                 "interrupted by {sig}; the Jobs of this run keep running in the cluster \
                  (`kubectl -n {ns} delete jobs -l fedimdb/run={run_id}` stops them); run \
                  `pipeline k8s` again to resume"
-            )), "interrupted"),
+            )), "interrupted", false),
         };
         self.record(phase, None).await;
         if tokio::time::timeout(RELEASE_TIMEOUT, lock.release(&say))
@@ -326,7 +342,67 @@ impl Orchestrator {
                 super::lock::DURATION_S
             ));
         }
+        if step_failed
+            && let Err(e) = &result
+            && self.suspend(e).await
+        {
+            // The Job controller stops this pod (SIGTERM) without counting it as failed.
+            let _ = tokio::time::timeout(self.suspend_wait, &mut shutdown).await;
+        }
         result
+    }
+
+    /// After a failed step, a driver running as a Job suspends that Job (`spec.suspend`)
+    /// rather than letting it fail: a failed Job is finished for good, and applying it again
+    /// unchanged does nothing until its `ttlSecondsAfterFinished` has removed it, whereas a
+    /// suspended one is resumed by applying its manifest again (which says `suspend: false`)
+    /// once the cause is fixed. Retrying at once would meet the same cause (each step Job
+    /// has already retried its pods). The error is kept as the annotation
+    /// [`ERROR_ANNOTATION`]: the Job controller deletes the pod, and its log with it, when
+    /// it suspends the Job. False if there is no driver Job or it cannot be patched: the
+    /// driver then exits 1 and the Job controller retries it per `backoffLimit`.
+    async fn suspend(&self, error: &anyhow::Error) -> bool {
+        let Some(job) = &self.driver_job else {
+            return false;
+        };
+        let mut why = format!("{error:#}");
+        if why.len() > ERROR_ANNOTATION_MAX {
+            let mut end = ERROR_ANNOTATION_MAX;
+            while !why.is_char_boundary(end) {
+                end -= 1;
+            }
+            why.truncate(end);
+            why.push_str(" …");
+        }
+        let patch = serde_json::json!({
+            "metadata": { "annotations": { ERROR_ANNOTATION: why } },
+            "spec": { "suspend": true },
+        });
+        let pp = PatchParams {
+            field_manager: Some(MANAGER.into()),
+            ..Default::default()
+        };
+        let ns = self.jobs_namespace();
+        match self.jobs.patch(job, &pp, &Patch::Merge(&patch)).await {
+            Ok(_) => {
+                self.say(format!(
+                    "suspended job {job}: the run stopped at a failed step (the step's Job and \
+                     its pods' logs are kept). Fix the cause, then apply the run overlay again \
+                     (`kubectl apply -k manifests/overlays/OVERLAY/run`, which sets suspend: \
+                     false) or `kubectl -n {ns} patch job {job} --type merge -p \
+                     '{{\"spec\":{{\"suspend\":false}}}}'`: a new driver resumes the run, \
+                     keeping every step whose outputs verify"
+                ));
+                true
+            }
+            Err(e) => {
+                self.say(format!(
+                    "  note: cannot suspend job {job} ({e}); exiting, and the Job controller \
+                     retries the driver (backoffLimit)"
+                ));
+                false
+            }
+        }
     }
 
     /// Says which Jobs of other runs on the same claim are still active (a driver that died

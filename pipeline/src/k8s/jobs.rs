@@ -1,6 +1,9 @@
-//! The Jobs of `pipeline k8s`, built as pure functions of [`Params`] (no API calls), so
-//! that `--dry-run` and the tests see exactly what would be applied. They mirror the Jobs
-//! in `manifests/base/` (same security context, volume, resources and failure policy).
+//! The Jobs of `pipeline k8s`, one per step of the run's [`Plan`], built as pure functions
+//! of [`Params`] (no API calls), so that `--dry-run` and the tests see exactly what would
+//! be applied. The plan gives each Job its binary, arguments and environment; this module
+//! adds what is Kubernetes' own: the volume at `/data`, the completion index, images,
+//! resources, security, the failure policy, and the GPU of the `gpu` overlay. They mirror
+//! the Jobs in `manifests/base/` (a test compares them).
 
 use std::collections::BTreeMap;
 
@@ -14,6 +17,8 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::plan::{ARCHIVE_NAME, DOWNLOAD_DIR, Plan, PlannedStep, StepKind, download_args};
 
 /// Field manager name used for server-side apply.
 pub const MANAGER: &str = "fedimdb-pipeline";
@@ -39,8 +44,8 @@ pub struct Params {
     pub namespace: String,
     /// Distinguishes the Jobs of one run from those of earlier runs.
     pub run_id: String,
-    /// What the run computes: the flags `pipeline local` takes too.
-    pub run: crate::plan::RunArgs,
+    /// What the run computes, step by step: the plan `pipeline local` runs too.
+    pub plan: Plan,
     /// Image names are `REGISTRY/BINARY:TAG` (trainer on GPUs: `REGISTRY/trainer-cuda:TAG`),
     /// unless [`Params::images`] names one.
     pub registry: String,
@@ -78,24 +83,6 @@ pub const LOCAL_IMAGE_SKIPS: [(&str, &str); 2] = [
          does not hold them; the tags are pinned",
     ),
 ];
-
-/// What one step is, for progress messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StepKind {
-    Copier,
-    Trainer(u32),
-    Aggregator(u32),
-}
-
-impl std::fmt::Display for StepKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StepKind::Copier => write!(f, "copier"),
-            StepKind::Trainer(r) => write!(f, "trainers of round {r}"),
-            StepKind::Aggregator(r) => write!(f, "aggregator of round {r}"),
-        }
-    }
-}
 
 /// One Job to apply and wait for.
 #[derive(Debug, Clone)]
@@ -138,23 +125,34 @@ impl Step {
     }
 }
 
-/// The whole workflow in order: copier; then, for round 0..=R, trainers and aggregator.
-pub fn plan(p: &Params) -> Vec<Step> {
-    let mut steps = vec![Step {
-        kind: StepKind::Copier,
-        job: copier_job(p),
-    }];
-    for r in 0..=p.run.rounds {
-        steps.push(Step {
-            kind: StepKind::Trainer(r),
-            job: trainer_job(p, r),
-        });
-        steps.push(Step {
-            kind: StepKind::Aggregator(r),
-            job: aggregator_job(p, r),
-        });
+/// The Jobs of the whole plan, in its order: copier; then, for round 0..=R, trainers and
+/// aggregator.
+pub fn steps(p: &Params) -> Vec<Step> {
+    p.plan
+        .steps
+        .iter()
+        .map(|s| Step {
+            kind: s.kind,
+            job: job_of(p, s),
+        })
+        .collect()
+}
+
+/// The Job of one planned step.
+pub fn job_of(p: &Params, step: &PlannedStep) -> Job {
+    match step.kind {
+        StepKind::Copier => copier_job(p, step),
+        StepKind::Trainer(_) => trainer_job(p, step),
+        StepKind::Aggregator(_) => aggregator_job(p, step),
     }
-    steps
+}
+
+/// `--root /data` and the step's arguments: every binary but the copier takes the
+/// volume's root first.
+fn rooted(step: &PlannedStep) -> Vec<String> {
+    let mut args = vec!["--root".to_owned(), ROOT.to_owned()];
+    args.extend(step.args.iter().cloned());
+    args
 }
 
 /// Name of a Job: `fedimdb-RUN-copier`, `fedimdb-RUN-trainer-rR`, `fedimdb-RUN-aggregator-rR`.
@@ -263,32 +261,34 @@ fn pod_security() -> PodSecurityContext {
     }
 }
 
+/// A container of `step`: its environment from the plan, then where the outcome record
+/// goes.
 fn container(
     p: &Params,
+    step: &PlannedStep,
     name: &str,
     image: String,
     args: Vec<String>,
     res: ResourceRequirements,
 ) -> Container {
+    let var = |name: &str, value: &str| EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    };
+    let mut env: Vec<EnvVar> = step.env.iter().map(|(k, v)| var(k, v)).collect();
+    // The step's outcome record goes to its termination message, which the driver reads
+    // from the pod's status (`fedimdb::outcome`).
+    env.push(var(
+        fedimdb::outcome::ENV,
+        fedimdb::outcome::TERMINATION_LOG,
+    ));
     Container {
         name: name.into(),
         image_pull_policy: Some(pull_policy(p, &image).into()),
         image: Some(image),
         args: Some(args),
-        env: Some(vec![
-            EnvVar {
-                name: "RUST_LOG".into(),
-                value: Some("info".into()),
-                ..Default::default()
-            },
-            // The step's outcome record goes to its termination message, which the driver
-            // reads from the pod's status (`fedimdb::outcome`).
-            EnvVar {
-                name: fedimdb::outcome::ENV.into(),
-                value: Some(fedimdb::outcome::TERMINATION_LOG.into()),
-                ..Default::default()
-            },
-        ]),
+        env: Some(env),
         termination_message_path: Some(fedimdb::outcome::TERMINATION_LOG.into()),
         termination_message_policy: Some("File".into()),
         resources: Some(res),
@@ -359,8 +359,8 @@ fn failure_policy() -> PodFailurePolicy {
     }
 }
 
-fn job(p: &Params, kind: StepKind, component: &str, mut pod: PodSpec, mut spec: JobSpec) -> Job {
-    let labels = labels(p, component);
+fn job(p: &Params, kind: StepKind, mut pod: PodSpec, mut spec: JobSpec) -> Job {
+    let labels = labels(p, kind.binary());
     pod.restart_policy = Some("Never".into());
     pod.security_context = Some(pod_security());
     pod.automount_service_account_token = Some(false);
@@ -403,30 +403,31 @@ fn job(p: &Params, kind: StepKind, component: &str, mut pod: PodSpec, mut spec: 
 
 /// The copier: an init container downloads the official archive onto the volume (skipped
 /// when already there with the right hash), then the copier shards it into `workers` shards.
-pub fn copier_job(p: &Params) -> Job {
-    let download = format!("{ROOT}/download");
+fn copier_job(p: &Params, step: &PlannedStep) -> Job {
+    let download = format!("{ROOT}/{DOWNLOAD_DIR}");
     let copier_image = p
         .images
         .copier
         .clone()
         .unwrap_or_else(|| image(p, "copier"));
-    let mut init = container(
+    let init = container(
         p,
+        step,
         "download",
         copier_image.clone(),
-        vec!["download".into(), "--to".into(), download.clone()],
+        download_args(download.clone()),
         resources("250m", "256Mi", "1", "512Mi"),
     );
-    init.name = "download".into();
     let mut args: Vec<String> = vec![
         "--source".into(),
-        format!("{download}/aclImdb_v1.tar.gz"),
+        format!("{download}/{ARCHIVE_NAME}"),
         "--out".into(),
         ROOT.into(),
     ];
-    args.extend(p.run.copier_args());
+    args.extend(step.args.iter().cloned());
     let main = container(
         p,
+        step,
         "copier",
         copier_image,
         args,
@@ -441,7 +442,7 @@ pub fn copier_job(p: &Params) -> Job {
         backoff_limit: Some(2),
         ..Default::default()
     };
-    job(p, StepKind::Copier, "copier", pod, spec)
+    job(p, step.kind, pod, spec)
 }
 
 /// The trainers of one round: an Indexed Job of `workers` pods; pod I trains shard I (the
@@ -449,13 +450,9 @@ pub fn copier_job(p: &Params) -> Job {
 /// M`, up to `workers - M` indexes may fail without stopping the others (the Job then ends
 /// `Failed` with reason `FailedIndexes` once every index has finished, and the run goes on
 /// if at least M succeeded); without it the first failed index fails the Job.
-pub fn trainer_job(p: &Params, round: u32) -> Job {
+fn trainer_job(p: &Params, step: &PlannedStep) -> Job {
     let gpu = p.overlay == Overlay::Gpu;
-    let mut args = vec!["--root".into(), ROOT.into()];
-    args.extend(p.run.trainer_args(round));
-    if p.run.resumes(round) {
-        args.push("--resume".into());
-    }
+    let mut args = rooted(step);
     // Smaller requests on a laptop cluster (the limits stay), as manifests/components/local.
     let mut res = match p.overlay {
         Overlay::Local => resources("250m", "1Gi", "2", "4Gi"),
@@ -482,37 +479,36 @@ pub fn trainer_job(p: &Params, round: u32) -> Job {
     };
     let image = p.images.trainer.clone().unwrap_or(image);
     let pod = PodSpec {
-        containers: vec![container(p, "trainer", image, args, res)],
+        containers: vec![container(p, step, "trainer", image, args, res)],
         tolerations,
         ..Default::default()
     };
-    let n = p.run.workers as i32;
+    let n = step.shards as i32;
     let spec = JobSpec {
         completion_mode: Some("Indexed".into()),
         completions: Some(n),
         parallelism: Some(n),
         backoff_limit_per_index: Some(2),
-        max_failed_indexes: Some((p.run.workers - p.run.quorum()) as i32),
+        max_failed_indexes: Some((step.shards - step.quorum) as i32),
         ..Default::default()
     };
-    job(p, StepKind::Trainer(round), "trainer", pod, spec)
+    job(p, step.kind, pod, spec)
 }
 
 /// The aggregator of one round: averages the updates of all shards of the data manifest
 /// (`workers`) into the round's model, or with `--min-workers M` those present when at
 /// least M arrived.
-pub fn aggregator_job(p: &Params, round: u32) -> Job {
-    let mut args = vec!["--root".into(), ROOT.into()];
-    args.extend(p.run.aggregator_args(round, p.run.resumes(round)));
+fn aggregator_job(p: &Params, step: &PlannedStep) -> Job {
     let pod = PodSpec {
         containers: vec![container(
             p,
+            step,
             "aggregator",
             p.images
                 .aggregator
                 .clone()
                 .unwrap_or_else(|| image(p, "aggregator")),
-            args,
+            rooted(step),
             resources("500m", "1Gi", "2", "2Gi"),
         )],
         ..Default::default()
@@ -521,7 +517,7 @@ pub fn aggregator_job(p: &Params, round: u32) -> Job {
         backoff_limit: Some(2),
         ..Default::default()
     };
-    job(p, StepKind::Aggregator(round), "aggregator", pod, spec)
+    job(p, step.kind, pod, spec)
 }
 
 /// The YAML of all steps, as `---`-separated documents (what `--dry-run` prints).

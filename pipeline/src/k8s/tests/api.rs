@@ -49,7 +49,7 @@ fn index_sets_are_counted() {
 #[tokio::test]
 async fn applies_every_step_in_order_and_waits_for_each() {
     let p = params(2, 1, Overlay::Local);
-    let steps = jobs::plan(&p);
+    let steps = jobs::steps(&p);
     let completions: HashMap<String, i32> = steps
         .iter()
         .map(|s| (s.name().to_string(), s.completions()))
@@ -134,7 +134,7 @@ async fn applies_every_step_in_order_and_waits_for_each() {
 /// A failing Job stops the run, and the failed pods' last log lines are shown.
 #[tokio::test]
 async fn a_failed_job_shows_pod_logs_and_stops_the_run() {
-    let steps = jobs::plan(&params(3, 1, Overlay::Local));
+    let steps = jobs::steps(&params(3, 1, Overlay::Local));
     let handler: Handler = Box::new(move |r| {
         let name = job_name_of(&r.uri);
         match r.method.as_str() {
@@ -206,7 +206,7 @@ async fn a_failed_job_shows_pod_logs_and_stops_the_run() {
 /// A Job that never finishes ends the run after the (configurable) step timeout.
 #[tokio::test]
 async fn a_job_that_never_finishes_times_out() {
-    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let steps = jobs::steps(&params(2, 1, Overlay::Local));
     let handler: Handler = Box::new(move |r| {
         let name = job_name_of(&r.uri);
         match r.method.as_str() {
@@ -240,7 +240,7 @@ async fn a_job_that_never_finishes_times_out() {
 /// A 409 from server-side apply (a field owned by another manager) is a clear error.
 #[tokio::test]
 async fn an_apply_conflict_is_reported() {
-    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let steps = jobs::steps(&params(2, 1, Overlay::Local));
     let handler: Handler = Box::new(move |r| match r.method.as_str() {
         "PATCH" => (
             409,
@@ -266,7 +266,7 @@ async fn an_apply_conflict_is_reported() {
 /// Other API errors (here: the namespace does not exist) name the job and the cause.
 #[tokio::test]
 async fn other_api_errors_are_reported() {
-    let steps = jobs::plan(&params(1, 1, Overlay::Local));
+    let steps = jobs::steps(&params(1, 1, Overlay::Local));
     let handler: Handler = Box::new(move |_| {
         (
             404,

@@ -16,7 +16,7 @@ use crate::rounds::{RoundRow, round_table, summarize};
 /// from their logs: up to date or computed, with the aggregator's test accuracy.
 #[tokio::test]
 async fn each_steps_outcome_is_read_from_its_termination_messages() {
-    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let steps = jobs::steps(&params(2, 1, Overlay::Local));
     let f = Fake {
         record: Some(Status::UpToDate),
         ..Default::default()
@@ -93,7 +93,7 @@ fn three_of_four() -> Params {
 /// the failed index, then the aggregator runs.
 #[tokio::test]
 async fn a_partly_failed_round_with_a_quorum_goes_on() {
-    let steps = jobs::plan(&three_of_four());
+    let steps = jobs::steps(&three_of_four());
     let f = failed_trainers("0,2-3", "1", 3);
     let ran = run_on_fake(&steps, f, 4).await;
     ran.result.as_ref().unwrap();
@@ -109,7 +109,7 @@ async fn a_partly_failed_round_with_a_quorum_goes_on() {
 /// Below the quorum the run stops after the trainers, saying how many succeeded.
 #[tokio::test]
 async fn a_round_below_the_quorum_fails() {
-    let steps = jobs::plan(&three_of_four());
+    let steps = jobs::steps(&three_of_four());
     let f = failed_trainers("0,2", "1,3", 2);
     let ran = run_on_fake(&steps, f, 4).await;
     let err = ran.err();
@@ -131,7 +131,7 @@ async fn a_round_below_the_quorum_fails() {
         "lock released on failure"
     );
     // Without --min-workers the same Job fails the run as before.
-    let steps = jobs::plan(&params(4, 1, Overlay::Local));
+    let steps = jobs::steps(&params(4, 1, Overlay::Local));
     let f = failed_trainers("0,2-3", "1", 3);
     let err = run_on_fake(&steps, f, 4).await.err();
     assert!(
@@ -156,7 +156,7 @@ fn driver_patches(ran: &Ran) -> Vec<serde_json::Value> {
 /// step, the round of each step, the accuracy once a round is aggregated, done at the end.
 #[tokio::test]
 async fn the_driver_writes_its_phase_round_and_accuracy_on_its_job() {
-    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let steps = jobs::steps(&params(2, 1, Overlay::Local));
     let ran = run_as_driver(&steps, Fake::default(), 2).await;
     ran.result.as_ref().unwrap();
     let patches = driver_patches(&ran);
@@ -195,23 +195,53 @@ async fn the_driver_writes_its_phase_round_and_accuracy_on_its_job() {
     assert!(driver_patches(&ran).is_empty());
 }
 
-/// A run that fails leaves `failed` on the driver's Job.
+/// A run whose step fails leaves `failed` on the driver's Job, then suspends that Job with
+/// the error as an annotation (so that applying the Job again resumes the run); a run
+/// that goes on removes the annotation.
 #[tokio::test]
-async fn a_failed_run_is_marked_failed_on_the_driver_job() {
-    let steps = jobs::plan(&params(4, 1, Overlay::Local));
+async fn a_failed_run_is_marked_failed_and_its_driver_job_suspended() {
+    let steps = jobs::steps(&params(4, 1, Overlay::Local));
     let ran = run_as_driver(&steps, failed_trainers("0,2-3", "1", 3), 4).await;
-    ran.err();
+    let err = ran.err();
     let patches = driver_patches(&ran);
+    let [.., marked, suspended] = &patches[..] else {
+        panic!("{patches:#?}")
+    };
     assert_eq!(
-        patches.last().unwrap()["metadata"]["labels"],
+        marked["metadata"]["labels"],
         json!({ "fedimdb.io/phase": "failed", "fedimdb.io/round": "0" })
     );
+    assert!(marked["metadata"]["annotations"].is_null(), "{marked}");
+    assert_eq!(suspended["spec"], json!({ "suspend": true }));
+    assert_eq!(
+        suspended["metadata"]["annotations"]["fedimdb.io/error"],
+        err
+    );
+    assert_has(&ran.text(), "suspended job fedimdb-driver");
+    assert_has(&ran.text(), "apply the run overlay again");
+    // The lock was released before the suspension (a new driver takes it at once).
+    let released = ran.seen.iter().rposition(|s| s.method == "DELETE").unwrap();
+    let suspending = ran.seen.iter().rposition(|s| s.method == "PATCH").unwrap();
+    assert!(released < suspending, "{:#?}", ran.seen);
+    for p in &patches[..patches.len() - 2] {
+        assert!(
+            p["metadata"]["annotations"]
+                .as_object()
+                .unwrap()
+                .get("fedimdb.io/error")
+                .is_some_and(|v| v.is_null()),
+            "a running driver clears the error: {p}"
+        );
+    }
+    // Without a driver Job there is nothing to suspend.
+    let ran = run_on_fake(&steps, failed_trainers("0,2-3", "1", 3), 4).await;
+    assert!(!ran.text().contains("suspended"), "{}", ran.text());
 }
 
 /// Without the right to patch its Job, the driver says so once and the run goes on.
 #[tokio::test]
 async fn a_driver_that_cannot_patch_its_job_says_so_once_and_goes_on() {
-    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let steps = jobs::steps(&params(2, 1, Overlay::Local));
     let f = Fake {
         driver_patch_forbidden: true,
         ..Default::default()
@@ -235,7 +265,7 @@ async fn a_driver_that_cannot_patch_its_job_says_so_once_and_goes_on() {
 /// accuracy, the seconds.
 #[tokio::test]
 async fn the_log_shows_the_round_table() {
-    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let steps = jobs::steps(&params(2, 1, Overlay::Local));
     let ran = run_on_fake(&steps, Fake::default(), 2).await;
     ran.result.as_ref().unwrap();
     let lines = &ran.lines;

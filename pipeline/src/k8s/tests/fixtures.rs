@@ -18,15 +18,15 @@ use serde_json::{Value, json};
 use crate::k8s::api::Orchestrator;
 use crate::k8s::jobs::{Overlay, Params, Step};
 use crate::k8s::lock::{self, LockConfig};
-use crate::plan::RunArgs;
+use crate::plan::{Plan, RunArgs};
 
-/// The parameters of a run `t1` in namespace `fedimdb` on claim `fedimdb-data`.
 /// Fails, showing `text`, unless it contains `needle`.
 #[track_caller]
 pub fn assert_has(text: &str, needle: &str) {
     assert!(text.contains(needle), "expected {needle:?} in:\n{text}");
 }
 
+/// The parameters of a run `t1` in namespace `fedimdb` on claim `fedimdb-data`.
 pub fn params(workers: u32, rounds: u32, overlay: Overlay) -> Params {
     params_with(workers, rounds, overlay, &[])
 }
@@ -50,7 +50,7 @@ pub fn params_with(workers: u32, rounds: u32, overlay: Overlay, more: &[&str]) -
     Params {
         namespace: "fedimdb".into(),
         run_id: "t1".into(),
-        run: RunArgs::from_flags(&flags).unwrap(),
+        plan: Plan::new(RunArgs::from_flags(&flags).unwrap()).unwrap(),
         registry: "example.io/fedimdb".into(),
         image_tag: "0.1.0".into(),
         images: Default::default(),
@@ -193,12 +193,15 @@ pub fn methods_on(seen: &[Seen], path: &str) -> Vec<String> {
 /// An orchestrator in namespace `fedimdb` reading a Job's status every 2 ms, giving a step
 /// `timeout_ms`.
 pub fn orchestrator(client: Client, timeout_ms: u64) -> Orchestrator {
-    Orchestrator::new(
+    let mut orch = Orchestrator::new(
         client,
         "fedimdb",
         Duration::from_millis(2),
         Duration::from_millis(timeout_ms),
-    )
+    );
+    // No Job controller stops a suspended driver here.
+    orch.suspend_wait = Duration::from_millis(10);
+    orch
 }
 
 /// What a run of the orchestrator left: its result, the requests the API server saw and

@@ -5,7 +5,8 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::fixtures::{assert_has, params, params_with};
-use crate::k8s::jobs::{self, Overlay, StepKind};
+use crate::k8s::jobs::{self, Overlay, Params};
+use crate::plan::StepKind;
 
 fn args_of(job: &Job) -> Vec<String> {
     job.spec
@@ -21,13 +22,30 @@ fn args_of(job: &Job) -> Vec<String> {
         .unwrap()
 }
 
+/// The Job of one step of the plan of `p`.
+fn job(p: &Params, kind: StepKind) -> Job {
+    jobs::job_of(p, p.plan.step(kind))
+}
+
+fn copier_job(p: &Params) -> Job {
+    job(p, StepKind::Copier)
+}
+
+fn trainer_job(p: &Params, round: u32) -> Job {
+    job(p, StepKind::Trainer(round))
+}
+
+fn aggregator_job(p: &Params, round: u32) -> Job {
+    job(p, StepKind::Aggregator(round))
+}
+
 fn has_resume(job: &Job) -> bool {
     args_of(job).iter().any(|a| a == "--resume")
 }
 
 #[test]
 fn plan_is_copier_then_trainer_and_aggregator_per_round() {
-    let steps = jobs::plan(&params(3, 2, Overlay::Local));
+    let steps = jobs::steps(&params(3, 2, Overlay::Local));
     let kinds: Vec<_> = steps.iter().map(|s| s.kind).collect();
     assert_eq!(
         kinds,
@@ -49,7 +67,7 @@ fn plan_is_copier_then_trainer_and_aggregator_per_round() {
 #[test]
 fn trainer_is_an_indexed_job_of_workers_pods() {
     let p = params(4, 1, Overlay::Local);
-    let j = jobs::trainer_job(&p, 1);
+    let j = trainer_job(&p, 1);
     let spec = j.spec.as_ref().unwrap();
     assert_eq!(spec.completion_mode.as_deref(), Some("Indexed"));
     assert_eq!(spec.completions, Some(4));
@@ -88,7 +106,7 @@ fn trainer_is_an_indexed_job_of_workers_pods() {
 
 #[test]
 fn gpu_overlay_requests_a_gpu_and_uses_the_cuda_image() {
-    let j = jobs::trainer_job(&params(2, 1, Overlay::Gpu), 0);
+    let j = trainer_job(&params(2, 1, Overlay::Gpu), 0);
     let pod = j.spec.as_ref().unwrap().template.spec.clone().unwrap();
     let c = &pod.containers[0];
     assert_eq!(
@@ -110,13 +128,13 @@ fn gpu_overlay_requests_a_gpu_and_uses_the_cuda_image() {
     );
     // Only the trainer differs from the gke overlay's (the local one's differ in their
     // pull policy and checkov annotations).
-    let a = jobs::aggregator_job(&params(2, 1, Overlay::Gpu), 0);
-    assert_eq!(a, jobs::aggregator_job(&params(2, 1, Overlay::Gke), 0));
+    let a = aggregator_job(&params(2, 1, Overlay::Gpu), 0);
+    assert_eq!(a, aggregator_job(&params(2, 1, Overlay::Gke), 0));
 }
 
 #[test]
 fn every_container_is_locked_down() {
-    for step in jobs::plan(&params(2, 1, Overlay::Gpu)) {
+    for step in jobs::steps(&params(2, 1, Overlay::Gpu)) {
         let spec = step.job.spec.as_ref().unwrap();
         let pod = spec.template.spec.as_ref().unwrap();
         assert_eq!(
@@ -153,7 +171,7 @@ fn every_container_is_locked_down() {
 
 #[test]
 fn copier_downloads_then_shards_into_workers() {
-    let j = jobs::copier_job(&params(5, 1, Overlay::Local));
+    let j = copier_job(&params(5, 1, Overlay::Local));
     let pod = j.spec.as_ref().unwrap().template.spec.clone().unwrap();
     assert_eq!(
         pod.init_containers.unwrap()[0].args.clone().unwrap(),
@@ -163,9 +181,9 @@ fn copier_downloads_then_shards_into_workers() {
     let w = args.iter().position(|a| a == "--workers").unwrap();
     assert_eq!(args[w + 1], "5");
     assert!(!args.contains(&"--force".to_string()));
-    let forced = jobs::copier_job(&params_with(5, 1, Overlay::Local, &["--force"]));
+    let forced = copier_job(&params_with(5, 1, Overlay::Local, &["--force"]));
     assert!(args_of(&forced).ends_with(&["--force".to_string()]));
-    let a = jobs::aggregator_job(&params(5, 1, Overlay::Local), 3);
+    let a = aggregator_job(&params(5, 3, Overlay::Local), 3);
     assert_eq!(
         args_of(&a).join(" "),
         "--root /data --round 3 --min-workers 5 --strategy fedavg --keep-rounds 1 --resume"
@@ -196,19 +214,19 @@ fn the_training_flags_of_pipeline_local_reach_the_jobs() {
     ];
     let p = params_with(4, 2, Overlay::Local, &flags);
     let args = |job: &Job| args_of(job).join(" ");
-    let copier = args(&jobs::copier_job(&p));
+    let copier = args(&copier_job(&p));
     assert_has(&copier, "--partition dirichlet --alpha 0.1 --min-shard 50");
-    let trainer = args(&jobs::trainer_job(&p, 2));
+    let trainer = args(&trainer_job(&p, 2));
     for want in ["--round 2", "--lr 4", "--hash-bits 18 --max-ngram 2"] {
         assert_has(&trainer, want);
     }
-    let aggregator = args(&jobs::aggregator_job(&p, 2));
+    let aggregator = args(&aggregator_job(&p, 2));
     assert_has(&aggregator, "--strategy trimmed-mean --trim 0.25");
 }
 
 #[test]
 fn dry_run_yaml_round_trips() {
-    let steps = jobs::plan(&params(2, 1, Overlay::Local));
+    let steps = jobs::steps(&params(2, 1, Overlay::Local));
     let yaml = jobs::to_yaml(&steps).unwrap();
     let docs: Vec<Job> = serde_yaml::Deserializer::from_str(&yaml)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
@@ -223,9 +241,9 @@ fn dry_run_yaml_round_trips() {
 #[test]
 fn rounds_below_from_round_resume_and_the_rest_recompute() {
     let by_round = |from_round: Option<u32>| -> Vec<(StepKind, bool)> {
-        let mut p = params(2, 3, Overlay::Local);
-        p.run.from_round = from_round;
-        jobs::plan(&p)
+        let from = from_round.map(|r| r.to_string());
+        let flags: Vec<&str> = from.iter().flat_map(|r| ["--from-round", r]).collect();
+        jobs::steps(&params_with(2, 3, Overlay::Local, &flags))
             .iter()
             .filter(|s| s.kind != StepKind::Copier)
             .map(|s| (s.kind, has_resume(&s.job)))
@@ -239,26 +257,22 @@ fn rounds_below_from_round_resume_and_the_rest_recompute() {
     );
     // --from-round 2: rounds 0 and 1 resume, 2 and 3 recompute.
     for (kind, resumes) in by_round(Some(2)) {
-        let round = match kind {
-            StepKind::Trainer(r) | StepKind::Aggregator(r) => r,
-            StepKind::Copier => unreachable!(),
-        };
-        assert_eq!(resumes, round < 2, "{kind}");
+        assert_eq!(resumes, kind.round().unwrap() < 2, "{kind}");
     }
     // --from-round 0: everything after the copier recomputes.
     assert!(by_round(Some(0)).iter().all(|(_, r)| !*r));
     // The copier never gets the flag (it is idempotent by itself).
     let p = params_with(2, 3, Overlay::Local, &["--from-round", "1"]);
-    assert!(!has_resume(&jobs::copier_job(&p)));
+    assert!(!has_resume(&copier_job(&p)));
     // --device cuda stays last on the GPU trainer.
-    let g = jobs::trainer_job(&params(2, 1, Overlay::Gpu), 0);
+    let g = trainer_job(&params(2, 1, Overlay::Gpu), 0);
     assert!(args_of(&g).ends_with(&["--resume".into(), "--device".into(), "cuda".into()]));
 }
 
 #[test]
 fn min_workers_lets_indexes_fail_and_reaches_the_aggregator() {
     let p = params_with(5, 1, Overlay::Local, &["--min-workers", "3"]);
-    let steps = jobs::plan(&p);
+    let steps = jobs::steps(&p);
     let t = &steps[1];
     let spec = t.job.spec.as_ref().unwrap();
     assert_eq!(spec.backoff_limit_per_index, Some(2));
@@ -277,12 +291,12 @@ fn min_workers_lets_indexes_fail_and_reaches_the_aggregator() {
     let rules = &spec.pod_failure_policy.as_ref().unwrap().rules;
     assert_eq!(rules[0].action, "FailJob");
     assert_eq!(rules[0].on_exit_codes.as_ref().unwrap().values, vec![2]);
-    assert_eq!(jobs::plan(&params(5, 1, Overlay::Local))[1].quorum(), 5);
+    assert_eq!(jobs::steps(&params(5, 1, Overlay::Local))[1].quorum(), 5);
 }
 
 /// Every container of a plan: (job, image, pull policy), and each Job's annotations.
 fn images_of(p: &jobs::Params) -> Vec<(String, String, String, usize)> {
-    jobs::plan(p)
+    jobs::steps(p)
         .iter()
         .flat_map(|s| {
             let pod = s.job.spec.as_ref().unwrap().template.spec.clone().unwrap();
@@ -335,7 +349,7 @@ fn images_by_digest_or_tag_get_their_pull_policy_and_checkov_skips() {
         assert_eq!(policy, "Always", "{job}: a tag may move in the registry");
         assert_eq!(skips, 0, "{job}: a cloud cluster gets no skips");
     }
-    let local = jobs::plan(&params(2, 1, Overlay::Local));
+    let local = jobs::steps(&params(2, 1, Overlay::Local));
     for s in &local {
         let a = s.job.metadata.annotations.clone().unwrap();
         for (key, value) in jobs::LOCAL_IMAGE_SKIPS {
@@ -355,7 +369,7 @@ fn images_by_digest_or_tag_get_their_pull_policy_and_checkov_skips() {
 #[test]
 fn local_trainers_request_less() {
     let requests = |overlay| {
-        let j = jobs::trainer_job(&params(2, 1, overlay), 0);
+        let j = trainer_job(&params(2, 1, overlay), 0);
         let c = &j.spec.unwrap().template.spec.unwrap().containers[0];
         let r = c.resources.clone().unwrap();
         let get = |m: Option<std::collections::BTreeMap<String, Quantity>>, k: &str| {

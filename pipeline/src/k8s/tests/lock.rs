@@ -16,7 +16,7 @@ use crate::k8s::lock::LockConfig;
 
 /// The plan of 2 workers and 1 round.
 fn plan() -> Vec<Step> {
-    jobs::plan(&params(2, 1, Overlay::Local))
+    jobs::steps(&params(2, 1, Overlay::Local))
 }
 
 /// No lock held: the Lease is created before the first Job and deleted after the last.
