@@ -22,6 +22,7 @@ use anyhow::{Context, Result};
 
 use crate::checkpoint::{
     CONTROL_BIAS, CONTROL_WEIGHT, Checkpoint, GRAD_BIAS, GRAD_WEIGHT, Header, Kind,
+    STATS_NEG_SCALED, STATS_POS_SCALED,
 };
 use crate::layout::Layout;
 use crate::model::{ClassCounts, ModelConfig, doc_scale, prior_log_odds, sigmoid};
@@ -32,17 +33,58 @@ use crate::verify::load_update;
 /// gradient at bucket `j` is `r_j / n * (sigmoid(bias0) * (A+_j + A-_j) - A+_j)` with `A±` the
 /// per-class sums of the reviews' scales.
 pub fn initial_gradient(counts: &ClassCounts, ratio: &[f32], bias0: f32) -> (Vec<f32>, f32) {
-    let n = (counts.n_pos + counts.n_neg).max(1) as f64;
-    let p = sigmoid(bias0) as f64;
+    let at = InitialGradient::new(counts.n_pos, counts.n_pos + counts.n_neg, bias0);
     let weight = ratio
         .iter()
         .zip(counts.pos_scaled.iter().zip(&counts.neg_scaled))
-        .map(|(&r, (&a_pos, &a_neg))| {
-            (r as f64 / n * (p * (a_pos as f64 + a_neg as f64) - a_pos as f64)) as f32
-        })
+        .map(|(&r, (&a_pos, &a_neg))| at.bucket(r, a_pos, a_neg))
         .collect();
-    let bias = (p - counts.n_pos as f64 / n) as f32;
-    (weight, bias)
+    (weight, at.bias())
+}
+
+/// [`initial_gradient`] one bucket at a time, for dense and sparse counts alike.
+struct InitialGradient {
+    n: f64,
+    p: f64,
+    pos_share: f64,
+}
+
+impl InitialGradient {
+    fn new(n_pos: u64, n: u64, bias0: f32) -> Self {
+        let n = n.max(1) as f64;
+        Self {
+            n,
+            p: sigmoid(bias0) as f64,
+            pos_share: n_pos as f64 / n,
+        }
+    }
+
+    fn bucket(&self, r: f32, a_pos: f32, a_neg: f32) -> f32 {
+        (r as f64 / self.n * (self.p * (a_pos as f64 + a_neg as f64) - a_pos as f64)) as f32
+    }
+
+    fn bias(&self) -> f32 {
+        (self.p - self.pos_share) as f32
+    }
+}
+
+/// The values of a sparse vector (`index` ascending, `values`) at `buckets` (ascending),
+/// zero where it has none.
+pub fn values_at(index: &[u32], values: &[f32], buckets: &[u32]) -> Vec<f32> {
+    let mut out = vec![0.0; buckets.len()];
+    let mut k = 0;
+    for (&j, &v) in index.iter().zip(values) {
+        while k < buckets.len() && buckets[k] < j {
+            k += 1;
+        }
+        if k == buckets.len() {
+            break;
+        }
+        if buckets[k] == j {
+            out[k] = v;
+        }
+    }
+    out
 }
 
 /// The mean gradient of the logistic loss over a shard's reviews at the model
@@ -128,13 +170,14 @@ impl Control {
 }
 
 /// Shard `shard`'s control variate `c_i` as counted in `control`: from its update of round
-/// `control.sources[shard]`, or from its round-0 statistics. Dense.
-pub fn worker_control(
+/// `control.sources[shard]`, or from its round-0 statistics. Sparse: the buckets its reviews
+/// read (`index`, ascending), its values there, and its bias; it is zero elsewhere.
+pub fn worker_control_sparse(
     layout: &Layout,
     control: &Control,
     shard: usize,
     ratio: &[f32],
-) -> Result<(Vec<f32>, f32)> {
+) -> Result<(Vec<u32>, Vec<f32>, f32)> {
     let source = *control
         .sources
         .get(shard)
@@ -145,13 +188,43 @@ pub fn worker_control(
                 "the statistics of shard {shard} (its first control variate) are missing or damaged"
             )
         })?;
-        Ok(initial_gradient(&ck.to_counts()?, ratio, control.bias0()))
+        let n_pos = ck.header.positives()?;
+        let at = InitialGradient::new(n_pos, ck.header.samples, control.bias0());
+        let values = ck
+            .index
+            .iter()
+            .zip(
+                ck.tensor(STATS_POS_SCALED)
+                    .iter()
+                    .zip(ck.tensor(STATS_NEG_SCALED)),
+            )
+            .map(|(&j, (&a_pos, &a_neg))| at.bucket(ratio[j as usize], a_pos, a_neg))
+            .collect();
+        Ok((ck.index, values, at.bias()))
     } else {
-        let (ck, _) = load_update(layout, source, shard, Kind::Update).with_context(|| {
+        let (mut ck, _) = load_update(layout, source, shard, Kind::Update).with_context(|| {
             format!("the update of shard {shard} in round {source}, which holds its control variate, is missing or damaged")
         })?;
-        Ok((ck.scatter(GRAD_WEIGHT), ck.tensor(GRAD_BIAS)[0]))
+        let bias = ck.tensor(GRAD_BIAS)[0];
+        let values = ck.take_tensor(GRAD_WEIGHT)?;
+        Ok((std::mem::take(&mut ck.index), values, bias))
     }
+}
+
+/// [`worker_control_sparse`], dense (zero outside the shard's buckets): one value per
+/// bucket of `ratio`, the model's.
+pub fn worker_control(
+    layout: &Layout,
+    control: &Control,
+    shard: usize,
+    ratio: &[f32],
+) -> Result<(Vec<f32>, f32)> {
+    let (index, values, bias) = worker_control_sparse(layout, control, shard, ratio)?;
+    let mut dense = vec![0.0; ratio.len()];
+    for (&j, &v) in index.iter().zip(&values) {
+        dense[j as usize] = v;
+    }
+    Ok((dense, bias))
 }
 
 #[cfg(test)]
@@ -178,5 +251,16 @@ mod tests {
         }
         assert!((b1 - b2).abs() < 1e-6);
         assert!(g1.iter().any(|&x| x != 0.0));
+    }
+
+    #[test]
+    fn values_at_picks_a_sparse_vector_at_other_buckets() {
+        let (index, values) = ([2, 5, 9, 12], [0.2, 0.5, 0.9, 1.2]);
+        assert_eq!(
+            values_at(&index, &values, &[1, 2, 9, 10, 12, 40]),
+            [0.0, 0.2, 0.9, 0.0, 1.2, 0.0]
+        );
+        assert_eq!(values_at(&index, &values, &[]), Vec::<f32>::new());
+        assert_eq!(values_at(&[], &[], &[3]), [0.0]);
     }
 }

@@ -240,8 +240,9 @@ pub fn logistic_loss(z: f32, label: u8) -> f64 {
 }
 
 /// SCAFFOLD's drift correction for one worker's round: `c - c_i`, the global control
-/// variate minus the worker's own, added to every local gradient (one value per bucket,
-/// plus the bias).
+/// variate minus the worker's own, added to every local gradient: one value per bucket (of
+/// the model for [`train_sparse`], of the shard's own buckets for [`train_local`]), plus
+/// the bias.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Correction {
     pub weight: Vec<f32>,
@@ -405,8 +406,73 @@ pub fn run_steps<E>(
     Ok(stats)
 }
 
-/// One round of local work: minibatch SGD on the logistic loss, with every gradient
-/// corrected by `correction` (SCAFFOLD) when given. Step `t` is
+/// A shard's reviews over its own buckets: the buckets its reviews read (ascending) and the
+/// reviews renumbered onto them, with their fixed input values `ratio · scale`. A worker's
+/// round only ever reads and changes these buckets, so its tables are this small: a few
+/// percent of the model's for a small shard, read in cache instead of at random places of
+/// 4M-entry tables.
+pub struct LocalShard {
+    /// Model bucket of each local one, ascending: what a sparse update's index holds.
+    pub touched: Vec<u32>,
+    csr: Csr,
+}
+
+impl LocalShard {
+    /// `docs` are model buckets; `nb_ratio` is the model's (one value per bucket).
+    pub fn new(docs: &[Vec<u32>], nb_ratio: &[f32]) -> Self {
+        let touched = touched_buckets(docs, nb_ratio.len());
+        let mut local = vec![0u32; nb_ratio.len()];
+        for (k, &j) in touched.iter().enumerate() {
+            local[j as usize] = k as u32;
+        }
+        let renumbered: Vec<Vec<u32>> = docs
+            .iter()
+            .map(|doc| doc.iter().map(|&j| local[j as usize]).collect())
+            .collect();
+        drop(local);
+        let csr = Csr::new(
+            renumbered.iter().map(Vec::as_slice),
+            &Self::gather_at(&touched, nb_ratio),
+        );
+        Self { touched, csr }
+    }
+
+    /// The values of a model-wide table at the shard's buckets.
+    pub fn gather(&self, table: &[f32]) -> Vec<f32> {
+        Self::gather_at(&self.touched, table)
+    }
+
+    fn gather_at(touched: &[u32], table: &[f32]) -> Vec<f32> {
+        touched.iter().map(|&j| table[j as usize]).collect()
+    }
+
+    /// Number of reviews.
+    pub fn len(&self) -> usize {
+        self.csr.offsets.len() - 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a round of [`train_local`] returns besides the trained weights.
+#[derive(Debug, Clone)]
+pub struct LocalRound {
+    /// One entry per pass over the shard (the last pass may be partial).
+    pub epochs: Vec<EpochStats>,
+    /// The mean data-loss gradient along the local path at the shard's buckets: SCAFFOLD's
+    /// next control variate of the worker (its "option II").
+    pub mean_grad: Vec<f32>,
+    pub mean_grad_bias: f32,
+    /// The round's learning rates summed, `S_T`: a bucket no review read moved by
+    /// `-d · S_T` (see [`Drift`]).
+    pub lr_sum: f64,
+}
+
+/// One round of local work on the shard's own buckets: minibatch SGD on the logistic loss,
+/// with every gradient corrected by `correction` (SCAFFOLD) when given. `weight` and
+/// `correction` hold one value per bucket of `shard.touched`. Step `t` is
 ///
 /// ```text
 /// w <- w - lr_t * (grad_batch(w) + d)        b <- b - lr_t * (grad_batch(b) + d_b)
@@ -417,48 +483,35 @@ pub fn run_steps<E>(
 /// `u = w + d * S_t`, the step becomes plain SGD on `u` (`u <- u - lr_t * grad_batch`), and
 /// a review's logit is `b + <u, x> - S_t * <d, x>`, where `<d, x>` is fixed for the round
 /// and computed once per review. A step therefore costs what an uncorrected one does,
-/// O(non-zeros), although the correction moves every bucket; `w = u - d * S_T` at the end.
+/// O(non-zeros); `w = u - d * S_T` at the end.
 ///
 /// The mean data gradient along the path (the worker's next control variate) is
 /// `Σ_t g_t x_(i_t) / T`: the loop adds up each review's scalar `g_t` and the sum over the
 /// shard is taken once, at the end.
-pub fn train_sparse(
-    model: &mut Model,
-    docs: &[Vec<u32>],
+pub fn train_local(
+    shard: &LocalShard,
+    weight: &mut [f32],
+    bias: &mut f32,
     labels: &[u8],
     cfg: &TrainConfig,
     correction: Option<&Correction>,
     on_epoch: impl FnMut(&EpochStats),
-) -> LocalOutcome {
-    let dim = model.weight.len();
-    let steps = cfg.steps_for(docs.len());
+) -> LocalRound {
+    let n = shard.touched.len();
+    assert_eq!(weight.len(), n, "one weight per bucket of the shard");
+    let n_docs = shard.len();
+    let steps = cfg.steps_for(n_docs);
+    let csr = &shard.csr;
     let (d, d_bias) = match correction {
         Some(c) => {
-            assert_eq!(c.weight.len(), dim, "one correction per bucket");
+            assert_eq!(c.weight.len(), n, "one correction per bucket of the shard");
             (c.weight.as_slice(), c.bias)
         }
         None => (&[][..], 0.0),
     };
-    // The loop works on the shard's own buckets, renumbered 0..n: its tables are then small
-    // and read in cache instead of at random places of 4M-entry tables.
-    let touched = touched_buckets(docs, dim);
-    let mut local = vec![0u32; dim];
-    for (k, &j) in touched.iter().enumerate() {
-        local[j as usize] = k as u32;
-    }
-    let renumbered: Vec<Vec<u32>> = docs
-        .iter()
-        .map(|doc| doc.iter().map(|&j| local[j as usize]).collect())
-        .collect();
-    drop(local);
-    let ratio: Vec<f32> = touched
-        .iter()
-        .map(|&j| model.nb_ratio[j as usize])
-        .collect();
-    let csr = Csr::new(renumbered.iter().map(Vec::as_slice), &ratio);
     let corrected = !d.is_empty();
     // `<d, x>` of every review (zero without a correction).
-    let dx: Vec<f64> = (0..docs.len())
+    let dx: Vec<f64> = (0..n_docs)
         .map(|i| {
             let (idx, val) = csr.row(i);
             if !corrected {
@@ -466,20 +519,16 @@ pub fn train_sparse(
             }
             idx.iter()
                 .zip(val)
-                .map(|(&k, &v)| d[touched[k as usize] as usize] as f64 * v as f64)
+                .map(|(&k, &v)| d[k as usize] as f64 * v as f64)
                 .sum()
         })
         .collect();
     // `u` in f64: it carries `d * S_t`, which can be far larger than the weight itself.
-    let mut u: Vec<f64> = touched
-        .iter()
-        .map(|&j| model.weight[j as usize] as f64)
-        .collect();
-    let mut g_doc = vec![0.0f64; docs.len()];
+    let mut u: Vec<f64> = weight.iter().map(|&w| w as f64).collect();
+    let mut g_doc = vec![0.0f64; n_docs];
     let mut logits = Vec::with_capacity(cfg.batch);
     let (mut s_t, mut grad_sum_bias) = (0.0f64, 0.0f64);
-    let bias = &mut model.bias;
-    let Ok(epochs) = run_steps(docs.len(), cfg, on_epoch, |t, rows| {
+    let Ok(epochs) = run_steps(n_docs, cfg, on_epoch, |t, rows| {
         let lr = Drift::rate(cfg.lr, cfg.schedule, t as u64, steps);
         logits.clear();
         for &i in rows {
@@ -511,15 +560,8 @@ pub fn train_sparse(
         s_t += lr as f64;
         Ok::<_, std::convert::Infallible>((loss, correct))
     });
-    // Every bucket to the end of the round: `w = u - d * S_T`, where the buckets the shard
-    // never read kept `u` at their starting weight.
-    if corrected {
-        for (x, &dj) in model.weight.iter_mut().zip(d) {
-            *x = (*x as f64 - dj as f64 * s_t) as f32;
-        }
-    }
     let k = steps.max(1) as f64;
-    let mut grad_sum = vec![0.0f64; touched.len()];
+    let mut grad_sum = vec![0.0f64; n];
     for (i, &g) in g_doc.iter().enumerate() {
         if g != 0.0 {
             let (idx, val) = csr.row(i);
@@ -528,17 +570,64 @@ pub fn train_sparse(
             }
         }
     }
+    for (k_, w) in weight.iter_mut().enumerate() {
+        let dj = if corrected { d[k_] as f64 } else { 0.0 };
+        *w = (u[k_] - dj * s_t) as f32;
+    }
+    LocalRound {
+        epochs,
+        mean_grad: grad_sum.iter().map(|&g| (g / k) as f32).collect(),
+        mean_grad_bias: (grad_sum_bias / k) as f32,
+        lr_sum: s_t,
+    }
+}
+
+/// [`train_local`] on a whole model, in place, with a correction per model bucket: the
+/// shard's buckets are trained, every other bucket moves by the correction alone
+/// (`-d · S_T`, as the aggregator recomputes it for a sparse update). For callers that hold
+/// the dense model (the trainer's whole-model form, tests, simulations).
+pub fn train_sparse(
+    model: &mut Model,
+    docs: &[Vec<u32>],
+    labels: &[u8],
+    cfg: &TrainConfig,
+    correction: Option<&Correction>,
+    on_epoch: impl FnMut(&EpochStats),
+) -> LocalOutcome {
+    let dim = model.weight.len();
+    let shard = LocalShard::new(docs, &model.nb_ratio);
+    let local = correction.map(|c| {
+        assert_eq!(c.weight.len(), dim, "one correction per bucket");
+        Correction {
+            weight: shard.gather(&c.weight),
+            bias: c.bias,
+        }
+    });
+    let mut w = shard.gather(&model.weight);
+    let round = train_local(
+        &shard,
+        &mut w,
+        &mut model.bias,
+        labels,
+        cfg,
+        local.as_ref(),
+        on_epoch,
+    );
+    if let Some(c) = correction {
+        for (x, &dj) in model.weight.iter_mut().zip(&c.weight) {
+            *x = (*x as f64 - dj as f64 * round.lr_sum) as f32;
+        }
+    }
     let mut mean_grad = vec![0.0f32; dim];
-    for (k_, &j) in touched.iter().enumerate() {
-        let dj = if corrected { d[j as usize] as f64 } else { 0.0 };
-        model.weight[j as usize] = (u[k_] - dj * s_t) as f32;
-        mean_grad[j as usize] = (grad_sum[k_] / k) as f32;
+    for ((&j, &wj), &g) in shard.touched.iter().zip(&w).zip(&round.mean_grad) {
+        model.weight[j as usize] = wj;
+        mean_grad[j as usize] = g;
     }
     LocalOutcome {
-        epochs,
+        epochs: round.epochs,
         mean_grad,
-        mean_grad_bias: (grad_sum_bias / k) as f32,
-        touched,
+        mean_grad_bias: round.mean_grad_bias,
+        touched: shard.touched,
     }
 }
 

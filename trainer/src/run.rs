@@ -8,15 +8,16 @@ use anyhow::{Context, Result, bail, ensure};
 use candle_core::Device;
 use fedimdb::atomic::{write_bytes_atomic, write_json_atomic};
 use fedimdb::checkpoint::{Checkpoint, Header, Kind};
-use fedimdb::control::{Control, worker_control};
+use fedimdb::control::{Control, values_at, worker_control_sparse};
 use fedimdb::dataset::{Featurized, featurize_all, load_reviews};
 use fedimdb::layout::Layout;
 use fedimdb::manifest::DataManifest;
-use fedimdb::model::{ClassCounts, Model, ModelConfig, NB_RATIO};
+use fedimdb::model::{BIAS, ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
 use fedimdb::outcome::{Outcome, Status};
 use fedimdb::report::UpdateReport;
 use fedimdb::train::{
-    Algorithm, Correction, EpochStats, LocalOutcome, TrainArgs, TrainConfig, train_sparse,
+    Algorithm, Correction, EpochStats, LocalOutcome, LocalRound, LocalShard, TrainArgs,
+    TrainConfig, train_local, train_sparse,
 };
 use fedimdb::verify::{
     UpdateWant, check_update, left_out_of_done_round, load_control, load_global,
@@ -96,10 +97,10 @@ pub fn volume(
     let (ck, epochs) = match inputs.base {
         None => (statistics(config, shard, &data), Vec::new()),
         Some(base) => {
+            // The round reads and writes only the shard's own buckets.
+            let local = LocalShard::new(&data.features, base.tensor(NB_RATIO));
             let correction = match &inputs.control {
-                Some((control, _)) => {
-                    Some(correction(&layout, control, shard, base.tensor(NB_RATIO))?)
-                }
+                Some((control, _)) => Some(correction(&layout, control, shard, &local, &base)?),
                 None => None,
             };
             let mut header = Header::new(Kind::Update, config, round);
@@ -108,10 +109,10 @@ pub fn volume(
             header.base_sha256 = Some(base.sha256.clone());
             header.train = Some(tc);
             header.control_sha256 = want.control_sha256.clone();
-            let mut model = base.into_model()?;
-            let trained = train(&mut model, &data, &tc, correction.as_ref(), device)?;
-            let epochs = trained.epochs.clone();
-            (local_update(header, &model, &data, trained), epochs)
+            header.samples = data.len() as u64;
+            let trained = train_shard(base, &local, &data, &tc, correction.as_ref(), device)?;
+            let epochs = trained.round.epochs.clone();
+            (trained.into_update(header, local.touched), epochs)
         }
     };
     let report = UpdateReport {
@@ -150,26 +151,27 @@ fn statistics(config: ModelConfig, shard: usize, data: &Featurized) -> Checkpoin
     Checkpoint::from_counts(&counts, header)
 }
 
-/// A training round's output: the trained weights and the mean gradient at the buckets the
-/// shard touches (the aggregator rebuilds the others, see `fedimdb::train::Drift`).
-fn local_update(
-    mut header: Header,
-    model: &Model,
-    data: &Featurized,
-    trained: LocalOutcome,
-) -> Checkpoint {
-    header.samples = data.len() as u64;
-    let index = trained.touched;
-    let gather = |v: &[f32]| index.iter().map(|&j| v[j as usize]).collect::<Vec<f32>>();
-    let (weight, grad) = (gather(&model.weight), gather(&trained.mean_grad));
-    Checkpoint::update(
-        header,
-        index,
-        weight,
-        model.bias,
-        grad,
-        trained.mean_grad_bias,
-    )
+/// A worker's round on its shard's buckets: the trained weights there, the bias, and what
+/// the local steps measured (the mean gradient there is the worker's next control variate).
+struct Trained {
+    weight: Vec<f32>,
+    bias: f32,
+    round: LocalRound,
+}
+
+impl Trained {
+    /// The sparse update: the shard's buckets only (the aggregator rebuilds the others, see
+    /// `fedimdb::train::Drift`).
+    fn into_update(self, header: Header, touched: Vec<u32>) -> Checkpoint {
+        Checkpoint::update(
+            header,
+            touched,
+            self.weight,
+            self.bias,
+            self.round.mean_grad,
+            self.round.mean_grad_bias,
+        )
+    }
 }
 
 /// Writes the update, then its report with the update's checksum and size: a reader
@@ -225,23 +227,27 @@ impl Inputs {
     }
 }
 
-/// SCAFFOLD's correction for worker `shard`: the global control variate minus its own.
+/// SCAFFOLD's correction for worker `shard` at its buckets: the global control variate
+/// minus its own.
 fn correction(
     layout: &Layout,
     control: &Control,
     shard: usize,
-    ratio: &[f32],
+    local: &LocalShard,
+    base: &Checkpoint,
 ) -> Result<Correction> {
-    let (own, own_bias) = worker_control(layout, control, shard, ratio)?;
     ensure!(
-        own.len() == control.weight.len(),
-        "the control variate of shard {shard} has {} buckets, the global one {}",
-        own.len(),
-        control.weight.len()
+        control.weight.len() == base.header.config.dim(),
+        "the control variate has {} buckets, the global model {}",
+        control.weight.len(),
+        base.header.config.dim()
     );
+    let (index, values, own_bias) =
+        worker_control_sparse(layout, control, shard, base.tensor(NB_RATIO))?;
+    let own = values_at(&index, &values, &local.touched);
     Ok(Correction {
-        weight: control
-            .weight
+        weight: local
+            .gather(&control.weight)
             .iter()
             .zip(&own)
             .map(|(c, o)| c - o)
@@ -286,21 +292,127 @@ pub fn original(
         ..args.train.config(0, 0)
     };
     header.train = Some(tc);
-    train(&mut model, &data, &tc, None, device)?;
+    with_progress(&tc, &data, |log| {
+        Ok(if device.is_cpu() {
+            train_sparse(&mut model, &data.features, &data.labels, &tc, None, log)
+        } else {
+            train_candle(
+                &mut model,
+                device,
+                &data.features,
+                &data.labels,
+                &tc,
+                None,
+                log,
+            )?
+        })
+    })?;
+    check_finite(&model.weight, model.bias, &tc)?;
     Checkpoint::from_model(model, header).save(out)?;
     info!(path = %out.display(), "model written");
     Ok(())
 }
 
-/// Trains `model` in place on the chosen device and returns the mean data-loss gradient
-/// along the path (the worker's next control variate); refuses a diverged model.
-fn train(
-    model: &mut Model,
+/// A worker's round from the global model `base` on the chosen device: on the CPU on the
+/// shard's buckets alone; on a GPU with the candle engine over the whole model (its
+/// correction zero outside the shard's buckets, which no review reads and the update leaves
+/// out), taken back to the shard's buckets.
+fn train_shard(
+    base: Checkpoint,
+    local: &LocalShard,
     data: &Featurized,
     tc: &TrainConfig,
     correction: Option<&Correction>,
     device: &Device,
-) -> Result<LocalOutcome> {
+) -> Result<Trained> {
+    let engine = if device.is_cpu() {
+        Engine::Sparse
+    } else {
+        Engine::Candle(device)
+    };
+    train_shard_with(engine, base, local, data, tc, correction)
+}
+
+/// The engine of a worker's round.
+enum Engine<'a> {
+    /// `fedimdb::train::train_local`, on the shard's buckets.
+    Sparse,
+    /// The candle engine on this device, over the whole model.
+    Candle(&'a Device),
+}
+
+fn train_shard_with(
+    engine: Engine,
+    base: Checkpoint,
+    local: &LocalShard,
+    data: &Featurized,
+    tc: &TrainConfig,
+    correction: Option<&Correction>,
+) -> Result<Trained> {
+    let mut weight = local.gather(base.tensor(WEIGHT));
+    let mut bias = base.tensor(BIAS)[0];
+    let Engine::Candle(device) = engine else {
+        let round = with_progress(tc, data, |log| {
+            Ok(train_local(
+                local,
+                &mut weight,
+                &mut bias,
+                &data.labels,
+                tc,
+                correction,
+                log,
+            ))
+        })?;
+        check_finite(&weight, bias, tc)?;
+        return Ok(Trained {
+            weight,
+            bias,
+            round,
+        });
+    };
+    let mut model = base.into_model()?;
+    let dense = correction.map(|c| {
+        let mut weight = vec![0.0; model.weight.len()];
+        for (&j, &v) in local.touched.iter().zip(&c.weight) {
+            weight[j as usize] = v;
+        }
+        Correction {
+            weight,
+            bias: c.bias,
+        }
+    });
+    let outcome = with_progress(tc, data, |log| {
+        Ok(train_candle(
+            &mut model,
+            device,
+            &data.features,
+            &data.labels,
+            tc,
+            dense.as_ref(),
+            log,
+        )?)
+    })?;
+    let weight = local.gather(&model.weight);
+    check_finite(&weight, model.bias, tc)?;
+    Ok(Trained {
+        weight,
+        bias: model.bias,
+        round: LocalRound {
+            epochs: outcome.epochs,
+            mean_grad: local.gather(&outcome.mean_grad),
+            mean_grad_bias: outcome.mean_grad_bias,
+            lr_sum: 0.0,
+        },
+    })
+}
+
+/// Runs `train` with a progress bar over the round's passes and a log line per pass, and
+/// refuses a round whose loss diverged.
+fn with_progress<T: HasEpochs>(
+    tc: &TrainConfig,
+    data: &Featurized,
+    train: impl FnOnce(&dyn Fn(&EpochStats)) -> Result<T>,
+) -> Result<T> {
     let pb = fedimdb::logging::progress(
         tc.steps_for(data.len()).div_ceil(data.len().max(1) as u64),
         "passes",
@@ -315,14 +427,9 @@ fn train(
             "pass done"
         );
     };
-    let (docs, labels) = (&data.features, &data.labels);
-    let outcome = if device.is_cpu() {
-        train_sparse(model, docs, labels, tc, correction, log)
-    } else {
-        train_candle(model, device, docs, labels, tc, correction, log)?
-    };
+    let out = train(&log)?;
     pb.finish_and_clear();
-    if let Some(s) = outcome.epochs.iter().find(|s| !s.loss.is_finite()) {
+    if let Some(s) = out.epochs().iter().find(|s| !s.loss.is_finite()) {
         bail!(
             "training diverged: the loss became {} in pass {}; nothing was written. Lower --lr (now {})",
             s.loss,
@@ -330,18 +437,117 @@ fn train(
             tc.lr
         );
     }
-    if model.weight.iter().any(|x| !x.is_finite()) || !model.bias.is_finite() {
+    Ok(out)
+}
+
+/// What [`with_progress`] checks: the passes of a round.
+trait HasEpochs {
+    fn epochs(&self) -> &[EpochStats];
+}
+
+impl HasEpochs for LocalRound {
+    fn epochs(&self) -> &[EpochStats] {
+        &self.epochs
+    }
+}
+
+impl HasEpochs for LocalOutcome {
+    fn epochs(&self) -> &[EpochStats] {
+        &self.epochs
+    }
+}
+
+fn check_finite(weight: &[f32], bias: f32, tc: &TrainConfig) -> Result<()> {
+    if weight.iter().any(|x| !x.is_finite()) || !bias.is_finite() {
         bail!(
             "training diverged: the weights hold NaN or infinity; nothing was written. Lower --lr (now {})",
             tc.lr
         );
     }
-    Ok(outcome)
+    Ok(())
 }
 
 fn device_name(device: &Device) -> String {
     match device {
         Device::Cpu => "cpu".to_owned(),
         other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedimdb::checkpoint::{Header, Kind};
+    use fedimdb::model::{ClassCounts, ModelConfig};
+    use fedimdb::train::Schedule;
+
+    /// The candle engine (what a GPU runs) and the sparse one write the same update: the
+    /// candle round over the whole model, taken back to the shard's buckets, equals the
+    /// sparse round on them, correction included.
+    #[test]
+    fn both_engines_make_the_same_update() {
+        let config = ModelConfig::with_buckets(8, 2);
+        let docs: Vec<Vec<u32>> = (0..30u32)
+            .map(|i| {
+                let mut d = vec![i % 2, 5 + i % 7, 40 + (i * 13) % 50];
+                d.sort_unstable();
+                d.dedup();
+                d
+            })
+            .collect();
+        let labels: Vec<u8> = (0..30).map(|i| (i % 2) as u8).collect();
+        let mut model =
+            Model::from_counts(config, &ClassCounts::count(config.dim(), &docs, &labels));
+        model
+            .weight
+            .iter_mut()
+            .enumerate()
+            .for_each(|(j, w)| *w = (j % 5) as f32 * 0.01);
+        let base = Checkpoint::from_model(model, Header::new(Kind::Model, config, 1));
+        let local = LocalShard::new(&docs, base.tensor(NB_RATIO));
+        let correction = Correction {
+            weight: (0..local.touched.len())
+                .map(|k| (k % 3) as f32 * 1e-3 - 1e-3)
+                .collect(),
+            bias: 0.02,
+        };
+        let data = Featurized {
+            features: docs,
+            labels,
+        };
+        let tc = TrainConfig {
+            algorithm: Algorithm::Scaffold,
+            batch: 2,
+            epochs: 0,
+            lr: 0.5,
+            schedule: Schedule::Linear,
+            seed: 3,
+            steps: 40,
+        };
+        let run = |engine| {
+            train_shard_with(engine, base.clone(), &local, &data, &tc, Some(&correction)).unwrap()
+        };
+        let (sparse, candle) = (run(Engine::Sparse), run(Engine::Candle(&Device::Cpu)));
+        let diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max)
+        };
+        assert!(
+            diff(&sparse.weight, &candle.weight) < 1e-5,
+            "weights differ"
+        );
+        assert!(
+            diff(&sparse.round.mean_grad, &candle.round.mean_grad) < 1e-6,
+            "control variates differ"
+        );
+        assert!((sparse.bias - candle.bias).abs() < 1e-5);
+        assert!((sparse.round.mean_grad_bias - candle.round.mean_grad_bias).abs() < 1e-6);
+        assert_ne!(
+            sparse.weight,
+            local.gather(base.tensor(WEIGHT)),
+            "nothing trained"
+        );
     }
 }
