@@ -61,6 +61,7 @@ struct RunReport {
 
 fn check(args: &LocalArgs) -> Result<()> {
     args.run.validate()?;
+    args.reading.validate()?;
     ensure!(args.jobs != Some(0), "--jobs must be at least 1");
     Ok(())
 }
@@ -122,6 +123,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
         .arg(&source)
         .arg("--out")
         .arg(&args.root)
+        .args(args.reading.to_args())
         .args(args.run.copier_args());
     let copied = run_recorded(
         Step {
@@ -133,6 +135,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
     )?;
     let seconds_copier = t0.elapsed().as_secs_f64();
     let manifest = DataManifest::read(&layout.data_manifest())?;
+    manifest.ensure_two_classes(&layout.data_manifest())?;
     let how = match copied.status {
         Status::Done => "written",
         Status::UpToDate => "verified on disk, kept",

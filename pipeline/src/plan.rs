@@ -6,6 +6,7 @@
 
 use anyhow::{Result, ensure};
 use clap::Args as ClapArgs;
+use fedimdb::labels::TaskArgs;
 use fedimdb::model::ModelArgs;
 use fedimdb::partition::PartitionArgs;
 use fedimdb::retention::RetentionArgs;
@@ -35,6 +36,9 @@ pub struct RunArgs {
     // Which rounds keep their model files (--keep-rounds).
     #[command(flatten)]
     pub retention: RetentionArgs,
+    // What IMDB's labels are (--task sentiment|rating): what is learned, so part of the run.
+    #[command(flatten)]
+    pub task: TaskArgs,
     /// Replace data sharded with other arguments (the copier's --force).
     #[arg(long)]
     pub force: bool,
@@ -69,6 +73,12 @@ impl RunArgs {
         self.train.validate().map_err(anyhow::Error::msg)?;
         self.model.validate().map_err(anyhow::Error::msg)?;
         self.partition.validate()?;
+        let labels = self.task.task.labels();
+        fedimdb::labels::ensure_two_classes(
+            labels.len(),
+            &labels,
+            &format!("--task {}", self.task.task),
+        )?;
         self.combine.strategy().map_err(anyhow::Error::msg)?;
         if let Some(m) = self.min_workers {
             ensure!(
@@ -107,6 +117,7 @@ impl RunArgs {
             self.train.seed.to_string(),
         ];
         args.extend(self.partition.to_args());
+        args.extend(self.task.to_args());
         if self.force {
             args.push("--force".to_owned());
         }
@@ -151,13 +162,14 @@ mod tests {
     #[test]
     fn every_training_flag_reaches_the_binary_that_uses_it() {
         let flags = "--workers 4 --partition dirichlet --alpha 0.1 --hash-bits 18 \
-                     --strategy trimmed-mean --trim 0.1 --min-workers 3 --lr 4 --force";
+                     --strategy trimmed-mean --trim 0.1 --min-workers 3 --lr 4 --task rating --force";
         let run = parse(&flags.split_whitespace().collect::<Vec<_>>());
         run.validate().unwrap();
         let copier = run.copier_args().join(" ");
         assert!(
             copier.contains("--workers 4")
                 && copier.contains("--partition dirichlet --alpha 0.1 --min-shard 32")
+                && copier.contains("--task rating")
                 && copier.ends_with("--force"),
             "{copier}"
         );
@@ -201,6 +213,10 @@ mod tests {
                 "--trim only applies to --strategy trimmed-mean",
             ),
             (&["--workers", "0"], "--workers must be at least 1"),
+            (
+                &["--task", "rating"],
+                "--task rating has 8 labels (1, 2, 3, 4, 7, 8, 9, 10)",
+            ),
         ] {
             let err = parse(args).validate().unwrap_err().to_string();
             assert!(err.contains(want), "{args:?}: {err}");
