@@ -73,12 +73,19 @@ fn imdb_as_csv_trains_to_the_archive_s_accuracy() {
     };
     let from_archive = run(&archive, "archive", &[]);
     let test = d.join("test.csv");
-    let from_csv = run(&d.join("train.csv"), "csv", &["--test", test.to_str().unwrap()]);
+    let from_csv = run(
+        &d.join("train.csv"),
+        "csv",
+        &["--test", test.to_str().unwrap()],
+    );
     // The same reviews in the same shards with the same labels: the same model, so the
     // same accuracy in every round, to the last bit.
     assert_eq!(accuracies(&from_archive), accuracies(&from_csv));
     assert_eq!(from_archive["test"], from_csv["test"]);
-    assert!(from_csv["test_accuracy"].as_f64().unwrap() > 0.9, "{from_csv}");
+    assert!(
+        from_csv["test_accuracy"].as_f64().unwrap() > 0.9,
+        "{from_csv}"
+    );
 }
 
 #[test]
@@ -130,7 +137,10 @@ fn three_labels_are_sharded_then_refused_by_every_training_step() {
         .collect();
     assert_eq!(sharded, [8, 8, 8]);
 
-    let message = ["has 3 labels (blue, green, red)", "K-class model is not built yet"];
+    let message = [
+        "has 3 labels (blue, green, red)",
+        "K-class model is not built yet",
+    ];
     let refused = |cmd: &mut std::process::Command, who: &str| {
         let (out, log) = run(cmd);
         assert!(!out.status.success(), "{who} accepted 3 labels: {log}");
@@ -153,9 +163,15 @@ fn three_labels_are_sharded_then_refused_by_every_training_step() {
         .arg(&shard)
         .args(["--epoch", "1", "--batch", "1", "--savemodel"])
         .arg(d.join("m.safetensors")));
-    assert!(!out.status.success() && log.contains("K-class model is not built yet"), "{log}");
+    assert!(
+        !out.status.success() && log.contains("K-class model is not built yet"),
+        "{log}"
+    );
     // IMDB's rating task is refused by the pipeline before anything runs.
     let (out, log) = run(&mut pipeline(&source, &d.join("r"), &["--task", "rating"]));
-    assert!(!out.status.success() && log.contains("--task rating has 8 labels"), "{log}");
+    assert!(
+        !out.status.success() && log.contains("--task rating has 8 labels"),
+        "{log}"
+    );
     assert!(!d.join("r/data").exists());
 }

@@ -162,14 +162,13 @@ mod tests {
     #[test]
     fn every_training_flag_reaches_the_binary_that_uses_it() {
         let flags = "--workers 4 --partition dirichlet --alpha 0.1 --hash-bits 18 \
-                     --strategy trimmed-mean --trim 0.1 --min-workers 3 --lr 4 --task rating --force";
+                     --strategy trimmed-mean --trim 0.1 --min-workers 3 --lr 4 --force";
         let run = parse(&flags.split_whitespace().collect::<Vec<_>>());
         run.validate().unwrap();
         let copier = run.copier_args().join(" ");
         assert!(
             copier.contains("--workers 4")
                 && copier.contains("--partition dirichlet --alpha 0.1 --min-shard 32")
-                && copier.contains("--task rating")
                 && copier.ends_with("--force"),
             "{copier}"
         );
@@ -185,6 +184,16 @@ mod tests {
             aggregator,
             "--round 2 --min-workers 3 --strategy trimmed-mean --trim 0.1 --keep-rounds 1 --resume"
         );
+    }
+
+    #[test]
+    fn the_task_reaches_the_copier_only_when_not_the_default() {
+        let copier = parse(&["--task", "rating"]).copier_args().join(" ");
+        assert!(
+            copier.ends_with("--partition iid --task rating"),
+            "{copier}"
+        );
+        assert!(!parse(&[]).copier_args().contains(&"--task".to_owned()));
     }
 
     #[test]
