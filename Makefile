@@ -13,9 +13,13 @@ all: build
 build:
 	$(CARGO) build --release --workspace
 
-## The main job: shard the archive, train WORKERS workers by federated averaging, evaluate.
+## The main job: shard the archive (or DATA, your own labeled text: README "Your own data"),
+## train WORKERS workers by federated averaging, evaluate. FLAGS: more `pipeline local` flags
+## (e.g. FLAGS="--test-fraction 0.2" for data without a test split).
+DATA  ?=
+FLAGS ?=
 run: build
-	$(BIN)/pipeline local --root $(ROOT) --workers $(WORKERS) --report $(ROOT)/report.json
+	$(BIN)/pipeline local $(if $(DATA),--source $(DATA)) --root $(ROOT) --workers $(WORKERS) --report $(ROOT)/report.json $(FLAGS)
 	@echo "Serving the model just trained at http://localhost:8080 (Ctrl-C stops the server)"
 	$(BIN)/server --root $(ROOT)
 

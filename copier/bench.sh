@@ -3,7 +3,7 @@
 # against `gzip -dc` of the same archive measured in the same run. Target: copier at most
 # 1.5x gzip's time, peak RSS under 600 MB.
 #
-# Usage: copier/bench.sh [RUNS]      (archive: $FEDIMDB_ARCHIVE or ../shared/data/aclImdb-labeled.tar.gz)
+# Usage: [COPIER=BIN] copier/bench.sh [RUNS]      (archive: $FEDIMDB_ARCHIVE or ../shared/data/aclImdb-labeled.tar.gz)
 #
 # The two commands alternate (gzip, copier, gzip, copier, …) so both see the same machine
 # load; the median of each is reported. Each copier run uses --force on the same output
@@ -15,8 +15,14 @@ runs=${1:-7}
 archive=${FEDIMDB_ARCHIVE:-../shared/data/aclImdb-labeled.tar.gz}
 [[ -f $archive ]] || { echo "archive $archive not found (set FEDIMDB_ARCHIVE)" >&2; exit 1; }
 
-cargo build --release -q -p copier
-bin=target/release/copier
+# COPIER=path/to/copier measures that binary instead of building this checkout's (to compare
+# two builds, alternating: `COPIER=/tmp/copier-old bash copier/bench.sh 5`).
+if [[ -n ${COPIER:-} ]]; then
+  bin=$COPIER
+else
+  cargo build --release -q -p copier
+  bin=${CARGO_TARGET_DIR:-target}/release/copier
+fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 copier_cmd=("$bin" --source "$archive" --out "$out" --workers 5 --force)

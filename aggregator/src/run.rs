@@ -74,6 +74,7 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
     let start = Instant::now();
     let layout = Layout::new(root);
     let manifest = DataManifest::of_run(&layout)?;
+    manifest.ensure_two_classes(&layout.data_manifest())?;
     let strategy = args.strategy().map_err(anyhow::Error::msg)?;
     let label = Combination::of_round(round, strategy);
     let quorum = args.min_workers().map_or(manifest.workers, |(m, _)| m);

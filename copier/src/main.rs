@@ -1,25 +1,29 @@
-//! `copier`: turns the IMDB archive into one training shard per federated worker, the test
-//! set and a manifest on the shared volume (see `README.md`). This file is only the command
-//! line; the work is in [`shard`] (the workflow, step by step), which reads with [`source`],
+//! `copier`: turns the IMDB archive, or any labeled text, into one training shard per
+//! federated worker, the test set and a manifest on the shared volume (see `README.md`).
+//! This file is only the command line; the work is in [`shard`] (the workflow, step by
+//! step), which reads with [`source`] (IMDB) or [`table`] and [`labeled`] (other data),
 //! deals the reviews with `fedimdb::partition` and writes with [`write`] (files,
 //! idempotence, `--force`), and in [`download`].
 
 mod download;
+mod labeled;
 mod shard;
 mod source;
+mod table;
 mod write;
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use fedimdb::labels::{SourceArgs, TaskArgs};
 use fedimdb::partition::PartitionArgs;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "copier",
     version = fedimdb::VERSION,
-    about = "Shard the IMDB reviews into one Parquet file per worker, plus the test set and a manifest",
+    about = "Shard the IMDB reviews, or your own labeled text, into one Parquet file per worker, plus the test set and a manifest",
     subcommand_negates_reqs = true,
     args_conflicts_with_subcommands = true
 )]
@@ -38,10 +42,15 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct ShardArgs {
-    /// The IMDB data: aclImdb_v1.tar.gz, the repacked aclImdb-labeled.tar.gz, or an
-    /// unpacked aclImdb/ folder (or a folder holding one).
+    /// The labeled text: the IMDB aclImdb_v1.tar.gz, the repacked aclImdb-labeled.tar.gz or
+    /// an unpacked aclImdb/ folder; or your own data: a CSV, TSV, JSON Lines or Parquet file,
+    /// or a folder with one folder per label (README, "Your own data").
     #[arg(long, env = "FEDIMDB_SOURCE", required = true)]
     source: Option<PathBuf>,
+    #[command(flatten)]
+    reading: SourceArgs,
+    #[command(flatten)]
+    task: TaskArgs,
     /// Root folder of the run; files go to ROOT/data/.
     #[arg(long, visible_alias = "savedir", value_name = "ROOT", required = true)]
     out: Option<PathBuf>,
@@ -100,6 +109,8 @@ fn run_shard(args: ShardArgs) -> Result<()> {
     // clap requires these three unless a subcommand is given.
     let outcome = shard::run(&shard::Request {
         source: args.source.context("--source is required")?,
+        reading: args.reading,
+        task: args.task.task,
         out: args.out.context("--out is required")?,
         workers: args.workers.context("--workers is required")?,
         partition: args.partition,

@@ -6,23 +6,28 @@
 //! 4. [`split_into_shards`]: the training reviews dealt to the workers;
 //! 5. [`write::write_all`]: the files, then the manifest (see `write.rs`), and [`report`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::thread::JoinHandle;
 
 use anyhow::{Result, bail};
+use fedimdb::labels::{SourceArgs, Task};
 use fedimdb::layout::Layout;
 use fedimdb::manifest::{DataManifest, Partition};
 use fedimdb::outcome::{Outcome, Status};
 use fedimdb::partition::{self, PartitionArgs};
 use fedimdb::reviews::Review;
 
-use crate::source::{self, Dataset};
+use crate::source::{self, Dataset, Spec};
 use crate::write::{self, Existing, Settings};
 
 /// What to shard and how: the copier's command line, checked by clap.
 #[derive(Debug)]
 pub struct Request {
     pub source: PathBuf,
+    /// How the source is read: format, columns, test set.
+    pub reading: SourceArgs,
+    /// IMDB only: sentiment or rating labels.
+    pub task: Task,
     pub out: PathBuf,
     pub workers: usize,
     /// How the reviews are spread (alpha and the floor are used by `dirichlet` only).
@@ -51,30 +56,50 @@ pub fn run(req: &Request) -> Result<Outcome> {
         }
         Plan::Write { already_read } => already_read,
     };
-    let (data, early_test) = read_source(&req.source, already_read)?;
+    let (data, early_test) = read_source(req, already_read)?;
+    let labels = data.labels;
     let shards = split_into_shards(req, data.train)?;
     let test = test_file(data.test, early_test);
-    let manifest = write::write_all(&layout, data.source, &settings, shards, test)?;
+    let sources = write::Sources {
+        source: data.source,
+        test: data.test_source,
+    };
+    let manifest = write::write_all(&layout, sources, &settings, &labels, shards, test)?;
     report(&layout, &manifest);
     Ok(Outcome::new("copier", Status::Done))
 }
 
-/// The checks that need nothing read: the worker count, alpha and that the source exists.
-/// Returns the settings the manifest records.
+/// The checks that need nothing read: the worker count, alpha, that the source exists and
+/// that the reading flags fit it. Returns the settings the manifest records.
 fn check_arguments(req: &Request) -> Result<Settings> {
     if req.workers == 0 {
         bail!(partition::PartitionError::NoWorkers);
     }
     req.partition.validate()?;
-    source::kind_of(&req.source)?;
+    let kind = spec(req).check(&req.source)?;
     let p = &req.partition;
+    let r = &req.reading;
+    let columns = kind.has_columns();
     Ok(Settings {
         workers: req.workers,
         partition: p.partition,
         alpha: p.dirichlet_alpha(),
         min_shard: p.dirichlet_alpha().map(|_| p.min_shard),
         seed: req.seed,
+        task: kind.is_imdb().then_some(req.task),
+        text_column: columns.then(|| r.text_column().to_owned()),
+        label_column: columns.then(|| r.label_column().to_owned()),
+        test_fraction: r.test_fraction,
     })
+}
+
+/// How `req` reads its source.
+fn spec(req: &Request) -> Spec<'_> {
+    Spec {
+        args: &req.reading,
+        task: req.task,
+        seed: req.seed,
+    }
 }
 
 /// What this run must do, given what `ROOT/data/` holds.
@@ -93,7 +118,22 @@ fn plan(req: &Request, layout: &Layout, settings: &Settings) -> Result<Plan> {
         Existing::Nothing | Existing::Replace => return Ok(Plan::Write { already_read: None }),
         Existing::SameSettings(old) => old,
     };
-    let (sha256, already_read) = source::identify(&req.source)?;
+    let (sha256, test_sha256, already_read) = source::identify(&req.source, &spec(req))?;
+    let old_test = old.test_source.as_ref().map(|t| t.sha256.clone());
+    if test_sha256 != old_test {
+        bail!(
+            "{} already holds data made with another test source ({} from {}, now {} from {}); \
+             pass --force to replace it, or choose another --out",
+            layout.data_dir().display(),
+            old_test.as_deref().unwrap_or("none"),
+            old.test_source.as_ref().map_or("none", |t| t.path.as_str()),
+            test_sha256.as_deref().unwrap_or("none"),
+            req.reading
+                .test
+                .as_ref()
+                .map_or("none".into(), |t| t.display().to_string())
+        );
+    }
     if sha256 != old.source.sha256 {
         bail!(
             "{} already holds data made from another source (sha256 {} from {}, now {} from {}); \
@@ -128,12 +168,15 @@ struct EarlyTest {
 /// Reads the source, unless it was `already_read`. The test set's encoding starts as soon as
 /// an archive moves on to training reviews, so that it overlaps with reading them (see
 /// [`source::TestReadEarly`]).
-fn read_source(path: &Path, already_read: Option<Dataset>) -> Result<(Dataset, Option<EarlyTest>)> {
+fn read_source(
+    req: &Request,
+    already_read: Option<Dataset>,
+) -> Result<(Dataset, Option<EarlyTest>)> {
     if let Some(data) = already_read {
         return Ok((data, None));
     }
     let mut early_test = None;
-    let data = source::read(path, &mut |test| {
+    let data = source::read(&req.source, &spec(req), &mut |test| {
         let rows = test.len();
         tracing::debug!("the test set looks complete ({rows} reviews); encoding it early");
         let encoding = std::thread::Builder::new()
@@ -192,21 +235,30 @@ fn test_file(test: Vec<Review>, early: Option<EarlyTest>) -> write::Content {
 
 /// Logs every shard and prints the one-line result.
 fn report(layout: &Layout, manifest: &DataManifest) {
-    for s in &manifest.shards {
-        tracing::info!(
-            "{}: {} reviews ({} positive, {} negative)",
-            s.file,
-            s.rows,
-            s.positive,
-            s.negative
-        );
+    let per_label = |e: &fedimdb::manifest::FileEntry| {
+        manifest
+            .labels
+            .iter()
+            .zip(&e.label_counts)
+            .map(|(l, c)| format!("{c} {l}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for s in manifest
+        .shards
+        .iter()
+        .chain(std::iter::once(&manifest.test))
+    {
+        tracing::info!("{}: {} reviews ({})", s.file, s.rows, per_label(s));
     }
     println!(
-        "wrote {} {} shards ({} training reviews) and test.parquet ({} reviews) to {}",
+        "wrote {} {} shards ({} training reviews) and test.parquet ({} reviews) to {}; {} labels: {}",
         manifest.workers,
         manifest.partition,
         manifest.train_rows(),
         manifest.test.rows,
-        layout.data_dir().display()
+        layout.data_dir().display(),
+        manifest.labels.len(),
+        manifest.labels.join(", ")
     );
 }

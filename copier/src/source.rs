@@ -1,5 +1,7 @@
-//! Reading the labeled IMDB reviews from the official `aclImdb_v1.tar.gz`, the repacked
-//! shared archive, or an unpacked `aclImdb/` folder.
+//! Reading a source: which kind a path is ([`kind_of`]), and the labeled IMDB reviews from
+//! the official `aclImdb_v1.tar.gz`, the repacked shared archive, or an unpacked `aclImdb/`
+//! folder. Any other labeled text (CSV, TSV, JSON Lines, Parquet, one folder per label) is
+//! read by `table.rs` and given its classes and test split by `labeled.rs`.
 //!
 //! An archive is read as one stream (file → SHA-256 → gunzip → untar) and never unpacked
 //! to disk: the copier runs in a pod whose only disk may be the shared volume, and
@@ -20,6 +22,7 @@ use std::sync::mpsc;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use fedimdb::digest::HashingReader;
+use fedimdb::labels::{Format, SourceArgs, Task};
 use fedimdb::manifest::SourceInfo;
 use fedimdb::reviews::{NEGATIVE, POSITIVE, Review};
 use flate2::read::GzDecoder;
@@ -35,15 +38,25 @@ pub struct Dataset {
     pub test: Vec<Review>,
     /// Where they came from; `sha256` identifies the content for the manifest.
     pub source: SourceInfo,
+    /// The test set's own source (`--test`), if it had one.
+    pub test_source: Option<SourceInfo>,
+    /// The label names in class order (`Review::label` indexes them).
+    pub labels: Vec<String>,
 }
 
-/// Which of the two accepted source shapes a path is.
+/// What a source path holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceKind {
-    /// A gzip-compressed tar file.
+    /// IMDB: a gzip-compressed tar file.
     Archive,
-    /// An unpacked `aclImdb/` folder, or a folder holding one.
+    /// IMDB: an unpacked `aclImdb/` folder, or a folder holding one.
     Folder,
+    Csv,
+    Tsv,
+    Jsonl,
+    Parquet,
+    /// One folder per label, `DIR/<label>/*.txt`.
+    Folders,
 }
 
 impl SourceKind {
@@ -52,38 +65,165 @@ impl SourceKind {
         match self {
             SourceKind::Archive => "archive",
             SourceKind::Folder => "folder",
+            SourceKind::Csv => "csv",
+            SourceKind::Tsv => "tsv",
+            SourceKind::Jsonl => "jsonl",
+            SourceKind::Parquet => "parquet",
+            SourceKind::Folders => "folders",
         }
+    }
+
+    /// The IMDB archive or folder: its own test split, labels from the layout.
+    pub fn is_imdb(self) -> bool {
+        matches!(self, SourceKind::Archive | SourceKind::Folder)
+    }
+
+    /// Sources whose text and label are columns (`--text-column`, `--label-column`).
+    pub fn has_columns(self) -> bool {
+        matches!(
+            self,
+            SourceKind::Csv | SourceKind::Tsv | SourceKind::Jsonl | SourceKind::Parquet
+        )
     }
 }
 
-/// Checks that `path` exists and says which kind of source it is. Nothing is read yet
-/// beyond the file type.
-pub fn kind_of(path: &Path) -> Result<SourceKind> {
+/// Checks that `path` exists and says which kind of source it is, from `format` or, for
+/// `auto`, from the path (see [`Format::Auto`]). Nothing is read yet beyond the file type
+/// and the names of a folder's subfolders.
+pub fn kind_of(path: &Path, format: Format) -> Result<SourceKind> {
     let meta = fs::metadata(path).map_err(|e| {
         anyhow!(
             "source {} cannot be opened ({e}); pass the official aclImdb_v1.tar.gz (fetch it with \
-             `copier download --to DIR`), the repacked aclImdb-labeled.tar.gz, or an unpacked aclImdb/ folder",
+             `copier download --to DIR`), the repacked aclImdb-labeled.tar.gz, an unpacked aclImdb/ folder, \
+             or your own labeled text (README, \"Your own data\")",
             path.display()
         )
     })?;
-    Ok(if meta.is_dir() {
-        SourceKind::Folder
-    } else {
-        SourceKind::Archive
-    })
+    let is_dir = meta.is_dir();
+    let kind = match format {
+        Format::Auto if is_dir => {
+            if path.join("aclImdb").is_dir() || path.join("train").is_dir() {
+                SourceKind::Folder
+            } else {
+                SourceKind::Folders
+            }
+        }
+        Format::Auto => {
+            let ext = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .map(str::to_ascii_lowercase);
+            match ext.as_deref() {
+                Some("csv") => SourceKind::Csv,
+                Some("tsv" | "tab") => SourceKind::Tsv,
+                Some("jsonl" | "ndjson") => SourceKind::Jsonl,
+                Some("parquet") => SourceKind::Parquet,
+                _ => SourceKind::Archive,
+            }
+        }
+        Format::Imdb if is_dir => SourceKind::Folder,
+        Format::Imdb => SourceKind::Archive,
+        Format::Folders => SourceKind::Folders,
+        Format::Csv => SourceKind::Csv,
+        Format::Tsv => SourceKind::Tsv,
+        Format::Jsonl => SourceKind::Jsonl,
+        Format::Parquet => SourceKind::Parquet,
+    };
+    let wants_dir = matches!(kind, SourceKind::Folder | SourceKind::Folders);
+    ensure!(
+        wants_dir == is_dir,
+        "source {} is a {}, but --format {} needs a {}",
+        path.display(),
+        if is_dir { "folder" } else { "file" },
+        kind.name(),
+        if wants_dir { "folder" } else { "file" }
+    );
+    Ok(kind)
 }
 
-/// The SHA-256 that identifies a source in the manifest, without parsing it: for an
-/// archive, that of the file (one fast pass); for a folder, the folder digest, which needs
-/// every review read, so the whole dataset is read and returned for reuse.
-pub fn identify(path: &Path) -> Result<(String, Option<Dataset>)> {
-    match kind_of(path)? {
-        SourceKind::Archive => Ok((fedimdb::digest::sha256_file(path)?, None)),
-        SourceKind::Folder => {
-            let data = read(path, &mut |_| {})?;
-            Ok((data.source.sha256.clone(), Some(data)))
+/// How to read a source: the flags that say what it is and how it is labeled and split.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec<'a> {
+    pub args: &'a SourceArgs,
+    pub task: Task,
+    /// Seeds the `--test-fraction` split.
+    pub seed: u64,
+}
+
+impl Spec<'_> {
+    /// The source's kind, after checking that the flags fit it. Fails before anything is
+    /// read or written.
+    pub fn check(&self, path: &Path) -> Result<SourceKind> {
+        self.args.validate()?;
+        let kind = kind_of(path, self.args.format)?;
+        let a = self.args;
+        if kind.is_imdb() {
+            ensure!(
+                a.test.is_none() && a.test_fraction.is_none(),
+                "{} is the IMDB dataset, which has its own test split: drop --test and --test-fraction",
+                path.display()
+            );
+        } else {
+            ensure!(
+                self.task == Task::Sentiment,
+                "--task {} needs the IMDB archive or folder (its file names carry the star ratings); \
+                 {} is a {} source, whose labels are its own",
+                self.task,
+                path.display(),
+                kind.name()
+            );
+            ensure!(
+                a.test.is_some() || a.test_fraction.is_some(),
+                "{} has no test split: pass --test SOURCE (a file or folder like it) or --test-fraction F \
+                 (e.g. 0.2, a seeded fifth of each label)",
+                path.display()
+            );
         }
+        if !kind.has_columns() {
+            for (flag, given) in [
+                ("--text-column", &a.text_column),
+                ("--label-column", &a.label_column),
+            ] {
+                ensure!(
+                    given.is_none(),
+                    "{flag} applies to CSV, TSV, JSON Lines and Parquet sources; {} is a {} source",
+                    path.display(),
+                    kind.name()
+                );
+            }
+        }
+        if let Some(test) = &a.test {
+            let test_kind = kind_of(test, a.format)?;
+            ensure!(
+                !test_kind.is_imdb(),
+                "--test {} looks like the IMDB dataset; --test takes a source like --source (CSV, TSV, \
+                 JSON Lines, Parquet or label folders)",
+                test.display()
+            );
+        }
+        Ok(kind)
     }
+}
+
+/// The SHA-256s that identify a source (and a `--test` source) in the manifest, without
+/// parsing them where a file's hash will do (one fast pass); a folder's digest needs every
+/// review read, so the whole dataset is read and returned for reuse.
+pub fn identify(path: &Path, spec: &Spec) -> Result<(String, Option<String>, Option<Dataset>)> {
+    let kind = kind_of(path, spec.args.format)?;
+    let test_is_file = match &spec.args.test {
+        Some(t) => !matches!(kind_of(t, spec.args.format)?, SourceKind::Folders),
+        None => true,
+    };
+    if matches!(kind, SourceKind::Folder | SourceKind::Folders) || !test_is_file {
+        let data = read(path, spec, &mut |_| {})?;
+        let test = data.test_source.as_ref().map(|t| t.sha256.clone());
+        return Ok((data.source.sha256.clone(), test, Some(data)));
+    }
+    let test = match &spec.args.test {
+        Some(t) => Some(fedimdb::digest::sha256_file(t)?),
+        None => None,
+    };
+    Ok((fedimdb::digest::sha256_file(path)?, test, None))
 }
 
 /// Called with the test reviews, in canonical order, when an archive moves on from its
@@ -94,26 +234,33 @@ pub fn identify(path: &Path) -> Result<(String, Option<Dataset>)> {
 /// counts mean identical sets.
 pub type TestReadEarly<'a> = dyn FnMut(Vec<Review>) + 'a;
 
-/// Reads and validates every labeled review of the source at `path`. `test_read_early`
-/// is called at most once, and only for archives whose test entries come first (as in the
-/// official and the repacked archive).
-pub fn read(path: &Path, test_read_early: &mut TestReadEarly) -> Result<Dataset> {
-    let kind = kind_of(path)?;
+/// Reads and validates every labeled review of the source at `path` (and of a `--test`
+/// source). `test_read_early` is called at most once, and only for IMDB archives whose
+/// test entries come first (as in the official and the repacked archive).
+pub fn read(path: &Path, spec: &Spec, test_read_early: &mut TestReadEarly) -> Result<Dataset> {
+    let kind = kind_of(path, spec.args.format)?;
     let (entries, sha256) = match kind {
-        SourceKind::Archive => read_archive(path, test_read_early)?,
-        SourceKind::Folder => read_folder(path)?,
+        SourceKind::Archive => read_archive(path, spec.task, test_read_early)?,
+        SourceKind::Folder => read_folder(path, spec.task)?,
+        _ => return crate::labeled::read(path, kind, spec),
     };
     let (train, test) = split(entries);
-    let source = SourceInfo {
-        path: path.display().to_string(),
-        kind: kind.name().to_owned(),
-        sha256,
-    };
     Ok(Dataset {
         train,
         test,
-        source,
+        source: source_info(path, kind, sha256),
+        test_source: None,
+        labels: spec.task.labels(),
     })
+}
+
+/// What the manifest records of a source.
+pub fn source_info(path: &Path, kind: SourceKind, sha256: String) -> SourceInfo {
+    SourceInfo {
+        path: path.display().to_string(),
+        kind: kind.name().to_owned(),
+        sha256,
+    }
 }
 
 /// The two splits of the dataset, in canonical order.
@@ -197,9 +344,10 @@ fn place(path: &str) -> Place<'_> {
     Place::Review { split, label, file }
 }
 
-/// Turns a raw entry into a review, checking its name, rating and encoding. `origin` is
-/// the source path, named in every error together with the entry.
-fn parse(raw: RawEntry, origin: &Path) -> Result<Parsed> {
+/// Turns a raw entry into a review, checking its name, rating and encoding, with the class
+/// `task` gives it. `origin` is the source path, named in every error together with the
+/// entry.
+fn parse(raw: RawEntry, origin: &Path, task: Task) -> Result<Parsed> {
     let RawEntry {
         name,
         split,
@@ -259,7 +407,7 @@ fn parse(raw: RawEntry, origin: &Path) -> Result<Parsed> {
     let review = Review {
         id: format!("{split_name}/{folder}/{number}"),
         rating,
-        label,
+        label: task.class(label == POSITIVE, rating),
         text,
     };
     Ok(Parsed {
@@ -276,14 +424,16 @@ fn parse(raw: RawEntry, origin: &Path) -> Result<Parsed> {
 /// review folders were present.
 struct Collector<'a> {
     origin: &'a Path,
+    task: Task,
     parsed: Vec<Parsed>,
     seen: HashSet<Key>,
 }
 
 impl<'a> Collector<'a> {
-    fn new(origin: &'a Path) -> Self {
+    fn new(origin: &'a Path, task: Task) -> Self {
         Self {
             origin,
+            task,
             parsed: Vec::with_capacity(50_000),
             seen: HashSet::with_capacity(50_000),
         }
@@ -291,7 +441,7 @@ impl<'a> Collector<'a> {
 
     fn add(&mut self, raw: RawEntry) -> Result<()> {
         let name = raw.name.clone();
-        let p = parse(raw, self.origin)?;
+        let p = parse(raw, self.origin, self.task)?;
         ensure!(
             self.seen.insert(p.key),
             "{name} in {}: a second review with id {}; each review number may appear once per folder",
@@ -350,7 +500,11 @@ const BATCH: usize = 256;
 /// Reads a gzip tar as a stream. The untar thread hashes, decompresses and cuts the stream
 /// into review entries; this thread validates them. Returns the reviews and the archive's
 /// SHA-256.
-fn read_archive(path: &Path, test_read_early: &mut TestReadEarly) -> Result<(Vec<Parsed>, String)> {
+fn read_archive(
+    path: &Path,
+    task: Task,
+    test_read_early: &mut TestReadEarly,
+) -> Result<(Vec<Parsed>, String)> {
     let mut file =
         File::open(path).with_context(|| format!("cannot open source {}", path.display()))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -377,7 +531,7 @@ fn read_archive(path: &Path, test_read_early: &mut TestReadEarly) -> Result<(Vec
         .spawn(move || untar(file, len, progress, &origin, tx))
         .context("cannot start the untar thread")?;
 
-    let mut collector = Collector::new(path);
+    let mut collector = Collector::new(path, task);
     let mut parse_error = None;
     let (mut previous, mut announced) = (None, false);
     for batch in rx.iter() {
@@ -556,10 +710,10 @@ fn dataset_root(path: &Path) -> PathBuf {
 /// files in canonical order, each contributing its path relative to `aclImdb/`
 /// (`train/pos/123_9.txt`), a zero byte, its length as 8 little-endian bytes, and its
 /// content: a file's bytes change the digest, file timestamps and unrelated files do not.
-fn read_folder(path: &Path) -> Result<(Vec<Parsed>, String)> {
+fn read_folder(path: &Path, task: Task) -> Result<(Vec<Parsed>, String)> {
     let root = dataset_root(path);
     tracing::info!("reading folder {}", root.display());
-    let mut collector = Collector::new(path);
+    let mut collector = Collector::new(path, task);
     let mut rel_names: Vec<(Key, String)> = Vec::with_capacity(50_000);
     for (split, label, folder) in FOLDERS {
         let dir = root.join(folder);
@@ -601,15 +755,29 @@ fn read_folder(path: &Path) -> Result<(Vec<Parsed>, String)> {
     }
     let parsed = collector.finish()?;
     rel_names.sort_unstable_by_key(|(k, _)| *k);
+    let digest = folder_digest(
+        rel_names
+            .iter()
+            .zip(&parsed)
+            .map(|((_, rel), p)| (rel.as_str(), p.review.text.as_bytes())),
+    );
+    tracing::info!("read {} reviews from {}", parsed.len(), root.display());
+    Ok((parsed, digest))
+}
+
+/// The identity of a folder source: the SHA-256 over its files in reading order, each
+/// contributing its path relative to the folder, a zero byte, its length as 8
+/// little-endian bytes, and its content. A file's bytes change the digest, file
+/// timestamps and unrelated files do not.
+pub fn folder_digest<'a>(files: impl Iterator<Item = (&'a str, &'a [u8])>) -> String {
     let mut hasher = Sha256::new();
-    for ((_, rel), p) in rel_names.iter().zip(&parsed) {
+    for (rel, bytes) in files {
         hasher.update(rel.as_bytes());
         hasher.update([0u8]);
-        hasher.update((p.review.text.len() as u64).to_le_bytes());
-        hasher.update(p.review.text.as_bytes());
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
     }
-    tracing::info!("read {} reviews from {}", parsed.len(), root.display());
-    Ok((parsed, hex::encode(hasher.finalize())))
+    hex::encode(hasher.finalize())
 }
 
 #[cfg(test)]
@@ -657,6 +825,7 @@ mod tests {
         let p = parse(
             raw("aclImdb/train/pos/0123_10.txt", "Très bien".as_bytes()),
             o,
+            Task::Sentiment,
         )
         .unwrap();
         assert_eq!(
@@ -668,7 +837,7 @@ mod tests {
                 text: "Très bien".into()
             }
         );
-        let p = parse(raw("aclImdb/test/neg/7_1.txt", b"bad"), o).unwrap();
+        let p = parse(raw("aclImdb/test/neg/7_1.txt", b"bad"), o, Task::Sentiment).unwrap();
         assert_eq!(
             (p.review.id.as_str(), p.review.label),
             ("test/neg/7", NEGATIVE)
@@ -683,7 +852,10 @@ mod tests {
             ("aclImdb/train/neg/a_1.txt", "ID_RATING.txt"),
             ("aclImdb/train/neg/1_1.text", "ID_RATING.txt"),
         ] {
-            let err = format!("{:#}", parse(raw(name, b"x"), o).err().unwrap());
+            let err = format!(
+                "{:#}",
+                parse(raw(name, b"x"), o, Task::Sentiment).err().unwrap()
+            );
             assert!(
                 err.contains(needle) && err.contains(name) && err.contains("a.tar.gz"),
                 "{err}"
@@ -691,9 +863,13 @@ mod tests {
         }
         let err = format!(
             "{:#}",
-            parse(raw("aclImdb/train/neg/1_1.txt", b"ok \xff\xfe"), o)
-                .err()
-                .unwrap()
+            parse(
+                raw("aclImdb/train/neg/1_1.txt", b"ok \xff\xfe"),
+                o,
+                Task::Sentiment
+            )
+            .err()
+            .unwrap()
         );
         assert!(
             err.contains("not valid UTF-8") && err.contains("offset 3"),
@@ -704,7 +880,7 @@ mod tests {
     #[test]
     fn collector_sorts_canonically_and_names_missing_folders() {
         let o = Path::new("src");
-        let mut c = Collector::new(o);
+        let mut c = Collector::new(o, Task::Sentiment);
         for n in [
             "train/pos/10_9.txt",
             "train/pos/9_9.txt",
@@ -732,7 +908,7 @@ mod tests {
             ]
         );
 
-        let mut c = Collector::new(o);
+        let mut c = Collector::new(o, Task::Sentiment);
         c.add(raw("train/pos/1_9.txt", b"t")).unwrap();
         let err = c.finish().err().unwrap().to_string();
         assert!(

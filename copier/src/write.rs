@@ -22,9 +22,10 @@ use std::thread::JoinHandle;
 
 use anyhow::{Context, Result, anyhow, bail};
 use fedimdb::atomic::{is_temp_name, sync_dir, write_bytes_atomic, write_json_atomic};
+use fedimdb::labels::{MAX_CLASSES, Task};
 use fedimdb::layout::Layout;
 use fedimdb::manifest::{DataManifest, FileEntry, MANIFEST_VERSION, Partition, SourceInfo};
-use fedimdb::reviews::{POSITIVE, Review, encode_parquet};
+use fedimdb::reviews::{Review, encode_parquet};
 
 /// The arguments that determine the output, as recorded in the manifest.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +37,13 @@ pub struct Settings {
     /// `None` for IID, where the floor means nothing.
     pub min_shard: Option<usize>,
     pub seed: u64,
+    /// IMDB sources: the labels made (`None` for other sources).
+    pub task: Option<Task>,
+    /// Table sources: the columns read (`None` for others).
+    pub text_column: Option<String>,
+    pub label_column: Option<String>,
+    /// The held-out fraction, when the test set came from the source.
+    pub test_fraction: Option<f64>,
 }
 
 impl Settings {
@@ -47,6 +55,10 @@ impl Settings {
             alpha: m.alpha,
             min_shard: m.min_shard,
             seed: m.seed,
+            task: m.task,
+            text_column: m.text_column.clone(),
+            label_column: m.label_column.clone(),
+            test_fraction: m.test_fraction,
         }
     }
 
@@ -74,11 +86,38 @@ impl Settings {
         if self.seed != old.seed {
             d.push(format!("seed {} → {}", old.seed, self.seed));
         }
+        let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".to_owned());
+        if self.task != old.task {
+            let show = |t: Option<Task>| t.map_or("none".to_owned(), |t| t.to_string());
+            d.push(format!("task {} → {}", show(old.task), show(self.task)));
+        }
+        if self.text_column != old.text_column {
+            d.push(format!(
+                "text-column {} → {}",
+                show(&old.text_column),
+                show(&self.text_column)
+            ));
+        }
+        if self.label_column != old.label_column {
+            d.push(format!(
+                "label-column {} → {}",
+                show(&old.label_column),
+                show(&self.label_column)
+            ));
+        }
+        if !same_alpha(self.test_fraction, old.test_fraction) {
+            let show = |f: Option<f64>| f.map_or("none".to_owned(), |f| f.to_string());
+            d.push(format!(
+                "test-fraction {} → {}",
+                show(old.test_fraction),
+                show(self.test_fraction)
+            ));
+        }
         d
     }
 }
 
-/// Alphas compare with a relative tolerance of 1e-12: the old one went through JSON, and
+/// Alphas (and test fractions) compare with a relative tolerance of 1e-12: the old one went through JSON, and
 /// serde_json's default float parsing may be one unit in the last place off.
 fn same_alpha(a: Option<f64>, b: Option<f64>) -> bool {
     match (a, b) {
@@ -189,7 +228,8 @@ impl Drop for Cleanup {
 #[derive(Debug)]
 pub struct Encoded {
     rows: usize,
-    positive: usize,
+    /// Reviews per class index (all 256, as the label count may not be known yet).
+    label_counts: Vec<usize>,
     bytes: Vec<u8>,
 }
 
@@ -201,9 +241,16 @@ pub fn encode(reviews: &[Review]) -> Result<Encoded> {
     encode_parquet(&mut bytes, reviews)?;
     Ok(Encoded {
         rows: reviews.len(),
-        positive: reviews.iter().filter(|r| r.label == POSITIVE).count(),
+        label_counts: fedimdb::dataset::label_counts(reviews, MAX_CLASSES),
         bytes,
     })
+}
+
+/// Where the data came from: the source, and the test set's own source if it had one.
+#[derive(Debug)]
+pub struct Sources {
+    pub source: SourceInfo,
+    pub test: Option<SourceInfo>,
 }
 
 /// What a file is made from.
@@ -230,8 +277,9 @@ impl Content {
 /// and, last, the manifest. See the module doc for the order and the clean-up on failure.
 pub fn write_all(
     layout: &Layout,
-    source: SourceInfo,
+    sources: Sources,
     settings: &Settings,
+    labels: &[String],
     shards: Vec<Vec<Review>>,
     test: Content,
 ) -> Result<DataManifest> {
@@ -270,7 +318,7 @@ pub fn write_all(
             .enumerate()
             .map(|(i, s)| (Layout::shard_file_name(i), Content::Reviews(s))),
     );
-    let mut entries = write_files(&dir, jobs, &cleanup)?;
+    let mut entries = write_files(&dir, jobs, labels.len(), &cleanup)?;
     let test_entry = entries.remove(0);
 
     remove_leftovers(&dir, settings.workers)?;
@@ -278,12 +326,18 @@ pub fn write_all(
     let manifest = DataManifest {
         format_version: MANIFEST_VERSION,
         tool: format!("copier {}", fedimdb::VERSION),
-        source,
+        source: sources.source,
         workers: settings.workers,
         partition: settings.partition,
         alpha: settings.alpha,
         min_shard: settings.min_shard,
         seed: settings.seed,
+        task: settings.task,
+        text_column: settings.text_column.clone(),
+        label_column: settings.label_column.clone(),
+        test_fraction: settings.test_fraction,
+        test_source: sources.test,
+        labels: labels.to_vec(),
         shards: entries,
         test: test_entry,
     };
@@ -298,6 +352,7 @@ pub fn write_all(
 fn write_files(
     dir: &Path,
     jobs: Vec<(String, Content)>,
+    classes: usize,
     cleanup: &Cleanup,
 ) -> Result<Vec<FileEntry>> {
     let n = jobs.len();
@@ -321,7 +376,7 @@ fn write_files(
                     let Some((name, content)) = taken else {
                         break;
                     };
-                    let result = write_one(dir, &name, content, cleanup);
+                    let result = write_one(dir, &name, content, classes, cleanup);
                     let failed = result.is_err();
                     results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(result);
                     if failed {
@@ -348,7 +403,14 @@ fn write_files(
     Ok(entries)
 }
 
-fn write_one(dir: &Path, name: &str, content: Content, cleanup: &Cleanup) -> Result<FileEntry> {
+/// Encodes and writes one file; its entry counts the reviews of each of the `classes`.
+fn write_one(
+    dir: &Path,
+    name: &str,
+    content: Content,
+    classes: usize,
+    cleanup: &Cleanup,
+) -> Result<FileEntry> {
     let path = dir.join(name);
     let encoded = content
         .encoded()
@@ -356,11 +418,15 @@ fn write_one(dir: &Path, name: &str, content: Content, cleanup: &Cleanup) -> Res
     write_bytes_atomic(&path, &encoded.bytes)?;
     cleanup.wrote(path.clone());
     tracing::info!("wrote {} ({} reviews)", path.display(), encoded.rows);
+    let mut label_counts = encoded.label_counts;
+    label_counts.truncate(classes);
+    let binary = classes == 2;
     Ok(FileEntry {
         file: name.to_owned(),
         rows: encoded.rows,
-        positive: encoded.positive,
-        negative: encoded.rows - encoded.positive,
+        positive: binary.then(|| label_counts[1]),
+        negative: binary.then(|| label_counts[0]),
+        label_counts,
         sha256: fedimdb::digest::sha256_bytes(&encoded.bytes),
     })
 }
@@ -402,6 +468,10 @@ mod tests {
             alpha: None,
             min_shard: None,
             seed: 42,
+            task: Some(Task::Sentiment),
+            text_column: None,
+            label_column: None,
+            test_fraction: None,
         };
         let b = Settings {
             workers: 5,
@@ -409,6 +479,10 @@ mod tests {
             alpha: Some(0.5),
             min_shard: Some(32),
             seed: 7,
+            task: Some(Task::Rating),
+            text_column: None,
+            label_column: None,
+            test_fraction: None,
         };
         assert!(a.differences(&a).is_empty());
         assert_eq!(
@@ -418,7 +492,8 @@ mod tests {
                 "partition iid → dirichlet",
                 "alpha none → 0.5",
                 "min-shard none → 32",
-                "seed 42 → 7"
+                "seed 42 → 7",
+                "task sentiment → rating"
             ]
         );
         let c = Settings {

@@ -43,7 +43,7 @@ fn full_archive_into_five_iid_shards() {
     for e in &m.shards {
         assert_eq!(
             (e.rows, e.positive, e.negative),
-            (5000, 2500, 2500),
+            (5000, Some(2500), Some(2500)),
             "{}",
             e.file
         );
@@ -51,7 +51,7 @@ fn full_archive_into_five_iid_shards() {
     assert_eq!(m.train_rows(), 25_000);
     assert_eq!(
         (m.test.rows, m.test.positive, m.test.negative),
-        (25_000, 12_500, 12_500)
+        (25_000, Some(12_500), Some(12_500))
     );
 
     let mut ids = HashSet::new();

@@ -80,11 +80,11 @@ fn writes_shards_test_set_and_manifest() {
         assert_eq!(entry.rows, reviews.len());
         assert_eq!(
             entry.positive,
-            reviews.iter().filter(|r| r.label == POSITIVE).count()
+            Some(reviews.iter().filter(|r| r.label == POSITIVE).count())
         );
         assert_eq!(
             entry.negative,
-            reviews.iter().filter(|r| r.label == NEGATIVE).count()
+            Some(reviews.iter().filter(|r| r.label == NEGATIVE).count())
         );
         assert_eq!(
             entry.sha256,
@@ -98,7 +98,7 @@ fn writes_shards_test_set_and_manifest() {
         sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1,
         "{sizes:?}"
     );
-    let pos: Vec<usize> = m.shards.iter().map(|e| e.positive).collect();
+    let pos: Vec<usize> = m.shards.iter().map(|e| e.positive.unwrap()).collect();
     assert!(
         pos.iter().max().unwrap() - pos.iter().min().unwrap() <= 1,
         "{pos:?}"
@@ -110,7 +110,7 @@ fn writes_shards_test_set_and_manifest() {
     assert_eq!(test_ids, expected_ids("test/"));
     assert_eq!(
         (m.test.rows, m.test.positive, m.test.negative),
-        (SMALL_TEST, 6, 6)
+        (SMALL_TEST, Some(6), Some(6))
     );
 
     // Ratings, labels and text survive, non-ASCII included.

@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{Result, ensure};
 
 use crate::featurize::{Featurizer, FeaturizerConfig};
+use crate::labels::MAX_CLASSES;
 use crate::manifest::FileEntry;
 use crate::reviews::{Review, read_parquet};
 
@@ -76,5 +77,41 @@ pub fn load_reviews(path: &Path, entry: Option<&FileEntry>) -> Result<Vec<Review
         );
     }
     ensure!(!reviews.is_empty(), "{} holds no reviews", path.display());
+    if let Some(e) = entry.filter(|e| !e.label_counts.is_empty()) {
+        let counts = label_counts(&reviews, e.label_counts.len().max(MAX_CLASSES));
+        ensure!(
+            counts[..e.label_counts.len()] == e.label_counts[..]
+                && counts[e.label_counts.len()..].iter().all(|&c| c == 0),
+            "{}: its reviews per class ({:?}) differ from the data manifest's ({:?}); re-run the copier with --force",
+            path.display(),
+            trimmed(&counts),
+            e.label_counts
+        );
+    }
+    // A file read without a manifest (the loose forms) may hold any classes: the same
+    // refusal as for a manifest with more than two labels.
+    let classes = reviews
+        .iter()
+        .map(|r| usize::from(r.label) + 1)
+        .max()
+        .unwrap_or(0);
+    crate::labels::ensure_two_classes(classes, &[], &path.display())?;
     Ok(reviews)
+}
+
+/// The reviews of each class index `0..n`.
+pub fn label_counts(reviews: &[Review], n: usize) -> Vec<usize> {
+    let mut counts = vec![0; n];
+    for r in reviews {
+        if let Some(c) = counts.get_mut(usize::from(r.label)) {
+            *c += 1;
+        }
+    }
+    counts
+}
+
+/// `counts` without its trailing zeros, for messages.
+fn trimmed(counts: &[usize]) -> &[usize] {
+    let end = counts.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1);
+    &counts[..end]
 }

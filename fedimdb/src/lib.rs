@@ -3,7 +3,8 @@
 //! Follow one review from archive to prediction through these modules, in this order:
 //!
 //! 1. [`reviews`]: the review record and its Parquet format (written by `copier`).
-//! 2. [`layout`]: where every file lives on the shared volume; [`manifest`] describes the data.
+//! 2. [`layout`]: where every file lives on the shared volume; [`manifest`] describes the data,
+//!    and [`labels`] how label names become the classes the shards store.
 //! 3. [`featurize`]: text → normalised tokens → hashed word n-grams.
 //! 4. [`model`]: the classifier (naive-Bayes-weighted logistic regression over hashed n-grams):
 //!    its config, its weights (the one [`model::Model`] type) and its fast scorer.
@@ -25,6 +26,7 @@ pub mod dataset;
 pub mod digest;
 pub mod fault;
 pub mod featurize;
+pub mod labels;
 pub mod layout;
 pub mod logging;
 pub mod manifest;

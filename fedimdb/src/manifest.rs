@@ -8,6 +8,7 @@ use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::atomic::read_json;
+use crate::labels::Task;
 
 /// Current manifest format version.
 pub const MANIFEST_VERSION: u32 = 1;
@@ -35,13 +36,22 @@ impl std::fmt::Display for Partition {
 /// Where the reviews came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceInfo {
-    /// The path given to `--source`.
+    /// The path given to `--source` (or `--test`).
     pub path: String,
-    /// `archive` (a gzip tar) or `folder` (an unpacked `aclImdb/`).
+    /// IMDB: `archive` (a gzip tar) or `folder` (an unpacked `aclImdb/`). Any other data:
+    /// `csv`, `tsv`, `jsonl`, `parquet`, or `folders` (one folder per label).
     pub kind: String,
-    /// For an archive, the SHA-256 of the file; for a folder, the SHA-256 over the sorted
-    /// review paths (relative to `aclImdb/`) and their contents.
+    /// For a file (archive, CSV, …), the SHA-256 of the file; for a folder, the SHA-256
+    /// over the sorted review paths (relative to the folder) and their contents.
     pub sha256: String,
+}
+
+impl SourceInfo {
+    /// Whether the source is the IMDB archive or folder (which has its own test split and
+    /// the `--task` choice).
+    pub fn is_imdb(&self) -> bool {
+        matches!(self.kind.as_str(), "archive" | "folder")
+    }
 }
 
 /// One file the copier wrote.
@@ -50,8 +60,15 @@ pub struct FileEntry {
     /// File name inside `data/`.
     pub file: String,
     pub rows: usize,
-    pub positive: usize,
-    pub negative: usize,
+    /// Two labels only: the reviews of class 1 (IMDB: `pos`). Absent with more labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positive: Option<usize>,
+    /// Two labels only: the reviews of class 0 (IMDB: `neg`). Absent with more labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative: Option<usize>,
+    /// The reviews of each class, in the order of [`DataManifest::labels`].
+    #[serde(default)]
+    pub label_counts: Vec<usize>,
     pub sha256: String,
 }
 
@@ -71,15 +88,40 @@ pub struct DataManifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_shard: Option<usize>,
     pub seed: u64,
+    /// IMDB sources: which labels were made (`sentiment` when absent, as before the choice
+    /// existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<Task>,
+    /// Table sources (CSV, TSV, JSON Lines, Parquet): the column holding the text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_column: Option<String>,
+    /// Table sources: the column holding the label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_column: Option<String>,
+    /// The fraction of each label held out as the test set (`--test-fraction`), if the
+    /// test set came from the source itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_fraction: Option<f64>,
+    /// Where the test set came from when it was a source of its own (`--test`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_source: Option<SourceInfo>,
+    /// The label names in class order: a shard's `label` k is `labels[k]` (see
+    /// [`crate::labels::order`]). Manifests from before K classes are IMDB sentiment.
+    #[serde(default = "sentiment_labels")]
+    pub labels: Vec<String>,
     /// One entry per shard, in index order.
     pub shards: Vec<FileEntry>,
     pub test: FileEntry,
 }
 
+fn sentiment_labels() -> Vec<String> {
+    Task::Sentiment.labels()
+}
+
 impl DataManifest {
     /// Reads and checks a manifest.
     pub fn read(path: &Path) -> Result<Self> {
-        let m: DataManifest = read_json(path)?;
+        let mut m: DataManifest = read_json(path)?;
         ensure!(
             m.format_version == MANIFEST_VERSION,
             "{} has format_version {}, this build reads {MANIFEST_VERSION}; re-run the copier",
@@ -93,7 +135,32 @@ impl DataManifest {
             m.shards.len(),
             m.workers
         );
+        if m.task.is_none() && m.source.is_imdb() {
+            m.task = Some(Task::Sentiment);
+        }
+        for e in m.shards.iter_mut().chain(std::iter::once(&mut m.test)) {
+            // Written before per-label counts: the positive and negative counts are they.
+            if e.label_counts.is_empty()
+                && let (Some(p), Some(n)) = (e.positive, e.negative)
+            {
+                e.label_counts = vec![n, p];
+            }
+            ensure!(
+                e.label_counts.len() == m.labels.len(),
+                "{}: {} has counts for {} labels, the manifest names {}; it is damaged, re-run the copier with --force",
+                path.display(),
+                e.file,
+                e.label_counts.len(),
+                m.labels.len()
+            );
+        }
         Ok(m)
+    }
+
+    /// Refuses data with more than two labels, which today's model cannot train on (see
+    /// [`crate::labels::ensure_two_classes`]); `path` names the manifest in the message.
+    pub fn ensure_two_classes(&self, path: &Path) -> Result<()> {
+        crate::labels::ensure_two_classes(self.labels.len(), &self.labels, &path.display())
     }
 
     /// The manifest of the run under `layout`, for a step that needs the data: a missing or

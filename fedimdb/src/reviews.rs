@@ -6,9 +6,12 @@
 //! | column | type   | meaning |
 //! |--------|--------|---------|
 //! | id     | string | `train/pos/123`: split, label folder and the number from the file name |
-//! | rating | uint8  | the star rating from the file name (1–4 negative, 7–10 positive) |
-//! | label  | uint8  | 1 positive, 0 negative |
+//! | rating | uint8  | IMDB: the star rating from the file name (1–4 negative, 7–10 positive); 0 for other data |
+//! | label  | uint8  | the class index: IMDB sentiment 1 positive, 0 negative; any data, `labels[k]` of the data manifest |
 //! | text   | string | the review as written, UTF-8 |
+//!
+//! Other sources (CSV, …) give `id` as the split and where the row was
+//! (`train/17`: line 17 of the file; `train/spam/msg1`: folder `spam/`, file `msg1.txt`).
 
 use std::path::Path;
 
@@ -22,7 +25,7 @@ use polars_parquet::parquet::read::PageReader;
 
 use crate::atomic::write_atomic;
 
-/// Sentiment label of a review.
+/// Sentiment label of an IMDB review (the class index of `pos` and `neg`).
 pub const POSITIVE: u8 = 1;
 pub const NEGATIVE: u8 = 0;
 
@@ -95,22 +98,26 @@ pub fn decode_parquet(bytes: &[u8]) -> Result<Vec<Review>> {
 /// in the footer and in every page header: every review costs at least a byte of the file
 /// (ids are distinct), so more rows or values than bytes means a corrupt file.
 fn decode(bytes: &[u8], what: &dyn std::fmt::Display) -> Result<Vec<Review>> {
+    let df = read_frame(bytes, what)?;
+    reviews_from_frame(&df)
+        .with_context(|| format!("{what} does not hold reviews in the fedimdb format"))
+}
+
+/// Reads any Parquet file held in memory into a data frame, with the checks of [`decode`]
+/// (a corrupt file is an error, never a crash): how the copier reads a Parquet source.
+pub fn read_frame(bytes: &[u8], what: &dyn std::fmt::Display) -> Result<DataFrame> {
     let read = || -> Result<DataFrame> {
         check_counts(bytes)?;
         Ok(ParquetReader::new(std::io::Cursor::new(bytes)).finish()?)
     };
-    let df = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
         .unwrap_or_else(|panic| {
             Err(anyhow::anyhow!(
                 "the Parquet reader failed: {}",
                 panic_message(&*panic)
             ))
         })
-        .with_context(|| {
-            format!("{what} is not a readable Parquet file (truncated or corrupt?)")
-        })?;
-    reviews_from_frame(&df)
-        .with_context(|| format!("{what} does not hold reviews in the fedimdb format"))
+        .with_context(|| format!("{what} is not a readable Parquet file (truncated or corrupt?)"))
 }
 
 /// Checks that the footer and every page header of a Parquet file claim no more rows or
@@ -219,10 +226,6 @@ fn reviews_from_frame(df: &DataFrame) -> Result<Vec<Review>> {
         else {
             bail!("row {i} has a missing (null) value");
         };
-        ensure!(
-            label == POSITIVE || label == NEGATIVE,
-            "row {i} ({id}) has label {label}, expected 0 or 1"
-        );
         out.push(Review {
             id: id.to_owned(),
             rating,

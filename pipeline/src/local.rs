@@ -64,27 +64,34 @@ struct RunReport {
 
 fn check(args: &LocalArgs) -> Result<Plan> {
     let plan = Plan::new(args.run.clone())?;
+    args.reading.validate()?;
     ensure!(args.jobs != Some(0), "--jobs must be at least 1");
     Ok(plan)
 }
 
-/// Where the planned steps run here: the run's folder, and the archive the copier shards.
+/// Where the planned steps run here: the run's folder, the source the copier shards and how
+/// to read it (the copier's source flags, which only a local run has).
 struct Local<'a> {
     root: &'a Path,
     source: &'a Path,
+    reading: Vec<String>,
 }
 
 impl Local<'_> {
     /// A planned step's command line here: the plan's arguments after `--root ROOT` (the
-    /// copier's after `--source SOURCE --out ROOT`), and a trainer's shard after them.
+    /// copier's after `--source SOURCE --out ROOT` and the source flags), and a trainer's
+    /// shard after them.
     fn argv(&self, step: &PlannedStep, shard: Option<usize>) -> Vec<OsString> {
         let mut argv: Vec<OsString> = match step.kind {
-            StepKind::Copier => vec![
+            StepKind::Copier => [
                 "--source".into(),
                 self.source.into(),
                 "--out".into(),
                 self.root.into(),
-            ],
+            ]
+            .into_iter()
+            .chain(self.reading.iter().map(OsString::from))
+            .collect(),
             StepKind::Trainer(_) | StepKind::Aggregator(_) => {
                 vec!["--root".into(), self.root.into()]
             }
@@ -180,6 +187,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
     let here = Local {
         root: &args.root,
         source: &source,
+        reading: args.reading.to_args(),
     };
     let jobs = args
         .jobs
@@ -204,7 +212,9 @@ pub fn run(args: &LocalArgs) -> Result<()> {
                     logs.join("copier.outcome.json"),
                 )?;
                 seconds_copier = t0.elapsed().as_secs_f64();
-                manifest = Some(DataManifest::read(&layout.data_manifest())?);
+                let read = DataManifest::read(&layout.data_manifest())?;
+                read.ensure_two_classes(&layout.data_manifest())?;
+                manifest = Some(read);
                 let how = match copied.status {
                     Status::Done => "written",
                     Status::UpToDate => "verified on disk, kept",
@@ -507,6 +517,7 @@ mod tests {
         let here = Local {
             root: Path::new("/runs/r"),
             source: Path::new("/archive.tar.gz"),
+            reading: Vec::new(),
         };
         let p = Params {
             namespace: "fedimdb".into(),

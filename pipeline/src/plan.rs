@@ -11,6 +11,7 @@
 
 use anyhow::{Result, ensure};
 use clap::Args as ClapArgs;
+use fedimdb::labels::TaskArgs;
 use fedimdb::model::ModelArgs;
 use fedimdb::partition::PartitionArgs;
 use fedimdb::retention::RetentionArgs;
@@ -40,6 +41,9 @@ pub struct RunArgs {
     // Which rounds keep their model files (--keep-rounds).
     #[command(flatten)]
     pub retention: RetentionArgs,
+    // What IMDB's labels are (--task sentiment|rating): what is learned, so part of the run.
+    #[command(flatten)]
+    pub task: TaskArgs,
     /// Replace data sharded with other arguments (the copier's --force).
     #[arg(long)]
     pub force: bool,
@@ -74,6 +78,12 @@ impl RunArgs {
         self.train.validate().map_err(anyhow::Error::msg)?;
         self.model.validate().map_err(anyhow::Error::msg)?;
         self.partition.validate()?;
+        let labels = self.task.task.labels();
+        fedimdb::labels::ensure_two_classes(
+            labels.len(),
+            &labels,
+            &format!("--task {}", self.task.task),
+        )?;
         self.combine.strategy().map_err(anyhow::Error::msg)?;
         if let Some(m) = self.min_workers {
             ensure!(
@@ -112,6 +122,7 @@ impl RunArgs {
             self.train.seed.to_string(),
         ];
         args.extend(self.partition.to_args());
+        args.extend(self.task.to_args());
         if self.force {
             args.push("--force".to_owned());
         }
@@ -351,6 +362,16 @@ mod tests {
     }
 
     #[test]
+    fn the_task_reaches_the_copier_only_when_not_the_default() {
+        let copier = parse(&["--task", "rating"]).copier_args().join(" ");
+        assert!(
+            copier.ends_with("--partition iid --task rating"),
+            "{copier}"
+        );
+        assert!(!parse(&[]).copier_args().contains(&"--task".to_owned()));
+    }
+
+    #[test]
     fn an_iid_copier_command_names_no_dirichlet_flags() {
         let copier = args_of(&plan(&[]), StepKind::Copier);
         assert!(copier.ends_with("--partition iid"), "{copier}");
@@ -376,6 +397,10 @@ mod tests {
                 "--trim only applies to --strategy trimmed-mean",
             ),
             (&["--workers", "0"], "--workers must be at least 1"),
+            (
+                &["--task", "rating"],
+                "--task rating has 8 labels (1, 2, 3, 4, 7, 8, 9, 10)",
+            ),
         ] {
             let err = Plan::new(parse(args)).unwrap_err().to_string();
             assert!(err.contains(want), "{args:?}: {err}");

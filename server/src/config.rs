@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use clap::{CommandFactory, FromArgMatches, Parser};
 use fedimdb::layout::Layout;
+use fedimdb::manifest::DataManifest;
 
 use crate::state::ModelSource;
 
@@ -86,7 +87,8 @@ impl Config {
         }
     }
 
-    /// Checks the values clap cannot: counts of at least 1, a root that is a folder.
+    /// Checks the values clap cannot: counts of at least 1, a root that is a folder whose
+    /// data, once there, has at most two labels (the model serves two classes).
     pub fn validate(&self) -> Result<()> {
         ensure!(self.max_batch >= 1, "--max-batch must be at least 1");
         ensure!(self.workers >= 1, "--workers must be at least 1");
@@ -98,6 +100,10 @@ impl Config {
         ensure!(self.max_queue >= 1, "--max-queue must be at least 1");
         if let Some(root) = &self.root {
             ensure!(root.is_dir(), "--root {} is not a folder", root.display());
+            let manifest = Layout::new(root).data_manifest();
+            if manifest.exists() {
+                DataManifest::read(&manifest)?.ensure_two_classes(&manifest)?;
+            }
         }
         Ok(())
     }

@@ -311,7 +311,7 @@ impl AppState {
             .get_or_try_init(|| async move {
                 let p = path.clone();
                 let reviews =
-                    tokio::task::spawn_blocking(move || fedimdb::reviews::read_parquet(&p))
+                    tokio::task::spawn_blocking(move || fedimdb::dataset::load_reviews(&p, None))
                         .await
                         .map_err(|e| {
                             crate::error::ApiError::internal(format!(

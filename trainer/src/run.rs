@@ -41,6 +41,7 @@ pub fn volume(
     let start = Instant::now();
     let layout = Layout::new(root);
     let manifest = DataManifest::of_run(&layout)?;
+    manifest.ensure_two_classes(&layout.data_manifest())?;
     let entry = manifest.shard(shard)?;
     let out = layout.update(round, shard);
     if args.volume.resume {
