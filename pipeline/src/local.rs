@@ -189,9 +189,10 @@ pub fn run(args: &LocalArgs) -> Result<()> {
         source: &source,
         reading: args.reading.to_args(),
     };
-    let jobs = args
-        .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let jobs = args.jobs.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        run.workers.min(4 * cores)
+    });
 
     let config = run.model.config();
     let mut manifest: Option<DataManifest> = None;

@@ -46,7 +46,10 @@ pub struct LocalArgs {
     pub root: PathBuf,
     #[command(flatten)]
     pub run: plan::RunArgs,
-    /// Trainers run at once (default: the number of CPU cores).
+    /// Trainers run at once (default: all of a round's, up to 4 per CPU core). A trainer
+    /// waits on its files for part of its time, and the last of a round would otherwise run
+    /// alone on an idle machine: on 2 cores, 5 trainers at once finish a default run about
+    /// 10% sooner than 2 at a time (docs/BENCHMARKS.md).
     #[arg(long)]
     pub jobs: Option<usize>,
     /// Write a JSON report of the run here.
