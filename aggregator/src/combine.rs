@@ -69,7 +69,7 @@ pub struct Fill {
     pub base: Arc<Vec<f32>>,
     /// The correction the worker applied (the control variate's weights) and its drift over
     /// the worker's steps; `None` for an update trained without a correction.
-    pub drift: Option<(Arc<Vec<f32>>, Arc<Drift>)>,
+    pub drift: Option<(Arc<Vec<f32>>, Drift)>,
 }
 
 impl Fill {
@@ -77,7 +77,7 @@ impl Fill {
     #[inline]
     fn at(&self, j: usize) -> f32 {
         match &self.drift {
-            Some((d, drift)) => drift.apply(self.base[j], d[j], 0, drift.steps()),
+            Some((d, drift)) => drift.apply(self.base[j], d[j]),
             None => self.base[j],
         }
     }
@@ -451,7 +451,7 @@ mod tests {
                 .map(|j| ((j % 5) as f32 - 2.0) * 1e-3)
                 .collect::<Vec<f32>>(),
         );
-        let drift = Arc::new(Drift::new(50, 0.5, Schedule::Linear));
+        let drift = Drift::new(50, 0.5, Schedule::Linear);
         // Three workers writing different buckets (across the threads' chunk boundaries);
         // the third trained without a correction, so its silent buckets are the base's.
         let updates: Vec<(Checkpoint, Fill)> = (0..3usize)
@@ -469,7 +469,7 @@ mod tests {
                 };
                 let fill = Fill {
                     base: Arc::clone(&base),
-                    drift: (k != 2).then(|| (Arc::clone(&d), Arc::clone(&drift))),
+                    drift: (k != 2).then(|| (Arc::clone(&d), drift)),
                 };
                 (ck, fill)
             })

@@ -421,8 +421,13 @@ fn combine_updates(
     }
     // A shard missing from this round keeps its newest gradient in the control variate.
     for shard in (0..manifest.workers).filter(|s| !updates.contains_key(s)) {
-        let (g, g_bias) = worker_control(layout, &prev_control, shard, &ratio)?;
-        controls.add_dense(&g, g_bias, manifest.shards[shard].rows as f64 / n_total);
+        let (index, g, g_bias) = worker_control(layout, &prev_control, shard, &ratio)?;
+        controls.add_sparse(
+            &index,
+            &g,
+            g_bias,
+            manifest.shards[shard].rows as f64 / n_total,
+        );
     }
     let (weight, bias) = controls.finish();
     let control = Control {
@@ -475,11 +480,7 @@ fn update_fill(
     let drift = match &h.control_sha256 {
         Some(sha) if sha == prev_sha => Some((
             Arc::clone(prev_control),
-            Arc::new(Drift::new(
-                tc.steps_for(h.samples as usize),
-                tc.lr,
-                tc.schedule,
-            )),
+            Drift::new(tc.steps_for(h.samples as usize), tc.lr, tc.schedule),
         )),
         Some(_) => bail!(
             "it was corrected with another control variate than {}",
@@ -510,13 +511,6 @@ impl ControlSum {
     fn add_sparse(&mut self, index: &[u32], values: &[f32], bias: f32, p: f64) {
         for (&j, &v) in index.iter().zip(values) {
             self.weight[j as usize] += p * v as f64;
-        }
-        self.bias += p * bias as f64;
-    }
-
-    fn add_dense(&mut self, values: &[f32], bias: f32, p: f64) {
-        for (s, &v) in self.weight.iter_mut().zip(values) {
-            *s += p * v as f64;
         }
         self.bias += p * bias as f64;
     }

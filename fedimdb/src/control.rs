@@ -172,7 +172,7 @@ impl Control {
 /// Shard `shard`'s control variate `c_i` as counted in `control`: from its update of round
 /// `control.sources[shard]`, or from its round-0 statistics. Sparse: the buckets its reviews
 /// read (`index`, ascending), its values there, and its bias; it is zero elsewhere.
-pub fn worker_control_sparse(
+pub fn worker_control(
     layout: &Layout,
     control: &Control,
     shard: usize,
@@ -209,22 +209,6 @@ pub fn worker_control_sparse(
         let values = ck.take_tensor(GRAD_WEIGHT)?;
         Ok((std::mem::take(&mut ck.index), values, bias))
     }
-}
-
-/// [`worker_control_sparse`], dense (zero outside the shard's buckets): one value per
-/// bucket of `ratio`, the model's.
-pub fn worker_control(
-    layout: &Layout,
-    control: &Control,
-    shard: usize,
-    ratio: &[f32],
-) -> Result<(Vec<f32>, f32)> {
-    let (index, values, bias) = worker_control_sparse(layout, control, shard, ratio)?;
-    let mut dense = vec![0.0; ratio.len()];
-    for (&j, &v) in index.iter().zip(&values) {
-        dense[j as usize] = v;
-    }
-    Ok((dense, bias))
 }
 
 #[cfg(test)]

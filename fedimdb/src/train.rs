@@ -275,28 +275,26 @@ pub enum Schedule {
     Linear,
 }
 
-/// The learning rates of a round and their running sums, and how a weight that no review
-/// reads moves: each step applies `w <- w - lr_t * d` (the constant correction `d`), so
-/// from step `s` to step `t` it moves by `-d * (lr_s + … + lr_(t-1))`. A worker's sparse
-/// update leaves out the buckets its shard never touches; the aggregator rebuilds them with
-/// this, from the global model and the worker's correction, to the same bits as
-/// [`train_sparse`] computed them.
-#[derive(Debug, Clone)]
+/// How a weight that no review reads moves over a round: each step applies
+/// `w <- w - lr_t * d` (the constant correction `d`), so over the round it moves by
+/// `-d * S_T`, with `S_T = lr_0 + … + lr_(T-1)`. A worker's sparse update leaves out the
+/// buckets its shard never touches; the aggregator rebuilds them with this, from the global
+/// model and the worker's correction, to the same bits as [`train_local`] moved them (both
+/// add the rates up in step order, in f64).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Drift {
-    /// `sum[t] = lr_0 + … + lr_(t-1)` for `t = 0..=steps`.
-    sum: Vec<f64>,
+    /// `S_T`, the round's learning rates summed.
+    lr_sum: f64,
 }
 
 impl Drift {
+    /// The drift of a round of `steps` steps.
     pub fn new(steps: u64, lr: f32, schedule: Schedule) -> Self {
-        let mut sum = Vec::with_capacity(steps as usize + 1);
-        let mut acc = 0.0f64;
-        sum.push(acc);
+        let mut lr_sum = 0.0f64;
         for t in 0..steps {
-            acc += Self::rate(lr, schedule, t, steps) as f64;
-            sum.push(acc);
+            lr_sum += Self::rate(lr, schedule, t, steps) as f64;
         }
-        Self { sum }
+        Self { lr_sum }
     }
 
     /// The learning rate of step `t` of `steps`.
@@ -307,15 +305,10 @@ impl Drift {
         }
     }
 
-    /// `w` carried from step `from` to step `to` without being read, with correction `d`.
+    /// `w` at the end of the round, not read during it, with correction `d`.
     #[inline]
-    pub fn apply(&self, w: f32, d: f32, from: usize, to: usize) -> f32 {
-        (w as f64 - d as f64 * (self.sum[to] - self.sum[from])) as f32
-    }
-
-    /// The number of steps the table covers.
-    pub fn steps(&self) -> usize {
-        self.sum.len() - 1
+    pub fn apply(&self, w: f32, d: f32) -> f32 {
+        (w as f64 - d as f64 * self.lr_sum) as f32
     }
 }
 
@@ -465,9 +458,8 @@ pub struct LocalRound {
     /// next control variate of the worker (its "option II").
     pub mean_grad: Vec<f32>,
     pub mean_grad_bias: f32,
-    /// The round's learning rates summed, `S_T`: a bucket no review read moved by
-    /// `-d · S_T` (see [`Drift`]).
-    pub lr_sum: f64,
+    /// How a bucket no review read moved over the round.
+    pub drift: Drift,
 }
 
 /// One round of local work on the shard's own buckets: minibatch SGD on the logistic loss,
@@ -511,18 +503,19 @@ pub fn train_local(
     };
     let corrected = !d.is_empty();
     // `<d, x>` of every review (zero without a correction).
-    let dx: Vec<f64> = (0..n_docs)
-        .map(|i| {
-            let (idx, val) = csr.row(i);
-            if !corrected {
-                return 0.0;
-            }
-            idx.iter()
-                .zip(val)
-                .map(|(&k, &v)| d[k as usize] as f64 * v as f64)
-                .sum()
-        })
-        .collect();
+    let dx: Vec<f64> = if corrected {
+        (0..n_docs)
+            .map(|i| {
+                let (idx, val) = csr.row(i);
+                idx.iter()
+                    .zip(val)
+                    .map(|(&j, &v)| d[j as usize] as f64 * v as f64)
+                    .sum()
+            })
+            .collect()
+    } else {
+        vec![0.0; n_docs]
+    };
     // `u` in f64: it carries `d * S_t`, which can be far larger than the weight itself.
     let mut u: Vec<f64> = weight.iter().map(|&w| w as f64).collect();
     let mut g_doc = vec![0.0f64; n_docs];
@@ -560,7 +553,7 @@ pub fn train_local(
         s_t += lr as f64;
         Ok::<_, std::convert::Infallible>((loss, correct))
     });
-    let k = steps.max(1) as f64;
+    let taken = steps.max(1) as f64;
     let mut grad_sum = vec![0.0f64; n];
     for (i, &g) in g_doc.iter().enumerate() {
         if g != 0.0 {
@@ -570,15 +563,15 @@ pub fn train_local(
             }
         }
     }
-    for (k_, w) in weight.iter_mut().enumerate() {
-        let dj = if corrected { d[k_] as f64 } else { 0.0 };
-        *w = (u[k_] - dj * s_t) as f32;
+    for (j, w) in weight.iter_mut().enumerate() {
+        let dj = if corrected { d[j] as f64 } else { 0.0 };
+        *w = (u[j] - dj * s_t) as f32;
     }
     LocalRound {
         epochs,
-        mean_grad: grad_sum.iter().map(|&g| (g / k) as f32).collect(),
-        mean_grad_bias: (grad_sum_bias / k) as f32,
-        lr_sum: s_t,
+        mean_grad: grad_sum.iter().map(|&g| (g / taken) as f32).collect(),
+        mean_grad_bias: (grad_sum_bias / taken) as f32,
+        drift: Drift { lr_sum: s_t },
     }
 }
 
@@ -615,7 +608,7 @@ pub fn train_sparse(
     );
     if let Some(c) = correction {
         for (x, &dj) in model.weight.iter_mut().zip(&c.weight) {
-            *x = (*x as f64 - dj as f64 * round.lr_sum) as f32;
+            *x = round.drift.apply(*x, dj);
         }
     }
     let mut mean_grad = vec![0.0f32; dim];
@@ -737,7 +730,7 @@ mod tests {
         let untouched = (0..dim as u32).find(|j| !touched.contains(j)).unwrap() as usize;
         assert_eq!(
             sparse.weight[untouched],
-            drift.apply(0.0, corr.weight[untouched], 0, 17)
+            drift.apply(0.0, corr.weight[untouched])
         );
         assert_ne!(sparse.weight[untouched], 0.0);
     }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail, ensure};
 use candle_core::Device;
 use fedimdb::atomic::{write_bytes_atomic, write_json_atomic};
 use fedimdb::checkpoint::{Checkpoint, Header, Kind};
-use fedimdb::control::{Control, values_at, worker_control_sparse};
+use fedimdb::control::{Control, values_at, worker_control};
 use fedimdb::dataset::{Featurized, featurize_all, load_reviews};
 use fedimdb::layout::Layout;
 use fedimdb::manifest::DataManifest;
@@ -16,8 +16,8 @@ use fedimdb::model::{BIAS, ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
 use fedimdb::outcome::{Outcome, Status};
 use fedimdb::report::UpdateReport;
 use fedimdb::train::{
-    Algorithm, Correction, EpochStats, LocalOutcome, LocalRound, LocalShard, TrainArgs,
-    TrainConfig, train_local, train_sparse,
+    Algorithm, Correction, EpochStats, LocalShard, TrainArgs, TrainConfig, train_local,
+    train_sparse,
 };
 use fedimdb::verify::{
     UpdateWant, check_update, left_out_of_done_round, load_control, load_global,
@@ -112,7 +112,7 @@ pub fn volume(
             header.control_sha256 = want.control_sha256.clone();
             header.samples = data.len() as u64;
             let trained = train_shard(base, &local, &data, &tc, correction.as_ref(), device)?;
-            let epochs = trained.round.epochs.clone();
+            let epochs = trained.epochs.clone();
             (trained.into_update(header, local.touched), epochs)
         }
     };
@@ -152,12 +152,14 @@ fn statistics(config: ModelConfig, shard: usize, data: &Featurized) -> Checkpoin
     Checkpoint::from_counts(&counts, header)
 }
 
-/// A worker's round on its shard's buckets: the trained weights there, the bias, and what
-/// the local steps measured (the mean gradient there is the worker's next control variate).
+/// A worker's round on its shard's buckets: the trained weights there, the bias, the passes
+/// it made and the mean gradient there (the worker's next control variate).
 struct Trained {
     weight: Vec<f32>,
     bias: f32,
-    round: LocalRound,
+    epochs: Vec<EpochStats>,
+    mean_grad: Vec<f32>,
+    mean_grad_bias: f32,
 }
 
 impl Trained {
@@ -169,8 +171,8 @@ impl Trained {
             touched,
             self.weight,
             self.bias,
-            self.round.mean_grad,
-            self.round.mean_grad_bias,
+            self.mean_grad,
+            self.mean_grad_bias,
         )
     }
 }
@@ -243,8 +245,7 @@ fn correction(
         control.weight.len(),
         base.header.config.dim()
     );
-    let (index, values, own_bias) =
-        worker_control_sparse(layout, control, shard, base.tensor(NB_RATIO))?;
+    let (index, values, own_bias) = worker_control(layout, control, shard, base.tensor(NB_RATIO))?;
     let own = values_at(&index, &values, &local.touched);
     Ok(Correction {
         weight: local
@@ -293,11 +294,12 @@ pub fn original(
         ..args.train.config(0, 0)
     };
     header.train = Some(tc);
-    with_progress(&tc, &data, |log| {
-        Ok(if device.is_cpu() {
-            train_sparse(&mut model, &data.features, &data.labels, &tc, None, log)
-        } else {
-            train_candle(
+    let outcome = with_progress(&tc, &data, |log| {
+        Ok(match Engine::of(device) {
+            Engine::Sparse => {
+                train_sparse(&mut model, &data.features, &data.labels, &tc, None, log)
+            }
+            Engine::Candle(device) => train_candle(
                 &mut model,
                 device,
                 &data.features,
@@ -305,10 +307,10 @@ pub fn original(
                 &tc,
                 None,
                 log,
-            )?
+            )?,
         })
     })?;
-    check_finite(&model.weight, model.bias, &tc)?;
+    refuse_diverged(&outcome.epochs, &model.weight, model.bias, &tc)?;
     Checkpoint::from_model(model, header).save(out)?;
     info!(path = %out.display(), "model written");
     Ok(())
@@ -326,20 +328,25 @@ fn train_shard(
     correction: Option<&Correction>,
     device: &Device,
 ) -> Result<Trained> {
-    let engine = if device.is_cpu() {
-        Engine::Sparse
-    } else {
-        Engine::Candle(device)
-    };
-    train_shard_with(engine, base, local, data, tc, correction)
+    train_shard_with(Engine::of(device), base, local, data, tc, correction)
 }
 
 /// The engine of a worker's round.
 enum Engine<'a> {
-    /// `fedimdb::train::train_local`, on the shard's buckets.
+    /// `fedimdb::train` on the CPU: a round on the shard's buckets.
     Sparse,
     /// The candle engine on this device, over the whole model.
     Candle(&'a Device),
+}
+
+impl<'a> Engine<'a> {
+    fn of(device: &'a Device) -> Self {
+        if device.is_cpu() {
+            Engine::Sparse
+        } else {
+            Engine::Candle(device)
+        }
+    }
 }
 
 fn train_shard_with(
@@ -350,66 +357,67 @@ fn train_shard_with(
     tc: &TrainConfig,
     correction: Option<&Correction>,
 ) -> Result<Trained> {
-    let mut weight = local.gather(base.tensor(WEIGHT));
-    let mut bias = base.tensor(BIAS)[0];
-    let Engine::Candle(device) = engine else {
-        let round = with_progress(tc, data, |log| {
-            Ok(train_local(
-                local,
-                &mut weight,
-                &mut bias,
-                &data.labels,
-                tc,
-                correction,
-                log,
-            ))
-        })?;
-        check_finite(&weight, bias, tc)?;
-        return Ok(Trained {
-            weight,
-            bias,
-            round,
-        });
+    let trained = match engine {
+        Engine::Sparse => {
+            let mut weight = local.gather(base.tensor(WEIGHT));
+            let mut bias = base.tensor(BIAS)[0];
+            let round = with_progress(tc, data, |log| {
+                Ok(train_local(
+                    local,
+                    &mut weight,
+                    &mut bias,
+                    &data.labels,
+                    tc,
+                    correction,
+                    log,
+                ))
+            })?;
+            Trained {
+                weight,
+                bias,
+                epochs: round.epochs,
+                mean_grad: round.mean_grad,
+                mean_grad_bias: round.mean_grad_bias,
+            }
+        }
+        Engine::Candle(device) => {
+            let mut model = base.into_model()?;
+            let dense = correction.map(|c| {
+                let mut weight = vec![0.0; model.weight.len()];
+                for (&j, &v) in local.touched.iter().zip(&c.weight) {
+                    weight[j as usize] = v;
+                }
+                Correction {
+                    weight,
+                    bias: c.bias,
+                }
+            });
+            let outcome = with_progress(tc, data, |log| {
+                Ok(train_candle(
+                    &mut model,
+                    device,
+                    &data.features,
+                    &data.labels,
+                    tc,
+                    dense.as_ref(),
+                    log,
+                )?)
+            })?;
+            Trained {
+                weight: local.gather(&model.weight),
+                bias: model.bias,
+                epochs: outcome.epochs,
+                mean_grad: local.gather(&outcome.mean_grad),
+                mean_grad_bias: outcome.mean_grad_bias,
+            }
+        }
     };
-    let mut model = base.into_model()?;
-    let dense = correction.map(|c| {
-        let mut weight = vec![0.0; model.weight.len()];
-        for (&j, &v) in local.touched.iter().zip(&c.weight) {
-            weight[j as usize] = v;
-        }
-        Correction {
-            weight,
-            bias: c.bias,
-        }
-    });
-    let outcome = with_progress(tc, data, |log| {
-        Ok(train_candle(
-            &mut model,
-            device,
-            &data.features,
-            &data.labels,
-            tc,
-            dense.as_ref(),
-            log,
-        )?)
-    })?;
-    let weight = local.gather(&model.weight);
-    check_finite(&weight, model.bias, tc)?;
-    Ok(Trained {
-        weight,
-        bias: model.bias,
-        round: LocalRound {
-            epochs: outcome.epochs,
-            mean_grad: local.gather(&outcome.mean_grad),
-            mean_grad_bias: outcome.mean_grad_bias,
-            lr_sum: 0.0,
-        },
-    })
+    refuse_diverged(&trained.epochs, &trained.weight, trained.bias, tc)?;
+    Ok(trained)
 }
 
-/// Runs `train` with a progress bar over the round's passes and a log line per pass, and
-/// refuses a round whose loss diverged.
-fn with_progress<T: HasEpochs>(
+/// Runs `train` with a progress bar over the round's passes and a log line per pass.
+fn with_progress<T>(
     tc: &TrainConfig,
     data: &Featurized,
     train: impl FnOnce(&dyn Fn(&EpochStats)) -> Result<T>,
@@ -430,7 +438,17 @@ fn with_progress<T: HasEpochs>(
     };
     let out = train(&log)?;
     pb.finish_and_clear();
-    if let Some(s) = out.epochs().iter().find(|s| !s.loss.is_finite()) {
+    Ok(out)
+}
+
+/// Refuses a round whose loss or weights (the ones to be written) are no longer finite.
+fn refuse_diverged(
+    epochs: &[EpochStats],
+    weight: &[f32],
+    bias: f32,
+    tc: &TrainConfig,
+) -> Result<()> {
+    if let Some(s) = epochs.iter().find(|s| !s.loss.is_finite()) {
         bail!(
             "training diverged: the loss became {} in pass {}; nothing was written. Lower --lr (now {})",
             s.loss,
@@ -438,27 +456,6 @@ fn with_progress<T: HasEpochs>(
             tc.lr
         );
     }
-    Ok(out)
-}
-
-/// What [`with_progress`] checks: the passes of a round.
-trait HasEpochs {
-    fn epochs(&self) -> &[EpochStats];
-}
-
-impl HasEpochs for LocalRound {
-    fn epochs(&self) -> &[EpochStats] {
-        &self.epochs
-    }
-}
-
-impl HasEpochs for LocalOutcome {
-    fn epochs(&self) -> &[EpochStats] {
-        &self.epochs
-    }
-}
-
-fn check_finite(weight: &[f32], bias: f32, tc: &TrainConfig) -> Result<()> {
     if weight.iter().any(|x| !x.is_finite()) || !bias.is_finite() {
         bail!(
             "training diverged: the weights hold NaN or infinity; nothing was written. Lower --lr (now {})",
@@ -540,11 +537,11 @@ mod tests {
             "weights differ"
         );
         assert!(
-            diff(&sparse.round.mean_grad, &candle.round.mean_grad) < 1e-6,
+            diff(&sparse.mean_grad, &candle.mean_grad) < 1e-6,
             "control variates differ"
         );
         assert!((sparse.bias - candle.bias).abs() < 1e-5);
-        assert!((sparse.round.mean_grad_bias - candle.round.mean_grad_bias).abs() < 1e-6);
+        assert!((sparse.mean_grad_bias - candle.mean_grad_bias).abs() < 1e-6);
         assert_ne!(
             sparse.weight,
             local.gather(base.tensor(WEIGHT)),
