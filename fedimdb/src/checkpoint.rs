@@ -4,10 +4,15 @@
 //!
 //! | kind      | written by          | tensors |
 //! |-----------|---------------------|---------|
-//! | `stats`   | trainer, round 0    | `stats.pos`, `stats.neg`: per-bucket document counts; `stats.pos_scaled`, `stats.neg_scaled`: the same sums of each review's scale `1/sqrt(|S|)` (the gradient at the starting model, see [`crate::control`]) |
+//! | `stats`   | trainer, round 0    | `stats.count`: per class, per-bucket document counts; `stats.scaled`: the same sums of each review's scale `1/sqrt(|S|)` (the gradient at the starting model, see [`crate::control`]) |
 //! | `update`  | trainer, rounds ≥ 1 | `update.index`: the buckets the shard touches; `linear.weight`, `grad.weight`: the trained weights and the shard's gradient at those buckets; `linear.bias`, `grad.bias` |
 //! | `model`   | aggregator          | `linear.weight`, `linear.bias`, `nb.ratio` |
 //! | `control` | aggregator          | `control.weight`, `control.bias`: the global control variate (SCAFFOLD) |
+//!
+//! Tensors are flat and row-major: one row per model row ([`ModelConfig::rows`]: one for two
+//! classes, K for K classes) for weights, ratios, gradients and controls, one per class for
+//! the statistics, each row `dim` long (dense files) or `update.index` long (sparse ones);
+//! biases hold one value per row.
 //!
 //! Updates are sparse: a bucket no review of the shard reads moves in a way the aggregator
 //! can compute itself ([`crate::train::Drift`]), so only the touched buckets are written,
@@ -29,13 +34,15 @@ use crate::digest::sha256_bytes;
 use crate::model::{BIAS, ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
 
 /// Version of the file format; bumped when a reader could misread older files.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The version of 2-class files before K classes: model files of it have today's layout and
+/// still load (a server keeps serving them); its statistics and control files held other
+/// tensors and are refused, so a run started before is recomputed from its statistics.
+pub const FORMAT_VERSION_BINARY: u32 = 1;
 /// The metadata key holding the [`Header`].
 pub const METADATA_KEY: &str = "fedimdb";
-pub const STATS_POS: &str = "stats.pos";
-pub const STATS_NEG: &str = "stats.neg";
-pub const STATS_POS_SCALED: &str = "stats.pos_scaled";
-pub const STATS_NEG_SCALED: &str = "stats.neg_scaled";
+pub const STATS_COUNT: &str = "stats.count";
+pub const STATS_SCALED: &str = "stats.scaled";
 pub const UPDATE_INDEX: &str = "update.index";
 pub const GRAD_WEIGHT: &str = "grad.weight";
 pub const GRAD_BIAS: &str = "grad.bias";
@@ -55,7 +62,7 @@ impl Kind {
     /// The f32 tensor names a file of this kind holds, sorted.
     pub fn tensor_names(self) -> &'static [&'static str] {
         match self {
-            Kind::Stats => &[STATS_NEG, STATS_NEG_SCALED, STATS_POS, STATS_POS_SCALED],
+            Kind::Stats => &[STATS_COUNT, STATS_SCALED],
             Kind::Update => &[GRAD_BIAS, GRAD_WEIGHT, BIAS, WEIGHT],
             Kind::Model => &[BIAS, WEIGHT, NB_RATIO],
             Kind::Control => &[CONTROL_BIAS, CONTROL_WEIGHT],
@@ -92,6 +99,33 @@ pub struct ModelCard {
     pub history: Vec<RoundPoint>,
     /// Test-set metrics of this model.
     pub metrics: BTreeMap<String, f64>,
+    /// The label names in class order: class k is `labels[k]`. Empty in cards written before
+    /// K classes, which are IMDB sentiment ([`ModelCard::label_names`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// What the model predicts, in words for people: `IMDB sentiment`, `IMDB rating`, or
+    /// the name of the data's source. Absent in cards written before K classes (IMDB
+    /// sentiment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+}
+
+impl ModelCard {
+    /// The label names in class order, IMDB's `neg`, `pos` for cards from before K classes.
+    pub fn label_names(&self) -> Vec<String> {
+        if self.labels.is_empty() {
+            crate::labels::Task::Sentiment.labels()
+        } else {
+            self.labels.clone()
+        }
+    }
+
+    /// What the model predicts, `IMDB sentiment` for cards from before K classes.
+    pub fn task_name(&self) -> String {
+        self.task
+            .clone()
+            .unwrap_or_else(|| crate::labels::Task::Sentiment.title().to_owned())
+    }
 }
 
 /// Which model file a published card describes, from which round, since when.
@@ -133,8 +167,9 @@ pub struct Header {
     pub shard: Option<usize>,
     /// Training reviews behind the file: a worker's shard size, or the total for a model.
     pub samples: u64,
-    /// For stats: how many of `samples` are positive.
-    pub positive: Option<u64>,
+    /// Stats and control files: how many of `samples` are of each class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_samples: Option<Vec<u64>>,
     pub seed: Option<u64>,
     /// SHA-256 of the global model an update started from, so the aggregator can refuse
     /// an update trained from the wrong model.
@@ -153,19 +188,21 @@ pub struct Header {
 }
 
 impl Header {
-    /// How many of `samples` are positive (stats and control files), checked to be at most
-    /// `samples`.
-    pub fn positives(&self) -> Result<u64> {
-        let positive = self
-            .positive
-            .with_context(|| format!("the {:?} header lacks `positive`", self.kind))?;
+    /// How many of `samples` are of each class (stats and control files), checked to add up
+    /// to `samples`, one count per class of the config.
+    pub fn class_samples(&self) -> Result<Vec<u64>> {
+        let counts = self
+            .class_samples
+            .clone()
+            .with_context(|| format!("the {:?} header lacks `class_samples`", self.kind))?;
         ensure!(
-            positive <= self.samples,
-            "the {:?} header says {positive} positive of {} samples",
+            counts.len() == self.config.classes() && counts.iter().sum::<u64>() == self.samples,
+            "the {:?} header's class_samples {counts:?} are not {} counts adding up to its {} samples",
             self.kind,
+            self.config.classes(),
             self.samples
         );
-        Ok(positive)
+        Ok(counts)
     }
 
     pub fn new(kind: Kind, config: ModelConfig, round: u32) -> Self {
@@ -177,7 +214,7 @@ impl Header {
             round,
             shard: None,
             samples: 0,
-            positive: None,
+            class_samples: None,
             seed: None,
             base_sha256: None,
             train: None,
@@ -262,15 +299,17 @@ impl Checkpoint {
         let header: Header = serde_json::from_str(header_json)
             .with_context(|| format!("{what} has an unreadable `{METADATA_KEY}` header"))?;
         ensure!(
-            header.format_version == FORMAT_VERSION,
-            "{what} has format_version {}, this build reads {FORMAT_VERSION}",
+            header.format_version == FORMAT_VERSION
+                || (header.format_version == FORMAT_VERSION_BINARY && header.kind == Kind::Model),
+            "{what} has format_version {}, this build reads {FORMAT_VERSION} (and model files of \
+             {FORMAT_VERSION_BINARY}); it was written by another fedimdb version: recompute it \
+             (a run recomputes from round 0 with `--from-round 0`)",
             header.format_version
         );
         header
             .config
-            .featurizer
             .validate()
-            .map_err(|e| anyhow::anyhow!("{what}: bad featurizer config: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("{what}: bad model config: {e}"))?;
         let mut tensors = BTreeMap::new();
         let mut index = Vec::new();
         for (name, view) in st.tensors() {
@@ -361,11 +400,14 @@ impl Checkpoint {
             );
             dim
         };
+        let (rows, classes) = (self.header.config.rows(), self.header.config.classes());
         for (name, v) in &self.tensors {
             let expect = if [BIAS, GRAD_BIAS, CONTROL_BIAS].contains(&name.as_str()) {
-                1
+                rows
+            } else if self.header.kind == Kind::Stats {
+                classes * per_bucket
             } else {
-                per_bucket
+                rows * per_bucket
             };
             ensure!(
                 v.len() == expect,
@@ -410,7 +452,7 @@ impl Checkpoint {
         header.config = model.config;
         let tensors = BTreeMap::from([
             (WEIGHT.to_owned(), model.weight),
-            (BIAS.to_owned(), vec![model.bias]),
+            (BIAS.to_owned(), model.bias),
             (NB_RATIO.to_owned(), model.nb_ratio),
         ]);
         Self {
@@ -445,7 +487,7 @@ impl Checkpoint {
         self.holds(Kind::Model, "model")?;
         Ok(Model {
             config: self.header.config,
-            bias: self.tensor(BIAS)[0],
+            bias: self.take_tensor(BIAS)?,
             weight: self.take_tensor(WEIGHT)?,
             nb_ratio: self.take_tensor(NB_RATIO)?,
         })
@@ -457,27 +499,27 @@ impl Checkpoint {
         Ok(crate::model::Scorer::new(
             self.header.config,
             self.tensor(WEIGHT),
-            self.tensor(BIAS)[0],
+            self.tensor(BIAS),
             self.tensor(NB_RATIO),
         ))
     }
 
     /// A sparse update file: the trained weights and the shard's gradient at the buckets of
-    /// `index`, and the bias and its gradient.
+    /// `index` (row-major), and the biases and their gradients.
     pub fn update(
         mut header: Header,
         index: Vec<u32>,
         weight: Vec<f32>,
-        bias: f32,
+        bias: Vec<f32>,
         grad: Vec<f32>,
-        grad_bias: f32,
+        grad_bias: Vec<f32>,
     ) -> Self {
         header.kind = Kind::Update;
         let tensors = BTreeMap::from([
             (WEIGHT.to_owned(), weight),
-            (BIAS.to_owned(), vec![bias]),
+            (BIAS.to_owned(), bias),
             (GRAD_WEIGHT.to_owned(), grad),
-            (GRAD_BIAS.to_owned(), vec![grad_bias]),
+            (GRAD_BIAS.to_owned(), grad_bias),
         ]);
         Self {
             header,
@@ -487,21 +529,25 @@ impl Checkpoint {
         }
     }
 
-    /// A sparse stats file from a worker's counts: the buckets its reviews touch.
+    /// A sparse stats file from a worker's counts: the buckets its reviews touch, one row
+    /// per class.
     pub fn from_counts(counts: &ClassCounts, mut header: Header) -> Self {
         header.kind = Kind::Stats;
-        header.samples = counts.n_pos + counts.n_neg;
-        header.positive = Some(counts.n_pos);
-        let index: Vec<u32> = (0..counts.pos.len())
-            .filter(|&j| counts.pos[j] != 0.0 || counts.neg[j] != 0.0)
+        header.samples = counts.samples();
+        header.class_samples = Some(counts.docs.clone());
+        let dim = counts.counts[0].len();
+        let index: Vec<u32> = (0..dim)
+            .filter(|&j| counts.counts.iter().any(|c| c[j] != 0.0))
             .map(|j| j as u32)
             .collect();
-        let gather = |v: &[f32]| index.iter().map(|&j| v[j as usize]).collect::<Vec<f32>>();
+        let gather = |rows: &[Vec<f32>]| -> Vec<f32> {
+            rows.iter()
+                .flat_map(|v| index.iter().map(|&j| v[j as usize]))
+                .collect()
+        };
         let tensors = BTreeMap::from([
-            (STATS_POS.to_owned(), gather(&counts.pos)),
-            (STATS_NEG.to_owned(), gather(&counts.neg)),
-            (STATS_POS_SCALED.to_owned(), gather(&counts.pos_scaled)),
-            (STATS_NEG_SCALED.to_owned(), gather(&counts.neg_scaled)),
+            (STATS_COUNT.to_owned(), gather(&counts.counts)),
+            (STATS_SCALED.to_owned(), gather(&counts.scaled)),
         ]);
         Self {
             header,
@@ -511,11 +557,18 @@ impl Checkpoint {
         }
     }
 
-    /// The dense vector of sparse tensor `name` (zero outside `update.index`).
+    /// The dense rows of sparse tensor `name` (zero outside `update.index`), row-major:
+    /// `rows · dim` for a tensor of `rows · index` values.
     pub fn scatter(&self, name: &str) -> Vec<f32> {
-        let mut out = vec![0.0; self.header.config.dim()];
-        for (&j, &v) in self.index.iter().zip(self.tensor(name)) {
-            out[j as usize] = v;
+        let dim = self.header.config.dim();
+        let v = self.tensor(name);
+        let n = self.index.len();
+        let rows = if n == 0 { 0 } else { v.len() / n };
+        let mut out = vec![0.0; rows.max(1) * dim];
+        for r in 0..rows {
+            for (k, &j) in self.index.iter().enumerate() {
+                out[r * dim + j as usize] = v[r * n + k];
+            }
         }
         out
     }
@@ -523,14 +576,18 @@ impl Checkpoint {
     /// The counts in a stats file.
     pub fn to_counts(&self) -> Result<ClassCounts> {
         self.holds(Kind::Stats, "statistics")?;
-        let n_pos = self.header.positives()?;
+        let docs = self.header.class_samples()?;
+        let dim = self.header.config.dim();
+        let split = |name: &str| -> Vec<Vec<f32>> {
+            let dense = self.scatter(name);
+            let mut rows: Vec<Vec<f32>> = dense.chunks_exact(dim).map(<[f32]>::to_vec).collect();
+            rows.resize(docs.len(), vec![0.0; dim]);
+            rows
+        };
         Ok(ClassCounts {
-            pos: self.scatter(STATS_POS),
-            neg: self.scatter(STATS_NEG),
-            pos_scaled: self.scatter(STATS_POS_SCALED),
-            neg_scaled: self.scatter(STATS_NEG_SCALED),
-            n_pos,
-            n_neg: self.header.samples - n_pos,
+            counts: split(STATS_COUNT),
+            scaled: split(STATS_SCALED),
+            docs,
         })
     }
 }
@@ -545,7 +602,7 @@ mod tests {
 
     fn model() -> Model {
         let docs = vec![vec![1, 2], vec![3, 4]];
-        Model::from_counts(cfg(), &ClassCounts::count(cfg().dim(), &docs, &[1, 0]))
+        Model::from_counts(cfg(), &ClassCounts::count(2, cfg().dim(), &docs, &[1, 0]))
     }
 
     #[test]

@@ -18,53 +18,105 @@
 //! and its worker corrects with that same `c_i` next time, so `c` and every `c_i` always
 //! come from one consistent set.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 
 use crate::checkpoint::{
-    CONTROL_BIAS, CONTROL_WEIGHT, Checkpoint, GRAD_BIAS, GRAD_WEIGHT, Header, Kind,
-    STATS_NEG_SCALED, STATS_POS_SCALED,
+    CONTROL_BIAS, CONTROL_WEIGHT, Checkpoint, GRAD_BIAS, GRAD_WEIGHT, Header, Kind, STATS_SCALED,
 };
 use crate::layout::Layout;
-use crate::model::{ClassCounts, ModelConfig, doc_scale, prior_log_odds, sigmoid};
+use crate::model::{ClassCounts, Link, Model, ModelConfig, doc_scale};
 use crate::verify::load_update;
 
-/// The mean gradient of the logistic loss over a shard at the untrained model (zero
-/// weights, bias `bias0`), from its counts: every review has logit `bias0` there, so the
-/// gradient at bucket `j` is `r_j / n * (sigmoid(bias0) * (A+_j + A-_j) - A+_j)` with `A±` the
-/// per-class sums of the reviews' scales.
-pub fn initial_gradient(counts: &ClassCounts, ratio: &[f32], bias0: f32) -> (Vec<f32>, f32) {
-    let at = InitialGradient::new(counts.n_pos, counts.n_pos + counts.n_neg, bias0);
-    let weight = ratio
-        .iter()
-        .zip(counts.pos_scaled.iter().zip(&counts.neg_scaled))
-        .map(|(&r, (&a_pos, &a_neg))| at.bucket(r, a_pos, a_neg))
-        .collect();
+/// The mean gradient of the loss over a shard at the untrained model (zero weights, biases
+/// `bias0`), from its counts: every review of class `c` has the logits `bias0` there, so its
+/// residual is the same vector `e_c` ([`Link::residuals`]), and the gradient of row `r` at
+/// bucket `j` is `ratio[r][j] / n * Σ_c e_c[r] * A_c[j]`, with `A_c` the class's sums of its
+/// reviews' scales. Row-major like the model; one bias value per row.
+pub fn initial_gradient(
+    counts: &ClassCounts,
+    ratio: &[f32],
+    bias0: &[f32],
+    link: Link,
+) -> (Vec<f32>, Vec<f32>) {
+    let at = InitialGradient::new(&counts.docs, bias0, link);
+    let dim = counts.scaled[0].len();
+    let mut weight = Vec::with_capacity(ratio.len());
+    let mut scaled = vec![0.0; counts.classes()];
+    for (r, row) in ratio.chunks_exact(dim).enumerate() {
+        weight.extend(row.iter().enumerate().map(|(j, &q)| {
+            for (a, c) in scaled.iter_mut().zip(&counts.scaled) {
+                *a = c[j];
+            }
+            at.bucket(r, q, &scaled)
+        }));
+    }
     (weight, at.bias())
 }
 
 /// [`initial_gradient`] one bucket at a time, for dense and sparse counts alike.
 struct InitialGradient {
     n: f64,
-    p: f64,
-    pos_share: f64,
+    /// Per class, its residual at the starting model (one value per row).
+    residual: Vec<Vec<f32>>,
+    /// Per row, the bias gradient.
+    bias: Vec<f32>,
+    link: Link,
 }
 
 impl InitialGradient {
-    fn new(n_pos: u64, n: u64, bias0: f32) -> Self {
-        let n = n.max(1) as f64;
+    fn new(docs: &[u64], bias0: &[f32], link: Link) -> Self {
+        let total: u64 = docs.iter().sum();
+        let n = total.max(1) as f64;
+        let rows = bias0.len();
+        let residual: Vec<Vec<f32>> = (0..docs.len())
+            .map(|c| {
+                let mut e = vec![0.0; rows];
+                link.residuals(bias0, c as u8, &mut e);
+                e
+            })
+            .collect();
+        let bias = if link == Link::Logistic {
+            // sigmoid(bias0) minus the positive share, as this formula has always been.
+            vec![(crate::model::sigmoid(bias0[0]) as f64 - docs[1] as f64 / n) as f32]
+        } else {
+            (0..rows)
+                .map(|r| {
+                    (docs
+                        .iter()
+                        .zip(&residual)
+                        .map(|(&k, e)| k as f64 * e[r] as f64)
+                        .sum::<f64>()
+                        / n) as f32
+                })
+                .collect()
+        };
         Self {
             n,
-            p: sigmoid(bias0) as f64,
-            pos_share: n_pos as f64 / n,
+            residual,
+            bias,
+            link,
         }
     }
 
-    fn bucket(&self, r: f32, a_pos: f32, a_neg: f32) -> f32 {
-        (r as f64 / self.n * (self.p * (a_pos as f64 + a_neg as f64) - a_pos as f64)) as f32
+    /// Row `r` at a bucket with ratio `q` and per-class scale sums `a`.
+    fn bucket(&self, r: usize, q: f32, a: &[f32]) -> f32 {
+        if self.link == Link::Logistic {
+            // e_0 = p, e_1 = p - 1: `p (A+ + A-) - A+`, as this formula has always been.
+            let p = self.residual[0][0] as f64;
+            let (a_neg, a_pos) = (a[0] as f64, a[1] as f64);
+            return (q as f64 / self.n * (p * (a_pos + a_neg) - a_pos)) as f32;
+        }
+        let s: f64 = self
+            .residual
+            .iter()
+            .zip(a)
+            .map(|(e, &a)| e[r] as f64 * a as f64)
+            .sum();
+        (q as f64 / self.n * s) as f32
     }
 
-    fn bias(&self) -> f32 {
-        (self.p - self.pos_share) as f32
+    fn bias(&self) -> Vec<f32> {
+        self.bias.clone()
     }
 }
 
@@ -87,66 +139,61 @@ pub fn values_at(index: &[u32], values: &[f32], buckets: &[u32]) -> Vec<f32> {
     out
 }
 
-/// The mean gradient of the logistic loss over a shard's reviews at the model
-/// (`weight`, `bias`), dense (zero outside the shard's buckets).
-pub fn shard_gradient(
-    weight: &[f32],
-    bias: f32,
-    ratio: &[f32],
-    docs: &[Vec<u32>],
-    labels: &[u8],
-) -> (Vec<f32>, f32) {
-    let mut g = vec![0f64; weight.len()];
-    let mut g_bias = 0f64;
+/// The mean gradient of the loss over a shard's reviews at `model`, dense (zero outside the
+/// shard's buckets), row-major, and one bias value per row.
+pub fn shard_gradient(model: &Model, docs: &[Vec<u32>], labels: &[u8]) -> (Vec<f32>, Vec<f32>) {
+    let (rows, dim) = (model.config.rows(), model.config.dim());
+    let link = model.config.link();
+    let mut g = vec![0f64; rows * dim];
+    let mut g_bias = vec![0f64; rows];
+    let mut e = vec![0f32; rows];
     for (d, &y) in docs.iter().zip(labels) {
         let s = doc_scale(d.len());
-        let z = bias
-            + d.iter()
-                .map(|&j| weight[j as usize] * ratio[j as usize])
-                .sum::<f32>()
-                * s;
-        let e = (sigmoid(z) - y as f32) as f64;
-        for &j in d {
-            g[j as usize] += e * (ratio[j as usize] * s) as f64;
+        link.residuals(&model.logits(d), y, &mut e);
+        for r in 0..rows {
+            for &j in d {
+                let at = r * dim + j as usize;
+                g[at] += e[r] as f64 * (model.nb_ratio[at] * s) as f64;
+            }
+            g_bias[r] += e[r] as f64;
         }
-        g_bias += e;
     }
     let n = docs.len().max(1) as f64;
     (
         g.into_iter().map(|x| (x / n) as f32).collect(),
-        (g_bias / n) as f32,
+        g_bias.into_iter().map(|x| (x / n) as f32).collect(),
     )
 }
 
 /// The global control variate of a round, with the round each shard's part came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Control {
+    /// Row-major, like the model's weights.
     pub weight: Vec<f32>,
-    pub bias: f32,
+    pub bias: Vec<f32>,
     /// Per shard, the round whose update holds its `c_i` (0: its round-0 statistics).
     pub sources: Vec<u32>,
-    /// Training reviews in all, and positive ones: the prior `bias0` of the untrained model.
-    pub samples: u64,
-    pub positive: u64,
+    /// Training reviews of each class: the prior `bias0` of the untrained model.
+    pub class_samples: Vec<u64>,
 }
 
 impl Control {
-    /// The untrained model's bias, from which every `c_i` of round-0 statistics is taken.
-    pub fn bias0(&self) -> f32 {
-        prior_log_odds(self.positive, self.samples - self.positive)
+    /// The untrained model's biases, at which every `c_i` of round-0 statistics is taken.
+    pub fn bias0(&self, link: Link) -> Vec<f32> {
+        link.prior(&self.class_samples)
     }
 
     pub fn to_checkpoint(&self, config: ModelConfig, round: u32) -> Checkpoint {
         let mut header = Header::new(Kind::Control, config, round);
-        header.samples = self.samples;
-        header.positive = Some(self.positive);
+        header.samples = self.class_samples.iter().sum();
+        header.class_samples = Some(self.class_samples.clone());
         header.sources = Some(self.sources.clone());
         Checkpoint::dense(
             Kind::Control,
             header,
             [
                 (CONTROL_WEIGHT, self.weight.clone()),
-                (CONTROL_BIAS, vec![self.bias]),
+                (CONTROL_BIAS, self.bias.clone()),
             ],
         )
     }
@@ -158,26 +205,27 @@ impl Control {
             .sources
             .clone()
             .context("control file without `sources`")?;
-        let positive = ck.header.positives()?;
+        let class_samples = ck.header.class_samples()?;
         Ok(Self {
-            bias: ck.tensor(CONTROL_BIAS)[0],
+            bias: ck.take_tensor(CONTROL_BIAS)?,
             weight: ck.take_tensor(CONTROL_WEIGHT)?,
             sources,
-            samples: ck.header.samples,
-            positive,
+            class_samples,
         })
     }
 }
 
 /// Shard `shard`'s control variate `c_i` as counted in `control`: from its update of round
 /// `control.sources[shard]`, or from its round-0 statistics. Sparse: the buckets its reviews
-/// read (`index`, ascending), its values there, and its bias; it is zero elsewhere.
+/// read (`index`, ascending), its values there (row-major: `rows · index`), and its biases;
+/// it is zero elsewhere. `ratio` is the model's (row-major) and `config` its config.
 pub fn worker_control(
     layout: &Layout,
     control: &Control,
     shard: usize,
     ratio: &[f32],
-) -> Result<(Vec<u32>, Vec<f32>, f32)> {
+    config: &ModelConfig,
+) -> Result<(Vec<u32>, Vec<f32>, Vec<f32>)> {
     let source = *control
         .sources
         .get(shard)
@@ -188,24 +236,32 @@ pub fn worker_control(
                 "the statistics of shard {shard} (its first control variate) are missing or damaged"
             )
         })?;
-        let n_pos = ck.header.positives()?;
-        let at = InitialGradient::new(n_pos, ck.header.samples, control.bias0());
-        let values = ck
-            .index
-            .iter()
-            .zip(
-                ck.tensor(STATS_POS_SCALED)
-                    .iter()
-                    .zip(ck.tensor(STATS_NEG_SCALED)),
-            )
-            .map(|(&j, (&a_pos, &a_neg))| at.bucket(ratio[j as usize], a_pos, a_neg))
-            .collect();
+        let link = config.link();
+        let class_samples = ck.header.class_samples()?;
+        let at = InitialGradient::new(&class_samples, &control.bias0(link), link);
+        let (n, dim, classes) = (ck.index.len(), config.dim(), config.classes());
+        let scaled = ck.tensor(STATS_SCALED);
+        ensure!(
+            scaled.len() == classes * n,
+            "the statistics of shard {shard} hold {} classes, the model {classes}",
+            scaled.len() / n.max(1)
+        );
+        let mut a = vec![0.0; classes];
+        let mut values = Vec::with_capacity(config.rows() * n);
+        for r in 0..config.rows() {
+            for (k, &j) in ck.index.iter().enumerate() {
+                for (c, a) in a.iter_mut().enumerate() {
+                    *a = scaled[c * n + k];
+                }
+                values.push(at.bucket(r, ratio[r * dim + j as usize], &a));
+            }
+        }
         Ok((ck.index, values, at.bias()))
     } else {
         let (mut ck, _) = load_update(layout, source, shard, Kind::Update).with_context(|| {
             format!("the update of shard {shard} in round {source}, which holds its control variate, is missing or damaged")
         })?;
-        let bias = ck.tensor(GRAD_BIAS)[0];
+        let bias = ck.take_tensor(GRAD_BIAS)?;
         let values = ck.take_tensor(GRAD_WEIGHT)?;
         Ok((std::mem::take(&mut ck.index), values, bias))
     }
@@ -214,6 +270,7 @@ pub fn worker_control(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Multiclass;
 
     #[test]
     fn initial_gradient_from_counts_equals_a_pass_over_the_reviews() {
@@ -225,16 +282,36 @@ mod tests {
             vec![3, 9, 10],
         ];
         let labels = vec![1, 1, 0, 0, 1];
-        let counts = ClassCounts::count(16, &docs, &labels);
-        let ratio: Vec<f32> = (0..16).map(|j| (j as f32 - 7.0) / 5.0).collect();
-        let bias0 = 0.3;
-        let (g1, b1) = initial_gradient(&counts, &ratio, bias0);
-        let (g2, b2) = shard_gradient(&[0.0; 16], bias0, &ratio, &docs, &labels);
-        for (a, b) in g1.iter().zip(&g2) {
-            assert!((a - b).abs() < 1e-6, "{g1:?} vs {g2:?}");
+        // Two classes, and three with either link.
+        for (config, labels) in [
+            (ModelConfig::with_buckets(4, 1), vec![1, 1, 0, 0, 1]),
+            (
+                ModelConfig::with_buckets(4, 1).with_classes(3, Multiclass::Softmax),
+                vec![2, 1, 0, 0, 1],
+            ),
+            (
+                ModelConfig::with_buckets(4, 1).with_classes(3, Multiclass::OneVsRest),
+                vec![2, 1, 0, 2, 1],
+            ),
+        ] {
+            let (rows, dim) = (config.rows(), config.dim());
+            let counts = ClassCounts::count(config.classes(), dim, &docs, &labels);
+            let mut model = Model::from_counts(config, &counts);
+            model.nb_ratio = (0..rows * dim)
+                .map(|j| ((j % 16) as f32 - 7.0) / 5.0)
+                .collect();
+            model.bias = model.bias.iter().map(|b| b + 0.3).collect();
+            let link = config.link();
+            let (g1, b1) = initial_gradient(&counts, &model.nb_ratio, &model.bias, link);
+            let (g2, b2) = shard_gradient(&model, &docs, &labels);
+            for (a, b) in g1.iter().zip(&g2) {
+                assert!((a - b).abs() < 1e-6, "{link:?}: {g1:?} vs {g2:?}");
+            }
+            for (a, b) in b1.iter().zip(&b2) {
+                assert!((a - b).abs() < 1e-6, "{link:?}: {b1:?} vs {b2:?}");
+            }
+            assert!(g1.iter().any(|&x| x != 0.0));
         }
-        assert!((b1 - b2).abs() < 1e-6);
-        assert!(g1.iter().any(|&x| x != 0.0));
     }
 
     #[test]

@@ -72,6 +72,16 @@ impl Task {
     }
 }
 
+impl Task {
+    /// The task in words for people (a model card's `task`).
+    pub fn title(self) -> &'static str {
+        match self {
+            Task::Sentiment => "IMDB sentiment",
+            Task::Rating => "IMDB rating",
+        }
+    }
+}
+
 impl std::fmt::Display for Task {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

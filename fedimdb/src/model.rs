@@ -1,25 +1,35 @@
 //! The classifier: naive-Bayes-weighted logistic regression over hashed word n-grams
-//! (NB-LR, after Wang & Manning's NBSVM).
+//! (NB-LR, after Wang & Manning's NBSVM), for two classes or K.
 //!
-//! A review is the set `S` of its n-gram buckets (see [`crate::featurize`]). Its logit is
+//! A review is the set `S` of its n-gram buckets (see [`crate::featurize`]). The model has
+//! `R` rows of weights ([`ModelConfig::rows`]: one for two classes, K for K > 2); row `r`'s
+//! logit is
 //!
 //! ```text
-//! z = bias + scale(|S|) * Σ_{j ∈ S} weight[j] * nb_ratio[j]
+//! z_r = bias[r] + scale(|S|) * Σ_{j ∈ S} weight[r][j] * nb_ratio[r][j]
 //! ```
 //!
-//! where `nb_ratio[j] = ln((p_j/|p|₁) / (q_j/|q|₁))` is the naive-Bayes log-count ratio of
-//! bucket `j` (p, q: smoothed document counts in positive and negative reviews) and
-//! `scale(|S|) = 1/sqrt(|S|)` keeps long and short reviews on one footing. The ratio is fixed
-//! before training (round 0 gathers the counts from all workers and sums them); `weight`
-//! and `bias` are learnt, from zero. (Starting from `weight = 1`, the naive Bayes classifier
-//! itself, looks tempting but trains badly: the ratio memorises the training reviews'
-//! rare n-grams, the training loss is near zero from the start and SGD barely moves.)
+//! where `nb_ratio[r][j] = ln((p_j/|p|₁) / (q_j/|q|₁))` is the naive-Bayes log-count ratio of
+//! bucket `j` for row `r`'s class against the others (p, q: smoothed document counts in the
+//! reviews of that class and of every other class; with two classes, class 1 against class
+//! 0) and `scale(|S|) = 1/sqrt(|S|)` keeps long and short reviews on one footing. The ratio is
+//! fixed before training (round 0 gathers the counts from all workers and sums them);
+//! `weight` and `bias` are learnt, from zero. (Starting from `weight = 1`, the naive Bayes
+//! classifier itself, looks tempting but trains badly: the ratio memorises the training
+//! reviews' rare n-grams, the training loss is near zero from the start and SGD barely moves.)
 //!
-//! [`Model`] is the one type of the weights: plain vectors that checkpoints serialise
-//! ([`crate::checkpoint`], tensors `linear.weight`, `linear.bias`, `nb.ratio`), that the CPU
-//! engine trains in place ([`crate::train::train_sparse`]) and that [`Model::scorer`] turns into
-//! the fast inference form. Candle appears only in the trainer's CUDA engine, which copies a
-//! `Model` to the device and back, so nothing else compiles it.
+//! How logits become probabilities is the [`Link`]: the logistic function of the one row for
+//! two classes (so a binary model is exactly the model this project always had), and for K
+//! classes either a softmax over the K rows (multinomial logistic regression, the default)
+//! or K independent one-vs-rest logistic models. The choice was measured on IMDB's 8-class
+//! rating task (docs/BENCHMARKS.md).
+//!
+//! [`Model`] is the one type of the weights: plain row-major vectors that checkpoints
+//! serialise ([`crate::checkpoint`], tensors `linear.weight` `[R·dim]`, `linear.bias` `[R]`,
+//! `nb.ratio` `[R·dim]`), that the CPU engine trains ([`crate::train::train_sparse`]) and that
+//! [`Model::scorer`] turns into the fast inference form. Candle appears only in the
+//! trainer's CUDA engine, which copies a `Model` to the device and back, so nothing else
+//! compiles it.
 
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +40,151 @@ pub const WEIGHT: &str = "linear.weight";
 pub const BIAS: &str = "linear.bias";
 pub const NB_RATIO: &str = "nb.ratio";
 
+/// How a K-class model (K > 2) turns its K logits into probabilities; chosen at round 0
+/// (`--multiclass`) and stored in the model config.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Multiclass {
+    /// Multinomial logistic regression: a softmax over the K rows, trained on the
+    /// cross-entropy.
+    #[default]
+    Softmax,
+    /// K independent logistic models, class k against the rest; probabilities are the K
+    /// sigmoids normalised to sum to one.
+    OneVsRest,
+}
+
+impl std::fmt::Display for Multiclass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Multiclass::Softmax => "softmax",
+            Multiclass::OneVsRest => "one-vs-rest",
+        })
+    }
+}
+
+/// How a model's row logits become class probabilities, and the loss training follows: the
+/// one place that knows the three forms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// Two classes, one row: `P(class 1) = sigmoid(z)`.
+    Logistic,
+    /// K rows, `P(k) = softmax(z)_k`.
+    Softmax,
+    /// K rows, `P(k) ∝ sigmoid(z_k)`; each row trained on its own logistic loss.
+    OneVsRest,
+}
+
+impl Link {
+    /// The class probabilities from the row logits (K values summing to one).
+    pub fn probabilities(self, z: &[f32]) -> Vec<f32> {
+        match self {
+            Link::Logistic => {
+                let p = sigmoid(z[0]);
+                vec![1.0 - p, p]
+            }
+            Link::Softmax => {
+                let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = z.iter().map(|&x| (x - max).exp()).collect();
+                let sum: f32 = e.iter().sum();
+                e.into_iter().map(|x| x / sum).collect()
+            }
+            Link::OneVsRest => {
+                let s: Vec<f32> = z.iter().map(|&x| sigmoid(x)).collect();
+                let sum: f32 = s.iter().sum();
+                if sum > 0.0 {
+                    s.into_iter().map(|x| x / sum).collect()
+                } else {
+                    vec![1.0 / z.len() as f32; z.len()]
+                }
+            }
+        }
+    }
+
+    /// The predicted class: the most probable one (ties: the lower index).
+    pub fn predict(self, z: &[f32]) -> usize {
+        match self {
+            Link::Logistic => usize::from(z[0] >= 0.0),
+            Link::Softmax | Link::OneVsRest => {
+                let mut best = 0;
+                for (k, &x) in z.iter().enumerate() {
+                    if x > z[best] {
+                        best = k;
+                    }
+                }
+                best
+            }
+        }
+    }
+
+    /// The training loss of one review of class `y` (the binary case is today's logistic
+    /// loss; one-vs-rest sums its rows' logistic losses).
+    pub fn loss(self, z: &[f32], y: u8) -> f64 {
+        match self {
+            Link::Logistic => logistic_loss(z[0], y),
+            Link::Softmax => {
+                let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let lse = max
+                    + z.iter()
+                        .map(|&x| (x as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                lse - z[y as usize] as f64
+            }
+            Link::OneVsRest => z
+                .iter()
+                .enumerate()
+                .map(|(k, &x)| logistic_loss(x, u8::from(k == y as usize)))
+                .sum(),
+        }
+    }
+
+    /// The loss's derivative with respect to each row's logit, for a review of class `y`,
+    /// into `out` (one value per row).
+    pub fn residuals(self, z: &[f32], y: u8, out: &mut [f32]) {
+        match self {
+            Link::Logistic => out[0] = sigmoid(z[0]) - y as f32,
+            Link::Softmax => {
+                let p = self.probabilities(z);
+                for (k, (o, p)) in out.iter_mut().zip(p).enumerate() {
+                    *o = p - f32::from(k == y as usize);
+                }
+            }
+            Link::OneVsRest => {
+                for (k, (o, &x)) in out.iter_mut().zip(z).enumerate() {
+                    *o = sigmoid(x) - f32::from(k == y as usize);
+                }
+            }
+        }
+    }
+
+    /// The untrained model's biases for the classes' review counts: the prior log-odds (two
+    /// classes), the log prior (softmax), each class's log-odds against the rest (one-vs-rest).
+    pub fn prior(self, docs: &[u64]) -> Vec<f32> {
+        let total: u64 = docs.iter().sum();
+        match self {
+            Link::Logistic => vec![prior_log_odds(docs[1], docs[0])],
+            Link::Softmax => docs
+                .iter()
+                .map(|&n| ((n.max(1) as f64) / (total.max(1) as f64)).ln() as f32)
+                .collect(),
+            Link::OneVsRest => docs
+                .iter()
+                .map(|&n| prior_log_odds(n, total - n))
+                .collect(),
+        }
+    }
+}
+
+/// Logistic loss of one example from its logit, stable for large |z|.
+pub fn logistic_loss(z: f32, label: u8) -> f64 {
+    let z = z as f64;
+    let y = label as f64;
+    z.max(0.0) - z * y + (-z.abs()).exp().ln_1p()
+}
+
 /// Everything that defines the model's shape and meaning. Stored in every model and update
 /// file; files whose configs differ cannot be averaged.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -37,6 +192,20 @@ pub struct ModelConfig {
     pub featurizer: FeaturizerConfig,
     /// Additive smoothing of the naive-Bayes counts.
     pub nb_smoothing: f32,
+    /// Number of classes (written only when not 2, so binary files read as they always did).
+    #[serde(default = "two_classes", skip_serializing_if = "is_two")]
+    pub classes: u32,
+    /// K > 2 classes: how the K logits become probabilities (absent for two classes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multiclass: Option<Multiclass>,
+}
+
+fn two_classes() -> u32 {
+    2
+}
+
+fn is_two(k: &u32) -> bool {
+    *k == 2
 }
 
 impl Default for ModelConfig {
@@ -44,13 +213,15 @@ impl Default for ModelConfig {
         Self {
             featurizer: FeaturizerConfig::default(),
             nb_smoothing: 1.0,
+            classes: 2,
+            multiclass: None,
         }
     }
 }
 
 impl ModelConfig {
-    /// The default model over `2^hash_bits` buckets of 1..=`max_ngram`-grams (small ones
-    /// make quick tests).
+    /// The default 2-class model over `2^hash_bits` buckets of 1..=`max_ngram`-grams (small
+    /// ones make quick tests).
     pub fn with_buckets(hash_bits: u32, max_ngram: u32) -> Self {
         Self {
             featurizer: FeaturizerConfig {
@@ -61,9 +232,64 @@ impl ModelConfig {
         }
     }
 
+    /// The same model for `classes` classes (`multiclass` applies when there are more than 2).
+    pub fn with_classes(self, classes: usize, multiclass: Multiclass) -> Self {
+        Self {
+            classes: classes as u32,
+            multiclass: (classes > 2).then_some(multiclass),
+            ..self
+        }
+    }
+
     /// The input dimension (number of hash buckets).
     pub fn dim(&self) -> usize {
         self.featurizer.buckets()
+    }
+
+    /// Number of classes.
+    pub fn classes(&self) -> usize {
+        self.classes as usize
+    }
+
+    /// Rows of weights: one logit for two classes, one per class beyond.
+    pub fn rows(&self) -> usize {
+        if self.classes <= 2 {
+            1
+        } else {
+            self.classes as usize
+        }
+    }
+
+    /// How the rows' logits become probabilities.
+    pub fn link(&self) -> Link {
+        if self.classes <= 2 {
+            Link::Logistic
+        } else {
+            match self.multiclass.unwrap_or_default() {
+                Multiclass::Softmax => Link::Softmax,
+                Multiclass::OneVsRest => Link::OneVsRest,
+            }
+        }
+    }
+
+    /// Checks what a file's header may hold.
+    pub fn validate(&self) -> Result<(), String> {
+        self.featurizer.validate()?;
+        if !(2..=crate::labels::MAX_CLASSES as u32).contains(&self.classes) {
+            return Err(format!(
+                "classes must be between 2 and {}, not {}",
+                crate::labels::MAX_CLASSES,
+                self.classes
+            ));
+        }
+        if (self.classes > 2) != self.multiclass.is_some() {
+            return Err(format!(
+                "a {}-class model {} a multiclass link",
+                self.classes,
+                if self.classes > 2 { "needs" } else { "has no" }
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -77,30 +303,41 @@ pub struct ModelArgs {
     /// Longest word n-gram (round 0; later rounds take the config from the global model).
     #[arg(long, default_value_t = FeaturizerConfig::default().max_ngram)]
     pub max_ngram: u32,
+    /// Data with more than two labels: `softmax` (multinomial logistic regression) or
+    /// `one-vs-rest` (round 0; later rounds take it from the global model).
+    #[arg(long, value_enum, default_value_t = Multiclass::default())]
+    pub multiclass: Multiclass,
 }
 
 impl ModelArgs {
-    /// The model config the flags ask for; see [`ModelArgs::validate`].
-    pub fn config(&self) -> ModelConfig {
+    /// The model config the flags ask for, for data with `classes` labels; see
+    /// [`ModelArgs::validate`].
+    pub fn config(&self, classes: usize) -> ModelConfig {
         ModelConfig::with_buckets(self.hash_bits, self.max_ngram)
+            .with_classes(classes, self.multiclass)
     }
 
     /// Checks the flags, naming them in the message.
     pub fn validate(&self) -> Result<(), String> {
-        self.config()
+        self.config(2)
             .featurizer
             .validate()
             .map_err(|e| format!("--hash-bits/--max-ngram: {e}"))
     }
 
-    /// The flags as command-line arguments for the trainer.
+    /// The flags as command-line arguments for the trainer (`--multiclass` only when not the
+    /// default, so a binary command reads as it always did).
     pub fn to_args(&self) -> Vec<String> {
-        vec![
+        let mut a = vec![
             "--hash-bits".to_owned(),
             self.hash_bits.to_string(),
             "--max-ngram".to_owned(),
             self.max_ngram.to_string(),
-        ]
+        ];
+        if self.multiclass != Multiclass::default() {
+            a.extend(["--multiclass".to_owned(), self.multiclass.to_string()]);
+        }
+        a
     }
 }
 
@@ -109,44 +346,48 @@ pub fn doc_scale(n_features: usize) -> f32 {
     1.0 / (n_features.max(1) as f32).sqrt()
 }
 
-/// The model's weights. One row of weights today (two classes: the logit of the positive
-/// one); the tensors are flat so that a K-class model can keep K rows in the same files.
+/// The model's weights: `config.rows()` rows, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Model {
     pub config: ModelConfig,
-    /// `[dim]` learnt per-bucket weight.
+    /// `[rows · dim]` learnt per-bucket weights.
     pub weight: Vec<f32>,
-    /// The learnt bias.
-    pub bias: f32,
-    /// `[dim]` fixed naive-Bayes log-count ratio.
+    /// `[rows]` learnt biases.
+    pub bias: Vec<f32>,
+    /// `[rows · dim]` fixed naive-Bayes log-count ratios.
     pub nb_ratio: Vec<f32>,
 }
 
 impl Model {
     /// The untrained model for the given naive-Bayes counts: zero weights and the class
-    /// prior's log-odds as bias.
+    /// prior as bias ([`Link::prior`]).
     pub fn from_counts(config: ModelConfig, counts: &ClassCounts) -> Self {
         Self {
             config,
-            weight: vec![0.0; config.dim()],
-            bias: counts.prior(),
+            weight: vec![0.0; config.rows() * config.dim()],
+            bias: config.link().prior(&counts.docs),
             nb_ratio: counts.nb_ratio(config.nb_smoothing),
         }
     }
 
-    /// The model's logit for one document's buckets, straight from the weights (the
+    /// The model's row logits for one document's buckets, straight from the weights (the
     /// reference the engines and the [`Scorer`] are tested against).
-    pub fn logit(&self, features: &[u32]) -> f32 {
-        let s: f32 = features
-            .iter()
-            .map(|&j| self.weight[j as usize] * self.nb_ratio[j as usize])
-            .sum();
-        self.bias + s * doc_scale(features.len())
+    pub fn logits(&self, features: &[u32]) -> Vec<f32> {
+        let dim = self.config.dim();
+        (0..self.config.rows())
+            .map(|r| {
+                let s: f32 = features
+                    .iter()
+                    .map(|&j| self.weight[r * dim + j as usize] * self.nb_ratio[r * dim + j as usize])
+                    .sum();
+                self.bias[r] + s * doc_scale(features.len())
+            })
+            .collect()
     }
 
     /// The fast inference form of this model.
     pub fn scorer(&self) -> Scorer {
-        Scorer::new(self.config, &self.weight, self.bias, &self.nb_ratio)
+        Scorer::new(self.config, &self.weight, &self.bias, &self.nb_ratio)
     }
 }
 
@@ -154,125 +395,188 @@ impl Model {
 /// count their own shard; the aggregator sums the counts (federated statistics).
 ///
 /// Beside the counts, the per-class sums of each review's scale `1/sqrt(|S|)`: with them the
-/// aggregator knows the gradient of the logistic loss at the starting model (zero weights,
-/// the prior as bias, where every review has the same logit) without another pass over the
+/// aggregator knows the gradient of the loss at the starting model (zero weights, the prior
+/// as bias, where every review of a class has the same logits) without another pass over the
 /// data, and SCAFFOLD's first round starts corrected (see [`crate::control`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClassCounts {
-    pub pos: Vec<f32>,
-    pub neg: Vec<f32>,
-    pub pos_scaled: Vec<f32>,
-    pub neg_scaled: Vec<f32>,
-    pub n_pos: u64,
-    pub n_neg: u64,
+    /// Per class, the documents containing each bucket (`[dim]`, or a sparse file's buckets).
+    pub counts: Vec<Vec<f32>>,
+    /// Per class, the sum of those documents' scales at each bucket.
+    pub scaled: Vec<Vec<f32>>,
+    /// Per class, the documents.
+    pub docs: Vec<u64>,
 }
 
 impl ClassCounts {
-    pub fn zeros(dim: usize) -> Self {
-        let z = vec![0.0; dim];
+    pub fn zeros(classes: usize, dim: usize) -> Self {
         Self {
-            pos: z.clone(),
-            neg: z.clone(),
-            pos_scaled: z.clone(),
-            neg_scaled: z,
-            n_pos: 0,
-            n_neg: 0,
+            counts: vec![vec![0.0; dim]; classes],
+            scaled: vec![vec![0.0; dim]; classes],
+            docs: vec![0; classes],
         }
     }
 
-    /// Counts the documents' buckets by label (1 positive, 0 negative).
-    pub fn count(dim: usize, docs: &[Vec<u32>], labels: &[u8]) -> Self {
-        let mut c = Self::zeros(dim);
+    /// Counts the documents' buckets by class (`labels` are class indices below `classes`).
+    pub fn count(classes: usize, dim: usize, docs: &[Vec<u32>], labels: &[u8]) -> Self {
+        let mut c = Self::zeros(classes, dim);
         for (d, &y) in docs.iter().zip(labels) {
-            let (counts, scaled, n) = if y == 1 {
-                (&mut c.pos, &mut c.pos_scaled, &mut c.n_pos)
-            } else {
-                (&mut c.neg, &mut c.neg_scaled, &mut c.n_neg)
-            };
-            *n += 1;
+            let y = y as usize;
+            c.docs[y] += 1;
             let s = doc_scale(d.len());
             for &j in d {
-                counts[j as usize] += 1.0;
-                scaled[j as usize] += s;
+                c.counts[y][j as usize] += 1.0;
+                c.scaled[y][j as usize] += s;
             }
         }
         c
     }
 
+    pub fn classes(&self) -> usize {
+        self.docs.len()
+    }
+
+    /// All documents.
+    pub fn samples(&self) -> u64 {
+        self.docs.iter().sum()
+    }
+
     /// Adds another worker's counts.
     pub fn add(&mut self, other: &ClassCounts) {
-        for (mine, theirs) in [
-            (&mut self.pos, &other.pos),
-            (&mut self.neg, &other.neg),
-            (&mut self.pos_scaled, &other.pos_scaled),
-            (&mut self.neg_scaled, &other.neg_scaled),
-        ] {
+        for (mine, theirs) in self
+            .counts
+            .iter_mut()
+            .chain(self.scaled.iter_mut())
+            .zip(other.counts.iter().chain(&other.scaled))
+        {
             for (a, b) in mine.iter_mut().zip(theirs) {
                 *a += b;
             }
         }
-        self.n_pos += other.n_pos;
-        self.n_neg += other.n_neg;
+        for (a, b) in self.docs.iter_mut().zip(&other.docs) {
+            *a += b;
+        }
     }
 
-    /// The prior log-odds: the bias of the untrained model.
-    pub fn prior(&self) -> f32 {
-        prior_log_odds(self.n_pos, self.n_neg)
-    }
-
-    /// The naive-Bayes log-count ratio with additive smoothing `alpha`.
+    /// The naive-Bayes log-count ratios with additive smoothing `alpha`, row-major: for two
+    /// classes one row (class 1 against class 0), for K classes one row per class (against
+    /// all the others).
     pub fn nb_ratio(&self, alpha: f32) -> Vec<f32> {
-        let a = alpha as f64;
-        let p_norm: f64 = self.pos.iter().map(|&x| x as f64 + a).sum();
-        let q_norm: f64 = self.neg.iter().map(|&x| x as f64 + a).sum();
-        let offset = (q_norm / p_norm).ln();
-        self.pos
-            .iter()
-            .zip(&self.neg)
-            .map(|(&p, &q)| (((p as f64 + a) / (q as f64 + a)).ln() + offset) as f32)
-            .collect()
+        let k = self.classes();
+        if k == 2 {
+            return log_count_ratio(&self.counts[1], &self.counts[0], alpha);
+        }
+        let dim = self.counts[0].len();
+        let mut total = vec![0.0f32; dim];
+        for c in &self.counts {
+            for (t, x) in total.iter_mut().zip(c) {
+                *t += x;
+            }
+        }
+        let mut out = Vec::with_capacity(k * dim);
+        for c in &self.counts {
+            let rest: Vec<f32> = total.iter().zip(c).map(|(t, x)| t - x).collect();
+            out.extend(log_count_ratio(c, &rest, alpha));
+        }
+        out
     }
 }
 
-/// The log-odds of the classes' document counts: the bias of the untrained model.
+/// `ln((p_j+α)/|p+α|₁ / ((q_j+α)/|q+α|₁))` for every bucket.
+fn log_count_ratio(p: &[f32], q: &[f32], alpha: f32) -> Vec<f32> {
+    let a = alpha as f64;
+    let p_norm: f64 = p.iter().map(|&x| x as f64 + a).sum();
+    let q_norm: f64 = q.iter().map(|&x| x as f64 + a).sum();
+    let offset = (q_norm / p_norm).ln();
+    p.iter()
+        .zip(q)
+        .map(|(&p, &q)| (((p as f64 + a) / (q as f64 + a)).ln() + offset) as f32)
+        .collect()
+}
+
+/// The log-odds of two document counts: the bias of the untrained 2-class model.
 pub fn prior_log_odds(n_pos: u64, n_neg: u64) -> f32 {
     ((n_pos.max(1) as f64) / (n_neg.max(1) as f64)).ln() as f32
 }
 
-/// The model on plain slices for fast CPU inference: `effective = weight * nb_ratio`.
+/// The model on plain slices for fast CPU inference: `effective = weight * nb_ratio`, laid
+/// out bucket-major (a bucket's R values side by side) so a review reads one place per
+/// bucket whatever the number of classes.
 #[derive(Debug, Clone)]
 pub struct Scorer {
     pub config: ModelConfig,
-    pub effective: Vec<f32>,
-    pub bias: f32,
+    /// `[dim · rows]`, bucket-major.
+    effective: Vec<f32>,
+    pub bias: Vec<f32>,
 }
 
 impl Scorer {
-    /// The scorer of a model given as plain slices.
-    pub fn new(config: ModelConfig, weight: &[f32], bias: f32, nb_ratio: &[f32]) -> Self {
-        let effective = weight.iter().zip(nb_ratio).map(|(w, r)| w * r).collect();
+    /// The scorer of a model given as plain row-major slices.
+    pub fn new(config: ModelConfig, weight: &[f32], bias: &[f32], nb_ratio: &[f32]) -> Self {
+        let (rows, dim) = (config.rows(), config.dim());
+        let effective = if rows == 1 {
+            weight.iter().zip(nb_ratio).map(|(w, r)| w * r).collect()
+        } else {
+            let mut e = vec![0.0; rows * dim];
+            for r in 0..rows {
+                for j in 0..dim {
+                    e[j * rows + r] = weight[r * dim + j] * nb_ratio[r * dim + j];
+                }
+            }
+            e
+        };
         Self {
             config,
             effective,
-            bias,
+            bias: bias.to_vec(),
         }
     }
 
-    /// The logit of one document's buckets.
-    pub fn logit(&self, features: &[u32]) -> f32 {
-        let s: f32 = features.iter().map(|&j| self.effective[j as usize]).sum();
-        self.bias + s * doc_scale(features.len())
+    /// Number of classes.
+    pub fn classes(&self) -> usize {
+        self.config.classes()
     }
 
-    /// Probability that the document is positive.
-    pub fn probability(&self, features: &[u32]) -> f32 {
-        sigmoid(self.logit(features))
+    /// The row logits of one document's buckets.
+    pub fn logits(&self, features: &[u32]) -> Vec<f32> {
+        let rows = self.config.rows();
+        let scale = doc_scale(features.len());
+        if rows == 1 {
+            let s: f32 = features.iter().map(|&j| self.effective[j as usize]).sum();
+            return vec![self.bias[0] + s * scale];
+        }
+        let mut s = vec![0.0f32; rows];
+        for &j in features {
+            let e = &self.effective[j as usize * rows..(j as usize + 1) * rows];
+            for (a, b) in s.iter_mut().zip(e) {
+                *a += b;
+            }
+        }
+        s.iter().zip(&self.bias).map(|(s, b)| b + s * scale).collect()
     }
 
-    /// How much one occurrence of bucket `j` moves the logit in a document with
-    /// `n_features` distinct buckets.
-    pub fn contribution(&self, bucket: u32, n_features: usize) -> f32 {
-        self.effective[bucket as usize] * doc_scale(n_features)
+    /// The probability of each class.
+    pub fn probabilities(&self, features: &[u32]) -> Vec<f32> {
+        self.config.link().probabilities(&self.logits(features))
+    }
+
+    /// The predicted class.
+    pub fn predict(&self, features: &[u32]) -> usize {
+        self.config.link().predict(&self.logits(features))
+    }
+
+    /// How much one occurrence of bucket `j` moves the score of `class` in a document with
+    /// `n_features` distinct buckets: its row's logit (K classes), or the one logit, signed
+    /// toward `class` (two classes).
+    pub fn contribution(&self, class: usize, bucket: u32, n_features: usize) -> f32 {
+        let rows = self.config.rows();
+        let e = if rows == 1 {
+            let e = self.effective[bucket as usize];
+            if class == 1 { e } else { -e }
+        } else {
+            self.effective[bucket as usize * rows + class]
+        };
+        e * doc_scale(n_features)
     }
 }
 
@@ -299,8 +603,9 @@ mod tests {
     #[test]
     fn nb_ratio_points_the_right_way() {
         let (cfg, docs, labels) = tiny();
-        let c = ClassCounts::count(cfg.dim(), &docs, &labels);
+        let c = ClassCounts::count(2, cfg.dim(), &docs, &labels);
         let r = c.nb_ratio(1.0);
+        assert_eq!(r.len(), cfg.dim(), "two classes: one row");
         // bucket 1 is in one positive and one negative review: neutral up to the tiny
         // normalisation offset (the classes hold 5 and 6 feature occurrences)
         assert!(
@@ -317,18 +622,114 @@ mod tests {
     }
 
     #[test]
-    fn scorer_matches_the_model() {
-        let (cfg, docs, labels) = tiny();
-        let mut m = Model::from_counts(cfg, &ClassCounts::count(cfg.dim(), &docs, &labels));
-        m.weight = (0..cfg.dim()).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect();
-        let s = m.scorer();
-        for d in &docs {
-            assert!(
-                (s.logit(d) - m.logit(d)).abs() < 1e-5,
-                "{} vs {}",
-                s.logit(d),
-                m.logit(d)
-            );
+    fn k_class_ratios_are_one_row_per_class_against_the_rest() {
+        let cfg = ModelConfig::with_buckets(6, 1).with_classes(3, Multiclass::Softmax);
+        let docs = vec![vec![1, 9], vec![2, 9], vec![3, 9], vec![1, 8]];
+        let c = ClassCounts::count(3, cfg.dim(), &docs, &[0, 1, 2, 0]);
+        let r = c.nb_ratio(1.0);
+        let dim = cfg.dim();
+        assert_eq!(r.len(), 3 * dim);
+        // bucket 1 says class 0, bucket 2 class 1, bucket 3 class 2
+        for (class, bucket) in [(0, 1), (1, 2), (2, 3)] {
+            for row in 0..3 {
+                let v = r[row * dim + bucket];
+                assert_eq!(v > 0.3, row == class, "row {row} bucket {bucket}: {v}");
+            }
         }
+        let m = Model::from_counts(cfg, &c);
+        assert_eq!((m.weight.len(), m.bias.len()), (3 * dim, 3));
+        // the softmax prior: class 0 has two of four reviews
+        let p = cfg.link().probabilities(&m.bias);
+        assert!((p[0] - 0.5).abs() < 1e-6 && (p[1] - 0.25).abs() < 1e-6, "{p:?}");
+    }
+
+    #[test]
+    fn scorer_matches_the_model_for_two_and_k_classes() {
+        let (cfg, docs, labels) = tiny();
+        for (cfg, labels) in [
+            (cfg, labels),
+            (
+                cfg.with_classes(3, Multiclass::Softmax),
+                vec![0, 1, 2, 1],
+            ),
+            (
+                cfg.with_classes(3, Multiclass::OneVsRest),
+                vec![2, 1, 0, 1],
+            ),
+        ] {
+            let counts = ClassCounts::count(cfg.classes(), cfg.dim(), &docs, &labels);
+            let mut m = Model::from_counts(cfg, &counts);
+            m.weight = (0..m.weight.len())
+                .map(|i| 0.5 + (i % 7) as f32 * 0.1)
+                .collect();
+            let s = m.scorer();
+            for d in &docs {
+                let (a, b) = (s.logits(d), m.logits(d));
+                assert_eq!(a.len(), cfg.rows());
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+                }
+                let p = s.probabilities(d);
+                assert_eq!(p.len(), cfg.classes());
+                assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{p:?}");
+                let best = (0..p.len())
+                    .max_by(|&i, &j| p[i].total_cmp(&p[j]).then(j.cmp(&i)))
+                    .unwrap();
+                assert_eq!(s.predict(d), best);
+                // contributions add up to the logits (less the bias)
+                let k = cfg.rows() - 1;
+                let sum: f32 = d
+                    .iter()
+                    .map(|&j| s.contribution(k.max(1), j, d.len()))
+                    .sum();
+                let row = if cfg.rows() == 1 { 0 } else { k };
+                assert!((sum - (a[row] - m.bias[row])).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn residuals_are_the_losses_derivatives() {
+        let z = [0.3f32, -1.2, 2.0];
+        for link in [Link::Softmax, Link::OneVsRest, Link::Logistic] {
+            let z = if link == Link::Logistic { &z[..1] } else { &z[..] };
+            for y in 0..z.len().max(2) as u8 {
+                if link != Link::Logistic && y as usize >= z.len() {
+                    continue;
+                }
+                let mut g = vec![0.0; z.len()];
+                link.residuals(z, y, &mut g);
+                for k in 0..z.len() {
+                    let h = 1e-3;
+                    let mut up = z.to_vec();
+                    up[k] += h;
+                    let mut down = z.to_vec();
+                    down[k] -= h;
+                    let numeric = (link.loss(&up, y) - link.loss(&down, y)) / (2.0 * h as f64);
+                    assert!(
+                        (numeric - g[k] as f64).abs() < 1e-3,
+                        "{link:?} y={y} k={k}: {numeric} vs {}",
+                        g[k]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn configs_say_what_they_hold() {
+        let two = ModelConfig::default();
+        assert_eq!((two.rows(), two.link()), (1, Link::Logistic));
+        let json = serde_json::to_string(&two).unwrap();
+        assert!(!json.contains("classes"), "binary configs read as before: {json}");
+        let eight = two.with_classes(8, Multiclass::OneVsRest);
+        assert_eq!((eight.rows(), eight.link()), (8, Link::OneVsRest));
+        let back: ModelConfig = serde_json::from_str(&serde_json::to_string(&eight).unwrap()).unwrap();
+        assert_eq!(back, eight);
+        let bad = ModelConfig {
+            multiclass: None,
+            ..eight
+        };
+        assert!(bad.validate().unwrap_err().contains("needs a multiclass link"));
     }
 }

@@ -16,7 +16,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Model, doc_scale, sigmoid};
+use crate::model::{Link, Model, doc_scale};
+pub use crate::model::logistic_loss;
 
 /// The defaults of federated training, shared by the trainer, the aggregator and both
 /// pipelines. Chosen on a validation split held out of the training reviews over every
@@ -232,21 +233,14 @@ pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     order
 }
 
-/// Logistic loss of one example from its logit, stable for large |z|.
-pub fn logistic_loss(z: f32, label: u8) -> f64 {
-    let z = z as f64;
-    let y = label as f64;
-    z.max(0.0) - z * y + (-z.abs()).exp().ln_1p()
-}
-
 /// SCAFFOLD's drift correction for one worker's round: `c - c_i`, the global control
-/// variate minus the worker's own, added to every local gradient: one value per bucket (of
-/// the model for [`train_sparse`], of the shard's own buckets for [`train_local`]), plus
-/// the bias.
+/// variate minus the worker's own, added to every local gradient: one value per row and
+/// bucket (row-major; buckets of the model for [`train_sparse`], of the shard's own buckets
+/// for [`train_local`]), plus one per row for the bias.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Correction {
     pub weight: Vec<f32>,
-    pub bias: f32,
+    pub bias: Vec<f32>,
 }
 
 /// What a round of local work returns besides the trained weights.
@@ -255,9 +249,10 @@ pub struct LocalOutcome {
     /// One entry per pass over the shard (the last pass may be partial).
     pub epochs: Vec<EpochStats>,
     /// The mean data-loss gradient along the local path: SCAFFOLD's next control variate
-    /// of the worker (its "option II"), zero outside the buckets the shard touches.
+    /// of the worker (its "option II"), zero outside the buckets the shard touches;
+    /// row-major like the weights.
     pub mean_grad: Vec<f32>,
-    pub mean_grad_bias: f32,
+    pub mean_grad_bias: Vec<f32>,
     /// The buckets the shard's reviews read, ascending ([`touched_buckets`]): what a sparse
     /// update holds.
     pub touched: Vec<u32>,
@@ -313,24 +308,32 @@ impl Drift {
 }
 
 /// Documents laid out for fast SGD: for each document, its buckets and their fixed input
-/// values `nb_ratio[j] * scale` side by side (CSR layout). Precomputing the values means a
-/// step reads only the weight table at random places instead of weight and ratio tables.
+/// values `nb_ratio[r][j] * scale` side by side (CSR layout; with R rows, a non-zero's R
+/// values are adjacent). Precomputing the values means a step reads only the weight table at
+/// random places instead of weight and ratio tables.
 struct Csr {
+    rows: usize,
     offsets: Vec<usize>,
     indices: Vec<u32>,
+    /// `[non-zeros · rows]`.
     values: Vec<f32>,
 }
 
 impl Csr {
-    fn new<'a>(docs: impl IntoIterator<Item = &'a [u32]>, ratio: &[f32]) -> Self {
+    /// `ratio` is bucket-major: `ratio[j * rows + r]`.
+    fn new<'a>(docs: impl IntoIterator<Item = &'a [u32]>, ratio: &[f32], rows: usize) -> Self {
         let (mut offsets, mut indices, mut values) = (vec![0], Vec::new(), Vec::new());
         for doc in docs {
             let s = doc_scale(doc.len());
             indices.extend_from_slice(doc);
-            values.extend(doc.iter().map(|&j| ratio[j as usize] * s));
+            for &j in doc {
+                let at = j as usize * rows;
+                values.extend(ratio[at..at + rows].iter().map(|r| r * s));
+            }
             offsets.push(indices.len());
         }
         Self {
+            rows,
             offsets,
             indices,
             values,
@@ -339,7 +342,7 @@ impl Csr {
 
     fn row(&self, i: usize) -> (&[u32], &[f32]) {
         let (a, b) = (self.offsets[i], self.offsets[i + 1]);
-        (&self.indices[a..b], &self.values[a..b])
+        (&self.indices[a..b], &self.values[a * self.rows..b * self.rows])
     }
 }
 
@@ -407,36 +410,45 @@ pub fn run_steps<E>(
 pub struct LocalShard {
     /// Model bucket of each local one, ascending: what a sparse update's index holds.
     pub touched: Vec<u32>,
+    /// The model's buckets per row.
+    dim: usize,
     csr: Csr,
 }
 
 impl LocalShard {
-    /// `docs` are model buckets; `nb_ratio` is the model's (one value per bucket).
-    pub fn new(docs: &[Vec<u32>], nb_ratio: &[f32]) -> Self {
-        let touched = touched_buckets(docs, nb_ratio.len());
-        let mut local = vec![0u32; nb_ratio.len()];
-        for (k, &j) in touched.iter().enumerate() {
-            local[j as usize] = k as u32;
+    /// `docs` are model buckets; `nb_ratio` is the model's (`rows` rows of `dim`, row-major).
+    pub fn new(docs: &[Vec<u32>], nb_ratio: &[f32], rows: usize) -> Self {
+        let dim = nb_ratio.len() / rows;
+        // One model-sized table: first which buckets the reviews read, then their local number.
+        const UNSEEN: u32 = u32::MAX;
+        let mut local = vec![UNSEEN; dim];
+        for d in docs {
+            for &j in d {
+                local[j as usize] = 0;
+            }
+        }
+        let mut touched = Vec::new();
+        for (j, l) in local.iter_mut().enumerate() {
+            if *l != UNSEEN {
+                *l = touched.len() as u32;
+                touched.push(j as u32);
+            }
         }
         let renumbered: Vec<Vec<u32>> = docs
             .iter()
             .map(|doc| doc.iter().map(|&j| local[j as usize]).collect())
             .collect();
         drop(local);
-        let csr = Csr::new(
-            renumbered.iter().map(Vec::as_slice),
-            &Self::gather_at(&touched, nb_ratio),
-        );
-        Self { touched, csr }
+        let n = touched.len();
+        let ratio = interleave(&gather_rows(&touched, nb_ratio, dim), rows, n);
+        let csr = Csr::new(renumbered.iter().map(Vec::as_slice), &ratio, rows);
+        Self { touched, dim, csr }
     }
 
-    /// The values of a model-wide table at the shard's buckets.
+    /// The values of a model-wide row-major table (`rows · dim`) at the shard's buckets,
+    /// row-major (`rows · touched`).
     pub fn gather(&self, table: &[f32]) -> Vec<f32> {
-        Self::gather_at(&self.touched, table)
-    }
-
-    fn gather_at(touched: &[u32], table: &[f32]) -> Vec<f32> {
-        touched.iter().map(|&j| table[j as usize]).collect()
+        gather_rows(&self.touched, table, self.dim)
     }
 
     /// Number of reviews.
@@ -449,22 +461,46 @@ impl LocalShard {
     }
 }
 
+/// A row-major table of rows of `dim` at `buckets`, row-major.
+fn gather_rows(buckets: &[u32], table: &[f32], dim: usize) -> Vec<f32> {
+    table
+        .chunks_exact(dim)
+        .flat_map(|row| buckets.iter().map(move |&j| row[j as usize]))
+        .collect()
+}
+
+/// Row-major `[rows · n]` to bucket-major `[n · rows]` (the same values for one row).
+fn interleave(v: &[f32], rows: usize, n: usize) -> Vec<f32> {
+    if rows == 1 {
+        return v.to_vec();
+    }
+    let mut out = vec![0.0; v.len()];
+    for r in 0..rows {
+        for j in 0..n {
+            out[j * rows + r] = v[r * n + j];
+        }
+    }
+    out
+}
+
 /// What a round of [`train_local`] returns besides the trained weights.
 #[derive(Debug, Clone)]
 pub struct LocalRound {
     /// One entry per pass over the shard (the last pass may be partial).
     pub epochs: Vec<EpochStats>,
-    /// The mean data-loss gradient along the local path at the shard's buckets: SCAFFOLD's
-    /// next control variate of the worker (its "option II").
+    /// The mean data-loss gradient along the local path at the shard's buckets (row-major,
+    /// like the weights): SCAFFOLD's next control variate of the worker (its "option II").
     pub mean_grad: Vec<f32>,
-    pub mean_grad_bias: f32,
+    pub mean_grad_bias: Vec<f32>,
     /// How a bucket no review read moved over the round.
     pub drift: Drift,
 }
 
-/// One round of local work on the shard's own buckets: minibatch SGD on the logistic loss,
-/// with every gradient corrected by `correction` (SCAFFOLD) when given. `weight` and
-/// `correction` hold one value per bucket of `shard.touched`. Step `t` is
+/// One round of local work on the shard's own buckets: minibatch SGD on the loss of `link`
+/// ([`Link::loss`]: logistic for two classes, cross-entropy or one-vs-rest for K), with
+/// every gradient corrected by `correction` (SCAFFOLD) when given. `weight` and
+/// `correction.weight` hold one value per row and bucket of `shard.touched` (row-major),
+/// `bias` one per row. Step `t` is
 ///
 /// ```text
 /// w <- w - lr_t * (grad_batch(w) + d)        b <- b - lr_t * (grad_batch(b) + d_b)
@@ -475,108 +511,137 @@ pub struct LocalRound {
 /// `u = w + d * S_t`, the step becomes plain SGD on `u` (`u <- u - lr_t * grad_batch`), and
 /// a review's logit is `b + <u, x> - S_t * <d, x>`, where `<d, x>` is fixed for the round
 /// and computed once per review. A step therefore costs what an uncorrected one does,
-/// O(non-zeros); `w = u - d * S_T` at the end.
+/// O(non-zeros · rows); `w = u - d * S_T` at the end.
 ///
 /// The mean data gradient along the path (the worker's next control variate) is
-/// `Σ_t g_t x_(i_t) / T`: the loop adds up each review's scalar `g_t` and the sum over the
-/// shard is taken once, at the end.
+/// `Σ_t g_t x_(i_t) / T`: the loop adds up each review's residuals `g_t` (one per row) and
+/// the sum over the shard is taken once, at the end.
+#[allow(clippy::too_many_arguments)]
 pub fn train_local(
     shard: &LocalShard,
     weight: &mut [f32],
-    bias: &mut f32,
+    bias: &mut [f32],
     labels: &[u8],
+    link: Link,
     cfg: &TrainConfig,
     correction: Option<&Correction>,
     on_epoch: impl FnMut(&EpochStats),
 ) -> LocalRound {
+    let rows = bias.len();
+    assert_eq!(rows, shard.csr.rows, "one bias per row of the shard's ratios");
     let n = shard.touched.len();
-    assert_eq!(weight.len(), n, "one weight per bucket of the shard");
+    assert_eq!(weight.len(), rows * n, "one weight per row and bucket of the shard");
     let n_docs = shard.len();
     let steps = cfg.steps_for(n_docs);
     let csr = &shard.csr;
     let (d, d_bias) = match correction {
         Some(c) => {
-            assert_eq!(c.weight.len(), n, "one correction per bucket of the shard");
-            (c.weight.as_slice(), c.bias)
+            assert_eq!(c.weight.len(), rows * n, "one correction per row and bucket");
+            (interleave(&c.weight, rows, n), c.bias.clone())
         }
-        None => (&[][..], 0.0),
+        None => (Vec::new(), vec![0.0; rows]),
     };
     let corrected = !d.is_empty();
-    // `<d, x>` of every review (zero without a correction).
-    let dx: Vec<f64> = if corrected {
-        (0..n_docs)
-            .map(|i| {
-                let (idx, val) = csr.row(i);
-                idx.iter()
-                    .zip(val)
-                    .map(|(&j, &v)| d[j as usize] as f64 * v as f64)
-                    .sum()
-            })
-            .collect()
-    } else {
-        vec![0.0; n_docs]
-    };
-    // `u` in f64: it carries `d * S_t`, which can be far larger than the weight itself.
-    let mut u: Vec<f64> = weight.iter().map(|&w| w as f64).collect();
-    let mut g_doc = vec![0.0f64; n_docs];
-    let mut logits = Vec::with_capacity(cfg.batch);
-    let (mut s_t, mut grad_sum_bias) = (0.0f64, 0.0f64);
-    let Ok(epochs) = run_steps(n_docs, cfg, on_epoch, |t, rows| {
-        let lr = Drift::rate(cfg.lr, cfg.schedule, t as u64, steps);
-        logits.clear();
-        for &i in rows {
+    // `<d, x>` of every review and row (zero without a correction).
+    let mut dx = vec![0.0f64; n_docs * rows];
+    if corrected {
+        for i in 0..n_docs {
             let (idx, val) = csr.row(i);
-            let dot: f64 = idx
-                .iter()
-                .zip(val)
-                .map(|(&j, &v)| u[j as usize] * v as f64)
-                .sum();
-            logits.push((*bias as f64 + dot - s_t * dx[i]) as f32);
-        }
-        let inv_b = 1.0 / rows.len() as f32;
-        let (mut loss, mut correct, mut grad_bias) = (0.0, 0, 0.0f32);
-        for (&i, &z) in rows.iter().zip(&logits) {
-            let y = labels[i];
-            loss += logistic_loss(z, y);
-            correct += usize::from((z >= 0.0) == (y == 1));
-            let g = (sigmoid(z) - y as f32) * inv_b;
-            grad_bias += g;
-            g_doc[i] += g as f64;
-            let step = (lr * g) as f64;
-            let (idx, val) = csr.row(i);
-            for (&j, &v) in idx.iter().zip(val) {
-                u[j as usize] -= step * v as f64;
+            let out = &mut dx[i * rows..(i + 1) * rows];
+            for (p, &j) in idx.iter().enumerate() {
+                for r in 0..rows {
+                    out[r] += d[j as usize * rows + r] as f64 * val[p * rows + r] as f64;
+                }
             }
         }
-        *bias -= lr * (grad_bias + d_bias);
-        grad_sum_bias += grad_bias as f64;
+    }
+    // `u` in f64 (bucket-major): it carries `d * S_t`, which can be far larger than the
+    // weight itself.
+    let mut u: Vec<f64> = interleave(weight, rows, n).iter().map(|&w| w as f64).collect();
+    let mut g_doc = vec![0.0f64; n_docs * rows];
+    let mut logits = vec![0.0f32; cfg.batch * rows];
+    let mut dot = vec![0.0f64; rows];
+    let mut g = vec![0.0f32; rows];
+    let mut grad_bias = vec![0.0f32; rows];
+    let mut grad_sum_bias = vec![0.0f64; rows];
+    let mut s_t = 0.0f64;
+    let Ok(epochs) = run_steps(n_docs, cfg, on_epoch, |t, batch| {
+        let lr = Drift::rate(cfg.lr, cfg.schedule, t as u64, steps);
+        for (b, &i) in batch.iter().enumerate() {
+            let (idx, val) = csr.row(i);
+            dot.fill(0.0);
+            for (p, &j) in idx.iter().enumerate() {
+                for r in 0..rows {
+                    dot[r] += u[j as usize * rows + r] * val[p * rows + r] as f64;
+                }
+            }
+            for r in 0..rows {
+                logits[b * rows + r] = (bias[r] as f64 + dot[r] - s_t * dx[i * rows + r]) as f32;
+            }
+        }
+        let inv_b = 1.0 / batch.len() as f32;
+        let (mut loss, mut correct) = (0.0, 0);
+        grad_bias.fill(0.0);
+        for (b, &i) in batch.iter().enumerate() {
+            let y = labels[i];
+            let z = &logits[b * rows..(b + 1) * rows];
+            loss += link.loss(z, y);
+            correct += usize::from(link.predict(z) == y as usize);
+            link.residuals(z, y, &mut g);
+            for r in 0..rows {
+                g[r] *= inv_b;
+                grad_bias[r] += g[r];
+                g_doc[i * rows + r] += g[r] as f64;
+            }
+            let (idx, val) = csr.row(i);
+            for (p, &j) in idx.iter().enumerate() {
+                for r in 0..rows {
+                    u[j as usize * rows + r] -= (lr * g[r]) as f64 * val[p * rows + r] as f64;
+                }
+            }
+        }
+        for r in 0..rows {
+            bias[r] -= lr * (grad_bias[r] + d_bias[r]);
+            grad_sum_bias[r] += grad_bias[r] as f64;
+        }
         s_t += lr as f64;
         Ok::<_, std::convert::Infallible>((loss, correct))
     });
     let taken = steps.max(1) as f64;
-    let mut grad_sum = vec![0.0f64; n];
-    for (i, &g) in g_doc.iter().enumerate() {
-        if g != 0.0 {
+    let mut grad_sum = vec![0.0f64; n * rows];
+    for i in 0..n_docs {
+        let gi = &g_doc[i * rows..(i + 1) * rows];
+        if gi.iter().any(|&g| g != 0.0) {
             let (idx, val) = csr.row(i);
-            for (&j, &v) in idx.iter().zip(val) {
-                grad_sum[j as usize] += g * v as f64;
+            for (p, &j) in idx.iter().enumerate() {
+                for r in 0..rows {
+                    grad_sum[j as usize * rows + r] += gi[r] * val[p * rows + r] as f64;
+                }
             }
         }
     }
-    for (j, w) in weight.iter_mut().enumerate() {
-        let dj = if corrected { d[j] as f64 } else { 0.0 };
-        *w = (u[j] - dj * s_t) as f32;
+    for r in 0..rows {
+        for j in 0..n {
+            let dj = if corrected { d[j * rows + r] as f64 } else { 0.0 };
+            weight[r * n + j] = (u[j * rows + r] - dj * s_t) as f32;
+        }
+    }
+    let mut mean_grad = vec![0.0f32; n * rows];
+    for r in 0..rows {
+        for j in 0..n {
+            mean_grad[r * n + j] = (grad_sum[j * rows + r] / taken) as f32;
+        }
     }
     LocalRound {
         epochs,
-        mean_grad: grad_sum.iter().map(|&g| (g / taken) as f32).collect(),
-        mean_grad_bias: (grad_sum_bias / taken) as f32,
+        mean_grad,
+        mean_grad_bias: grad_sum_bias.iter().map(|&g| (g / taken) as f32).collect(),
         drift: Drift { lr_sum: s_t },
     }
 }
 
-/// [`train_local`] on a whole model, in place, with a correction per model bucket: the
-/// shard's buckets are trained, every other bucket moves by the correction alone
+/// [`train_local`] on a whole model, in place, with a correction per model row and bucket:
+/// the shard's buckets are trained, every other bucket moves by the correction alone
 /// (`-d · S_T`, as the aggregator recomputes it for a sparse update). For callers that hold
 /// the dense model (the trainer's whole-model form, tests, simulations).
 pub fn train_sparse(
@@ -587,13 +652,13 @@ pub fn train_sparse(
     correction: Option<&Correction>,
     on_epoch: impl FnMut(&EpochStats),
 ) -> LocalOutcome {
-    let dim = model.weight.len();
-    let shard = LocalShard::new(docs, &model.nb_ratio);
+    let (rows, dim) = (model.config.rows(), model.config.dim());
+    let shard = LocalShard::new(docs, &model.nb_ratio, rows);
     let local = correction.map(|c| {
-        assert_eq!(c.weight.len(), dim, "one correction per bucket");
+        assert_eq!(c.weight.len(), rows * dim, "one correction per row and bucket");
         Correction {
             weight: shard.gather(&c.weight),
-            bias: c.bias,
+            bias: c.bias.clone(),
         }
     });
     let mut w = shard.gather(&model.weight);
@@ -602,6 +667,7 @@ pub fn train_sparse(
         &mut w,
         &mut model.bias,
         labels,
+        model.config.link(),
         cfg,
         local.as_ref(),
         on_epoch,
@@ -611,10 +677,13 @@ pub fn train_sparse(
             *x = round.drift.apply(*x, dj);
         }
     }
-    let mut mean_grad = vec![0.0f32; dim];
-    for ((&j, &wj), &g) in shard.touched.iter().zip(&w).zip(&round.mean_grad) {
-        model.weight[j as usize] = wj;
-        mean_grad[j as usize] = g;
+    let n = shard.touched.len();
+    let mut mean_grad = vec![0.0f32; rows * dim];
+    for r in 0..rows {
+        for (k, &j) in shard.touched.iter().enumerate() {
+            model.weight[r * dim + j as usize] = w[r * n + k];
+            mean_grad[r * dim + j as usize] = round.mean_grad[r * n + k];
+        }
     }
     LocalOutcome {
         epochs: round.epochs,
@@ -627,7 +696,7 @@ pub fn train_sparse(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ClassCounts, ModelConfig};
+    use crate::model::{ClassCounts, ModelConfig, Multiclass};
 
     fn tiny_cfg() -> ModelConfig {
         ModelConfig::with_buckets(10, 1)
@@ -654,7 +723,7 @@ mod tests {
         let labels: Vec<u8> = (0..n).map(|i| (i % 2) as u8).collect();
         let model = Model::from_counts(
             tiny_cfg(),
-            &ClassCounts::count(tiny_cfg().dim(), &docs, &labels),
+            &ClassCounts::count(2, tiny_cfg().dim(), &docs, &labels),
         );
         (model, docs, labels)
     }
@@ -663,11 +732,24 @@ mod tests {
         corpus(40, 7, 30)
     }
 
+    /// The toy corpus with three classes (`i % 3`, said by bucket `i % 3`).
+    fn toy3(multiclass: Multiclass) -> (Model, Vec<Vec<u32>>, Vec<u8>) {
+        let cfg = tiny_cfg().with_classes(3, multiclass);
+        let docs: Vec<Vec<u32>> = (0..45u32)
+            .map(|i| vec![i % 3, 10 + i % 7, 30 + i % 5])
+            .collect();
+        let labels: Vec<u8> = (0..45).map(|i| (i % 3) as u8).collect();
+        let model = Model::from_counts(cfg, &ClassCounts::count(3, cfg.dim(), &docs, &labels));
+        (model, docs, labels)
+    }
+
     /// A correction that is non-zero on buckets no document reads, so the lazy path matters.
-    fn correction(dim: usize) -> Correction {
+    fn correction(rows: usize, dim: usize) -> Correction {
         Correction {
-            weight: (0..dim).map(|j| ((j % 13) as f32 - 6.0) * 1e-3).collect(),
-            bias: 0.01,
+            weight: (0..rows * dim)
+                .map(|j| ((j % 13) as f32 - 6.0) * 1e-3)
+                .collect(),
+            bias: (0..rows).map(|r| 0.01 - r as f32 * 0.004).collect(),
         }
     }
 
@@ -680,59 +762,86 @@ mod tests {
 
     #[test]
     fn the_sparse_engine_equals_dense_steps_and_untouched_buckets_follow_drift() {
-        // The sparse engine against a direct dense loop of the documented step.
-        let (model, docs, labels) = toy();
-        let dim = model.config.dim();
-        let corr = correction(dim);
-        let cfg = tc(17, 1, 0.3, Schedule::Linear);
-        let mut sparse = model.clone();
-        let out = train_sparse(&mut sparse, &docs, &labels, &cfg, Some(&corr), |_| {});
-        let ratio = &model.nb_ratio;
-        let mut w = model.weight.clone();
-        let mut b = model.bias;
-        let mut grad_sum = vec![0f32; dim];
-        let order = shuffled(docs.len(), cfg.seed);
-        for (t, &i) in order.iter().take(17).enumerate() {
-            let lr = Drift::rate(cfg.lr, cfg.schedule, t as u64, 17);
-            let s = doc_scale(docs[i].len());
-            let z = b + docs[i]
-                .iter()
-                .map(|&j| w[j as usize] * ratio[j as usize] * s)
-                .sum::<f32>();
-            let g = sigmoid(z) - labels[i] as f32;
-            let mut grad = vec![0f32; dim];
-            for &j in &docs[i] {
-                grad[j as usize] = g * ratio[j as usize] * s;
-                grad_sum[j as usize] += grad[j as usize];
+        // The sparse engine against a direct dense loop of the documented step, for two
+        // classes and for three with either link.
+        for (model, docs, labels) in [
+            toy(),
+            toy3(Multiclass::Softmax),
+            toy3(Multiclass::OneVsRest),
+        ] {
+            let (rows, dim) = (model.config.rows(), model.config.dim());
+            let link = model.config.link();
+            let corr = correction(rows, dim);
+            let cfg = tc(17, 1, 0.3, Schedule::Linear);
+            let mut sparse = model.clone();
+            let out = train_sparse(&mut sparse, &docs, &labels, &cfg, Some(&corr), |_| {});
+            let ratio = &model.nb_ratio;
+            let mut dense = model.clone();
+            let mut grad_sum = vec![0f32; rows * dim];
+            let order = shuffled(docs.len(), cfg.seed);
+            for (t, &i) in order.iter().take(17).enumerate() {
+                let lr = Drift::rate(cfg.lr, cfg.schedule, t as u64, 17);
+                let s = doc_scale(docs[i].len());
+                let mut g = vec![0f32; rows];
+                link.residuals(&dense.logits(&docs[i]), labels[i], &mut g);
+                let mut grad = vec![0f32; rows * dim];
+                for r in 0..rows {
+                    for &j in &docs[i] {
+                        let at = r * dim + j as usize;
+                        grad[at] = g[r] * ratio[at] * s;
+                        grad_sum[at] += grad[at];
+                    }
+                }
+                for (x, (g, c)) in dense.weight.iter_mut().zip(grad.iter().zip(&corr.weight)) {
+                    *x -= lr * (g + c);
+                }
+                for r in 0..rows {
+                    dense.bias[r] -= lr * (g[r] + corr.bias[r]);
+                }
             }
-            for j in 0..dim {
-                w[j] -= lr * (grad[j] + corr.weight[j]);
+            let diff = max_diff(&dense.weight, &sparse.weight);
+            assert!(diff < 1e-5, "{link:?}: lazy and dense differ by {diff}");
+            assert!(max_diff(&dense.bias, &sparse.bias) < 1e-5);
+            // The control variate: the mean data gradient along the path.
+            let mean: Vec<f32> = grad_sum.iter().map(|g| g / 17.0).collect();
+            assert!(
+                max_diff(&mean, &out.mean_grad) < 1e-6,
+                "{link:?}: mean gradients differ by {}",
+                max_diff(&mean, &out.mean_grad)
+            );
+            assert!(mean.iter().any(|&g| g != 0.0));
+            // A bucket no document reads moved exactly as Drift predicts from its start.
+            let drift = Drift::new(17, cfg.lr, cfg.schedule);
+            let touched = touched_buckets(&docs, dim);
+            let untouched = (0..dim as u32).find(|j| !touched.contains(j)).unwrap() as usize;
+            for r in 0..rows {
+                let at = r * dim + untouched;
+                assert_eq!(sparse.weight[at], drift.apply(0.0, corr.weight[at]));
+                assert_ne!(sparse.weight[at], 0.0);
             }
-            b -= lr * (g + corr.bias);
         }
-        assert!(
-            max_diff(&w, &sparse.weight) < 1e-5,
-            "lazy and dense differ by {}",
-            max_diff(&w, &sparse.weight)
-        );
-        assert!((b - sparse.bias).abs() < 1e-5);
-        // The control variate: the mean data gradient along the path.
-        let mean: Vec<f32> = grad_sum.iter().map(|g| g / 17.0).collect();
-        assert!(
-            max_diff(&mean, &out.mean_grad) < 1e-6,
-            "mean gradients differ by {}",
-            max_diff(&mean, &out.mean_grad)
-        );
-        assert!(mean.iter().any(|&g| g != 0.0));
-        // A bucket no document reads moved exactly as Drift predicts from its start.
-        let drift = Drift::new(17, cfg.lr, cfg.schedule);
-        let touched = touched_buckets(&docs, dim);
-        let untouched = (0..dim as u32).find(|j| !touched.contains(j)).unwrap() as usize;
-        assert_eq!(
-            sparse.weight[untouched],
-            drift.apply(0.0, corr.weight[untouched])
-        );
-        assert_ne!(sparse.weight[untouched], 0.0);
+    }
+
+    #[test]
+    fn three_classes_are_learnt_with_either_link() {
+        for multiclass in [Multiclass::Softmax, Multiclass::OneVsRest] {
+            let (mut model, docs, labels) = toy3(multiclass);
+            let cfg = tc(400, 1, 1.0, Schedule::Linear);
+            let out = train_sparse(&mut model, &docs, &labels, &cfg, None, |_| {});
+            let last = out.epochs.last().unwrap();
+            assert!(
+                out.epochs[0].loss > last.loss * 2.0,
+                "{multiclass}: {:?}",
+                out.epochs
+            );
+            let scorer = model.scorer();
+            let right = docs
+                .iter()
+                .zip(&labels)
+                .filter(|&(d, &y)| scorer.predict(d) == y as usize)
+                .count();
+            assert_eq!(right, docs.len(), "{multiclass}");
+        }
     }
 
     #[test]
