@@ -1,5 +1,5 @@
 //! Labels of any data set: the order that turns label names into class indices, the IMDB
-//! tasks, the flags that say how a source is read, and the 2-class limit of today's model.
+//! tasks and the flags that say how a source is read.
 //!
 //! A shard stores a review's class as a small integer (`label`, u8); the data manifest
 //! records the label names in class order (`DataManifest::labels`), so class `k` is
@@ -220,29 +220,6 @@ impl SourceArgs {
     }
 }
 
-/// The trainer, the aggregator, the server and the pipeline train and serve a 2-class
-/// model; data with more labels is refused here, in one place and with one message, until
-/// the K-class model (issue 13, item 2) exists. `what` names the data (a manifest, a file).
-pub fn ensure_two_classes(
-    classes: usize,
-    names: &[String],
-    what: &dyn std::fmt::Display,
-) -> Result<()> {
-    if classes <= 2 {
-        return Ok(());
-    }
-    let shown = if names.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", names.join(", "))
-    };
-    bail!(
-        "{what} has {classes} labels{shown}: the trainer, aggregator and server handle 2 classes, \
-         and the K-class model is not built yet (issue 13). The copier shards K-class data, but \
-         only 2-label data trains: shard a source with two labels (for IMDB, --task sentiment)"
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,19 +262,6 @@ mod tests {
         assert_eq!(Task::Rating.class(false, 4), 3);
         assert_eq!(Task::Rating.class(true, 7), 4);
         assert_eq!(Task::Rating.class(true, 10), 7);
-    }
-
-    #[test]
-    fn more_than_two_classes_are_refused_by_count() {
-        ensure_two_classes(2, &strings(&["ham", "spam"]), &"x").unwrap();
-        let err = ensure_two_classes(3, &strings(&["a", "b", "c"]), &"data/manifest.json")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("data/manifest.json has 3 labels (a, b, c)")
-                && err.contains("K-class model is not built yet"),
-            "{err}"
-        );
     }
 
     #[test]

@@ -194,7 +194,6 @@ pub fn run(args: &LocalArgs) -> Result<()> {
         run.workers.min(4 * cores)
     });
 
-    let config = run.model.config();
     let mut manifest: Option<DataManifest> = None;
     let mut seconds_copier = 0.0;
     let mut rounds = Vec::new();
@@ -214,7 +213,6 @@ pub fn run(args: &LocalArgs) -> Result<()> {
                 )?;
                 seconds_copier = t0.elapsed().as_secs_f64();
                 let read = DataManifest::read(&layout.data_manifest())?;
-                read.ensure_two_classes(&layout.data_manifest())?;
                 manifest = Some(read);
                 let how = match copied.status {
                     Status::Done => "written",
@@ -231,6 +229,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
                 let manifest = manifest
                     .as_ref()
                     .expect("the plan runs the copier before any trainer");
+                let config = run.model.config(manifest.labels.len());
                 remove_foreign_updates(&layout, round, step.shards)?;
                 // Each worker's update is kept if it verifies and was computed from exactly
                 // what this run would compute it from; the others are (re)computed.

@@ -78,12 +78,6 @@ impl RunArgs {
         self.train.validate().map_err(anyhow::Error::msg)?;
         self.model.validate().map_err(anyhow::Error::msg)?;
         self.partition.validate()?;
-        let labels = self.task.task.labels();
-        fedimdb::labels::ensure_two_classes(
-            labels.len(),
-            &labels,
-            &format!("--task {}", self.task.task),
-        )?;
         self.combine.strategy().map_err(anyhow::Error::msg)?;
         if let Some(m) = self.min_workers {
             ensure!(
@@ -397,10 +391,6 @@ mod tests {
                 "--trim only applies to --strategy trimmed-mean",
             ),
             (&["--workers", "0"], "--workers must be at least 1"),
-            (
-                &["--task", "rating"],
-                "--task rating has 8 labels (1, 2, 3, 4, 7, 8, 9, 10)",
-            ),
         ] {
             let err = Plan::new(parse(args)).unwrap_err().to_string();
             assert!(err.contains(want), "{args:?}: {err}");
