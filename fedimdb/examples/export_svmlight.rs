@@ -57,7 +57,7 @@ fn export(data: &Path, entries: &[FileEntry], args: &ModelArgs, out: &Path) -> R
     let mut rows = 0;
     for entry in entries {
         let reviews = load(data, entry)?;
-        let featurized = featurize_all(&reviews, args.config().featurizer);
+        let featurized = featurize_all(&reviews, args.config(2).featurizer);
         for (buckets, label) in featurized.features.iter().zip(&featurized.labels) {
             let value = doc_scale(buckets.len());
             write!(w, "{label}")?;
