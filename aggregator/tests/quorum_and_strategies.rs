@@ -77,14 +77,17 @@ impl Volume {
         for (shard, &rows) in ROWS.iter().enumerate() {
             let pos = rows / 2;
             let counts = ClassCounts {
-                pos: (0..dim).map(|j| ((j + shard) % 3) as f32).collect(),
-                neg: (0..dim).map(|j| ((j + 2 * shard) % 4) as f32).collect(),
-                pos_scaled: (0..dim).map(|j| ((j + shard) % 3) as f32 * 0.5).collect(),
-                neg_scaled: (0..dim)
-                    .map(|j| ((j + 2 * shard) % 4) as f32 * 0.5)
-                    .collect(),
-                n_pos: pos,
-                n_neg: rows - pos,
+                counts: vec![
+                    (0..dim).map(|j| ((j + 2 * shard) % 4) as f32).collect(),
+                    (0..dim).map(|j| ((j + shard) % 3) as f32).collect(),
+                ],
+                scaled: vec![
+                    (0..dim)
+                        .map(|j| ((j + 2 * shard) % 4) as f32 * 0.5)
+                        .collect(),
+                    (0..dim).map(|j| ((j + shard) % 3) as f32 * 0.5).collect(),
+                ],
+                docs: vec![rows - pos, pos],
             };
             let mut h = Header::new(Kind::Stats, config(), 0);
             h.shard = Some(shard);
@@ -106,14 +109,21 @@ impl Volume {
                     algorithm: Algorithm::FedAvg,
                     ..Default::default()
                 }
-                .config(1, shard),
+                .config(1, shard, 2),
             );
             let b = BIAS[shard];
             let weight = (0..dim).map(|j| b * (1 + j % 7) as f32).collect();
             v.write_update(
                 1,
                 shard,
-                Checkpoint::update(h, (0..dim as u32).collect(), weight, b, vec![0.0; dim], 0.0),
+                Checkpoint::update(
+                    h,
+                    (0..dim as u32).collect(),
+                    weight,
+                    vec![b],
+                    vec![0.0; dim],
+                    vec![0.0],
+                ),
             );
         }
         v

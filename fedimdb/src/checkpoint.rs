@@ -563,7 +563,7 @@ impl Checkpoint {
         let dim = self.header.config.dim();
         let v = self.tensor(name);
         let n = self.index.len();
-        let rows = if n == 0 { 0 } else { v.len() / n };
+        let rows = v.len().checked_div(n).unwrap_or(0);
         let mut out = vec![0.0; rows.max(1) * dim];
         for r in 0..rows {
             for (k, &j) in self.index.iter().enumerate() {
