@@ -50,7 +50,7 @@ pub enum Multiclass {
     Softmax,
     /// K independent logistic models, class k against the rest; probabilities are the K
     /// sigmoids normalised to sum to one. The default: on IMDB's rating task it was ahead of
-    /// the softmax at every learning rate and smoothing tried, by 0.1–0.9 points on a
+    /// the softmax at 6 of the 8 learning rates and smoothings tried, by 0.1–0.9 points on a
     /// validation split (docs/BENCHMARKS.md).
     #[default]
     OneVsRest,
