@@ -619,6 +619,17 @@ fn train_rows<const ROWS: usize>(
         let lr = Drift::rate(cfg.lr, cfg.schedule, t as u64, steps);
         for (b, &i) in batch.iter().enumerate() {
             let (idx, val) = csr.row(i);
+            if ROWS == 1 {
+                // The sum in a register: a loop over a one-entry buffer would store and
+                // reload it at every non-zero.
+                let dot: f64 = idx
+                    .iter()
+                    .zip(val)
+                    .map(|(&j, &v)| u[j as usize] * v as f64)
+                    .sum();
+                logits[b] = (bias[0] as f64 + dot - s_t * dx[i]) as f32;
+                continue;
+            }
             dot.fill(0.0);
             for (p, &j) in idx.iter().enumerate() {
                 for r in 0..rows {
@@ -644,6 +655,13 @@ fn train_rows<const ROWS: usize>(
                 g_doc[i * rows + r] += g[r] as f64;
             }
             let (idx, val) = csr.row(i);
+            if ROWS == 1 {
+                let step = (lr * g[0]) as f64;
+                for (&j, &v) in idx.iter().zip(val) {
+                    u[j as usize] -= step * v as f64;
+                }
+                continue;
+            }
             for (p, &j) in idx.iter().enumerate() {
                 for r in 0..rows {
                     u[j as usize * rows + r] -= (lr * g[r]) as f64 * val[p * rows + r] as f64;
