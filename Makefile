@@ -6,7 +6,7 @@ ROOT    ?= runs/local
 WORKERS ?= 5
 BIN     := $(or $(CARGO_TARGET_DIR),target)/release
 
-.PHONY: all build run serve check test bench bench-copier bench-train bench-hetero bench-server clippy fmt fmt-check clean check-cuda
+.PHONY: all build run serve check test bench bench-copier bench-train bench-hetero bench-sklearn bench-server clippy fmt fmt-check clean check-cuda
 
 all: build
 
@@ -61,6 +61,14 @@ bench-train: build
 ## Federated vs centralized over workers {5,20,64} x {iid, dirichlet 0.5, 0.1} (docs/BENCHMARKS.md).
 bench-hetero: build
 	bash tests/bench/hetero.sh
+
+## scikit-learn's logistic regression over the model's own features, TASK rating (8 classes)
+## or sentiment: the peer of issue 13 (docs/BENCHMARKS.md). Installs scikit-learn into a venv
+## under ~/.cache/fedimdb on first use.
+TASK ?= rating
+bench-sklearn:
+	$(CARGO) build --release --workspace --examples
+	BIN=$(BIN) bash tests/bench/sklearn_peer.sh ../shared/data/aclImdb-labeled.tar.gz $(TASK)
 
 ## Serves the model under $(ROOT) (trained by the pipeline if missing) under load from wrk.
 bench-server: build

@@ -174,6 +174,78 @@ fn a_run_on_the_simulated_cluster_publishes_the_model_pipeline_local_makes() {
     );
 }
 
+/// `mail.csv` of a few dozen synthetic reviews: the positive ones labeled `spam`, the
+/// negative ones `ham` (40 of each).
+fn mail_csv() -> String {
+    let mut csv = "text,label\n".to_owned();
+    for (name, bytes) in common::synthetic(40) {
+        let mut parts = name.split('/');
+        let (split, folder) = (parts.next().unwrap(), parts.next().unwrap());
+        if split == "train" {
+            let text = String::from_utf8(bytes).unwrap().replace('"', "\"\"");
+            let label = if folder == "pos" { "spam" } else { "ham" };
+            csv.push_str(&format!("\"{text}\",{label}\n"));
+        }
+    }
+    csv
+}
+
+/// Your own labeled text on the volume: `pipeline k8s --source own/mail.csv` with the
+/// source flags of `pipeline local` shards it in a copier Job without the download, and
+/// the run publishes the model `pipeline local` makes of the same file.
+#[test]
+fn a_csv_on_the_volume_trains_through_the_simulated_cluster_as_pipeline_local_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let vol = d.join("vol");
+    std::fs::create_dir_all(vol.join("own")).unwrap();
+    let csv = vol.join("own/mail.csv");
+    std::fs::write(&csv, mail_csv()).unwrap();
+    let f = flags();
+    let reading = ["--test-fraction", "0.25"];
+    let local = d.join("local");
+    run_ok(&mut pipeline_local(
+        &csv,
+        &local,
+        &with(&f, &[&reading[..], &["--jobs", "2"]].concat()),
+    ));
+    // No archive: the copier Job has no download container for the offline hook to touch.
+    let s = sim(&vol, &csv, None);
+    let (_, log) = run_ok(&mut pipeline_k8s(
+        &s,
+        &with(
+            &f,
+            &[
+                &["--run-id", "csv", "--source", "own/mail.csv"],
+                &reading[..],
+            ]
+            .concat(),
+        ),
+    ));
+    assert_eq!(
+        model_sha(&vol),
+        model_sha(&local),
+        "the model of the CSV through the simulated cluster differs from pipeline local's:\n{log}"
+    );
+    assert_all_served(&s);
+    let copier = s.job(NS, "fedimdb-csv-copier").expect("the copier Job");
+    let pod = &copier["spec"]["template"]["spec"];
+    assert!(pod["initContainers"].is_null(), "no download: {pod}");
+    let args: Vec<&str> = pod["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[..2], ["--source", "/data/own/mail.csv"]);
+    assert!(args.ends_with(&["--test-fraction", "0.25"]), "{args:?}");
+    let manifest = fedimdb::manifest::DataManifest::read(&vol.join("data/manifest.json")).unwrap();
+    assert_eq!(manifest.labels, ["ham", "spam"]);
+    assert_eq!(manifest.test.label_counts, [10, 10]);
+    let accuracy = last_accuracy(&s).expect("the last aggregator's test accuracy");
+    assert!(accuracy > 0.9, "test accuracy {accuracy}:\n{log}");
+}
+
 #[test]
 fn a_trainer_pod_killed_mid_step_is_retried_and_the_model_is_unchanged() {
     let fired = AtomicBool::new(false);

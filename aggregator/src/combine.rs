@@ -92,6 +92,14 @@ impl Fill {
     }
 }
 
+/// A sparse update's buckets as places in its row-major weights: `r · dim + j` for every row
+/// `r` and listed bucket `j`, ascending like the values the update lists.
+pub fn flat_index(index: &[u32], rows: usize, dim: usize) -> Vec<u32> {
+    (0..rows)
+        .flat_map(|r| index.iter().map(move |&j| (r * dim) as u32 + j))
+        .collect()
+}
+
 /// One tensor of one update as the robust rules hold it.
 #[derive(Debug)]
 pub enum Held {
@@ -183,18 +191,19 @@ impl Combiner {
     /// for to its sum; the robust rules keep it sparse.
     pub fn add_sparse(&mut self, ck: &Checkpoint, fill: Fill, weight: f64) -> Result<()> {
         let (values, bias) = (ck.tensor(WEIGHT), ck.tensor(BIAS).to_vec());
+        let index = flat_index(&ck.index, ck.header.config.rows(), ck.header.config.dim());
         match self {
             Combiner::Streaming(sum) => {
                 let dense = Checkpoint::dense(
                     Kind::Update,
                     ck.header.clone(),
-                    [(WEIGHT, fill.dense(&ck.index, values)), (BIAS, bias)],
+                    [(WEIGHT, fill.dense(&index, values)), (BIAS, bias)],
                 );
                 sum.add(&dense, weight)
             }
             Combiner::Holding { updates, .. } => {
                 let weights = Held::Sparse {
-                    index: ck.index.clone(),
+                    index,
                     values: values.to_vec(),
                     fill,
                 };

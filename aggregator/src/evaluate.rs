@@ -15,7 +15,7 @@ pub fn evaluate(scorer: &Scorer, data: &Featurized) -> Metrics {
             .map(|part| {
                 s.spawn(move || {
                     part.iter()
-                        .map(|f| scorer.probability(f))
+                        .flat_map(|f| scorer.probabilities(f))
                         .collect::<Vec<_>>()
                 })
             })
@@ -24,5 +24,5 @@ pub fn evaluate(scorer: &Scorer, data: &Featurized) -> Metrics {
             .flat_map(|h| h.join().expect("scoring thread panicked"))
             .collect()
     });
-    Metrics::compute(&probs, &data.labels)
+    Metrics::of_classes(&probs, scorer.classes(), &data.labels)
 }

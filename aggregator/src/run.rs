@@ -28,7 +28,7 @@ use fedimdb::verify::{
 use tracing::{info, warn};
 
 use crate::Args;
-use crate::combine::{Combiner, Fill};
+use crate::combine::{Combiner, Fill, flat_index};
 use crate::evaluate::evaluate;
 use fedimdb::strategy::{Combination, Strategy};
 
@@ -74,7 +74,6 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
     let start = Instant::now();
     let layout = Layout::new(root);
     let manifest = DataManifest::of_run(&layout)?;
-    manifest.ensure_two_classes(&layout.data_manifest())?;
     let strategy = args.strategy().map_err(anyhow::Error::msg)?;
     let label = Combination::of_round(round, strategy);
     let quorum = args.min_workers().map_or(manifest.workers, |(m, _)| m);
@@ -354,14 +353,21 @@ fn combine_statistics(
         total.expect("at least one update"),
         config.expect("at least one update"),
     );
+    ensure!(
+        config.classes() == manifest.labels.len(),
+        "the statistics are of a {}-class model, the data ({}) has {} labels: the data was \
+         sharded again after round 0 ran; start the run over (--from-round 0)",
+        config.classes(),
+        layout.data_manifest().display(),
+        manifest.labels.len()
+    );
     let model = Model::from_counts(config, &total);
-    let (weight, bias) = initial_gradient(&total, &model.nb_ratio, total.prior());
+    let (weight, bias) = initial_gradient(&total, &model.nb_ratio, &model.bias, config.link());
     let control = Control {
         weight,
         bias,
         sources: vec![0; manifest.workers],
-        samples: total.n_pos + total.n_neg,
-        positive: total.n_pos,
+        class_samples: total.docs.clone(),
     };
     let model = Checkpoint::from_model(model, Header::new(Kind::Model, config, 0));
     Ok(Combined {
@@ -395,7 +401,8 @@ fn combine_updates(
     let ratio = base.tensor(NB_RATIO).to_vec();
     let n_total = manifest.train_rows() as f64;
     let mut sum = Combiner::new(strategy);
-    let mut controls = ControlSum::new(config.dim());
+    let (rows, dim) = (config.rows(), config.dim());
+    let mut controls = ControlSum::new(rows, dim);
     let (mut samples, mut update_sha256, mut update_bytes, mut seen) =
         (Vec::new(), Vec::new(), Vec::new(), BTreeMap::new());
     let mut sources = prev_control.sources.clone();
@@ -408,9 +415,9 @@ fn combine_updates(
         sum.add_sparse(&ck, fill, h.samples as f64)
             .with_context(refusing)?;
         controls.add_sparse(
-            &ck.index,
+            &flat_index(&ck.index, rows, dim),
             ck.tensor(GRAD_WEIGHT),
-            ck.tensor(GRAD_BIAS)[0],
+            ck.tensor(GRAD_BIAS),
             h.samples as f64 / n_total,
         );
         sources[shard] = round;
@@ -421,11 +428,11 @@ fn combine_updates(
     }
     // A shard missing from this round keeps its newest gradient in the control variate.
     for shard in (0..manifest.workers).filter(|s| !updates.contains_key(s)) {
-        let (index, g, g_bias) = worker_control(layout, &prev_control, shard, &ratio)?;
+        let (index, g, g_bias) = worker_control(layout, &prev_control, shard, &ratio, &config)?;
         controls.add_sparse(
-            &index,
+            &flat_index(&index, rows, dim),
             &g,
-            g_bias,
+            &g_bias,
             manifest.shards[shard].rows as f64 / n_total,
         );
     }
@@ -434,8 +441,7 @@ fn combine_updates(
         weight,
         bias,
         sources,
-        samples: prev_control.samples,
-        positive: prev_control.positive,
+        class_samples: prev_control.class_samples.clone(),
     };
     for (name, v) in sum.combine()? {
         base.tensors.insert(name, v);
@@ -494,31 +500,35 @@ fn update_fill(
     })
 }
 
-/// A running weighted sum of control variates, in f64.
+/// A running weighted sum of control variates, in f64 (row-major weights, a bias per row).
 struct ControlSum {
     weight: Vec<f64>,
-    bias: f64,
+    bias: Vec<f64>,
 }
 
 impl ControlSum {
-    fn new(dim: usize) -> Self {
+    fn new(rows: usize, dim: usize) -> Self {
         Self {
-            weight: vec![0.0; dim],
-            bias: 0.0,
+            weight: vec![0.0; rows * dim],
+            bias: vec![0.0; rows],
         }
     }
 
-    fn add_sparse(&mut self, index: &[u32], values: &[f32], bias: f32, p: f64) {
+    /// Adds `p` times a sparse control variate: `values` at the places of `index` in the
+    /// row-major weights ([`flat_index`]).
+    fn add_sparse(&mut self, index: &[u32], values: &[f32], bias: &[f32], p: f64) {
         for (&j, &v) in index.iter().zip(values) {
             self.weight[j as usize] += p * v as f64;
         }
-        self.bias += p * bias as f64;
+        for (s, &b) in self.bias.iter_mut().zip(bias) {
+            *s += p * b as f64;
+        }
     }
 
-    fn finish(self) -> (Vec<f32>, f32) {
+    fn finish(self) -> (Vec<f32>, Vec<f32>) {
         (
             self.weight.into_iter().map(|x| x as f32).collect(),
-            self.bias as f32,
+            self.bias.into_iter().map(|x| x as f32).collect(),
         )
     }
 }
@@ -568,6 +578,8 @@ fn write_round(
         train_samples: samples.iter().sum(),
         history,
         metrics: metrics.to_map(),
+        labels: manifest.labels.clone(),
+        task: Some(manifest.task_title()),
     };
     let config = model.header.config;
     let mut header = Header::new(Kind::Model, config, round);

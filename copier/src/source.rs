@@ -22,7 +22,7 @@ use std::sync::mpsc;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use fedimdb::digest::HashingReader;
-use fedimdb::labels::{Format, SourceArgs, Task};
+use fedimdb::labels::{Format, Shape, SourceArgs, Task};
 use fedimdb::manifest::SourceInfo;
 use fedimdb::reviews::{NEGATIVE, POSITIVE, Review};
 use flate2::read::GzDecoder;
@@ -108,19 +108,13 @@ pub fn kind_of(path: &Path, format: Format) -> Result<SourceKind> {
                 SourceKind::Folders
             }
         }
-        Format::Auto => {
-            let ext = path
-                .extension()
-                .and_then(|e| e.to_str())
-                .map(str::to_ascii_lowercase);
-            match ext.as_deref() {
-                Some("csv") => SourceKind::Csv,
-                Some("tsv" | "tab") => SourceKind::Tsv,
-                Some("jsonl" | "ndjson") => SourceKind::Jsonl,
-                Some("parquet") => SourceKind::Parquet,
-                _ => SourceKind::Archive,
-            }
-        }
+        Format::Auto => match Format::of_file_name(path) {
+            Some(Format::Csv) => SourceKind::Csv,
+            Some(Format::Tsv) => SourceKind::Tsv,
+            Some(Format::Jsonl) => SourceKind::Jsonl,
+            Some(Format::Parquet) => SourceKind::Parquet,
+            _ => SourceKind::Archive,
+        },
         Format::Imdb if is_dir => SourceKind::Folder,
         Format::Imdb => SourceKind::Archive,
         Format::Folders => SourceKind::Folders,
@@ -157,41 +151,12 @@ impl Spec<'_> {
         self.args.validate()?;
         let kind = kind_of(path, self.args.format)?;
         let a = self.args;
-        if kind.is_imdb() {
-            ensure!(
-                a.test.is_none() && a.test_fraction.is_none(),
-                "{} is the IMDB dataset, which has its own test split: drop --test and --test-fraction",
-                path.display()
-            );
-        } else {
-            ensure!(
-                self.task == Task::Sentiment,
-                "--task {} needs the IMDB archive or folder (its file names carry the star ratings); \
-                 {} is a {} source, whose labels are its own",
-                self.task,
-                path.display(),
-                kind.name()
-            );
-            ensure!(
-                a.test.is_some() || a.test_fraction.is_some(),
-                "{} has no test split: pass --test SOURCE (a file or folder like it) or --test-fraction F \
-                 (e.g. 0.2, a seeded fifth of each label)",
-                path.display()
-            );
-        }
-        if !kind.has_columns() {
-            for (flag, given) in [
-                ("--text-column", &a.text_column),
-                ("--label-column", &a.label_column),
-            ] {
-                ensure!(
-                    given.is_none(),
-                    "{flag} applies to CSV, TSV, JSON Lines and Parquet sources; {} is a {} source",
-                    path.display(),
-                    kind.name()
-                );
-            }
-        }
+        let shape = Shape {
+            name: kind.name(),
+            imdb: kind.is_imdb(),
+            columns: kind.has_columns(),
+        };
+        a.check_shape(shape, self.task, &path.display())?;
         if let Some(test) = &a.test {
             let test_kind = kind_of(test, a.format)?;
             ensure!(

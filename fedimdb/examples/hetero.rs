@@ -13,12 +13,14 @@
 //! rate, 1), `MOM` (0.9, FedAvgM's momentum), `SMOM` (server momentum on SCAFFOLD, 0),
 //! `INIT` (1: control variates from the starting model's gradient, as round 0 gives them),
 //! `OPT1` (1: control variate = the shard's gradient at the round's start instead of the mean
-//! along the local path), `POW` (learning rate × round^-POW), `SEED` (42), `MIN_SHARD` (32).
+//! along the local path), `POW` (learning rate × round^-POW), `SEED` (42), `MIN_SHARD` (32),
+//! `TASK` (sentiment, or rating: IMDB's 8 star ratings), `MULTI` (softmax,one-vs-rest: the
+//! K-class link; every one runs).
 
 use std::io::Read;
 
 use fedimdb::featurize::{Featurizer, FeaturizerConfig};
-use fedimdb::model::{ClassCounts, Model, ModelConfig, Scorer};
+use fedimdb::model::{ClassCounts, Model, ModelConfig, Multiclass, Scorer};
 use fedimdb::train::{Algorithm, Correction, Schedule, TrainConfig, train_sparse, worker_seed};
 
 fn env_list<T: std::str::FromStr>(name: &str, default: &str) -> Vec<T>
@@ -52,6 +54,11 @@ fn featurize(set: &[(String, u8)], fc: FeaturizerConfig) -> Vec<Vec<u32>> {
 
 fn main() {
     let path = std::env::args().nth(1).expect("usage: hetero ARCHIVE");
+    let task = match env_list::<String>("TASK", "sentiment")[0].as_str() {
+        "rating" => fedimdb::labels::Task::Rating,
+        _ => fedimdb::labels::Task::Sentiment,
+    };
+    let classes = task.labels().len();
     let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(
         std::fs::File::open(path).unwrap(),
     ));
@@ -63,11 +70,19 @@ fn main() {
         if parts.len() != 4 || !p.ends_with(".txt") {
             continue;
         }
-        let label = match parts[2] {
-            "pos" => 1u8,
-            "neg" => 0,
+        let positive = match parts[2] {
+            "pos" => true,
+            "neg" => false,
             _ => continue,
         };
+        let rating: u8 = parts[3]
+            .trim_end_matches(".txt")
+            .rsplit('_')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let label = task.class(positive, rating);
         let mut s = String::new();
         e.read_to_string(&mut s).unwrap();
         match parts[1] {
@@ -100,55 +115,64 @@ fn main() {
     let (xtr, xev) = (featurize(&train, fc), featurize(&eval, fc));
     let ytr: Vec<u8> = train.iter().map(|x| x.1).collect();
     let yev: Vec<u8> = eval.iter().map(|x| x.1).collect();
-    let mc = ModelConfig {
-        featurizer: fc,
-        nb_smoothing: 1.0,
-    };
-    let base = Model::from_counts(mc, &ClassCounts::count(mc.dim(), &xtr, &ytr));
-    let ratio: Vec<f32> = base.nb_ratio.clone();
-    let bias0 = base.bias;
-    let acc = |w: &[f32], b: f32| {
-        let s = Scorer::new(mc, w, b, &ratio);
-        xev.iter()
-            .zip(&yev)
-            .filter(|(x, y)| (s.logit(x) >= 0.0) == (**y == 1))
-            .count() as f64
-            / yev.len() as f64
-            * 100.0
-    };
-    let rounds: u32 = env_list("ROUNDS", "5")[0];
-    let seed: u64 = env_list("SEED", "42")[0];
-    let min_shard: usize = env_list("MIN_SHARD", "32")[0];
-    for algo in env_list::<String>("ALGOS", "fedavg,scaffold") {
-        for &steps in &env_list::<u64>("STEPS", "0") {
-            for &lr in &env_list::<f32>("LR", "8") {
-                for schedule in env_list::<String>("SCHEDULES", "linear") {
-                    for &workers in &env_list::<usize>("WORKERS", "1,5,20,64") {
-                        for part in env_list::<String>("PARTS", "iid,0.5,0.1") {
-                            if workers == 1 && part != "iid" {
-                                continue;
+    let counts = ClassCounts::count(classes, fc.buckets(), &xtr, &ytr);
+    for multi in env_list::<String>("MULTI", "softmax") {
+        let multiclass = if multi == "one-vs-rest" {
+            Multiclass::OneVsRest
+        } else {
+            Multiclass::Softmax
+        };
+        let mc = ModelConfig {
+            featurizer: fc,
+            ..ModelConfig::default()
+        }
+        .with_classes(classes, multiclass);
+        let base = Model::from_counts(mc, &counts);
+        let ratio: Vec<f32> = base.nb_ratio.clone();
+        let bias0 = base.bias.clone();
+        let acc = |w: &[f32], b: &[f32]| {
+            let s = Scorer::new(mc, w, b, &ratio);
+            xev.iter()
+                .zip(&yev)
+                .filter(|(x, y)| s.predict(x) == **y as usize)
+                .count() as f64
+                / yev.len() as f64
+                * 100.0
+        };
+        let rounds: u32 = env_list("ROUNDS", "5")[0];
+        let seed: u64 = env_list("SEED", "42")[0];
+        let min_shard: usize = env_list("MIN_SHARD", "32")[0];
+        for algo in env_list::<String>("ALGOS", "fedavg,scaffold") {
+            for &steps in &env_list::<u64>("STEPS", "0") {
+                for &lr in &env_list::<f32>("LR", "8") {
+                    for schedule in env_list::<String>("SCHEDULES", "linear") {
+                        for &workers in &env_list::<usize>("WORKERS", "1,5,20,64") {
+                            for part in env_list::<String>("PARTS", "iid,0.5,0.1") {
+                                if workers == 1 && part != "iid" {
+                                    continue;
+                                }
+                                let shards = if part == "iid" {
+                                    fedimdb::partition::iid(&ytr, workers, seed).unwrap()
+                                } else {
+                                    fedimdb::partition::dirichlet(
+                                        &ytr,
+                                        workers,
+                                        part.parse().unwrap(),
+                                        min_shard,
+                                        seed,
+                                    )
+                                    .unwrap()
+                                };
+                                let t0 = std::time::Instant::now();
+                                let line = simulate(
+                                    &algo, steps, lr, &schedule, rounds, &shards, &xtr, &ytr, mc,
+                                    &ratio, &bias0, &acc,
+                                );
+                                println!(
+                                    "{multi} {algo:8} steps {steps:6} lr {lr:5} {schedule:8} workers {workers:3} part {part:4}: {line} ({:.1}s)",
+                                    t0.elapsed().as_secs_f64()
+                                );
                             }
-                            let shards = if part == "iid" {
-                                fedimdb::partition::iid(&ytr, workers, seed).unwrap()
-                            } else {
-                                fedimdb::partition::dirichlet(
-                                    &ytr,
-                                    workers,
-                                    part.parse().unwrap(),
-                                    min_shard,
-                                    seed,
-                                )
-                                .unwrap()
-                            };
-                            let t0 = std::time::Instant::now();
-                            let line = simulate(
-                                &algo, steps, lr, &schedule, rounds, &shards, &xtr, &ytr, mc,
-                                &ratio, bias0, &acc,
-                            );
-                            println!(
-                                "{algo:8} steps {steps:6} lr {lr:5} {schedule:8} workers {workers:3} part {part:4}: {line} ({:.1}s)",
-                                t0.elapsed().as_secs_f64()
-                            );
                         }
                     }
                 }
@@ -159,7 +183,7 @@ fn main() {
 
 /// One worker's round: its weights and bias, its mean gradient and bias gradient (its next
 /// control variate), and the first pass's loss.
-type WorkerRound = (Vec<f32>, f32, Vec<f32>, f32, f64);
+type WorkerRound = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, f64);
 
 #[allow(clippy::too_many_arguments)]
 fn simulate(
@@ -173,10 +197,11 @@ fn simulate(
     ytr: &[u8],
     mc: ModelConfig,
     ratio: &[f32],
-    bias0: f32,
-    acc: &dyn Fn(&[f32], f32) -> f64,
+    bias0: &[f32],
+    acc: &dyn Fn(&[f32], &[f32]) -> f64,
 ) -> String {
     let dim = ratio.len();
+    let rows = bias0.len();
     let epochs: u32 = env_list("EPOCHS", "8")[0];
     let slr: f32 = env_list("SLR", "1")[0];
     let mom: f32 = env_list("MOM", "0.9")[0];
@@ -191,35 +216,43 @@ fn simulate(
             )
         })
         .collect();
-    let (mut w, mut b) = (vec![0f32; dim], bias0);
+    let (mut w, mut b) = (vec![0f32; dim], bias0.to_vec());
     let mut c = Correction {
         weight: vec![0.0; dim],
-        bias: 0.0,
+        bias: vec![0.0; rows],
     };
     let mut ci: Vec<Correction> = vec![
         Correction {
             weight: Vec::new(),
-            bias: 0.0
+            bias: vec![0.0; rows],
         };
         shards.len()
     ];
     let mut m = vec![0f32; dim];
-    let mut m_b = 0f32;
+    let mut m_b = vec![0f32; rows];
     let mut line = String::new();
     let pow: f32 = env_list("POW", "0")[0];
-    let full_grad = |w: &[f32], b: f32, xs: &[Vec<u32>], ys: &[u8]| {
-        fedimdb::control::shard_gradient(w, b, ratio, xs, ys)
+    let full_grad = |w: &[f32], b: &[f32], xs: &[Vec<u32>], ys: &[u8]| {
+        let model = Model {
+            config: mc,
+            weight: w.to_vec(),
+            bias: b.to_vec(),
+            nb_ratio: ratio.to_vec(),
+        };
+        fedimdb::control::shard_gradient(&model, xs, ys)
     };
     let opt1 = env_list::<u32>("OPT1", "0")[0] == 1;
     if algo == "scaffold" && env_list::<u32>("INIT", "1")[0] == 1 {
         // Control variates at the starting point, as round 0 can provide them.
         for (k, (xs, ys)) in data.iter().enumerate() {
-            let (g, gb) = full_grad(&w, b, xs, ys);
+            let (g, gb) = full_grad(&w, &b, xs, ys);
             let p = shards[k].len() as f32 / n as f32;
             for (cj, gj) in c.weight.iter_mut().zip(&g) {
                 *cj += p * gj;
             }
-            c.bias += p * gb;
+            for (cb, g) in c.bias.iter_mut().zip(&gb) {
+                *cb += p * g;
+            }
             ci[k] = Correction {
                 weight: g,
                 bias: gb,
@@ -231,7 +264,7 @@ fn simulate(
         let results: Vec<WorkerRound> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..2)
                 .map(|t| {
-                    let (w, c, ci, data, full_grad) = (&w, &c, &ci, &data, &full_grad);
+                    let (w, b, c, ci, data, full_grad) = (&w, &b, &c, &ci, &data, &full_grad);
                     s.spawn(move || {
                         let mut out = Vec::new();
                         for k in (t..data.len()).step_by(2) {
@@ -239,7 +272,7 @@ fn simulate(
                             let mut sgd = Model {
                                 config: mc,
                                 weight: w.clone(),
-                                bias: b,
+                                bias: b.clone(),
                                 nb_ratio: ratio.to_vec(),
                             };
                             let schedule = if schedule == "linear" {
@@ -272,7 +305,12 @@ fn simulate(
                                             .map(|(a, b)| a - b)
                                             .collect()
                                     },
-                                    bias: c.bias - own.bias,
+                                    bias: c
+                                        .bias
+                                        .iter()
+                                        .zip(&own.bias)
+                                        .map(|(a, b)| a - b)
+                                        .collect(),
                                 }
                             });
                             let mut o = train_sparse(&mut sgd, xs, ys, &tc, corr.as_ref(), |_| {});
@@ -299,7 +337,7 @@ fn simulate(
             all.into_iter().map(|x| x.1).collect()
         });
         let mut dw = vec![0f64; dim];
-        let mut db = 0f64;
+        let mut db = vec![0f64; rows];
         let mut floss = 0.0;
         for (k, (wk, bk, gk, gbk, loss)) in results.into_iter().enumerate() {
             let p = shards[k].len() as f64 / n as f64;
@@ -307,13 +345,17 @@ fn simulate(
             for ((s, &a), &x) in dw.iter_mut().zip(&wk).zip(&w) {
                 *s += p * (a - x) as f64;
             }
-            db += p * (bk - b) as f64;
+            for ((d, &x), &y) in db.iter_mut().zip(&bk).zip(&b) {
+                *d += p * (x - y) as f64;
+            }
             if algo == "scaffold" {
                 let old = std::mem::take(&mut ci[k].weight);
                 for (j, &g) in gk.iter().enumerate() {
                     c.weight[j] += (p * (g - old.get(j).copied().unwrap_or(0.0)) as f64) as f32;
                 }
-                c.bias += (p * (gbk - ci[k].bias) as f64) as f32;
+                for ((cb, &g), &o) in c.bias.iter_mut().zip(&gbk).zip(&ci[k].bias) {
+                    *cb += (p * (g - o) as f64) as f32;
+                }
                 ci[k] = Correction {
                     weight: gk,
                     bias: gbk,
@@ -330,15 +372,19 @@ fn simulate(
                 *mj = mom * *mj + *d as f32;
                 *wj += slr * *mj;
             }
-            m_b = mom * m_b + db as f32;
-            b += slr * m_b;
+            for ((mb, bb), d) in m_b.iter_mut().zip(b.iter_mut()).zip(&db) {
+                *mb = mom * *mb + *d as f32;
+                *bb += slr * *mb;
+            }
         } else {
             for (wj, d) in w.iter_mut().zip(&dw) {
                 *wj += slr * *d as f32;
             }
-            b += slr * db as f32;
+            for (bb, d) in b.iter_mut().zip(&db) {
+                *bb += slr * *d as f32;
+            }
         }
-        line += &format!(" r{r}={:.2}(loss {floss:.3})", acc(&w, b));
+        line += &format!(" r{r}={:.2}(loss {floss:.3})", acc(&w, &b));
     }
     line
 }

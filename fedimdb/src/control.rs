@@ -281,7 +281,7 @@ mod tests {
             vec![1, 5],
             vec![3, 9, 10],
         ];
-        let labels = vec![1, 1, 0, 0, 1];
+
         // Two classes, and three with either link.
         for (config, labels) in [
             (ModelConfig::with_buckets(4, 1), vec![1, 1, 0, 0, 1]),

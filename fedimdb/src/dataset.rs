@@ -27,8 +27,13 @@ impl Featurized {
         self.labels.is_empty()
     }
 
-    pub fn positives(&self) -> usize {
-        self.labels.iter().filter(|&&y| y == 1).count()
+    /// The reviews of each of `classes` classes.
+    pub fn label_counts(&self, classes: usize) -> Vec<usize> {
+        let mut counts = vec![0; classes];
+        for &y in &self.labels {
+            counts[y as usize] += 1;
+        }
+        counts
     }
 }
 
@@ -88,14 +93,6 @@ pub fn load_reviews(path: &Path, entry: Option<&FileEntry>) -> Result<Vec<Review
             e.label_counts
         );
     }
-    // A file read without a manifest (the loose forms) may hold any classes: the same
-    // refusal as for a manifest with more than two labels.
-    let classes = reviews
-        .iter()
-        .map(|r| usize::from(r.label) + 1)
-        .max()
-        .unwrap_or(0);
-    crate::labels::ensure_two_classes(classes, &[], &path.display())?;
     Ok(reviews)
 }
 

@@ -1,5 +1,5 @@
 //! Labels of any data set: the order that turns label names into class indices, the IMDB
-//! tasks, the flags that say how a source is read, and the 2-class limit of today's model.
+//! tasks and the flags that say how a source is read.
 //!
 //! A shard stores a review's class as a small integer (`label`, u8); the data manifest
 //! records the label names in class order (`DataManifest::labels`), so class `k` is
@@ -7,7 +7,7 @@
 //! data always gives the same classes, and IMDB keeps its historic encoding: `neg` 0,
 //! `pos` 1.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail, ensure};
 use serde::{Deserialize, Serialize};
@@ -134,6 +134,49 @@ pub enum Format {
     Folders,
 }
 
+impl Format {
+    /// The format `auto` reads a file as, from its extension (any case): `.csv`,
+    /// `.tsv`/`.tab`, `.jsonl`/`.ndjson`, `.parquet`. None for any other file, which `auto`
+    /// reads as the IMDB `.tar.gz`.
+    pub fn of_file_name(path: &Path) -> Option<Format> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "csv" => Some(Format::Csv),
+            "tsv" | "tab" => Some(Format::Tsv),
+            "jsonl" | "ndjson" => Some(Format::Jsonl),
+            "parquet" => Some(Format::Parquet),
+            _ => None,
+        }
+    }
+
+    /// The flag's value (`csv`, `folders`, ...).
+    pub fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self)
+            .expect("no skipped variants")
+            .get_name()
+            .to_owned()
+    }
+}
+
+/// What the source flags' rules need to know of a source: the name of its kind (as the
+/// data manifest records it), whether it is the IMDB dataset (its own test split, star
+/// ratings in its file names) and whether its text and label are columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub name: &'static str,
+    pub imdb: bool,
+    pub columns: bool,
+}
+
+impl Shape {
+    /// The IMDB dataset, as far as the rules go (the archive and the folder alike).
+    pub const IMDB: Shape = Shape {
+        name: "imdb",
+        imdb: true,
+        columns: false,
+    };
+}
+
 /// The default `--text-column` and `--label-column`.
 pub const TEXT_COLUMN: &str = "text";
 pub const LABEL_COLUMN: &str = "label";
@@ -191,16 +234,84 @@ impl SourceArgs {
         Ok(())
     }
 
+    /// What the source at `path` is, as far as its name and `--format` tell, without
+    /// looking at it: None where only the file system can say (under `auto`, a folder or
+    /// a file of another extension; under `imdb` nothing is unknown).
+    pub fn shape_of_name(&self, path: &Path) -> Option<Shape> {
+        let columns = |name| Shape {
+            name,
+            imdb: false,
+            columns: true,
+        };
+        let format = match self.format {
+            Format::Auto => Format::of_file_name(path)?,
+            f => f,
+        };
+        Some(match format {
+            Format::Auto => unreachable!("resolved above"),
+            Format::Imdb => Shape::IMDB,
+            Format::Folders => Shape {
+                name: "folders",
+                imdb: false,
+                columns: false,
+            },
+            Format::Csv => columns("csv"),
+            Format::Tsv => columns("tsv"),
+            Format::Jsonl => columns("jsonl"),
+            Format::Parquet => columns("parquet"),
+        })
+    }
+
+    /// Checks the flags against what the source is (`shape`), with `task`: IMDB has its
+    /// own test split and no columns; other data needs `--test` or `--test-fraction` and
+    /// has no star ratings. `what` names the source in the messages. The copier checks
+    /// the source it opened with it; the pipeline, before anything runs, what a source's
+    /// name tells ([`SourceArgs::shape_of_name`]).
+    pub fn check_shape(
+        &self,
+        shape: Shape,
+        task: Task,
+        what: &dyn std::fmt::Display,
+    ) -> Result<()> {
+        if shape.imdb {
+            ensure!(
+                self.test.is_none() && self.test_fraction.is_none(),
+                "{what} is the IMDB dataset, which has its own test split: drop --test and --test-fraction"
+            );
+        } else {
+            ensure!(
+                task == Task::Sentiment,
+                "--task {task} needs the IMDB archive or folder (its file names carry the star ratings); \
+                 {what} is a {} source, whose labels are its own",
+                shape.name
+            );
+            ensure!(
+                self.test.is_some() || self.test_fraction.is_some(),
+                "{what} has no test split: pass --test SOURCE (a file or folder like it) or --test-fraction F \
+                 (e.g. 0.2, a seeded fifth of each label)"
+            );
+        }
+        if !shape.columns {
+            for (flag, given) in [
+                ("--text-column", &self.text_column),
+                ("--label-column", &self.label_column),
+            ] {
+                ensure!(
+                    given.is_none(),
+                    "{flag} applies to CSV, TSV, JSON Lines and Parquet sources; {what} is a {} source",
+                    shape.name
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The flags for the copier's command line (only those given, so an IMDB command reads
     /// as it always did).
     pub fn to_args(&self) -> Vec<String> {
         let mut args = Vec::new();
         if self.format != Format::Auto {
-            let name = clap::ValueEnum::to_possible_value(&self.format)
-                .expect("no skipped variants")
-                .get_name()
-                .to_owned();
-            args.extend(["--format".to_owned(), name]);
+            args.extend(["--format".to_owned(), self.format.name()]);
         }
         for (flag, value) in [
             ("--text-column", &self.text_column),
@@ -218,29 +329,6 @@ impl SourceArgs {
         }
         args
     }
-}
-
-/// The trainer, the aggregator, the server and the pipeline train and serve a 2-class
-/// model; data with more labels is refused here, in one place and with one message, until
-/// the K-class model (issue 13, item 2) exists. `what` names the data (a manifest, a file).
-pub fn ensure_two_classes(
-    classes: usize,
-    names: &[String],
-    what: &dyn std::fmt::Display,
-) -> Result<()> {
-    if classes <= 2 {
-        return Ok(());
-    }
-    let shown = if names.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", names.join(", "))
-    };
-    bail!(
-        "{what} has {classes} labels{shown}: the trainer, aggregator and server handle 2 classes, \
-         and the K-class model is not built yet (issue 13). The copier shards K-class data, but \
-         only 2-label data trains: shard a source with two labels (for IMDB, --task sentiment)"
-    )
 }
 
 #[cfg(test)]
@@ -285,19 +373,6 @@ mod tests {
         assert_eq!(Task::Rating.class(false, 4), 3);
         assert_eq!(Task::Rating.class(true, 7), 4);
         assert_eq!(Task::Rating.class(true, 10), 7);
-    }
-
-    #[test]
-    fn more_than_two_classes_are_refused_by_count() {
-        ensure_two_classes(2, &strings(&["ham", "spam"]), &"x").unwrap();
-        let err = ensure_two_classes(3, &strings(&["a", "b", "c"]), &"data/manifest.json")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("data/manifest.json has 3 labels (a, b, c)")
-                && err.contains("K-class model is not built yet"),
-            "{err}"
-        );
     }
 
     #[test]

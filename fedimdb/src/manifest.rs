@@ -119,6 +119,19 @@ fn sentiment_labels() -> Vec<String> {
 }
 
 impl DataManifest {
+    /// What a model trained on this data predicts, in words for people (a model card's
+    /// `task`): `IMDB sentiment` or `IMDB rating`, else the name of the source file or folder.
+    pub fn task_title(&self) -> String {
+        if self.source.is_imdb() {
+            return self.task.unwrap_or_default().title().to_owned();
+        }
+        let path = std::path::Path::new(&self.source.path);
+        path.file_name().map_or_else(
+            || self.source.path.clone(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    }
+
     /// Reads and checks a manifest.
     pub fn read(path: &Path) -> Result<Self> {
         let mut m: DataManifest = read_json(path)?;
@@ -155,12 +168,6 @@ impl DataManifest {
             );
         }
         Ok(m)
-    }
-
-    /// Refuses data with more than two labels, which today's model cannot train on (see
-    /// [`crate::labels::ensure_two_classes`]); `path` names the manifest in the message.
-    pub fn ensure_two_classes(&self, path: &Path) -> Result<()> {
-        crate::labels::ensure_two_classes(self.labels.len(), &self.labels, &path.display())
     }
 
     /// The manifest of the run under `layout`, for a step that needs the data: a missing or

@@ -42,9 +42,7 @@ pub const NB_RATIO: &str = "nb.ratio";
 
 /// How a K-class model (K > 2) turns its K logits into probabilities; chosen at round 0
 /// (`--multiclass`) and stored in the model config.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Multiclass {
     /// Multinomial logistic regression: a softmax over the K rows, trained on the
@@ -126,11 +124,7 @@ impl Link {
             Link::Logistic => logistic_loss(z[0], y),
             Link::Softmax => {
                 let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-                let lse = max
-                    + z.iter()
-                        .map(|&x| (x as f64 - max).exp())
-                        .sum::<f64>()
-                        .ln();
+                let lse = max + z.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
                 lse - z[y as usize] as f64
             }
             Link::OneVsRest => z
@@ -170,10 +164,7 @@ impl Link {
                 .iter()
                 .map(|&n| ((n.max(1) as f64) / (total.max(1) as f64)).ln() as f32)
                 .collect(),
-            Link::OneVsRest => docs
-                .iter()
-                .map(|&n| prior_log_odds(n, total - n))
-                .collect(),
+            Link::OneVsRest => docs.iter().map(|&n| prior_log_odds(n, total - n)).collect(),
         }
     }
 }
@@ -378,7 +369,9 @@ impl Model {
             .map(|r| {
                 let s: f32 = features
                     .iter()
-                    .map(|&j| self.weight[r * dim + j as usize] * self.nb_ratio[r * dim + j as usize])
+                    .map(|&j| {
+                        self.weight[r * dim + j as usize] * self.nb_ratio[r * dim + j as usize]
+                    })
                     .sum();
                 self.bias[r] + s * doc_scale(features.len())
             })
@@ -552,7 +545,10 @@ impl Scorer {
                 *a += b;
             }
         }
-        s.iter().zip(&self.bias).map(|(s, b)| b + s * scale).collect()
+        s.iter()
+            .zip(&self.bias)
+            .map(|(s, b)| b + s * scale)
+            .collect()
     }
 
     /// The probability of each class.
@@ -640,7 +636,10 @@ mod tests {
         assert_eq!((m.weight.len(), m.bias.len()), (3 * dim, 3));
         // the softmax prior: class 0 has two of four reviews
         let p = cfg.link().probabilities(&m.bias);
-        assert!((p[0] - 0.5).abs() < 1e-6 && (p[1] - 0.25).abs() < 1e-6, "{p:?}");
+        assert!(
+            (p[0] - 0.5).abs() < 1e-6 && (p[1] - 0.25).abs() < 1e-6,
+            "{p:?}"
+        );
     }
 
     #[test]
@@ -648,14 +647,8 @@ mod tests {
         let (cfg, docs, labels) = tiny();
         for (cfg, labels) in [
             (cfg, labels),
-            (
-                cfg.with_classes(3, Multiclass::Softmax),
-                vec![0, 1, 2, 1],
-            ),
-            (
-                cfg.with_classes(3, Multiclass::OneVsRest),
-                vec![2, 1, 0, 1],
-            ),
+            (cfg.with_classes(3, Multiclass::Softmax), vec![0, 1, 2, 1]),
+            (cfg.with_classes(3, Multiclass::OneVsRest), vec![2, 1, 0, 1]),
         ] {
             let counts = ClassCounts::count(cfg.classes(), cfg.dim(), &docs, &labels);
             let mut m = Model::from_counts(cfg, &counts);
@@ -692,7 +685,11 @@ mod tests {
     fn residuals_are_the_losses_derivatives() {
         let z = [0.3f32, -1.2, 2.0];
         for link in [Link::Softmax, Link::OneVsRest, Link::Logistic] {
-            let z = if link == Link::Logistic { &z[..1] } else { &z[..] };
+            let z = if link == Link::Logistic {
+                &z[..1]
+            } else {
+                &z[..]
+            };
             for y in 0..z.len().max(2) as u8 {
                 if link != Link::Logistic && y as usize >= z.len() {
                     continue;
@@ -721,15 +718,23 @@ mod tests {
         let two = ModelConfig::default();
         assert_eq!((two.rows(), two.link()), (1, Link::Logistic));
         let json = serde_json::to_string(&two).unwrap();
-        assert!(!json.contains("classes"), "binary configs read as before: {json}");
+        assert!(
+            !json.contains("classes"),
+            "binary configs read as before: {json}"
+        );
         let eight = two.with_classes(8, Multiclass::OneVsRest);
         assert_eq!((eight.rows(), eight.link()), (8, Link::OneVsRest));
-        let back: ModelConfig = serde_json::from_str(&serde_json::to_string(&eight).unwrap()).unwrap();
+        let back: ModelConfig =
+            serde_json::from_str(&serde_json::to_string(&eight).unwrap()).unwrap();
         assert_eq!(back, eight);
         let bad = ModelConfig {
             multiclass: None,
             ..eight
         };
-        assert!(bad.validate().unwrap_err().contains("needs a multiclass link"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .contains("needs a multiclass link")
+        );
     }
 }

@@ -14,7 +14,9 @@ pub struct UpdateReport {
     /// `stats` for round 0, `update` after.
     pub kind: crate::checkpoint::Kind,
     pub samples: usize,
-    pub positive: usize,
+    /// The shard's reviews of each class, in the data manifest's label order.
+    #[serde(default)]
+    pub label_counts: Vec<usize>,
     pub device: String,
     pub train: Option<TrainConfig>,
     pub epochs: Vec<EpochStats>,

@@ -16,8 +16,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Link, Model, doc_scale};
 pub use crate::model::logistic_loss;
+use crate::model::{Link, Model, doc_scale};
 
 /// The defaults of federated training, shared by the trainer, the aggregator and both
 /// pipelines. Chosen on a validation split held out of the training reviews over every
@@ -342,7 +342,10 @@ impl Csr {
 
     fn row(&self, i: usize) -> (&[u32], &[f32]) {
         let (a, b) = (self.offsets[i], self.offsets[i + 1]);
-        (&self.indices[a..b], &self.values[a * self.rows..b * self.rows])
+        (
+            &self.indices[a..b],
+            &self.values[a * self.rows..b * self.rows],
+        )
     }
 }
 
@@ -528,15 +531,26 @@ pub fn train_local(
     on_epoch: impl FnMut(&EpochStats),
 ) -> LocalRound {
     let rows = bias.len();
-    assert_eq!(rows, shard.csr.rows, "one bias per row of the shard's ratios");
+    assert_eq!(
+        rows, shard.csr.rows,
+        "one bias per row of the shard's ratios"
+    );
     let n = shard.touched.len();
-    assert_eq!(weight.len(), rows * n, "one weight per row and bucket of the shard");
+    assert_eq!(
+        weight.len(),
+        rows * n,
+        "one weight per row and bucket of the shard"
+    );
     let n_docs = shard.len();
     let steps = cfg.steps_for(n_docs);
     let csr = &shard.csr;
     let (d, d_bias) = match correction {
         Some(c) => {
-            assert_eq!(c.weight.len(), rows * n, "one correction per row and bucket");
+            assert_eq!(
+                c.weight.len(),
+                rows * n,
+                "one correction per row and bucket"
+            );
             (interleave(&c.weight, rows, n), c.bias.clone())
         }
         None => (Vec::new(), vec![0.0; rows]),
@@ -557,7 +571,10 @@ pub fn train_local(
     }
     // `u` in f64 (bucket-major): it carries `d * S_t`, which can be far larger than the
     // weight itself.
-    let mut u: Vec<f64> = interleave(weight, rows, n).iter().map(|&w| w as f64).collect();
+    let mut u: Vec<f64> = interleave(weight, rows, n)
+        .iter()
+        .map(|&w| w as f64)
+        .collect();
     let mut g_doc = vec![0.0f64; n_docs * rows];
     let mut logits = vec![0.0f32; cfg.batch * rows];
     let mut dot = vec![0.0f64; rows];
@@ -622,7 +639,11 @@ pub fn train_local(
     }
     for r in 0..rows {
         for j in 0..n {
-            let dj = if corrected { d[j * rows + r] as f64 } else { 0.0 };
+            let dj = if corrected {
+                d[j * rows + r] as f64
+            } else {
+                0.0
+            };
             weight[r * n + j] = (u[j * rows + r] - dj * s_t) as f32;
         }
     }
@@ -655,7 +676,11 @@ pub fn train_sparse(
     let (rows, dim) = (model.config.rows(), model.config.dim());
     let shard = LocalShard::new(docs, &model.nb_ratio, rows);
     let local = correction.map(|c| {
-        assert_eq!(c.weight.len(), rows * dim, "one correction per row and bucket");
+        assert_eq!(
+            c.weight.len(),
+            rows * dim,
+            "one correction per row and bucket"
+        );
         Correction {
             weight: shard.gather(&c.weight),
             bias: c.bias.clone(),

@@ -17,9 +17,10 @@ pub mod lock;
 #[cfg(test)]
 mod tests;
 
+use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use clap::Args as ClapArgs;
 use kube::{Client, Config};
 
@@ -31,6 +32,14 @@ pub struct K8sArgs {
     /// Namespace of the Jobs (where `manifests/` put the volume and the server).
     #[arg(long, default_value = "fedimdb")]
     pub namespace: String,
+    /// The labeled text to shard, a file or folder on the shared volume: a path relative to
+    /// its root (e.g. `own/mail.csv`; `/data/own/mail.csv`, where the pods mount it, alike),
+    /// read as `pipeline local --source` reads it, with the same source flags (--format,
+    /// --text-column, --label-column, --test, whose path is on the volume too,
+    /// --test-fraction). Default: the official IMDB archive, downloaded onto the volume by
+    /// the copier Job (README, "Your own data").
+    #[arg(long, value_name = "PATH")]
+    pub source: Option<PathBuf>,
     #[command(flatten)]
     pub run: crate::plan::RunArgs,
     /// Images are REGISTRY/BINARY:TAG.
@@ -112,8 +121,67 @@ fn is_dns_label(s: &str, max: usize) -> bool {
         && !s.ends_with('-')
 }
 
+/// Where the pods see a path on the volume given to `flag`: relative to the volume's root,
+/// or absolute under [`jobs::ROOT`]; never above the root, nor in the folders the run
+/// writes (the copier replaces `data/`, the rounds and the model are rewritten).
+fn on_volume(flag: &str, path: &Path) -> Result<PathBuf> {
+    let relative = if path.is_absolute() {
+        path.strip_prefix(jobs::ROOT).map_err(|_| {
+            anyhow::anyhow!(
+                "{flag} {} is not on the volume: give a path relative to the volume's root (the \
+                 pods mount it at {}), e.g. own/mail.csv, after copying the data there (README, \
+                 \"Your own data\")",
+                path.display(),
+                jobs::ROOT
+            )
+        })?
+    } else {
+        path
+    };
+    let mut parts = Vec::new();
+    for c in relative.components() {
+        match c {
+            Component::Normal(p) => parts.push(p),
+            Component::CurDir => {}
+            _ => bail!(
+                "{flag} {} must stay inside the volume: a path relative to its root, without '..'",
+                path.display()
+            ),
+        }
+    }
+    let layout = fedimdb::layout::Layout::new("");
+    let outputs = [layout.data_dir(), layout.rounds_dir(), layout.model_dir()];
+    match parts.first() {
+        None => bail!(
+            "{flag} {} names the volume's root: name a file or folder on it, e.g. own/mail.csv",
+            path.display()
+        ),
+        Some(first) if outputs.iter().any(|o| o.as_os_str() == *first) => bail!(
+            "{flag} {} is in {}/, which the run writes: put your data in a folder of its own on \
+             the volume, e.g. own/",
+            path.display(),
+            first.to_string_lossy()
+        ),
+        Some(_) => {}
+    }
+    Ok(parts
+        .into_iter()
+        .fold(PathBuf::from(jobs::ROOT), |p, c| p.join(c)))
+}
+
 pub fn params(args: &K8sArgs) -> Result<Params> {
-    let plan = crate::plan::Plan::new(args.run.clone())?;
+    // The source and the test set as the copier pod sees them; the source flags go with the
+    // run's flags into the copier step's arguments.
+    let source = args
+        .source
+        .as_deref()
+        .map(|s| on_volume("--source", s))
+        .transpose()?;
+    let mut run = args.run.clone();
+    if let Some(test) = &run.reading.test {
+        run.reading.test = Some(on_volume("--test", test)?);
+    }
+    let plan = crate::plan::Plan::new(run, source.as_deref())?;
     ensure!(
         args.step_timeout > 0.0 && args.step_timeout.is_finite(),
         "--step-timeout must be a positive number of seconds"
@@ -168,6 +236,7 @@ pub fn params(args: &K8sArgs) -> Result<Params> {
         namespace: args.namespace.clone(),
         run_id,
         plan,
+        source: source.map(|s| s.display().to_string()),
         registry: args.registry.clone(),
         image_tag: args.image_tag.clone(),
         images,

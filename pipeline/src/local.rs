@@ -63,35 +63,29 @@ struct RunReport {
 }
 
 fn check(args: &LocalArgs) -> Result<Plan> {
-    let plan = Plan::new(args.run.clone())?;
-    args.reading.validate()?;
+    let plan = Plan::new(args.run.clone(), args.source.as_deref())?;
     ensure!(args.jobs != Some(0), "--jobs must be at least 1");
     Ok(plan)
 }
 
-/// Where the planned steps run here: the run's folder, the source the copier shards and how
-/// to read it (the copier's source flags, which only a local run has).
+/// Where the planned steps run here: the run's folder and the source the copier shards (how
+/// to read it is in the copier step's arguments).
 struct Local<'a> {
     root: &'a Path,
     source: &'a Path,
-    reading: Vec<String>,
 }
 
 impl Local<'_> {
     /// A planned step's command line here: the plan's arguments after `--root ROOT` (the
-    /// copier's after `--source SOURCE --out ROOT` and the source flags), and a trainer's
-    /// shard after them.
+    /// copier's after `--source SOURCE --out ROOT`), and a trainer's shard after them.
     fn argv(&self, step: &PlannedStep, shard: Option<usize>) -> Vec<OsString> {
         let mut argv: Vec<OsString> = match step.kind {
-            StepKind::Copier => [
+            StepKind::Copier => vec![
                 "--source".into(),
                 self.source.into(),
                 "--out".into(),
                 self.root.into(),
-            ]
-            .into_iter()
-            .chain(self.reading.iter().map(OsString::from))
-            .collect(),
+            ],
             StepKind::Trainer(_) | StepKind::Aggregator(_) => {
                 vec!["--root".into(), self.root.into()]
             }
@@ -187,14 +181,12 @@ pub fn run(args: &LocalArgs) -> Result<()> {
     let here = Local {
         root: &args.root,
         source: &source,
-        reading: args.reading.to_args(),
     };
     let jobs = args.jobs.unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         run.workers.min(4 * cores)
     });
 
-    let config = run.model.config();
     let mut manifest: Option<DataManifest> = None;
     let mut seconds_copier = 0.0;
     let mut rounds = Vec::new();
@@ -214,7 +206,6 @@ pub fn run(args: &LocalArgs) -> Result<()> {
                 )?;
                 seconds_copier = t0.elapsed().as_secs_f64();
                 let read = DataManifest::read(&layout.data_manifest())?;
-                read.ensure_two_classes(&layout.data_manifest())?;
                 manifest = Some(read);
                 let how = match copied.status {
                     Status::Done => "written",
@@ -231,6 +222,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
                 let manifest = manifest
                     .as_ref()
                     .expect("the plan runs the copier before any trainer");
+                let config = run.model.config(manifest.labels.len());
                 remove_foreign_updates(&layout, round, step.shards)?;
                 // Each worker's update is kept if it verifies and was computed from exactly
                 // what this run would compute it from; the others are (re)computed.
@@ -514,16 +506,16 @@ mod tests {
         let flags = "--workers 3 --rounds 2 --from-round 1 --min-workers 2 --partition \
                      dirichlet --alpha 0.1 --strategy median --lr 4 --keep-rounds all --force";
         let run = RunArgs::from_flags(&flags.split_whitespace().collect::<Vec<_>>()).unwrap();
-        let plan = Plan::new(run).unwrap();
+        let plan = Plan::new(run, None).unwrap();
         let here = Local {
             root: Path::new("/runs/r"),
             source: Path::new("/archive.tar.gz"),
-            reading: Vec::new(),
         };
         let p = Params {
             namespace: "fedimdb".into(),
             run_id: "t".into(),
             plan: plan.clone(),
+            source: None,
             registry: "r.io".into(),
             image_tag: "1".into(),
             images: Default::default(),

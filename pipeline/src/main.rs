@@ -32,15 +32,12 @@ enum Command {
 #[derive(Debug, ClapArgs)]
 pub struct LocalArgs {
     /// The labeled text to shard: the IMDB archive or unpacked folder, or your own CSV, TSV,
-    /// JSON Lines, Parquet or label folders (README, "Your own data"). Default:
+    /// JSON Lines, Parquet or label folders (README, "Your own data"; --format and the
+    /// other source flags, among the run's flags, say how to read it). Default:
     /// ../shared/data/aclImdb-labeled.tar.gz when present, else
     /// ROOT/download/aclImdb_v1.tar.gz, downloaded if missing.
     #[arg(long, env = "FEDIMDB_SOURCE")]
     pub source: Option<PathBuf>,
-    /// How the source is read (--format, --text-column, --label-column, --test,
-    /// --test-fraction), passed to the copier.
-    #[command(flatten)]
-    pub reading: fedimdb::labels::SourceArgs,
     /// Root folder of the run (created if missing).
     #[arg(long)]
     pub root: PathBuf,

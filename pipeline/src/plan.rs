@@ -1,17 +1,19 @@
 //! The run configuration both executors share, and the plan made of it.
 //!
-//! [`RunArgs`] holds every flag that decides *what* is computed (workers, rounds, training,
-//! partition, model size, combination, quorum, what to recompute), defined once and
-//! validated once. [`Plan::new`] turns it into the workflow: a list of [`PlannedStep`]s,
+//! [`RunArgs`] holds every flag that decides *what* is computed (how the source is read,
+//! workers, rounds, training, partition, model size, combination, quorum, what to
+//! recompute), defined once and validated once. [`Plan::new`] turns it into the workflow: a list of [`PlannedStep`]s,
 //! each a binary with its arguments (resume decisions included) and environment, in the
 //! order they run. `pipeline local` runs each step as processes and `pipeline k8s` as a
 //! Job; an executor adds only what belongs to where the step runs (the volume's path, the
 //! shard of a process or the Job's completion index, a GPU), so the two modes cannot drift
 //! apart.
 
-use anyhow::{Result, ensure};
+use std::path::Path;
+
+use anyhow::{Result, bail, ensure};
 use clap::Args as ClapArgs;
-use fedimdb::labels::TaskArgs;
+use fedimdb::labels::{Format, Shape, SourceArgs, TaskArgs};
 use fedimdb::model::ModelArgs;
 use fedimdb::partition::PartitionArgs;
 use fedimdb::retention::RetentionArgs;
@@ -44,6 +46,11 @@ pub struct RunArgs {
     // What IMDB's labels are (--task sentiment|rating): what is learned, so part of the run.
     #[command(flatten)]
     pub task: TaskArgs,
+    // How the source is read (--format, --text-column, --label-column, --test,
+    // --test-fraction): the copier's flags, in the copier step's arguments. Where the
+    // source is (--source) belongs to each executor, as the run's folder does.
+    #[command(flatten)]
+    pub reading: SourceArgs,
     /// Replace data sharded with other arguments (the copier's --force).
     #[arg(long)]
     pub force: bool,
@@ -78,12 +85,7 @@ impl RunArgs {
         self.train.validate().map_err(anyhow::Error::msg)?;
         self.model.validate().map_err(anyhow::Error::msg)?;
         self.partition.validate()?;
-        let labels = self.task.task.labels();
-        fedimdb::labels::ensure_two_classes(
-            labels.len(),
-            &labels,
-            &format!("--task {}", self.task.task),
-        )?;
+        self.reading.validate()?;
         self.combine.strategy().map_err(anyhow::Error::msg)?;
         if let Some(m) = self.min_workers {
             ensure!(
@@ -102,6 +104,42 @@ impl RunArgs {
         Ok(())
     }
 
+    /// Checks the source flags against the source the copier will shard, as far as its
+    /// name tells without reading it (the copier checks the rest once it has opened it):
+    /// `source` as the copier gets it, None for the IMDB archive a run shards without
+    /// `--source`. Both executors call it (through [`Plan::new`]) before any step runs, so
+    /// a flag that cannot apply fails at once, with the same words in both modes.
+    pub fn check_source(&self, source: Option<&Path>) -> Result<()> {
+        let Some(path) = source else {
+            if !matches!(self.reading.format, Format::Auto | Format::Imdb) {
+                bail!(
+                    "--format {} says what --source is, and no --source is given (without it, the \
+                     copier shards the IMDB archive): pass --source PATH",
+                    self.reading.format.name()
+                );
+            }
+            return self.reading.check_shape(
+                Shape::IMDB,
+                self.task.task,
+                &"without --source, the source (the IMDB archive)",
+            );
+        };
+        if let Some(test) = &self.reading.test {
+            ensure!(
+                test != path,
+                "--test {} is --source itself: the test set must be other reviews (or use \
+                 --test-fraction F)",
+                test.display()
+            );
+        }
+        match self.reading.shape_of_name(path) {
+            Some(shape) => self
+                .reading
+                .check_shape(shape, self.task.task, &path.display()),
+            None => Ok(()),
+        }
+    }
+
     /// Trainers of a round that must succeed for the aggregator to run.
     fn quorum(&self) -> usize {
         self.min_workers.unwrap_or(self.workers)
@@ -113,7 +151,8 @@ impl RunArgs {
         self.from_round.is_none_or(|r| round < r)
     }
 
-    /// The copier's arguments, but for `--source` and `--out`.
+    /// The copier's arguments, but for `--source` and `--out`: the source flags among them,
+    /// so both executors shard a source the same way.
     fn copier_args(&self) -> Vec<String> {
         let mut args = vec![
             "--workers".to_owned(),
@@ -123,6 +162,7 @@ impl RunArgs {
         ];
         args.extend(self.partition.to_args());
         args.extend(self.task.to_args());
+        args.extend(self.reading.to_args());
         if self.force {
             args.push("--force".to_owned());
         }
@@ -202,7 +242,7 @@ impl std::fmt::Display for StepKind {
 
 /// Where the copier's `download` subcommand puts the official archive, under the run's
 /// root (`copier download --to ROOT/download`), and the archive's name there: the source
-/// of a run that is given none (always, on Kubernetes).
+/// of a run that is given no `--source` (on Kubernetes too).
 pub const DOWNLOAD_DIR: &str = "download";
 pub const ARCHIVE_NAME: &str = "aclImdb_v1.tar.gz";
 
@@ -214,7 +254,7 @@ pub fn download_args<S: From<&'static str>>(dir: S) -> Vec<S> {
 
 /// One step of the workflow: a binary, its arguments and environment. The arguments lack
 /// only what depends on where the step runs, which the executor puts around them: the
-/// root of the volume (`--root ROOT` first; `--source ARCHIVE --out ROOT` for the copier)
+/// root of the volume (`--root ROOT` first; `--source SOURCE --out ROOT` for the copier)
 /// and, for the trainers, the shard (`--shard I` after them locally, the Job's completion
 /// index on Kubernetes).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -261,11 +301,13 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Validates `run` (the same words in both modes) and plans its steps. Rounds below
-    /// `--from-round` (all, by default) resume; the copier is idempotent by itself and
-    /// redone only with `--force`.
-    pub fn new(run: RunArgs) -> Result<Self> {
+    /// Validates `run` (the same words in both modes), and its source flags against
+    /// `source` (the copier's `--source` where the executor has one, None for the IMDB
+    /// archive), and plans its steps. Rounds below `--from-round` (all, by default) resume;
+    /// the copier is idempotent by itself and redone only with `--force`.
+    pub fn new(run: RunArgs, source: Option<&Path>) -> Result<Self> {
         run.validate()?;
+        run.check_source(source)?;
         let mut steps = vec![PlannedStep::new(
             StepKind::Copier,
             1,
@@ -327,7 +369,7 @@ mod tests {
     }
 
     fn plan(args: &[&str]) -> Plan {
-        Plan::new(parse(args)).expect("a valid run")
+        Plan::new(parse(args), None).expect("a valid run")
     }
 
     fn args_of(plan: &Plan, kind: StepKind) -> String {
@@ -371,6 +413,115 @@ mod tests {
         assert!(!parse(&[]).copier_args().contains(&"--task".to_owned()));
     }
 
+    /// The source flags are run flags: they reach the copier's arguments the plan gives
+    /// both executors, and nothing else.
+    #[test]
+    fn the_source_flags_reach_the_copier_only() {
+        let flags = "--format csv --text-column body --label-column tag --test-fraction 0.25";
+        let run = parse(&flags.split_whitespace().collect::<Vec<_>>());
+        let plan = Plan::new(run, Some(Path::new("mail.txt"))).unwrap();
+        let copier = args_of(&plan, StepKind::Copier);
+        assert!(
+            copier.ends_with(
+                "--partition iid --format csv --text-column body --label-column tag \
+                 --test-fraction 0.25"
+            ),
+            "{copier}"
+        );
+        for s in &plan.steps[1..] {
+            assert!(
+                !s.args
+                    .iter()
+                    .any(|a| a.contains("column") || a.contains("test")),
+                "{}: {:?}",
+                s.kind,
+                s.args
+            );
+        }
+        let test = parse(&["--test", "mail-test.jsonl"]);
+        let plan = Plan::new(test, Some(Path::new("mail.jsonl"))).unwrap();
+        assert!(args_of(&plan, StepKind::Copier).ends_with("--test mail-test.jsonl"));
+    }
+
+    /// What a source's name (and --format) tells is checked before any step runs, in the
+    /// copier's words; what only reading it tells is left to the copier.
+    #[test]
+    fn source_flags_that_cannot_apply_are_refused_by_name() {
+        for (flags, source, want) in [
+            (
+                &["--test-fraction", "0.2"][..],
+                None,
+                "without --source, the source (the IMDB archive) is the IMDB dataset, which has \
+                 its own test split: drop --test and --test-fraction",
+            ),
+            (
+                &["--text-column", "body"],
+                None,
+                "--text-column applies to CSV, TSV, JSON Lines and Parquet sources",
+            ),
+            (
+                &["--format", "csv", "--test-fraction", "0.2"],
+                None,
+                "--format csv says what --source is, and no --source is given",
+            ),
+            (
+                &[],
+                Some("mail.csv"),
+                "mail.csv has no test split: pass --test SOURCE",
+            ),
+            (
+                &["--test-fraction", "0.2", "--task", "rating"],
+                Some("mail.jsonl"),
+                "--task rating needs the IMDB archive or folder",
+            ),
+            (
+                &[
+                    "--format",
+                    "folders",
+                    "--test-fraction",
+                    "0.2",
+                    "--label-column",
+                    "l",
+                ],
+                Some("mail"),
+                "--label-column applies to CSV, TSV, JSON Lines and Parquet sources; mail is a \
+                 folders source",
+            ),
+            (
+                &["--format", "imdb", "--test", "t.csv"],
+                Some("imdb.tar.gz"),
+                "imdb.tar.gz is the IMDB dataset, which has its own test split",
+            ),
+            (
+                &["--test", "mail.csv"],
+                Some("mail.csv"),
+                "--test mail.csv is --source itself",
+            ),
+            (
+                &["--test-fraction", "1.5"],
+                Some("mail.csv"),
+                "--test-fraction must be between 0 and 1 (exclusive), not 1.5",
+            ),
+            (
+                &["--text-column", " ", "--test-fraction", "0.2"],
+                Some("mail.csv"),
+                "--text-column must name a column, not an empty string",
+            ),
+        ] {
+            let (run, source) = (parse(flags), source.map(Path::new));
+            let err = Plan::new(run, source)
+                .err()
+                .unwrap_or_else(|| panic!("{flags:?} {source:?} was accepted"))
+                .to_string();
+            assert!(err.contains(want), "{flags:?} {source:?}: {err}");
+        }
+        // Nothing to say without reading: a folder or a file of another extension.
+        for source in ["mail", "mail.tar.gz"] {
+            Plan::new(parse(&["--test-fraction", "0.2"]), Some(Path::new(source))).unwrap();
+        }
+        Plan::new(parse(&["--format", "imdb"]), None).unwrap();
+    }
+
     #[test]
     fn an_iid_copier_command_names_no_dirichlet_flags() {
         let copier = args_of(&plan(&[]), StepKind::Copier);
@@ -397,12 +548,8 @@ mod tests {
                 "--trim only applies to --strategy trimmed-mean",
             ),
             (&["--workers", "0"], "--workers must be at least 1"),
-            (
-                &["--task", "rating"],
-                "--task rating has 8 labels (1, 2, 3, 4, 7, 8, 9, 10)",
-            ),
         ] {
-            let err = Plan::new(parse(args)).unwrap_err().to_string();
+            let err = Plan::new(parse(args), None).unwrap_err().to_string();
             assert!(err.contains(want), "{args:?}: {err}");
         }
     }

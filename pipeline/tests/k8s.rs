@@ -514,6 +514,137 @@ fn bad_flags_fail_clearly() {
     }
 }
 
+/// `--source` names a file on the volume: the copier Job shards it at `/data/...` with the
+/// source flags among its arguments (the plan's, as `pipeline local` runs them), and has
+/// no download init container; `--test` is a path on the volume too.
+#[test]
+fn a_source_on_the_volume_reaches_the_copier_job_with_its_flags() {
+    let yaml = dry_run(&[
+        "--workers",
+        "2",
+        "--rounds",
+        "1",
+        "--source",
+        "own/mail.tsv",
+        "--text-column",
+        "body",
+        "--label-column",
+        "tag",
+        "--test",
+        "/data/own/mail-test.tsv",
+    ]);
+    let jobs = docs(&yaml);
+    let copier = named(&jobs, "fedimdb-ci-copier");
+    let pod = &copier["spec"]["template"]["spec"];
+    assert!(pod["initContainers"].is_null(), "{pod:?}");
+    assert_eq!(
+        strings(&pod["containers"][0]["args"]).join(" "),
+        "--source /data/own/mail.tsv --out /data --workers 2 --seed 42 --partition iid \
+         --text-column body --label-column tag --test /data/own/mail-test.tsv"
+    );
+    // The other steps do not take them.
+    for d in &jobs[1..] {
+        let args = strings(&d["spec"]["template"]["spec"]["containers"][0]["args"]);
+        assert!(!args.iter().any(|a| a.contains("mail")), "{args:?}");
+    }
+    if let Some(v) = need("kubernetes-validate") {
+        validate(&v, &yaml, "pipeline k8s --dry-run --source").unwrap();
+    }
+    // Without --source, the archive as before: downloaded, then sharded.
+    let yaml = dry_run(&["--workers", "2", "--rounds", "1"]);
+    let jobs = docs(&yaml);
+    let pod = &named(&jobs, "fedimdb-ci-copier")["spec"]["template"]["spec"];
+    assert_eq!(pod["initContainers"][0]["name"], "download");
+    assert_eq!(
+        strings(&pod["containers"][0]["args"])[..4],
+        [
+            "--source",
+            "/data/download/aclImdb_v1.tar.gz",
+            "--out",
+            "/data"
+        ]
+    );
+}
+
+/// Source flags that cannot apply, and paths that are not on the volume, are refused by
+/// name before the driver talks to the cluster: the API server sees no request.
+#[test]
+fn bad_source_flags_are_refused_before_anything_is_applied() {
+    let (url, seen) = fake_api_server();
+    let dir = tempfile::tempdir().unwrap();
+    let kc = kubeconfig(dir.path(), &url, "{}");
+    for (args, want) in [
+        (
+            &["--test-fraction", "0.2"][..],
+            "without --source, the source (the IMDB archive) is the IMDB dataset, which has its \
+             own test split: drop --test and --test-fraction",
+        ),
+        (
+            &["--source", "own/mail.csv"],
+            "/data/own/mail.csv has no test split: pass --test SOURCE",
+        ),
+        (
+            &["--source", "own/mail.csv", "--test-fraction", "0"],
+            "--test-fraction must be between 0 and 1 (exclusive), not 0",
+        ),
+        (
+            &[
+                "--source",
+                "own/mail",
+                "--format",
+                "folders",
+                "--text-column",
+                "t",
+                "--test-fraction",
+                "0.2",
+            ],
+            "--text-column applies to CSV, TSV, JSON Lines and Parquet sources; /data/own/mail is \
+             a folders source",
+        ),
+        (
+            &[
+                "--source",
+                "own/mail.csv",
+                "--test",
+                "t.csv",
+                "--test-fraction",
+                "0.2",
+            ],
+            "the argument '--test <SOURCE>' cannot be used with '--test-fraction <F>'",
+        ),
+        (
+            &["--source", "/home/me/mail.csv", "--test-fraction", "0.2"],
+            "--source /home/me/mail.csv is not on the volume: give a path relative to the \
+             volume's root (the pods mount it at /data)",
+        ),
+        (
+            &["--source", "own/../../etc/passwd", "--test-fraction", "0.2"],
+            "--source own/../../etc/passwd must stay inside the volume",
+        ),
+        (
+            &["--source", "data/mail.csv", "--test-fraction", "0.2"],
+            "--source data/mail.csv is in data/, which the run writes",
+        ),
+        (
+            &["--source", "own/mail.csv", "--test", "/tmp/test.csv"],
+            "--test /tmp/test.csv is not on the volume",
+        ),
+        (
+            &["--source", "/data"],
+            "--source /data names the volume's root",
+        ),
+    ] {
+        let o = pipeline_k8s(&[&["--workers", "2", "--rounds", "1"], args].concat(), &kc);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(text(&o).contains(want), "{args:?}: {}", text(&o));
+    }
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.is_empty(),
+        "requests before the flags were checked: {seen:?}"
+    );
+}
+
 #[test]
 fn missing_kubeconfig_fails_clearly() {
     let o = pipeline_k8s(

@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use clap::{CommandFactory, FromArgMatches, Parser};
 use fedimdb::layout::Layout;
-use fedimdb::manifest::DataManifest;
 
 use crate::state::ModelSource;
 
@@ -100,10 +99,6 @@ impl Config {
         ensure!(self.max_queue >= 1, "--max-queue must be at least 1");
         if let Some(root) = &self.root {
             ensure!(root.is_dir(), "--root {} is not a folder", root.display());
-            let manifest = Layout::new(root).data_manifest();
-            if manifest.exists() {
-                DataManifest::read(&manifest)?.ensure_two_classes(&manifest)?;
-            }
         }
         Ok(())
     }

@@ -41,7 +41,7 @@ pub fn volume(
     let start = Instant::now();
     let layout = Layout::new(root);
     let manifest = DataManifest::of_run(&layout)?;
-    manifest.ensure_two_classes(&layout.data_manifest())?;
+    let classes = manifest.labels.len();
     let entry = manifest.shard(shard)?;
     let out = layout.update(round, shard);
     if args.volume.resume {
@@ -50,7 +50,7 @@ pub fn volume(
         let done = UpdateWant::from_records(
             &layout,
             entry,
-            args.model.config(),
+            args.model.config(classes),
             round,
             shard,
             &args.train,
@@ -76,7 +76,14 @@ pub fn volume(
     let config = inputs
         .base
         .as_ref()
-        .map_or_else(|| args.model.config(), |b| b.header.config);
+        .map_or_else(|| args.model.config(classes), |b| b.header.config);
+    ensure!(
+        config.classes() == classes,
+        "the global model has {} classes, the data ({}) {classes} labels: the data was sharded \
+         again after the run started; start the run over (--from-round 0)",
+        config.classes(),
+        layout.data_manifest().display()
+    );
     let tc = args.train.config(round, shard);
     let want = UpdateWant::new(
         entry,
@@ -99,7 +106,7 @@ pub fn volume(
         None => (statistics(config, shard, &data), Vec::new()),
         Some(base) => {
             // The round reads and writes only the shard's own buckets.
-            let local = LocalShard::new(&data.features, base.tensor(NB_RATIO));
+            let local = LocalShard::new(&data.features, base.tensor(NB_RATIO), config.rows());
             let correction = match &inputs.control {
                 Some((control, _)) => Some(correction(&layout, control, shard, &local, &base)?),
                 None => None,
@@ -121,7 +128,7 @@ pub fn volume(
         shard,
         kind: ck.header.kind,
         samples: data.len(),
-        positive: data.positives(),
+        label_counts: data.label_counts(classes),
         device: device_name(device),
         train: want.train,
         epochs,
@@ -146,7 +153,7 @@ fn outcome(status: Status, round: u32, shard: usize) -> Outcome {
 
 /// Round 0's output: the shard's per-class bucket counts (sparse).
 fn statistics(config: ModelConfig, shard: usize, data: &Featurized) -> Checkpoint {
-    let counts = ClassCounts::count(config.dim(), &data.features, &data.labels);
+    let counts = ClassCounts::count(config.classes(), config.dim(), &data.features, &data.labels);
     let mut header = Header::new(Kind::Stats, config, 0);
     header.shard = Some(shard);
     Checkpoint::from_counts(&counts, header)
@@ -156,10 +163,10 @@ fn statistics(config: ModelConfig, shard: usize, data: &Featurized) -> Checkpoin
 /// it made and the mean gradient there (the worker's next control variate).
 struct Trained {
     weight: Vec<f32>,
-    bias: f32,
+    bias: Vec<f32>,
     epochs: Vec<EpochStats>,
     mean_grad: Vec<f32>,
-    mean_grad_bias: f32,
+    mean_grad_bias: Vec<f32>,
 }
 
 impl Trained {
@@ -231,7 +238,7 @@ impl Inputs {
 }
 
 /// SCAFFOLD's correction for worker `shard` at its buckets: the global control variate
-/// minus its own.
+/// minus its own, row by row.
 fn correction(
     layout: &Layout,
     control: &Control,
@@ -239,22 +246,35 @@ fn correction(
     local: &LocalShard,
     base: &Checkpoint,
 ) -> Result<Correction> {
+    let config = &base.header.config;
     ensure!(
-        control.weight.len() == base.header.config.dim(),
-        "the control variate has {} buckets, the global model {}",
+        control.weight.len() == config.rows() * config.dim() && control.bias.len() == config.rows(),
+        "the control variate has {} values, the global model {} rows of {} buckets",
         control.weight.len(),
-        base.header.config.dim()
+        config.rows(),
+        config.dim()
     );
-    let (index, values, own_bias) = worker_control(layout, control, shard, base.tensor(NB_RATIO))?;
-    let own = values_at(&index, &values, &local.touched);
+    let (index, values, own_bias) =
+        worker_control(layout, control, shard, base.tensor(NB_RATIO), config)?;
+    let own: Vec<f32> = values
+        .chunks(index.len().max(1))
+        .flat_map(|row| values_at(&index, row, &local.touched))
+        .collect();
+    let global = local.gather(&control.weight);
+    ensure!(
+        own.len() == global.len(),
+        "the control variate of shard {shard} has {} rows, the model {}",
+        values.len() / index.len().max(1),
+        config.rows()
+    );
     Ok(Correction {
-        weight: local
-            .gather(&control.weight)
+        weight: global.iter().zip(&own).map(|(c, o)| c - o).collect(),
+        bias: control
+            .bias
             .iter()
-            .zip(&own)
+            .zip(&own_bias)
             .map(|(c, o)| c - o)
             .collect(),
-        bias: control.bias - own_bias,
     })
 }
 
@@ -275,9 +295,17 @@ pub fn original(
             (base.header.clone(), base.into_model()?, data)
         }
         None => {
-            let config = args.model.config();
+            // No manifest here: the classes are those the shard's labels reach.
+            let classes = reviews
+                .iter()
+                .map(|r| r.label as usize + 1)
+                .max()
+                .unwrap_or(2)
+                .max(2);
+            let config = args.model.config(classes);
             let data = featurize_all(&reviews, config.featurizer);
-            let counts = ClassCounts::count(config.dim(), &data.features, &data.labels);
+            let counts =
+                ClassCounts::count(config.classes(), config.dim(), &data.features, &data.labels);
             let model = Model::from_counts(config, &counts);
             (Header::new(Kind::Model, config, 0), model, data)
         }
@@ -310,7 +338,7 @@ pub fn original(
             )?,
         })
     })?;
-    refuse_diverged(&outcome.epochs, &model.weight, model.bias, &tc)?;
+    refuse_diverged(&outcome.epochs, &model.weight, &model.bias, &tc)?;
     Checkpoint::from_model(model, header).save(out)?;
     info!(path = %out.display(), "model written");
     Ok(())
@@ -360,13 +388,15 @@ fn train_shard_with(
     let trained = match engine {
         Engine::Sparse => {
             let mut weight = local.gather(base.tensor(WEIGHT));
-            let mut bias = base.tensor(BIAS)[0];
+            let mut bias = base.tensor(BIAS).to_vec();
+            let link = base.header.config.link();
             let round = with_progress(tc, data, |log| {
                 Ok(train_local(
                     local,
                     &mut weight,
                     &mut bias,
                     &data.labels,
+                    link,
                     tc,
                     correction,
                     log,
@@ -382,14 +412,17 @@ fn train_shard_with(
         }
         Engine::Candle(device) => {
             let mut model = base.into_model()?;
+            let (dim, n) = (model.config.dim(), local.touched.len());
             let dense = correction.map(|c| {
                 let mut weight = vec![0.0; model.weight.len()];
-                for (&j, &v) in local.touched.iter().zip(&c.weight) {
-                    weight[j as usize] = v;
+                for (r, row) in c.weight.chunks(n.max(1)).enumerate() {
+                    for (&j, &v) in local.touched.iter().zip(row) {
+                        weight[r * dim + j as usize] = v;
+                    }
                 }
                 Correction {
                     weight,
-                    bias: c.bias,
+                    bias: c.bias.clone(),
                 }
             });
             let outcome = with_progress(tc, data, |log| {
@@ -412,7 +445,7 @@ fn train_shard_with(
             }
         }
     };
-    refuse_diverged(&trained.epochs, &trained.weight, trained.bias, tc)?;
+    refuse_diverged(&trained.epochs, &trained.weight, &trained.bias, tc)?;
     Ok(trained)
 }
 
@@ -445,7 +478,7 @@ fn with_progress<T>(
 fn refuse_diverged(
     epochs: &[EpochStats],
     weight: &[f32],
-    bias: f32,
+    bias: &[f32],
     tc: &TrainConfig,
 ) -> Result<()> {
     if let Some(s) = epochs.iter().find(|s| !s.loss.is_finite()) {
@@ -456,7 +489,7 @@ fn refuse_diverged(
             tc.lr
         );
     }
-    if weight.iter().any(|x| !x.is_finite()) || !bias.is_finite() {
+    if weight.iter().chain(bias).any(|x| !x.is_finite()) {
         bail!(
             "training diverged: the weights hold NaN or infinity; nothing was written. Lower --lr (now {})",
             tc.lr
@@ -495,19 +528,19 @@ mod tests {
             .collect();
         let labels: Vec<u8> = (0..30).map(|i| (i % 2) as u8).collect();
         let mut model =
-            Model::from_counts(config, &ClassCounts::count(config.dim(), &docs, &labels));
+            Model::from_counts(config, &ClassCounts::count(2, config.dim(), &docs, &labels));
         model
             .weight
             .iter_mut()
             .enumerate()
             .for_each(|(j, w)| *w = (j % 5) as f32 * 0.01);
         let base = Checkpoint::from_model(model, Header::new(Kind::Model, config, 1));
-        let local = LocalShard::new(&docs, base.tensor(NB_RATIO));
+        let local = LocalShard::new(&docs, base.tensor(NB_RATIO), 1);
         let correction = Correction {
             weight: (0..local.touched.len())
                 .map(|k| (k % 3) as f32 * 1e-3 - 1e-3)
                 .collect(),
-            bias: 0.02,
+            bias: vec![0.02],
         };
         let data = Featurized {
             features: docs,
@@ -540,8 +573,8 @@ mod tests {
             diff(&sparse.mean_grad, &candle.mean_grad) < 1e-6,
             "control variates differ"
         );
-        assert!((sparse.bias - candle.bias).abs() < 1e-5);
-        assert!((sparse.mean_grad_bias - candle.mean_grad_bias).abs() < 1e-6);
+        assert!(diff(&sparse.bias, &candle.bias) < 1e-5);
+        assert!(diff(&sparse.mean_grad_bias, &candle.mean_grad_bias) < 1e-6);
         assert_ne!(
             sparse.weight,
             local.gather(base.tensor(WEIGHT)),

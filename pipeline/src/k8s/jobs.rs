@@ -46,6 +46,9 @@ pub struct Params {
     pub run_id: String,
     /// What the run computes, step by step: the plan `pipeline local` runs too.
     pub plan: Plan,
+    /// The copier's `--source` as its pod sees it (under [`ROOT`]); None: the official
+    /// archive, which the copier Job downloads onto the volume first.
+    pub source: Option<String>,
     /// Image names are `REGISTRY/BINARY:TAG` (trainer on GPUs: `REGISTRY/trainer-cuda:TAG`),
     /// unless [`Params::images`] names one.
     pub registry: String,
@@ -401,8 +404,10 @@ fn job(p: &Params, kind: StepKind, mut pod: PodSpec, mut spec: JobSpec) -> Job {
     }
 }
 
-/// The copier: an init container downloads the official archive onto the volume (skipped
-/// when already there with the right hash), then the copier shards it into `workers` shards.
+/// The copier: shards `--source`, a file or folder on the volume, with the source flags
+/// among the plan's arguments; without it, an init container first downloads the official
+/// archive onto the volume (skipped when already there with the right hash), which the
+/// copier then shards into `workers` shards.
 fn copier_job(p: &Params, step: &PlannedStep) -> Job {
     let download = format!("{ROOT}/{DOWNLOAD_DIR}");
     let copier_image = p
@@ -410,20 +415,21 @@ fn copier_job(p: &Params, step: &PlannedStep) -> Job {
         .copier
         .clone()
         .unwrap_or_else(|| image(p, "copier"));
-    let init = container(
-        p,
-        step,
-        "download",
-        copier_image.clone(),
-        download_args(download.clone()),
-        resources("250m", "256Mi", "1", "512Mi"),
-    );
-    let mut args: Vec<String> = vec![
-        "--source".into(),
-        format!("{download}/{ARCHIVE_NAME}"),
-        "--out".into(),
-        ROOT.into(),
-    ];
+    let (source, init) = match &p.source {
+        Some(source) => (source.clone(), None),
+        None => (
+            format!("{download}/{ARCHIVE_NAME}"),
+            Some(vec![container(
+                p,
+                step,
+                "download",
+                copier_image.clone(),
+                download_args(download),
+                resources("250m", "256Mi", "1", "512Mi"),
+            )]),
+        ),
+    };
+    let mut args: Vec<String> = vec!["--source".into(), source, "--out".into(), ROOT.into()];
     args.extend(step.args.iter().cloned());
     let main = container(
         p,
@@ -434,7 +440,7 @@ fn copier_job(p: &Params, step: &PlannedStep) -> Job {
         resources("1", "1Gi", "2", "2Gi"),
     );
     let pod = PodSpec {
-        init_containers: Some(vec![init]),
+        init_containers: init,
         containers: vec![main],
         ..Default::default()
     };

@@ -50,7 +50,8 @@ pub fn params_with(workers: u32, rounds: u32, overlay: Overlay, more: &[&str]) -
     Params {
         namespace: "fedimdb".into(),
         run_id: "t1".into(),
-        plan: Plan::new(RunArgs::from_flags(&flags).unwrap()).unwrap(),
+        plan: Plan::new(RunArgs::from_flags(&flags).unwrap(), None).unwrap(),
+        source: None,
         registry: "example.io/fedimdb".into(),
         image_tag: "0.1.0".into(),
         images: Default::default(),
