@@ -419,10 +419,7 @@ impl AppState {
             .get_or_try_init(|| async move {
                 let p = path.clone();
                 let reviews =
-                    // Read as stored: the server shows test reviews of any number of classes (the
-                    // training side's two-class check of `dataset::load_reviews` is not its
-                    // concern).
-                    tokio::task::spawn_blocking(move || fedimdb::reviews::read_parquet(&p))
+                    tokio::task::spawn_blocking(move || fedimdb::dataset::load_reviews(&p, None))
                         .await
                         .map_err(|e| {
                             crate::error::ApiError::internal(format!(

@@ -271,7 +271,10 @@ fn page_shows_the_top_classes_of_a_k_class_model() {
         facts.contains(common::TICKET_TASK) && facts.contains("bug, feature, question"),
         "{facts}"
     );
-    assert!(d.text("header").contains("which of bug, feature or question"));
+    assert!(
+        d.text("header")
+            .contains("which of bug, feature or question")
+    );
 
     let review = d.find("#review");
     d.cmd(
@@ -295,7 +298,9 @@ fn page_shows_the_top_classes_of_a_k_class_model() {
     let sample = d.find("#sample");
     assert_eq!(d.text("#sample"), "Sample text");
     d.cmd("POST", &format!("/element/{sample}/click"), None);
-    let notice = d.wait_text("#verdict", "the sample notice", |t| t.contains("Sample text"));
+    let notice = d.wait_text("#verdict", "the sample notice", |t| {
+        t.contains("Sample text")
+    });
     assert!(!notice.contains("rated"), "{notice}");
     assert!(
         common::TICKET_LABELS
