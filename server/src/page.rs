@@ -46,41 +46,48 @@ fn name_list(labels: &[String], max: usize) -> String {
 impl Wording {
     /// The wording for `model`, or a neutral one while none serves.
     pub fn of(model: Option<&LoadedModel>) -> Self {
-        let Some(m) = model else {
-            return Self {
-                title: "text classification".into(),
-                lead: "A model trained by federated averaging classifies texts, and shows which words decided. No model is loaded yet.".into(),
-                item: "text",
-                task: String::new(),
-                labels: Vec::new(),
-            };
-        };
-        let sentiment = m.is_binary()
-            && m.task == fedimdb::labels::Task::Sentiment.title()
-            && m.labels == fedimdb::labels::SENTIMENT;
+        match model {
+            Some(m) => Self::new(&m.task, &m.labels),
+            None => Self::none(),
+        }
+    }
+
+    /// The wording while no model serves.
+    fn none() -> Self {
+        Self {
+            title: "text classification".into(),
+            lead: "A model trained by federated averaging classifies texts, and shows which words decided. No model is loaded yet.".into(),
+            item: "text",
+            task: String::new(),
+            labels: Vec::new(),
+        }
+    }
+
+    /// The wording for a model of `task` with classes `labels`.
+    pub fn new(task: &str, labels: &[String]) -> Self {
+        let sentiment = task == fedimdb::labels::Task::Sentiment.title()
+            && labels == fedimdb::labels::SENTIMENT;
         let (title, lead, item) = if sentiment {
             (
                 "movie review sentiment".to_owned(),
                 "Is a movie review positive or negative? A model trained by federated averaging on IMDB reviews answers, and shows which words decided.".to_owned(),
                 "review",
             )
-        } else if m.is_imdb() {
+        } else if task.starts_with("IMDB") {
             (
-                m.task.clone(),
+                task.to_owned(),
                 format!(
-                    "{}: which of {} fits a movie review? A model trained by federated averaging on IMDB reviews answers, and shows which words decided.",
-                    m.task,
-                    name_list(&m.labels, 10)
+                    "{task}: which of {} fits a movie review? A model trained by federated averaging on IMDB reviews answers, and shows which words decided.",
+                    name_list(labels, 10)
                 ),
                 "review",
             )
         } else {
             (
-                m.task.clone(),
+                task.to_owned(),
                 format!(
-                    "{}: which of {} fits a text? A model trained by federated averaging answers, and shows which words decided.",
-                    m.task,
-                    name_list(&m.labels, 10)
+                    "{task}: which of {} fits a text? A model trained by federated averaging answers, and shows which words decided.",
+                    name_list(labels, 10)
                 ),
                 "text",
             )
@@ -89,8 +96,8 @@ impl Wording {
             title,
             lead,
             item,
-            task: m.task.clone(),
-            labels: m.labels.clone(),
+            task: task.to_owned(),
+            labels: labels.to_vec(),
         }
     }
 
@@ -163,6 +170,40 @@ mod tests {
         assert_eq!(name_list(&l(&["a", "b"]), 10), "a or b");
         assert_eq!(name_list(&l(&["a", "b", "c"]), 10), "a, b or c");
         assert_eq!(name_list(&l(&["a", "b", "c"]), 2), "a, b, …");
+    }
+
+    #[test]
+    fn wording_follows_the_task_and_labels() {
+        let l = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let imdb = Wording::new("IMDB sentiment", &l(&["neg", "pos"]));
+        assert_eq!(imdb.title, "movie review sentiment");
+        assert!(
+            imdb.lead
+                .starts_with("Is a movie review positive or negative?")
+        );
+        let rating = Wording::new("IMDB rating", &fedimdb::labels::Task::Rating.labels());
+        assert_eq!(
+            (rating.title.as_str(), rating.item),
+            ("IMDB rating", "review")
+        );
+        assert!(
+            rating.lead.starts_with(
+                "IMDB rating: which of 1, 2, 3, 4, 7, 8, 9 or 10 fits a movie review?"
+            ),
+            "{}",
+            rating.lead
+        );
+        let spam = Wording::new("spam.csv", &l(&["ham", "spam"]));
+        assert_eq!(spam.item, "text");
+        assert!(
+            spam.lead
+                .starts_with("spam.csv: which of ham or spam fits a text?")
+        );
+        let page = spam.render();
+        assert!(!page.to_lowercase().contains("movie review"));
+        // Card text is escaped where it lands.
+        let page = Wording::new("<b>\"x\"</b>", &l(&["a", "b"])).render();
+        assert!(page.contains("&lt;b&gt;&quot;x&quot;&lt;/b&gt;") && !page.contains("<b>"));
     }
 
     #[test]

@@ -58,12 +58,6 @@ impl LoadedModel {
         self.scorer.config.rows() == 1
     }
 
-    /// Whether the model is about IMDB reviews (its task starts with `IMDB`), which decides
-    /// whether the page speaks of movie reviews.
-    pub fn is_imdb(&self) -> bool {
-        self.task.starts_with("IMDB")
-    }
-
     /// The `label` field of the JSON API for class `class`: `positive` or `negative` for a
     /// two-class model (as the server always answered, whatever the data), the class's name
     /// for more.
