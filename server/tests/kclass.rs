@@ -330,3 +330,47 @@ fn binary_models_keep_their_fields_and_gain_the_class_ones() {
     assert_eq!(v["label"], ["negative", "positive"][k]);
     assert_eq!(v["class_label"], labels[k]);
 }
+
+/// A binary model file of format 1 (written before K classes) still serves as IMDB
+/// sentiment, and a K-class file served with `--model` (no published card) takes its labels
+/// and task from its own header.
+#[test]
+fn format_1_binary_files_and_k_class_files_without_a_published_card() {
+    let root = tempfile::tempdir().unwrap();
+    let mut old = common::tiny_model(1, 1.0);
+    old.header.format_version = fedimdb::checkpoint::FORMAT_VERSION_BINARY;
+    common::publish(root.path(), &old);
+    let s = TestServer::start_on(root, |_| {});
+    let v = s
+        .post_json("/api/predict", &json!({ "text": POSITIVE }))
+        .json();
+    let p = &v["predictions"][0];
+    assert_eq!(
+        (p["label"].as_str(), p["class_label"].as_str()),
+        (Some("positive"), Some("pos"))
+    );
+    probabilities(p, &["neg", "pos"]);
+    assert_eq!(s.get("/api/model").json()["task"], "IMDB sentiment");
+    drop(s);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tickets.safetensors");
+    common::ticket_model(4, 1.0).save(&path).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut c = server::Config::new(server::ModelSource::File(path));
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    let srv = rt.block_on(server::start(c)).unwrap();
+    let m = common::request(srv.addr, "GET", "/api/model", &[], b"").json();
+    assert_eq!(m["labels"], json!(TICKET_LABELS));
+    assert_eq!(m["task"], TICKET_TASK);
+    let body = json!({ "text": QUESTION }).to_string();
+    let r = common::request(
+        srv.addr,
+        "POST",
+        "/api/predict",
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    );
+    assert_eq!(r.json()["predictions"][0]["label"], "question");
+    rt.block_on(srv.stop()).unwrap();
+}
