@@ -111,9 +111,9 @@ fn reduced_pipeline_run_learns_and_publishes_a_consistent_model() {
     let probs: Vec<f32> = data
         .features
         .iter()
-        .map(|f| scorer.probability(f))
+        .flat_map(|f| scorer.probabilities(f))
         .collect();
-    let m = Metrics::compute(&probs, &data.labels);
+    let m = Metrics::of_classes(&probs, 2, &data.labels);
     assert_eq!(m.accuracy, last);
     assert_eq!(
         latest.header.samples, train_reviews,

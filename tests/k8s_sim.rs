@@ -190,34 +190,39 @@ fn mail_csv() -> String {
     csv
 }
 
-/// Your own labeled text on the volume: `pipeline k8s --source own/mail.csv` with the
-/// source flags of `pipeline local` shards it in a copier Job without the download, and
-/// the run publishes the model `pipeline local` makes of the same file.
-#[test]
-fn a_csv_on_the_volume_trains_through_the_simulated_cluster_as_pipeline_local_does() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let vol = d.join("vol");
+/// Your own labeled text on the volume: `pipeline k8s --source own/NAME` with the source
+/// flags of `pipeline local` (`reading`) shards it in a copier Job without the download, and
+/// the run publishes the model `pipeline local` makes of the same file. Returns the volume
+/// (in `dir`) and the last aggregator's test accuracy. `extra`: more flags for both runs.
+fn own_csv_through_the_cluster(
+    dir: &Path,
+    name: &str,
+    csv: &str,
+    reading: &[&str],
+    extra: &[&str],
+) -> (PathBuf, f64) {
+    let vol = dir.join("vol");
     std::fs::create_dir_all(vol.join("own")).unwrap();
-    let csv = vol.join("own/mail.csv");
-    std::fs::write(&csv, mail_csv()).unwrap();
+    let path = vol.join("own").join(name);
+    std::fs::write(&path, csv).unwrap();
     let f = flags();
-    let reading = ["--test-fraction", "0.25"];
-    let local = d.join("local");
+    let local = dir.join("local");
     run_ok(&mut pipeline_local(
-        &csv,
+        &path,
         &local,
-        &with(&f, &[&reading[..], &["--jobs", "2"]].concat()),
+        &with(&f, &[reading, extra, &["--jobs", "2"]].concat()),
     ));
     // No archive: the copier Job has no download container for the offline hook to touch.
-    let s = sim(&vol, &csv, None);
+    let s = sim(&vol, &path, None);
+    let source = format!("own/{name}");
     let (_, log) = run_ok(&mut pipeline_k8s(
         &s,
         &with(
             &f,
             &[
-                &["--run-id", "csv", "--source", "own/mail.csv"],
-                &reading[..],
+                &["--run-id", "csv", "--source", source.as_str()],
+                reading,
+                extra,
             ]
             .concat(),
         ),
@@ -225,7 +230,7 @@ fn a_csv_on_the_volume_trains_through_the_simulated_cluster_as_pipeline_local_do
     assert_eq!(
         model_sha(&vol),
         model_sha(&local),
-        "the model of the CSV through the simulated cluster differs from pipeline local's:\n{log}"
+        "the model of {name} through the simulated cluster differs from pipeline local's:\n{log}"
     );
     assert_all_served(&s);
     let copier = s.job(NS, "fedimdb-csv-copier").expect("the copier Job");
@@ -237,13 +242,59 @@ fn a_csv_on_the_volume_trains_through_the_simulated_cluster_as_pipeline_local_do
         .iter()
         .map(|a| a.as_str().unwrap())
         .collect();
-    assert_eq!(args[..2], ["--source", "/data/own/mail.csv"]);
-    assert!(args.ends_with(&["--test-fraction", "0.25"]), "{args:?}");
+    assert_eq!(args[..2], ["--source", &format!("/data/own/{name}")]);
+    assert!(args.ends_with(reading), "{args:?}");
+    let accuracy = last_accuracy(&s).expect("the last aggregator's test accuracy");
+    (vol, accuracy)
+}
+
+#[test]
+fn a_csv_on_the_volume_trains_through_the_simulated_cluster_as_pipeline_local_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vol, accuracy) = own_csv_through_the_cluster(
+        dir.path(),
+        "mail.csv",
+        &mail_csv(),
+        &["--test-fraction", "0.25"],
+        &[],
+    );
     let manifest = fedimdb::manifest::DataManifest::read(&vol.join("data/manifest.json")).unwrap();
     assert_eq!(manifest.labels, ["ham", "spam"]);
     assert_eq!(manifest.test.label_counts, [10, 10]);
-    let accuracy = last_accuracy(&s).expect("the last aggregator's test accuracy");
-    assert!(accuracy > 0.9, "test accuracy {accuracy}:\n{log}");
+    assert!(accuracy > 0.9, "test accuracy {accuracy}");
+}
+
+/// The same with three labels (bug/feature/question tickets): the K-class model the
+/// simulated cluster publishes is `pipeline local`'s, byte for byte, with its three labels
+/// and rows.
+#[test]
+fn three_labels_on_the_volume_train_through_the_simulated_cluster_as_pipeline_local_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = common::to_csv(&common::tickets(100));
+    let (vol, accuracy) = own_csv_through_the_cluster(
+        dir.path(),
+        "tickets.csv",
+        &csv,
+        &["--test-fraction", "0.2"],
+        &["--multiclass", "one-vs-rest"],
+    );
+    let manifest = fedimdb::manifest::DataManifest::read(&vol.join("data/manifest.json")).unwrap();
+    assert_eq!(manifest.labels, common::TICKET_LABELS);
+    assert_eq!(manifest.test.label_counts, [20, 20, 20]);
+    assert!(accuracy > 0.85, "test accuracy {accuracy}");
+    let card: Value =
+        serde_json::from_slice(&std::fs::read(vol.join("model/latest.json")).unwrap()).unwrap();
+    assert_eq!(
+        card["labels"],
+        serde_json::json!(common::TICKET_LABELS),
+        "{card}"
+    );
+    let ck = fedimdb::checkpoint::Checkpoint::load(&vol.join("model/latest.safetensors")).unwrap();
+    assert_eq!(ck.tensors[fedimdb::model::BIAS].len(), 3);
+    assert_eq!(
+        ck.header.config.multiclass,
+        Some(fedimdb::model::Multiclass::OneVsRest)
+    );
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! Your own labeled text through the whole workflow: IMDB converted to CSV trains to the
 //! archive's accuracy, a 2-label source with other names (spam/ham) trains end to end, and
-//! data with more than two labels is sharded but refused, with one message, by every step
-//! that trains or serves (the K-class model is not built yet).
+//! a three-label source (bug/feature/question tickets) trains a K-class model: through
+//! `pipeline local` with each link, each aggregation strategy, a quorum that goes on
+//! without a failed trainer, a resumed re-run and a second run giving the same model. IMDB's
+//! 8-class rating task is no longer refused.
 
 mod common;
 
@@ -9,15 +11,6 @@ use std::path::Path;
 
 use common::*;
 use serde_json::Value;
-
-/// `rows` as CSV with the header `text,label`, every text quoted.
-fn csv(rows: &[(String, &str)]) -> String {
-    let mut s = "text,label\n".to_owned();
-    for (t, l) in rows {
-        s.push_str(&format!("\"{}\",{l}\n", t.replace('"', "\"\"")));
-    }
-    s
-}
 
 /// The `split` reviews of `entries` in the copier's canonical order (neg then pos, by
 /// number), labeled `neg`/`pos`.
@@ -58,8 +51,8 @@ fn imdb_as_csv_trains_to_the_archive_s_accuracy() {
     let entries = synthetic(60);
     let archive = d.join("imdb.tar.gz");
     write_archive(&archive, &entries);
-    std::fs::write(d.join("train.csv"), csv(&canonical(&entries, "train"))).unwrap();
-    std::fs::write(d.join("test.csv"), csv(&canonical(&entries, "test"))).unwrap();
+    std::fs::write(d.join("train.csv"), to_csv(&canonical(&entries, "train"))).unwrap();
+    std::fs::write(d.join("test.csv"), to_csv(&canonical(&entries, "test"))).unwrap();
 
     let run = |source: &Path, name: &str, extra: &[&str]| -> Value {
         let path = d.join(format!("{name}.json"));
@@ -97,7 +90,7 @@ fn two_labels_of_any_name_train_end_to_end() {
         .into_iter()
         .map(|(t, l)| (t, if l == "pos" { "spam" } else { "ham" }))
         .collect();
-    std::fs::write(d.join("mail.csv"), csv(&rows)).unwrap();
+    std::fs::write(d.join("mail.csv"), to_csv(&rows)).unwrap();
     let root = d.join("vol");
     let path = d.join("report.json");
     run_ok(
@@ -111,67 +104,246 @@ fn two_labels_of_any_name_train_end_to_end() {
     assert!(report(&path)["test_accuracy"].as_f64().unwrap() > 0.9);
 }
 
+/// Training flags of the three-class toy runs: short rounds on 2^12 buckets, a fifth of the
+/// tickets held out for the test set.
+const TOY: &[&str] = &[
+    "--epochs",
+    "2",
+    "--hash-bits",
+    "12",
+    "--test-fraction",
+    "0.2",
+];
+
+/// The lowest test accuracy the toy tickets must reach (chance is 1/3; the runs reach
+/// about 0.97).
+const TOY_ACCURACY: f64 = 0.85;
+
+/// Writes `dir/tickets.csv` ([`tickets`]`(100)`: 300 tickets) and returns it.
+fn tickets_csv(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("tickets.csv");
+    std::fs::write(&path, to_csv(&tickets(100))).unwrap();
+    path
+}
+
+/// `pipeline local` of the toy `source` into `root` with [`TOY`] and `extra`, which must
+/// succeed; returns its `--report` and stdout.
+fn toy_run(source: &Path, root: &Path, extra: &[&str]) -> (Value, String) {
+    let path = root.with_extension("report.json");
+    let (out, _) = run_ok(
+        pipeline(source, root, TOY)
+            .args(extra)
+            .arg("--report")
+            .arg(&path),
+    );
+    (
+        report(&path),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Checks a three-class toy run's outcome: its accuracy, the published card's labels, the
+/// model file's 3 rows, macro-F1 in every round's report; returns the final accuracy.
+fn assert_three_class_model(root: &Path, run: &Value, what: &str) -> f64 {
+    let accuracy = run["test_accuracy"].as_f64().unwrap();
+    assert!(
+        accuracy > TOY_ACCURACY,
+        "{what}: test accuracy {accuracy}: {run}"
+    );
+    let layout = fedimdb::layout::Layout::new(root);
+    let card: Value =
+        serde_json::from_slice(&std::fs::read(layout.latest_card()).unwrap()).unwrap();
+    assert_eq!(
+        card["labels"],
+        serde_json::json!(TICKET_LABELS),
+        "{what}: {card}"
+    );
+    let ck = fedimdb::checkpoint::Checkpoint::load(&layout.latest_model()).unwrap();
+    assert_eq!(ck.header.config.classes, 3, "{what}");
+    assert_eq!(ck.header.config.rows(), 3, "{what}");
+    assert_eq!(ck.tensors[fedimdb::model::BIAS].len(), 3, "{what}");
+    assert_eq!(ck.tensors[fedimdb::model::WEIGHT].len(), 3 << 12, "{what}");
+    let header_card = ck.header.card.expect("the model file's card");
+    assert_eq!(header_card.labels, TICKET_LABELS, "{what}");
+    // Every round's report (and the run's) has the macro-F1 of its model; trained rounds
+    // score well on it.
+    for round in 0..=ROUNDS {
+        let r = report(&layout.round_report(round));
+        let f1 = r["test"]["macro_f1"].as_f64();
+        assert!(f1.is_some(), "{what}: round {round}: {r}");
+        if round == 0 {
+            // The statistics round's model is untrained (zero weights, the classes' prior
+            // biases): chance on the balanced test set.
+            let a = r["test"]["accuracy"].as_f64().unwrap();
+            assert!(a < 0.5, "{what}: round 0 accuracy {a}");
+        }
+        if round == ROUNDS {
+            assert!(f1.unwrap() > TOY_ACCURACY - 0.05, "{what}: {r}");
+        }
+    }
+    assert!(
+        run["test"]["macro_f1"].as_f64().unwrap() > TOY_ACCURACY - 0.05,
+        "{what}: {run}"
+    );
+    accuracy
+}
+
 #[test]
-fn three_labels_are_sharded_then_refused_by_every_training_step() {
+fn three_labels_train_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let rows: Vec<(String, &str)> = (0..30)
-        .map(|i| (format!("text {i}"), ["red", "green", "blue"][i % 3]))
-        .collect();
-    let source = d.join("colors.csv");
-    std::fs::write(&source, csv(&rows)).unwrap();
+    let source = tickets_csv(d);
     let root = d.join("vol");
-    run_ok(
-        bin("copier")
-            .arg("--source")
-            .arg(&source)
-            .arg("--out")
-            .arg(&root)
-            .args(["--workers", "2", "--test-fraction", "0.2"]),
-    );
+    let (run, _) = toy_run(&source, &root, &[]);
     let manifest = fedimdb::manifest::DataManifest::read(&root.join("data/manifest.json")).unwrap();
-    assert_eq!(manifest.labels, ["blue", "green", "red"]);
-    assert_eq!(manifest.test.label_counts, [2, 2, 2]);
+    assert_eq!(manifest.labels, TICKET_LABELS);
+    assert_eq!(manifest.test.label_counts, [20, 20, 20]);
     let sharded: Vec<usize> = (0..3)
         .map(|c| manifest.shards.iter().map(|e| e.label_counts[c]).sum())
         .collect();
-    assert_eq!(sharded, [8, 8, 8]);
+    assert_eq!(sharded, [80, 80, 80]);
+    let accuracy = assert_three_class_model(&root, &run, "softmax");
+    eprintln!("three labels, softmax: test accuracy {accuracy}");
+    let card: Value = serde_json::from_slice(
+        &std::fs::read(fedimdb::layout::Layout::new(&root).latest_card()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(card["task"], "tickets.csv", "{card}");
+    let ck = fedimdb::checkpoint::Checkpoint::load(&root.join("model/latest.safetensors")).unwrap();
+    assert_eq!(
+        ck.header.config.multiclass,
+        Some(fedimdb::model::Multiclass::Softmax),
+        "softmax is the default link"
+    );
+}
 
-    let message = [
-        "has 3 labels (blue, green, red)",
-        "K-class model is not built yet",
-    ];
-    let refused = |cmd: &mut std::process::Command, who: &str| {
-        let (out, log) = run(cmd);
-        assert!(!out.status.success(), "{who} accepted 3 labels: {log}");
-        for m in message {
-            assert!(log.contains(m), "{who}: {log}");
+/// `--multiclass one-vs-rest` trains the toy too (read from JSON lines this time), and so
+/// do the robust strategies, median and trimmed mean, with either link.
+#[test]
+fn three_labels_train_one_vs_rest_and_with_every_strategy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let jsonl = d.join("tickets.jsonl");
+    std::fs::write(&jsonl, to_jsonl(&tickets(100))).unwrap();
+    let csv = tickets_csv(d);
+    for (source, name, extra) in [
+        (&jsonl, "ovr", &["--multiclass", "one-vs-rest"][..]),
+        (&csv, "median", &["--strategy", "median"][..]),
+        (
+            &csv,
+            "trimmed",
+            &["--strategy", "trimmed-mean", "--trim", "0.2"][..],
+        ),
+        (
+            &jsonl,
+            "ovr-median",
+            &["--multiclass", "one-vs-rest", "--strategy", "median"][..],
+        ),
+    ] {
+        let root = d.join(name);
+        let (run, _) = toy_run(source, &root, extra);
+        let accuracy = assert_three_class_model(&root, &run, name);
+        eprintln!("three labels, {name}: test accuracy {accuracy}");
+        let ck =
+            fedimdb::checkpoint::Checkpoint::load(&root.join("model/latest.safetensors")).unwrap();
+        let link = if name.starts_with("ovr") {
+            fedimdb::model::Multiclass::OneVsRest
+        } else {
+            fedimdb::model::Multiclass::Softmax
+        };
+        assert_eq!(ck.header.config.multiclass, Some(link), "{name}");
+        if let Some(strategy) = extra.iter().position(|a| *a == "--strategy") {
+            let r = report(&fedimdb::layout::Layout::new(&root).round_report(ROUNDS));
+            let expected = if extra[strategy + 1] == "median" {
+                "median"
+            } else {
+                "trimmed-mean(0.2)"
+            };
+            assert_eq!(r["strategy"], expected, "{r}");
         }
-    };
-    refused(&mut trainer(&root, 0, 0), "trainer");
-    refused(&mut aggregator(&root, 0), "aggregator");
-    refused(bin("server").arg("--root").arg(&root), "server");
-    refused(
-        &mut pipeline(&source, &d.join("p"), &["--test-fraction", "0.2"]),
-        "pipeline local",
-    );
-    assert!(!d.join("p/rounds").exists(), "no trainer started");
-    // The loose form reads a shard without a manifest: the same refusal.
-    let shard = root.join("data/shard-00000.parquet");
-    let (out, log) = run(bin("trainer")
-        .arg("--data")
-        .arg(&shard)
-        .args(["--epoch", "1", "--batch", "1", "--savemodel"])
-        .arg(d.join("m.safetensors")));
+    }
+}
+
+/// K classes under a quorum (a trainer of round 1 dies; the round goes on without it), a
+/// re-run that keeps every verified step, and two runs with the same seed publishing the
+/// same model file, byte for byte.
+#[test]
+fn three_labels_under_a_quorum_resume_and_are_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let source = tickets_csv(d);
+    let all: Vec<u32> = (0..=ROUNDS).collect();
+
+    // The quorum: the trainer of round 1, shard 2, dies after writing its update.
+    let quorum = d.join("quorum");
+    let (out, log) = run(pipeline(&source, &quorum, TOY)
+        .args(["--min-workers", "2"])
+        .env(fedimdb::fault::ENV, "trainer:1:2:update-written"));
+    assert!(out.status.success(), "{log}");
+    let layout = fedimdb::layout::Layout::new(&quorum);
+    let r1 = report(&layout.round_report(1));
+    assert_eq!(r1["missing"], serde_json::json!([2]), "{log}");
+    let model = std::fs::read(layout.latest_model()).unwrap();
+    let (again, stdout) = toy_run(&source, &quorum, &["--min-workers", "2"]);
+    assert_eq!(kept_rounds(&stdout), all, "{stdout}");
     assert!(
-        !out.status.success() && log.contains("K-class model is not built yet"),
-        "{log}"
+        stdout.contains("(no update: left out under the quorum)"),
+        "{stdout}"
     );
-    // IMDB's rating task is refused by the pipeline before anything runs.
-    let (out, log) = run(&mut pipeline(&source, &d.join("r"), &["--task", "rating"]));
+    assert_eq!(std::fs::read(layout.latest_model()).unwrap(), model);
+    assert_three_class_model(&quorum, &again, "quorum");
+
+    // Two clean runs with the same seed, and a re-run of the first.
+    let (a, b) = (d.join("a"), d.join("b"));
+    let seed = ["--seed", "7"];
+    let (first, _) = toy_run(&source, &a, &seed);
+    assert_three_class_model(&a, &first, "seed 7");
+    let (second, _) = toy_run(&source, &b, &seed);
+    let (la, lb) = (
+        fedimdb::layout::Layout::new(&a),
+        fedimdb::layout::Layout::new(&b),
+    );
+    let bytes = |p: std::path::PathBuf| std::fs::read(p).unwrap();
     assert!(
-        !out.status.success() && log.contains("--task rating has 8 labels"),
-        "{log}"
+        bytes(la.latest_model()) == bytes(lb.latest_model()),
+        "two runs with the same seed published different model files"
     );
-    assert!(!d.join("r/data").exists());
+    assert!(bytes(la.global_model(ROUNDS)) == bytes(lb.global_model(ROUNDS)));
+    assert_eq!(first["test"], second["test"]);
+    let published = bytes(la.latest_model());
+    let (out, log) = run_ok(&mut pipeline(&source, &a, &[TOY, &seed[..]].concat()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(kept_rounds(&stdout), all, "{log}");
+    assert!(log.contains("up to date"), "{log}");
+    assert!(
+        bytes(la.latest_model()) == published,
+        "the re-run changed the model"
+    );
+}
+
+/// IMDB's 8-class rating task (the star rating in each review's file name) trains: a tiny
+/// archive, one short round.
+#[test]
+fn the_rating_task_trains_an_eight_class_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let archive = synthetic_archive(d, 20);
+    let root = d.join("vol");
+    run_ok(&mut pipeline(
+        &archive,
+        &root,
+        &["--task", "rating", "--epochs", "1", "--hash-bits", "12"],
+    ));
+    let layout = fedimdb::layout::Layout::new(&root);
+    let card: Value =
+        serde_json::from_slice(&std::fs::read(layout.latest_card()).unwrap()).unwrap();
+    assert_eq!(
+        card["labels"],
+        serde_json::json!(["1", "2", "3", "4", "7", "8", "9", "10"]),
+        "{card}"
+    );
+    assert_eq!(card["task"], "IMDB rating", "{card}");
+    let ck = fedimdb::checkpoint::Checkpoint::load(&layout.latest_model()).unwrap();
+    assert_eq!(ck.tensors[fedimdb::model::BIAS].len(), 8);
+    assert!(report(&layout.round_report(ROUNDS))["test"]["macro_f1"].is_number());
 }

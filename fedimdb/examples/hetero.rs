@@ -122,11 +122,14 @@ fn main() {
         } else {
             Multiclass::Softmax
         };
-        let mc = ModelConfig {
+        let mut mc = ModelConfig {
             featurizer: fc,
             ..ModelConfig::default()
         }
         .with_classes(classes, multiclass);
+        if let Ok(nb) = std::env::var("NB") {
+            mc.nb_smoothing = nb.parse().unwrap();
+        }
         let base = Model::from_counts(mc, &counts);
         let ratio: Vec<f32> = base.nb_ratio.clone();
         let bias0 = base.bias.clone();

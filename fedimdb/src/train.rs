@@ -35,6 +35,15 @@ pub mod defaults {
     pub const STEPS: u64 = 20_000;
     pub const BATCH: usize = 1;
     pub const LR: f32 = 16.0;
+    /// The learning rate of a K-class model (K > 2): its K rows take larger steps on the
+    /// sharper naive-Bayes ratios of K-class data (see `MULTICLASS_NB_SMOOTHING` in
+    /// `crate::model`), and on IMDB's rating task 16 overfits in the first round.
+    pub const LR_MULTICLASS: f32 = 2.0;
+
+    /// The default learning rate for data with `classes` classes.
+    pub fn lr(classes: usize) -> f32 {
+        if classes > 2 { LR_MULTICLASS } else { LR }
+    }
     pub const SCHEDULE: Schedule = Schedule::Linear;
     pub const ALGORITHM: Algorithm = Algorithm::Scaffold;
 }
@@ -89,9 +98,10 @@ pub struct TrainArgs {
     /// Reviews per SGD step.
     #[arg(long, default_value_t = defaults::BATCH)]
     pub batch: usize,
-    /// SGD learning rate at the start of each round.
-    #[arg(long, default_value_t = defaults::LR, allow_negative_numbers = true)]
-    pub lr: f32,
+    /// SGD learning rate at the start of each round (default: 16 for two classes, 2 for
+    /// more).
+    #[arg(long, allow_negative_numbers = true)]
+    pub lr: Option<f32>,
     /// Learning rate over a round: `linear` (down to zero) or `constant`.
     #[arg(long, value_enum, default_value_t = defaults::SCHEDULE)]
     pub schedule: Schedule,
@@ -107,7 +117,7 @@ impl Default for TrainArgs {
             steps: defaults::STEPS,
             epochs: None,
             batch: defaults::BATCH,
-            lr: defaults::LR,
+            lr: None,
             schedule: defaults::SCHEDULE,
             seed: defaults::SEED,
         }
@@ -129,20 +139,22 @@ impl TrainArgs {
         if self.batch == 0 {
             return Err("--batch must be at least 1".into());
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(format!("--lr must be a positive number, got {}", self.lr));
+        if let Some(lr) = self.lr
+            && !(lr > 0.0 && lr.is_finite())
+        {
+            return Err(format!("--lr must be a positive number, got {lr}"));
         }
         Ok(())
     }
 
-    /// Worker `shard`'s training config in `round`.
-    pub fn config(&self, round: u32, shard: usize) -> TrainConfig {
+    /// Worker `shard`'s training config in `round`, for data with `classes` classes.
+    pub fn config(&self, round: u32, shard: usize, classes: usize) -> TrainConfig {
         TrainConfig {
             algorithm: self.algorithm,
             steps: if self.epochs.is_some() { 0 } else { self.steps },
             epochs: self.epochs.unwrap_or(0),
             batch: self.batch,
-            lr: self.lr,
+            lr: self.lr.unwrap_or_else(|| defaults::lr(classes)),
             schedule: self.schedule,
             seed: worker_seed(self.seed, round, shard),
         }
@@ -155,11 +167,11 @@ impl TrainArgs {
             Some(e) => a.extend(["--epochs".into(), e.to_string()]),
             None => a.extend(["--steps".into(), self.steps.to_string()]),
         }
+        a.extend(["--batch".into(), self.batch.to_string()]);
+        if let Some(lr) = self.lr {
+            a.extend(["--lr".into(), lr.to_string()]);
+        }
         a.extend([
-            "--batch".into(),
-            self.batch.to_string(),
-            "--lr".into(),
-            self.lr.to_string(),
             "--schedule".into(),
             self.schedule.to_string(),
             "--seed".into(),

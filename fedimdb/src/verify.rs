@@ -197,7 +197,7 @@ impl UpdateWant {
             data_sha256: entry.sha256.clone(),
             config: Some(config),
             base_sha256: base_sha256.map(str::to_owned),
-            train: (round > 0).then(|| train.config(round, shard)),
+            train: (round > 0).then(|| train.config(round, shard, config.classes())),
             control_sha256: match train.algorithm {
                 Algorithm::Scaffold => control_sha256.map(str::to_owned),
                 Algorithm::FedAvg => None,

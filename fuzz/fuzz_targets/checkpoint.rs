@@ -24,18 +24,20 @@ fuzz_target!(
                 return;
             }
         };
-        let dim = ck.header.config.dim();
+        let (dim, rows) = (ck.header.config.dim(), ck.header.config.rows());
         match ck.header.kind {
             Kind::Model => {
                 let s = ck.scorer().expect("a model file gives a scorer");
-                assert_eq!(s.effective.len(), dim);
                 let m = ck.clone().into_model().expect("a model file gives a model");
-                assert_eq!((m.weight.len(), m.nb_ratio.len()), (dim, dim));
-                assert_eq!(m.scorer().effective, s.effective);
+                assert_eq!((m.weight.len(), m.nb_ratio.len(), m.bias.len()), (rows * dim, rows * dim, rows));
+                let probe: Vec<u32> = (0..dim.min(5) as u32).collect();
+                assert_eq!(m.scorer().logits(&probe), s.logits(&probe));
+                assert_eq!(s.probabilities(&probe).len(), ck.header.config.classes());
             }
             Kind::Stats => {
                 if let Ok(c) = ck.to_counts() {
-                    assert_eq!((c.pos.len(), c.neg.len()), (dim, dim));
+                    assert_eq!(c.counts.len(), ck.header.config.classes());
+                    assert!(c.counts.iter().chain(&c.scaled).all(|v| v.len() == dim));
                 }
             }
             Kind::Update => assert!(ck.scorer().is_err() && ck.to_counts().is_err()),

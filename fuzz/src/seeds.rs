@@ -52,7 +52,7 @@ fn counts(cfg: ModelConfig) -> ClassCounts {
     let mut f = Featurizer::new(cfg.featurizer);
     let docs: Vec<Vec<u32>> = TEXTS.iter().map(|t| f.features(t)).collect();
     let labels: Vec<u8> = (0..docs.len()).map(|i| (i % 2) as u8).collect();
-    ClassCounts::count(cfg.dim(), &docs, &labels)
+    ClassCounts::count(2, cfg.dim(), &docs, &labels)
 }
 
 /// A model, a round-0 statistics file and a worker update, all with 2^10 buckets.
@@ -80,6 +80,8 @@ fn checkpoints() -> Vec<(String, Vec<u8>)> {
             },
         ],
         metrics: BTreeMap::from([("accuracy".to_owned(), 0.75), ("log_loss".to_owned(), 0.4)]),
+        labels: vec!["neg".to_owned(), "pos".to_owned()],
+        task: Some("IMDB sentiment".to_owned()),
     });
     let model_ck = Checkpoint::from_model(model, header);
 
@@ -102,7 +104,7 @@ fn checkpoints() -> Vec<(String, Vec<u8>)> {
         .iter()
         .map(|&i| ((i % 5) as f32 - 2.0) / 64.0)
         .collect();
-    let update_ck = Checkpoint::update(header, index, weight, 0.125, grad, -0.01);
+    let update_ck = Checkpoint::update(header, index, weight, vec![0.125], grad, vec![-0.01]);
 
     [
         ("model", model_ck),

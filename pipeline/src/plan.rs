@@ -578,7 +578,7 @@ mod tests {
         }
         assert_eq!(
             args_of(&plan, StepKind::Trainer(1)),
-            "--round 1 --algorithm scaffold --steps 20000 --batch 1 --lr 16 --schedule linear \
+            "--round 1 --algorithm scaffold --steps 20000 --batch 1 --schedule linear \
              --seed 42 --hash-bits 22 --max-ngram 3 --resume"
         );
         assert_eq!(

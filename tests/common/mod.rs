@@ -270,3 +270,61 @@ pub fn temp_files(root: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The labels of [`tickets`], in class order (byte order of the names).
+pub const TICKET_LABELS: [&str; 3] = ["bug", "feature", "question"];
+
+/// A made-up three-class dataset of issue-tracker tickets: `per_class` texts of each of
+/// [`TICKET_LABELS`], round robin, as (text, label). Every fourth word says the class (one
+/// time in four a word of a random class instead), the rest is filler shared by all.
+/// Deterministic.
+pub fn tickets(per_class: usize) -> Vec<(String, &'static str)> {
+    const WORDS: [[&str; 6]; 3] = [
+        ["crash", "error", "broken", "fails", "exception", "panic"],
+        ["add", "support", "request", "option", "wish", "proposal"],
+        ["how", "why", "help", "possible", "anyone", "explain"],
+    ];
+    const FILL: [&str; 10] = [
+        "the", "app", "when", "it", "page", "button", "settings", "user", "on", "with",
+    ];
+    let mut state = 424242u64;
+    let mut next = move |n: usize| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as usize) % n
+    };
+    let mut out = Vec::new();
+    for i in 0..3 * per_class {
+        let class = i % 3;
+        let mut text = String::new();
+        for k in 0..24 {
+            let w = if k % 4 == 0 {
+                let c = if next(4) == 0 { next(3) } else { class };
+                WORDS[c][next(6)]
+            } else {
+                FILL[next(10)]
+            };
+            text.push_str(w);
+            text.push(' ');
+        }
+        out.push((text.trim_end().to_owned(), TICKET_LABELS[class]));
+    }
+    out
+}
+
+/// `rows` as CSV with the header `text,label`, every text quoted.
+pub fn to_csv(rows: &[(String, &str)]) -> String {
+    let mut s = "text,label\n".to_owned();
+    for (t, l) in rows {
+        s.push_str(&format!("\"{}\",{l}\n", t.replace('"', "\"\"")));
+    }
+    s
+}
+
+/// `rows` as JSON lines `{"text": …, "label": …}`.
+pub fn to_jsonl(rows: &[(String, &str)]) -> String {
+    rows.iter()
+        .map(|(t, l)| serde_json::json!({ "text": t, "label": l }).to_string() + "\n")
+        .collect()
+}

@@ -84,7 +84,7 @@ pub fn volume(
         config.classes(),
         layout.data_manifest().display()
     );
-    let tc = args.train.config(round, shard);
+    let tc = args.train.config(round, shard, config.classes());
     let want = UpdateWant::new(
         entry,
         config,
@@ -319,7 +319,7 @@ pub fn original(
     let tc = TrainConfig {
         algorithm: Algorithm::FedAvg,
         seed: args.train.seed,
-        ..args.train.config(0, 0)
+        ..args.train.config(0, 0, model.config.classes())
     };
     header.train = Some(tc);
     let outcome = with_progress(&tc, &data, |log| {

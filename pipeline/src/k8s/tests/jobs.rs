@@ -84,7 +84,7 @@ fn trainer_is_an_indexed_job_of_workers_pods() {
     let args = args_of(&j);
     assert_eq!(
         args.join(" "),
-        "--root /data --round 1 --algorithm scaffold --epochs 3 --batch 64 --lr 16 \
+        "--root /data --round 1 --algorithm scaffold --epochs 3 --batch 64 \
          --schedule linear --seed 7 --hash-bits 22 --max-ngram 3 --resume"
     );
     assert!(
