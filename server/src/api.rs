@@ -17,10 +17,13 @@ use crate::error::{ApiError, JsonBody};
 use crate::explain::{Span, Word};
 use crate::state::{ReloadError, Sample};
 
-/// Most n-grams a client may ask for per direction.
+/// Most n-grams a client may ask for per direction (per class).
 pub const MAX_TOP_K: usize = 50;
-/// N-grams listed per direction unless the request says otherwise.
+/// N-grams listed per direction (per class) unless the request says otherwise.
 pub const DEFAULT_TOP_K: usize = 5;
+/// Classes explained in `top_classes` unless the request says otherwise (two-class models:
+/// always both).
+pub const DEFAULT_TOP_CLASSES: usize = 3;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,19 +34,63 @@ pub struct PredictRequest {
     pub texts: Option<Vec<String>>,
     #[serde(default, deserialize_with = "crate::error::not_null")]
     pub top_k: Option<usize>,
+    /// How many of the most probable classes `top_classes` explains (default 3; at most the
+    /// model's classes are listed).
+    #[serde(default, deserialize_with = "crate::error::not_null")]
+    pub top_classes: Option<usize>,
     #[serde(default)]
     pub highlight: bool,
 }
 
+/// One text's prediction. Two-class models answer every field they always did (`label`
+/// `positive`/`negative`, `probability` of class 1, `logit`, `top_positive`,
+/// `top_negative`) and the fields every model has: `class`, `class_label`,
+/// `probabilities`, `top_classes`.
 #[derive(Debug, Serialize)]
 pub struct PredictionOut {
-    pub label: &'static str,
+    /// Two classes: `positive` (class 1) or `negative` (class 0), as always, whatever the
+    /// data; K classes: the predicted class's name.
+    pub label: String,
+    /// The predicted class's index.
+    pub class: usize,
+    /// The predicted class's name from the model card (IMDB sentiment: `pos`, `neg`).
+    pub class_label: String,
+    /// Two classes: the probability of class 1 (positive), as always; K classes: the
+    /// predicted class's probability.
     pub probability: f32,
-    pub logit: f32,
-    pub top_positive: Vec<Word>,
-    pub top_negative: Vec<Word>,
+    /// Two classes only: the model's one logit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logit: Option<f32>,
+    /// Every class's probability, in class order (they sum to one).
+    pub probabilities: Vec<ClassProbability>,
+    /// Two classes only: the n-grams that pushed toward class 1 (weights > 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_positive: Option<Vec<Word>>,
+    /// Two classes only: the n-grams that pushed toward class 0 (weights < 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_negative: Option<Vec<Word>>,
+    /// The most probable classes (most probable first), each with the n-grams that pushed
+    /// toward it (weights > 0); empty when nothing is explained (`top_k` 0, no highlight).
+    pub top_classes: Vec<TopClass>,
+    /// Per-token weights toward class 1 (two classes) or the predicted class (K classes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub highlight: Option<Vec<Span>>,
+}
+
+/// A class's name and probability.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassProbability {
+    pub label: String,
+    pub probability: f32,
+}
+
+/// One of the most probable classes and the n-grams that pushed toward it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TopClass {
+    pub class: usize,
+    pub label: String,
+    pub probability: f32,
+    pub words: Vec<Word>,
 }
 
 #[derive(Debug, Serialize)]
@@ -53,12 +100,78 @@ pub struct PredictResponse {
     pub predictions: Vec<PredictionOut>,
 }
 
-/// The label of a probability: positive from 0.5 up.
+/// The label of a two-class model's probability of class 1: positive from 0.5 up.
 pub fn label(probability: f32) -> &'static str {
-    if probability >= 0.5 {
-        "positive"
+    binary_label(probability >= 0.5)
+}
+
+/// The `label` of a two-class model's prediction: `positive` for class 1, else `negative`.
+pub fn binary_label(positive: bool) -> &'static str {
+    if positive { "positive" } else { "negative" }
+}
+
+/// The answer for one scored text, by `model`.
+pub fn prediction_out(
+    model: &crate::state::LoadedModel,
+    p: crate::batcher::Prediction,
+) -> PredictionOut {
+    let name = |k: usize| model.labels[k].clone();
+    let binary = model.is_binary();
+    let (classes, highlight) = match p.explanation {
+        Some(e) => (e.classes, e.highlight),
+        None => (Vec::new(), None),
+    };
+    let words_of = |k: usize| -> Vec<Word> {
+        classes
+            .iter()
+            .find(|c| c.class == k)
+            .map(|c| c.words.clone())
+            .unwrap_or_default()
+    };
+    let (top_positive, top_negative) = if binary {
+        let negative = words_of(0)
+            .into_iter()
+            .map(|w| Word {
+                weight: -w.weight,
+                ..w
+            })
+            .collect();
+        (Some(words_of(1)), Some(negative))
     } else {
-        "negative"
+        (None, None)
+    };
+    let top_classes = classes
+        .iter()
+        .map(|c| TopClass {
+            class: c.class,
+            label: name(c.class),
+            probability: p.probabilities[c.class],
+            words: c.words.clone(),
+        })
+        .collect();
+    PredictionOut {
+        label: model.api_label(p.class),
+        class: p.class,
+        class_label: name(p.class),
+        probability: if binary {
+            p.probabilities[1]
+        } else {
+            p.probabilities[p.class]
+        },
+        logit: binary.then(|| p.logits[0]),
+        probabilities: p
+            .probabilities
+            .iter()
+            .enumerate()
+            .map(|(k, &probability)| ClassProbability {
+                label: name(k),
+                probability,
+            })
+            .collect(),
+        top_positive,
+        top_negative,
+        top_classes,
+        highlight,
     }
 }
 
@@ -90,8 +203,8 @@ pub fn check_texts(state: &AppState, texts: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// `POST /api/predict`: `{"text": ...}` or `{"texts": [...]}` → label, probability and the
-/// n-grams that pushed each way, per text.
+/// `POST /api/predict`: `{"text": ...}` or `{"texts": [...]}` → per text, the label, every
+/// class's probability and the n-grams that pushed toward the most probable classes.
 pub async fn predict(
     State(state): State<Arc<AppState>>,
     JsonBody(req): JsonBody<PredictRequest>,
@@ -117,31 +230,23 @@ pub async fn predict(
             "top_k is {top_k}, at most {MAX_TOP_K}"
         )));
     }
+    let top_classes = req.top_classes.unwrap_or(DEFAULT_TOP_CLASSES);
+    if top_classes > fedimdb::labels::MAX_CLASSES {
+        return Err(ApiError::bad_request(format!(
+            "top_classes is {top_classes}, at most {}",
+            fedimdb::labels::MAX_CLASSES
+        )));
+    }
     let explain = (top_k > 0 || req.highlight).then_some(ExplainOptions {
         top_k,
+        top_classes,
         highlight: req.highlight,
     });
     let scored = state.batcher.score(texts, explain, &state.metrics).await?;
     let predictions = scored
         .predictions
         .into_iter()
-        .map(|p| {
-            let e = p
-                .explanation
-                .unwrap_or_else(|| crate::explain::Explanation {
-                    top_positive: vec![],
-                    top_negative: vec![],
-                    highlight: None,
-                });
-            PredictionOut {
-                label: label(p.probability),
-                probability: p.probability,
-                logit: p.logit,
-                top_positive: e.top_positive,
-                top_negative: e.top_negative,
-                highlight: e.highlight,
-            }
-        })
+        .map(|p| prediction_out(&scored.model, p))
         .collect();
     Ok(Json(PredictResponse {
         model_version: scored.model.served.version.clone(),
@@ -216,6 +321,15 @@ pub struct ModelInfo {
     pub name: &'static str,
     #[serde(flatten)]
     pub served: crate::state::Served,
+    /// What the model predicts (`IMDB sentiment`, `IMDB rating`, a data source's name).
+    pub task: String,
+    /// The class names in class order.
+    pub labels: Vec<String>,
+    /// Number of classes.
+    pub classes: usize,
+    /// K classes: how the logits become probabilities (`softmax`, `one-vs-rest`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multiclass: Option<fedimdb::model::Multiclass>,
     pub train_samples: u64,
     pub hash_bits: u32,
     pub max_ngram: u32,
@@ -237,6 +351,10 @@ pub async fn model(State(state): State<Arc<AppState>>) -> Result<Json<ModelInfo>
     Ok(Json(ModelInfo {
         name: MODEL_NAME,
         served: m.served.clone(),
+        task: m.task.clone(),
+        labels: m.labels.clone(),
+        classes: m.scorer.classes(),
+        multiclass: m.scorer.config.multiclass,
         train_samples: if card.train_samples > 0 {
             card.train_samples
         } else {
@@ -257,7 +375,7 @@ pub async fn model(State(state): State<Arc<AppState>>) -> Result<Json<ModelInfo>
 pub async fn sample(State(state): State<Arc<AppState>>) -> Result<Json<Sample>, ApiError> {
     let samples = state.samples().await?;
     let i = rand::rng().random_range(0..samples.len());
-    Ok(Json(samples[i].clone()))
+    Ok(Json(samples[i].sample(state.models.current().as_deref())))
 }
 
 /// `GET /openapi.json`: the hand-written OpenAPI 3 document (tests check it lists exactly

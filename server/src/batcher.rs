@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use fedimdb::featurize::Featurizer;
-use fedimdb::model::sigmoid;
 use tokio::sync::oneshot;
 
 use crate::Config;
@@ -38,8 +37,10 @@ use crate::state::{LoadedModel, ModelSlot};
 /// What a caller wants explained about each text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExplainOptions {
-    /// Words and n-grams to list per direction.
+    /// Words and n-grams to list per class.
     pub top_k: usize,
+    /// Classes to explain, most probable first (two-class models: always both).
+    pub top_classes: usize,
     /// Whether to return per-token weights with their places in the text.
     pub highlight: bool,
 }
@@ -47,9 +48,36 @@ pub struct ExplainOptions {
 /// One review's score.
 #[derive(Debug, Clone)]
 pub struct Prediction {
-    pub probability: f32,
-    pub logit: f32,
+    /// The row logits: one for a two-class model, K for K classes.
+    pub logits: Vec<f32>,
+    /// Every class's probability, in class order (they sum to one).
+    pub probabilities: Vec<f32>,
+    /// The predicted class: for two classes 1 when its probability is at least 0.5, as the
+    /// server always labelled; for K the most probable (ties: the lower index).
+    pub class: usize,
     pub explanation: Option<Explanation>,
+}
+
+impl Prediction {
+    /// The prediction of `logits` by `link`.
+    pub fn new(
+        link: fedimdb::model::Link,
+        logits: Vec<f32>,
+        explanation: Option<Explanation>,
+    ) -> Self {
+        let probabilities = link.probabilities(&logits);
+        let class = if logits.len() == 1 {
+            usize::from(probabilities[1] >= 0.5)
+        } else {
+            link.predict(&logits)
+        };
+        Self {
+            logits,
+            probabilities,
+            class,
+            explanation,
+        }
+    }
 }
 
 /// A job's answer: its predictions and the model that made them.
@@ -234,26 +262,29 @@ fn worker(batches: &Mutex<Receiver<Vec<Job>>>, models: &ModelSlot, metrics: &Met
                 slot => slot.insert(Featurizer::new(cfg)),
             };
             let n = job.texts.len();
+            let link = model.scorer.config.link();
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 job.texts
                     .iter()
                     .map(|text| {
                         // An explained review is featurised once, by the explanation.
-                        let (logit, explanation) = match job.explain {
+                        let (logits, explanation) = match job.explain {
                             Some(o) => {
-                                let (logit, e) = explain(text, &model.scorer, o.top_k, o.highlight);
-                                (logit, Some(e))
+                                let (logits, e) = explain(
+                                    text,
+                                    &model.scorer,
+                                    o.top_k,
+                                    o.top_classes,
+                                    o.highlight,
+                                );
+                                (logits, Some(e))
                             }
                             None => {
                                 f.features_into(text, &mut features);
-                                (model.scorer.logit(&features), None)
+                                (model.scorer.logits(&features), None)
                             }
                         };
-                        Prediction {
-                            probability: sigmoid(logit),
-                            logit,
-                            explanation,
-                        }
+                        Prediction::new(link, logits, explanation)
                     })
                     .collect::<Vec<_>>()
             }));

@@ -45,6 +45,61 @@ pub struct LoadedModel {
     pub samples: u64,
     pub card: Option<ModelCard>,
     pub served: Served,
+    /// The class names in class order, one per class ([`label_names`]).
+    pub labels: Vec<String>,
+    /// What the model predicts, in words for people ([`task_name`]).
+    pub task: String,
+}
+
+impl LoadedModel {
+    /// Whether the model has two classes (one logit): the form every client of the server
+    /// knew before K classes, whose answers keep all their fields.
+    pub fn is_binary(&self) -> bool {
+        self.scorer.config.rows() == 1
+    }
+
+    /// The `label` field of the JSON API for class `class`: `positive` or `negative` for a
+    /// two-class model (as the server always answered, whatever the data), the class's name
+    /// for more.
+    pub fn api_label(&self, class: usize) -> String {
+        if self.is_binary() {
+            crate::api::binary_label(class == 1).to_owned()
+        } else {
+            self.labels[class].clone()
+        }
+    }
+}
+
+/// The class names of a model with `classes` classes and card `card`: the card's labels
+/// when there is one per class; else IMDB's `neg`, `pos` for two classes (cards from before
+/// K classes) and the class indices for more.
+pub fn label_names(card: Option<&ModelCard>, classes: usize) -> Vec<String> {
+    let named = card.map(ModelCard::label_names).unwrap_or_default();
+    if named.len() == classes {
+        return named;
+    }
+    if let Some(card) = card.filter(|c| !c.labels.is_empty()) {
+        tracing::warn!(
+            labels = ?card.labels,
+            classes,
+            "the model card's labels do not match the model's classes; naming classes by index"
+        );
+    }
+    if classes == 2 && card.is_none_or(|c| c.labels.is_empty()) {
+        return fedimdb::labels::SENTIMENT.map(str::to_owned).to_vec();
+    }
+    (0..classes).map(|k| k.to_string()).collect()
+}
+
+/// What a model with `classes` classes and card `card` predicts: the card's task; else IMDB
+/// sentiment for two classes (cards from before K classes) and `text classification` for
+/// more.
+pub fn task_name(card: Option<&ModelCard>, classes: usize) -> String {
+    match card.and_then(|c| c.task.clone()) {
+        Some(t) if !t.trim().is_empty() => t,
+        _ if classes == 2 => fedimdb::labels::Task::Sentiment.title().to_owned(),
+        _ => "text classification".to_owned(),
+    }
 }
 
 /// Which model file is served, and since when: what `GET /api/model` reports first, and
@@ -231,10 +286,14 @@ impl ModelSlot {
         };
         let scorer = ck.scorer()?;
         let header = ck.header;
+        let card_or_header = card.clone().or(header.card);
+        let classes = scorer.classes();
         Ok(LoadedModel {
+            labels: label_names(card_or_header.as_ref(), classes),
+            task: task_name(card_or_header.as_ref(), classes),
             scorer,
             samples: header.samples,
-            card: card.clone().or(header.card),
+            card: card_or_header,
             served: Served {
                 version: header.round.to_string(),
                 round: header.round,
@@ -251,9 +310,52 @@ impl ModelSlot {
 #[derive(Debug, Clone, Serialize)]
 pub struct Sample {
     pub id: String,
+    /// IMDB: the star rating; 0 for other data.
     pub rating: u8,
-    pub label: &'static str,
+    /// As `/api/predict` labels: `positive` or `negative` for a two-class model, the class's
+    /// name for more.
+    pub label: String,
+    /// The class index.
+    pub class: usize,
+    /// The class's name from the model card.
+    pub class_label: String,
     pub text: String,
+}
+
+/// A test-set review as read, labelled when it is served (with the labels of the model
+/// serving then).
+#[derive(Debug, Clone)]
+pub struct TestReview {
+    pub id: String,
+    pub rating: u8,
+    pub class: u8,
+    pub text: String,
+}
+
+impl TestReview {
+    /// The review as `/api/sample` shows it, its class named by `model` (IMDB's names when
+    /// no model serves).
+    pub fn sample(&self, model: Option<&LoadedModel>) -> Sample {
+        let class = self.class as usize;
+        let (label, class_label) = match model {
+            Some(m) if class < m.labels.len() => (m.api_label(class), m.labels[class].clone()),
+            Some(m) if !m.is_binary() => (class.to_string(), class.to_string()),
+            _ => (
+                crate::api::binary_label(class == 1).to_owned(),
+                fedimdb::labels::SENTIMENT
+                    .get(class)
+                    .map_or_else(|| class.to_string(), |s| (*s).to_owned()),
+            ),
+        };
+        Sample {
+            id: self.id.clone(),
+            rating: self.rating,
+            label,
+            class,
+            class_label,
+            text: self.text.clone(),
+        }
+    }
 }
 
 /// What every handler shares.
@@ -263,7 +365,7 @@ pub struct AppState {
     pub models: Arc<ModelSlot>,
     pub batcher: Batcher,
     pub metrics: Arc<Metrics>,
-    samples: tokio::sync::OnceCell<Arc<Vec<Sample>>>,
+    samples: tokio::sync::OnceCell<Arc<Vec<TestReview>>>,
 }
 
 impl AppState {
@@ -301,7 +403,7 @@ impl AppState {
 
     /// The test-set reviews, read on first use (a 25,000-review Parquet file takes a moment
     /// and ~35 MB, which a server that never shows samples should not pay).
-    pub async fn samples(&self) -> Result<Arc<Vec<Sample>>, crate::error::ApiError> {
+    pub async fn samples(&self) -> Result<Arc<Vec<TestReview>>, crate::error::ApiError> {
         let Some(path) = self.config.test_set() else {
             return Err(crate::error::ApiError::not_found(
                 "no test set: the server was started with --model and no --test-set",
@@ -325,12 +427,8 @@ impl AppState {
                         })?;
                 let samples = reviews
                     .into_iter()
-                    .map(|r| Sample {
-                        label: if r.label == fedimdb::reviews::POSITIVE {
-                            "positive"
-                        } else {
-                            "negative"
-                        },
+                    .map(|r| TestReview {
+                        class: r.label,
                         id: r.id,
                         rating: r.rating,
                         text: r.text,

@@ -2,16 +2,27 @@
 //! KServe tooling and Triton's HTTP client can call the model unchanged.
 //!
 //! One model, `fedimdb`, version = the training round of the served model. It takes one
-//! input, `text`: a BYTES tensor of reviews, shape `[N]` or `[N, 1]`, and returns one
-//! output, `probability`: FP32, the same shape, the probability that each review is
-//! positive. Errors are `{"error": "..."}` with a 4xx status for the client's mistakes.
+//! input, `text`: a BYTES tensor of reviews, shape `[N]` or `[N, 1]`, and has these outputs:
+//!
+//! - `probabilities`: FP32 `[N, K]`, every class's probability in class order (rows sum to
+//!   one), for every model; the class names are in the model metadata
+//!   (`parameters.labels`, and the output's `parameters.labels`).
+//! - `probability`: FP32, the input's shape, the probability of class 1 (positive), for
+//!   two-class models only: what this output always was.
+//!
+//! A request that names no outputs gets the model's default: `probability` alone for a
+//! two-class model (so a client of the binary server gets the very same answer, binary data
+//! included), `probabilities` for a K-class model. Ask for `probabilities` by name to get
+//! `[N, 2]` from a two-class model. Errors are `{"error": "..."}` with a 4xx status for the
+//! client's mistakes.
 //!
 //! The binary tensor extension (what Triton's HTTP client sends by default) is supported:
 //! a request whose `Inference-Header-Content-Length` header is N carries N bytes of JSON,
 //! then the raw data of every input whose `parameters.binary_data_size` is set (BYTES
 //! elements as a 4-byte little-endian length and the bytes). Outputs come back raw too when
 //! asked (`binary_data_output` on the request, or `binary_data` on the output): JSON first,
-//! its length in the response's `Inference-Header-Content-Length`, then the little-endian f32s.
+//! its length in the response's `Inference-Header-Content-Length`, then the little-endian f32s
+//! of each binary output in the order of `outputs`.
 
 use std::sync::Arc;
 
@@ -27,7 +38,12 @@ use crate::api::{MODEL_NAME, check_texts, not_ready};
 use crate::error::{ApiError, V2JsonBody, parse_json, read_body};
 
 pub const INPUT_NAME: &str = "text";
+/// Two-class models: the probability of class 1, shaped like the input.
 pub const OUTPUT_NAME: &str = "probability";
+/// Every model: `[N, K]` class probabilities.
+pub const PROBABILITIES_NAME: &str = "probabilities";
+/// Every output name a request may ask for.
+pub const OUTPUT_NAMES: [&str; 2] = [OUTPUT_NAME, PROBABILITIES_NAME];
 
 /// `GET /v2/health/live`: the process answers.
 pub async fn live() -> Json<Value> {
@@ -145,13 +161,54 @@ pub async fn model_metadata(
 ) -> Result<Json<Value>, ApiError> {
     check_name(&p.name)?;
     let m = check_version(&state, p.version.as_deref())?;
+    let k = m.scorer.classes();
+    let probabilities = json!({
+        "name": PROBABILITIES_NAME, "datatype": "FP32", "shape": [-1, k],
+        "parameters": { "labels": m.labels },
+    });
+    let outputs = if m.is_binary() {
+        json!([{ "name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1] }, probabilities])
+    } else {
+        json!([probabilities])
+    };
     Ok(Json(json!({
         "name": MODEL_NAME,
         "versions": [m.served.version],
         "platform": "fedimdb_nblr",
         "inputs": [{ "name": INPUT_NAME, "datatype": "BYTES", "shape": [-1] }],
-        "outputs": [{ "name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1] }],
+        "outputs": outputs,
+        "parameters": { "task": m.task, "labels": m.labels, "classes": k },
     })))
+}
+
+/// The outputs a request gets from `model`: those it names (each checked to be one the
+/// model has), else the model's default (two classes: `probability`; K: `probabilities`),
+/// each with whether it comes back binary.
+fn outputs_for(
+    model: &crate::state::LoadedModel,
+    named: &[(String, bool)],
+    binary_output: bool,
+) -> Result<Vec<(&'static str, bool)>, ApiError> {
+    if named.is_empty() {
+        let default = if model.is_binary() {
+            OUTPUT_NAME
+        } else {
+            PROBABILITIES_NAME
+        };
+        return Ok(vec![(default, binary_output)]);
+    }
+    named
+        .iter()
+        .map(|(name, binary)| match name.as_str() {
+            OUTPUT_NAME if model.is_binary() => Ok((OUTPUT_NAME, *binary)),
+            OUTPUT_NAME => Err(ApiError::bad_request(format!(
+                "output {OUTPUT_NAME:?} is the probability of class 1 of a two-class model; this model has {} classes: ask for {PROBABILITIES_NAME:?} ([N, {}])",
+                model.scorer.classes(),
+                model.scorer.classes()
+            ))),
+            _ => Ok((PROBABILITIES_NAME, *binary)),
+        })
+        .collect()
 }
 
 /// `GET /v2/models/{name}[/versions/{version}]/ready`.
@@ -290,33 +347,44 @@ fn decode_bytes_tensor(mut raw: &[u8]) -> Result<Vec<String>, ApiError> {
     Ok(out)
 }
 
-/// What an inference request asks for: its texts, their shape, and whether the output
-/// should come back as raw binary.
+/// What an inference request asks for: its texts, their shape, and which outputs, each
+/// raw binary or not.
 pub struct Parsed {
     pub texts: Vec<String>,
     pub shape: Vec<i64>,
+    /// Whether outputs come back raw binary unless they say (`binary_data_output`); the
+    /// default outputs (none named) follow it.
     pub binary_output: bool,
+    /// The outputs named, in order (each one of [`OUTPUT_NAMES`], at most once), with
+    /// whether each comes back raw binary; empty: the model's default outputs.
+    pub outputs: Vec<(String, bool)>,
 }
 
 /// Checks an inference request (and its raw data, for the binary extension) and returns
 /// what it asks for.
 pub fn parse_infer(req: InferRequest, binary: &[u8]) -> Result<Parsed, ApiError> {
-    let mut binary_output = wants_binary(req.parameters.as_ref(), "binary_data_output");
+    let binary_output = wants_binary(req.parameters.as_ref(), "binary_data_output");
+    let mut outputs: Vec<(String, bool)> = Vec::new();
     for o in req.outputs.iter().flatten() {
-        if o.name != OUTPUT_NAME {
+        if !OUTPUT_NAMES.contains(&o.name.as_str()) {
             return Err(ApiError::bad_request(format!(
-                "unknown output {:?}: this model has one output, {OUTPUT_NAME:?}",
+                "unknown output {:?}: this model's outputs are {PROBABILITIES_NAME:?} and, with two classes, {OUTPUT_NAME:?}",
                 o.name
             )));
         }
-        if let Some(b) = o
+        if outputs.iter().any(|(n, _)| *n == o.name) {
+            return Err(ApiError::bad_request(format!(
+                "output {:?} is asked for twice",
+                o.name
+            )));
+        }
+        let binary = o
             .parameters
             .as_ref()
             .and_then(|p| p.get("binary_data"))
             .and_then(Value::as_bool)
-        {
-            binary_output = b;
-        }
+            .unwrap_or(binary_output);
+        outputs.push((o.name.clone(), binary));
     }
     let [input] = <[InferInput; 1]>::try_from(req.inputs).map_err(|v| {
         ApiError::bad_request(format!(
@@ -367,6 +435,7 @@ pub fn parse_infer(req: InferRequest, binary: &[u8]) -> Result<Parsed, ApiError>
             texts,
             shape: input.shape,
             binary_output,
+            outputs,
         });
     }
     if !binary.is_empty() {
@@ -416,6 +485,7 @@ pub fn parse_infer(req: InferRequest, binary: &[u8]) -> Result<Parsed, ApiError>
         texts,
         shape: input.shape,
         binary_output,
+        outputs,
     })
 }
 
@@ -426,31 +496,62 @@ pub async fn infer(
     body: InferBody,
 ) -> Result<Response, ApiError> {
     check_name(&p.name)?;
-    check_version(&state, p.version.as_deref())?;
+    let model = check_version(&state, p.version.as_deref())?;
     let id = body.request.id.clone();
     let Parsed {
         texts,
         shape,
         binary_output,
+        outputs: named,
     } = parse_infer(body.request, &body.binary)?;
+    // Checked against the model serving now, so a wrong output costs no scoring; checked
+    // again against the model that scored (a reload may come between).
+    outputs_for(&model, &named, binary_output)?;
     check_texts(&state, &texts)?;
+    let n = texts.len();
     let scored = state.batcher.score(texts, None, &state.metrics).await?;
-    let data: Vec<f32> = scored.predictions.iter().map(|p| p.probability).collect();
-    let output = if binary_output {
-        json!({ "name": OUTPUT_NAME, "shape": shape, "datatype": "FP32", "parameters": { "binary_data_size": data.len() * 4 } })
-    } else {
-        json!({ "name": OUTPUT_NAME, "shape": shape, "datatype": "FP32", "data": data })
-    };
-    let mut out = json!({ "model_name": MODEL_NAME, "model_version": scored.model.served.version, "outputs": [output] });
+    let outputs = outputs_for(&scored.model, &named, binary_output)?;
+    let k = scored.model.scorer.classes();
+    let mut raw: Vec<u8> = Vec::new();
+    let mut out_json = Vec::with_capacity(outputs.len());
+    for (name, binary) in outputs {
+        let (shape, data): (Value, Vec<f32>) = if name == OUTPUT_NAME {
+            (
+                json!(shape),
+                scored
+                    .predictions
+                    .iter()
+                    .map(|p| p.probabilities[1])
+                    .collect(),
+            )
+        } else {
+            (
+                json!([n, k]),
+                scored
+                    .predictions
+                    .iter()
+                    .flat_map(|p| p.probabilities.iter().copied())
+                    .collect(),
+            )
+        };
+        out_json.push(if binary {
+            raw.extend(data.iter().flat_map(|p| p.to_le_bytes()));
+            json!({ "name": name, "shape": shape, "datatype": "FP32", "parameters": { "binary_data_size": data.len() * 4 } })
+        } else {
+            json!({ "name": name, "shape": shape, "datatype": "FP32", "data": data })
+        });
+    }
+    let any_binary = out_json.iter().any(|o| o.get("data").is_none());
+    let mut out = json!({ "model_name": MODEL_NAME, "model_version": scored.model.served.version, "outputs": out_json });
     if let Some(id) = id {
         out["id"] = Value::String(id);
     }
-    if !binary_output {
+    if !any_binary {
         return Ok(Json(out).into_response());
     }
     let mut bytes = serde_json::to_vec(&out).map_err(|e| ApiError::internal(e.to_string()))?;
     let json_len = bytes.len();
-    bytes.extend(data.iter().flat_map(|p| p.to_le_bytes()));
+    bytes.extend(raw);
     let mut resp = bytes.into_response();
     let headers = resp.headers_mut();
     headers.insert(

@@ -171,8 +171,8 @@ fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Val
     serde_json::from_slice(&r.body).unwrap_or(Value::Null)
 }
 
-#[test]
-fn page_predicts_in_a_real_browser() {
+/// Chromium and chromedriver, or a notice and `None`.
+fn browser() -> Option<(PathBuf, PathBuf)> {
     let (Some(chromium), Some(chromedriver)) = (
         find_program(&["chromium", "chromium-browser", "google-chrome"]),
         find_program(&["chromedriver"]),
@@ -180,6 +180,14 @@ fn page_predicts_in_a_real_browser() {
         eprintln!(
             "NOTICE: skipping the browser test: chromium and chromedriver are not both installed (apt-get install chromium chromium-driver)"
         );
+        return None;
+    };
+    Some((chromium, chromedriver))
+}
+
+#[test]
+fn page_predicts_in_a_real_browser() {
+    let Some((chromium, chromedriver)) = browser() else {
         return;
     };
     let s = TestServer::start(|_| {});
@@ -241,5 +249,63 @@ fn page_predicts_in_a_real_browser() {
     assert!(
         [POSITIVE, NEGATIVE].contains(&value.as_str().unwrap()),
         "{value}"
+    );
+}
+
+/// A 3-class model's page: its task and labels, the top classes with their probabilities,
+/// and the words toward each.
+#[test]
+fn page_shows_the_top_classes_of_a_k_class_model() {
+    let Some((chromium, chromedriver)) = browser() else {
+        return;
+    };
+    let s = TestServer::start_tickets(|_| {});
+    let d = Driver::start(&chromium, &chromedriver);
+    d.cmd(
+        "POST",
+        "/url",
+        Some(&json!({ "url": format!("http://{}/", s.addr) })),
+    );
+    let facts = d.wait_text("#model-facts", "the model panel", |t| t.contains("Workers"));
+    assert!(
+        facts.contains(common::TICKET_TASK) && facts.contains("bug, feature, question"),
+        "{facts}"
+    );
+    assert!(
+        d.text("header")
+            .contains("which of bug, feature or question")
+    );
+
+    let review = d.find("#review");
+    d.cmd(
+        "POST",
+        &format!("/element/{review}/value"),
+        Some(&json!({ "text": common::BUG })),
+    );
+    let predict = d.find("#predict");
+    d.cmd("POST", &format!("/element/{predict}/click"), None);
+    let verdict = d.wait_text("#verdict", "a bug verdict", |t| t.starts_with("Bug"));
+    // The three classes, each with its probability.
+    for label in common::TICKET_LABELS {
+        assert!(verdict.contains(label), "{verdict}");
+    }
+    assert_eq!(verdict.matches('%').count(), 4, "{verdict}");
+    let words = d.text("#words");
+    assert!(words.contains("Pushed toward bug"), "{words}");
+    assert!(words.contains("Pushed toward question"), "{words}");
+    assert!(!d.text("#top-class-0").is_empty());
+
+    let sample = d.find("#sample");
+    assert_eq!(d.text("#sample"), "Sample text");
+    d.cmd("POST", &format!("/element/{sample}/click"), None);
+    let notice = d.wait_text("#verdict", "the sample notice", |t| {
+        t.contains("Sample text")
+    });
+    assert!(!notice.contains("rated"), "{notice}");
+    assert!(
+        common::TICKET_LABELS
+            .iter()
+            .any(|l| notice.contains(&format!("labelled {l}"))),
+        "{notice}"
     );
 }

@@ -10,9 +10,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use fedimdb::checkpoint::{Checkpoint, Header, Kind, ModelCard, RoundPoint};
-use fedimdb::featurize::{Featurizer, FeaturizerConfig};
+use fedimdb::featurize::Featurizer;
 use fedimdb::layout::Layout;
-use fedimdb::model::{BIAS, ClassCounts, ModelConfig, NB_RATIO, WEIGHT};
+use fedimdb::model::{BIAS, ClassCounts, Model, ModelConfig, Multiclass, NB_RATIO, WEIGHT};
 use fedimdb::reviews::Review;
 use serde_json::Value;
 
@@ -20,17 +20,17 @@ pub const POSITIVE: &str =
     "A wonderful, moving film. I loved the great acting and the superb story!";
 pub const NEGATIVE: &str = "An awful, boring film. I hated the terrible acting and the dull story.";
 
+/// The 3-class test model's labels (class order), task, and one text of each class.
+pub const TICKET_LABELS: [&str; 3] = ["bug", "feature", "question"];
+pub const TICKET_TASK: &str = "support tickets";
+pub const BUG: &str = "The app crashes with an error every time I click save. Broken!";
+pub const FEATURE: &str = "Please add a dark mode option; support for export would be nice too.";
+pub const QUESTION: &str = "How do I change my password? Where can I find the settings?";
+
 /// A small naive-Bayes model (weights `scale`) counted from made-up reviews, as a model
 /// file of round `round`.
 pub fn tiny_model(round: u32, scale: f32) -> Checkpoint {
-    let cfg = ModelConfig {
-        featurizer: FeaturizerConfig {
-            hash_bits: 14,
-            max_ngram: 2,
-        },
-        nb_smoothing: 1.0,
-    };
-    model_file(cfg, round, scale)
+    model_file(ModelConfig::with_buckets(14, 2), round, scale)
 }
 
 /// A model file of round `round` with config `cfg`: naive-Bayes ratios counted from six
@@ -49,7 +49,7 @@ pub fn model_file(cfg: ModelConfig, round: u32, weight: f32) -> Checkpoint {
         "hated this waste of a film",
     ];
     let docs: Vec<Vec<u32>> = pos.iter().chain(&neg).map(|t| f.features(t)).collect();
-    let counts = ClassCounts::count(cfg.dim(), &docs, &[1, 1, 1, 0, 0, 0]);
+    let counts = ClassCounts::count(2, cfg.dim(), &docs, &[1, 1, 1, 0, 0, 0]);
     let mut header = Header::new(Kind::Model, cfg, round);
     header.samples = 6;
     header.card = Some(card(round));
@@ -64,6 +64,45 @@ pub fn model_file(cfg: ModelConfig, round: u32, weight: f32) -> Checkpoint {
         index: Vec::new(),
         sha256: String::new(),
     }
+}
+
+/// A 3-class model (softmax) of round `round`, labels [`TICKET_LABELS`], task
+/// [`TICKET_TASK`]: naive-Bayes ratios counted from nine made-up support tickets, every
+/// weight `weight`, the class prior as bias.
+pub fn ticket_model(round: u32, weight: f32) -> Checkpoint {
+    let cfg = ModelConfig::with_buckets(14, 2).with_classes(3, Multiclass::Softmax);
+    let mut f = Featurizer::new(cfg.featurizer);
+    let tickets = [
+        ("the app crashes with an error when i click save", 0),
+        (
+            "crash on startup with a stack trace and an error message",
+            0,
+        ),
+        ("the save button is broken and throws an exception", 0),
+        ("please add a dark mode option", 1),
+        ("it would be nice to support export to csv", 1),
+        ("feature request: add keyboard shortcuts please", 1),
+        ("how do i change my password?", 2),
+        ("where can i find the settings?", 2),
+        (
+            "what is the difference between the plans? how do i upgrade?",
+            2,
+        ),
+    ];
+    let docs: Vec<Vec<u32>> = tickets.iter().map(|(t, _)| f.features(t)).collect();
+    let labels: Vec<u8> = tickets.iter().map(|&(_, y)| y).collect();
+    let counts = ClassCounts::count(3, cfg.dim(), &docs, &labels);
+    let mut model = Model::from_counts(cfg, &counts);
+    model.weight.fill(weight);
+    let mut header = Header::new(Kind::Model, cfg, round);
+    header.samples = tickets.len() as u64;
+    header.card = Some(ModelCard {
+        labels: TICKET_LABELS.map(str::to_owned).to_vec(),
+        task: Some(TICKET_TASK.to_owned()),
+        train_samples: tickets.len() as u64,
+        ..card(round)
+    });
+    Checkpoint::from_model(model, header)
 }
 
 pub fn card(round: u32) -> ModelCard {
@@ -89,20 +128,33 @@ pub fn publish(root: &Path, ck: &Checkpoint) -> String {
     let layout = Layout::new(root);
     std::fs::create_dir_all(layout.model_dir()).unwrap();
     let sha = ck.save(&layout.latest_model()).unwrap();
-    write_card(root, ck.header.round, &sha);
+    match &ck.header.card {
+        // A card that names labels or a task is the model's own (K classes); the binary test
+        // models are published with the plain card of their round, as always.
+        Some(c) if !c.labels.is_empty() || c.task.is_some() => {
+            write_card_of(root, c.clone(), ck.header.round, &sha)
+        }
+        _ => write_card(root, ck.header.round, &sha),
+    }
     sha
 }
 
 /// Writes `model/latest.json` (atomically) for a model of `round` whose file has `sha256`:
 /// after the model file, the aggregator's last step of publishing.
 pub fn write_card(root: &Path, round: u32, sha256: &str) {
+    write_card_of(root, card(round), round, sha256)
+}
+
+/// Writes `model/latest.json` (atomically): `card`, published for a model of `round` whose
+/// file has `sha256`.
+pub fn write_card_of(root: &Path, card: ModelCard, round: u32, sha256: &str) {
     let card = ModelCard {
         published: Some(fedimdb::checkpoint::Publication {
             round,
             sha256: sha256.to_owned(),
             trained_at: "2026-01-02T03:04:05Z".into(),
         }),
-        ..card(round)
+        ..card
     };
     fedimdb::atomic::write_json_atomic(&Layout::new(root).latest_card(), &card).unwrap();
 }
@@ -128,6 +180,23 @@ pub fn write_test_set(root: &Path) {
     fedimdb::reviews::write_parquet(&layout.test_set(), &reviews).unwrap();
 }
 
+/// Writes a small test set of tickets (no ratings) for `/api/sample`.
+pub fn write_ticket_test_set(root: &Path) {
+    let layout = Layout::new(root);
+    std::fs::create_dir_all(layout.data_dir()).unwrap();
+    let reviews = [BUG, FEATURE, QUESTION]
+        .iter()
+        .enumerate()
+        .map(|(k, t)| Review {
+            id: format!("test/{k}"),
+            rating: 0,
+            label: k as u8,
+            text: (*t).into(),
+        })
+        .collect::<Vec<_>>();
+    fedimdb::reviews::write_parquet(&layout.test_set(), &reviews).unwrap();
+}
+
 /// A server running in-process on 127.0.0.1:0 over a temporary root.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -143,6 +212,15 @@ impl TestServer {
         let root = tempfile::tempdir().unwrap();
         publish(root.path(), &tiny_model(1, 1.0));
         write_test_set(root.path());
+        Self::start_on(root, adjust)
+    }
+
+    /// A root holding the published 3-class [`ticket_model`] (round 1) and a test set of
+    /// tickets.
+    pub fn start_tickets(adjust: impl FnOnce(&mut server::Config)) -> Self {
+        let root = tempfile::tempdir().unwrap();
+        publish(root.path(), &ticket_model(1, 1.0));
+        write_ticket_test_set(root.path());
         Self::start_on(root, adjust)
     }
 
