@@ -11,8 +11,8 @@
 //! - `Tokens` (the featurizer's tokens with their places) at increasing character-boundary
 //!   ranges of the original text;
 //! - `server::explain::explain` (a 2^10-bucket model): the logit of the review's features,
-//!   to the bit; top n-grams of the right sign, at most top-k, by decreasing weight;
-//!   highlight spans in range, adding up to the logit.
+//!   to the bit; each class's top n-grams push toward it (positive weights), at most top-k, by
+//!   decreasing weight; highlight spans in range, adding up to the logit.
 
 #![no_main]
 
@@ -34,14 +34,14 @@ fn scorers() -> &'static [Scorer] {
                         hash_bits: 10,
                         max_ngram,
                     },
-                    nb_smoothing: 1.0,
+                    ..ModelConfig::default()
                 };
                 let dim = cfg.dim();
                 let weight: Vec<f32> = (0..dim)
                     .map(|i| ((i * 7919 % 17) as f32 - 8.0) / 4.0)
                     .collect();
                 let ratio: Vec<f32> = (0..dim).map(|i| 0.5 + (i % 5) as f32 / 4.0).collect();
-                Scorer::new(cfg, &weight, 0.25, &ratio)
+                Scorer::new(cfg, &weight, &[0.25], &ratio)
             })
             .collect()
     })
@@ -102,13 +102,15 @@ fuzz_target!(
         let scorer = &scorers()[max_n - 1];
         let top_k = (*ex % 8) as usize;
         let highlight = ex & 8 != 0;
-        let (logit, e) = explain(&text, scorer, top_k, highlight);
+        let (logits, e) = explain(&text, scorer, top_k, 2, highlight);
+        let logit = logits[0];
         let feats = Featurizer::new(scorer.config.featurizer).features(&text);
-        assert_eq!(logit.to_bits(), scorer.logit(&feats).to_bits(), "explained logit differs");
-        for (words, positive) in [(&e.top_positive, true), (&e.top_negative, false)] {
+        assert_eq!(logit.to_bits(), scorer.logits(&feats)[0].to_bits(), "explained logit differs");
+        for class in 0..2 {
+            let words = e.words(class).unwrap_or(&[]);
             assert!(words.len() <= top_k);
-            assert!(words.iter().all(|w| if positive { w.weight > 0.0 } else { w.weight < 0.0 }), "{words:?}");
-            assert!(words.windows(2).all(|w| w[0].weight.abs() >= w[1].weight.abs()), "{words:?}");
+            assert!(words.iter().all(|w| w.weight > 0.0), "{words:?}");
+            assert!(words.windows(2).all(|w| w[0].weight >= w[1].weight), "{words:?}");
             assert!(words.iter().all(|w| (1..=max_n).contains(&w.n) && w.text.split(' ').count() == w.n), "{words:?}");
         }
         match (&e.highlight, highlight) {
@@ -118,8 +120,8 @@ fuzz_target!(
                 let chars = text.chars().count();
                 assert!(h.iter().all(|s| s.start < s.end && s.end <= chars), "{h:?}");
                 let total: f32 = h.iter().map(|s| s.weight).sum();
-                let scale: f32 = feats.iter().map(|&b| scorer.contribution(b, feats.len()).abs()).sum::<f32>() + 1.0;
-                assert!((total + scorer.bias - logit).abs() <= 1e-4 * scale, "{total} + {} vs {logit}", scorer.bias);
+                let scale: f32 = feats.iter().map(|&b| scorer.contribution(1, b, feats.len()).abs()).sum::<f32>() + 1.0;
+                assert!((total + scorer.bias[0] - logit).abs() <= 1e-4 * scale, "{total} + {} vs {logit}", scorer.bias[0]);
             }
             (h, _) => panic!("highlight {h:?} when asked {highlight}"),
         }
