@@ -276,7 +276,7 @@ fn three_labels_on_the_volume_train_through_the_simulated_cluster_as_pipeline_lo
         "tickets.csv",
         &csv,
         &["--test-fraction", "0.2"],
-        &["--multiclass", "one-vs-rest"],
+        &["--multiclass", "softmax"],
     );
     let manifest = fedimdb::manifest::DataManifest::read(&vol.join("data/manifest.json")).unwrap();
     assert_eq!(manifest.labels, common::TICKET_LABELS);
@@ -293,7 +293,7 @@ fn three_labels_on_the_volume_train_through_the_simulated_cluster_as_pipeline_lo
     assert_eq!(ck.tensors[fedimdb::model::BIAS].len(), 3);
     assert_eq!(
         ck.header.config.multiclass,
-        Some(fedimdb::model::Multiclass::OneVsRest)
+        Some(fedimdb::model::Multiclass::Softmax)
     );
 }
 
