@@ -94,7 +94,7 @@ fn checkpoints() -> Vec<(String, Vec<u8>)> {
     header.shard = Some(0);
     header.samples = 3;
     header.base_sha256 = Some("0".repeat(64));
-    header.train = Some(fedimdb::train::TrainArgs::default().config(2, 0));
+    header.train = Some(fedimdb::train::TrainArgs::default().config(2, 0, 2));
     let index: Vec<u32> = (0..cfg.dim() as u32).step_by(3).collect();
     let weight: Vec<f32> = index
         .iter()
