@@ -341,7 +341,13 @@ pub fn run(args: &LocalArgs) -> Result<()> {
         partition: run.partition.partition.to_string(),
         alpha: run.partition.dirichlet_alpha(),
         rounds_trained: run.rounds,
-        train: run.train.clone(),
+        // The learning rate the trainers used (its default depends on the classes).
+        train: TrainArgs {
+            lr: Some(run.train.lr.unwrap_or_else(|| {
+                fedimdb::train::defaults::lr(manifest.as_ref().map_or(2, |m| m.labels.len()))
+            })),
+            ..run.train.clone()
+        },
         test_accuracy: last.test_accuracy,
         test: last.test,
         seconds_total: t0.elapsed().as_secs_f64(),
