@@ -167,12 +167,17 @@ fn main() {
                                     .unwrap()
                                 };
                                 let t0 = std::time::Instant::now();
+                                let link = if classes > 2 {
+                                    format!("{multi} ")
+                                } else {
+                                    String::new()
+                                };
                                 let line = simulate(
                                     &algo, steps, lr, &schedule, rounds, &shards, &xtr, &ytr, mc,
                                     &ratio, &bias0, &acc,
                                 );
                                 println!(
-                                    "{multi} {algo:8} steps {steps:6} lr {lr:5} {schedule:8} workers {workers:3} part {part:4}: {line} ({:.1}s)",
+                                    "{link}{algo:8} steps {steps:6} lr {lr:5} {schedule:8} workers {workers:3} part {part:4}: {line} ({:.1}s)",
                                     t0.elapsed().as_secs_f64()
                                 );
                             }
