@@ -237,6 +237,7 @@ fn simulate(
         shards.len()
     ];
     let mut m = vec![0f32; dim];
+    let mut v = vec![0f32; dim];
     let mut m_b = vec![0f32; rows];
     let mut line = String::new();
     let pow: f32 = env_list("POW", "0")[0];
@@ -370,7 +371,24 @@ fn simulate(
                 };
             }
         }
-        if algo == "fedavgm" || env_list::<f32>("SMOM", "0")[0] > 0.0 {
+        let sadam: f32 = env_list("SADAM", "0")[0];
+        if sadam > 0.0 {
+            // FedAdam (Reddi et al., 2021) on the averaged displacement: per-coordinate steps
+            // of about SADAM, moments β1 0.9, β2 0.99, τ TAU (1e-3); the bias moves plainly.
+            let tau: f32 = env_list("TAU", "0.001")[0];
+            for (((mj, vj), wj), d) in m.iter_mut().zip(v.iter_mut()).zip(w.iter_mut()).zip(&dw) {
+                let d = *d as f32;
+                if d == 0.0 && *mj == 0.0 {
+                    continue;
+                }
+                *mj = 0.9 * *mj + 0.1 * d;
+                *vj = 0.99 * *vj + 0.01 * d * d;
+                *wj += sadam * *mj / (vj.sqrt() + tau);
+            }
+            for (bb, d) in b.iter_mut().zip(&db) {
+                *bb += *d as f32;
+            }
+        } else if algo == "fedavgm" || env_list::<f32>("SMOM", "0")[0] > 0.0 {
             let mom = if algo == "fedavgm" {
                 mom
             } else {
