@@ -371,7 +371,8 @@ fn simulate(
                 };
             }
         }
-        let sadam: f32 = env_list("SADAM", "0")[0];
+        let sadam: f32 = env_list::<f32>("SADAM", "0")[0]
+            * (r as f32).powf(-env_list::<f32>("SADAM_POW", "0")[0]);
         if sadam > 0.0 {
             // FedAdam (Reddi et al., 2021) on the averaged displacement: per-coordinate steps
             // of about SADAM, moments β1 0.9, β2 0.99, τ TAU (1e-3); the bias moves plainly.
