@@ -42,6 +42,17 @@ struct Driver {
 }
 
 impl Driver {
+    /// A browser session on the page the server at `addr` serves.
+    fn open(chromium: &PathBuf, chromedriver: &PathBuf, addr: SocketAddr) -> Self {
+        let d = Self::start(chromium, chromedriver);
+        d.cmd(
+            "POST",
+            "/url",
+            Some(&json!({ "url": format!("http://{addr}/") })),
+        );
+        d
+    }
+
     fn start(chromium: &PathBuf, chromedriver: &PathBuf) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -191,12 +202,7 @@ fn page_predicts_in_a_real_browser() {
         return;
     };
     let s = TestServer::start(|_| {});
-    let d = Driver::start(&chromium, &chromedriver);
-    d.cmd(
-        "POST",
-        "/url",
-        Some(&json!({ "url": format!("http://{}/", s.addr) })),
-    );
+    let d = Driver::open(&chromium, &chromedriver, s.addr);
 
     // The model panel fills in from /api/model.
     let facts = d.wait_text("#model-facts", "the model panel", |t| t.contains("Workers"));
@@ -260,12 +266,7 @@ fn page_shows_the_top_classes_of_a_k_class_model() {
         return;
     };
     let s = TestServer::start_tickets(|_| {});
-    let d = Driver::start(&chromium, &chromedriver);
-    d.cmd(
-        "POST",
-        "/url",
-        Some(&json!({ "url": format!("http://{}/", s.addr) })),
-    );
+    let d = Driver::open(&chromium, &chromedriver, s.addr);
     let facts = d.wait_text("#model-facts", "the model panel", |t| t.contains("Workers"));
     assert!(
         facts.contains(common::TICKET_TASK) && facts.contains("bug, feature, question"),

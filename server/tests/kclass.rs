@@ -148,18 +148,9 @@ fn three_class_open_inference_protocol_is_n_by_k() {
     });
     let r = s.post_json(infer, &body);
     assert_eq!(r.status, 200, "{}", r.text());
-    let len: usize = r
-        .header("inference-header-content-length")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let head: Value = serde_json::from_slice(&r.body[..len]).unwrap();
+    let (head, raw) = r.binary_parts();
     assert_eq!(head["outputs"][0]["shape"], json!([2, 3]));
     assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 24);
-    let raw: Vec<f32> = r.body[len..]
-        .chunks(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
     assert_eq!(raw.len(), 6);
     assert!(raw[1] > raw[0] && raw[1] > raw[2], "{raw:?}");
     assert!(raw[5] > raw[3] && raw[5] > raw[4], "{raw:?}");
@@ -298,15 +289,14 @@ fn binary_models_keep_their_fields_and_gain_the_class_ones() {
         &json!({ "inputs": input, "parameters": { "binary_data_output": true }, "outputs": [{ "name": "probabilities" }, { "name": "probability", "parameters": { "binary_data": false } }] }),
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    let len: usize = r
-        .header("inference-header-content-length")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let head: Value = serde_json::from_slice(&r.body[..len]).unwrap();
+    let (head, raw) = r.binary_parts();
     assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 16);
     assert_eq!(head["outputs"][1]["data"].as_array().unwrap().len(), 2);
-    assert_eq!(r.body.len(), len + 16);
+    assert_eq!(
+        raw.len(),
+        4,
+        "16 bytes: the four probabilities, nothing after"
+    );
     let r = s.post_json(
         infer,
         &json!({ "inputs": input, "outputs": [{ "name": "probabilities" }, { "name": "probabilities" }] }),

@@ -307,18 +307,9 @@ fn binary_tensor_extension_in_and_out() {
         &body,
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    let json_len: usize = r
-        .header("inference-header-content-length")
-        .expect("binary response header")
-        .parse()
-        .unwrap();
-    let head: serde_json::Value = serde_json::from_slice(&r.body[..json_len]).unwrap();
+    let (head, p) = r.binary_parts();
     assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 8);
     assert!(head["outputs"][0].get("data").is_none());
-    let p: Vec<f32> = r.body[json_len..]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
     assert!(p.len() == 2 && p[0] > 0.5 && p[1] < 0.5, "{p:?}");
 
     // Binary in, JSON out: the same probabilities as an all-JSON request.

@@ -130,6 +130,18 @@ pub fn pipeline(archive: &Path, root: &Path, flags: &[&str]) -> Command {
     c
 }
 
+/// A seeded stream of draws below `n` (a linear congruential generator: the tests' data
+/// must not change with a random-number crate's version).
+pub fn draws(seed: u64) -> impl FnMut(usize) -> usize {
+    let mut state = seed;
+    move |n: usize| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as usize) % n
+    }
+}
+
 /// The shared IMDB archive, if this checkout has `../shared` beside it.
 pub fn shared_archive() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("FEDIMDB_ARCHIVE") {
@@ -185,13 +197,7 @@ pub fn synthetic(per_folder: usize) -> Vec<Entry> {
     const FILL: [&str; 8] = [
         "the", "film", "plot", "actor", "was", "and", "scene", "story",
     ];
-    let mut state = 12345u64;
-    let mut next = move |n: usize| {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) as usize) % n
-    };
+    let mut next = draws(12345);
     let mut out = Vec::new();
     for split in ["train", "test"] {
         for (folder, words, ratings) in [("pos", POS, [7, 8, 9, 10]), ("neg", NEG, [1, 2, 3, 4])] {
@@ -287,13 +293,7 @@ pub fn tickets(per_class: usize) -> Vec<(String, &'static str)> {
     const FILL: [&str; 10] = [
         "the", "app", "when", "it", "page", "button", "settings", "user", "on", "with",
     ];
-    let mut state = 424242u64;
-    let mut next = move |n: usize| {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) as usize) % n
-    };
+    let mut next = draws(424242);
     let mut out = Vec::new();
     for i in 0..3 * per_class {
         let class = i % 3;

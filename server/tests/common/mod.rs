@@ -336,6 +336,23 @@ impl Resp {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
+    /// A binary Open Inference Protocol answer: its JSON part (`Inference-Header-Content-Length`
+    /// bytes) and the little-endian f32 values after it.
+    pub fn binary_parts(&self) -> (Value, Vec<f32>) {
+        let len: usize = self
+            .header("inference-header-content-length")
+            .expect("binary response header")
+            .parse()
+            .unwrap();
+        let head = serde_json::from_slice(&self.body[..len]).unwrap();
+        let rest = &self.body[len..];
+        assert_eq!(rest.len() % 4, 0, "binary data of whole f32s");
+        let values = rest
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        (head, values)
+    }
     /// The `error` message of a JSON error body (asserting there is one).
     pub fn error(&self) -> String {
         let v = self.json();
