@@ -143,9 +143,14 @@ impl Link {
         match self {
             Link::Logistic => out[0] = sigmoid(z[0]) - y as f32,
             Link::Softmax => {
-                let p = self.probabilities(z);
-                for (k, (o, p)) in out.iter_mut().zip(p).enumerate() {
-                    *o = p - f32::from(k == y as usize);
+                // The softmax in `out` itself: this runs at every step of training.
+                let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                for (o, &x) in out.iter_mut().zip(z) {
+                    *o = (x - max).exp();
+                }
+                let sum: f32 = out.iter().sum();
+                for (k, o) in out.iter_mut().enumerate() {
+                    *o = *o / sum - f32::from(k == y as usize);
                 }
             }
             Link::OneVsRest => {
