@@ -20,10 +20,11 @@ use fedimdb::model::{ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
 use fedimdb::outcome::{Outcome, Status};
 use fedimdb::report::RoundReport;
 use fedimdb::retention;
+use fedimdb::server_optimizer::{Moments, ServerOptimizer};
 use fedimdb::train::{Drift, TrainConfig};
 use fedimdb::verify::{
-    check_latest, check_round, load_control, load_global, load_update, read_round_report,
-    read_verified, superseded,
+    check_latest, check_round, load_control, load_global, load_moments, load_update,
+    read_round_report, read_verified, superseded,
 };
 use tracing::{info, warn};
 
@@ -76,10 +77,18 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
     let manifest = DataManifest::of_run(&layout)?;
     let strategy = args.strategy().map_err(anyhow::Error::msg)?;
     let label = Combination::of_round(round, strategy);
+    let optimizer = (round > 0)
+        .then(|| args.combine.server_optimizer())
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let quorum = args.min_workers().map_or(manifest.workers, |(m, _)| m);
+    let asked = Asked {
+        label,
+        optimizer,
+        quorum,
+    };
     if args.volume.resume
-        && let Some(done) =
-            up_to_date(&layout, round, done_as_asked(&layout, round, label, quorum))?
+        && let Some(done) = up_to_date(&layout, round, done_as_asked(&layout, round, &asked))?
     {
         prune(&layout, round, args)?;
         return Ok(outcome(Status::UpToDate, round, done.test.accuracy));
@@ -117,7 +126,10 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
             None => combine_statistics(&layout, &manifest, &updates, &mut start_test)?,
             Some(base) => {
                 start_test(base.header.config);
-                combine_updates(&layout, &manifest, round, base, &updates, strategy)?
+                let optimizer = optimizer.expect("rounds ≥ 1 have one");
+                combine_updates(
+                    &layout, &manifest, round, base, &updates, strategy, optimizer,
+                )?
             }
         };
         let test = test_job
@@ -142,6 +154,7 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
         metrics,
         RoundFacts {
             label,
+            optimizer,
             missing,
             base_sha256,
             start,
@@ -262,6 +275,8 @@ struct Combined {
     model: Checkpoint,
     shards: Vec<usize>,
     control: Control,
+    /// The server optimizer's state after the round (`None` without one, and in round 0).
+    moments: Option<Moments>,
     samples: Vec<u64>,
     update_sha256: Vec<String>,
     update_bytes: Vec<u64>,
@@ -374,6 +389,7 @@ fn combine_statistics(
         model,
         shards: updates.keys().copied().collect(),
         control,
+        moments: None,
         samples,
         update_sha256,
         update_bytes,
@@ -390,6 +406,7 @@ fn combine_updates(
     mut base: Checkpoint,
     updates: &BTreeMap<usize, PathBuf>,
     strategy: Strategy,
+    optimizer: ServerOptimizer,
 ) -> Result<Combined> {
     let prev = round - 1;
     let (mut prev_control, prev_sha) =
@@ -443,17 +460,55 @@ fn combine_updates(
         sources,
         class_samples: prev_control.class_samples.clone(),
     };
-    for (name, v) in sum.combine()? {
+    let mut combined = sum.combine()?;
+    let target = combined
+        .remove(WEIGHT)
+        .context("the combined update has no weights")?;
+    // The fills are gone with the combiner: the global weights are this function's alone.
+    let mut weight = Arc::try_unwrap(x).unwrap_or_else(|x| x.as_ref().clone());
+    let mut moments = server_moments(layout, prev, optimizer, weight.len())?;
+    optimizer.step(&mut weight, &target, moments.as_mut());
+    combined.insert(WEIGHT.to_owned(), weight);
+    for (name, v) in combined {
         base.tensors.insert(name, v);
     }
     Ok(Combined {
         model: base,
         shards: updates.keys().copied().collect(),
         control,
+        moments,
         samples,
         update_sha256,
         update_bytes,
     })
+}
+
+/// The server optimizer's state a round starts from: the moments round `prev` wrote,
+/// verified, or zero when it wrote none (round 0, or a round made without Adam); `None` for
+/// an optimizer without state.
+fn server_moments(
+    layout: &Layout,
+    prev: u32,
+    optimizer: ServerOptimizer,
+    len: usize,
+) -> Result<Option<Moments>> {
+    let Some(zeros) = optimizer.initial_moments(len) else {
+        return Ok(None);
+    };
+    let Some(moments) = load_moments(layout, prev)? else {
+        info!(
+            round = prev + 1,
+            "the server optimizer's moments start at zero"
+        );
+        return Ok(Some(zeros));
+    };
+    ensure!(
+        moments.first.len() == len,
+        "{} holds {} moments, the model {len} weights",
+        layout.moments(prev).display(),
+        moments.first.len()
+    );
+    Ok(Some(moments))
 }
 
 /// What worker `shard`'s sparse update of `round` stands for where it is silent: every
@@ -536,6 +591,8 @@ impl ControlSum {
 /// What the round report says besides what was combined.
 struct RoundFacts {
     label: Combination,
+    /// Rounds ≥ 1: the server optimizer that moved the model.
+    optimizer: Option<ServerOptimizer>,
     missing: Vec<usize>,
     base_sha256: Option<String>,
     start: Instant,
@@ -556,6 +613,7 @@ fn write_round(
         model,
         shards,
         control,
+        moments,
         samples,
         update_sha256,
         update_bytes,
@@ -592,6 +650,13 @@ fn write_round(
     let control_sha256 = control
         .to_checkpoint(config, round)
         .save(&layout.control(round))?;
+    let moments_sha256 = match &moments {
+        Some(m) => Some(
+            m.to_checkpoint(config, round)
+                .save(&layout.moments(round))?,
+        ),
+        None => None,
+    };
     let report = RoundReport {
         round,
         strategy: facts.label,
@@ -607,6 +672,8 @@ fn write_round(
         update_bytes,
         control_sha256: Some(control_sha256),
         control_sources: control.sources.clone(),
+        server_optimizer: facts.optimizer,
+        moments_sha256,
     };
     write_json_atomic(&layout.round_report(round), &report)?;
     fedimdb::fault::point(&format!("aggregator:{round}:report-written"));
@@ -683,17 +750,21 @@ fn up_to_date(
     Ok(Some(report))
 }
 
-/// The report of round `round` if its global model verifies and was made from the model
-/// the round before records, with `strategy`, out of exactly the finished updates on disk
-/// and at least `quorum` of them; otherwise why not. A round a later round was made from
-/// is judged by its reports alone: the retention rule (`fedimdb::retention`) may have
-/// removed its updates.
-fn done_as_asked(
-    layout: &Layout,
-    round: u32,
-    strategy: Combination,
+/// How a round is asked to be aggregated: what `--resume` compares a round on disk with.
+struct Asked {
+    label: Combination,
+    /// Rounds ≥ 1: the server optimizer.
+    optimizer: Option<ServerOptimizer>,
     quorum: usize,
-) -> Result<RoundReport> {
+}
+
+/// The report of round `round` if its global model verifies and was made from the model
+/// the round before records, with the strategy and server optimizer asked, out of exactly
+/// the finished updates on disk and at least the quorum of them; otherwise why not. A round
+/// a later round was made from is judged by its reports alone: the retention rule
+/// (`fedimdb::retention`) may have removed its updates.
+fn done_as_asked(layout: &Layout, round: u32, asked: &Asked) -> Result<RoundReport> {
+    let (strategy, quorum) = (asked.label, asked.quorum);
     let base = match round.checked_sub(1) {
         Some(prev) => Some(read_round_report(layout, prev)?.model_sha256),
         None => None,
@@ -703,6 +774,19 @@ fn done_as_asked(
         report.strategy == strategy,
         "the global model on disk was made with {}, not {strategy}",
         report.strategy
+    );
+    // Reports from before the choice existed took the combined weights as they were.
+    let made_with = match (round, report.server_optimizer) {
+        (0, _) => None,
+        (_, made) => Some(made.unwrap_or(ServerOptimizer::None)),
+    };
+    ensure!(
+        made_with == asked.optimizer,
+        "the global model on disk was made with server optimizer {}, not {}",
+        made_with.map_or("(none)".to_owned(), |o| o.to_string()),
+        asked
+            .optimizer
+            .map_or("(none)".to_owned(), |o| o.to_string())
     );
     ensure!(
         report.shards.len() >= quorum,

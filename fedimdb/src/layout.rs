@@ -16,6 +16,7 @@
 //!       updates/shard-00000.json          its training report
 //!       global.safetensors         the aggregator's output: the global model after the round
 //!       control.safetensors        the global control variate for the next round (SCAFFOLD)
+//!       moments.safetensors        the server optimizer's state for the next round (Adam)
 //!       report.json                the aggregator's round report (test metrics)
 //!     round-0001/ …                training rounds
 //!   model/
@@ -134,6 +135,12 @@ impl Layout {
     /// The global control variate (SCAFFOLD) the aggregator wrote at the end of `round`.
     pub fn control(&self, round: u32) -> PathBuf {
         self.round_dir(round).join("control.safetensors")
+    }
+
+    /// The server optimizer's moments the aggregator wrote at the end of `round` (rounds ≥ 1,
+    /// with `--server-optimizer adam`).
+    pub fn moments(&self, round: u32) -> PathBuf {
+        self.round_dir(round).join("moments.safetensors")
     }
 
     /// The model round `round`'s trainers start from: the global model of the round before.

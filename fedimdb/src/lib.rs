@@ -11,7 +11,8 @@
 //! 5. [`train`]: local training (SGD with SCAFFOLD's correction, [`control`]), on the CPU; the
 //!    trainer adds a candle engine for CUDA.
 //! 6. [`checkpoint`]: models and worker updates as safetensors with metadata.
-//! 7. [`strategy`]: how the aggregator combines a round's updates.
+//! 7. [`strategy`]: how the aggregator combines a round's updates, and [`server_optimizer`]
+//!    how far the combined weights move the global model.
 //! 8. [`metrics`]: accuracy, F1, log loss and ROC-AUC on the test set.
 //!
 //! [`atomic`] and [`digest`] make every write crash-safe and every read verifiable;
@@ -37,6 +38,7 @@ pub mod partition;
 pub mod report;
 pub mod retention;
 pub mod reviews;
+pub mod server_optimizer;
 pub mod strategy;
 pub mod train;
 pub mod verify;

@@ -79,6 +79,14 @@ pub struct RoundReport {
     /// updates. Empty in reports written before it was recorded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub control_sources: Vec<u32>,
+    /// How the combined weights moved the global model (rounds ≥ 1; absent in round 0 and in
+    /// reports written before there was a choice, which took the combined weights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_optimizer: Option<crate::server_optimizer::ServerOptimizer>,
+    /// SHA-256 of `moments.safetensors`, the server optimizer's state the next round starts
+    /// from (with `adam`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moments_sha256: Option<String>,
 }
 
 /// The current time as RFC 3339 UTC (`2026-11-21T22:16:00Z`).

@@ -120,7 +120,11 @@ pub fn prune(
     for round in 0..=inputs_of_oldest_kept {
         let mut files = Vec::new();
         if round < inputs_of_oldest_kept {
-            files.extend([layout.global_model(round), layout.control(round)]);
+            files.extend([
+                layout.global_model(round),
+                layout.control(round),
+                layout.moments(round),
+            ]);
         }
         let dir = layout.updates_dir(round);
         if let Ok(entries) = std::fs::read_dir(&dir) {

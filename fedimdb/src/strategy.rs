@@ -143,6 +143,8 @@ pub struct StrategyArgs {
     /// coordinate, at least 0 and below 0.5 [default: 0.2].
     #[arg(long, value_name = "F", value_parser = parse_trim, allow_negative_numbers = true)]
     pub trim: Option<f64>,
+    #[command(flatten)]
+    pub server: crate::server_optimizer::ServerOptimizerArgs,
 }
 
 impl Default for StrategyArgs {
@@ -150,6 +152,7 @@ impl Default for StrategyArgs {
         Self {
             strategy: StrategyName::Fedavg,
             trim: None,
+            server: Default::default(),
         }
     }
 }
@@ -172,6 +175,11 @@ impl StrategyArgs {
         }
     }
 
+    /// The server optimizer the flags ask for (`fedimdb::server_optimizer`).
+    pub fn server_optimizer(&self) -> Result<crate::server_optimizer::ServerOptimizer, String> {
+        self.server.optimizer()
+    }
+
     /// The flags as arguments for the aggregator's command line.
     pub fn to_args(&self) -> Vec<String> {
         let name = clap::ValueEnum::to_possible_value(&self.strategy).expect("no skipped variants");
@@ -179,6 +187,7 @@ impl StrategyArgs {
         if let Some(trim) = self.trim {
             args.extend(["--trim".to_owned(), trim.to_string()]);
         }
+        args.extend(self.server.to_args());
         args
     }
 }
@@ -237,7 +246,11 @@ mod tests {
 
     #[test]
     fn trim_goes_with_trimmed_mean_only() {
-        let args = |strategy, trim| StrategyArgs { strategy, trim };
+        let args = |strategy, trim| StrategyArgs {
+            strategy,
+            trim,
+            server: Default::default(),
+        };
         assert_eq!(
             args(StrategyName::TrimmedMean, None).strategy(),
             Ok(Strategy::TrimmedMean { trim: DEFAULT_TRIM })

@@ -164,6 +164,24 @@ pub fn load_control(layout: &Layout, round: u32) -> Result<(crate::control::Cont
     ))
 }
 
+/// Loads the server optimizer's moments the aggregator wrote at the end of `round`, verified
+/// against the checksum in the round report; `None` when the report records none (round 0,
+/// or a round made with `--server-optimizer none`): the next round's moments start at zero.
+pub fn load_moments(
+    layout: &Layout,
+    round: u32,
+) -> Result<Option<crate::server_optimizer::Moments>> {
+    let report = read_round_report(layout, round)?;
+    let Some(recorded) = report.moments_sha256.as_deref() else {
+        return Ok(None);
+    };
+    let path = layout.moments(round);
+    let ck = load_verified(&path, Kind::Moments, recorded, &layout.round_report(round))?;
+    crate::server_optimizer::Moments::from_checkpoint(ck)
+        .with_context(|| format!("{} is not a valid moments file", path.display()))
+        .map(Some)
+}
+
 /// What a worker's update must have been computed from to count as done.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpdateWant {
@@ -302,6 +320,11 @@ pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Re
             let control = layout.control(round);
             ensure!(control.exists(), "{} is missing", control.display());
             check_file(&control, recorded, &layout.round_report(round))?;
+        }
+        if let Some(recorded) = &report.moments_sha256 {
+            let moments = layout.moments(round);
+            ensure!(moments.exists(), "{} is missing", moments.display());
+            check_file(&moments, recorded, &layout.round_report(round))?;
         }
         report
     } else {
@@ -445,6 +468,8 @@ mod tests {
             update_bytes: vec![],
             control_sha256: None,
             control_sources: vec![],
+            server_optimizer: None,
+            moments_sha256: None,
         };
         write_json_atomic(&layout.round_report(round), &report).unwrap();
         sha

@@ -87,6 +87,9 @@ impl RunArgs {
         self.partition.validate()?;
         self.reading.validate()?;
         self.combine.strategy().map_err(anyhow::Error::msg)?;
+        self.combine
+            .server_optimizer()
+            .map_err(anyhow::Error::msg)?;
         if let Some(m) = self.min_workers {
             ensure!(
                 (1..=self.workers).contains(&m),

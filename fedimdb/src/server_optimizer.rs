@@ -1,0 +1,366 @@
+//! The server's step: how the aggregator moves the global model by what a round's updates
+//! agree on. The strategy ([`crate::strategy`]) combines the workers' weights into one
+//! candidate; its difference from the round's global model, the displacement `Δ`, is what
+//! the workers jointly ask for, and the server optimizer decides how far to go.
+//!
+//! * `adam` (the default): FedAdam's server step (Reddi et al., *Adaptive Federated
+//!   Optimization*, ICLR 2021) on every weight, `m ← β1·m + (1−β1)·Δ`,
+//!   `v ← β2·v + (1−β2)·Δ²`, `w ← w + η·m / (√v + τ)`, with β1 = 0.9 and β2 = 0.99.
+//!   The bias takes the combined value.
+//! * `none`: the combined weights are the next global model (plain FedAvg, median, trimmed
+//!   mean).
+//!
+//! Why Adam, and why τ = 3 rather than the paper's 10⁻³ (docs/BENCHMARKS.md, "server Adam"):
+//! on label-skewed shards SCAFFOLD's workers under-shoot, each round's displacement points
+//! the right way but is short, and the model is still far from the centralized optimum after
+//! five rounds. Momentum over rounds lengthens the steps; dividing by `√v + τ` caps them in
+//! the buckets whose displacement is large (the ones that swing between rounds). With
+//! τ = 3, a bucket whose `√v` is small against τ moves by about `η/τ · m`, i.e. the
+//! heavy-ball step `Σ 0.9ᵏ Δ`; with the paper's tiny τ every step is about ±η whatever the
+//! displacement (a sign step), which overshot every IID cell measured.
+//!
+//! The moments are state carried from round to round, so the aggregator writes them
+//! ([`Moments`], `rounds/round-R/moments.safetensors`) atomically, records their checksum in
+//! the round report, and reads them back verified in the next round, as it does the control
+//! variate. A bucket no worker moved and whose `m` is zero keeps its moments as they are
+//! (they are zero: it has never moved), so buckets no review touches cost nothing but the
+//! walk.
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{Result, ensure};
+
+use crate::checkpoint::{Checkpoint, Header, Kind, MOMENTS_FIRST, MOMENTS_SECOND};
+use crate::model::ModelConfig;
+
+/// Decay of the first moment (Reddi et al.'s value).
+pub const BETA1: f32 = 0.9;
+/// Decay of the second moment (Reddi et al.'s value).
+pub const BETA2: f32 = 0.99;
+/// Default server step η, chosen on a validation split (docs/BENCHMARKS.md).
+pub const DEFAULT_LR: f32 = 30.0;
+/// Default τ: where the step stops being a heavy-ball step and becomes normalised.
+pub const DEFAULT_TAU: f32 = 3.0;
+
+/// How the aggregator turns the combined weights into the next global model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ServerOptimizer {
+    /// The combined weights are the next global model.
+    None,
+    /// FedAdam's step of size about `lr` per bucket, normalised beyond `tau`.
+    Adam { lr: f32, tau: f32 },
+}
+
+impl Default for ServerOptimizer {
+    fn default() -> Self {
+        ServerOptimizer::Adam {
+            lr: DEFAULT_LR,
+            tau: DEFAULT_TAU,
+        }
+    }
+}
+
+impl fmt::Display for ServerOptimizer {
+    /// The text round reports hold: `none`, `adam(lr=30,tau=3)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerOptimizer::None => f.write_str("none"),
+            ServerOptimizer::Adam { lr, tau } => write!(f, "adam(lr={lr},tau={tau})"),
+        }
+    }
+}
+
+impl FromStr for ServerOptimizer {
+    type Err = String;
+
+    /// Reads what [`Display`](fmt::Display) writes.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "none" {
+            return Ok(ServerOptimizer::None);
+        }
+        let bad = || format!("`{s}` is not a server optimizer: expected none or adam(lr=X,tau=Y)");
+        let inner = s
+            .strip_prefix("adam(")
+            .and_then(|r| r.strip_suffix(')'))
+            .ok_or_else(bad)?;
+        let (lr, tau) = inner.split_once(',').ok_or_else(bad)?;
+        let lr = lr.strip_prefix("lr=").ok_or_else(bad)?;
+        let tau = tau.strip_prefix("tau=").ok_or_else(bad)?;
+        Ok(ServerOptimizer::Adam {
+            lr: parse_positive(lr)?,
+            tau: parse_positive(tau)?,
+        })
+    }
+}
+
+impl serde::Serialize for ServerOptimizer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ServerOptimizer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <String as serde::Deserialize>::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Checks `--server-lr` and `--server-tau`: a finite number above zero.
+pub fn parse_positive(s: &str) -> Result<f32, String> {
+    let x: f32 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number"))?;
+    if !(x.is_finite() && x > 0.0) {
+        return Err(format!("must be a finite number above 0, got {s}"));
+    }
+    Ok(x)
+}
+
+/// The server optimizer's name on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServerOptimizerName {
+    /// FedAdam's server step (the default).
+    Adam,
+    /// The combined weights are the next global model.
+    None,
+}
+
+impl ServerOptimizer {
+    /// The moments a run starts with, `None` for an optimizer without state.
+    pub fn initial_moments(self, len: usize) -> Option<Moments> {
+        match self {
+            ServerOptimizer::None => None,
+            ServerOptimizer::Adam { .. } => Some(Moments::zeros(len)),
+        }
+    }
+
+    /// Moves the global weights `w` towards the combined weights `combined`; `moments` is
+    /// the state from the round before (zero in the first round), updated in place. Takes
+    /// `combined` as is for `None`.
+    pub fn step(self, w: &mut [f32], combined: &[f32], moments: Option<&mut Moments>) {
+        assert_eq!(
+            w.len(),
+            combined.len(),
+            "weights and combined weights differ in length"
+        );
+        let (lr, tau, moments) = match (self, moments) {
+            (ServerOptimizer::Adam { lr, tau }, Some(m)) => (lr, tau, m),
+            (ServerOptimizer::None, _) => return w.copy_from_slice(combined),
+            (ServerOptimizer::Adam { .. }, None) => panic!("an Adam step needs its moments"),
+        };
+        assert_eq!(
+            moments.first.len(),
+            w.len(),
+            "moments and weights differ in length"
+        );
+        for (((wj, &cj), mj), vj) in w
+            .iter_mut()
+            .zip(combined)
+            .zip(moments.first.iter_mut())
+            .zip(moments.second.iter_mut())
+        {
+            let d = cj - *wj;
+            if d == 0.0 && *mj == 0.0 {
+                continue;
+            }
+            *mj = BETA1 * *mj + (1.0 - BETA1) * d;
+            *vj = BETA2 * *vj + (1.0 - BETA2) * d * d;
+            *wj += lr * *mj / (vj.sqrt() + tau);
+        }
+    }
+}
+
+/// The server optimizer's flags, part of the strategy flags the aggregator and the pipeline
+/// share (`fedimdb::strategy::StrategyArgs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, clap::Args)]
+pub struct ServerOptimizerArgs {
+    /// How the combined weights move the global model (rounds ≥ 1): `adam`, FedAdam's server
+    /// step over rounds, or `none`, the combined weights as they are [default: adam].
+    #[arg(long, value_enum, value_name = "NAME")]
+    pub server_optimizer: Option<ServerOptimizerName>,
+    /// With adam: the step η [default: 30].
+    #[arg(long, value_name = "LR", value_parser = parse_positive)]
+    pub server_lr: Option<f32>,
+    /// With adam: τ, the displacement beyond which steps are normalised [default: 3].
+    #[arg(long, value_name = "TAU", value_parser = parse_positive)]
+    pub server_tau: Option<f32>,
+}
+
+impl ServerOptimizerArgs {
+    /// The optimizer the flags ask for; `--server-lr` and `--server-tau` go with adam only.
+    pub fn optimizer(&self) -> Result<ServerOptimizer, String> {
+        match self.server_optimizer.unwrap_or(ServerOptimizerName::Adam) {
+            ServerOptimizerName::Adam => Ok(ServerOptimizer::Adam {
+                lr: self.server_lr.unwrap_or(DEFAULT_LR),
+                tau: self.server_tau.unwrap_or(DEFAULT_TAU),
+            }),
+            ServerOptimizerName::None if self.server_lr.is_some() || self.server_tau.is_some() => {
+                Err("--server-lr and --server-tau only apply to --server-optimizer adam".into())
+            }
+            ServerOptimizerName::None => Ok(ServerOptimizer::None),
+        }
+    }
+
+    /// The flags given, as arguments for the aggregator's command line.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(name) = self.server_optimizer {
+            let name = clap::ValueEnum::to_possible_value(&name).expect("no skipped variants");
+            args.extend(["--server-optimizer".to_owned(), name.get_name().to_owned()]);
+        }
+        if let Some(lr) = self.server_lr {
+            args.extend(["--server-lr".to_owned(), lr.to_string()]);
+        }
+        if let Some(tau) = self.server_tau {
+            args.extend(["--server-tau".to_owned(), tau.to_string()]);
+        }
+        args
+    }
+}
+
+/// Adam's moments, one value per weight (row-major, like the model's weights).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moments {
+    /// `m`: the decayed mean of the displacements.
+    pub first: Vec<f32>,
+    /// `v`: the decayed mean of their squares (never negative).
+    pub second: Vec<f32>,
+}
+
+impl Moments {
+    pub fn zeros(len: usize) -> Self {
+        Self {
+            first: vec![0.0; len],
+            second: vec![0.0; len],
+        }
+    }
+
+    pub fn to_checkpoint(&self, config: ModelConfig, round: u32) -> Checkpoint {
+        Checkpoint::dense(
+            Kind::Moments,
+            Header::new(Kind::Moments, config, round),
+            [
+                (MOMENTS_FIRST, self.first.clone()),
+                (MOMENTS_SECOND, self.second.clone()),
+            ],
+        )
+    }
+
+    pub fn from_checkpoint(mut ck: Checkpoint) -> Result<Self> {
+        ck.holds(Kind::Moments, "server optimizer moments")?;
+        let second = ck.take_tensor(MOMENTS_SECOND)?;
+        ensure!(
+            second.iter().all(|&x| x >= 0.0),
+            "`{MOMENTS_SECOND}` holds a negative second moment"
+        );
+        Ok(Self {
+            first: ck.take_tensor(MOMENTS_FIRST)?,
+            second,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_text_reads_back() {
+        for o in [
+            ServerOptimizer::None,
+            ServerOptimizer::default(),
+            ServerOptimizer::Adam { lr: 0.5, tau: 1e-3 },
+        ] {
+            let json = serde_json::to_string(&o).unwrap();
+            assert_eq!(serde_json::from_str::<ServerOptimizer>(&json).unwrap(), o);
+        }
+        assert_eq!(ServerOptimizer::default().to_string(), "adam(lr=30,tau=3)");
+        for bad in [
+            "adam",
+            "adam(lr=1)",
+            "adam(lr=-1,tau=3)",
+            "sgd",
+            "adam(tau=3,lr=1)",
+        ] {
+            assert!(bad.parse::<ServerOptimizer>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn flags_resolve_to_one_optimizer() {
+        let args = |server_optimizer, server_lr, server_tau| ServerOptimizerArgs {
+            server_optimizer,
+            server_lr,
+            server_tau,
+        };
+        assert_eq!(
+            args(None, None, None).optimizer(),
+            Ok(ServerOptimizer::default())
+        );
+        assert_eq!(
+            args(None, Some(10.0), Some(1.0)).optimizer(),
+            Ok(ServerOptimizer::Adam { lr: 10.0, tau: 1.0 })
+        );
+        assert_eq!(
+            args(Some(ServerOptimizerName::None), None, None).optimizer(),
+            Ok(ServerOptimizer::None)
+        );
+        let e = args(Some(ServerOptimizerName::None), Some(1.0), None)
+            .optimizer()
+            .unwrap_err();
+        assert!(e.contains("--server-lr"), "{e}");
+        assert_eq!(
+            args(Some(ServerOptimizerName::Adam), Some(10.0), None).to_args(),
+            ["--server-optimizer", "adam", "--server-lr", "10"]
+        );
+        assert!(args(None, None, None).to_args().is_empty());
+        for bad in ["0", "-1", "NaN", "inf", "x"] {
+            assert!(parse_positive(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn adam_step_follows_the_formula() {
+        let opt = ServerOptimizer::Adam { lr: 30.0, tau: 3.0 };
+        let mut w = vec![1.0f32, 2.0, 0.0];
+        let mut m = Moments::zeros(3);
+        // Round 1: a small displacement moves about η/τ·(1−β1)·Δ = Δ; a large one is capped.
+        opt.step(&mut w, &[1.3, 102.0, 0.0], Some(&mut m));
+        let small = 30.0 * 0.1 * 0.3 / ((0.01f32 * 0.09).sqrt() + 3.0);
+        assert!((w[0] - (1.0 + small)).abs() < 1e-6, "{w:?}");
+        // Δ = 100: m = 10, √v = 10, so the step is 30·10/13, not 100.
+        assert!((w[1] - (2.0 + 300.0 / 13.0)).abs() < 1e-4, "{w:?}");
+        assert_eq!((w[2], m.first[2], m.second[2]), (0.0, 0.0, 0.0));
+        // Round 2, no displacement: momentum keeps moving the bucket the same way.
+        let before = w[0];
+        let combined = w.clone();
+        opt.step(&mut w, &combined, Some(&mut m));
+        assert!(w[0] > before, "{w:?}");
+        // The moments decay as written.
+        assert!((m.first[0] - 0.9 * 0.1 * 0.3).abs() < 1e-6);
+
+        let mut w = vec![1.0f32, 2.0];
+        ServerOptimizer::None.step(&mut w, &[3.0, 4.0], None);
+        assert_eq!(w, [3.0, 4.0]);
+    }
+
+    #[test]
+    fn moments_round_trip_and_refuse_negative_second_moments() {
+        let config = ModelConfig::with_buckets(10, 1);
+        let mut m = Moments::zeros(config.dim());
+        m.first[3] = -0.5;
+        m.second[3] = 0.25;
+        let ck = m.to_checkpoint(config, 2);
+        let bytes = ck.to_bytes().unwrap();
+        let back = Checkpoint::from_bytes(&bytes, std::path::Path::new("m")).unwrap();
+        assert_eq!(Moments::from_checkpoint(back).unwrap(), m);
+        m.second[1] = -1.0;
+        let ck = m.to_checkpoint(config, 2);
+        let e = Moments::from_checkpoint(ck).unwrap_err();
+        assert!(format!("{e:#}").contains("negative"), "{e:#}");
+    }
+}
