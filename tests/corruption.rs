@@ -195,6 +195,19 @@ fn damaged_files_are_named_and_never_consumed() {
         );
     }
 
+    // The server optimizer's moments changed after they were written: the next round's
+    // aggregator refuses to step from them.
+    refused_damaged(
+        &v,
+        &l.moments(1),
+        flip_byte_near_end,
+        &mut v.aggregator(2),
+        &[
+            "round-0001/moments.safetensors does not match its checksum",
+            "round-0001/report.json records",
+        ],
+    );
+
     // A truncated global model: the next round's trainers refuse to start from it.
     truncate(&l.global_model(1));
     refused(
@@ -227,6 +240,7 @@ fn a_rerun_repairs_exactly_the_damaged_steps() {
     truncate(&l.shard(2)); // the copier rewrites it; the updates made from it still verify
     flip_byte_near_end(&l.update(2, 1)); // that worker trains again
     truncate(&l.global_model(1)); // round 1 is aggregated again
+    flip_byte_near_end(&l.moments(1)); // (which also writes its moments again)
     flip_byte_near_end(&l.latest_model()); // published again
     let (out, _) = run_ok(&mut v.pipeline());
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -10,10 +10,20 @@ use std::path::Path;
 use common::{QUICK, ROUNDS, WORKERS, bin, kept_rounds, pipeline, run, run_ok, small_archive};
 use fedimdb::layout::Layout;
 
+/// Whether each model file of `round` is on the volume: global model, control, the server
+/// optimizer's moments (rounds ≥ 1), every update.
 fn model_files(l: &Layout, round: u32) -> Vec<bool> {
     let mut present = vec![l.global_model(round).exists(), l.control(round).exists()];
+    if round > 0 {
+        present.push(l.moments(round).exists());
+    }
     present.extend((0..WORKERS).map(|s| l.update(round, s).exists()));
     present
+}
+
+/// How many model files round `round` writes.
+fn files_of(round: u32) -> usize {
+    2 + usize::from(round > 0) + WORKERS
 }
 
 fn reports(l: &Layout, round: u32) -> bool {
@@ -51,12 +61,12 @@ fn old_rounds_lose_their_model_files_and_everything_still_resumes() {
     // in their updates); older rounds keep none; every report stays.
     let l = Layout::new(&pruned);
     for round in 0..=ROUNDS {
-        let want = vec![round + 1 >= ROUNDS; 2 + WORKERS];
+        let want = vec![round + 1 >= ROUNDS; files_of(round)];
         assert_eq!(model_files(&l, round), want, "round {round}");
         assert!(reports(&l, round), "round {round} lost a report");
         assert_eq!(
             model_files(&Layout::new(&kept), round),
-            vec![true; 2 + WORKERS],
+            vec![true; files_of(round)],
             "--keep-rounds all, round {round}"
         );
     }
@@ -83,7 +93,7 @@ fn old_rounds_lose_their_model_files_and_everything_still_resumes() {
     assert!(out.status.success() && log.contains("up to date"), "{log}");
     let (out, log) = resumed("aggregator", &pruned, 0, &[]);
     assert!(out.status.success() && log.contains("up to date"), "{log}");
-    assert_eq!(model_files(&l, 0), vec![false; 2 + WORKERS]);
+    assert_eq!(model_files(&l, 0), vec![false; files_of(0)]);
 
     // The newest round can be recomputed (its inputs are kept), to the same bytes: a
     // worker trained again, then the round aggregated again.

@@ -1,5 +1,6 @@
 //! The aggregator binary on a small hand-made volume: the quorum (`--min-workers`), the
-//! strategies' exact results, and the flags that go together or not.
+//! strategies' exact results, the server optimizer's step on top of them, and the flags that
+//! go together or not.
 //!
 //! The volume has three shards of 2, 3 and 5 reviews (as the data manifest says), a tiny
 //! test set, round 0 aggregated from made-up counts, and round 1 updates whose weights are
@@ -13,6 +14,7 @@ use fedimdb::digest::sha256_file;
 use fedimdb::layout::Layout;
 use fedimdb::model::{ClassCounts, ModelConfig};
 use fedimdb::reviews::{Review, write_parquet};
+use fedimdb::server_optimizer::{BETA1, BETA2, Moments};
 use fedimdb::train::{Algorithm, TrainArgs};
 use serde_json::{Value, json};
 
@@ -204,8 +206,9 @@ fn quorum_aggregates_the_present_updates_and_names_the_missing_ones() {
     );
     assert!(!v.layout.global_model(1).exists());
 
-    // At least 2: the two present updates, weighted by their own sample counts.
-    let log = ok(v.aggregator(1, &["--min-workers", "2"]));
+    // At least 2: the two present updates, weighted by their own sample counts (taken as
+    // they are: the server step has its own test).
+    let log = ok(v.aggregator(1, &["--min-workers", "2", "--server-optimizer", "none"]));
     assert!(
         log.contains("aggregating 2 of 3 worker updates") && log.contains(&missing),
         "{log}"
@@ -271,7 +274,7 @@ fn strategies_give_their_exact_results_and_say_so_in_the_report() {
     // `value(k)`: the expected result where worker i's values are `BIAS[i] · k` (k = 1 for
     // the bias, 1 + j mod 7 for weight j).
     let check = |args: &[&str], label: &str, value: &dyn Fn(f64) -> f64| {
-        ok(v.aggregator(1, args));
+        ok(v.aggregator(1, &[args, &["--server-optimizer", "none"]].concat()));
         assert_eq!(v.report(1)["strategy"], label, "{args:?}");
         let g = v.global(1);
         assert_eq!(g.tensor("linear.bias"), [value(1.0) as f32], "{args:?}");
@@ -320,6 +323,81 @@ fn strategies_give_their_exact_results_and_say_so_in_the_report() {
             &|k| 2.0 * k
         ),
         trimmed
+    );
+}
+
+#[test]
+fn the_server_adam_step_moves_from_the_combined_weights_and_keeps_its_moments() {
+    let v = Volume::new(&[0, 1, 2]);
+    let dim = config().dim();
+    let fedavg = |k: f64| (2.0 * 1.0 * k + 3.0 * 2.0 * k + 5.0 * 30.0 * k) / 10.0;
+    for (args, label) in [
+        (vec![], "adam(lr=30,tau=3)"),
+        (
+            vec!["--server-lr", "10", "--server-tau", "1"],
+            "adam(lr=10,tau=1)",
+        ),
+        (vec!["--strategy", "median"], "adam(lr=30,tau=3)"),
+    ] {
+        let (lr, tau) = if label.contains("lr=10") {
+            (10.0, 1.0)
+        } else {
+            (30.0, 3.0)
+        };
+        let median = args.contains(&"median");
+        ok(v.aggregator(1, &args));
+        let report = v.report(1);
+        assert_eq!(report["server_optimizer"], label, "{args:?}");
+        // Round 1 starts from zero weights and zero moments: m = 0.1 Δ, v = 0.01 Δ², and the
+        // weight moves by η·m / (√v + τ); the bias takes the combined value.
+        let combined = |k: f64| if median { 2.0 * k } else { fedavg(k) } as f32;
+        let g = v.global(1);
+        assert_eq!(g.tensor("linear.bias"), [combined(1.0)], "{args:?}");
+        let w = g.tensor("linear.weight");
+        for j in [0, 1, 6, 100, dim - 1] {
+            let d = combined((1 + j % 7) as f64);
+            let (m, s) = (0.1 * d, 0.01 * d * d);
+            let want = lr * m / (s.sqrt() + tau);
+            assert!(
+                (w[j] - want).abs() <= 1e-5 * want.abs(),
+                "{args:?} weight {j}: {} vs {want}",
+                w[j]
+            );
+        }
+        // The moments are on the volume, recorded in the report, and hold m and v.
+        let path = v.layout.moments(1);
+        let sha = sha256_file(&path).unwrap();
+        assert_eq!(report["moments_sha256"], sha.as_str());
+        let moments =
+            Moments::from_checkpoint(Checkpoint::load_kind(&path, Kind::Moments).unwrap()).unwrap();
+        let d = combined(1.0);
+        assert_eq!(moments.first[0], (1.0 - BETA1) * d);
+        assert_eq!(moments.second[0], (1.0 - BETA2) * d * d);
+    }
+    // Without a server optimizer there are no moments, and a resumed round made with another
+    // optimizer is made again.
+    ok(v.aggregator(1, &["--server-optimizer", "none"]));
+    let report = v.report(1);
+    assert_eq!(report["server_optimizer"], "none");
+    assert!(report.get("moments_sha256").is_none(), "{report}");
+    let log = ok(v.aggregator(1, &["--resume"]));
+    assert!(
+        log.contains("made with server optimizer none, not adam(lr=30,tau=3)"),
+        "{log}"
+    );
+    assert_eq!(v.report(1)["server_optimizer"], "adam(lr=30,tau=3)");
+    let log = ok(v.aggregator(1, &["--resume"]));
+    assert!(log.contains("up to date"), "{log}");
+    // Bad values are refused by name.
+    fails(
+        v.aggregator(1, &["--server-lr", "0"]),
+        2,
+        &["--server-lr", "above 0"],
+    );
+    fails(
+        v.aggregator(1, &["--server-optimizer", "none", "--server-tau", "2"]),
+        2,
+        &["--server-lr and --server-tau only apply to --server-optimizer adam"],
     );
 }
 

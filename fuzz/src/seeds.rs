@@ -106,10 +106,28 @@ fn checkpoints() -> Vec<(String, Vec<u8>)> {
         .collect();
     let update_ck = Checkpoint::update(header, index, weight, vec![0.125], grad, vec![-0.01]);
 
+    // Few buckets: listed as u32 (the update above, a third of them, is a bitmap).
+    let mut header = update_ck.header.clone();
+    header.shard = Some(1);
+    let listed_ck = Checkpoint::update(
+        header,
+        vec![1, 500, 1000],
+        vec![0.5, -0.25, 0.125],
+        vec![0.0],
+        vec![0.01, 0.02, -0.03],
+        vec![0.0],
+    );
+
+    let mut moments = fedimdb::server_optimizer::Moments::zeros(cfg.dim());
+    moments.first[7] = 0.25;
+    moments.second[7] = 0.0625;
+
     [
         ("model", model_ck),
         ("stats", stats_ck),
         ("update", update_ck),
+        ("update-listed", listed_ck),
+        ("moments", moments.to_checkpoint(cfg, 2)),
     ]
     .into_iter()
     .map(|(name, ck)| {
