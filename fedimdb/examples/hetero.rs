@@ -14,7 +14,7 @@
 //! `INIT` (1: control variates from the starting model's gradient, as round 0 gives them),
 //! `OPT1` (1: control variate = the shard's gradient at the round's start instead of the mean
 //! along the local path), `POW` (learning rate × round^-POW), `SEED` (42), `MIN_SHARD` (32),
-//! `TASK` (sentiment, or rating: IMDB's 8 star ratings), `MULTI` (softmax,one-vs-rest: the
+//! `VWARM` (1: server Adam's v starts from a bucket's first displacement squared), `TASK` (sentiment, or rating: IMDB's 8 star ratings), `MULTI` (softmax,one-vs-rest: the
 //! K-class link; every one runs).
 
 use std::io::Read;
@@ -377,13 +377,20 @@ fn simulate(
             // FedAdam (Reddi et al., 2021) on the averaged displacement: per-coordinate steps
             // of about SADAM, moments β1 0.9, β2 0.99, τ TAU (1e-3); the bias moves plainly.
             let tau: f32 = env_list("TAU", "0.001")[0];
+            let vwarm = env_list::<u8>("VWARM", "0")[0] == 1;
             for (((mj, vj), wj), d) in m.iter_mut().zip(v.iter_mut()).zip(w.iter_mut()).zip(&dw) {
                 let d = *d as f32;
                 if d == 0.0 && *mj == 0.0 {
                     continue;
                 }
                 *mj = 0.9 * *mj + 0.1 * d;
-                *vj = 0.99 * *vj + 0.01 * d * d;
+                // VWARM=1: a bucket's first displacement sets v whole (not 1% of it), so
+                // the first step is capped at about η·0.1 instead of η.
+                *vj = if vwarm && *vj == 0.0 {
+                    d * d
+                } else {
+                    0.99 * *vj + 0.01 * d * d
+                };
                 *wj += sadam * *mj / (vj.sqrt() + tau);
             }
             for (bb, d) in b.iter_mut().zip(&db) {
