@@ -1,7 +1,8 @@
 //! Learning under label skew, through the real binaries on real reviews: a split where each
 //! worker holds almost only one label. Plain FedAvg (`--algorithm fedavg`) drifts with its
 //! workers and falls far below centralized training; the default (SCAFFOLD with control
-//! variates from round 0, and the server's Adam step) stays close to it. Deterministic: same seeds, same bytes.
+//! variates from round 0, and the server's Adam step) stays close to it. Deterministic: same
+//! seeds, same bytes.
 
 mod common;
 

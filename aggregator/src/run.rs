@@ -492,15 +492,15 @@ fn server_moments(
     optimizer: ServerOptimizer,
     len: usize,
 ) -> Result<Option<Moments>> {
-    let Some(zeros) = optimizer.initial_moments(len) else {
+    if optimizer == ServerOptimizer::None {
         return Ok(None);
-    };
+    }
     let Some(moments) = load_moments(layout, prev)? else {
         info!(
             round = prev + 1,
             "the server optimizer's moments start at zero"
         );
-        return Ok(Some(zeros));
+        return Ok(Some(Moments::zeros(len)));
     };
     ensure!(
         moments.first.len() == len,
@@ -650,13 +650,10 @@ fn write_round(
     let control_sha256 = control
         .to_checkpoint(config, round)
         .save(&layout.control(round))?;
-    let moments_sha256 = match &moments {
-        Some(m) => Some(
-            m.to_checkpoint(config, round)
-                .save(&layout.moments(round))?,
-        ),
-        None => None,
-    };
+    let moments_sha256 = moments
+        .as_ref()
+        .map(|m| m.to_checkpoint(config, round).save(&layout.moments(round)))
+        .transpose()?;
     let report = RoundReport {
         round,
         strategy: facts.label,
@@ -780,13 +777,12 @@ fn done_as_asked(layout: &Layout, round: u32, asked: &Asked) -> Result<RoundRepo
         (0, _) => None,
         (_, made) => Some(made.unwrap_or(ServerOptimizer::None)),
     };
+    let text = |o: Option<ServerOptimizer>| o.map_or("(none)".to_owned(), |o| o.to_string());
     ensure!(
         made_with == asked.optimizer,
         "the global model on disk was made with server optimizer {}, not {}",
-        made_with.map_or("(none)".to_owned(), |o| o.to_string()),
-        asked
-            .optimizer
-            .map_or("(none)".to_owned(), |o| o.to_string())
+        text(made_with),
+        text(asked.optimizer)
     );
     ensure!(
         report.shards.len() >= quorum,

@@ -339,36 +339,9 @@ impl Checkpoint {
         let mut index = Vec::new();
         let mut listed = false;
         for (name, view) in st.tensors() {
-            if name == UPDATE_MASK && header.kind.is_sparse() {
-                ensure!(
-                    view.dtype() == Dtype::U8,
-                    "{what}: tensor `{name}` has dtype {:?}, expected U8",
-                    view.dtype()
-                );
-                let dim = header.config.dim();
-                ensure!(
-                    view.data().len() == dim.div_ceil(8),
-                    "{what}: tensor `{name}` has {} bytes, expected {} for {dim} buckets",
-                    view.data().len(),
-                    dim.div_ceil(8)
-                );
+            if header.kind.is_sparse() && [UPDATE_INDEX, UPDATE_MASK].contains(&name.as_str()) {
                 ensure!(!listed, "{what} lists its buckets twice");
-                (index, listed) = (mask_to_index(view.data()), true);
-                continue;
-            }
-            if name == UPDATE_INDEX && header.kind.is_sparse() {
-                ensure!(
-                    view.dtype() == Dtype::U32,
-                    "{what}: tensor `{name}` has dtype {:?}, expected U32",
-                    view.dtype()
-                );
-                ensure!(!listed, "{what} lists its buckets twice");
-                index = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                listed = true;
+                (index, listed) = (buckets(&what, &name, &view, header.config.dim())?, true);
                 continue;
             }
             ensure!(
@@ -635,6 +608,40 @@ impl Checkpoint {
             docs,
         })
     }
+}
+
+/// The buckets a sparse file lists in tensor `name`, [`UPDATE_INDEX`] (u32, ascending) or
+/// [`UPDATE_MASK`] (a bitmap over the config's `dim` buckets); `what` names the file.
+fn buckets(
+    what: &impl std::fmt::Display,
+    name: &str,
+    view: &TensorView,
+    dim: usize,
+) -> Result<Vec<u32>> {
+    let dtype = if name == UPDATE_MASK {
+        Dtype::U8
+    } else {
+        Dtype::U32
+    };
+    ensure!(
+        view.dtype() == dtype,
+        "{what}: tensor `{name}` has dtype {:?}, expected {dtype:?}",
+        view.dtype()
+    );
+    let data = view.data();
+    if name == UPDATE_INDEX {
+        return Ok(data
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect());
+    }
+    ensure!(
+        data.len() == dim.div_ceil(8),
+        "{what}: tensor `{name}` has {} bytes, expected {} for {dim} buckets",
+        data.len(),
+        dim.div_ceil(8)
+    );
+    Ok(mask_to_index(data))
 }
 
 /// The bitmap of ascending buckets `index` over `dim` buckets ([`UPDATE_MASK`]).

@@ -130,14 +130,6 @@ pub enum ServerOptimizerName {
 }
 
 impl ServerOptimizer {
-    /// The moments a run starts with, `None` for an optimizer without state.
-    pub fn initial_moments(self, len: usize) -> Option<Moments> {
-        match self {
-            ServerOptimizer::None => None,
-            ServerOptimizer::Adam { .. } => Some(Moments::zeros(len)),
-        }
-    }
-
     /// Moves the global weights `w` towards the combined weights `combined`; `moments` is
     /// the state from the round before (zero in the first round), updated in place. Takes
     /// `combined` as is for `None`.

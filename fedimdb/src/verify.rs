@@ -316,15 +316,15 @@ pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Re
     let report = if path.exists() {
         let report = read_round_report(layout, round)?;
         check_file(&path, &report.model_sha256, &layout.round_report(round))?;
-        if let Some(recorded) = &report.control_sha256 {
-            let control = layout.control(round);
-            ensure!(control.exists(), "{} is missing", control.display());
-            check_file(&control, recorded, &layout.round_report(round))?;
-        }
-        if let Some(recorded) = &report.moments_sha256 {
-            let moments = layout.moments(round);
-            ensure!(moments.exists(), "{} is missing", moments.display());
-            check_file(&moments, recorded, &layout.round_report(round))?;
+        // The state the next round starts from besides the model, where the report records it.
+        for (recorded, file) in [
+            (&report.control_sha256, layout.control(round)),
+            (&report.moments_sha256, layout.moments(round)),
+        ] {
+            if let Some(recorded) = recorded {
+                ensure!(file.exists(), "{} is missing", file.display());
+                check_file(&file, recorded, &layout.round_report(round))?;
+            }
         }
         report
     } else {
