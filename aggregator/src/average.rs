@@ -25,7 +25,8 @@ impl WeightedSum {
         );
         if self.sums.is_empty() {
             for (name, v) in &ck.tensors {
-                self.sums.insert(name.clone(), vec![0.0; v.len()]);
+                self.sums
+                    .insert(name.clone(), fedimdb::dense::zeros(v.len()));
             }
         }
         let names: Vec<&String> = ck.tensors.keys().collect();

@@ -98,48 +98,59 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
         // A count sum is not an average: robust statistics of counts is future work.
         info!(%strategy, "round 0 sums the workers' feature counts whatever the strategy; it applies from round 1");
     }
-    let base = match round.checked_sub(1) {
-        Some(prev) => Some(
-            load_global(&layout, prev)
-                .with_context(|| format!("cannot aggregate round {round}: the global model of round {prev} is missing or damaged"))?
-                .0,
-        ),
-        None => None,
-    };
     let test_path = layout.test_set();
-    // The test set is featurised on its own threads while the updates are read and combined.
-    let base_sha256 = base.as_ref().map(|b| b.sha256.clone());
-    let (combined, test) = std::thread::scope(|scope| -> Result<_> {
-        let mut test_job = None;
-        let mut start_test = |config: ModelConfig| {
-            let (path, entry) = (&test_path, &manifest.test);
-            test_job.get_or_insert_with(|| {
-                scope.spawn(move || -> Result<Featurized> {
-                    Ok(featurize_all(
-                        &load_reviews(path, Some(entry))?,
-                        config.featurizer,
-                    ))
-                })
-            });
+    // The test set is read from the start, and featurised on its own thread as soon as the
+    // model's config is known, while the updates are read and combined.
+    let (combined, base_sha256, test) = std::thread::scope(|scope| -> Result<_> {
+        let (config_tx, config_rx) = std::sync::mpsc::channel::<ModelConfig>();
+        let (path, entry) = (&test_path, &manifest.test);
+        let test_job = scope.spawn(move || -> Result<Option<Featurized>> {
+            let reviews = load_reviews(path, Some(entry))?;
+            // No config comes when combining failed: its error is the one to report.
+            Ok(config_rx
+                .recv()
+                .ok()
+                .map(|config| featurize_all(&reviews, config.featurizer)))
+        });
+        let mut start_test = move |config: ModelConfig| {
+            // The receiver takes the first config; it is gone only if the job failed,
+            // whose error the join below reports.
+            let _ = config_tx.send(config);
         };
-        let combined = match base {
-            None => combine_statistics(&layout, &manifest, &updates, &mut start_test)?,
-            Some(base) => {
+        let (combined, base_sha256) = match round.checked_sub(1) {
+            None => (
+                combine_statistics(&layout, &manifest, &updates, &mut start_test)?,
+                None,
+            ),
+            Some(prev) => {
+                let base = load_global(&layout, prev)
+                    .with_context(|| format!("cannot aggregate round {round}: the global model of round {prev} is missing or damaged"))?
+                    .0;
                 start_test(base.header.config);
+                let base_sha256 = base.sha256.clone();
                 let optimizer = optimizer.expect("rounds ≥ 1 have one");
-                combine_updates(
+                let combined = combine_updates(
                     &layout, &manifest, round, base, &updates, strategy, optimizer,
-                )?
+                )?;
+                (combined, Some(base_sha256))
             }
         };
+        drop(start_test); // the sender: a job still waiting for a config stops
         let test = test_job
-            .take()
-            .expect("started with the config")
             .join()
-            .expect("test featurizer panicked")?;
-        Ok((combined, test))
+            .expect("test featurizer panicked")?
+            .expect("the config was sent before the sender was dropped");
+        Ok((combined, base_sha256, test))
     })?;
-    let metrics = evaluate(&combined.model.scorer()?, &test);
+    // The control variate and the moments do not depend on the evaluation: they are written
+    // while it runs. The global model carries its test metrics, so it is written after.
+    let (metrics, state) = std::thread::scope(|scope| -> Result<_> {
+        let (config, layout) = (combined.model.header.config, &layout);
+        let (control, moments) = (&combined.control, combined.moments.as_ref());
+        let writer = scope.spawn(move || write_state(layout, round, config, control, moments));
+        let metrics = evaluate(&combined.model.scorer()?, &test);
+        Ok((metrics, writer.join().expect("state writer panicked")?))
+    })?;
     let accuracy = metrics.accuracy;
     info!(
         round,
@@ -152,6 +163,7 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
         round,
         combined,
         metrics,
+        state,
         RoundFacts {
             label,
             optimizer,
@@ -564,7 +576,7 @@ struct ControlSum {
 impl ControlSum {
     fn new(rows: usize, dim: usize) -> Self {
         Self {
-            weight: vec![0.0; rows * dim],
+            weight: fedimdb::dense::zeros(rows * dim),
             bias: vec![0.0; rows],
         }
     }
@@ -598,25 +610,44 @@ struct RoundFacts {
     start: Instant,
 }
 
-/// Writes the round: the global model, the control variate, then the report holding both
-/// checksums, then the published copy. A reader checks each file against the record written
-/// after it.
+/// Writes the state the next round starts from besides the global model: the control
+/// variate and the server optimizer's moments, returning their checksums.
+fn write_state(
+    layout: &Layout,
+    round: u32,
+    config: ModelConfig,
+    control: &Control,
+    moments: Option<&Moments>,
+) -> Result<(String, Option<String>)> {
+    let control_sha256 = control
+        .to_checkpoint(config, round)
+        .save(&layout.control(round))?;
+    let moments_sha256 = moments
+        .map(|m| m.to_checkpoint(config, round).save(&layout.moments(round)))
+        .transpose()?;
+    Ok((control_sha256, moments_sha256))
+}
+
+/// Writes the round: the global model (after [`write_state`] wrote the control variate and
+/// the moments, whose checksums are `state`), then the report holding every checksum, then
+/// the published copy. A reader checks each file against the record written after it.
 fn write_round(
     layout: &Layout,
     manifest: &DataManifest,
     round: u32,
     combined: Combined,
     metrics: Metrics,
+    (control_sha256, moments_sha256): (String, Option<String>),
     facts: RoundFacts,
 ) -> Result<()> {
     let Combined {
         model,
         shards,
         control,
-        moments,
         samples,
         update_sha256,
         update_bytes,
+        ..
     } = combined;
     let mut history = model
         .header
@@ -647,13 +678,6 @@ fn write_round(
     let sha = fedimdb::digest::sha256_bytes(&bytes);
     write_bytes_atomic(&layout.global_model(round), &bytes)?;
     fedimdb::fault::point(&format!("aggregator:{round}:global-written"));
-    let control_sha256 = control
-        .to_checkpoint(config, round)
-        .save(&layout.control(round))?;
-    let moments_sha256 = moments
-        .as_ref()
-        .map(|m| m.to_checkpoint(config, round).save(&layout.moments(round)))
-        .transpose()?;
     let report = RoundReport {
         round,
         strategy: facts.label,

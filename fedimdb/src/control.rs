@@ -144,7 +144,7 @@ pub fn values_at(index: &[u32], values: &[f32], buckets: &[u32]) -> Vec<f32> {
 pub fn shard_gradient(model: &Model, docs: &[Vec<u32>], labels: &[u8]) -> (Vec<f32>, Vec<f32>) {
     let (rows, dim) = (model.config.rows(), model.config.dim());
     let link = model.config.link();
-    let mut g = vec![0f64; rows * dim];
+    let mut g = crate::dense::zeros::<f64>(rows * dim);
     let mut g_bias = vec![0f64; rows];
     let mut e = vec![0f32; rows];
     for (d, &y) in docs.iter().zip(labels) {

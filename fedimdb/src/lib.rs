@@ -24,6 +24,7 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod control;
 pub mod dataset;
+pub mod dense;
 pub mod digest;
 pub mod fault;
 pub mod featurize;

@@ -424,8 +424,8 @@ pub struct ClassCounts {
 impl ClassCounts {
     pub fn zeros(classes: usize, dim: usize) -> Self {
         Self {
-            counts: vec![vec![0.0; dim]; classes],
-            scaled: vec![vec![0.0; dim]; classes],
+            counts: (0..classes).map(|_| crate::dense::zeros(dim)).collect(),
+            scaled: (0..classes).map(|_| crate::dense::zeros(dim)).collect(),
             docs: vec![0; classes],
         }
     }
@@ -480,7 +480,7 @@ impl ClassCounts {
             return log_count_ratio(&self.counts[1], &self.counts[0], alpha);
         }
         let dim = self.counts[0].len();
-        let mut total = vec![0.0f32; dim];
+        let mut total = crate::dense::zeros::<f32>(dim);
         for c in &self.counts {
             for (t, x) in total.iter_mut().zip(c) {
                 *t += x;

@@ -226,8 +226,8 @@ pub struct Moments {
 impl Moments {
     pub fn zeros(len: usize) -> Self {
         Self {
-            first: vec![0.0; len],
-            second: vec![0.0; len],
+            first: crate::dense::zeros(len),
+            second: crate::dense::zeros(len),
         }
     }
 
