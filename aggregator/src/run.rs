@@ -142,28 +142,12 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
             .expect("the config was sent before the sender was dropped");
         Ok((combined, base_sha256, test))
     })?;
-    // The control variate and the moments do not depend on the evaluation: they are written
-    // while it runs. The global model carries its test metrics, so it is written after.
-    let (metrics, state) = std::thread::scope(|scope| -> Result<_> {
-        let (config, layout) = (combined.model.header.config, &layout);
-        let (control, moments) = (&combined.control, combined.moments.as_ref());
-        let writer = scope.spawn(move || write_state(layout, round, config, control, moments));
-        let metrics = evaluate(&combined.model.scorer()?, &test);
-        Ok((metrics, writer.join().expect("state writer panicked")?))
-    })?;
-    let accuracy = metrics.accuracy;
-    info!(
-        round,
-        accuracy = format!("{:.4}", metrics.accuracy),
-        "evaluated on the test set"
-    );
-    write_round(
+    let accuracy = finish_round(
         &layout,
         &manifest,
         round,
         combined,
-        metrics,
-        state,
+        &test,
         RoundFacts {
             label,
             optimizer,
@@ -628,89 +612,102 @@ fn write_state(
     Ok((control_sha256, moments_sha256))
 }
 
-/// Writes the round: the global model (after [`write_state`] wrote the control variate and
-/// the moments, whose checksums are `state`), then the report holding every checksum, then
+/// Evaluates the combined model on the test set and writes the round: the control variate
+/// and the moments ([`write_state`]) on their own thread while the model is scored and
+/// written (its card carries the test metrics), then the report holding every checksum, then
 /// the published copy. A reader checks each file against the record written after it.
-fn write_round(
+/// Returns the test accuracy.
+fn finish_round(
     layout: &Layout,
     manifest: &DataManifest,
     round: u32,
     combined: Combined,
-    metrics: Metrics,
-    (control_sha256, moments_sha256): (String, Option<String>),
+    test: &Featurized,
     facts: RoundFacts,
-) -> Result<()> {
+) -> Result<f64> {
     let Combined {
         model,
         shards,
         control,
+        moments,
         samples,
         update_sha256,
         update_bytes,
-        ..
     } = combined;
-    let mut history = model
-        .header
-        .card
-        .as_ref()
-        .map(|c| c.history.clone())
-        .unwrap_or_default();
-    history.push(RoundPoint {
-        round,
-        test_accuracy: metrics.accuracy,
-    });
-    let card = ModelCard {
-        published: None,
-        workers: manifest.workers,
-        partition: manifest.partition,
-        alpha: manifest.alpha,
-        train_samples: samples.iter().sum(),
-        history,
-        metrics: metrics.to_map(),
-        labels: manifest.labels.clone(),
-        task: Some(manifest.task_title()),
-    };
     let config = model.header.config;
-    let mut header = Header::new(Kind::Model, config, round);
-    header.samples = card.train_samples;
-    header.card = Some(card.clone());
-    let bytes = Checkpoint { header, ..model }.to_bytes()?;
-    let sha = fedimdb::digest::sha256_bytes(&bytes);
-    write_bytes_atomic(&layout.global_model(round), &bytes)?;
-    fedimdb::fault::point(&format!("aggregator:{round}:global-written"));
-    let report = RoundReport {
-        round,
-        strategy: facts.label,
-        shards,
-        missing: facts.missing,
-        samples,
-        test: metrics,
-        seconds: facts.start.elapsed().as_secs_f64(),
-        model_sha256: sha.clone(),
-        version: fedimdb::VERSION.to_owned(),
-        base_sha256: facts.base_sha256,
-        update_sha256,
-        update_bytes,
-        control_sha256: Some(control_sha256),
-        control_sources: control.sources.clone(),
-        server_optimizer: facts.optimizer,
-        moments_sha256,
-    };
-    write_json_atomic(&layout.round_report(round), &report)?;
-    fedimdb::fault::point(&format!("aggregator:{round}:report-written"));
-    publish(
-        layout,
-        &layout.global_model(round),
-        &bytes,
-        card.published(round, sha),
-        round,
-    )?;
-    info!(
-        round,
-        seconds = format!("{:.2}", report.seconds),
-        "global model written and published"
-    );
-    Ok(())
+    std::thread::scope(|scope| -> Result<f64> {
+        let (control, moments) = (&control, moments.as_ref());
+        let writer = scope.spawn(move || write_state(layout, round, config, control, moments));
+        let metrics = evaluate(&model.scorer()?, test);
+        info!(
+            round,
+            accuracy = format!("{:.4}", metrics.accuracy),
+            "evaluated on the test set"
+        );
+        let mut history = model
+            .header
+            .card
+            .as_ref()
+            .map(|c| c.history.clone())
+            .unwrap_or_default();
+        history.push(RoundPoint {
+            round,
+            test_accuracy: metrics.accuracy,
+        });
+        let card = ModelCard {
+            published: None,
+            workers: manifest.workers,
+            partition: manifest.partition,
+            alpha: manifest.alpha,
+            train_samples: samples.iter().sum(),
+            history,
+            metrics: metrics.to_map(),
+            labels: manifest.labels.clone(),
+            task: Some(manifest.task_title()),
+        };
+        let mut header = Header::new(Kind::Model, config, round);
+        header.samples = card.train_samples;
+        header.card = Some(card.clone());
+        let bytes = Checkpoint { header, ..model }.to_bytes()?;
+        let sha = fedimdb::digest::sha256_bytes(&bytes);
+        write_bytes_atomic(&layout.global_model(round), &bytes)?;
+        fedimdb::fault::point(&format!("aggregator:{round}:global-written"));
+        let (control_sha256, moments_sha256) = writer.join().expect("state writer panicked")?;
+        let accuracy = metrics.accuracy;
+        let report = RoundReport {
+            round,
+            strategy: facts.label,
+            shards,
+            missing: facts.missing,
+            samples,
+            test: metrics,
+            seconds: facts.start.elapsed().as_secs_f64(),
+            model_sha256: sha.clone(),
+            version: fedimdb::VERSION.to_owned(),
+            base_sha256: facts.base_sha256,
+            update_sha256,
+            update_bytes,
+            control_sha256: Some(control_sha256),
+            control_sources: control.sources.clone(),
+            server_optimizer: facts.optimizer,
+            moments_sha256,
+        };
+        write_json_atomic(&layout.round_report(round), &report)?;
+        fedimdb::fault::point(&format!("aggregator:{round}:report-written"));
+        publish(
+            layout,
+            &layout.global_model(round),
+            &bytes,
+            card.published(round, sha),
+            round,
+        )?;
+        info!(
+            round,
+            seconds = format!("{:.2}", report.seconds),
+            "global model written and published"
+        );
+        Ok(accuracy)
+    })
 }
 
 /// Publishes a global model as the latest: the model first, then its card, each atomic.
