@@ -348,13 +348,11 @@ fn combine_statistics(
                 start_test(ck.header.config);
             }
         }
-        let counts = ck
-            .to_counts()
+        let classes = ck.header.class_samples().map_or(0, |c| c.len());
+        let total =
+            total.get_or_insert_with(|| ClassCounts::zeros(classes, ck.header.config.dim()));
+        ck.add_counts_to(total)
             .with_context(|| format!("refusing {}", path.display()))?;
-        match &mut total {
-            Some(t) => t.add(&counts),
-            None => total = Some(counts),
-        }
         samples.push(ck.header.samples);
         update_sha256.push(ck.sha256.clone());
         update_bytes.push(bytes);

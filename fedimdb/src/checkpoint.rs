@@ -575,38 +575,50 @@ impl Checkpoint {
         }
     }
 
-    /// The dense rows of sparse tensor `name` (zero outside `update.index`), row-major:
-    /// `rows · dim` for a tensor of `rows · index` values.
-    pub fn scatter(&self, name: &str) -> Vec<f32> {
-        let dim = self.header.config.dim();
-        let v = self.tensor(name);
-        let n = self.index.len();
-        let rows = v.len().checked_div(n).unwrap_or(0);
-        let mut out = vec![0.0; rows.max(1) * dim];
-        for r in 0..rows {
-            for (k, &j) in self.index.iter().enumerate() {
-                out[r * dim + j as usize] = v[r * n + k];
-            }
-        }
-        out
-    }
-
     /// The counts in a stats file.
     pub fn to_counts(&self) -> Result<ClassCounts> {
         self.holds(Kind::Stats, "statistics")?;
+        let classes = self.header.class_samples()?.len();
+        let mut counts = ClassCounts::zeros(classes, self.header.config.dim());
+        self.add_counts_to(&mut counts)?;
+        Ok(counts)
+    }
+
+    /// Adds the counts in a stats file to `total`, bucket by bucket where the file lists
+    /// them, without making them dense first (the aggregator sums every worker's statistics
+    /// this way). The sums are those of adding the dense counts: unlisted buckets add zero.
+    pub fn add_counts_to(&self, total: &mut ClassCounts) -> Result<()> {
+        self.holds(Kind::Stats, "statistics")?;
         let docs = self.header.class_samples()?;
-        let dim = self.header.config.dim();
-        let split = |name: &str| -> Vec<Vec<f32>> {
-            let dense = self.scatter(name);
-            let mut rows: Vec<Vec<f32>> = dense.chunks_exact(dim).map(<[f32]>::to_vec).collect();
-            rows.resize(docs.len(), vec![0.0; dim]);
-            rows
-        };
-        Ok(ClassCounts {
-            counts: split(STATS_COUNT),
-            scaled: split(STATS_SCALED),
-            docs,
-        })
+        let (classes, dim) = (docs.len(), self.header.config.dim());
+        ensure!(
+            total.docs.len() == classes && total.counts.iter().all(|row| row.len() == dim),
+            "the statistics are of {classes} classes over {dim} buckets, the sum they are added \
+             to of {} classes over {} buckets",
+            total.docs.len(),
+            total.counts.first().map_or(0, Vec::len)
+        );
+        let n = self.index.len();
+        for (name, table) in [
+            (STATS_COUNT, &mut total.counts),
+            (STATS_SCALED, &mut total.scaled),
+        ] {
+            let values = self.tensor(name);
+            let rows = values.len().checked_div(n).unwrap_or(0);
+            ensure!(
+                rows <= classes,
+                "tensor `{name}` holds {rows} rows of counts for {classes} classes"
+            );
+            for (row, values) in table.iter_mut().zip(values.chunks_exact(n.max(1))) {
+                for (&j, &v) in self.index.iter().zip(values) {
+                    row[j as usize] += v;
+                }
+            }
+        }
+        for (a, b) in total.docs.iter_mut().zip(&docs) {
+            *a += b;
+        }
+        Ok(())
     }
 }
 

@@ -454,23 +454,6 @@ impl ClassCounts {
         self.docs.iter().sum()
     }
 
-    /// Adds another worker's counts.
-    pub fn add(&mut self, other: &ClassCounts) {
-        for (mine, theirs) in self
-            .counts
-            .iter_mut()
-            .chain(self.scaled.iter_mut())
-            .zip(other.counts.iter().chain(&other.scaled))
-        {
-            for (a, b) in mine.iter_mut().zip(theirs) {
-                *a += b;
-            }
-        }
-        for (a, b) in self.docs.iter_mut().zip(&other.docs) {
-            *a += b;
-        }
-    }
-
     /// The naive-Bayes log-count ratios with additive smoothing `alpha`, row-major: for two
     /// classes one row (class 1 against class 0), for K classes one row per class (against
     /// all the others).
