@@ -348,11 +348,11 @@ fn combine_statistics(
                 start_test(ck.header.config);
             }
         }
-        let classes = ck.header.class_samples().map_or(0, |c| c.len());
-        let total =
-            total.get_or_insert_with(|| ClassCounts::zeros(classes, ck.header.config.dim()));
-        ck.add_counts_to(total)
-            .with_context(|| format!("refusing {}", path.display()))?;
+        match &mut total {
+            Some(t) => ck.add_counts_to(t),
+            None => ck.to_counts().map(|counts| total = Some(counts)),
+        }
+        .with_context(|| format!("refusing {}", path.display()))?;
         samples.push(ck.header.samples);
         update_sha256.push(ck.sha256.clone());
         update_bytes.push(bytes);
