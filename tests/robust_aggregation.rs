@@ -155,7 +155,11 @@ impl Volume {
         let mut ck = honest.clone();
         match poison {
             Poison::Clean => {}
-            Poison::Scale(s) => ck.tensors.values_mut().flatten().for_each(|x| *x *= s),
+            Poison::Scale(s) => ck
+                .tensors
+                .values_mut()
+                .flat_map(|v| v.iter_mut())
+                .for_each(|x| *x *= s),
             Poison::Random(m) => {
                 let w = &honest.tensors["linear.weight"];
                 let rms = (w.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>()
@@ -164,7 +168,7 @@ impl Volume {
                 let mut rng = Gauss::new(0x5eed_0000 + shard as u64);
                 ck.tensors
                     .values_mut()
-                    .flatten()
+                    .flat_map(|v| v.iter_mut())
                     .for_each(|x| *x = (m * rms * rng.next()) as f32);
             }
         }

@@ -85,7 +85,12 @@ mod tests {
         let mut s = WeightedSum::default();
         s.add(&ck(1.0), 1.0).unwrap();
         let mut other = ck(1.0);
-        other.tensors.get_mut("linear.weight").unwrap().pop();
+        other
+            .tensors
+            .get_mut("linear.weight")
+            .unwrap()
+            .to_mut()
+            .pop();
         assert!(format!("{:#}", s.add(&other, 1.0).unwrap_err()).contains("1023 values"));
     }
 }

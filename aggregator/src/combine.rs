@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::{Result, ensure};
-use fedimdb::checkpoint::{Checkpoint, Kind};
+use fedimdb::checkpoint::{Checkpoint, Kind, Values};
 use fedimdb::model::{BIAS, WEIGHT};
 use fedimdb::strategy::Strategy;
 use fedimdb::train::Drift;
@@ -69,7 +69,7 @@ pub struct Fill {
     pub base: Arc<Vec<f32>>,
     /// The correction the worker applied (the control variate's weights) and its drift over
     /// the worker's steps; `None` for an update trained without a correction.
-    pub drift: Option<(Arc<Vec<f32>>, Drift)>,
+    pub drift: Option<(Arc<Values>, Drift)>,
 }
 
 impl Fill {
@@ -179,7 +179,7 @@ impl Combiner {
                 let held = ck
                     .tensors
                     .iter()
-                    .map(|(name, v)| (name.clone(), Held::Dense(v.clone())))
+                    .map(|(name, v)| (name.clone(), Held::Dense(v.to_vec())))
                     .collect();
                 hold(updates, held, weight)
             }
@@ -421,7 +421,7 @@ mod tests {
         ] {
             assert_eq!(
                 combine(s, &cks[2..3], &[5.0])["linear.weight"],
-                cks[2].tensors["linear.weight"],
+                cks[2].tensors["linear.weight"].to_vec(),
                 "{s}"
             );
         }
@@ -455,11 +455,11 @@ mod tests {
         use fedimdb::train::Schedule;
         let dim = 1024;
         let base = Arc::new((0..dim).map(|j| (j % 7) as f32 * 0.1).collect::<Vec<f32>>());
-        let d = Arc::new(
+        let d = Arc::new(Values::from(
             (0..dim)
                 .map(|j| ((j % 5) as f32 - 2.0) * 1e-3)
                 .collect::<Vec<f32>>(),
-        );
+        ));
         let drift = Drift::new(50, 0.5, Schedule::Linear);
         // Three workers writing different buckets (across the threads' chunk boundaries);
         // the third trained without a correction, so its silent buckets are the base's.
@@ -470,8 +470,8 @@ mod tests {
                 let ck = Checkpoint {
                     header: Header::new(Kind::Update, ModelConfig::with_buckets(10, 3), 1),
                     tensors: BTreeMap::from([
-                        (WEIGHT.to_owned(), values),
-                        (BIAS.to_owned(), vec![k as f32]),
+                        (WEIGHT.to_owned(), values.into()),
+                        (BIAS.to_owned(), vec![k as f32].into()),
                     ]),
                     index,
                     sha256: String::new(),
@@ -514,7 +514,12 @@ mod tests {
         let mut c = Combiner::new(Strategy::Median);
         c.add(&ck(1.0, |_| 1.0), 1.0).unwrap();
         let mut short = ck(1.0, |_| 1.0);
-        short.tensors.get_mut("linear.weight").unwrap().pop();
+        short
+            .tensors
+            .get_mut("linear.weight")
+            .unwrap()
+            .to_mut()
+            .pop();
         assert!(format!("{:#}", c.add(&short, 1.0).unwrap_err()).contains("1023 values"));
         let mut renamed = ck(1.0, |_| 1.0);
         let v = renamed.tensors.remove("linear.bias").unwrap();

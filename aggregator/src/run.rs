@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use fedimdb::atomic::{is_temp_name, link_or_write_atomic, write_bytes_atomic, write_json_atomic};
 use fedimdb::checkpoint::{
-    Checkpoint, GRAD_BIAS, GRAD_WEIGHT, Header, Kind, ModelCard, RoundPoint,
+    Checkpoint, GRAD_BIAS, GRAD_WEIGHT, Header, Kind, ModelCard, RoundPoint, Values,
 };
 use fedimdb::control::{Control, initial_gradient, worker_control};
 use fedimdb::dataset::{Featurized, featurize_all, load_reviews};
@@ -373,7 +373,7 @@ fn combine_statistics(
     let model = Model::from_counts(config, &total);
     let (weight, bias) = initial_gradient(&total, &model.nb_ratio, &model.bias, config.link());
     let control = Control {
-        weight,
+        weight: weight.into(),
         bias,
         sources: vec![0; manifest.workers],
         class_samples: total.docs.clone(),
@@ -449,7 +449,7 @@ fn combine_updates(
     }
     let (weight, bias) = controls.finish();
     let control = Control {
-        weight,
+        weight: weight.into(),
         bias,
         sources,
         class_samples: prev_control.class_samples.clone(),
@@ -464,7 +464,7 @@ fn combine_updates(
     optimizer.step(&mut weight, &target, moments.as_mut());
     combined.insert(WEIGHT.to_owned(), weight);
     for (name, v) in combined {
-        base.tensors.insert(name, v);
+        base.tensors.insert(name, v.into());
     }
     Ok(Combined {
         model: base,
@@ -515,7 +515,7 @@ fn update_fill(
     ck: &Checkpoint,
     base: &Checkpoint,
     x: &Arc<Vec<f32>>,
-    (prev_control, prev_sha): (&Arc<Vec<f32>>, &str),
+    (prev_control, prev_sha): (&Arc<Values>, &str),
 ) -> Result<Fill> {
     let prev = round - 1;
     let h = &ck.header;
@@ -751,7 +751,7 @@ fn up_to_date(
             info!(round, "publishing the model of round {round} again: {why}");
             let path = layout.global_model(round);
             let bytes = read_verified(&path, &report.model_sha256, &layout.round_report(round))?;
-            let ck = Checkpoint::from_bytes(&bytes, &path)?;
+            let ck = Checkpoint::from_hashed_bytes(&bytes, &path, report.model_sha256.clone())?;
             let card = ck.header.card.clone().unwrap_or_default();
             publish(
                 layout,
@@ -878,7 +878,11 @@ pub fn original(dir: &Path, out: &Path, test: Option<&Path>, strategy: Strategy)
     header.shard = None;
     let ck = Checkpoint {
         header,
-        tensors: sum.combine()?,
+        tensors: sum
+            .combine()?
+            .into_iter()
+            .map(|(name, v)| (name, v.into()))
+            .collect(),
         index: Vec::new(),
         sha256: String::new(),
     };

@@ -24,6 +24,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail, ensure};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::atomic::write_bytes_atomic;
 use crate::digest::sha256_bytes;
 use crate::model::{BIAS, ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
+use crate::verify::FileBytes;
 
 /// Version of the file format; bumped when a reader could misread older files, or an older
 /// reader newer ones.
@@ -239,12 +241,119 @@ impl Header {
     }
 }
 
+/// A tensor's f32 values: owned, or read in place from the mapped file they were loaded from.
+///
+/// A loaded model-sized table is only read by most steps (a trainer gathers its shard's
+/// buckets from the global model and the control variate), so copying it out of the file
+/// would fault in and fill as many fresh pages as the file has, for nothing. Writing to
+/// mapped values copies them first (`to_mut`).
+#[derive(Clone)]
+pub enum Values {
+    Owned(Vec<f32>),
+    /// `len` values from byte `start` of `file`, checked to be aligned for f32.
+    Mapped {
+        file: Arc<FileBytes>,
+        start: usize,
+        len: usize,
+    },
+}
+
+impl Values {
+    /// The values of `raw`, a tensor's little-endian bytes inside `file`: in place where they
+    /// are aligned for f32 (as safetensors lays out f32 tensors, and as a mapping starts
+    /// on a page), copied otherwise.
+    fn of(raw: &[u8], file: Option<&Arc<FileBytes>>) -> Self {
+        match (file, bytemuck::try_cast_slice::<u8, f32>(raw)) {
+            (Some(file), Ok(aligned)) => Values::Mapped {
+                file: Arc::clone(file),
+                start: raw.as_ptr() as usize - file.as_ptr() as usize,
+                len: aligned.len(),
+            },
+            (None, Ok(aligned)) => Values::Owned(aligned.to_vec()),
+            (_, Err(_)) => Values::Owned(
+                raw.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The values as an owned vector, copied out of the file if they are mapped.
+    pub fn into_vec(self) -> Vec<f32> {
+        match self {
+            Values::Owned(v) => v,
+            mapped => mapped.to_vec(),
+        }
+    }
+
+    /// The values, owned from now on, to change.
+    pub fn to_mut(&mut self) -> &mut Vec<f32> {
+        if let Values::Mapped { .. } = self {
+            *self = Values::Owned(self.to_vec());
+        }
+        match self {
+            Values::Owned(v) => v,
+            Values::Mapped { .. } => unreachable!("made owned above"),
+        }
+    }
+}
+
+impl std::ops::Deref for Values {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Values::Owned(v) => v,
+            Values::Mapped { file, start, len } => {
+                bytemuck::cast_slice(&file[*start..*start + 4 * *len])
+            }
+        }
+    }
+}
+
+impl std::ops::DerefMut for Values {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        self.to_mut()
+    }
+}
+
+impl Default for Values {
+    fn default() -> Self {
+        Values::Owned(Vec::new())
+    }
+}
+
+impl<'a> IntoIterator for &'a Values {
+    type Item = &'a f32;
+    type IntoIter = std::slice::Iter<'a, f32>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl From<Vec<f32>> for Values {
+    fn from(v: Vec<f32>) -> Self {
+        Values::Owned(v)
+    }
+}
+
+impl PartialEq for Values {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl std::fmt::Debug for Values {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
 /// A loaded file: its header, its f32 tensors by name, the buckets of a sparse file, and
 /// the SHA-256 of its bytes.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     pub header: Header,
-    pub tensors: BTreeMap<String, Vec<f32>>,
+    pub tensors: BTreeMap<String, Values>,
     /// `update.index` of a sparse file (strictly increasing buckets); empty otherwise.
     pub index: Vec<u32>,
     pub sha256: String,
@@ -268,7 +377,7 @@ impl Checkpoint {
             .map(|(name, v)| {
                 Ok((
                     name.as_str(),
-                    TensorView::new(Dtype::F32, vec![v.len()], bytemuck::cast_slice(v))?,
+                    TensorView::new(Dtype::F32, vec![v.len()], bytemuck::cast_slice(&v[..]))?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -308,6 +417,28 @@ impl Checkpoint {
 
     /// Parses and validates safetensors bytes; `origin` names the file in errors.
     pub fn from_bytes(bytes: &[u8], origin: &Path) -> Result<Self> {
+        Self::from_hashed_bytes(bytes, origin, sha256_bytes(bytes))
+    }
+
+    /// [`Self::from_bytes`] for bytes whose SHA-256 the caller has just computed (a verified
+    /// read), so a model-sized file is not hashed twice.
+    pub fn from_hashed_bytes(bytes: &[u8], origin: &Path, sha256: String) -> Result<Self> {
+        Self::parse(bytes, None, origin, sha256)
+    }
+
+    /// [`Self::from_hashed_bytes`] for a mapped file: the tensors are read in place
+    /// ([`Values::Mapped`]), not copied.
+    pub fn from_mapped(file: FileBytes, origin: &Path, sha256: String) -> Result<Self> {
+        let file = Arc::new(file);
+        Self::parse(&file, Some(&file), origin, sha256)
+    }
+
+    fn parse(
+        bytes: &[u8],
+        file: Option<&Arc<FileBytes>>,
+        origin: &Path,
+        sha256: String,
+    ) -> Result<Self> {
         let what = origin.display();
         let st = SafeTensors::deserialize(bytes).with_context(|| {
             format!("{what} is not a readable safetensors file (truncated or corrupt?)")
@@ -349,21 +480,13 @@ impl Checkpoint {
                 "{what}: tensor `{name}` has dtype {:?}, expected F32",
                 view.dtype()
             );
-            let raw = view.data();
-            let data: Vec<f32> = match bytemuck::try_cast_slice::<u8, f32>(raw) {
-                Ok(aligned) => aligned.to_vec(),
-                Err(_) => raw
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            };
-            tensors.insert(name, data);
+            tensors.insert(name, Values::of(view.data(), file));
         }
         let ck = Self {
             header,
             tensors,
             index,
-            sha256: sha256_bytes(bytes),
+            sha256,
         };
         ck.check_tensors()
             .with_context(|| format!("{what} is not a valid {:?} file", ck.header.kind))?;
@@ -457,10 +580,11 @@ impl Checkpoint {
         &self.tensors[name]
     }
 
-    /// Takes tensor `name` out of the checkpoint without copying it.
+    /// Takes tensor `name` out of the checkpoint, copied only if it is mapped.
     pub fn take_tensor(&mut self, name: &str) -> Result<Vec<f32>> {
         self.tensors
             .remove(name)
+            .map(Values::into_vec)
             .with_context(|| format!("checkpoint has no tensor `{name}`"))
     }
 
@@ -469,9 +593,9 @@ impl Checkpoint {
         header.kind = Kind::Model;
         header.config = model.config;
         let tensors = BTreeMap::from([
-            (WEIGHT.to_owned(), model.weight),
-            (BIAS.to_owned(), model.bias),
-            (NB_RATIO.to_owned(), model.nb_ratio),
+            (WEIGHT.to_owned(), model.weight.into()),
+            (BIAS.to_owned(), model.bias.into()),
+            (NB_RATIO.to_owned(), model.nb_ratio.into()),
         ]);
         Self {
             header,
@@ -490,7 +614,7 @@ impl Checkpoint {
         header.kind = kind;
         let tensors = tensors
             .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
+            .map(|(k, v)| (k.to_owned(), v.into()))
             .collect();
         Self {
             header,
@@ -534,10 +658,10 @@ impl Checkpoint {
     ) -> Self {
         header.kind = Kind::Update;
         let tensors = BTreeMap::from([
-            (WEIGHT.to_owned(), weight),
-            (BIAS.to_owned(), bias),
-            (GRAD_WEIGHT.to_owned(), grad),
-            (GRAD_BIAS.to_owned(), grad_bias),
+            (WEIGHT.to_owned(), weight.into()),
+            (BIAS.to_owned(), bias.into()),
+            (GRAD_WEIGHT.to_owned(), grad.into()),
+            (GRAD_BIAS.to_owned(), grad_bias.into()),
         ]);
         Self {
             header,
@@ -549,10 +673,7 @@ impl Checkpoint {
 
     /// A sparse stats file from a worker's counts: the buckets its reviews touch, one row
     /// per class.
-    pub fn from_counts(counts: &ClassCounts, mut header: Header) -> Self {
-        header.kind = Kind::Stats;
-        header.samples = counts.samples();
-        header.class_samples = Some(counts.docs.clone());
+    pub fn from_counts(counts: &ClassCounts, header: Header) -> Self {
         let dim = counts.counts[0].len();
         let index: Vec<u32> = (0..dim)
             .filter(|&j| counts.counts.iter().any(|c| c[j] != 0.0))
@@ -563,9 +684,45 @@ impl Checkpoint {
                 .flat_map(|v| index.iter().map(|&j| v[j as usize]))
                 .collect()
         };
+        let (count, scaled) = (gather(&counts.counts), gather(&counts.scaled));
+        Self::stats(header, counts.docs.clone(), index, count, scaled)
+    }
+
+    /// The stats file of a shard's reviews `docs` (model buckets) with `labels`, counted at
+    /// the buckets they read only: what [`Self::from_counts`] makes of their
+    /// [`ClassCounts::count`], the same bits (each bucket's sums are taken in the same order),
+    /// without a model-sized table per class. A worker of 64 reads a few percent of the
+    /// buckets.
+    pub fn count(header: Header, classes: usize, docs: &[Vec<u32>], labels: &[u8]) -> Self {
+        let (index, local) = crate::train::shard_buckets(docs, header.config.dim());
+        let n = index.len();
+        let (mut count, mut scaled) = (vec![0.0f32; classes * n], vec![0.0f32; classes * n]);
+        let mut class_samples = vec![0u64; classes];
+        for (d, &y) in local.iter().zip(labels) {
+            let y = y as usize;
+            class_samples[y] += 1;
+            let s = crate::model::doc_scale(d.len());
+            for &l in d {
+                count[y * n + l as usize] += 1.0;
+                scaled[y * n + l as usize] += s;
+            }
+        }
+        Self::stats(header, class_samples, index, count, scaled)
+    }
+
+    fn stats(
+        mut header: Header,
+        class_samples: Vec<u64>,
+        index: Vec<u32>,
+        count: Vec<f32>,
+        scaled: Vec<f32>,
+    ) -> Self {
+        header.kind = Kind::Stats;
+        header.samples = class_samples.iter().sum();
+        header.class_samples = Some(class_samples);
         let tensors = BTreeMap::from([
-            (STATS_COUNT.to_owned(), gather(&counts.counts)),
-            (STATS_SCALED.to_owned(), gather(&counts.scaled)),
+            (STATS_COUNT.to_owned(), count.into()),
+            (STATS_SCALED.to_owned(), scaled.into()),
         ]);
         Self {
             header,
@@ -682,6 +839,7 @@ fn mask_to_index(mask: &[u8]) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Multiclass;
 
     fn cfg() -> ModelConfig {
         ModelConfig::with_buckets(10, 2)
@@ -703,6 +861,89 @@ mod tests {
         assert_eq!(back.header.round, 3);
         assert_eq!(back.to_bytes().unwrap(), std::fs::read(&p).unwrap());
         assert_eq!(back.into_model().unwrap(), model());
+    }
+
+    /// A verified read maps the file and reads its tables in place; changing a value copies
+    /// the table first and leaves the file as it was.
+    #[test]
+    fn mapped_files_are_read_in_place_and_copied_on_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        let sha = Checkpoint::from_model(model(), Header::new(Kind::Model, cfg(), 3))
+            .save(&p)
+            .unwrap();
+        let mut mapped =
+            Checkpoint::from_mapped(FileBytes::map(&p).unwrap(), &p, sha.clone()).unwrap();
+        let owned = Checkpoint::load(&p).unwrap();
+        assert!(
+            mapped
+                .tensors
+                .values()
+                .all(|v| matches!(v, Values::Mapped { .. }))
+        );
+        assert_eq!(mapped.tensors, owned.tensors);
+        assert_eq!(mapped.to_bytes().unwrap(), std::fs::read(&p).unwrap());
+        mapped.tensors.get_mut(WEIGHT).unwrap()[3] = 7.0;
+        assert!(matches!(mapped.tensors[WEIGHT], Values::Owned(_)));
+        assert_eq!(mapped.tensor(WEIGHT)[3], 7.0);
+        assert_eq!(crate::digest::sha256_file(&p).unwrap(), sha);
+        assert_eq!(
+            mapped.take_tensor(NB_RATIO).unwrap(),
+            owned.tensor(NB_RATIO)
+        );
+
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(FileBytes::map(&empty).unwrap().is_empty());
+        let e = format!(
+            "{:#}",
+            Checkpoint::from_mapped(FileBytes::map(&empty).unwrap(), &empty, String::new())
+                .unwrap_err()
+        );
+        assert!(
+            e.contains("empty") && e.contains("not a readable safetensors file"),
+            "{e}"
+        );
+    }
+
+    /// The trainer counts its shard at the buckets it reads; the file must be the bits the
+    /// dense counts give, for two classes and three, with repeated and shared buckets.
+    #[test]
+    fn sparse_counting_writes_the_dense_counts_bytes() {
+        let mut state = 0x9e37_79b9_u64;
+        let mut next = |m: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) % m
+        };
+        for classes in [2usize, 3] {
+            let config =
+                ModelConfig::with_buckets(12, 2).with_classes(classes, Multiclass::OneVsRest);
+            let docs: Vec<Vec<u32>> = (0..200)
+                .map(|_| {
+                    let mut d: Vec<u32> = (0..1 + next(40)).map(|_| next(1 << 12) as u32).collect();
+                    d.sort_unstable();
+                    d.dedup();
+                    d
+                })
+                .collect();
+            let labels: Vec<u8> = (0..docs.len())
+                .map(|_| next(classes as u64) as u8)
+                .collect();
+            let header = Header::new(Kind::Stats, config, 0);
+            let dense = Checkpoint::from_counts(
+                &ClassCounts::count(classes, config.dim(), &docs, &labels),
+                header.clone(),
+            );
+            let sparse = Checkpoint::count(header, classes, &docs, &labels);
+            assert!(sparse.index.len() > 100 && sparse.index.len() < config.dim());
+            assert_eq!(
+                sparse.to_bytes().unwrap(),
+                dense.to_bytes().unwrap(),
+                "{classes} classes"
+            );
+        }
     }
 
     #[test]

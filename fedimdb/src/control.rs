@@ -22,6 +22,7 @@ use anyhow::{Context, Result, ensure};
 
 use crate::checkpoint::{
     CONTROL_BIAS, CONTROL_WEIGHT, Checkpoint, GRAD_BIAS, GRAD_WEIGHT, Header, Kind, STATS_SCALED,
+    Values,
 };
 use crate::layout::Layout;
 use crate::model::{ClassCounts, Link, Model, ModelConfig, doc_scale};
@@ -168,8 +169,8 @@ pub fn shard_gradient(model: &Model, docs: &[Vec<u32>], labels: &[u8]) -> (Vec<f
 /// The global control variate of a round, with the round each shard's part came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Control {
-    /// Row-major, like the model's weights.
-    pub weight: Vec<f32>,
+    /// Row-major, like the model's weights; read in place from the file it was loaded from.
+    pub weight: Values,
     pub bias: Vec<f32>,
     /// Per shard, the round whose update holds its `c_i` (0: its round-0 statistics).
     pub sources: Vec<u32>,
@@ -192,7 +193,7 @@ impl Control {
             Kind::Control,
             header,
             [
-                (CONTROL_WEIGHT, self.weight.clone()),
+                (CONTROL_WEIGHT, self.weight.to_vec()),
                 (CONTROL_BIAS, self.bias.clone()),
             ],
         )
@@ -208,7 +209,10 @@ impl Control {
         let class_samples = ck.header.class_samples()?;
         Ok(Self {
             bias: ck.take_tensor(CONTROL_BIAS)?,
-            weight: ck.take_tensor(CONTROL_WEIGHT)?,
+            weight: ck
+                .tensors
+                .remove(CONTROL_WEIGHT)
+                .context("control file without `control.weight`")?,
             sources,
             class_samples,
         })

@@ -153,10 +153,9 @@ fn outcome(status: Status, round: u32, shard: usize) -> Outcome {
 
 /// Round 0's output: the shard's per-class bucket counts (sparse).
 fn statistics(config: ModelConfig, shard: usize, data: &Featurized) -> Checkpoint {
-    let counts = ClassCounts::count(config.classes(), config.dim(), &data.features, &data.labels);
     let mut header = Header::new(Kind::Stats, config, 0);
     header.shard = Some(shard);
-    Checkpoint::from_counts(&counts, header)
+    Checkpoint::count(header, config.classes(), &data.features, &data.labels)
 }
 
 /// A worker's round on its shard's buckets: the trained weights there, the bias, the passes

@@ -54,9 +54,12 @@ pub fn model_file(cfg: ModelConfig, round: u32, weight: f32) -> Checkpoint {
     header.samples = 6;
     header.card = Some(card(round));
     let tensors = BTreeMap::from([
-        (WEIGHT.to_owned(), vec![weight; cfg.dim()]),
-        (BIAS.to_owned(), vec![0.0]),
-        (NB_RATIO.to_owned(), counts.nb_ratio(cfg.nb_smoothing)),
+        (WEIGHT.to_owned(), vec![weight; cfg.dim()].into()),
+        (BIAS.to_owned(), vec![0.0].into()),
+        (
+            NB_RATIO.to_owned(),
+            counts.nb_ratio(cfg.nb_smoothing).into(),
+        ),
     ]);
     Checkpoint {
         header,
