@@ -19,33 +19,55 @@ impl WeightedSum {
     /// Adds every tensor of `ck` with weight `weight`. The first checkpoint fixes names and
     /// shapes; later ones must match.
     pub fn add(&mut self, ck: &Checkpoint, weight: f64) -> Result<()> {
+        let shapes: Vec<(&str, usize)> = ck
+            .tensors
+            .iter()
+            .map(|(name, v)| (name.as_str(), v.len()))
+            .collect();
+        self.add_with(&shapes, weight, |name, sum| {
+            for (s, &x) in sum.iter_mut().zip(ck.tensor(name)) {
+                *s += weight * x as f64;
+            }
+        })
+    }
+
+    /// Adds one update given as the names and lengths of its tensors, `add(name, sum)`
+    /// adding `weight` times the tensor into its running sum: for updates that are not held
+    /// as whole tables (a sparse update adds its listed buckets and what the others stand
+    /// for, without making a dense copy first). The first update fixes names and shapes;
+    /// later ones must match.
+    pub fn add_with(
+        &mut self,
+        shapes: &[(&str, usize)],
+        weight: f64,
+        mut add: impl FnMut(&str, &mut [f64]),
+    ) -> Result<()> {
         ensure!(
             weight > 0.0,
             "an update with {weight} samples cannot be averaged"
         );
         if self.sums.is_empty() {
-            for (name, v) in &ck.tensors {
+            for &(name, len) in shapes {
                 self.sums
-                    .insert(name.clone(), fedimdb::dense::zeros(v.len()));
+                    .insert(name.to_owned(), fedimdb::dense::zeros(len));
             }
         }
-        let names: Vec<&String> = ck.tensors.keys().collect();
-        let expect: Vec<&String> = self.sums.keys().collect();
+        let names: Vec<&str> = shapes.iter().map(|&(name, _)| name).collect();
+        let expect: Vec<&str> = self.sums.keys().map(String::as_str).collect();
         ensure!(
             names == expect,
             "tensors {names:?} differ from the first update's {expect:?}"
         );
-        for (name, v) in &ck.tensors {
+        for &(name, len) in shapes {
             let sum = self.sums.get_mut(name).expect("names checked");
             ensure!(
-                sum.len() == v.len(),
-                "tensor `{name}` has {} values, the first update's has {}",
-                v.len(),
+                sum.len() == len,
+                "tensor `{name}` has {len} values, the first update's has {}",
                 sum.len()
             );
-            for (s, &x) in sum.iter_mut().zip(v) {
-                *s += weight * x as f64;
-            }
+        }
+        for &(name, _) in shapes {
+            add(name, self.sums.get_mut(name).expect("names checked"));
         }
         self.total_weight += weight;
         Ok(())

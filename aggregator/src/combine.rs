@@ -82,7 +82,40 @@ impl Fill {
         }
     }
 
-    /// The dense weights a sparse update stands for.
+    /// Adds `weight` times the dense weights a sparse update stands for to `sum`: its
+    /// `values` at the ascending places `index`, [`Self::at`] between them. The same
+    /// operations, in the same order, as adding [`Self::dense`]'s table, without making it
+    /// (a fresh model-sized table per worker, every round).
+    pub fn add_to(&self, sum: &mut [f64], weight: f64, index: &[u32], values: &[f32]) {
+        let mut from = 0;
+        for (&j, &v) in index.iter().zip(values) {
+            let j = j as usize;
+            self.add_range(sum, weight, from..j);
+            sum[j] += weight * v as f64;
+            from = j + 1;
+        }
+        self.add_range(sum, weight, from..sum.len());
+    }
+
+    /// Adds `weight` times [`Self::at`] over the places `range` of `sum`.
+    fn add_range(&self, sum: &mut [f64], weight: f64, range: std::ops::Range<usize>) {
+        let (sum, base) = (&mut sum[range.clone()], &self.base[range.clone()]);
+        match &self.drift {
+            Some((d, drift)) => {
+                for ((s, &w), &d) in sum.iter_mut().zip(base).zip(&d[range]) {
+                    *s += weight * drift.apply(w, d) as f64;
+                }
+            }
+            None => {
+                for (s, &w) in sum.iter_mut().zip(base) {
+                    *s += weight * w as f64;
+                }
+            }
+        }
+    }
+
+    /// The dense weights a sparse update stands for (what [`Self::add_to`] adds, as a table).
+    #[cfg(test)]
     pub fn dense(&self, index: &[u32], values: &[f32]) -> Vec<f32> {
         let mut w: Vec<f32> = (0..self.base.len()).map(|j| self.at(j)).collect();
         for (&j, &v) in index.iter().zip(values) {
@@ -194,12 +227,16 @@ impl Combiner {
         let index = flat_index(&ck.index, ck.header.config.rows(), ck.header.config.dim());
         match self {
             Combiner::Streaming(sum) => {
-                let dense = Checkpoint::dense(
-                    Kind::Update,
-                    ck.header.clone(),
-                    [(WEIGHT, fill.dense(&index, values)), (BIAS, bias)],
-                );
-                sum.add(&dense, weight)
+                let shapes = [(BIAS, bias.len()), (WEIGHT, fill.base.len())];
+                sum.add_with(&shapes, weight, |name, sum| {
+                    if name == WEIGHT {
+                        fill.add_to(sum, weight, &index, values);
+                    } else {
+                        for (s, &x) in sum.iter_mut().zip(&bias) {
+                            *s += weight * x as f64;
+                        }
+                    }
+                })
             }
             Combiner::Holding { updates, .. } => {
                 let weights = Held::Sparse {

@@ -248,13 +248,17 @@ impl Header {
 /// would fault in and fill as many fresh pages as the file has, for nothing. Writing to
 /// mapped values copies them first (`to_mut`).
 #[derive(Clone)]
-pub enum Values {
+pub struct Values(Repr);
+
+#[derive(Clone)]
+enum Repr {
     Owned(Vec<f32>),
-    /// `len` values from byte `start` of `file`, checked to be aligned for f32.
+    /// Values inside `file`'s mapping, which `_file` keeps alive: the mapping does not move
+    /// when the `Arc` does, so the slice stays valid for as long as this value exists, and
+    /// it is only ever lent out for the lifetime of a borrow of it.
     Mapped {
-        file: Arc<FileBytes>,
-        start: usize,
-        len: usize,
+        _file: Arc<FileBytes>,
+        values: &'static [f32],
     },
 }
 
@@ -263,37 +267,46 @@ impl Values {
     /// are aligned for f32 (as safetensors lays out f32 tensors, and as a mapping starts
     /// on a page), copied otherwise.
     fn of(raw: &[u8], file: Option<&Arc<FileBytes>>) -> Self {
-        match (file, bytemuck::try_cast_slice::<u8, f32>(raw)) {
-            (Some(file), Ok(aligned)) => Values::Mapped {
-                file: Arc::clone(file),
-                start: raw.as_ptr() as usize - file.as_ptr() as usize,
-                len: aligned.len(),
-            },
-            (None, Ok(aligned)) => Values::Owned(aligned.to_vec()),
-            (_, Err(_)) => Values::Owned(
+        Self(match (file, bytemuck::try_cast_slice::<u8, f32>(raw)) {
+            (Some(file), Ok(aligned)) => {
+                // SAFETY: `aligned` points into the mapping `file` holds (`raw` was cut from
+                // its bytes); see `Repr::Mapped` for why extending the lifetime is sound.
+                let values = unsafe { std::slice::from_raw_parts(aligned.as_ptr(), aligned.len()) };
+                Repr::Mapped {
+                    _file: Arc::clone(file),
+                    values,
+                }
+            }
+            (None, Ok(aligned)) => Repr::Owned(aligned.to_vec()),
+            (_, Err(_)) => Repr::Owned(
                 raw.chunks_exact(4)
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                     .collect(),
             ),
-        }
+        })
+    }
+
+    /// Whether the values are read in place from a mapped file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.0, Repr::Mapped { .. })
     }
 
     /// The values as an owned vector, copied out of the file if they are mapped.
     pub fn into_vec(self) -> Vec<f32> {
-        match self {
-            Values::Owned(v) => v,
-            mapped => mapped.to_vec(),
+        match self.0 {
+            Repr::Owned(v) => v,
+            Repr::Mapped { values, .. } => values.to_vec(),
         }
     }
 
     /// The values, owned from now on, to change.
     pub fn to_mut(&mut self) -> &mut Vec<f32> {
-        if let Values::Mapped { .. } = self {
-            *self = Values::Owned(self.to_vec());
+        if let Repr::Mapped { values, .. } = self.0 {
+            self.0 = Repr::Owned(values.to_vec());
         }
-        match self {
-            Values::Owned(v) => v,
-            Values::Mapped { .. } => unreachable!("made owned above"),
+        match &mut self.0 {
+            Repr::Owned(v) => v,
+            Repr::Mapped { .. } => unreachable!("made owned above"),
         }
     }
 }
@@ -301,11 +314,9 @@ impl Values {
 impl std::ops::Deref for Values {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
-        match self {
-            Values::Owned(v) => v,
-            Values::Mapped { file, start, len } => {
-                bytemuck::cast_slice(&file[*start..*start + 4 * *len])
-            }
+        match &self.0 {
+            Repr::Owned(v) => v,
+            Repr::Mapped { values, .. } => values,
         }
     }
 }
@@ -318,7 +329,7 @@ impl std::ops::DerefMut for Values {
 
 impl Default for Values {
     fn default() -> Self {
-        Values::Owned(Vec::new())
+        Self(Repr::Owned(Vec::new()))
     }
 }
 
@@ -332,7 +343,7 @@ impl<'a> IntoIterator for &'a Values {
 
 impl From<Vec<f32>> for Values {
     fn from(v: Vec<f32>) -> Self {
-        Values::Owned(v)
+        Self(Repr::Owned(v))
     }
 }
 
@@ -427,7 +438,7 @@ impl Checkpoint {
     }
 
     /// [`Self::from_hashed_bytes`] for a mapped file: the tensors are read in place
-    /// ([`Values::Mapped`]), not copied.
+    /// ([`Values::is_mapped`]), not copied.
     pub fn from_mapped(file: FileBytes, origin: &Path, sha256: String) -> Result<Self> {
         let file = Arc::new(file);
         Self::parse(&file, Some(&file), origin, sha256)
@@ -875,16 +886,11 @@ mod tests {
         let mut mapped =
             Checkpoint::from_mapped(FileBytes::map(&p).unwrap(), &p, sha.clone()).unwrap();
         let owned = Checkpoint::load(&p).unwrap();
-        assert!(
-            mapped
-                .tensors
-                .values()
-                .all(|v| matches!(v, Values::Mapped { .. }))
-        );
+        assert!(mapped.tensors.values().all(Values::is_mapped));
         assert_eq!(mapped.tensors, owned.tensors);
         assert_eq!(mapped.to_bytes().unwrap(), std::fs::read(&p).unwrap());
         mapped.tensors.get_mut(WEIGHT).unwrap()[3] = 7.0;
-        assert!(matches!(mapped.tensors[WEIGHT], Values::Owned(_)));
+        assert!(!mapped.tensors[WEIGHT].is_mapped());
         assert_eq!(mapped.tensor(WEIGHT)[3], 7.0);
         assert_eq!(crate::digest::sha256_file(&p).unwrap(), sha);
         assert_eq!(
