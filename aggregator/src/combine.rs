@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::{Result, ensure};
-use fedimdb::checkpoint::{Checkpoint, Kind, Values};
+use fedimdb::checkpoint::{Checkpoint, Values};
 use fedimdb::model::{BIAS, WEIGHT};
 use fedimdb::strategy::Strategy;
 use fedimdb::train::Drift;
@@ -355,6 +355,7 @@ fn coordinate_wise(inputs: &[&Held], rule: Rule) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::fixtures::update as ck;
+    use fedimdb::checkpoint::Kind;
 
     fn combine(
         strategy: Strategy,

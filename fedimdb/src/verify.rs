@@ -358,17 +358,31 @@ pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Re
     let path = layout.global_model(round);
     let report = if path.exists() {
         let report = read_round_report(layout, round)?;
-        check_file(&path, &report.model_sha256, &layout.round_report(round))?;
-        // The state the next round starts from besides the model, where the report records it.
-        for (recorded, file) in [
-            (&report.control_sha256, layout.control(round)),
-            (&report.moments_sha256, layout.moments(round)),
-        ] {
-            if let Some(recorded) = recorded {
-                ensure!(file.exists(), "{} is missing", file.display());
-                check_file(&file, recorded, &layout.round_report(round))?;
-            }
-        }
+        let record = layout.round_report(round);
+        // The model and the state the next round starts from besides it, where the report
+        // records it: 84 MB by default, hashed side by side.
+        let files: Vec<(&str, std::path::PathBuf)> = [
+            (Some(&report.model_sha256), path.clone()),
+            (report.control_sha256.as_ref(), layout.control(round)),
+            (report.moments_sha256.as_ref(), layout.moments(round)),
+        ]
+        .into_iter()
+        .filter_map(|(recorded, file)| recorded.map(|r| (r.as_str(), file)))
+        .collect();
+        std::thread::scope(|s| {
+            let checks: Vec<_> = files
+                .iter()
+                .map(|(recorded, file)| {
+                    s.spawn(|| {
+                        ensure!(file.exists(), "{} is missing", file.display());
+                        check_file(file, recorded, &record)
+                    })
+                })
+                .collect();
+            checks
+                .into_iter()
+                .try_for_each(|c| c.join().expect("a checksum thread panicked"))
+        })?;
         report
     } else {
         let missing = || format!("{} is missing", path.display());
