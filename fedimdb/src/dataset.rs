@@ -19,6 +19,15 @@ pub struct Featurized {
 }
 
 impl Featurized {
+    /// The labels of `reviews`, each review without buckets: all a model whose weights are
+    /// all zero needs to be scored (its logits are its biases).
+    pub fn labels_of(reviews: &[Review]) -> Self {
+        Self {
+            features: vec![Vec::new(); reviews.len()],
+            labels: reviews.iter().map(|r| r.label).collect(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.labels.len()
     }
