@@ -8,6 +8,13 @@ use std::collections::BTreeMap;
 use anyhow::{Result, ensure};
 use fedimdb::checkpoint::Checkpoint;
 
+/// Adds `weight` times `values` to `sum`, place by place, in f64.
+pub fn add_scaled(sum: &mut [f64], weight: f64, values: &[f32]) {
+    for (s, &x) in sum.iter_mut().zip(values) {
+        *s += weight * x as f64;
+    }
+}
+
 /// Running sample-weighted sum of same-shaped tensors.
 #[derive(Debug, Default)]
 pub struct WeightedSum {
@@ -25,9 +32,7 @@ impl WeightedSum {
             .map(|(name, v)| (name.as_str(), v.len()))
             .collect();
         self.add_with(&shapes, weight, |name, sum| {
-            for (s, &x) in sum.iter_mut().zip(ck.tensor(name)) {
-                *s += weight * x as f64;
-            }
+            add_scaled(sum, weight, ck.tensor(name))
         })
     }
 

@@ -29,7 +29,7 @@ use fedimdb::model::{BIAS, WEIGHT};
 use fedimdb::strategy::Strategy;
 use fedimdb::train::Drift;
 
-use crate::average::WeightedSum;
+use crate::average::{WeightedSum, add_scaled};
 
 /// How many of `n` values a trimmed mean cuts from each end: `floor(trim · n)`, as Flower's
 /// `FedTrimmedAvg` (and `scipy.stats.trim_mean`) count. Below 0.5 this always leaves at least
@@ -106,11 +106,7 @@ impl Fill {
                     *s += weight * drift.apply(w, d) as f64;
                 }
             }
-            None => {
-                for (s, &w) in sum.iter_mut().zip(base) {
-                    *s += weight * w as f64;
-                }
-            }
+            None => add_scaled(sum, weight, base),
         }
     }
 
@@ -232,9 +228,7 @@ impl Combiner {
                     if name == WEIGHT {
                         fill.add_to(sum, weight, &index, values);
                     } else {
-                        for (s, &x) in sum.iter_mut().zip(&bias) {
-                            *s += weight * x as f64;
-                        }
+                        add_scaled(sum, weight, &bias);
                     }
                 })
             }
