@@ -39,7 +39,7 @@ pub const BETA1: f32 = 0.9;
 /// Decay of the second moment (Reddi et al.'s value).
 pub const BETA2: f32 = 0.99;
 /// Default server step η, chosen on a validation split (docs/BENCHMARKS.md).
-pub const DEFAULT_LR: f32 = 30.0;
+pub const DEFAULT_LR: f32 = 60.0;
 /// Default τ: where the step stops being a heavy-ball step and becomes normalised.
 pub const DEFAULT_TAU: f32 = 3.0;
 
@@ -62,7 +62,7 @@ impl Default for ServerOptimizer {
 }
 
 impl fmt::Display for ServerOptimizer {
-    /// The text round reports hold: `none`, `adam(lr=30,tau=3)`.
+    /// The text round reports hold: `none`, `adam(lr=60,tau=3)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ServerOptimizer::None => f.write_str("none"),
@@ -174,7 +174,7 @@ pub struct ServerOptimizerArgs {
     /// step over rounds, or `none`, the combined weights as they are [default: adam].
     #[arg(long, value_enum, value_name = "NAME")]
     pub server_optimizer: Option<ServerOptimizerName>,
-    /// With adam: the step η [default: 30].
+    /// With adam: the step η [default: 60].
     #[arg(long, value_name = "LR", value_parser = parse_positive)]
     pub server_lr: Option<f32>,
     /// With adam: τ, the displacement beyond which steps are normalised [default: 3].
@@ -270,7 +270,7 @@ mod tests {
             let json = serde_json::to_string(&o).unwrap();
             assert_eq!(serde_json::from_str::<ServerOptimizer>(&json).unwrap(), o);
         }
-        assert_eq!(ServerOptimizer::default().to_string(), "adam(lr=30,tau=3)");
+        assert_eq!(ServerOptimizer::default().to_string(), "adam(lr=60,tau=3)");
         for bad in [
             "adam",
             "adam(lr=1)",
