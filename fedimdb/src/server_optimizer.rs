@@ -38,7 +38,8 @@ use crate::model::ModelConfig;
 pub const BETA1: f32 = 0.9;
 /// Decay of the second moment (Reddi et al.'s value).
 pub const BETA2: f32 = 0.99;
-/// Default server step η, chosen on a validation split (docs/BENCHMARKS.md).
+/// Default server step η, chosen on whole movies held out of the training split, for the
+/// grid's worst cell (docs/BENCHMARKS.md, "validation on held-out movies").
 pub const DEFAULT_LR: f32 = 60.0;
 /// Default τ: where the step stops being a heavy-ball step and becomes normalised.
 pub const DEFAULT_TAU: f32 = 3.0;
