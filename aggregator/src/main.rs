@@ -73,10 +73,7 @@ fn parse_min_workers(s: &str) -> Result<usize, String> {
 fn main() -> std::process::ExitCode {
     fedimdb::logging::run_main(|| {
         let args = Args::parse();
-        if let Err(e) = args
-            .strategy()
-            .and(args.combine.server_optimizer().map(|_| ()))
-        {
+        if let Err(e) = args.strategy().and(args.combine.check_server_optimizer()) {
             Args::command()
                 .error(clap::error::ErrorKind::ArgumentConflict, e)
                 .exit();

@@ -78,7 +78,7 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
     let strategy = args.strategy().map_err(anyhow::Error::msg)?;
     let label = Combination::of_round(round, strategy);
     let optimizer = (round > 0)
-        .then(|| args.combine.server_optimizer())
+        .then(|| args.combine.server_optimizer(manifest.labels.len()))
         .transpose()
         .map_err(anyhow::Error::msg)?;
     let quorum = args.min_workers().map_or(manifest.workers, |(m, _)| m);

@@ -175,9 +175,18 @@ impl StrategyArgs {
         }
     }
 
-    /// The server optimizer the flags ask for (`fedimdb::server_optimizer`).
-    pub fn server_optimizer(&self) -> Result<crate::server_optimizer::ServerOptimizer, String> {
-        self.server.optimizer()
+    /// The server optimizer the flags ask for (`fedimdb::server_optimizer`), for a model of
+    /// `classes` classes.
+    pub fn server_optimizer(
+        &self,
+        classes: usize,
+    ) -> Result<crate::server_optimizer::ServerOptimizer, String> {
+        self.server.optimizer(classes)
+    }
+
+    /// Checks the server optimizer's flags together, before the classes are known.
+    pub fn check_server_optimizer(&self) -> Result<(), String> {
+        self.server.check()
     }
 
     /// The flags as arguments for the aggregator's command line.

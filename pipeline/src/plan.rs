@@ -88,7 +88,7 @@ impl RunArgs {
         self.reading.validate()?;
         self.combine.strategy().map_err(anyhow::Error::msg)?;
         self.combine
-            .server_optimizer()
+            .check_server_optimizer()
             .map_err(anyhow::Error::msg)?;
         if let Some(m) = self.min_workers {
             ensure!(

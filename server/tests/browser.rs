@@ -69,9 +69,12 @@ impl Driver {
         let child = KillOnDrop(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if std::net::TcpStream::connect(addr).is_ok()
-                && call(addr, "GET", "/status", None)["value"]["ready"] == true
-            {
+            // While it starts, chromedriver may accept a connection and then reset it:
+            // that is "not ready yet", not a failure.
+            let status = common::try_request(addr, "GET", "/status", &[], b"")
+                .ok()
+                .and_then(|r| serde_json::from_slice::<Value>(&r.body).ok());
+            if status.is_some_and(|v| v["value"]["ready"] == true) {
                 break;
             }
             assert!(Instant::now() < deadline, "chromedriver did not come up");

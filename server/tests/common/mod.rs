@@ -399,11 +399,22 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Resp {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(&request_bytes(addr, method, path, headers, body, true))
-        .unwrap();
-    read_response(&mut s)
+    try_request(addr, method, path, headers, body).unwrap()
+}
+
+/// [`request`], with a connection that fails (refused, reset) an `Err` instead of a panic:
+/// for polling a server that is still starting.
+pub fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Resp> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(&request_bytes(addr, method, path, headers, body, true))?;
+    try_read_response(&mut s)
 }
 
 /// Where the head of a response ends (its `\r\n\r\n`), and its Content-Length if it has
@@ -422,6 +433,11 @@ pub fn response_head(raw: &[u8]) -> Option<(usize, Option<usize>)> {
 /// until the peer closes (some servers, e.g. chromedriver, keep the connection open even
 /// after `Connection: close`).
 pub fn read_response(s: &mut TcpStream) -> Resp {
+    try_read_response(s).unwrap()
+}
+
+/// [`read_response`], with a failed read an `Err`.
+pub fn try_read_response(s: &mut TcpStream) -> std::io::Result<Resp> {
     let mut raw = Vec::new();
     let mut buf = [0u8; 16384];
     loop {
@@ -438,13 +454,13 @@ pub fn read_response(s: &mut TcpStream) -> Resp {
                 break;
             }
         }
-        let n = s.read(&mut buf).unwrap();
+        let n = s.read(&mut buf)?;
         if n == 0 {
             break;
         }
         raw.extend_from_slice(&buf[..n]);
     }
-    parse_response(&raw)
+    Ok(parse_response(&raw))
 }
 
 /// Parses one whole response, de-chunking a chunked body.
