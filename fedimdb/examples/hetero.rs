@@ -118,6 +118,7 @@ fn main() {
     let val: f64 = env_list("VAL", "0.2")[0];
     let (train, eval) = if val > 0.0 {
         let cut = (train.len() as f64 * val) as usize;
+        let order = fedimdb::train::shuffled(train.len(), 7);
         let held: Vec<bool> = if env_list::<String>("VAL_BY", "movie")[0] == "movie" {
             // Whole movies held out, as the official test set is about other movies than
             // the training set: review-level splits share movies (names, plots) with
@@ -153,12 +154,11 @@ fn main() {
             of.iter().map(|m| chosen.contains(m.as_str())).collect()
         } else {
             let mut h = vec![false; train.len()];
-            for &i in &fedimdb::train::shuffled(train.len(), 7)[..cut] {
+            for &i in &order[..cut] {
                 h[i] = true;
             }
             h
         };
-        let order = fedimdb::train::shuffled(train.len(), 7);
         let eval: Vec<_> = order
             .iter()
             .filter(|&&i| held[i])
