@@ -43,9 +43,16 @@ fn reduced_pipeline_run_learns_and_publishes_a_consistent_model() {
     );
     let first = rounds[0]["test_accuracy"].as_f64().unwrap();
     let last = report["test_accuracy"].as_f64().unwrap();
-    assert_eq!(
-        first, 0.5,
-        "the untrained model of round 0 predicts one class on a balanced test set"
+    // Round 0's model is the naive-Bayes classifier scaled down: already far above the 0.5
+    // of one class, and the gradient round (round 1, no steps) leaves it where it is.
+    assert!(
+        first > 0.6 && first < last,
+        "round 0's starting model scored {first}, the final one {last}"
+    );
+    assert_eq!(rounds[1]["test_accuracy"].as_f64().unwrap(), first);
+    assert!(
+        stdout.contains("round 1: gradients at the starting model (no steps)"),
+        "{stdout}"
     );
     assert!(
         last > floor,

@@ -1,8 +1,9 @@
 //! Learning under label skew, through the real binaries on real reviews: a split where each
 //! worker holds almost only one label. Plain FedAvg (`--algorithm fedavg`) drifts with its
-//! workers and falls far below centralized training; the default (SCAFFOLD with control
-//! variates from round 0, and the server's Adam step) stays close to it. Deterministic: same
-//! seeds, same bytes.
+//! workers and falls far below centralized training; the default (SCAFFOLD from the
+//! naive-Bayes start, with the exact gradients there from its gradient round, and the
+//! server's Adam step) stays close to it, though it spends one of the three rounds on the
+//! gradients. Deterministic: same seeds, same bytes.
 
 mod common;
 

@@ -305,20 +305,21 @@ fn one_poisoned_update_wrecks_fedavg_but_not_median_or_trimmed_mean() {
 
     let clean = t.get(Poison::Clean, 0);
     assert!(clean > 0.8, "clean FedAvg reaches only {clean}");
-    // The two attacks that wreck FedAvg: at least 10 points lost.
-    for p in [Poison::Scale(-100.0), Poison::Random(100.0)] {
+    // Every attack wrecks FedAvg: at least 10 points lost. Scaling by +100 too: the update
+    // holds its own buckets only, so it scales the naive-Bayes start there and nowhere else,
+    // and the average is no longer a multiple of an honest model. (From zero weights it was:
+    // it cost 0.2 points.)
+    for p in [
+        Poison::Scale(100.0),
+        Poison::Scale(-100.0),
+        Poison::Random(100.0),
+    ] {
         let fedavg = t.get(p, 0);
         assert!(
             fedavg < clean - 0.10,
             "FedAvg with {p} kept {fedavg} (clean {clean})"
         );
     }
-    // Scaling by +100 costs FedAvg little accuracy: the scaled model still points the right way.
-    let scaled = t.get(Poison::Scale(100.0), 0);
-    assert!(
-        scaled > clean - 0.05,
-        "FedAvg with weights ×100: {scaled} (clean {clean})"
-    );
     // Median and trimmed mean shrug every poison off: trimmed mean within a point of clean
     // FedAvg, the median within a point and a half. (Both were within half a point before
     // SCAFFOLD: its workers' models spread wider, and with one outlier the median of five

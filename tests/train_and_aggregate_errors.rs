@@ -223,8 +223,9 @@ fn trainer_names_a_missing_damaged_or_mismatched_global_model() {
 #[test]
 fn trainer_fails_on_divergence_and_never_writes_a_nan_model() {
     let v = Volume::new();
+    // FedAvg: SCAFFOLD's round 1 is its gradient round, which takes no steps to diverge.
     v.fails(
-        v.trainer(1, 0, &["--lr", "3e38"]),
+        v.trainer(1, 0, &["--algorithm", "fedavg", "--lr", "3e38"]),
         &["training diverged", "Lower --lr"],
     );
     assert!(!v.layout.update(1, 0).exists());

@@ -16,7 +16,7 @@ use fedimdb::dataset::{Featurized, featurize_all, load_reviews};
 use fedimdb::layout::Layout;
 use fedimdb::manifest::DataManifest;
 use fedimdb::metrics::Metrics;
-use fedimdb::model::{ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
+use fedimdb::model::{ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT, start_weight};
 use fedimdb::outcome::{Outcome, Status};
 use fedimdb::report::RoundReport;
 use fedimdb::retention;
@@ -108,10 +108,10 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
             let reviews = load_reviews(path, Some(entry))?;
             // No config comes when combining failed: its error is the one to report.
             Ok(config_rx.recv().ok().map(|config| {
-                if round == 0 {
-                    // Round 0's model has every weight at zero, so a review's logits are
-                    // the biases whatever its buckets (checked below): the same metrics
-                    // without featurising 25,000 reviews.
+                if round == 0 && start_weight(config.classes()) == 0.0 {
+                    // A K-class model starts with every weight at zero, so a review's
+                    // logits are the biases whatever its buckets (checked below): the same
+                    // metrics without featurising 25,000 reviews.
                     Featurized::labels_of(&reviews)
                 } else {
                     featurize_all(&reviews, config.featurizer)
@@ -149,7 +149,9 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
         Ok((combined, base_sha256, test))
     })?;
     ensure!(
-        round > 0 || combined.model.tensor(WEIGHT).iter().all(|&w| w == 0.0),
+        round > 0
+            || test.features.iter().any(|f| !f.is_empty())
+            || combined.model.tensor(WEIGHT).iter().all(|&w| w == 0.0),
         "round 0's model has weights other than zero, so the test set must be featurised to \
          score it; this is a bug in the aggregator"
     );

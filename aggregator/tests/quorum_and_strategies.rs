@@ -348,16 +348,18 @@ fn the_server_adam_step_moves_from_the_combined_weights_and_keeps_its_moments() 
         ok(v.aggregator(1, &args));
         let report = v.report(1);
         assert_eq!(report["server_optimizer"], label, "{args:?}");
-        // Round 1 starts from zero weights and zero moments: m = 0.1 Δ, v = 0.01 Δ², and the
-        // weight moves by η·m / (√v + τ); the bias takes the combined value.
+        // Round 1 starts from round 0's weights and zero moments: with Δ the combined
+        // weight's displacement, m = 0.1 Δ, v = 0.01 Δ², and the weight moves by
+        // η·m / (√v + τ); the bias takes the combined value.
         let combined = |k: f64| if median { 2.0 * k } else { fedavg(k) } as f32;
         let g = v.global(1);
+        let start = v.global(0).tensor("linear.weight").to_vec();
         assert_eq!(g.tensor("linear.bias"), [combined(1.0)], "{args:?}");
         let w = g.tensor("linear.weight");
         for j in [0, 1, 6, 100, dim - 1] {
-            let d = combined((1 + j % 7) as f64);
+            let d = combined((1 + j % 7) as f64) - start[j];
             let (m, s) = (0.1 * d, 0.01 * d * d);
-            let want = lr * m / (s.sqrt() + tau);
+            let want = start[j] + lr * m / (s.sqrt() + tau);
             assert!(
                 (w[j] - want).abs() <= 1e-5 * want.abs(),
                 "{args:?} weight {j}: {} vs {want}",
@@ -370,7 +372,7 @@ fn the_server_adam_step_moves_from_the_combined_weights_and_keeps_its_moments() 
         assert_eq!(report["moments_sha256"], sha.as_str());
         let moments =
             Moments::from_checkpoint(Checkpoint::load_kind(&path, Kind::Moments).unwrap()).unwrap();
-        let d = combined(1.0);
+        let d = combined(1.0) - start[0];
         assert_eq!(moments.first[0], (1.0 - BETA1) * d);
         assert_eq!(moments.second[0], (1.0 - BETA2) * d * d);
     }

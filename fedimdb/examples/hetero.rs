@@ -22,7 +22,9 @@
 //! link; every one runs). Server Adam on SCAFFOLD: `SADAM` (η; 0: off), `TAU` (τ), `B1`,
 //! `B2` (its moments' decays), `YOGI` (1: Yogi's second moment), `SADAM_FROM` (first round it
 //! steps). Starting point: `INIT_W` (every weight starts at this value: the naive-Bayes
-//! classifier scaled, instead of 0), `INIT_AT0` (1: round 1's control variates at zero
+//! classifier scaled; default the pipeline's `model::start_weight`, 0.2 for two classes and
+//! 0 for more; round 1's controls are the exact gradients there, as the pipeline's gradient
+//! round gives them, and `ROUNDS` counts the training rounds after it), `INIT_AT0` (1: round 1's control variates at zero
 //! weights, as round 0's counts give them, whatever `INIT_W`). `TAIL` (1: score the running
 //! average of the global models instead), `DIAG` (1: share predicted positive and the
 //! accuracy at the best bias).
@@ -325,8 +327,10 @@ fn simulate(
             )
         })
         .collect();
-    // INIT_W=c: every weight starts at c (the naive-Bayes classifier scaled by c) instead of 0.
-    let init_w: f32 = env_list("INIT_W", "0")[0];
+    // INIT_W=c: every weight starts at c (the naive-Bayes classifier scaled by c) instead of
+    // where the pipeline starts (`start_weight`).
+    let start = fedimdb::model::start_weight(mc.classes()).to_string();
+    let init_w: f32 = env_list("INIT_W", &start)[0];
     let (mut w, mut b) = (vec![init_w; dim], bias0.to_vec());
     let mut c = Correction {
         weight: vec![0.0; dim],

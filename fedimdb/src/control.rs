@@ -2,21 +2,26 @@
 //! lives on the volume.
 //!
 //! A worker's control variate `c_i` is its shard's mean gradient along its last round's
-//! local steps (SCAFFOLD's "option II"), or at the untrained model before its first round;
-//! the global one, `c`, is their sample-weighted mean over *all* shards. In
+//! local steps (SCAFFOLD's "option II"); in the gradient round
+//! ([`crate::train::GRADIENT_ROUND`], round 1), which takes no steps, the exact gradient at
+//! the starting model. The global one, `c`, is their sample-weighted mean over *all* shards. In
 //! round `R` worker `i` adds `c - c_i` to every local gradient, with both taken from the
 //! same earlier model, so its steps follow the gradient of the whole objective instead of
 //! its shard's alone.
 //!
 //! | part | computed by | stored in |
 //! |------|-------------|-----------|
-//! | `c_i` at the starting model | the aggregator from the worker's round-0 statistics ([`initial_gradient`]) | `round-0000/updates/shard-I.safetensors` (as counts) |
+//! | `c_i` at zero weights, the biases at the prior | the aggregator from the worker's round-0 statistics ([`initial_gradient`]) | `round-0000/updates/shard-I.safetensors` (as counts) |
+//! | `c_i` at the starting model | worker `i` in the gradient round, round 1 | `round-0001/updates/shard-I.safetensors` (`grad.*`) |
 //! | `c_i` along round `R`'s local steps | worker `i` in round `R` ([`crate::train::LocalOutcome`]) | `round-R/updates/shard-I.safetensors` (`grad.*`) |
 //! | `c` after round `R` | the aggregator: the mean over every shard's newest `c_i` | `round-R/control.safetensors`, which also names, per shard, the round that `c_i` came from |
 //!
 //! A shard missing from a round (under `--min-workers`) keeps its older `c_i` in the mean,
 //! and its worker corrects with that same `c_i` next time, so `c` and every `c_i` always
-//! come from one consistent set.
+//! come from one consistent set. Round 0's counts give every shard's gradient at zero
+//! weights: the starting model's when it starts there (K classes), and for a two-class model
+//! ([`crate::model::start_weight`]) an older point's, which only a shard missing from the
+//! gradient round is counted with.
 
 use anyhow::{Context, Result, ensure};
 
@@ -301,6 +306,8 @@ mod tests {
             let (rows, dim) = (config.rows(), config.dim());
             let counts = ClassCounts::count(config.classes(), dim, &docs, &labels);
             let mut model = Model::from_counts(config, &counts);
+            // The counts give the gradient at zero weights.
+            model.weight.fill(0.0);
             model.nb_ratio = (0..rows * dim)
                 .map(|j| ((j % 16) as f32 - 7.0) / 5.0)
                 .collect();

@@ -29,8 +29,9 @@ pub mod defaults {
     pub const SEED: u64 = 42;
     /// Workers (shards) of a run.
     pub const WORKERS: usize = 5;
-    /// Training rounds after the statistics round.
-    pub const ROUNDS: u32 = 5;
+    /// Rounds after the statistics round. With SCAFFOLD the first is the gradient round
+    /// ([`super::GRADIENT_ROUND`]), so the default trains five.
+    pub const ROUNDS: u32 = 6;
     /// SGD steps each worker takes per round, whatever the size of its shard.
     pub const STEPS: u64 = 20_000;
     pub const BATCH: usize = 1;
@@ -147,12 +148,22 @@ impl TrainArgs {
         Ok(())
     }
 
-    /// Worker `shard`'s training config in `round`, for data with `classes` classes.
+    /// Worker `shard`'s training config in `round`, for data with `classes` classes: no
+    /// steps in SCAFFOLD's gradient round ([`GRADIENT_ROUND`]).
     pub fn config(&self, round: u32, shard: usize, classes: usize) -> TrainConfig {
+        let gradient = self.algorithm == Algorithm::Scaffold && round == GRADIENT_ROUND;
         TrainConfig {
             algorithm: self.algorithm,
-            steps: if self.epochs.is_some() { 0 } else { self.steps },
-            epochs: self.epochs.unwrap_or(0),
+            steps: if self.epochs.is_some() || gradient {
+                0
+            } else {
+                self.steps
+            },
+            epochs: if gradient {
+                0
+            } else {
+                self.epochs.unwrap_or(0)
+            },
             batch: self.batch,
             lr: self.lr.unwrap_or_else(|| defaults::lr(classes)),
             schedule: self.schedule,
@@ -181,6 +192,14 @@ impl TrainArgs {
     }
 }
 
+/// SCAFFOLD's gradient round: round 1 takes no local steps. Each worker writes its shard's
+/// exact mean gradient at the starting model (its first control variate) and the model stays
+/// where round 0 put it. The gradient there depends on the global naive-Bayes ratios, which
+/// exist only once round 0 is aggregated, so it takes a round of its own; without it the
+/// first training round would run uncorrected, or corrected by gradients taken elsewhere, and
+/// skewed shards pull apart (docs/BENCHMARKS.md, "the naive-Bayes start").
+pub const GRADIENT_ROUND: u32 = 1;
+
 /// Hyper-parameters of one worker's local training in one round. Recorded in update
 /// headers and reports; the fields are in alphabetical order, the order in which update
 /// files have always held them, so files stay byte for byte what they were.
@@ -194,7 +213,8 @@ pub struct TrainConfig {
     pub lr: f32,
     pub schedule: Schedule,
     pub seed: u64,
-    /// SGD steps (minibatches) per round, whatever the shard's size; 0: `epochs` passes.
+    /// SGD steps (minibatches) per round, whatever the shard's size; 0: `epochs` passes
+    /// (both 0: none, the gradient round).
     pub steps: u64,
 }
 
@@ -545,7 +565,9 @@ pub struct LocalRound {
 ///
 /// The mean data gradient along the path (the worker's next control variate) is
 /// `Σ_t g_t x_(i_t) / T`: the loop adds up each review's residuals `g_t` (one per row) and
-/// the sum over the shard is taken once, at the end.
+/// the sum over the shard is taken once, at the end. A round of no steps (the gradient
+/// round, [`GRADIENT_ROUND`]) has a path of one point: its mean gradient is the shard's
+/// exact mean gradient at the model it was given, and the weights do not move.
 #[allow(clippy::too_many_arguments)]
 pub fn train_local(
     shard: &LocalShard,
@@ -690,7 +712,27 @@ fn train_rows<const ROWS: usize>(
         s_t += lr as f64;
         Ok::<_, std::convert::Infallible>((loss, correct))
     });
-    let taken = steps.max(1) as f64;
+    if steps == 0 {
+        // Every review's residuals at the given model, for the exact mean gradient.
+        for i in 0..n_docs {
+            let (idx, val) = csr.row(i);
+            let z = &mut logits[..rows];
+            for r in 0..rows {
+                let dot: f64 = idx
+                    .iter()
+                    .enumerate()
+                    .map(|(p, &j)| u[j as usize * rows + r] * val[p * rows + r] as f64)
+                    .sum();
+                z[r] = (bias[r] as f64 + dot) as f32;
+            }
+            link.residuals(z, labels[i], &mut g);
+            for r in 0..rows {
+                g_doc[i * rows + r] = g[r] as f64;
+                grad_sum_bias[r] += g[r] as f64;
+            }
+        }
+    }
+    let taken = if steps == 0 { n_docs } else { steps as usize }.max(1) as f64;
     let mut grad_sum = vec![0.0f64; n * rows];
     for i in 0..n_docs {
         let gi = &g_doc[i * rows..(i + 1) * rows];
@@ -908,9 +950,60 @@ mod tests {
             let untouched = (0..dim as u32).find(|j| !touched.contains(j)).unwrap() as usize;
             for r in 0..rows {
                 let at = r * dim + untouched;
-                assert_eq!(sparse.weight[at], drift.apply(0.0, corr.weight[at]));
-                assert_ne!(sparse.weight[at], 0.0);
+                assert_eq!(
+                    sparse.weight[at],
+                    drift.apply(model.weight[at], corr.weight[at])
+                );
+                assert_ne!(sparse.weight[at], model.weight[at]);
             }
+        }
+    }
+
+    #[test]
+    fn the_gradient_round_writes_the_exact_gradient_and_moves_nothing() {
+        for (mut model, docs, labels) in [
+            toy(),
+            toy3(Multiclass::Softmax),
+            toy3(Multiclass::OneVsRest),
+        ] {
+            // Away from the start, so every row's gradient is its own.
+            for (j, w) in model.weight.iter_mut().enumerate() {
+                *w += (j % 7) as f32 * 0.05 - 0.1;
+            }
+            let link = model.config.link();
+            let args = TrainArgs::default();
+            let cfg = args.config(GRADIENT_ROUND, 3, model.config.classes());
+            assert_eq!(
+                cfg.steps_for(docs.len()),
+                0,
+                "{link:?}: the gradient round steps"
+            );
+            assert_ne!(args.config(GRADIENT_ROUND + 1, 3, 2).steps, 0);
+            let fedavg = TrainArgs {
+                algorithm: Algorithm::FedAvg,
+                ..TrainArgs::default()
+            };
+            assert_ne!(
+                fedavg.config(GRADIENT_ROUND, 3, 2).steps,
+                0,
+                "FedAvg has none"
+            );
+            let corr = correction(model.config.rows(), model.config.dim());
+            let mut trained = model.clone();
+            let out = train_sparse(&mut trained, &docs, &labels, &cfg, Some(&corr), |_| {});
+            assert_eq!(
+                trained, model,
+                "{link:?}: the gradient round moved the model"
+            );
+            assert!(out.epochs.is_empty());
+            let (g, g_bias) = crate::control::shard_gradient(&model, &docs, &labels);
+            assert!(
+                max_diff(&g, &out.mean_grad) < 1e-6,
+                "{link:?}: the gradients differ by {}",
+                max_diff(&g, &out.mean_grad)
+            );
+            assert!(max_diff(&g_bias, &out.mean_grad_bias) < 1e-6);
+            assert!(g.iter().any(|&x| x != 0.0));
         }
     }
 

@@ -446,8 +446,23 @@ fn print_round(
     seconds: f64,
     recomputed: bool,
 ) -> Result<()> {
+    let updates: Vec<Option<UpdateReport>> = (0..workers)
+        .map(|shard| {
+            report
+                .shards
+                .contains(&shard)
+                .then(|| read_json(&layout.update_report(round, shard)))
+                .transpose()
+        })
+        .collect::<Result<_>>()?;
+    let gradient = updates
+        .iter()
+        .flatten()
+        .any(|u| u.train.is_some_and(|tc| tc.steps == 0 && tc.epochs == 0));
     let what = if round == 0 {
-        "statistics (untrained model)"
+        "statistics (the starting model)"
+    } else if gradient {
+        "gradients at the starting model (no steps)"
     } else {
         "training"
     };
@@ -461,15 +476,14 @@ fn print_round(
         "  {:>5}  {:>7}  {:>8}  {:>9}  {:>7}",
         "shard", "reviews", "loss", "local acc", "seconds"
     );
-    for shard in 0..workers {
-        if !report.shards.contains(&shard) {
+    for (shard, u) in updates.iter().enumerate() {
+        let Some(u) = u else {
             println!(
                 "  {shard:>5}  {:>7}  (no update: left out under the quorum)",
                 "-"
             );
             continue;
-        }
-        let u: UpdateReport = read_json(&layout.update_report(round, shard))?;
+        };
         match u.epochs.last() {
             Some(e) => println!(
                 "  {shard:>5}  {:>7}  {:>8.4}  {:>9.4}  {:>7.2}",

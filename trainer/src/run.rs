@@ -384,6 +384,13 @@ fn train_shard_with(
     tc: &TrainConfig,
     correction: Option<&Correction>,
 ) -> Result<Trained> {
+    // The gradient round takes no steps, only one pass for the exact gradient: the sparse
+    // engine's, on the CPU, whatever the device (a GPU would save nothing there).
+    let engine = if tc.steps_for(data.len()) == 0 {
+        Engine::Sparse
+    } else {
+        engine
+    };
     let trained = match engine {
         Engine::Sparse => {
             let mut weight = local.gather(base.tensor(WEIGHT));
