@@ -21,7 +21,7 @@
 //! (sentiment, or rating: IMDB's 8 star ratings), `MULTI` (softmax,one-vs-rest: the K-class
 //! link; every one runs). Server Adam on SCAFFOLD: `SADAM` (η; 0: off), `TAU` (τ), `B1`,
 //! `B2` (its moments' decays), `YOGI` (1: Yogi's second moment), `SADAM_FROM` (first round it
-//! steps). Starting point: `INIT_W` (every weight starts at this value: the naive-Bayes
+//! steps), `SADAM_BIAS` (1: the biases take the Adam step too, instead of the average). Starting point: `INIT_W` (every weight starts at this value: the naive-Bayes
 //! classifier scaled; default the pipeline's `model::start_weight`, 0.2 for two classes and
 //! 0 for more; round 1's controls are the exact gradients there, as the pipeline's gradient
 //! round gives them, and `ROUNDS` counts the training rounds after it), `INIT_AT0` (1: round 1's control variates at zero
@@ -346,6 +346,7 @@ fn simulate(
     let mut m = vec![0f32; dim];
     let mut v = vec![0f32; dim];
     let mut m_b = vec![0f32; rows];
+    let mut v_b = vec![0f32; rows];
     let mut line = String::new();
     let pow: f32 = env_list("POW", "0")[0];
     let full_grad = |w: &[f32], b: &[f32], xs: &[Vec<u32>], ys: &[u8]| {
@@ -511,8 +512,22 @@ fn simulate(
                 };
                 *wj += sadam * *mj / (vj.sqrt() + tau);
             }
-            for (bb, d) in b.iter_mut().zip(&db) {
-                *bb += *d as f32;
+            if env_list::<u8>("SADAM_BIAS", "0")[0] == 1 {
+                // SADAM_BIAS=1: the biases take the same Adam step as the weights.
+                for ((mb, vb), (bb, d)) in m_b
+                    .iter_mut()
+                    .zip(v_b.iter_mut())
+                    .zip(b.iter_mut().zip(&db))
+                {
+                    let d = *d as f32;
+                    *mb = b1 * *mb + (1.0 - b1) * d;
+                    *vb = b2 * *vb + (1.0 - b2) * d * d;
+                    *bb += sadam * *mb / (vb.sqrt() + tau);
+                }
+            } else {
+                for (bb, d) in b.iter_mut().zip(&db) {
+                    *bb += *d as f32;
+                }
             }
         } else if algo == "fedavgm" || env_list::<f32>("SMOM", "0")[0] > 0.0 {
             let mom = if algo == "fedavgm" {
