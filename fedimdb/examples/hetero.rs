@@ -24,10 +24,11 @@
 //! steps), `SADAM_BIAS` (1: the biases take the Adam step too, instead of the average). Starting point: `INIT_W` (every weight starts at this value: the naive-Bayes
 //! classifier scaled; default the pipeline's `model::start_weight`, 0.2 for two classes and
 //! 0 for more; round 1's controls are the exact gradients there, as the pipeline's gradient
-//! round gives them, and `ROUNDS` counts the training rounds after it), `INIT_AT0` (1: round 1's control variates at zero
-//! weights, as round 0's counts give them, whatever `INIT_W`). `TAIL` (1: score the running
+//! round gives them, and `ROUNDS` counts the training rounds after it), `INIT_AT0` (1: round
+//! 1's control variates at zero weights, as round 0's counts give them, whatever `INIT_W`). `TAIL` (1: score the running
 //! average of the global models instead), `DIAG` (1: share predicted positive and the
-//! accuracy at the best bias).
+//! accuracy at the best bias; on the training reviews, the share predicted positive and the
+//! mean residual).
 
 use std::io::Read;
 
@@ -238,10 +239,20 @@ fn main() {
                 }
                 best = best.max(correct);
             }
+            // On the training reviews: the share predicted positive and the mean residual
+            // (zero where the bias is at its optimum for these weights).
+            let (mut tpos, mut resid) = (0usize, 0f64);
+            for (x, &y) in xtr.iter().zip(&ytr) {
+                let z = s.logits(x)[0];
+                tpos += usize::from(z > 0.0);
+                resid += fedimdb::model::sigmoid(z) as f64 - y as f64;
+            }
             format!(
-                "pos {:.1}% best-bias {:.2}",
+                "pos {:.1}% best-bias {:.2} train-pos {:.1}% train-resid {:+.4}",
                 pos * 100.0,
-                best as f64 / z.len() as f64 * 100.0
+                best as f64 / z.len() as f64 * 100.0,
+                tpos as f64 / xtr.len() as f64 * 100.0,
+                resid / xtr.len() as f64
             )
         };
         let rounds: u32 = env_list("ROUNDS", "5")[0];

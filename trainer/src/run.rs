@@ -586,5 +586,24 @@ mod tests {
             local.gather(base.tensor(WEIGHT)),
             "nothing trained"
         );
+
+        // The gradient round takes no steps, on any device: both engines write the shard's
+        // exact gradient at the base model and leave its weights as they were.
+        let gradient = TrainConfig {
+            steps: 0,
+            epochs: 0,
+            ..tc
+        };
+        let run = |engine| {
+            train_shard_with(engine, base.clone(), &local, &data, &gradient, None).unwrap()
+        };
+        let (sparse, candle) = (run(Engine::Sparse), run(Engine::Candle(&Device::Cpu)));
+        assert_eq!(sparse.weight, local.gather(base.tensor(WEIGHT)));
+        assert_eq!(candle.weight, sparse.weight);
+        assert_eq!(candle.mean_grad, sparse.mean_grad);
+        let model = base.clone().into_model().unwrap();
+        let (g, g_bias) = fedimdb::control::shard_gradient(&model, &data.features, &data.labels);
+        assert!(diff(&local.gather(&g), &sparse.mean_grad) < 1e-6);
+        assert!(diff(&g_bias, &sparse.mean_grad_bias) < 1e-6);
     }
 }
