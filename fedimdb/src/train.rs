@@ -151,7 +151,7 @@ impl TrainArgs {
     /// Worker `shard`'s training config in `round`, for data with `classes` classes: no
     /// steps in SCAFFOLD's gradient round ([`GRADIENT_ROUND`]).
     pub fn config(&self, round: u32, shard: usize, classes: usize) -> TrainConfig {
-        let gradient = self.algorithm == Algorithm::Scaffold && round == GRADIENT_ROUND;
+        let gradient = self.is_gradient_round(round);
         TrainConfig {
             algorithm: self.algorithm,
             steps: if self.epochs.is_some() || gradient {
@@ -169,6 +169,11 @@ impl TrainArgs {
             schedule: self.schedule,
             seed: worker_seed(self.seed, round, shard),
         }
+    }
+
+    /// Whether `round` is SCAFFOLD's gradient round under these flags ([`GRADIENT_ROUND`]).
+    pub fn is_gradient_round(&self, round: u32) -> bool {
+        self.algorithm == Algorithm::Scaffold && round == GRADIENT_ROUND
     }
 
     /// The same flags as command-line arguments, for a worker process or a Job.
@@ -219,6 +224,12 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// A round of no steps at all, whatever the shard: the gradient round's config, as
+    /// [`TrainArgs::config`] makes it and update reports record it.
+    pub fn takes_no_steps(&self) -> bool {
+        self.steps == 0 && self.epochs == 0
+    }
+
     /// The number of SGD steps this config takes on a shard of `n` reviews.
     pub fn steps_for(&self, n: usize) -> u64 {
         if self.steps > 0 {
@@ -978,6 +989,8 @@ mod tests {
                 0,
                 "{link:?}: the gradient round steps"
             );
+            assert!(cfg.takes_no_steps() && args.is_gradient_round(GRADIENT_ROUND));
+            assert!(!args.is_gradient_round(GRADIENT_ROUND + 1));
             assert_ne!(args.config(GRADIENT_ROUND + 1, 3, 2).steps, 0);
             let fedavg = TrainArgs {
                 algorithm: Algorithm::FedAvg,

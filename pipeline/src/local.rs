@@ -458,7 +458,7 @@ fn print_round(
     let gradient = updates
         .iter()
         .flatten()
-        .any(|u| u.train.is_some_and(|tc| tc.steps == 0 && tc.epochs == 0));
+        .any(|u| u.train.is_some_and(|tc| tc.takes_no_steps()));
     let what = if round == 0 {
         "statistics (the starting model)"
     } else if gradient {

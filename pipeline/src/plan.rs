@@ -18,7 +18,7 @@ use fedimdb::model::ModelArgs;
 use fedimdb::partition::PartitionArgs;
 use fedimdb::retention::RetentionArgs;
 use fedimdb::strategy::StrategyArgs;
-use fedimdb::train::{Algorithm, GRADIENT_ROUND, TrainArgs, defaults};
+use fedimdb::train::{GRADIENT_ROUND, TrainArgs, defaults};
 
 /// The flags of a run, flattened into `pipeline local` and `pipeline k8s`.
 #[derive(Debug, Clone, ClapArgs)]
@@ -82,7 +82,7 @@ impl RunArgs {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.workers >= 1, "--workers must be at least 1");
         ensure!(self.rounds >= 1, "--rounds must be at least 1");
-        if self.train.algorithm == Algorithm::Scaffold && self.rounds <= GRADIENT_ROUND {
+        if self.train.is_gradient_round(self.rounds) {
             tracing::warn!(
                 "--rounds {}: with SCAFFOLD round {GRADIENT_ROUND} is the gradient round, which \
                  takes no steps, so this run trains nothing past the naive-Bayes start; \

@@ -386,7 +386,7 @@ fn train_shard_with(
 ) -> Result<Trained> {
     // The gradient round takes no steps, only one pass for the exact gradient: the sparse
     // engine's, on the CPU, whatever the device (a GPU would save nothing there).
-    let engine = if tc.steps_for(data.len()) == 0 {
+    let engine = if tc.takes_no_steps() {
         Engine::Sparse
     } else {
         engine
