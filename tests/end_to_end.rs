@@ -50,6 +50,16 @@ fn reduced_pipeline_run_learns_and_publishes_a_consistent_model() {
         "round 0's starting model scored {first}, the final one {last}"
     );
     assert_eq!(rounds[1]["test_accuracy"].as_f64().unwrap(), first);
+    // Its aggregator finds the combined model equal to round 0's bit for bit and keeps round
+    // 0's verified metrics, all of them, instead of scoring the test set again.
+    let layout = Layout::new(&root);
+    let reports = [0, 1].map(|r| fedimdb::verify::read_round_report(&layout, r).unwrap());
+    assert_eq!(reports[1].test, reports[0].test);
+    let log = std::fs::read_to_string(root.join("logs/round-0001-aggregator.log")).unwrap();
+    assert!(
+        log.contains("bit for bit") && !log.contains("evaluated on the test set"),
+        "{log}"
+    );
     assert!(
         stdout.contains("round 1: gradients at the starting model (no steps)"),
         "{stdout}"
@@ -83,7 +93,6 @@ fn reduced_pipeline_run_learns_and_publishes_a_consistent_model() {
     assert!(table[4].starts_with("done: test accuracy"), "{stdout}");
     assert!(report["seconds_total"].as_f64().unwrap() > 0.0);
 
-    let layout = Layout::new(&root);
     for f in [
         layout.shard(0),
         layout.shard(2),

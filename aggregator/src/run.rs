@@ -24,7 +24,7 @@ use fedimdb::server_optimizer::{Moments, ServerOptimizer};
 use fedimdb::train::{Drift, TrainConfig};
 use fedimdb::verify::{
     check_latest, check_round, load_control, load_global, load_moments, load_update,
-    read_round_report, read_verified, superseded,
+    read_round_report, read_update_report, read_verified, superseded,
 };
 use tracing::{info, warn};
 
@@ -98,6 +98,10 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
         // A count sum is not an average: robust statistics of counts is future work.
         info!(%strategy, "round 0 sums the workers' feature counts whatever the strategy; it applies from round 1");
     }
+    // A round of updates that all took no steps (SCAFFOLD's gradient round) should leave the
+    // model as it was; if it does (checked after combining), the base model's verified test
+    // metrics are its metrics, and the test set is neither read nor featurised for it.
+    let expect_base = round > 0 && took_no_steps(&layout, round, &updates)?;
     let test_path = layout.test_set();
     // The test set is read from the start, and featurised on its own thread as soon as the
     // model's config is known, while the updates are read and combined.
@@ -105,9 +109,19 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
         let (config_tx, config_rx) = std::sync::mpsc::channel::<ModelConfig>();
         let (path, entry) = (&test_path, &manifest.test);
         let test_job = scope.spawn(move || -> Result<Option<Featurized>> {
-            let reviews = load_reviews(path, Some(entry))?;
-            // No config comes when combining failed: its error is the one to report.
-            Ok(config_rx.recv().ok().map(|config| {
+            let early = (!expect_base)
+                .then(|| load_reviews(path, Some(entry)))
+                .transpose()?;
+            // No config comes when combining failed, whose error is the one to report, or
+            // when the model is its base, whose metrics are reused.
+            let Ok(config) = config_rx.recv() else {
+                return Ok(None);
+            };
+            let reviews = match early {
+                Some(reviews) => reviews,
+                None => load_reviews(path, Some(entry))?,
+            };
+            Ok(Some({
                 if round == 0 && start_weight(config.classes()) == 0.0 {
                     // A K-class model starts with every weight at zero, so a review's
                     // logits are the biases whatever its buckets (checked below): the same
@@ -118,6 +132,8 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
                 }
             }))
         });
+        // Rounds ≥ 1: the base model's metrics, when the combined model is the base.
+        let mut base_metrics = None;
         let mut start_test = move |config: ModelConfig| {
             // The receiver takes the first config; it is gone only if the job failed,
             // whose error the join below reports.
@@ -129,28 +145,42 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
                 None,
             ),
             Some(prev) => {
-                let base = load_global(&layout, prev)
-                    .with_context(|| format!("cannot aggregate round {round}: the global model of round {prev} is missing or damaged"))?
-                    .0;
-                start_test(base.header.config);
+                let (base, base_report) = load_global(&layout, prev)
+                    .with_context(|| format!("cannot aggregate round {round}: the global model of round {prev} is missing or damaged"))?;
+                let config = base.header.config;
+                if !expect_base {
+                    start_test(config);
+                }
                 let base_sha256 = base.sha256.clone();
                 let optimizer = optimizer.expect("rounds ≥ 1 have one");
                 let combined = combine_updates(
                     &layout, &manifest, round, base, &updates, strategy, optimizer,
                 )?;
+                if combined.moved {
+                    start_test(config); // no-op when sent already
+                } else {
+                    info!(
+                        round,
+                        accuracy = format!("{:.4}", base_report.test.accuracy),
+                        "the combined model is round {prev}'s, bit for bit: its test metrics stand"
+                    );
+                    base_metrics = Some(base_report.test);
+                }
                 (combined, Some(base_sha256))
             }
         };
         drop(start_test); // the sender: a job still waiting for a config stops
-        let test = test_job
-            .join()
-            .expect("test featurizer panicked")?
-            .expect("the config was sent before the sender was dropped");
+        let featurized = test_job.join().expect("test featurizer panicked")?;
+        let test = match (base_metrics, featurized) {
+            (Some(metrics), _) => TestScores::Base(metrics),
+            (None, Some(test)) => TestScores::Score(test),
+            (None, None) => unreachable!("the config was sent before the sender was dropped"),
+        };
         Ok((combined, base_sha256, test))
     })?;
     ensure!(
         round > 0
-            || test.features.iter().any(|f| !f.is_empty())
+            || matches!(&test, TestScores::Score(t) if t.features.iter().any(|f| !f.is_empty()))
             || combined.model.tensor(WEIGHT).iter().all(|&w| w == 0.0),
         "round 0's model has weights other than zero, so the test set must be featurised to \
          score it; this is a bug in the aggregator"
@@ -160,7 +190,7 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
         &manifest,
         round,
         combined,
-        &test,
+        test,
         RoundFacts {
             label,
             optimizer,
@@ -171,6 +201,26 @@ pub fn volume(root: &Path, round: u32, args: &Args) -> Result<Outcome> {
     )?;
     prune(&layout, round, args)?;
     Ok(outcome(Status::Done, round, accuracy))
+}
+
+/// Whether every update of `round` in `updates` says it took no steps (its report's
+/// training config).
+fn took_no_steps(layout: &Layout, round: u32, updates: &BTreeMap<usize, PathBuf>) -> Result<bool> {
+    for &shard in updates.keys() {
+        let report = read_update_report(layout, round, shard)?;
+        if !report.train.is_some_and(|t| t.takes_no_steps()) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Where a round's test metrics come from.
+enum TestScores {
+    /// The test set, featurised: the model is scored on it.
+    Score(Featurized),
+    /// The model is the base model, bit for bit: the base's verified metrics.
+    Base(Metrics),
 }
 
 fn outcome(status: Status, round: u32, accuracy: f64) -> Outcome {
@@ -289,6 +339,8 @@ struct Combined {
     samples: Vec<u64>,
     update_sha256: Vec<String>,
     update_bytes: Vec<u64>,
+    /// Whether the model differs from the round's base (always, in round 0).
+    moved: bool,
 }
 
 /// Loads a worker's file of `round`, verified, and refuses one that is not the shard's own
@@ -400,6 +452,7 @@ fn combine_statistics(
         samples,
         update_sha256,
         update_bytes,
+        moved: true,
     })
 }
 
@@ -474,7 +527,12 @@ fn combine_updates(
     // The fills are gone with the combiner: the global weights are this function's alone.
     let mut weight = Arc::try_unwrap(x).unwrap_or_else(|x| x.as_ref().clone());
     let mut moments = server_moments(layout, prev, optimizer, weight.len())?;
+    let before = weight.clone();
     optimizer.step(&mut weight, &target, moments.as_mut());
+    let moved = weight != before
+        || combined
+            .iter()
+            .any(|(name, v)| base.tensors.get(name).is_none_or(|b| **b != **v));
     combined.insert(WEIGHT.to_owned(), weight);
     for (name, v) in combined {
         base.tensors.insert(name, v.into());
@@ -487,6 +545,7 @@ fn combine_updates(
         samples,
         update_sha256,
         update_bytes,
+        moved,
     })
 }
 
@@ -633,7 +692,7 @@ fn finish_round(
     manifest: &DataManifest,
     round: u32,
     combined: Combined,
-    test: &Featurized,
+    test: TestScores,
     facts: RoundFacts,
 ) -> Result<f64> {
     let Combined {
@@ -644,17 +703,24 @@ fn finish_round(
         samples,
         update_sha256,
         update_bytes,
+        moved: _,
     } = combined;
     let config = model.header.config;
     std::thread::scope(|scope| -> Result<f64> {
         let (control, moments) = (&control, moments.as_ref());
         let writer = scope.spawn(move || write_state(layout, round, config, control, moments));
-        let metrics = evaluate(&model.scorer()?, test);
-        info!(
-            round,
-            accuracy = format!("{:.4}", metrics.accuracy),
-            "evaluated on the test set"
-        );
+        let metrics = match test {
+            TestScores::Score(test) => {
+                let metrics = evaluate(&model.scorer()?, &test);
+                info!(
+                    round,
+                    accuracy = format!("{:.4}", metrics.accuracy),
+                    "evaluated on the test set"
+                );
+                metrics
+            }
+            TestScores::Base(metrics) => metrics,
+        };
         let mut history = model
             .header
             .card
