@@ -219,8 +219,23 @@ impl Combiner {
     /// its bias), the other buckets given by `fill`. FedAvg adds the dense weights it stands
     /// for to its sum; the robust rules keep it sparse.
     pub fn add_sparse(&mut self, ck: &Checkpoint, fill: Fill, weight: f64) -> Result<()> {
-        let (values, bias) = (ck.tensor(WEIGHT), ck.tensor(BIAS).to_vec());
         let index = flat_index(&ck.index, ck.header.config.rows(), ck.header.config.dim());
+        self.add_parts(index, ck.tensor(WEIGHT), ck.tensor(BIAS), fill, weight)
+    }
+
+    /// Adds a sparse table given by its parts, as [`Self::add_sparse`] adds an update's:
+    /// `values` at the ascending row-major places `index` ([`flat_index`]), `fill` at the
+    /// others, and `bias`. The aggregator combines the workers' gradients (the control
+    /// variate) this way too.
+    pub fn add_parts(
+        &mut self,
+        index: Vec<u32>,
+        values: &[f32],
+        bias: &[f32],
+        fill: Fill,
+        weight: f64,
+    ) -> Result<()> {
+        let bias = bias.to_vec();
         match self {
             Combiner::Streaming(sum) => {
                 let shapes = [(BIAS, bias.len()), (WEIGHT, fill.base.len())];

@@ -16,7 +16,7 @@ use fedimdb::dataset::{Featurized, featurize_all, load_reviews};
 use fedimdb::layout::Layout;
 use fedimdb::manifest::DataManifest;
 use fedimdb::metrics::Metrics;
-use fedimdb::model::{ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT, start_weight};
+use fedimdb::model::{BIAS, ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT, start_weight};
 use fedimdb::outcome::{Outcome, Status};
 use fedimdb::report::RoundReport;
 use fedimdb::retention;
@@ -479,7 +479,7 @@ fn combine_updates(
     let n_total = manifest.train_rows() as f64;
     let mut sum = Combiner::new(strategy);
     let (rows, dim) = (config.rows(), config.dim());
-    let mut controls = ControlSum::new(rows, dim);
+    let mut controls = Controls::new(strategy, rows, dim);
     let (mut samples, mut update_sha256, mut update_bytes, mut seen) =
         (Vec::new(), Vec::new(), Vec::new(), BTreeMap::new());
     let mut sources = prev_control.sources.clone();
@@ -491,12 +491,14 @@ fn combine_updates(
             update_fill(layout, round, &ck, &base, &x, (&d, &prev_sha)).with_context(refusing)?;
         sum.add_sparse(&ck, fill, h.samples as f64)
             .with_context(refusing)?;
-        controls.add_sparse(
-            &flat_index(&ck.index, rows, dim),
-            ck.tensor(GRAD_WEIGHT),
-            ck.tensor(GRAD_BIAS),
-            h.samples as f64 / n_total,
-        );
+        controls
+            .add(
+                flat_index(&ck.index, rows, dim),
+                ck.tensor(GRAD_WEIGHT),
+                ck.tensor(GRAD_BIAS),
+                h.samples as f64 / n_total,
+            )
+            .with_context(refusing)?;
         sources[shard] = round;
         samples.push(h.samples);
         update_sha256.push(ck.sha256.clone());
@@ -506,14 +508,14 @@ fn combine_updates(
     // A shard missing from this round keeps its newest gradient in the control variate.
     for shard in (0..manifest.workers).filter(|s| !updates.contains_key(s)) {
         let (index, g, g_bias) = worker_control(layout, &prev_control, shard, &ratio, &config)?;
-        controls.add_sparse(
-            &flat_index(&index, rows, dim),
+        controls.add(
+            flat_index(&index, rows, dim),
             &g,
             &g_bias,
             manifest.shards[shard].rows as f64 / n_total,
-        );
+        )?;
     }
-    let (weight, bias) = controls.finish();
+    let (weight, bias) = controls.finish()?;
     let control = Control {
         weight: weight.into(),
         bias,
@@ -619,6 +621,68 @@ fn update_fill(
         base: Arc::clone(x),
         drift,
     })
+}
+
+/// How the shards' newest gradients combine into the control variate: with the round's
+/// strategy, like the weights. FedAvg takes SCAFFOLD's sample-weighted mean. The robust rules
+/// take their coordinate-wise median or trimmed mean (unweighted, a gradient being zero at
+/// the buckets its shard never reads): the control corrects every worker's steps in the next
+/// round, so a mean would let one worker's wild gradients steer all of them, whatever the rule
+/// kept out of the weights.
+enum Controls {
+    Mean(ControlSum),
+    Robust {
+        combiner: Combiner,
+        /// Zeros, model-sized: a gradient's value at the buckets it does not list.
+        zeros: Arc<Vec<f32>>,
+    },
+}
+
+impl Controls {
+    fn new(strategy: Strategy, rows: usize, dim: usize) -> Self {
+        match strategy {
+            Strategy::FedAvg => Controls::Mean(ControlSum::new(rows, dim)),
+            _ => Controls::Robust {
+                combiner: Combiner::new(strategy),
+                zeros: Arc::new(fedimdb::dense::zeros(rows * dim)),
+            },
+        }
+    }
+
+    /// Adds one shard's gradient: `values` at the row-major places `index`, and `bias`; `p`
+    /// is the shard's share of the training reviews (the mean's weight).
+    fn add(&mut self, index: Vec<u32>, values: &[f32], bias: &[f32], p: f64) -> Result<()> {
+        match self {
+            Controls::Mean(sum) => {
+                sum.add_sparse(&index, values, bias, p);
+                Ok(())
+            }
+            Controls::Robust { combiner, zeros } => {
+                let fill = Fill {
+                    base: zeros.clone(),
+                    drift: None,
+                };
+                combiner.add_parts(index, values, bias, fill, p)
+            }
+        }
+    }
+
+    /// The control variate's weights and biases.
+    fn finish(self) -> Result<(Vec<f32>, Vec<f32>)> {
+        match self {
+            Controls::Mean(sum) => Ok(sum.finish()),
+            Controls::Robust { combiner, .. } => {
+                let mut c = combiner.combine()?;
+                let weight = c
+                    .remove(WEIGHT)
+                    .context("the combined control has no weights")?;
+                let bias = c
+                    .remove(BIAS)
+                    .context("the combined control has no biases")?;
+                Ok((weight, bias))
+            }
+        }
+    }
 }
 
 /// A running weighted sum of control variates, in f64 (row-major weights, a bias per row).
