@@ -458,7 +458,8 @@ fn combine_statistics(
 
 /// Rounds ≥ 1: each worker's trained weights, completed where its sparse update is silent
 /// by the drift every untouched bucket took ([`Drift`]), combined with `strategy`; and the
-/// control variate as the sample-weighted mean of every shard's newest gradient.
+/// control variate, the newest gradients of the shards it holds (this round's, and missing
+/// ones that still stand in: `Control::holds`) combined the same way ([`Controls`]).
 fn combine_updates(
     layout: &Layout,
     manifest: &DataManifest,
@@ -476,7 +477,13 @@ fn combine_updates(
     // Shared by every update's fill; nothing else reads the old control's weights.
     let d = Arc::new(std::mem::take(&mut prev_control.weight));
     let ratio = base.tensor(NB_RATIO).to_vec();
-    let n_total = manifest.train_rows() as f64;
+    // The shards in the new control variate's mean: this round's, and the missing ones whose
+    // newest gradient still stands in (`fedimdb::control::STAND_IN_ROUNDS`).
+    let in_mean = |s: usize| updates.contains_key(&s) || prev_control.holds(s, round);
+    let n_total = (0..manifest.workers)
+        .filter(|&s| in_mean(s))
+        .map(|s| manifest.shards[s].rows)
+        .sum::<usize>() as f64;
     let mut sum = Combiner::new(strategy);
     let (rows, dim) = (config.rows(), config.dim());
     let mut controls = Controls::new(strategy, rows, dim);
@@ -487,8 +494,10 @@ fn combine_updates(
         let (ck, bytes) = load_checked(layout, manifest, round, shard, Kind::Update, &mut seen)?;
         let h = &ck.header;
         let refusing = || format!("refusing {}", layout.update(round, shard).display());
-        let fill =
-            update_fill(layout, round, &ck, &base, &x, (&d, &prev_sha)).with_context(refusing)?;
+        // A worker whose gradient the control did not hold trained without a correction.
+        let corrected = prev_control.holds(shard, prev);
+        let fill = update_fill(layout, round, &ck, &base, &x, (&d, &prev_sha, corrected))
+            .with_context(refusing)?;
         sum.add_sparse(&ck, fill, h.samples as f64)
             .with_context(refusing)?;
         controls
@@ -505,8 +514,17 @@ fn combine_updates(
         update_bytes.push(bytes);
         info!(shard, samples = h.samples, bytes, "update accepted");
     }
-    // A shard missing from this round keeps its newest gradient in the control variate.
+    // A shard missing from this round stands in with its newest gradient while that is
+    // recent; after that its gradient leaves the mean until the shard is back.
     for shard in (0..manifest.workers).filter(|s| !updates.contains_key(s)) {
+        if !in_mean(shard) {
+            info!(
+                shard,
+                since = prev_control.sources[shard],
+                "the shard's newest gradient is too old to stand in the control variate: left out of its mean until the shard is back"
+            );
+            continue;
+        }
         let (index, g, g_bias) = worker_control(layout, &prev_control, shard, &ratio, &config)?;
         controls.add(
             flat_index(&index, rows, dim),
@@ -589,7 +607,7 @@ fn update_fill(
     ck: &Checkpoint,
     base: &Checkpoint,
     x: &Arc<Vec<f32>>,
-    (prev_control, prev_sha): (&Arc<Values>, &str),
+    (prev_control, prev_sha, corrected): (&Arc<Values>, &str, bool),
 ) -> Result<Fill> {
     let prev = round - 1;
     let h = &ck.header;
@@ -605,8 +623,10 @@ fn update_fill(
         layout.global_model(prev).display()
     );
     let tc: TrainConfig = h.train.context("its header has no training config")?;
-    // The correction the worker applied to every bucket it never read.
+    // The correction the worker applied to every bucket it never read: none when the control
+    // variate did not hold its gradient (`Control::holds`).
     let drift = match &h.control_sha256 {
+        Some(sha) if sha == prev_sha && !corrected => None,
         Some(sha) if sha == prev_sha => Some((
             Arc::clone(prev_control),
             Drift::new(tc.steps_for(h.samples as usize), tc.lr, tc.schedule),

@@ -171,6 +171,21 @@ pub fn shard_gradient(model: &Model, docs: &[Vec<u32>], labels: &[u8]) -> (Vec<f
     )
 }
 
+/// How many rounds a shard missing from a round still stands in the control variate's mean
+/// with its newest gradient: one.
+///
+/// SCAFFOLD keeps an absent worker's control variate in the global one. That suits a worker
+/// that misses a round: its gradient of the round before is a fair stand-in for the one it did
+/// not send. A worker gone for longer leaves a gradient of a model the run has left, and its
+/// share of the mean turns every other worker's correction towards that model: with one of 5
+/// workers gone from round 1 on (its gradient the round-0 one, at zero weights), `--min-workers
+/// 4` runs ended 1.9 points below their clean run on the test set (docs/BENCHMARKS.md). After
+/// this many rounds the gradient leaves the mean, which is then over the shards it holds
+/// ([`Control::holds`]); the shard's own gradient stays on the volume, and when the shard
+/// comes back it trains one round without a correction (its `c_i` taken as `c`), so the
+/// corrections of the round still sum to zero, and its fresh gradient joins the mean again.
+pub const STAND_IN_ROUNDS: u32 = 1;
+
 /// The global control variate of a round, with the round each shard's part came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Control {
@@ -184,6 +199,16 @@ pub struct Control {
 }
 
 impl Control {
+    /// Whether the control variate of round `round` holds shard `shard`'s newest gradient in
+    /// its mean: the shard sent it in that round or, missing, at most [`STAND_IN_ROUNDS`]
+    /// before. The sources and the round decide it, so the trainers and the aggregator agree
+    /// without another record.
+    pub fn holds(&self, shard: usize, round: u32) -> bool {
+        self.sources
+            .get(shard)
+            .is_some_and(|&source| round.saturating_sub(source) <= STAND_IN_ROUNDS)
+    }
+
     /// The untrained model's biases, at which every `c_i` of round-0 statistics is taken.
     pub fn bias0(&self, link: Link) -> Vec<f32> {
         link.prior(&self.class_samples)

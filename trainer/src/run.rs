@@ -108,7 +108,13 @@ pub fn volume(
             // The round reads and writes only the shard's own buckets.
             let local = LocalShard::new(&data.features, base.tensor(NB_RATIO), config.rows());
             let correction = match &inputs.control {
-                Some((control, _)) => Some(correction(&layout, control, shard, &local, &base)?),
+                Some((control, _)) => Some(correction(
+                    &layout,
+                    (control, round - 1),
+                    shard,
+                    &local,
+                    &base,
+                )?),
                 None => None,
             };
             let mut header = Header::new(Kind::Update, config, round);
@@ -236,11 +242,13 @@ impl Inputs {
     }
 }
 
-/// SCAFFOLD's correction for worker `shard` at its buckets: the global control variate
-/// minus its own, row by row.
+/// SCAFFOLD's correction for worker `shard` at its buckets: the global control variate (of
+/// round `control_round`) minus its own, row by row. Zero when the control does not hold the
+/// shard's gradient (`Control::holds`: the shard was away too long), as if its own were the
+/// global one, so that the corrections of the round still sum to zero.
 fn correction(
     layout: &Layout,
-    control: &Control,
+    (control, control_round): (&Control, u32),
     shard: usize,
     local: &LocalShard,
     base: &Checkpoint,
@@ -253,6 +261,17 @@ fn correction(
         config.rows(),
         config.dim()
     );
+    if !control.holds(shard, control_round) {
+        info!(
+            shard,
+            since = control.sources.get(shard).copied(),
+            "the control variate no longer holds this shard's gradient (the shard was away): this round trains without a correction"
+        );
+        return Ok(Correction {
+            weight: vec![0.0; config.rows() * local.touched.len()],
+            bias: vec![0.0; config.rows()],
+        });
+    }
     let (index, values, own_bias) =
         worker_control(layout, control, shard, base.tensor(NB_RATIO), config)?;
     let own: Vec<f32> = values
