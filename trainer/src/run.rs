@@ -108,6 +108,9 @@ pub fn volume(
             // The round reads and writes only the shard's own buckets.
             let local = LocalShard::new(&data.features, base.tensor(NB_RATIO), config.rows());
             let correction = match &inputs.control {
+                // A round of no steps (the gradient round) has nothing to correct: its pass
+                // only measures the gradient at the model it was given.
+                Some(_) if tc.takes_no_steps() => None,
                 Some((control, _)) => Some(correction(
                     &layout,
                     (control, round - 1),
