@@ -547,9 +547,7 @@ fn combine_updates(
     // The fills are gone with the combiner: the global weights are this function's alone.
     let mut weight = Arc::try_unwrap(x).unwrap_or_else(|x| x.as_ref().clone());
     let mut moments = server_moments(layout, prev, optimizer, weight.len())?;
-    let before = weight.clone();
-    optimizer.step(&mut weight, &target, moments.as_mut());
-    let moved = weight != before
+    let moved = optimizer.step(&mut weight, &target, moments.as_mut())
         || combined
             .iter()
             .any(|(name, v)| base.tensors.get(name).is_none_or(|b| **b != **v));

@@ -147,8 +147,9 @@ pub enum ServerOptimizerName {
 impl ServerOptimizer {
     /// Moves the global weights `w` towards the combined weights `combined`; `moments` is
     /// the state from the round before (zero in the first round), updated in place. Takes
-    /// `combined` as is for `None`.
-    pub fn step(self, w: &mut [f32], combined: &[f32], moments: Option<&mut Moments>) {
+    /// `combined` as is for `None`. Returns whether any weight changed (not in SCAFFOLD's
+    /// gradient round, whose model the aggregator then need not score again).
+    pub fn step(self, w: &mut [f32], combined: &[f32], moments: Option<&mut Moments>) -> bool {
         assert_eq!(
             w.len(),
             combined.len(),
@@ -156,7 +157,11 @@ impl ServerOptimizer {
         );
         let (lr, tau, moments) = match (self, moments) {
             (ServerOptimizer::Adam { lr, tau }, Some(m)) => (lr, tau, m),
-            (ServerOptimizer::None, _) => return w.copy_from_slice(combined),
+            (ServerOptimizer::None, _) => {
+                let moved = w != combined;
+                w.copy_from_slice(combined);
+                return moved;
+            }
             (ServerOptimizer::Adam { .. }, None) => panic!("an Adam step needs its moments"),
         };
         assert_eq!(
@@ -164,6 +169,7 @@ impl ServerOptimizer {
             w.len(),
             "moments and weights differ in length"
         );
+        let mut moved = false;
         for (((wj, &cj), mj), vj) in w
             .iter_mut()
             .zip(combined)
@@ -176,8 +182,11 @@ impl ServerOptimizer {
             }
             *mj = BETA1 * *mj + (1.0 - BETA1) * d;
             *vj = BETA2 * *vj + (1.0 - BETA2) * d * d;
-            *wj += lr * *mj / (vj.sqrt() + tau);
+            let next = *wj + lr * *mj / (vj.sqrt() + tau);
+            moved |= next != *wj;
+            *wj = next;
         }
+        moved
     }
 }
 
@@ -365,7 +374,7 @@ mod tests {
         let mut w = vec![1.0f32, 2.0, 0.0];
         let mut m = Moments::zeros(3);
         // Round 1: a small displacement moves about η/τ·(1−β1)·Δ = Δ; a large one is capped.
-        opt.step(&mut w, &[1.3, 102.0, 0.0], Some(&mut m));
+        assert!(opt.step(&mut w, &[1.3, 102.0, 0.0], Some(&mut m)));
         let small = 30.0 * 0.1 * 0.3 / ((0.01f32 * 0.09).sqrt() + 3.0);
         assert!((w[0] - (1.0 + small)).abs() < 1e-6, "{w:?}");
         // Δ = 100: m = 10, √v = 10, so the step is 30·10/13, not 100.
@@ -374,14 +383,23 @@ mod tests {
         // Round 2, no displacement: momentum keeps moving the bucket the same way.
         let before = w[0];
         let combined = w.clone();
-        opt.step(&mut w, &combined, Some(&mut m));
+        assert!(
+            opt.step(&mut w, &combined, Some(&mut m)),
+            "momentum moves it"
+        );
         assert!(w[0] > before, "{w:?}");
         // The moments decay as written.
         assert!((m.first[0] - 0.9 * 0.1 * 0.3).abs() < 1e-6);
 
+        // No displacement and no momentum (the gradient round): nothing moves, and it says so.
         let mut w = vec![1.0f32, 2.0];
-        ServerOptimizer::None.step(&mut w, &[3.0, 4.0], None);
+        let unmoved = w.clone();
+        assert!(!opt.step(&mut w, &unmoved, Some(&mut Moments::zeros(2))));
+        assert_eq!(w, unmoved);
+
+        assert!(ServerOptimizer::None.step(&mut w, &[3.0, 4.0], None));
         assert_eq!(w, [3.0, 4.0]);
+        assert!(!ServerOptimizer::None.step(&mut w, &[3.0, 4.0], None));
     }
 
     #[test]
