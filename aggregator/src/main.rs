@@ -70,6 +70,8 @@ fn parse_min_workers(s: &str) -> Result<usize, String> {
     }
 }
 
+fedimdb::global_allocator!();
+
 fn main() -> std::process::ExitCode {
     fedimdb::logging::run_main(|| {
         let args = Args::parse();

@@ -80,6 +80,8 @@ struct DownloadArgs {
     sha256: String,
 }
 
+fedimdb::global_allocator!();
+
 fn main() -> std::process::ExitCode {
     fedimdb::logging::run_main(|| {
         let cli = Cli::parse();

@@ -705,20 +705,21 @@ impl Checkpoint {
     /// without a model-sized table per class. A worker of 64 reads a few percent of the
     /// buckets.
     pub fn count(header: Header, classes: usize, docs: &[Vec<u32>], labels: &[u8]) -> Self {
-        let (index, local) = crate::train::shard_buckets(docs, header.config.dim());
-        let n = index.len();
+        let buckets = crate::train::ShardBuckets::new(docs, header.config.dim());
+        let n = buckets.len();
         let (mut count, mut scaled) = (vec![0.0f32; classes * n], vec![0.0f32; classes * n]);
         let mut class_samples = vec![0u64; classes];
-        for (d, &y) in local.iter().zip(labels) {
+        for (d, &y) in docs.iter().zip(labels) {
             let y = y as usize;
             class_samples[y] += 1;
             let s = crate::model::doc_scale(d.len());
-            for &l in d {
-                count[y * n + l as usize] += 1.0;
-                scaled[y * n + l as usize] += s;
+            for &j in d {
+                let l = buckets.position(j) as usize;
+                count[y * n + l] += 1.0;
+                scaled[y * n + l] += s;
             }
         }
-        Self::stats(header, class_samples, index, count, scaled)
+        Self::stats(header, class_samples, buckets.into_touched(), count, scaled)
     }
 
     fn stats(

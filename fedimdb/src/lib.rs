@@ -20,6 +20,7 @@
 //! recorded, which is also how a re-run knows what is already done. [`fault`] is the
 //! crash tests' way to kill a binary at a chosen point.
 
+pub mod alloc;
 pub mod atomic;
 pub mod checkpoint;
 pub mod control;

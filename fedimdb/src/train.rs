@@ -363,14 +363,19 @@ struct Csr {
 }
 
 impl Csr {
-    /// `ratio` is bucket-major: `ratio[j * rows + r]`.
-    fn new<'a>(docs: impl IntoIterator<Item = &'a [u32]>, ratio: &[f32], rows: usize) -> Self {
-        let (mut offsets, mut indices, mut values) = (vec![0], Vec::new(), Vec::new());
+    /// `docs` in model buckets, stored in the shard's numbering `buckets`; `ratio` is
+    /// bucket-major in that numbering: `ratio[j * rows + r]`.
+    fn new(docs: &[Vec<u32>], buckets: &ShardBuckets, ratio: &[f32], rows: usize) -> Self {
+        let nnz = docs.iter().map(Vec::len).sum();
+        let mut offsets = Vec::with_capacity(docs.len() + 1);
+        let (mut indices, mut values) = (Vec::with_capacity(nnz), Vec::with_capacity(nnz * rows));
+        offsets.push(0);
         for doc in docs {
             let s = doc_scale(doc.len());
-            indices.extend_from_slice(doc);
             for &j in doc {
-                let at = j as usize * rows;
+                let l = buckets.position(j);
+                indices.push(l);
+                let at = l as usize * rows;
                 values.extend(ratio[at..at + rows].iter().map(|r| r * s));
             }
             offsets.push(indices.len());
@@ -465,11 +470,15 @@ impl LocalShard {
     /// `docs` are model buckets; `nb_ratio` is the model's (`rows` rows of `dim`, row-major).
     pub fn new(docs: &[Vec<u32>], nb_ratio: &[f32], rows: usize) -> Self {
         let dim = nb_ratio.len() / rows;
-        let (touched, renumbered) = shard_buckets(docs, dim);
-        let n = touched.len();
-        let ratio = interleave(&gather_rows(&touched, nb_ratio, dim), rows, n);
-        let csr = Csr::new(renumbered.iter().map(Vec::as_slice), &ratio, rows);
-        Self { touched, dim, csr }
+        let buckets = ShardBuckets::new(docs, dim);
+        let n = buckets.len();
+        let ratio = interleave(&gather_rows(buckets.touched(), nb_ratio, dim), rows, n);
+        let csr = Csr::new(docs, &buckets, &ratio, rows);
+        Self {
+            touched: buckets.into_touched(),
+            dim,
+            csr,
+        }
     }
 
     /// The values of a model-wide row-major table (`rows · dim`) at the shard's buckets,
@@ -488,38 +497,70 @@ impl LocalShard {
     }
 }
 
-/// The buckets the reviews `docs` read, ascending, and the reviews with each bucket
-/// replaced by its position in that list: a shard's own numbering of the model's buckets.
-pub fn shard_buckets(docs: &[Vec<u32>], dim: usize) -> (Vec<u32>, Vec<Vec<u32>>) {
-    // Which buckets are read, one bit each (0.5 MB for 2^22 buckets, so it stays in cache),
-    // and before each word of bits the number of buckets read below it: a bucket's position
-    // is that count plus the bits set below it in its word. A model-sized table of
-    // positions would fault in 16 MB of fresh pages per trainer.
-    let mut read = vec![0u64; dim.div_ceil(64)];
-    for d in docs {
-        for &j in d {
-            read[j as usize / 64] |= 1 << (j % 64);
+/// A shard's own numbering of the model's buckets: the buckets its reviews read, ascending
+/// ([`Self::touched`]), and each one's position in that list ([`Self::position`]).
+///
+/// Which buckets are read is kept as one bit each (0.5 MB for 2^22 buckets, so it stays in
+/// cache), and before each word of bits the number of buckets read below it: a bucket's
+/// position is that count plus the bits set below it in its word. A model-sized table of
+/// positions would fault in 16 MB of fresh pages per trainer, and a renumbered copy of every
+/// review as many bytes as the reviews' buckets, so callers renumber as they read.
+pub struct ShardBuckets {
+    read: Vec<u64>,
+    below: Vec<u32>,
+    touched: Vec<u32>,
+}
+
+impl ShardBuckets {
+    /// The numbering of the buckets that `docs` (model buckets below `dim`) read.
+    pub fn new(docs: &[Vec<u32>], dim: usize) -> Self {
+        let mut read = vec![0u64; dim.div_ceil(64)];
+        for d in docs {
+            for &j in d {
+                read[j as usize / 64] |= 1 << (j % 64);
+            }
+        }
+        let mut below = Vec::with_capacity(read.len());
+        let mut touched = Vec::new();
+        for (w, &bits) in read.iter().enumerate() {
+            below.push(touched.len() as u32);
+            let mut rest = bits;
+            while rest != 0 {
+                touched.push((w * 64) as u32 + rest.trailing_zeros());
+                rest &= rest - 1;
+            }
+        }
+        Self {
+            read,
+            below,
+            touched,
         }
     }
-    let mut below = Vec::with_capacity(read.len());
-    let mut touched = Vec::new();
-    for (w, &bits) in read.iter().enumerate() {
-        below.push(touched.len() as u32);
-        let mut rest = bits;
-        while rest != 0 {
-            touched.push((w * 64) as u32 + rest.trailing_zeros());
-            rest &= rest - 1;
-        }
-    }
-    let position = |j: u32| {
+
+    /// The position of bucket `j`, which the reviews read, among [`Self::touched`].
+    pub fn position(&self, j: u32) -> u32 {
         let (w, bit) = (j as usize / 64, j % 64);
-        below[w] + (read[w] & ((1u64 << bit) - 1)).count_ones()
-    };
-    let renumbered = docs
-        .iter()
-        .map(|doc| doc.iter().map(|&j| position(j)).collect())
-        .collect();
-    (touched, renumbered)
+        self.below[w] + (self.read[w] & ((1u64 << bit) - 1)).count_ones()
+    }
+
+    /// The buckets read, ascending.
+    pub fn into_touched(self) -> Vec<u32> {
+        self.touched
+    }
+
+    /// How many buckets are read.
+    pub fn len(&self) -> usize {
+        self.touched.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.touched.is_empty()
+    }
+
+    /// The buckets read, ascending.
+    pub fn touched(&self) -> &[u32] {
+        &self.touched
+    }
 }
 
 /// A row-major table of rows of `dim` at `buckets`, row-major.

@@ -355,13 +355,34 @@ pub fn check_update(
 /// round's global model is on disk, verifies, and was made from this round's model through
 /// the reports in between ([`superseded`]): the checksums chain, so the round was complete.
 pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Result<RoundReport> {
+    check_round_files(layout, round, base_sha256, Files::Hashed)
+}
+
+/// How [`check_round_files`] checks a round's model files against its report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Files {
+    /// Each file hashed and compared with its report's checksum.
+    Hashed,
+    /// Each file present, none hashed: for a round whose files the next steps of the same
+    /// run are about to read, each reader hashing what it reads, so the 84 MB would otherwise
+    /// be hashed twice in a row (the pipeline between an aggregator and the next round).
+    Present,
+}
+
+/// [`check_round`], with the model files checked as `files` says.
+pub fn check_round_files(
+    layout: &Layout,
+    round: u32,
+    base_sha256: Option<&str>,
+    files: Files,
+) -> Result<RoundReport> {
     let path = layout.global_model(round);
     let report = if path.exists() {
         let report = read_round_report(layout, round)?;
         let record = layout.round_report(round);
         // The model and the state the next round starts from besides it, where the report
         // records it: 84 MB by default, hashed side by side.
-        let files: Vec<(&str, std::path::PathBuf)> = [
+        let recorded: Vec<(&str, std::path::PathBuf)> = [
             (Some(&report.model_sha256), path.clone()),
             (report.control_sha256.as_ref(), layout.control(round)),
             (report.moments_sha256.as_ref(), layout.moments(round)),
@@ -370,12 +391,15 @@ pub fn check_round(layout: &Layout, round: u32, base_sha256: Option<&str>) -> Re
         .filter_map(|(recorded, file)| recorded.map(|r| (r.as_str(), file)))
         .collect();
         std::thread::scope(|s| {
-            let checks: Vec<_> = files
+            let checks: Vec<_> = recorded
                 .iter()
                 .map(|(recorded, file)| {
                     s.spawn(|| {
                         ensure!(file.exists(), "{} is missing", file.display());
-                        check_file(file, recorded, &record)
+                        match files {
+                            Files::Hashed => check_file(file, recorded, &record),
+                            Files::Present => Ok(()),
+                        }
                     })
                 })
                 .collect();
@@ -559,6 +583,41 @@ mod tests {
             );
             assert!(msg.contains("report.json records"), "{msg}");
         }
+    }
+
+    /// What the pipeline checks between an aggregator and the next round's readers: the
+    /// records and the files' presence, not their bytes, which the readers hash.
+    #[test]
+    fn a_round_checked_for_present_files_skips_their_bytes_but_not_their_absence() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        write_round(&layout, 0);
+        let path = layout.global_model(0);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n - 3] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        check_round_files(&layout, 0, None, Files::Present).unwrap();
+        let msg = format!(
+            "{:#}",
+            check_round_files(&layout, 0, None, Files::Hashed).unwrap_err()
+        );
+        assert!(msg.contains("does not match its checksum"), "{msg}");
+        // The damage is the next reader's to name.
+        let msg = format!("{:#}", load_global(&layout, 0).unwrap_err());
+        assert!(msg.contains("does not match its checksum"), "{msg}");
+
+        let msg = format!(
+            "{:#}",
+            check_round_files(&layout, 0, Some("abc"), Files::Present).unwrap_err()
+        );
+        assert!(msg.contains("made from another global model"), "{msg}");
+        std::fs::remove_file(&path).unwrap();
+        let msg = format!(
+            "{:#}",
+            check_round_files(&layout, 0, None, Files::Present).unwrap_err()
+        );
+        assert!(msg.contains("global.safetensors is missing"), "{msg}");
     }
 
     #[test]

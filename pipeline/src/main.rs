@@ -54,6 +54,8 @@ pub struct LocalArgs {
     pub report: Option<PathBuf>,
 }
 
+fedimdb::global_allocator!();
+
 fn main() -> std::process::ExitCode {
     fedimdb::logging::run_main(|| match Cli::parse().command {
         Command::Local(args) => local::run(&args),

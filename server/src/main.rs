@@ -6,6 +6,8 @@ use anyhow::Context;
 use clap::Parser;
 use server::Config;
 
+fedimdb::global_allocator!();
+
 fn main() -> std::process::ExitCode {
     let config = Config::parse();
     fedimdb::logging::run_main(|| {

@@ -47,6 +47,8 @@ pub struct Args {
     pub init: Option<PathBuf>,
 }
 
+fedimdb::global_allocator!();
+
 fn main() -> std::process::ExitCode {
     fedimdb::logging::run_main(|| {
         let args = Args::parse();
