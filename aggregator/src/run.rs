@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
-use fedimdb::atomic::{is_temp_name, link_or_write_atomic, write_bytes_atomic, write_json_atomic};
+use fedimdb::atomic::{is_temp_name, link_or_copy_atomic, write_json_atomic};
 use fedimdb::checkpoint::{
     Checkpoint, GRAD_BIAS, GRAD_WEIGHT, Header, Kind, ModelCard, RoundPoint, Values,
 };
@@ -827,9 +827,7 @@ fn finish_round(
         let mut header = Header::new(Kind::Model, config, round);
         header.samples = card.train_samples;
         header.card = Some(card.clone());
-        let bytes = Checkpoint { header, ..model }.to_bytes()?;
-        let sha = fedimdb::digest::sha256_bytes(&bytes);
-        write_bytes_atomic(&layout.global_model(round), &bytes)?;
+        let sha = Checkpoint { header, ..model }.save(&layout.global_model(round))?;
         fedimdb::fault::point(&format!("aggregator:{round}:global-written"));
         let (control_sha256, moments_sha256) = writer.join().expect("state writer panicked")?;
         let accuracy = metrics.accuracy;
@@ -856,7 +854,6 @@ fn finish_round(
         publish(
             layout,
             &layout.global_model(round),
-            &bytes,
             card.published(round, sha),
             round,
         )?;
@@ -873,14 +870,8 @@ fn finish_round(
 /// A server watching the card therefore never sees a card for a model not yet in place.
 /// The model is a hard link to the round's global model file (`global`, holding `bytes`)
 /// where the volume allows it: one copy on the volume, not two.
-fn publish(
-    layout: &Layout,
-    global: &Path,
-    bytes: &[u8],
-    card: ModelCard,
-    round: u32,
-) -> Result<()> {
-    link_or_write_atomic(global, &layout.latest_model(), bytes)?;
+fn publish(layout: &Layout, global: &Path, card: ModelCard, round: u32) -> Result<()> {
+    link_or_copy_atomic(global, &layout.latest_model())?;
     fedimdb::fault::point(&format!("aggregator:{round}:latest-model-written"));
     write_json_atomic(&layout.latest_card(), &card)
 }
@@ -914,13 +905,7 @@ fn up_to_date(
             let bytes = read_verified(&path, &report.model_sha256, &layout.round_report(round))?;
             let ck = Checkpoint::from_hashed_bytes(&bytes, &path, report.model_sha256.clone())?;
             let card = ck.header.card.clone().unwrap_or_default();
-            publish(
-                layout,
-                &path,
-                &bytes,
-                card.published(round, ck.sha256),
-                round,
-            )?;
+            publish(layout, &path, card.published(round, ck.sha256), round)?;
         }
     }
     info!(round, path = %layout.global_model(round).display(), "up to date: the global model on disk verifies and was made from the same inputs; nothing to do");

@@ -79,24 +79,41 @@ where
 
 /// [`write_atomic`] for bytes already in memory.
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_parts_atomic(path, &[bytes])
+}
+
+/// [`write_atomic`] for a file made of `parts` in order, each written from where it lies: a
+/// checkpoint's header and then its tables, without first copying them into one buffer the
+/// size of the file (84 MB a round for the aggregator).
+pub fn write_parts_atomic(path: &Path, parts: &[&[u8]]) -> Result<()> {
     write_atomic(path, |w| {
-        // Two halves, so that the crash tests' `write:` fault point (see [`crate::fault`])
-        // finds a genuinely half-written temporary file.
-        let (first, rest) = bytes.split_at(bytes.len() / 2);
-        w.write_all(first)?;
-        if std::env::var_os(crate::fault::ENV).is_some() {
-            w.flush()?;
-            crate::fault::write_point(path);
+        // Stopped half-way, so that the crash tests' `write:` fault point (see
+        // [`crate::fault`]) finds a genuinely half-written temporary file.
+        let half = parts.iter().map(|p| p.len()).sum::<usize>() / 2;
+        let (mut written, mut halted) = (0, false);
+        for &part in parts {
+            let mut part = part;
+            if !halted && written + part.len() >= half {
+                let (first, rest) = part.split_at(half - written);
+                w.write_all(first)?;
+                if std::env::var_os(crate::fault::ENV).is_some() {
+                    w.flush()?;
+                    crate::fault::write_point(path);
+                }
+                (written, halted, part) = (half, true, rest);
+            }
+            w.write_all(part)?;
+            written += part.len();
         }
-        Ok(w.write_all(rest)?)
+        Ok(())
     })
 }
 
-/// Puts `bytes`, already written and synced at `src`, at `path` as well, atomically: as a
-/// hard link to `src` when the file system allows one (no second copy on the volume, no
-/// second write), otherwise as a copy through [`write_bytes_atomic`]. Either way a reader
-/// of `path` sees the old file or the new one, whole.
-pub fn link_or_write_atomic(src: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+/// Puts the file `src`, already written and synced, at `path` as well, atomically: as a hard
+/// link to `src` when the file system allows one (no second copy on the volume, no second
+/// write), otherwise as a copy ([`copy_atomic`]). Either way a reader of `path` sees the old
+/// file or the new one, whole.
+pub fn link_or_copy_atomic(src: &Path, path: &Path) -> Result<()> {
     let tmp = temp_path_for(path);
     if fs::hard_link(src, &tmp).is_ok() {
         let mut guard = TempGuard {
@@ -109,7 +126,16 @@ pub fn link_or_write_atomic(src: &Path, path: &Path, bytes: &[u8]) -> Result<()>
         sync_dir(parent_dir(path));
         return Ok(());
     }
-    write_bytes_atomic(path, bytes)
+    copy_atomic(src, path)
+}
+
+/// Copies the file `src` to `path` through [`write_atomic`].
+pub fn copy_atomic(src: &Path, path: &Path) -> Result<()> {
+    let mut from = File::open(src).with_context(|| format!("cannot open {}", src.display()))?;
+    write_atomic(path, |w| {
+        std::io::copy(&mut from, w).with_context(|| format!("cannot read {}", src.display()))?;
+        Ok(())
+    })
 }
 
 /// [`write_atomic`] for a value serialised as pretty JSON with a trailing newline.
@@ -172,7 +198,7 @@ mod tests {
         let (src, dst) = (dir.path().join("global.bin"), dir.path().join("latest.bin"));
         write_bytes_atomic(&dst, b"old").unwrap();
         write_bytes_atomic(&src, b"new model").unwrap();
-        link_or_write_atomic(&src, &dst, b"new model").unwrap();
+        link_or_copy_atomic(&src, &dst).unwrap();
         assert_eq!(fs::read(&dst).unwrap(), b"new model");
         fs::remove_file(&src).unwrap();
         assert_eq!(
@@ -185,9 +211,31 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "temporary file left behind: {names:?}");
-        // Without a source to link, the bytes are written.
-        link_or_write_atomic(&src, &dst, b"copied").unwrap();
+        // Where the file system has no hard links, the file is copied.
+        write_bytes_atomic(&src, b"copied").unwrap();
+        copy_atomic(&src, &dst).unwrap();
         assert_eq!(fs::read(&dst).unwrap(), b"copied");
+        let e = format!(
+            "{:#}",
+            copy_atomic(&dir.path().join("gone"), &dst).unwrap_err()
+        );
+        assert!(e.contains("cannot open") && e.contains("gone"), "{e}");
+        assert_eq!(fs::read(&dst).unwrap(), b"copied");
+    }
+
+    /// A file written in parts is their concatenation, whichever part holds its middle.
+    #[test]
+    fn a_file_of_parts_is_their_concatenation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("parts.bin");
+        for parts in [
+            vec![&b"head"[..], &b"0123456789"[..], &b""[..], &b"tail"[..]],
+            vec![&b""[..]],
+            vec![&b"ab"[..], &b"cd"[..]],
+        ] {
+            write_parts_atomic(&path, &parts).unwrap();
+            assert_eq!(fs::read(&path).unwrap(), parts.concat());
+        }
     }
 
     #[test]

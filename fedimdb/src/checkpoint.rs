@@ -22,6 +22,7 @@
 //! safetensors writes its metadata map in hash order). Loading checks the kind, shapes,
 //! dtypes and that every value is finite, and names the file when something is wrong.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
@@ -30,8 +31,8 @@ use anyhow::{Context, Result, bail, ensure};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::atomic::write_bytes_atomic;
-use crate::digest::sha256_bytes;
+use crate::atomic::write_parts_atomic;
+use crate::digest::{sha256_bytes, sha256_parts};
 use crate::model::{BIAS, ClassCounts, Model, ModelConfig, NB_RATIO, WEIGHT};
 use crate::verify::FileBytes;
 
@@ -359,6 +360,32 @@ impl std::fmt::Debug for Values {
     }
 }
 
+/// A table as safetensors' header sees it: its type, shape and size, without its bytes
+/// ([`Checkpoint::file_parts`] writes those from where they lie).
+struct Sized {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    len: usize,
+}
+
+impl safetensors::View for Sized {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&[])
+    }
+
+    fn data_len(&self) -> usize {
+        self.len
+    }
+}
+
 /// A loaded file: its header, its f32 tensors by name, the buckets of a sparse file, and
 /// the SHA-256 of its bytes.
 #[derive(Debug, Clone)]
@@ -374,6 +401,21 @@ impl Checkpoint {
     /// Serialises to safetensors bytes. Tensors must be the kind's names with the config's
     /// shapes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        Ok(self.file_parts()?.concat())
+    }
+
+    /// Writes the file atomically; returns its SHA-256. The tables are written and hashed
+    /// where they lie, not copied into a buffer the size of the file first.
+    pub fn save(&self, path: &Path) -> Result<String> {
+        let parts = self.file_parts()?;
+        let parts: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+        write_parts_atomic(path, &parts)?;
+        Ok(sha256_parts(&parts))
+    }
+
+    /// The file's bytes in order: safetensors' header, then each table where it lies (a
+    /// sparse file's bucket mask, built here, excepted).
+    fn file_parts(&self) -> Result<Vec<Cow<'_, [u8]>>> {
         self.check_tensors()
             .context("refusing to write an inconsistent checkpoint")?;
         // Safetensors stores little-endian values; on a little-endian machine (every target
@@ -382,48 +424,56 @@ impl Checkpoint {
             cfg!(target_endian = "little"),
             "checkpoints assume a little-endian machine"
         );
-        let mut views = self
+        let mut tables: Vec<(&str, Dtype, Cow<'_, [u8]>)> = self
             .tensors
             .iter()
             .map(|(name, v)| {
-                Ok((
+                (
                     name.as_str(),
-                    TensorView::new(Dtype::F32, vec![v.len()], bytemuck::cast_slice(&v[..]))?,
-                ))
+                    Dtype::F32,
+                    bytemuck::cast_slice(&v[..]).into(),
+                )
             })
-            .collect::<Result<Vec<_>>>()?;
-        let mask;
+            .collect();
         if self.header.kind.is_sparse() {
             let dim = self.header.config.dim();
-            views.push(if dim.div_ceil(8) < 4 * self.index.len() {
-                mask = index_to_mask(&self.index, dim);
+            tables.push(if dim.div_ceil(8) < 4 * self.index.len() {
                 (
                     UPDATE_MASK,
-                    TensorView::new(Dtype::U8, vec![mask.len()], &mask)?,
+                    Dtype::U8,
+                    index_to_mask(&self.index, dim).into(),
                 )
             } else {
                 (
                     UPDATE_INDEX,
-                    TensorView::new(
-                        Dtype::U32,
-                        vec![self.index.len()],
-                        bytemuck::cast_slice(&self.index),
-                    )?,
+                    Dtype::U32,
+                    bytemuck::cast_slice(&self.index).into(),
                 )
             });
         }
+        // Safetensors' own order: by falling alignment, then by name. The header is
+        // serialised by the crate from the tables' sizes alone (`Sized`), so it is exactly
+        // the header of `safetensors::serialize` on the whole tables (a test pins the two).
+        tables.sort_by(|(ln, ld, _), (rn, rd, _)| rd.cmp(ld).then(ln.cmp(rn)));
+        let sizes = tables.iter().map(|(name, dtype, bytes)| {
+            let shape = vec![bytes.len() * 8 / dtype.bitsize()];
+            (
+                *name,
+                Sized {
+                    dtype: *dtype,
+                    shape,
+                    len: bytes.len(),
+                },
+            )
+        });
         let meta = HashMap::from([(
             METADATA_KEY.to_owned(),
             serde_json::to_string(&self.header)?,
         )]);
-        Ok(safetensors::serialize(views, Some(meta))?)
-    }
-
-    /// Writes the file atomically; returns its SHA-256.
-    pub fn save(&self, path: &Path) -> Result<String> {
-        let bytes = self.to_bytes()?;
-        write_bytes_atomic(path, &bytes)?;
-        Ok(sha256_bytes(&bytes))
+        let head = safetensors::serialize(sizes, Some(meta))?;
+        Ok(std::iter::once(head.into())
+            .chain(tables.into_iter().map(|(_, _, bytes)| bytes))
+            .collect())
     }
 
     /// Parses and validates safetensors bytes; `origin` names the file in errors.
@@ -950,6 +1000,70 @@ mod tests {
                 dense.to_bytes().unwrap(),
                 "{classes} classes"
             );
+        }
+    }
+
+    /// What `safetensors::serialize` makes of the checkpoint's whole tables: the layout
+    /// [`Checkpoint::file_parts`] must reproduce from the tables' sizes and their bytes.
+    fn serialized_whole(ck: &Checkpoint) -> Vec<u8> {
+        let mask = index_to_mask(&ck.index, ck.header.config.dim());
+        let mut views: Vec<(&str, TensorView)> = ck
+            .tensors
+            .iter()
+            .map(|(n, v)| {
+                let bytes = bytemuck::cast_slice(&v[..]);
+                (
+                    n.as_str(),
+                    TensorView::new(Dtype::F32, vec![v.len()], bytes).unwrap(),
+                )
+            })
+            .collect();
+        if ck.header.kind.is_sparse() {
+            views.push(if ck.header.config.dim().div_ceil(8) < 4 * ck.index.len() {
+                (
+                    UPDATE_MASK,
+                    TensorView::new(Dtype::U8, vec![mask.len()], &mask).unwrap(),
+                )
+            } else {
+                let bytes = bytemuck::cast_slice(&ck.index);
+                (
+                    UPDATE_INDEX,
+                    TensorView::new(Dtype::U32, vec![ck.index.len()], bytes).unwrap(),
+                )
+            });
+        }
+        let meta = HashMap::from([(
+            METADATA_KEY.to_owned(),
+            serde_json::to_string(&ck.header).unwrap(),
+        )]);
+        safetensors::serialize(views, Some(meta)).unwrap()
+    }
+
+    /// A checkpoint is written from its tables where they lie, header first: the file must
+    /// be byte for byte what safetensors serialises from the whole tables, for a model, a
+    /// sparse file with a bucket list and one with a bucket mask.
+    #[test]
+    fn files_written_in_parts_are_what_safetensors_serialises() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = cfg();
+        let counts = |docs: &[Vec<u32>]| {
+            let labels: Vec<u8> = (0..docs.len()).map(|i| (i % 2) as u8).collect();
+            Checkpoint::count(Header::new(Kind::Stats, config, 0), 2, docs, &labels)
+        };
+        let few = counts(&[vec![3, 9], vec![9, 700]]);
+        let many = counts(&(0..60).map(|i| vec![i * 7, i * 7 + 1]).collect::<Vec<_>>());
+        assert!(
+            few.index.len() < 32 && many.index.len() > 32,
+            "a list and a mask"
+        );
+        let model = Checkpoint::from_model(model(), Header::new(Kind::Model, config, 3));
+        for (name, ck) in [("model", model), ("list", few), ("mask", many)] {
+            let path = dir.path().join(name);
+            let sha = ck.save(&path).unwrap();
+            let whole = serialized_whole(&ck);
+            assert_eq!(std::fs::read(&path).unwrap(), whole, "{name}");
+            assert_eq!(ck.to_bytes().unwrap(), whole, "{name}");
+            assert_eq!(sha, sha256_bytes(&whole), "{name}");
         }
     }
 

@@ -32,6 +32,15 @@ pub fn sha256_bytes(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Hex SHA-256 of `parts` one after the other: that of their concatenation.
+pub fn sha256_parts(parts: &[&[u8]]) -> String {
+    let mut hasher = Sha256::new();
+    for p in parts {
+        hasher.update(p);
+    }
+    hex::encode(hasher.finalize())
+}
+
 /// A reader that hashes what passes through it, so a stream can be checked without a
 /// second pass over the file.
 pub struct HashingReader<R> {

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::Device;
-use fedimdb::atomic::{write_bytes_atomic, write_json_atomic};
+use fedimdb::atomic::write_json_atomic;
 use fedimdb::checkpoint::{Checkpoint, Header, Kind};
 use fedimdb::control::{Control, values_at, worker_control};
 use fedimdb::dataset::{Featurized, featurize_all, load_reviews};
@@ -202,11 +202,11 @@ fn write_update(
 ) -> Result<()> {
     let (round, shard) = (report.round, report.shard);
     let out = layout.update(round, shard);
-    let bytes = ck.to_bytes()?;
-    write_bytes_atomic(&out, &bytes)?;
+    report.sha256 = ck.save(&out)?;
     fedimdb::fault::point(&format!("trainer:{round}:{shard}:update-written"));
-    report.sha256 = fedimdb::digest::sha256_bytes(&bytes);
-    report.bytes = bytes.len() as u64;
+    report.bytes = std::fs::metadata(&out)
+        .with_context(|| format!("cannot read the size of {}", out.display()))?
+        .len();
     report.seconds = start.elapsed().as_secs_f64();
     write_json_atomic(&layout.update_report(round, shard), &report)?;
     info!(path = %out.display(), bytes = report.bytes, seconds = format!("{:.2}", report.seconds), "update written");
