@@ -868,8 +868,8 @@ fn finish_round(
 
 /// Publishes a global model as the latest: the model first, then its card, each atomic.
 /// A server watching the card therefore never sees a card for a model not yet in place.
-/// The model is a hard link to the round's global model file (`global`, holding `bytes`)
-/// where the volume allows it: one copy on the volume, not two.
+/// The model is a hard link to the round's global model file `global` where the volume
+/// allows it (one copy on the volume, not two), and a copy of that file where it does not.
 fn publish(layout: &Layout, global: &Path, card: ModelCard, round: u32) -> Result<()> {
     link_or_copy_atomic(global, &layout.latest_model())?;
     fedimdb::fault::point(&format!("aggregator:{round}:latest-model-written"));

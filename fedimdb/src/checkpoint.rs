@@ -413,6 +413,13 @@ impl Checkpoint {
         Ok(sha256_parts(&parts))
     }
 
+    /// Whether a sparse file lists its buckets as a bitmap (`update.mask`, a bit per model
+    /// bucket) rather than as a list (`update.index`, 4 bytes per touched bucket): whichever
+    /// is smaller.
+    fn writes_mask(&self) -> bool {
+        self.header.config.dim().div_ceil(8) < 4 * self.index.len()
+    }
+
     /// The file's bytes in order: safetensors' header, then each table where it lies (a
     /// sparse file's bucket mask, built here, excepted).
     fn file_parts(&self) -> Result<Vec<Cow<'_, [u8]>>> {
@@ -437,7 +444,7 @@ impl Checkpoint {
             .collect();
         if self.header.kind.is_sparse() {
             let dim = self.header.config.dim();
-            tables.push(if dim.div_ceil(8) < 4 * self.index.len() {
+            tables.push(if self.writes_mask() {
                 (
                     UPDATE_MASK,
                     Dtype::U8,
@@ -1019,7 +1026,7 @@ mod tests {
             })
             .collect();
         if ck.header.kind.is_sparse() {
-            views.push(if ck.header.config.dim().div_ceil(8) < 4 * ck.index.len() {
+            views.push(if ck.writes_mask() {
                 (
                     UPDATE_MASK,
                     TensorView::new(Dtype::U8, vec![mask.len()], &mask).unwrap(),
