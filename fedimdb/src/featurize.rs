@@ -225,40 +225,83 @@ fn token_hashes(text: &str, out: &mut Vec<u64>) {
 /// tables. Most reviews are ASCII, and the trainer and the aggregator featurise every
 /// review of their files each round, so this is most of their featurising time.
 fn ascii_token_hashes(text: &[u8], out: &mut Vec<u64>) {
-    let (mut i, mut in_word, mut h) = (0, false, FNV_OFFSET);
+    // Every token takes at least one byte, so the text's length bounds their number. Writing
+    // into a slice of that size keeps the running hash in a register; a `push`, which may
+    // reallocate, makes the compiler store it to memory at every byte.
+    let at = out.len();
+    out.resize(at + text.len(), 0);
+    let slots = &mut out[at..];
+    let (mut i, mut n, mut in_word, mut h) = (0, 0, false, FNV_OFFSET);
     while i < text.len() {
-        let mut c = text[i].to_ascii_lowercase();
+        let b = text[i];
         i += 1;
-        if c == b'<'
+        let class = ASCII_CLASS[b as usize];
+        if class == WORD
+            || (class == APOSTROPHE
+                && in_word
+                && text
+                    .get(i)
+                    .is_some_and(|&n| ASCII_CLASS[n as usize] == WORD))
+        {
+            if !in_word {
+                (in_word, h) = (true, FNV_OFFSET);
+            }
+            h = (h ^ b.to_ascii_lowercase() as u64).wrapping_mul(FNV_PRIME);
+            continue;
+        }
+        if class == OPEN
             && let Some(t) = BREAKS.iter().find(|t| {
                 text.len() - i + 1 >= t.len()
                     && text[i - 1..i - 1 + t.len()].eq_ignore_ascii_case(t.as_bytes())
             })
         {
-            (c, i) = (b' ', i - 1 + t.len());
-        }
-        // A break ahead starts with `<`, which is not alphanumeric either.
-        let word_char = c.is_ascii_alphanumeric()
-            || (c == b'\'' && in_word && text.get(i).is_some_and(u8::is_ascii_alphanumeric));
-        if word_char {
-            if !in_word {
-                (in_word, h) = (true, FNV_OFFSET);
-            }
-            h = (h ^ c as u64).wrapping_mul(FNV_PRIME);
-            continue;
+            // A break reads as a space: it ends a word and is no token itself.
+            i += t.len() - 1;
         }
         if in_word {
             in_word = false;
-            out.push(h);
+            slots[n] = h;
+            n += 1;
         }
-        if c == b'!' || c == b'?' {
-            out.push((FNV_OFFSET ^ c as u64).wrapping_mul(FNV_PRIME));
+        if class == MARK {
+            slots[n] = (FNV_OFFSET ^ b as u64).wrapping_mul(FNV_PRIME);
+            n += 1;
         }
     }
     if in_word {
-        out.push(h);
+        slots[n] = h;
+        n += 1;
     }
+    out.truncate(at + n);
 }
+
+/// What an ASCII byte is to [`ascii_token_hashes`]: one table lookup instead of a chain of
+/// comparisons per byte.
+const ASCII_CLASS: [u8; 256] = {
+    let mut t = [SEPARATOR; 256];
+    let mut b = 0;
+    while b < 128 {
+        if (b as u8).is_ascii_alphanumeric() {
+            t[b] = WORD;
+        }
+        b += 1;
+    }
+    t[b'\'' as usize] = APOSTROPHE;
+    t[b'!' as usize] = MARK;
+    t[b'?' as usize] = MARK;
+    t[b'<' as usize] = OPEN;
+    t
+};
+/// Ends a word, is no token.
+const SEPARATOR: u8 = 0;
+/// A letter or digit.
+const WORD: u8 = 1;
+/// Inside a word when a letter or digit is on both sides, else a separator.
+const APOSTROPHE: u8 = 2;
+/// `!` and `?`: tokens of their own.
+const MARK: u8 = 3;
+/// `<`: maybe the start of a line break, else a separator.
+const OPEN: u8 = 4;
 
 /// The splitmix64 finaliser: spreads combined hashes over all 64 bits.
 fn mix(mut z: u64) -> u64 {
@@ -286,39 +329,58 @@ fn for_each_ngram(tokens: &[u64], cfg: &FeaturizerConfig, mut f: impl FnMut(usiz
 /// Sorts `buckets` (each below `2^bits`) in place, `spare` being scratch space.
 ///
 /// A review has several hundred n-gram buckets and every review of a shard and of the test
-/// set is featurised again each round, in the trainers and the aggregator; a comparison sort
-/// was a third of that time. A least-significant-digit radix sort over 11-bit digits takes
-/// two passes for the default 2^22 buckets, each a count into 2,048 bins (8 KB, in L1) and
-/// a scatter. Short lists, where clearing the bins would cost more than sorting, keep the
-/// comparison sort. Either way the result is the same sorted list.
-fn sort_buckets(buckets: &mut Vec<u32>, spare: &mut Vec<u32>, bits: u32) {
-    const DIGIT: u32 = 11;
-    const BINS: usize = 1 << DIGIT;
-    if buckets.len() < 256 {
+/// set is featurised again each round, in the trainers and the aggregator, so this sort is
+/// a large part of a round. Buckets are hashes, spread evenly over `0..2^bits`: one
+/// counting pass and one scatter by their top bits, into about as many bins as there are
+/// values, leave each value in its bin in order of bins, and a bin holds one value or
+/// none on average. An insertion pass then only swaps values within a bin (repeats of one
+/// bucket, which are common, do not move). A comparison sort pays for ordering what the
+/// hash has already spread out; a full radix sort pays for clearing and summing more
+/// bins than there are values. Either way the result is the same sorted list.
+fn sort_buckets(buckets: &mut Vec<u32>, spare: &mut Vec<u32>, bins: &mut Vec<u32>, bits: u32) {
+    let n = buckets.len();
+    if n < 64 {
         buckets.sort_unstable();
         return;
     }
-    spare.clear();
-    spare.resize(buckets.len(), 0);
-    let mut shift = 0;
-    while shift < bits {
-        let mut start = [0u32; BINS];
-        let bin = |x: u32| ((x >> shift) as usize) & (BINS - 1);
-        for &x in buckets.iter() {
-            start[bin(x)] += 1;
-        }
-        let mut sum = 0;
-        for s in start.iter_mut() {
-            (*s, sum) = (sum, sum + *s);
-        }
-        for &x in buckets.iter() {
-            let b = bin(x);
-            spare[start[b] as usize] = x;
-            start[b] += 1;
-        }
-        std::mem::swap(buckets, spare);
-        shift += DIGIT;
+    // 2^k bins, the smallest power of two at least `n`, and never more than values exist.
+    let k = (usize::BITS - (n - 1).leading_zeros()).min(bits);
+    let shift = bits - k;
+    bins.clear();
+    bins.resize(1 << k, 0);
+    for &x in buckets.iter() {
+        bins[(x >> shift) as usize] += 1;
     }
+    // Each bin's count becomes its start; the running sum stays in a register.
+    let mut sum = 0;
+    for b in bins.iter_mut() {
+        (*b, sum) = (sum, sum + *b);
+    }
+    spare.clear();
+    spare.resize(n, 0);
+    for &x in buckets.iter() {
+        let at = &mut bins[(x >> shift) as usize];
+        spare[*at as usize] = x;
+        *at += 1;
+    }
+    // Text chosen to crowd one bin (the server featurises what anyone sends) would make the
+    // insertion pass quadratic: past a few moves per value, the comparison sort finishes.
+    let mut moves = 0;
+    for i in 1..n {
+        let x = spare[i];
+        let mut j = i;
+        while j > 0 && spare[j - 1] > x {
+            spare[j] = spare[j - 1];
+            j -= 1;
+        }
+        spare[j] = x;
+        moves += i - j;
+        if moves > 8 * n {
+            spare.sort_unstable();
+            break;
+        }
+    }
+    std::mem::swap(buckets, spare);
 }
 
 /// Reusable featurizer: holds scratch buffers so featurising many documents allocates little.
@@ -326,8 +388,9 @@ fn sort_buckets(buckets: &mut Vec<u32>, spare: &mut Vec<u32>, bits: u32) {
 pub struct Featurizer {
     config: FeaturizerConfig,
     hashes: Vec<u64>,
-    /// The radix sort's second buffer.
+    /// The bucket sort's second buffer and its bins.
     spare: Vec<u32>,
+    bins: Vec<u32>,
 }
 
 impl Featurizer {
@@ -336,6 +399,7 @@ impl Featurizer {
             config,
             hashes: Vec::new(),
             spare: Vec::new(),
+            bins: Vec::new(),
         }
     }
 
@@ -349,7 +413,7 @@ impl Featurizer {
         token_hashes(text, &mut self.hashes);
         out.clear();
         for_each_ngram(&self.hashes, &self.config, |_, _, b| out.push(b));
-        sort_buckets(out, &mut self.spare, self.config.hash_bits);
+        sort_buckets(out, &mut self.spare, &mut self.bins, self.config.hash_bits);
         out.dedup();
     }
 
@@ -467,14 +531,16 @@ pub fn preprocess(text: &str, cfg: &FeaturizerConfig) -> Preprocessed {
 mod tests {
     use super::*;
 
-    /// The radix sort sorts as the comparison sort does, for every number of passes (one
-    /// digit for 10 bits, three for 28) and for lists long and short, with repeats.
+    /// The bucket sort sorts as the comparison sort does: for lists short (the comparison
+    /// sort itself) and long, with more bins than values can exist (10 bits), with repeats,
+    /// and with values crowded into a few bins (the list of 700, whose values are below
+    /// 2^bits / 64), where the insertion pass gives up and the comparison sort finishes.
     #[test]
     fn bucket_sort_sorts() {
         let mut state = 0x2545_f491_4f6c_dd1d_u64;
-        let mut spare = Vec::new();
+        let (mut spare, mut bins) = (Vec::new(), Vec::new());
         for bits in [10, 11, 12, 22, 28] {
-            for len in [0, 1, 255, 256, 257, 700, 5000] {
+            for len in [0, 1, 63, 64, 65, 255, 256, 257, 700, 5000] {
                 let mut v: Vec<u32> = (0..len)
                     .map(|_| {
                         state ^= state << 13;
@@ -485,7 +551,7 @@ mod tests {
                     .collect();
                 let mut want = v.clone();
                 want.sort_unstable();
-                sort_buckets(&mut v, &mut spare, bits);
+                sort_buckets(&mut v, &mut spare, &mut bins, bits);
                 assert_eq!(v, want, "{bits} bits, {len} values");
             }
         }

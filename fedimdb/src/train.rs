@@ -372,11 +372,19 @@ impl Csr {
         offsets.push(0);
         for doc in docs {
             let s = doc_scale(doc.len());
-            for &j in doc {
-                let l = buckets.position(j);
-                indices.push(l);
-                let at = l as usize * rows;
-                values.extend(ratio[at..at + rows].iter().map(|r| r * s));
+            let first = indices.len();
+            indices.extend(doc.iter().map(|&j| buckets.position(j)));
+            if rows == 1 {
+                // Two classes, the common case. The reviews' buckets are renumbered first
+                // and their values read in a loop of their own: the reads of `ratio`, at
+                // scattered places, then overlap, where a loop over rows around each value
+                // waited on every read (15% of a trainer's time before).
+                values.extend(indices[first..].iter().map(|&l| ratio[l as usize] * s));
+            } else {
+                for &l in &indices[first..] {
+                    let at = l as usize * rows;
+                    values.extend(ratio[at..at + rows].iter().map(|r| r * s));
+                }
             }
             offsets.push(indices.len());
         }
