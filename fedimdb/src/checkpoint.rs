@@ -907,17 +907,15 @@ fn mask_to_index(mask: &[u8]) -> Vec<u32> {
 
 /// The index of the first value that is infinite or NaN. Every model file a step reads is
 /// checked, 16 MB per table; a search that stops at the first hit compiles to one branch per
-/// value, so the values are tested a block at a time (a test the compiler turns into vector
-/// instructions: exponent bits all ones), and only a failing block is searched.
+/// value, so the values are tested a block at a time (a fold without an early exit, which
+/// the compiler turns into vector instructions), and only a failing block is searched.
 fn first_non_finite(v: &[f32]) -> Option<usize> {
-    const EXPONENT: u32 = 0x7f80_0000;
     const BLOCK: usize = 1024;
-    let bad = |x: &f32| x.to_bits() & EXPONENT == EXPONENT;
     let block = v
         .chunks(BLOCK)
-        .position(|c| c.iter().fold(false, |any, x| any | bad(x)))?;
+        .position(|c| c.iter().fold(false, |any, x| any | !x.is_finite()))?;
     let at = block * BLOCK;
-    v[at..].iter().position(bad).map(|i| at + i)
+    v[at..].iter().position(|x| !x.is_finite()).map(|i| at + i)
 }
 
 #[cfg(test)]

@@ -326,7 +326,7 @@ fn for_each_ngram(tokens: &[u64], cfg: &FeaturizerConfig, mut f: impl FnMut(usiz
     }
 }
 
-/// Sorts `buckets` (each below `2^bits`) in place, `spare` being scratch space.
+/// Sorts `buckets` (each below `2^bits`) in place, `spare` and `bins` being scratch space.
 ///
 /// A review has several hundred n-gram buckets and every review of a shard and of the test
 /// set is featurised again each round, in the trainers and the aggregator, so this sort is
