@@ -770,7 +770,12 @@ impl Checkpoint {
             let y = y as usize;
             class_samples[y] += 1;
             let s = crate::model::doc_scale(d.len());
-            for &j in d {
+            for (p, &j) in d.iter().enumerate() {
+                if let Some(&ahead) = d.get(p + crate::prefetch::AHEAD) {
+                    let l = y * n + buckets.position(ahead) as usize;
+                    crate::prefetch::prefetch(&count[l]);
+                    crate::prefetch::prefetch(&scaled[l]);
+                }
                 let l = buckets.position(j) as usize;
                 count[y * n + l] += 1.0;
                 scaled[y * n + l] += s;

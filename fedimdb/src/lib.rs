@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod model;
 pub mod outcome;
 pub mod partition;
+pub mod prefetch;
 pub mod report;
 pub mod retention;
 pub mod reviews;

@@ -555,11 +555,19 @@ impl Scorer {
         let rows = self.config.rows();
         let scale = doc_scale(features.len());
         if rows == 1 {
-            let s: f32 = features.iter().map(|&j| self.effective[j as usize]).sum();
+            let s: f32 = features
+                .iter()
+                .enumerate()
+                .map(|(p, &j)| {
+                    crate::prefetch::ahead(&self.effective, features, p, 1);
+                    self.effective[j as usize]
+                })
+                .sum();
             return vec![self.bias[0] + s * scale];
         }
         let mut s = vec![0.0f32; rows];
-        for &j in features {
+        for (p, &j) in features.iter().enumerate() {
+            crate::prefetch::ahead(&self.effective, features, p, rows);
             let e = &self.effective[j as usize * rows..(j as usize + 1) * rows];
             for (a, b) in s.iter_mut().zip(e) {
                 *a += b;

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::model::logistic_loss;
 use crate::model::{Link, Model, doc_scale};
+use crate::prefetch;
 
 /// The defaults of federated training, shared by the trainer, the aggregator and both
 /// pipelines. Chosen on a validation split held out of the training reviews over every
@@ -379,7 +380,11 @@ impl Csr {
                 // and their values read in a loop of their own: the reads of `ratio`, at
                 // scattered places, then overlap, where a loop over rows around each value
                 // waited on every read (15% of a trainer's time before).
-                values.extend(indices[first..].iter().map(|&l| ratio[l as usize] * s));
+                let row = &indices[first..];
+                values.extend(row.iter().enumerate().map(|(p, &l)| {
+                    prefetch::ahead(ratio, row, p, 1);
+                    ratio[l as usize] * s
+                }));
             } else {
                 for &l in &indices[first..] {
                     let at = l as usize * rows;
@@ -693,6 +698,7 @@ fn train_rows<const ROWS: usize>(
             let (idx, val) = csr.row(i);
             let out = &mut dx[i * rows..(i + 1) * rows];
             for (p, &j) in idx.iter().enumerate() {
+                prefetch::ahead(&d, idx, p, rows);
                 for r in 0..rows {
                     out[r] += d[j as usize * rows + r] as f64 * val[p * rows + r] as f64;
                 }
@@ -722,13 +728,18 @@ fn train_rows<const ROWS: usize>(
                 let dot: f64 = idx
                     .iter()
                     .zip(val)
-                    .map(|(&j, &v)| u[j as usize] * v as f64)
+                    .enumerate()
+                    .map(|(p, (&j, &v))| {
+                        prefetch::ahead(&u, idx, p, 1);
+                        u[j as usize] * v as f64
+                    })
                     .sum();
                 logits[b] = (bias[0] as f64 + dot - s_t * dx[i]) as f32;
                 continue;
             }
             dot.fill(0.0);
             for (p, &j) in idx.iter().enumerate() {
+                prefetch::ahead(&u, idx, p, rows);
                 for r in 0..rows {
                     dot[r] += u[j as usize * rows + r] * val[p * rows + r] as f64;
                 }
@@ -781,7 +792,10 @@ fn train_rows<const ROWS: usize>(
                 let dot: f64 = idx
                     .iter()
                     .enumerate()
-                    .map(|(p, &j)| u[j as usize * rows + r] * val[p * rows + r] as f64)
+                    .map(|(p, &j)| {
+                        prefetch::ahead(&u[r..], idx, p, rows);
+                        u[j as usize * rows + r] * val[p * rows + r] as f64
+                    })
                     .sum();
                 z[r] = (bias[r] as f64 + dot) as f32;
             }
@@ -799,6 +813,7 @@ fn train_rows<const ROWS: usize>(
         if gi.iter().any(|&g| g != 0.0) {
             let (idx, val) = csr.row(i);
             for (p, &j) in idx.iter().enumerate() {
+                prefetch::ahead(&grad_sum, idx, p, rows);
                 for r in 0..rows {
                     grad_sum[j as usize * rows + r] += gi[r] * val[p * rows + r] as f64;
                 }
