@@ -78,6 +78,11 @@ impl WeightedSum {
         Ok(())
     }
 
+    /// The running sum of tensor `name`, once an update has fixed the names.
+    pub fn sum_mut(&mut self, name: &str) -> Option<&mut [f64]> {
+        self.sums.get_mut(name).map(Vec::as_mut_slice)
+    }
+
     /// The weighted mean of each tensor.
     pub fn mean(self) -> BTreeMap<String, Vec<f32>> {
         let w = self.total_weight;
