@@ -1,7 +1,8 @@
 //! Weighted averaging of updates, one file at a time.
 //!
-//! The running sum is kept in f64 and each update is dropped as soon as it is added, so
-//! memory stays at about two models whatever the number of workers.
+//! The running sum is kept in f64 and each update is dropped once it is added (FedAvg's
+//! sparse updates in groups of at most 8, `crate::combine`), so memory stays at about two
+//! models whatever the number of workers.
 
 use std::collections::BTreeMap;
 
