@@ -217,11 +217,12 @@ fn add_pending(sum: &mut WeightedSum, pending: &mut Vec<Pending>) {
 }
 
 /// Adds `weight` times a sparse update to `sum`, the sums of the places from `offset`: its
-/// `values` at the ascending places `index` (all in the span), and `fill` (what it stands
-/// for at every place of the span, in f64) at the others: at every place the one operation
-/// adding its dense table would do. The fill is added everywhere in one long loop, which
-/// the compiler vectorises, and the listed places are then set from their sums before it;
-/// the short runs between listed places cost more in loop overhead than in additions.
+/// `values` at the strictly ascending places `index` (all in the span; checked when the
+/// update was read), and `fill` (what it stands for at every place of the span, in f64) at
+/// the others: at every place the one operation adding its dense table would do. The fill
+/// is added everywhere in one long loop, which the compiler vectorises, and the listed
+/// places are then set from their sums before it; the short runs between listed places cost
+/// more in loop overhead than in additions.
 fn add_sparse_block(
     sum: &mut [f64],
     offset: usize,
