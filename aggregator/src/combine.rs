@@ -96,15 +96,7 @@ impl Fill {
     /// [`Self::at`] at the places `range`, in f64, into `out`.
     fn values_into(&self, range: std::ops::Range<usize>, out: &mut Vec<f64>) {
         out.clear();
-        let base = &self.base[range.clone()];
-        match &self.drift {
-            Some((d, drift)) => out.extend(
-                base.iter()
-                    .zip(&d[range])
-                    .map(|(&w, &d)| drift.apply(w, d) as f64),
-            ),
-            None => out.extend(base.iter().map(|&w| w as f64)),
-        }
+        out.extend(range.map(|j| self.at(j) as f64));
     }
 
     /// The dense weights a sparse update stands for (what FedAvg adds, as a table).
