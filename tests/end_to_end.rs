@@ -211,4 +211,35 @@ fn same_seed_gives_byte_identical_updates() {
         std::fs::read(layout.global_model(1)).unwrap(),
         "aggregation is deterministic"
     );
+    // A process given both shards (as `pipeline local` groups its workers) shares the global
+    // model and control variate between them, and writes each update to the same bytes as a
+    // process per shard, whatever the order. Round 2 is the first to use the control.
+    train(2, 0);
+    train(2, 1);
+    let read = |shard| {
+        (
+            std::fs::read(layout.update(2, shard)).unwrap(),
+            std::fs::read(layout.update_report(2, shard)).unwrap(),
+        )
+    };
+    let apart = [read(0), read(1)];
+    for shard in 0..2 {
+        std::fs::remove_file(layout.update(2, shard)).unwrap();
+        std::fs::remove_file(layout.update_report(2, shard)).unwrap();
+    }
+    run_ok(step("trainer", &root, 2).args(["--hash-bits", "12", "--shard", "1,0"]));
+    let together = [read(0), read(1)];
+    for (shard, (a, t)) in apart.iter().zip(&together).enumerate() {
+        assert_eq!(a.0, t.0, "the update of shard {shard}");
+        // The same report but for the times it records.
+        let report = |bytes: &[u8]| {
+            let mut v: Value = serde_json::from_slice(bytes).unwrap();
+            v["seconds"] = Value::Null;
+            for epoch in v["epochs"].as_array_mut().unwrap() {
+                epoch["seconds"] = Value::Null;
+            }
+            v
+        };
+        assert_eq!(report(&a.1), report(&t.1), "the report of shard {shard}");
+    }
 }

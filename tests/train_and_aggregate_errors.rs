@@ -39,6 +39,18 @@ impl Volume {
             .args(extra))
     }
 
+    /// The trainer of `shards` (`--shard I,J,…`) in one process.
+    fn trainer_of(
+        &self,
+        round: u32,
+        shards: &str,
+        extra: &[&str],
+    ) -> (std::process::Output, String) {
+        run(step("trainer", &self.root, round)
+            .args(["--hash-bits", "12", "--shard", shards])
+            .args(extra))
+    }
+
     fn aggregator(&self, round: u32, extra: &[&str]) -> (std::process::Output, String) {
         run(aggregator(&self.root, round).args(extra))
     }
@@ -133,6 +145,37 @@ fn trainer_refuses_a_shard_outside_the_manifest_or_a_missing_index() {
         run(&mut step("trainer", &v.root, 1)),
         &["no shard index", "JOB_COMPLETION_INDEX"],
     );
+}
+
+#[test]
+fn a_trainer_of_several_shards_names_the_one_that_failed_and_keeps_those_before() {
+    let v = Volume::new();
+    v.fails(
+        v.trainer_of(1, "0,1,0", &[]),
+        &["--shard lists shard 0 twice"],
+    );
+    v.fails(
+        run(step("trainer", &v.root, 1)
+            .args(["--hash-bits", "12", "--shard", "0,1"])
+            .env(fedimdb::outcome::ENV, v.root.join("outcome.json"))),
+        &[
+            "FEDIMDB_OUTCOME_FILE",
+            "--shard lists 2 shards",
+            "its own trainer process",
+        ],
+    );
+    assert!(!v.layout.update(1, 0).exists() && !v.root.join("outcome.json").exists());
+    // Shard 0 is trained and written; shard 2 does not exist; shard 1 is never started.
+    v.fails(
+        v.trainer_of(1, "0,2,1", &[]),
+        &[
+            "round 1, shard 2 failed",
+            "shard index 2 is outside the manifest",
+        ],
+    );
+    assert!(v.layout.update_report(1, 0).exists());
+    fedimdb::verify::load_update(&v.layout, 1, 0, Kind::Update).unwrap();
+    assert!(!v.layout.update(1, 1).exists());
 }
 
 #[test]

@@ -77,8 +77,8 @@ struct Local<'a> {
 
 impl Local<'_> {
     /// A planned step's command line here: the plan's arguments after `--root ROOT` (the
-    /// copier's after `--source SOURCE --out ROOT`), and a trainer's shard after them.
-    fn argv(&self, step: &PlannedStep, shard: Option<usize>) -> Vec<OsString> {
+    /// copier's after `--source SOURCE --out ROOT`), and a trainer's shards after them.
+    fn argv(&self, step: &PlannedStep, shards: &[usize]) -> Vec<OsString> {
         let mut argv: Vec<OsString> = match step.kind {
             StepKind::Copier => vec![
                 "--source".into(),
@@ -91,26 +91,31 @@ impl Local<'_> {
             }
         };
         argv.extend(step.args.iter().map(OsString::from));
-        if let Some(shard) = shard {
-            argv.extend(["--shard".into(), shard.to_string().into()]);
+        if !shards.is_empty() {
+            let list: Vec<String> = shards.iter().map(usize::to_string).collect();
+            argv.extend(["--shard".into(), list.join(",").into()]);
         }
         argv
     }
 
     /// The process of a planned step (of one shard, for the trainers), logging to `log`.
-    fn process(&self, step: &PlannedStep, shard: Option<usize>, log: PathBuf) -> Result<Step> {
+    fn process(&self, step: &PlannedStep, shards: &[usize], log: PathBuf) -> Result<Step> {
         let mut cmd = command(step.kind.binary())?;
-        cmd.args(self.argv(step, shard));
+        cmd.args(self.argv(step, shards));
         for (name, value) in &step.env {
             if std::env::var_os(name).is_none() {
                 cmd.env(name, value);
             }
         }
-        let name = match (step.kind, shard) {
-            (StepKind::Trainer(round), Some(shard)) => {
+        let name = match (step.kind, shards) {
+            (StepKind::Trainer(round), [shard]) => {
                 // The shard is the flag: an index this process inherited must not compete.
                 cmd.env_remove("JOB_COMPLETION_INDEX");
                 format!("trainer round {round} shard {shard}")
+            }
+            (StepKind::Trainer(round), shards) => {
+                cmd.env_remove("JOB_COMPLETION_INDEX");
+                format!("trainer round {round} shards {shards:?}")
             }
             (StepKind::Aggregator(round), _) => format!("aggregator round {round}"),
             (kind, _) => kind.to_string(),
@@ -121,6 +126,21 @@ impl Local<'_> {
             log,
         })
     }
+}
+
+/// The trainer processes of a round: the shards to compute, in at most `jobs` groups of
+/// neighbours, each group one process (`trainer --shard I,J,…`).
+///
+/// A worker hashes the 50 MB global model and control variate it starts from; a process of
+/// several workers hashes them once. With 64 workers on 2 cores that was a fifth of the
+/// round. But a process ends at its first failed shard, so when the round tolerates
+/// failures (a quorum below the workers, `tolerate` > 0) each shard keeps its own process
+/// and a failure costs one worker only.
+fn trainer_groups(todo: &[usize], jobs: usize, tolerate: usize) -> Vec<&[usize]> {
+    if tolerate > 0 || todo.is_empty() {
+        return todo.chunks(1).collect();
+    }
+    todo.chunks(todo.len().div_ceil(jobs.max(1))).collect()
 }
 
 /// The source to shard: `--source`, else the shared archive, else the official archive
@@ -207,7 +227,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
                 // The copier checks data already on disk against its manifest and rewrites
                 // it only if it is missing, damaged or was made with other arguments.
                 let copied = run_recorded(
-                    here.process(step, None, logs.join("copier.log"))?,
+                    here.process(step, &[], logs.join("copier.log"))?,
                     logs.join("copier.outcome.json"),
                 )?;
                 seconds_copier = t0.elapsed().as_secs_f64();
@@ -233,7 +253,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
                 // Each worker's update is kept if it verifies and was computed from exactly
                 // what this run would compute it from; the others are (re)computed.
                 let mut kept = Vec::new();
-                let mut procs = Vec::new();
+                let mut todo = Vec::new();
                 for shard in 0..step.shards {
                     let want = UpdateWant::new(
                         &manifest.shards[shard],
@@ -244,31 +264,38 @@ pub fn run(args: &LocalArgs) -> Result<()> {
                         base_sha256.as_deref(),
                         control_sha256.as_deref(),
                     );
-                    let log = logs.join(format!("round-{round:04}-trainer-{shard:05}.log"));
                     match (step.resume, check_update(&layout, round, shard, &want)) {
                         (true, Ok(_)) => kept.push(shard),
-                        (false, _) => procs.push(here.process(step, Some(shard), log)?),
+                        (false, _) => todo.push(shard),
                         (true, Err(_)) if left_out_of_done_round(&layout, round, shard) => {}
                         (true, Err(why)) => {
                             if layout.update(round, shard).exists() {
                                 info!("round {round} shard {shard}: {why:#}");
                             }
-                            procs.push(here.process(step, Some(shard), log)?);
+                            todo.push(shard);
                         }
                     }
                 }
-                if !kept.is_empty() && !procs.is_empty() {
+                let ran = todo.len();
+                let tolerate = (kept.len() + ran).saturating_sub(step.quorum).min(ran);
+                let procs = (trainer_groups(&todo, jobs, tolerate).into_iter())
+                    .map(|group| {
+                        let log = match group {
+                            [shard] => format!("round-{round:04}-trainer-{shard:05}.log"),
+                            [first, .., last] => {
+                                format!("round-{round:04}-trainer-{first:05}-{last:05}.log")
+                            }
+                            [] => unreachable!("a group holds at least one shard"),
+                        };
+                        here.process(step, group, logs.join(log))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                if !kept.is_empty() && ran > 0 {
                     println!(
-                        "\nround {round}: kept the verified updates of shards {kept:?}, computing the other {}",
-                        procs.len()
+                        "\nround {round}: kept the verified updates of shards {kept:?}, computing the other {ran}"
                     );
                 }
-                let ran = procs.len();
-                let failed = run_tolerating(
-                    procs,
-                    jobs,
-                    (kept.len() + ran).saturating_sub(step.quorum).min(ran),
-                )?;
+                let failed = run_tolerating(procs, jobs, tolerate)?;
                 for f in &failed {
                     eprintln!(
                         "warning: going on with a quorum of {} workers: {f}",
@@ -291,7 +318,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
                 let aggregated = run_recorded(
                     here.process(
                         step,
-                        None,
+                        &[],
                         logs.join(format!("round-{round:04}-aggregator.log")),
                     )?,
                     logs.join(format!("round-{round:04}-aggregator.outcome.json")),
@@ -346,7 +373,7 @@ pub fn run(args: &LocalArgs) -> Result<()> {
     // the same root may have published a later round).
     let last = base_sha256.expect("at least one round");
     if check_latest(&layout).ok().map(|p| p.sha256).as_deref() != Some(last.as_str()) {
-        run_one(here.process(&plan.republish(), None, logs.join("publish.log"))?)?;
+        run_one(here.process(&plan.republish(), &[], logs.join("publish.log"))?)?;
     }
 
     let last = rounds.last().expect("at least one round");
@@ -530,6 +557,22 @@ mod tests {
         v.iter().map(|s| s.to_string()).collect()
     }
 
+    #[test]
+    fn trainers_share_processes_unless_the_round_tolerates_a_failure() {
+        let all: Vec<usize> = (0..64).collect();
+        let groups = trainer_groups(&all, 8, 0);
+        assert_eq!(groups.len(), 8);
+        assert!(groups.iter().all(|g| g.len() == 8));
+        assert_eq!(groups.concat(), all, "every shard once, in order");
+        // Resumed: only the shards left to compute, as evenly as `jobs` allows.
+        assert_eq!(trainer_groups(&[1, 4, 5], 2, 0), [&[1, 4][..], &[5]]);
+        assert_eq!(trainer_groups(&all[..20], 8, 0).len(), 7);
+        // Fewer shards than jobs, or a quorum below the workers: a process per shard.
+        assert_eq!(trainer_groups(&all[..5], 8, 0).len(), 5);
+        assert_eq!(trainer_groups(&all, 8, 1).len(), 64);
+        assert!(trainer_groups(&[], 8, 0).is_empty());
+    }
+
     /// Both executors run the plan's arguments, each adding only what belongs to where the
     /// step runs: here the run's folder (and the archive, for the copier) and a trainer's
     /// `--shard`; on Kubernetes the volume at `/data`, the trainers' shard coming from the
@@ -575,7 +618,7 @@ mod tests {
                 StepKind::Trainer(_) => (
                     strings(&["--root", "/runs/r"]),
                     strings(&["--root", "/data"]),
-                    strings(&["--shard", "2"]),
+                    strings(&["--shard", "2,3"]),
                 ),
                 StepKind::Aggregator(_) => (
                     strings(&["--root", "/runs/r"]),
@@ -583,9 +626,12 @@ mod tests {
                     vec![],
                 ),
             };
-            let shard = matches!(step.kind, StepKind::Trainer(_)).then_some(2);
+            let shards: &[usize] = match step.kind {
+                StepKind::Trainer(_) => &[2, 3],
+                _ => &[],
+            };
             let local: Vec<String> = here
-                .argv(step, shard)
+                .argv(step, shards)
                 .into_iter()
                 .map(|a| a.into_string().unwrap())
                 .collect();

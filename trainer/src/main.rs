@@ -1,5 +1,7 @@
 //! `trainer`: one federated worker. Trains the model on its shard, starting from the
-//! current global model, and writes its update to the shared volume.
+//! current global model, and writes its update to the shared volume. A process may be
+//! given several shards (`--shard 0,8,16`): it trains them one after the other, as as many
+//! workers, and reads and verifies the round's global model and control variate once.
 //!
 //! Round 0 is the statistics round: the worker counts, per hash bucket, the positive and
 //! negative reviews of its shard; the aggregator sums these counts into the naive-Bayes
@@ -17,17 +19,22 @@ use clap::Parser;
 
 /// Train the fedimdb model on one shard.
 ///
-/// Volume form: `trainer --root ROOT --round R --shard I`. Original form:
+/// Volume form: `trainer --root ROOT --round R --shard I[,J…]`. Original form:
 /// `trainer --data SHARD --epoch E --batch B --savemodel OUT [--init GLOBAL]`.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 pub struct Args {
     #[command(flatten)]
     pub volume: fedimdb::layout::VolumeArgs,
-    /// Shard index (0-based). Defaults to $JOB_COMPLETION_INDEX, as set by a Kubernetes
-    /// Indexed Job.
-    #[arg(long, env = "JOB_COMPLETION_INDEX")]
-    pub shard: Option<usize>,
+    /// Shard index (0-based), or several separated by commas, trained one after the other
+    /// by this process. Defaults to $JOB_COMPLETION_INDEX, as set by a Kubernetes Indexed
+    /// Job.
+    ///
+    /// Several shards in one process is how `pipeline local` runs many workers on few
+    /// cores: every worker hashes the 50 MB global model and control variate it starts
+    /// from, and a process hashes them once for all its shards.
+    #[arg(long, env = "JOB_COMPLETION_INDEX", value_delimiter = ',')]
+    pub shard: Vec<usize>,
     #[command(flatten)]
     pub train: fedimdb::train::TrainArgs,
     /// Where to train: `cpu`, or `cuda` (needs a build with `--features cuda` and a GPU).
@@ -55,11 +62,7 @@ fn main() -> std::process::ExitCode {
         check(&args)?;
         let device = device::select(&args.device)?;
         if let Some((root, round)) = args.volume.target().map_err(anyhow::Error::msg)? {
-            let Some(shard) = args.shard else {
-                bail!("no shard index: pass --shard I or set JOB_COMPLETION_INDEX")
-            };
-            run::volume(root, round, shard, &args, &device)?.record();
-            Ok(())
+            run::volume(root, round, &args.shard, &args, &device)
         } else if let (Some(data), Some(out)) = (&args.data, &args.savemodel) {
             run::original(data, out, args.init.as_deref(), &args, &device)
         } else {
@@ -73,5 +76,9 @@ fn main() -> std::process::ExitCode {
 fn check(args: &Args) -> Result<()> {
     args.train.validate().map_err(anyhow::Error::msg)?;
     args.model.validate().map_err(anyhow::Error::msg)?;
+    if let Some(twice) = (args.shard.iter().enumerate()).find(|(i, s)| args.shard[..*i].contains(s))
+    {
+        bail!("--shard lists shard {} twice", twice.1);
+    }
     Ok(())
 }

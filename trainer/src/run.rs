@@ -27,16 +27,55 @@ use tracing::info;
 use crate::Args;
 use crate::candle_engine::train_candle;
 
-/// Volume form: round 0 writes the shard's statistics, later rounds a trained update.
+/// Volume form: the worker of each of `shards`, one after the other. The round's inputs
+/// (global model, control variate) are read and verified once, when the first shard that
+/// has work needs them, and shared by the others.
+///
+/// The first shard that fails ends the process: its error names the shard, the updates of
+/// the shards before it are written and verified, those after it are not started.
+pub fn volume(
+    root: &Path,
+    round: u32,
+    shards: &[usize],
+    args: &Args,
+    device: &Device,
+) -> Result<()> {
+    ensure!(
+        !shards.is_empty(),
+        "no shard index: pass --shard I (or several, --shard I,J) or set JOB_COMPLETION_INDEX"
+    );
+    // The outcome record is one step's (a pod's termination message holds one record).
+    ensure!(
+        shards.len() == 1 || std::env::var_os(fedimdb::outcome::ENV).is_none_or(|p| p.is_empty()),
+        "{} asks for one step's outcome record, and --shard lists {} shards: give each shard \
+         its own trainer process",
+        fedimdb::outcome::ENV,
+        shards.len()
+    );
+    let mut inputs = None;
+    for &shard in shards {
+        let outcome = volume_shard(root, round, shard, args, device, &mut inputs);
+        match shards {
+            [_] => outcome?,
+            _ => outcome.with_context(|| format!("round {round}, shard {shard} failed"))?,
+        }
+        .record();
+    }
+    Ok(())
+}
+
+/// One worker: round 0 writes the shard's statistics, later rounds a trained update.
+/// `inputs` holds the round's inputs once a shard of this process has loaded them.
 ///
 /// With `resume`, an update already on disk that verifies and was computed from exactly
-/// these inputs and arguments is kept, and the trainer exits without work.
-pub fn volume(
+/// these inputs and arguments is kept, and the worker ends without work.
+fn volume_shard(
     root: &Path,
     round: u32,
     shard: usize,
     args: &Args,
     device: &Device,
+    inputs: &mut Option<Inputs>,
 ) -> Result<Outcome> {
     let start = Instant::now();
     let layout = Layout::new(root);
@@ -72,7 +111,10 @@ pub fn volume(
             Err(why) => info!(round, shard, "computing the update: {why:#}"),
         }
     }
-    let inputs = Inputs::load(&layout, round, &args.train)?;
+    let inputs = match inputs {
+        Some(loaded) => loaded,
+        None => inputs.insert(Inputs::load(&layout, round, &args.train)?),
+    };
     let config = inputs
         .base
         .as_ref()
@@ -102,7 +144,7 @@ pub fn volume(
         "training worker started"
     );
     let data = featurize_all(&reviews, config.featurizer);
-    let (ck, epochs) = match inputs.base {
+    let (ck, epochs) = match &inputs.base {
         None => (statistics(config, shard, &data), Vec::new()),
         Some(base) => {
             // The round reads and writes only the shard's own buckets.
@@ -116,7 +158,7 @@ pub fn volume(
                     (control, round - 1),
                     shard,
                     &local,
-                    &base,
+                    base,
                 )?),
                 None => None,
             };
@@ -127,7 +169,15 @@ pub fn volume(
             header.train = Some(tc);
             header.control_sha256 = want.control_sha256.clone();
             header.samples = data.len() as u64;
-            let trained = train_shard(base, &local, &data, &tc, correction.as_ref(), device)?;
+            // A clone of a mapped file's tensors is a reference to the mapping, not a copy.
+            let trained = train_shard(
+                base.clone(),
+                &local,
+                &data,
+                &tc,
+                correction.as_ref(),
+                device,
+            )?;
             let epochs = trained.epochs.clone();
             (trained.into_update(header, local.touched), epochs)
         }
