@@ -42,6 +42,11 @@ pub const ENV: &str = "FEDIMDB_OUTCOME_FILE";
 /// default; at most 4096 bytes, which a record never comes near).
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
 
+/// The file [`ENV`] names, if it names one: unset or empty, no record is asked for.
+pub fn requested_file() -> Option<std::ffi::OsString> {
+    std::env::var_os(ENV).filter(|p| !p.is_empty())
+}
+
 impl Outcome {
     pub fn new(step: &str, status: Status) -> Self {
         Self {
@@ -57,7 +62,7 @@ impl Outcome {
     /// logged, not returned: the step's work is done and verified either way, and the
     /// driver then reports the step's outcome as unknown.
     pub fn record(&self) {
-        let Some(path) = std::env::var_os(ENV).filter(|p| !p.is_empty()) else {
+        let Some(path) = requested_file() else {
             return;
         };
         if let Err(e) = self.write(Path::new(&path)) {

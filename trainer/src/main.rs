@@ -1,7 +1,7 @@
 //! `trainer`: one federated worker. Trains the model on its shard, starting from the
 //! current global model, and writes its update to the shared volume. A process may be
-//! given several shards (`--shard 0,8,16`): it trains them one after the other, as as many
-//! workers, and reads and verifies the round's global model and control variate once.
+//! given several shards (`--shard 0,8,16`): it is then that many workers, one after the
+//! other, and reads and verifies the round's global model and control variate once.
 //!
 //! Round 0 is the statistics round: the worker counts, per hash bucket, the positive and
 //! negative reviews of its shard; the aggregator sums these counts into the naive-Bayes

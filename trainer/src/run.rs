@@ -46,7 +46,7 @@ pub fn volume(
     );
     // The outcome record is one step's (a pod's termination message holds one record).
     ensure!(
-        shards.len() == 1 || std::env::var_os(fedimdb::outcome::ENV).is_none_or(|p| p.is_empty()),
+        shards.len() == 1 || fedimdb::outcome::requested_file().is_none(),
         "{} asks for one step's outcome record, and --shard lists {} shards: give each shard \
          its own trainer process",
         fedimdb::outcome::ENV,
