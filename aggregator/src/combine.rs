@@ -60,6 +60,60 @@ pub fn trimmed_mean(values: &mut [f32], cut: usize) -> f32 {
     (kept.iter().map(|&x| f64::from(x)).sum::<f64>() / kept.len() as f64) as f32
 }
 
+/// How far the round's workers moved the biases, combined by the strategy's rule: the
+/// spread the agreement step measures the combined move against
+/// ([`fedimdb::server_optimizer::ServerOptimizer::step_bias`]). FedAvg takes the
+/// sample-weighted mean of the workers' `|Δ_k|` (their bias minus the global one); the robust
+/// rules take the median or trimmed mean of them, unweighted, so an outlier's move is left
+/// out of the spread as its bias is left out of the combined one.
+#[derive(Debug, Clone)]
+pub struct BiasSpread {
+    strategy: Strategy,
+    /// Per worker: its weight and `|Δ_k|` per row.
+    moves: Vec<(f64, Vec<f32>)>,
+}
+
+impl BiasSpread {
+    pub fn new(strategy: Strategy) -> Self {
+        Self {
+            strategy,
+            moves: Vec::new(),
+        }
+    }
+
+    /// Adds a worker's trained biases against the round's global ones, `base`; `samples`
+    /// weighs it under FedAvg.
+    pub fn add(&mut self, base: &[f32], bias: &[f32], samples: f64) {
+        assert_eq!(base.len(), bias.len(), "one bias per row");
+        let m = base.iter().zip(bias).map(|(b, x)| (x - b).abs()).collect();
+        self.moves.push((samples, m));
+    }
+
+    /// The spread of each of `rows` rows (zero without workers).
+    pub fn finish(self, rows: usize) -> Vec<f64> {
+        (0..rows)
+            .map(|r| {
+                let mut v: Vec<f32> = self.moves.iter().map(|(_, m)| m[r]).collect();
+                if v.is_empty() {
+                    return 0.0;
+                }
+                match self.strategy {
+                    Strategy::FedAvg => {
+                        let total: f64 = self.moves.iter().map(|(p, _)| p).sum();
+                        let sum: f64 = self.moves.iter().map(|(p, m)| p * f64::from(m[r])).sum();
+                        if total > 0.0 { sum / total } else { 0.0 }
+                    }
+                    Strategy::Median => f64::from(median(&mut v)),
+                    Strategy::TrimmedMean { trim } => {
+                        let cut = trim_count(v.len(), trim);
+                        f64::from(trimmed_mean(&mut v, cut))
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
 /// What a sparse update stands for at a bucket it does not list: the global weight, moved
 /// by the correction alone as the worker's own steps moved every bucket it never read
 /// ([`Drift`]). The tables are shared by all the updates of a round.
@@ -460,6 +514,22 @@ mod tests {
             c.add(ck, w).unwrap();
         }
         c.combine().unwrap()
+    }
+
+    #[test]
+    fn the_bias_spread_is_combined_by_the_strategy() {
+        let spread = |strategy| {
+            let mut s = BiasSpread::new(strategy);
+            // Moves of +1, -2 and an outlier's +30, with 5, 3 and 2 samples.
+            for (b, n) in [(1.5f32, 5.0), (-1.5, 3.0), (30.5, 2.0)] {
+                s.add(&[0.5], &[b], n);
+            }
+            s.finish(1)[0]
+        };
+        assert_eq!(spread(Strategy::FedAvg), (5.0 + 6.0 + 60.0) / 10.0);
+        assert_eq!(spread(Strategy::Median), 2.0);
+        assert_eq!(spread(Strategy::TrimmedMean { trim: 0.34 }), 2.0);
+        assert_eq!(BiasSpread::new(Strategy::FedAvg).finish(2), vec![0.0, 0.0]);
     }
 
     #[test]

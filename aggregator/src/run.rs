@@ -29,7 +29,7 @@ use fedimdb::verify::{
 use tracing::{info, warn};
 
 use crate::Args;
-use crate::combine::{Combiner, Fill, flat_index};
+use crate::combine::{BiasSpread, Combiner, Fill, flat_index};
 use crate::evaluate::evaluate;
 use fedimdb::strategy::{Combination, Strategy};
 
@@ -490,6 +490,7 @@ fn combine_updates(
     let (mut samples, mut update_sha256, mut update_bytes, mut seen) =
         (Vec::new(), Vec::new(), Vec::new(), BTreeMap::new());
     let mut sources = prev_control.sources.clone();
+    let mut spread = BiasSpread::new(strategy);
     for &shard in updates.keys() {
         let (ck, bytes) = load_checked(layout, manifest, round, shard, Kind::Update, &mut seen)?;
         let h = &ck.header;
@@ -500,6 +501,7 @@ fn combine_updates(
             .with_context(refusing)?;
         sum.add_sparse(&ck, fill, h.samples as f64)
             .with_context(refusing)?;
+        spread.add(base.tensor(BIAS), ck.tensor(BIAS), h.samples as f64);
         controls
             .add(
                 flat_index(&ck.index, rows, dim),
@@ -547,11 +549,24 @@ fn combine_updates(
     // The fills are gone with the combiner: the global weights are this function's alone.
     let mut weight = Arc::try_unwrap(x).unwrap_or_else(|x| x.as_ref().clone());
     let mut moments = server_moments(layout, prev, optimizer, weight.len())?;
-    let moved = optimizer.step(&mut weight, &target, moments.as_mut())
+    let moved = optimizer.step(&mut weight, &target, moments.as_mut());
+    let target_bias = combined
+        .remove(BIAS)
+        .context("the combined update has no biases")?;
+    let mut bias = base.tensor(BIAS).to_vec();
+    let agreement = optimizer.step_bias(&mut bias, &target_bias, &spread.finish(rows));
+    info!(
+        round,
+        ?agreement,
+        "the biases moved by the workers' agreement on them"
+    );
+    let moved = moved
+        || bias != base.tensor(BIAS)
         || combined
             .iter()
             .any(|(name, v)| base.tensors.get(name).is_none_or(|b| **b != **v));
     combined.insert(WEIGHT.to_owned(), weight);
+    combined.insert(BIAS.to_owned(), bias);
     for (name, v) in combined {
         base.tensors.insert(name, v.into());
     }

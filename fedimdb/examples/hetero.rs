@@ -28,12 +28,25 @@
 //! 1's control variates at zero weights, as round 0's counts give them, whatever `INIT_W`). `TAIL` (1: score the running
 //! average of the global models instead), `DIAG` (1: share predicted positive and the
 //! accuracy at the best bias; on the training reviews, the share predicted positive and the
-//! mean residual).
+//! mean residual). Probes of the threshold drift under label skew (none is a default):
+//! `CORR_SCALE` (1: SCAFFOLD's correction `c - c_i` multiplied by this), `BCS` (the same
+//! factor for the bias's correction alone; default `CORR_SCALE`), `FRESHB` (1|2: the bias's
+//! correction from the shard's own mean residual at the round's start, a local pass, against
+//! the global control's bias (1) or zero (2)), `DECOMP` (1: after each cell, the mean score
+//! difference between its model and the first cell's, on the training and on the evaluation
+//! reviews, split by the buckets' training document frequency, by the positive share of the
+//! shards that read them, and by the sign of their naive-Bayes ratio), `GBIAS_PRIOR` (1: the
+//! global bias stays the prior's log-odds of round 0), `SADAM_FLAT` (k: from round k on, η
+//! shrinks so the momentum's growth stops raising the step), `AGREE` (1|2: every weight's
+//! server step blended with the plain average by the workers' agreement on it, or its
+//! square), `STEPSTAT` (1: the mean displacement and the server step's ratio to it). With
+//! server Adam the biases take the pipeline's agreement step (`BAGREE=0`: the plain mean).
 
 use std::io::Read;
 
 use fedimdb::featurize::{Featurizer, FeaturizerConfig};
 use fedimdb::model::{ClassCounts, Model, ModelConfig, Multiclass, Scorer};
+use fedimdb::server_optimizer::ServerOptimizer;
 use fedimdb::train::{Algorithm, Correction, Schedule, TrainConfig, train_sparse, worker_seed};
 
 fn env_list<T: std::str::FromStr>(name: &str, default: &str) -> Vec<T>
@@ -256,6 +269,7 @@ fn main() {
             )
         };
         let rounds: u32 = env_list("ROUNDS", "5")[0];
+        let mut reference: Option<(Vec<f32>, Vec<f32>)> = None;
         let seed: u64 = env_list("SEED", "42")[0];
         let min_shard: usize = env_list("MIN_SHARD", "32")[0];
         for algo in env_list::<String>("ALGOS", "fedavg,scaffold") {
@@ -285,10 +299,19 @@ fn main() {
                                 } else {
                                     String::new()
                                 };
-                                let line = simulate(
+                                let (line, wf, bf) = simulate(
                                     &algo, steps, lr, &schedule, rounds, &shards, &xtr, &ytr, mc,
                                     &ratio, &bias0, &acc, &diag,
                                 );
+                                if std::env::var("DECOMP").is_ok() {
+                                    match &reference {
+                                        None => reference = Some((wf.clone(), bf.clone())),
+                                        Some((wc, bc)) => decomp(
+                                            &shards, &xtr, &ytr, &xev, &counts, &ratio, &wf, &bf,
+                                            wc, bc,
+                                        ),
+                                    }
+                                }
                                 println!(
                                     "{link}{algo:8} steps {steps:6} lr {lr:5} {schedule:8} workers {workers:3} part {part:4}: {line} ({:.1}s)",
                                     t0.elapsed().as_secs_f64()
@@ -321,7 +344,7 @@ fn simulate(
     bias0: &[f32],
     acc: &dyn Fn(&[f32], &[f32]) -> f64,
     diag: &dyn Fn(&[f32], &[f32]) -> String,
-) -> String {
+) -> (String, Vec<f32>, Vec<f32>) {
     let dim = ratio.len();
     let rows = bias0.len();
     let epochs: u32 = env_list("EPOCHS", "8")[0];
@@ -425,6 +448,8 @@ fn simulate(
                                 steps,
                                 schedule,
                             };
+                            let cs: f32 = env_list("CORR_SCALE", "1")[0];
+                            let bcs: f32 = env_list("BCS", &cs.to_string())[0];
                             let corr = (algo == "scaffold").then(|| {
                                 let own = &ci[k];
                                 Correction {
@@ -434,17 +459,30 @@ fn simulate(
                                         c.weight
                                             .iter()
                                             .zip(&own.weight)
-                                            .map(|(a, b)| a - b)
+                                            .map(|(a, b)| cs * (a - b))
                                             .collect()
                                     },
                                     bias: c
                                         .bias
                                         .iter()
                                         .zip(&own.bias)
-                                        .map(|(a, b)| a - b)
+                                        .map(|(a, b)| bcs * (a - b))
                                         .collect(),
                                 }
                             });
+                            // FRESHB=1|2: the bias correction from the shard's own mean
+                            // residual at the round's start (a local pass), against the
+                            // global control's bias (1) or zero (2).
+                            let freshb: u32 = env_list("FRESHB", "0")[0];
+                            let mut corr = corr;
+                            if let (Some(cr), true) =
+                                (corr.as_mut(), freshb > 0 && !ci[k].weight.is_empty())
+                            {
+                                let (_, gb) = full_grad(w, b, xs, ys);
+                                for ((d, g), cb) in cr.bias.iter_mut().zip(&gb).zip(&c.bias) {
+                                    *d = if freshb == 1 { cb - g } else { -g };
+                                }
+                            }
                             let mut o = train_sparse(&mut sgd, xs, ys, &tc, corr.as_ref(), |_| {});
                             if opt1 {
                                 let (g, gb) = full_grad(w, b, xs, ys);
@@ -469,16 +507,20 @@ fn simulate(
             all.into_iter().map(|x| x.1).collect()
         });
         let mut dw = vec![0f64; dim];
+        let mut dabs = vec![0f64; dim];
+        let mut dbabs = vec![0f64; rows];
         let mut db = vec![0f64; rows];
         let mut floss = 0.0;
         for (k, (wk, bk, gk, gbk, loss)) in results.into_iter().enumerate() {
             let p = shards[k].len() as f64 / n as f64;
             floss += p * loss;
-            for ((s, &a), &x) in dw.iter_mut().zip(&wk).zip(&w) {
+            for (((s, sa), &a), &x) in dw.iter_mut().zip(dabs.iter_mut()).zip(&wk).zip(&w) {
                 *s += p * (a - x) as f64;
+                *sa += p * (a - x).abs() as f64;
             }
-            for ((d, &x), &y) in db.iter_mut().zip(&bk).zip(&b) {
+            for (((d, da), &x), &y) in db.iter_mut().zip(dbabs.iter_mut()).zip(&bk).zip(&b) {
                 *d += p * (x - y) as f64;
+                *da += p * (x - y).abs() as f64;
             }
             if algo == "scaffold" {
                 let old = std::mem::take(&mut ci[k].weight);
@@ -505,11 +547,36 @@ fn simulate(
             let yogi = env_list::<u8>("YOGI", "0")[0] == 1;
             let b1: f32 = env_list("B1", "0.9")[0];
             let b2: f32 = env_list("B2", "0.99")[0];
-            for (((mj, vj), wj), d) in m.iter_mut().zip(v.iter_mut()).zip(w.iter_mut()).zip(&dw) {
+            // SADAM_FLAT=k: from round k on, η shrinks by (1 - β1^k) / (1 - β1^r), so that
+            // the momentum's growth (no bias correction) stops raising the step there.
+            let flat: i32 = env_list("SADAM_FLAT", "0")[0];
+            let sadam = if flat > 0 && r as i32 > flat {
+                sadam * (1.0 - b1.powi(flat)) / (1.0 - b1.powi(r as i32))
+            } else {
+                sadam
+            };
+            let (mut sum_d, mut sum_step, mut moved) = (0f64, 0f64, 0usize);
+            let agree = env_list::<u8>("AGREE", "0")[0];
+            for ((((mj, vj), wj), d), da) in m
+                .iter_mut()
+                .zip(v.iter_mut())
+                .zip(w.iter_mut())
+                .zip(&dw)
+                .zip(&dabs)
+            {
+                // AGREE=1: the step blends Adam's and the plain average by the workers'
+                // agreement on the bucket, |Σ p d| / Σ p |d|.
+                let a = if *da > 0.0 {
+                    (d.abs() / da) as f32
+                } else {
+                    1.0
+                };
                 let d = *d as f32;
                 if d == 0.0 && *mj == 0.0 {
                     continue;
                 }
+                sum_d += d.abs() as f64;
+                moved += 1;
                 *mj = b1 * *mj + (1.0 - b1) * d;
                 // VWARM=1: a bucket's first displacement sets v whole (not 1% of it), so
                 // the first step is capped at about η·0.1 instead of η.
@@ -521,7 +588,21 @@ fn simulate(
                 } else {
                     b2 * *vj + (1.0 - b2) * d * d
                 };
-                *wj += sadam * *mj / (vj.sqrt() + tau);
+                let step = sadam * *mj / (vj.sqrt() + tau);
+                let step = match agree {
+                    1 => a * step + (1.0 - a) * d,
+                    2 => a * a * step + (1.0 - a * a) * d,
+                    _ => step,
+                };
+                sum_step += step.abs() as f64;
+                *wj += step;
+            }
+            if env_list::<u8>("STEPSTAT", "0")[0] == 1 {
+                line += &format!(
+                    " [mean |d| {:.4} step/|d| {:.2}]",
+                    sum_d / moved.max(1) as f64,
+                    sum_step / sum_d.max(1e-30)
+                );
             }
             if env_list::<u8>("SADAM_BIAS", "0")[0] == 1 {
                 // SADAM_BIAS=1: the biases take the same Adam step as the weights.
@@ -536,9 +617,15 @@ fn simulate(
                     *bb += sadam * *mb / (vb.sqrt() + tau);
                 }
             } else {
-                for (bb, d) in b.iter_mut().zip(&db) {
-                    *bb += *d as f32;
-                }
+                // The pipeline's bias step: the agreement step that goes with server Adam
+                // (`ServerOptimizer::step_bias`), or the plain average with `BAGREE=0`.
+                let combined: Vec<f32> = b.iter().zip(&db).map(|(x, d)| x + *d as f32).collect();
+                let opt = if env_list::<u8>("BAGREE", "1")[0] == 0 {
+                    ServerOptimizer::None
+                } else {
+                    ServerOptimizer::default_for(2)
+                };
+                opt.step_bias(&mut b, &combined, &dbabs);
             }
         } else if algo == "fedavgm" || env_list::<f32>("SMOM", "0")[0] > 0.0 {
             let mom = if algo == "fedavgm" {
@@ -562,6 +649,10 @@ fn simulate(
                 *bb += slr * *d as f32;
             }
         }
+        if env_list::<u8>("GBIAS_PRIOR", "0")[0] == 1 {
+            // GBIAS_PRIOR=1: the global bias stays the prior's log-odds (round 0's).
+            b.copy_from_slice(bias0);
+        }
         line += &format!(" r{r}={:.2}(loss {floss:.3})", acc(&w, &b));
         if env_list::<u8>("DIAG", "0")[0] == 1 {
             line += &format!("[{}]", diag(&w, &b));
@@ -580,5 +671,107 @@ fn simulate(
             line += &format!("[tail {:.2}]", acc(&tw, &tb));
         }
     }
-    line
+    (line, w, b)
+}
+
+/// DECOMP=1: the mean score difference between this cell's model and the first cell's
+/// (centralized), on the training and on the evaluation reviews, split by bucket class.
+#[allow(clippy::too_many_arguments)]
+fn decomp(
+    shards: &[Vec<usize>],
+    xtr: &[Vec<u32>],
+    ytr: &[u8],
+    xev: &[Vec<u32>],
+    counts: &ClassCounts,
+    ratio: &[f32],
+    wf: &[f32],
+    bf: &[f32],
+    wc: &[f32],
+    bc: &[f32],
+) {
+    let dim = ratio.len();
+    // Per bucket: the reader-weighted positive share of the shards that read it.
+    let mut num = vec![0f64; dim];
+    let mut den = vec![0f64; dim];
+    for s in shards {
+        let pi = s.iter().filter(|&&i| ytr[i] == 1).count() as f64 / s.len() as f64;
+        for &i in s {
+            for &j in &xtr[i] {
+                num[j as usize] += pi;
+                den[j as usize] += 1.0;
+            }
+        }
+    }
+    let df = |j: usize| (counts.counts[0][j] + counts.counts[1][j]) as f64;
+    let dfbin = |j: usize| match df(j) as u64 {
+        0 => 0,
+        1 => 1,
+        2..=4 => 2,
+        5..=19 => 3,
+        20..=99 => 4,
+        100..=999 => 5,
+        _ => 6,
+    };
+    let pbin = |j: usize| {
+        if den[j] == 0.0 {
+            return 0;
+        }
+        let p = num[j] / den[j];
+        if p < 0.35 {
+            1
+        } else if p < 0.45 {
+            2
+        } else if p < 0.55 {
+            3
+        } else if p < 0.65 {
+            4
+        } else {
+            5
+        }
+    };
+    let rbin = |j: usize| usize::from(ratio[j] > 0.0);
+    let d: Vec<f32> = (0..dim).map(|j| (wf[j] - wc[j]) * ratio[j]).collect();
+    let run = |xs: &[Vec<u32>], name: &str| {
+        let mut by_df = [0f64; 7];
+        let mut by_p = [0f64; 6];
+        let mut by_r = [0f64; 2];
+        let mut by_dfr = [[0f64; 2]; 7];
+        for x in xs {
+            let sc = fedimdb::model::doc_scale(x.len()) as f64;
+            for &j in x {
+                let j = j as usize;
+                let c = d[j] as f64 * sc;
+                by_df[dfbin(j)] += c;
+                by_p[pbin(j)] += c;
+                by_r[rbin(j)] += c;
+                by_dfr[dfbin(j)][rbin(j)] += c;
+            }
+        }
+        let n = xs.len() as f64;
+        let total: f64 = by_df.iter().sum::<f64>() / n + (bf[0] - bc[0]) as f64;
+        println!(
+            "  decomp {name}: total {total:+.3} bias {:+.3} | df 0,1,2-4,5-19,20-99,100-999,1000+: {} | reader-pos <.35,.35-.45,-.55,-.65,>.65 (unread {:+.3}): {} | r<0 {:+.3} r>0 {:+.3} | df x (r<0, r>0): {}",
+            bf[0] - bc[0],
+            by_df
+                .iter()
+                .map(|v| format!("{:+.3}", v / n))
+                .collect::<Vec<_>>()
+                .join(" "),
+            by_p[0] / n,
+            by_p[1..]
+                .iter()
+                .map(|v| format!("{:+.3}", v / n))
+                .collect::<Vec<_>>()
+                .join(" "),
+            by_r[0] / n,
+            by_r[1] / n,
+            by_dfr
+                .iter()
+                .map(|v| format!("({:+.2},{:+.2})", v[0] / n, v[1] / n))
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+    };
+    run(xtr, "train");
+    run(xev, "eval ");
 }
