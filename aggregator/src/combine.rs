@@ -89,28 +89,30 @@ impl BiasSpread {
         self.moves.push((samples, m));
     }
 
-    /// The spread of each of `rows` rows (zero without workers).
-    pub fn finish(self, rows: usize) -> Vec<f64> {
-        (0..rows)
-            .map(|r| {
-                let mut v: Vec<f32> = self.moves.iter().map(|(_, m)| m[r]).collect();
-                if v.is_empty() {
-                    return 0.0;
-                }
-                match self.strategy {
-                    Strategy::FedAvg => {
-                        let total: f64 = self.moves.iter().map(|(p, _)| p).sum();
+    /// The spread of each of `rows` rows (zero without workers). Fails as the combiner does
+    /// when `--trim` leaves no value.
+    pub fn finish(self, rows: usize) -> Result<Vec<f64>> {
+        if self.moves.is_empty() {
+            return Ok(vec![0.0; rows]);
+        }
+        let spread = match Rule::of(self.strategy, self.moves.len())? {
+            None => {
+                let total: f64 = self.moves.iter().map(|(p, _)| p).sum();
+                (0..rows)
+                    .map(|r| {
                         let sum: f64 = self.moves.iter().map(|(p, m)| p * f64::from(m[r])).sum();
                         if total > 0.0 { sum / total } else { 0.0 }
-                    }
-                    Strategy::Median => f64::from(median(&mut v)),
-                    Strategy::TrimmedMean { trim } => {
-                        let cut = trim_count(v.len(), trim);
-                        f64::from(trimmed_mean(&mut v, cut))
-                    }
-                }
-            })
-            .collect()
+                    })
+                    .collect()
+            }
+            Some(rule) => (0..rows)
+                .map(|r| {
+                    let mut v: Vec<f32> = self.moves.iter().map(|(_, m)| m[r]).collect();
+                    f64::from(rule.apply(&mut v))
+                })
+                .collect(),
+        };
+        Ok(spread)
     }
 }
 
@@ -405,20 +407,8 @@ impl Combiner {
                 Ok(sum.mean())
             }
             Combiner::Holding { strategy, updates } => {
-                let n = updates.len();
-                ensure!(n > 0, "no updates to combine");
-                let rule = match strategy {
-                    Strategy::Median => Rule::Median,
-                    Strategy::TrimmedMean { trim } => {
-                        let cut = trim_count(n, trim);
-                        ensure!(
-                            2 * cut < n,
-                            "--trim {trim} cuts {cut} of {n} values from each end and leaves none; use a smaller --trim"
-                        );
-                        Rule::Trimmed(cut)
-                    }
-                    Strategy::FedAvg => unreachable!("FedAvg streams"),
-                };
+                ensure!(!updates.is_empty(), "no updates to combine");
+                let rule = Rule::of(strategy, updates.len())?.expect("FedAvg streams");
                 let names: Vec<String> = updates[0].keys().cloned().collect();
                 Ok(names
                     .into_iter()
@@ -463,10 +453,38 @@ fn hold(
     Ok(())
 }
 
+/// A robust strategy's rule for one coordinate's `n` values.
 #[derive(Debug, Clone, Copy)]
 enum Rule {
     Median,
     Trimmed(usize),
+}
+
+impl Rule {
+    /// The rule `strategy` applies to `n` values; `None` for FedAvg, the weighted mean.
+    /// Fails when `--trim` would cut every value.
+    fn of(strategy: Strategy, n: usize) -> Result<Option<Rule>> {
+        Ok(match strategy {
+            Strategy::FedAvg => None,
+            Strategy::Median => Some(Rule::Median),
+            Strategy::TrimmedMean { trim } => {
+                let cut = trim_count(n, trim);
+                ensure!(
+                    2 * cut < n,
+                    "--trim {trim} cuts {cut} of {n} values from each end and leaves none; use a smaller --trim"
+                );
+                Some(Rule::Trimmed(cut))
+            }
+        })
+    }
+
+    /// The combined value of one coordinate's `values`, reordering them.
+    fn apply(self, values: &mut [f32]) -> f32 {
+        match self {
+            Rule::Median => median(values),
+            Rule::Trimmed(cut) => trimmed_mean(values, cut),
+        }
+    }
 }
 
 /// Applies `rule` to every coordinate of same-length tensors, on all cores. Each output
@@ -487,10 +505,7 @@ fn coordinate_wise(inputs: &[&Held], rule: Rule) -> Vec<f32> {
                     for ((x, input), cursor) in scratch.iter_mut().zip(inputs).zip(&mut cursors) {
                         *x = input.value(offset + i, cursor);
                     }
-                    *o = match rule {
-                        Rule::Median => median(&mut scratch),
-                        Rule::Trimmed(cut) => trimmed_mean(&mut scratch, cut),
-                    };
+                    *o = rule.apply(&mut scratch);
                 }
             });
         }
@@ -524,12 +539,15 @@ mod tests {
             for (b, n) in [(1.5f32, 5.0), (-1.5, 3.0), (30.5, 2.0)] {
                 s.add(&[0.5], &[b], n);
             }
-            s.finish(1)[0]
+            s.finish(1).unwrap()[0]
         };
         assert_eq!(spread(Strategy::FedAvg), (5.0 + 6.0 + 60.0) / 10.0);
         assert_eq!(spread(Strategy::Median), 2.0);
         assert_eq!(spread(Strategy::TrimmedMean { trim: 0.34 }), 2.0);
-        assert_eq!(BiasSpread::new(Strategy::FedAvg).finish(2), vec![0.0, 0.0]);
+        assert_eq!(
+            BiasSpread::new(Strategy::FedAvg).finish(2).unwrap(),
+            vec![0.0, 0.0]
+        );
     }
 
     #[test]

@@ -554,7 +554,7 @@ fn combine_updates(
         .remove(BIAS)
         .context("the combined update has no biases")?;
     let mut bias = base.tensor(BIAS).to_vec();
-    let agreement = optimizer.step_bias(&mut bias, &target_bias, &spread.finish(rows));
+    let agreement = optimizer.step_bias(&mut bias, &target_bias, &spread.finish(rows)?);
     info!(
         round,
         ?agreement,

@@ -348,10 +348,11 @@ mod tests {
         let mut b = [0.0f32];
         assert_eq!(adam.step_bias(&mut b, &[0.0], &[2.4]), vec![0.0]);
         assert_eq!(b, [0.0]);
-        // No worker moved it (the gradient round): the combined value, whatever it is.
+        // A spread of zero (no worker moved it, or a robust rule's spread is zero): the
+        // combined value, whatever it is.
         let mut b = [0.25f32];
-        adam.step_bias(&mut b, &[0.25], &[0.0]);
-        assert_eq!(b, [0.25]);
+        assert_eq!(adam.step_bias(&mut b, &[0.75], &[0.0]), vec![1.0]);
+        assert_eq!(b, [0.75]);
         // `none` takes the combined biases as they are.
         let mut b = base;
         let a = ServerOptimizer::None.step_bias(&mut b, &combined, &[1.0, 2.0]);
