@@ -39,9 +39,9 @@
 //! global bias stays the prior's log-odds of round 0), `SADAM_FLAT` (k: from round k on, η
 //! shrinks so the momentum's growth stops raising the step), `AGREE` (1|2: every weight's
 //! server step blended with the plain average by the workers' agreement on it, or its
-//! square), `STEPSTAT` (1: the mean displacement and the server step's ratio to it), `SHARDS` (1: each
-//! shard's positive and total reviews, before its cell runs). With
-//! server Adam the biases take the pipeline's agreement step (`BAGREE=0`: the plain mean).
+//! square), `STEPSTAT` (1: the mean displacement and the server step's ratio to it),
+//! `SHARDS` (1: each shard's positive and total reviews, before its cell runs). With server
+//! Adam the biases take the pipeline's agreement step (`BAGREE=0`: the plain mean).
 
 use std::io::Read;
 
