@@ -33,8 +33,10 @@
 //! opposite labels pull against each other, `a` is about 0.05 and that does not matter.
 //! Where one large mixed shard moves with a small single-label one, `a` stayed at 0.3–0.5,
 //! the global bias climbed by 6 logits in five rounds, and the threshold on new movies moved
-//! by up to a point of accuracy. With `a²` that factor is 0.1–0.25, and an IID round's is
-//! unchanged (docs/BENCHMARKS.md, "the agreement squared"). (A related rule, a server
+//! by up to a point of accuracy. With `a²` that factor is 0.1–0.25. IID rounds keep `a`
+//! at 0.93–1 while the bias still has a long way to go; only their last rounds, where the
+//! bias moves are small and go both ways, take smaller steps than before
+//! (docs/BENCHMARKS.md, "the agreement squared"). (A related rule, a server
 //! learning rate that depends on the workers' sign agreement, is Ozdayi et al.'s robust
 //! learning rate, AAAI 2021.)
 //!
