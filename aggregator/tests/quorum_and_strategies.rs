@@ -350,10 +350,11 @@ fn the_server_adam_step_moves_from_the_combined_weights_and_keeps_its_moments() 
         assert_eq!(report["server_optimizer"], label, "{args:?}");
         // Round 1 starts from round 0's weights and zero moments: with Δ the combined
         // weight's displacement, m = 0.1 Δ, v = 0.01 Δ², and the weight moves by
-        // η·m / (√v + τ). The bias moves by its combined displacement times the square of the
-        // workers' agreement on it, which is 1 here: every worker moves it up, and the spread of their
-        // moves, combined by the rule (the weighted mean for FedAvg, the median for the
-        // median: the outlier's move of 30 stays out), is the combined move itself.
+        // η·m / (√v + τ). The bias moves by its combined displacement times the square of
+        // the workers' agreement on it, which is 1 here: every worker moves it up, and the
+        // spread of their moves, combined by the rule (the weighted mean for FedAvg, the
+        // median for the median: the outlier's move of 30 stays out), is the combined move
+        // itself.
         let combined = |k: f64| if median { 2.0 * k } else { fedavg(k) } as f32;
         let g = v.global(1);
         let start = v.global(0).tensor("linear.weight").to_vec();
