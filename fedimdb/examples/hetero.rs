@@ -518,15 +518,19 @@ fn simulate(
             all.into_iter().map(|x| x.1).collect()
         });
         let mut dw = vec![0f64; dim];
-        let mut dabs = vec![0f64; dim];
+        // Σ p_k |Δ_k| per weight, only for the AGREE probe (a pass over every weight).
+        let per_weight_agree = env_list::<u8>("AGREE", "0")[0] > 0;
+        let mut dabs = vec![0f64; if per_weight_agree { dim } else { 0 }];
         let mut dbabs = vec![0f64; rows];
         let mut db = vec![0f64; rows];
         let mut floss = 0.0;
         for (k, (wk, bk, gk, gbk, loss)) in results.into_iter().enumerate() {
             let p = shards[k].len() as f64 / n as f64;
             floss += p * loss;
-            for (((s, sa), &a), &x) in dw.iter_mut().zip(dabs.iter_mut()).zip(&wk).zip(&w) {
+            for ((s, &a), &x) in dw.iter_mut().zip(&wk).zip(&w) {
                 *s += p * (a - x) as f64;
+            }
+            for ((sa, &a), &x) in dabs.iter_mut().zip(&wk).zip(&w) {
                 *sa += p * (a - x).abs() as f64;
             }
             for (((d, da), &x), &y) in db.iter_mut().zip(dbabs.iter_mut()).zip(&bk).zip(&b) {
@@ -568,19 +572,18 @@ fn simulate(
             };
             let (mut sum_d, mut sum_step, mut moved) = (0f64, 0f64, 0usize);
             let agree = env_list::<u8>("AGREE", "0")[0];
-            for ((((mj, vj), wj), d), da) in m
+            for (j, (((mj, vj), wj), d)) in m
                 .iter_mut()
                 .zip(v.iter_mut())
                 .zip(w.iter_mut())
                 .zip(&dw)
-                .zip(&dabs)
+                .enumerate()
             {
                 // AGREE=1: the step blends Adam's and the plain average by the workers'
                 // agreement on the bucket, |Σ p d| / Σ p |d|.
-                let a = if *da > 0.0 {
-                    (d.abs() / da) as f32
-                } else {
-                    1.0
+                let a = match dabs.get(j) {
+                    Some(&da) if da > 0.0 => (d.abs() / da) as f32,
+                    _ => 1.0,
                 };
                 let d = *d as f32;
                 if d == 0.0 && *mj == 0.0 {
