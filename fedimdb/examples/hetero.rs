@@ -40,7 +40,9 @@
 //! shrinks so the momentum's growth stops raising the step), `AGREE` (1|2: every weight's
 //! server step blended with the plain average by the workers' agreement on it, or its
 //! square), `STEPSTAT` (1: the mean displacement and the server step's ratio to it),
-//! `SHARDS` (1: each shard's positive and total reviews, before its cell runs). With server
+//! `SHARDS` (1: each shard's positive and total reviews, before its cell runs), `SWD` (λ: after
+//! each server Adam step every weight moves back towards its starting value by λ of the
+//! distance, a prior centred on the naive-Bayes start). With server
 //! Adam the biases take the pipeline's agreement step (`BAGREE=0`: the plain mean).
 
 use std::io::Read;
@@ -610,6 +612,14 @@ fn simulate(
                 };
                 sum_step += step.abs() as f64;
                 *wj += step;
+            }
+            // SWD=λ: after the step every weight moves back towards the start by λ of its
+            // distance (a prior centred on the naive-Bayes classifier, applied by the server).
+            let swd: f32 = env_list("SWD", "0")[0];
+            if swd > 0.0 {
+                for wj in w.iter_mut() {
+                    *wj -= swd * (*wj - init_w);
+                }
             }
             if env_list::<u8>("STEPSTAT", "0")[0] == 1 {
                 line += &format!(
