@@ -223,14 +223,14 @@ mod tests {
             model.weight = (0..model.weight.len())
                 .map(|i| 0.5 + (i % 7) as f32 * 0.1)
                 .collect();
-            let cpu = Device::Cpu;
+            let dev = crate::device::for_tests();
             let (rows, dim) = (model.config.rows(), model.config.dim());
             let refs: Vec<&[u32]> = docs.iter().map(Vec::as_slice).collect();
             let logits = forward(
-                &Tensor::from_slice(&model.weight, (rows, dim), &cpu).unwrap(),
-                &Tensor::from_slice(&model.bias, rows, &cpu).unwrap(),
-                &Tensor::from_slice(&model.nb_ratio, (rows, dim), &cpu).unwrap(),
-                &SparseBatch::new(&refs, &cpu).unwrap(),
+                &Tensor::from_slice(&model.weight, (rows, dim), &dev).unwrap(),
+                &Tensor::from_slice(&model.bias, rows, &dev).unwrap(),
+                &Tensor::from_slice(&model.nb_ratio, (rows, dim), &dev).unwrap(),
+                &SparseBatch::new(&refs, &dev).unwrap(),
             )
             .unwrap()
             .to_vec2::<f32>()
@@ -262,6 +262,7 @@ mod tests {
             schedule,
             seed: 9,
         };
+        let device = crate::device::for_tests();
         // Non-zero on buckets no document reads too, so the sparse engine's lazy path counts.
         let (rows, dim) = (model.config.rows(), model.config.dim());
         let correction = Correction {
@@ -278,8 +279,7 @@ mod tests {
             let mut sparse = model.clone();
             let s1 = train_sparse(&mut sparse, &docs, &labels, &cfg, corr, |_| {});
             let mut dense = model.clone();
-            let s2 =
-                train_candle(&mut dense, &Device::Cpu, &docs, &labels, &cfg, corr, |_| {}).unwrap();
+            let s2 = train_candle(&mut dense, &device, &docs, &labels, &cfg, corr, |_| {}).unwrap();
             let diff = max_diff(&dense.weight, &sparse.weight);
             assert!(diff < 1e-5, "engines differ by {diff} with {cfg:?}");
             assert!(max_diff(&dense.bias, &sparse.bias) < 1e-5);

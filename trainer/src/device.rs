@@ -26,3 +26,16 @@ fn cuda() -> Result<Device> {
          `cargo build --release -p trainer --features cuda` on a machine with the CUDA toolkit, or use --device cpu"
     )
 }
+
+/// The device the engine-equality tests train the candle engine on: the GPU in a build with
+/// the `cuda` feature, so that `cargo test -p trainer --features cuda` on a GPU machine pins
+/// the CUDA path to the sparse engine, and the CPU otherwise (CI). A `cuda` build without a
+/// usable GPU fails these tests with `select`'s message rather than passing on the CPU.
+#[cfg(test)]
+pub fn for_tests() -> Device {
+    if cfg!(feature = "cuda") {
+        select("cuda").unwrap_or_else(|e| panic!("{e:#}"))
+    } else {
+        Device::Cpu
+    }
+}

@@ -633,10 +633,12 @@ mod tests {
             seed: 3,
             steps: 40,
         };
+        // The candle engine on the tests' device: the GPU in a `cuda` build.
+        let device = crate::device::for_tests();
         let run = |engine| {
             train_shard_with(engine, base.clone(), &local, &data, &tc, Some(&correction)).unwrap()
         };
-        let (sparse, candle) = (run(Engine::Sparse), run(Engine::Candle(&Device::Cpu)));
+        let (sparse, candle) = (run(Engine::Sparse), run(Engine::Candle(&device)));
         let diff = |a: &[f32], b: &[f32]| {
             a.iter()
                 .zip(b)
@@ -669,7 +671,7 @@ mod tests {
         let run = |engine| {
             train_shard_with(engine, base.clone(), &local, &data, &gradient, None).unwrap()
         };
-        let (sparse, candle) = (run(Engine::Sparse), run(Engine::Candle(&Device::Cpu)));
+        let (sparse, candle) = (run(Engine::Sparse), run(Engine::Candle(&device)));
         assert_eq!(sparse.weight, local.gather(base.tensor(WEIGHT)));
         assert_eq!(candle.weight, sparse.weight);
         assert_eq!(candle.mean_grad, sparse.mean_grad);
