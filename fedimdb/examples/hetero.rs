@@ -521,8 +521,8 @@ fn simulate(
         });
         let mut dw = vec![0f64; dim];
         // Σ p_k |Δ_k| per weight, only for the AGREE probe (a pass over every weight).
-        let per_weight_agree = env_list::<u8>("AGREE", "0")[0] > 0;
-        let mut dabs = vec![0f64; if per_weight_agree { dim } else { 0 }];
+        let agree = env_list::<u8>("AGREE", "0")[0];
+        let mut dabs = vec![0f64; if agree > 0 { dim } else { 0 }];
         let mut dbabs = vec![0f64; rows];
         let mut db = vec![0f64; rows];
         let mut floss = 0.0;
@@ -573,7 +573,6 @@ fn simulate(
                 sadam
             };
             let (mut sum_d, mut sum_step, mut moved) = (0f64, 0f64, 0usize);
-            let agree = env_list::<u8>("AGREE", "0")[0];
             for (j, (((mj, vj), wj), d)) in m
                 .iter_mut()
                 .zip(v.iter_mut())
