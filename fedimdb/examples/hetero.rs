@@ -42,7 +42,9 @@
 //! square), `STEPSTAT` (1: the mean displacement and the server step's ratio to it),
 //! `SHARDS` (1: each shard's positive and total reviews, before its cell runs), `SWD` (λ: after
 //! each server Adam step every weight moves back towards its starting value by λ of the
-//! distance, a prior centred on the naive-Bayes start). With server
+//! distance, a prior centred on the naive-Bayes start), `EXP` (1: each round, FedExP's ratio
+//! `Σ p_k ‖Δ_k‖² / ‖Σ p_k Δ_k‖²` over the weights: 1 when the workers move alike, large when
+//! their moves cancel). With server
 //! Adam the biases take the pipeline's agreement step (`BAGREE=0`: the plain mean).
 
 use std::io::Read;
@@ -526,9 +528,20 @@ fn simulate(
         let mut dbabs = vec![0f64; rows];
         let mut db = vec![0f64; rows];
         let mut floss = 0.0;
+        // EXP=1: FedExP's ratio Σ p_k ‖Δ_k‖² / ‖Σ p_k Δ_k‖² over the weights (1 when the
+        // workers move alike, large when their moves cancel), printed each round.
+        let exp_probe = env_list::<u8>("EXP", "0")[0] == 1;
+        let mut sq_each = 0f64;
         for (k, (wk, bk, gk, gbk, loss)) in results.into_iter().enumerate() {
             let p = shards[k].len() as f64 / n as f64;
             floss += p * loss;
+            if exp_probe {
+                sq_each += p * wk
+                    .iter()
+                    .zip(&w)
+                    .map(|(&a, &x)| ((a - x) as f64).powi(2))
+                    .sum::<f64>();
+            }
             for ((s, &a), &x) in dw.iter_mut().zip(&wk).zip(&w) {
                 *s += p * (a - x) as f64;
             }
@@ -552,6 +565,10 @@ fn simulate(
                     bias: gbk,
                 };
             }
+        }
+        if exp_probe {
+            let sq_mean: f64 = dw.iter().map(|d| d * d).sum();
+            line += &format!(" [exp {:.2}]", sq_each / sq_mean.max(1e-30));
         }
         let sadam: f32 = env_list::<f32>("SADAM", "0")[0]
             * (r as f32).powf(-env_list::<f32>("SADAM_POW", "0")[0]);
