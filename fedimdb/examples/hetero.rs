@@ -44,7 +44,7 @@
 //! each server Adam step every weight moves back towards its starting value by λ of the
 //! distance, a prior centred on the naive-Bayes start), `EXP` (1: each round, FedExP's ratio
 //! `Σ p_k ‖Δ_k‖² / ‖Σ p_k Δ_k‖²` over the weights: 1 when the workers move alike, large when
-//! their moves cancel). With server
+//! their moves cancel), `BSTEP` (β: the biases take β of the pipeline's step). With server
 //! Adam the biases take the pipeline's agreement step (`BAGREE=0`: the plain mean).
 
 use std::io::Read;
@@ -665,7 +665,13 @@ fn simulate(
                 } else {
                     ServerOptimizer::default_for(2)
                 };
+                let before = b.clone();
                 opt.step_bias(&mut b, &combined, &dbabs);
+                // BSTEP=β: the biases take β of that step (a probe; 1 is the pipeline's).
+                let beta: f32 = env_list("BSTEP", "1")[0];
+                for (bj, b0) in b.iter_mut().zip(&before) {
+                    *bj = b0 + beta * (*bj - b0);
+                }
             }
         } else if algo == "fedavgm" || env_list::<f32>("SMOM", "0")[0] > 0.0 {
             let mom = if algo == "fedavgm" {
