@@ -567,8 +567,8 @@ fn simulate(
             }
         }
         if exp_probe {
-            let sq_mean: f64 = dw.iter().map(|d| d * d).sum();
-            line += &format!(" [exp {:.2}]", sq_each / sq_mean.max(1e-30));
+            let sq_combined: f64 = dw.iter().map(|d| d * d).sum();
+            line += &format!(" [exp {:.2}]", sq_each / sq_combined.max(1e-30));
         }
         let sadam: f32 = env_list::<f32>("SADAM", "0")[0]
             * (r as f32).powf(-env_list::<f32>("SADAM_POW", "0")[0]);
@@ -665,12 +665,15 @@ fn simulate(
                 } else {
                     ServerOptimizer::default_for(2)
                 };
-                let before = b.clone();
-                opt.step_bias(&mut b, &combined, &dbabs);
-                // BSTEP=β: the biases take β of that step (a probe; 1 is the pipeline's).
+                // BSTEP=β: the biases take β of that step (a probe). At 1, the pipeline's
+                // step is kept as it is: `b0 + (b - b0)` need not round back to `b`.
                 let beta: f32 = env_list("BSTEP", "1")[0];
-                for (bj, b0) in b.iter_mut().zip(&before) {
-                    *bj = b0 + beta * (*bj - b0);
+                let before = (beta != 1.0).then(|| b.clone());
+                opt.step_bias(&mut b, &combined, &dbabs);
+                if let Some(before) = before {
+                    for (bj, b0) in b.iter_mut().zip(&before) {
+                        *bj = b0 + beta * (*bj - b0);
+                    }
                 }
             }
         } else if algo == "fedavgm" || env_list::<f32>("SMOM", "0")[0] > 0.0 {
