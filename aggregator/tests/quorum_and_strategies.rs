@@ -332,12 +332,12 @@ fn the_server_adam_step_moves_from_the_combined_weights_and_keeps_its_moments() 
     let dim = config().dim();
     let fedavg = |k: f64| (2.0 * 1.0 * k + 3.0 * 2.0 * k + 5.0 * 30.0 * k) / 10.0;
     for (args, label) in [
-        (vec![], "adam(lr=60,tau=3)"),
+        (vec![], "adam(lr=30,tau=1.5)"),
         (
             vec!["--server-lr", "10", "--server-tau", "1"],
             "adam(lr=10,tau=1)",
         ),
-        (vec!["--strategy", "median"], "adam(lr=60,tau=3)"),
+        (vec!["--strategy", "median"], "adam(lr=30,tau=1.5)"),
     ] {
         let (lr, tau) = if label.contains("lr=10") {
             (10.0, 1.0)
@@ -398,10 +398,10 @@ fn the_server_adam_step_moves_from_the_combined_weights_and_keeps_its_moments() 
     assert!(report.get("moments_sha256").is_none(), "{report}");
     let log = ok(v.aggregator(1, &["--resume"]));
     assert!(
-        log.contains("made with server optimizer none, not adam(lr=60,tau=3)"),
+        log.contains("made with server optimizer none, not adam(lr=30,tau=1.5)"),
         "{log}"
     );
-    assert_eq!(v.report(1)["server_optimizer"], "adam(lr=60,tau=3)");
+    assert_eq!(v.report(1)["server_optimizer"], "adam(lr=30,tau=1.5)");
     let log = ok(v.aggregator(1, &["--resume"]));
     assert!(log.contains("up to date"), "{log}");
     // Bad values are refused by name.
