@@ -333,10 +333,11 @@ fn one_poisoned_update_wrecks_fedavg_but_not_median_or_trimmed_mean() {
     // Median and trimmed mean shrug every poison off: trimmed mean within a point of clean
     // FedAvg, the median within a point and a half. (Both were within half a point before
     // SCAFFOLD: its workers' models spread wider, and with one outlier the median of five
-    // moves to a neighbouring honest value: 1.2 points on this subset. The server step of
-    // η = 60 doubles small displacements against η = 30, and with it the trimmed mean of the
-    // three middle workers lands 0.54 points from FedAvg of all five under the random
-    // poison, where it stayed within half a point at η = 30.)
+    // moves to a neighbouring honest value: 1.2 points on this subset. The server step's
+    // heavy-ball gain η/τ = 20 doubles small displacements against η = 30, τ = 3, and with
+    // it the trimmed mean of the three middle workers landed 0.54 points from FedAvg of all
+    // five under the random poison (at η = 60, τ = 3), where it stayed within half a point at
+    // a gain of 10.)
     for p in POISONS {
         for s in [1, 2] {
             let a = t.get(p, s);

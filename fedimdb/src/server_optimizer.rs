@@ -47,7 +47,8 @@
 //! by `√v + τ` caps them in the buckets whose displacement is large (the ones that swing
 //! between rounds). A bucket whose `√v` is small against τ moves by about `η/τ · m`, a
 //! heavy-ball step of gain η/τ (20 by default, about `2·Σ 0.9ᵏ Δ`); one whose `√v` is large
-//! moves by at most about η. With the paper's tiny τ every step is about ±η whatever the
+//! moves by about η (up to about 2η after five rounds of the same move: `m` builds up
+//! faster than `√v`). With the paper's tiny τ every step is about ±η whatever the
 //! displacement (a sign step), which overshot every IID cell measured. The two parameters
 //! were chosen as a gain and a cap: the gain by the skewed cells, which need their short
 //! displacements lengthened, the cap by the IID cells, which lost accuracy on new movies
