@@ -51,9 +51,9 @@
 //! faster than `√v`). With the paper's tiny τ every step is about ±η whatever the
 //! displacement (a sign step), which overshot every IID cell measured. The two parameters
 //! were chosen as a gain and a cap: the gain by the skewed cells, which need their short
-//! displacements lengthened, the cap by the IID cells, which lost accuracy on new movies
-//! to the large steps of their fitted buckets (docs/BENCHMARKS.md, "the cap and the
-//! heavy-ball gain").
+//! displacements lengthened, the cap by the IID cells, which gained accuracy on new movies
+//! from a lower cap at the same gain (docs/BENCHMARKS.md, "the cap and the heavy-ball
+//! gain").
 //!
 //! The moments are state carried from round to round, so the aggregator writes them
 //! ([`Moments`], `rounds/round-R/moments.safetensors`) atomically, records their checksum in
